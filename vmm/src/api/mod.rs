@@ -1,0 +1,1 @@
+//! HTTP/JSON API on a unix socket (Firecracker's shapes).

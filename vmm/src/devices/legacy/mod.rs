@@ -1,0 +1,1 @@
+//! 8250 serial console and i8042.

@@ -1,0 +1,5 @@
+//! Emulated devices: legacy (serial, i8042) and virtio over MMIO.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;

@@ -1,0 +1,64 @@
+//! What the API can ask of the VMM, and what it gets back. The API thread
+//! only parses and forwards; the VMM thread validates and acts, keeping the
+//! pre-boot (configuration) and runtime controllers apart.
+
+use serde::Serialize;
+
+use crate::vmm_config::{BlockDeviceConfig, BootSourceConfig, MachineConfig, VsockConfig};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmAction {
+    GetInstanceInfo,
+    GetMachineConfig,
+    GetVmConfig,
+    PutBootSource(BootSourceConfig),
+    PutMachineConfig(MachineConfig),
+    PutDrive(BlockDeviceConfig),
+    PutVsock(VsockConfig),
+    InstanceStart,
+    SendCtrlAltDel,
+}
+
+/// Firecracker's `GET /` body.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub id: String,
+    /// "Not started", "Running" or "Paused".
+    pub state: String,
+    pub vmm_version: String,
+    pub app_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmData {
+    Empty,
+    InstanceInfo(InstanceInfo),
+    MachineConfig(MachineConfig),
+    /// Any JSON body (e.g. `GET /vm/config`).
+    Json(serde_json::Value),
+}
+
+/// Why an action was refused. Every variant maps to a 4xx except `Internal`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmmActionError {
+    /// The request is well-formed but not valid now (e.g. configuring after boot).
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The request's content is invalid (bad path, bad value).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// Something failed inside the VMM.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl VmmActionError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            VmmActionError::NotAllowed(_) | VmmActionError::InvalidInput(_) => 400,
+            VmmActionError::Internal(_) => 500,
+        }
+    }
+}
+
+pub type VmmResponse = Result<VmmData, VmmActionError>;

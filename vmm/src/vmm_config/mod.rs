@@ -1,0 +1,33 @@
+//! Configuration resources in Firecracker's API shapes. The same types are
+//! parsed from API bodies and from `--config-file`.
+
+use serde::{Deserialize, Serialize};
+
+pub mod boot_source;
+pub mod drive;
+pub mod machine_config;
+pub mod vsock;
+
+pub use boot_source::BootSourceConfig;
+pub use drive::BlockDeviceConfig;
+pub use machine_config::MachineConfig;
+pub use vsock::VsockConfig;
+
+/// Everything needed to build a VM, as given by `--config-file` (Firecracker's
+/// field names) or accumulated through pre-boot API calls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmResources {
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSourceConfig>,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<BlockDeviceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+}
