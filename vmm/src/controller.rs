@@ -1,0 +1,224 @@
+//! Carries out API actions on the VMM thread. Before boot, actions edit the
+//! VM's resources; after InstanceStart only runtime actions are accepted.
+
+use crate::builder::{self, EventMgr};
+use crate::devices::legacy::serial::SerialOut;
+use crate::rpc_interface::{InstanceInfo, VmmAction, VmmActionError, VmmData, VmmResponse};
+use crate::vmm::{VmState, Vmm};
+use crate::vmm_config::VmResources;
+use crate::vstate::vcpu::VmExitNotifier;
+
+/// Opens the serial console's output when the VM is built.
+pub type SerialOutFactory = Box<dyn FnMut() -> std::io::Result<SerialOut> + Send>;
+
+pub struct Controller {
+    id: String,
+    resources: VmResources,
+    vmm: Option<Vmm>,
+    exit: VmExitNotifier,
+    serial_out: SerialOutFactory,
+}
+
+fn not_allowed(what: &str) -> VmmActionError {
+    VmmActionError::NotAllowed(format!(
+        "{what} is not allowed after the microVM has started"
+    ))
+}
+
+impl Controller {
+    pub fn new(
+        id: String,
+        resources: VmResources,
+        exit: VmExitNotifier,
+        serial_out: SerialOutFactory,
+    ) -> Self {
+        Controller {
+            id,
+            resources,
+            vmm: None,
+            exit,
+            serial_out,
+        }
+    }
+
+    pub fn vmm(&self) -> Option<&Vmm> {
+        self.vmm.as_ref()
+    }
+
+    pub fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: self.id.clone(),
+            state: match self.vmm.as_ref().map(Vmm::state) {
+                None => "Not started",
+                Some(VmState::Running) => "Running",
+                Some(VmState::Paused) => "Paused",
+            }
+            .to_string(),
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            app_name: "ember".to_string(),
+        }
+    }
+
+    pub fn handle(&mut self, action: VmmAction, em: &mut EventMgr) -> VmmResponse {
+        use VmmAction::*;
+        match action {
+            GetInstanceInfo => Ok(VmmData::InstanceInfo(self.instance_info())),
+            GetMachineConfig => Ok(VmmData::MachineConfig(
+                self.resources.machine_config.clone(),
+            )),
+            GetVmConfig => serde_json::to_value(&self.resources)
+                .map(VmmData::Json)
+                .map_err(|e| VmmActionError::Internal(e.to_string())),
+            InstanceStart => self.start(em),
+            SendCtrlAltDel => match &self.vmm {
+                Some(vmm) => {
+                    vmm.send_ctrl_alt_del();
+                    Ok(VmmData::Empty)
+                }
+                None => Err(VmmActionError::NotAllowed(
+                    "SendCtrlAltDel needs a started microVM".into(),
+                )),
+            },
+            other => self.configure(other),
+        }
+    }
+
+    /// Pre-boot configuration.
+    fn configure(&mut self, action: VmmAction) -> VmmResponse {
+        use VmmAction::*;
+        if self.vmm.is_some() {
+            return Err(not_allowed(&format!("{action:?}")));
+        }
+        let r = &mut self.resources;
+        match action {
+            PutBootSource(b) => {
+                if !std::path::Path::new(&b.kernel_image_path).is_file() {
+                    return Err(VmmActionError::InvalidInput(format!(
+                        "kernel_image_path {} is not a readable file",
+                        b.kernel_image_path
+                    )));
+                }
+                r.boot_source = Some(b);
+            }
+            PutMachineConfig(mc) => {
+                mc.validate().map_err(VmmActionError::InvalidInput)?;
+                r.machine_config = mc;
+            }
+            PutDrive(d) => {
+                if d.drive_id.is_empty() {
+                    return Err(VmmActionError::InvalidInput(
+                        "drive_id must not be empty".into(),
+                    ));
+                }
+                if !std::path::Path::new(&d.path_on_host).exists() {
+                    return Err(VmmActionError::InvalidInput(format!(
+                        "drive {}: path_on_host {} does not exist",
+                        d.drive_id, d.path_on_host
+                    )));
+                }
+                if d.is_root_device
+                    && r.drives
+                        .iter()
+                        .any(|o| o.is_root_device && o.drive_id != d.drive_id)
+                {
+                    return Err(VmmActionError::InvalidInput(
+                        "a root device is already configured".into(),
+                    ));
+                }
+                match r.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+                    Some(o) => *o = d,
+                    None => r.drives.push(d),
+                }
+            }
+            PutVsock(v) => {
+                if v.guest_cid < 3 {
+                    return Err(VmmActionError::InvalidInput(format!(
+                        "guest_cid must be 3 or more (0-2 are reserved), got {}",
+                        v.guest_cid
+                    )));
+                }
+                r.vsock = Some(v);
+            }
+            other => {
+                return Err(VmmActionError::InvalidInput(format!(
+                    "unsupported action {other:?}"
+                )))
+            }
+        }
+        Ok(VmmData::Empty)
+    }
+
+    fn start(&mut self, em: &mut EventMgr) -> VmmResponse {
+        if self.vmm.is_some() {
+            return Err(VmmActionError::NotAllowed(
+                "the microVM is already started".into(),
+            ));
+        }
+        let out = (self.serial_out)()
+            .map_err(|e| VmmActionError::InvalidInput(format!("serial output: {e}")))?;
+        let vmm =
+            builder::build_and_boot(&self.resources, em, self.exit.clone(), out).map_err(|e| {
+                match e {
+                    builder::StartError::Vm(_)
+                    | builder::StartError::Vcpu(_)
+                    | builder::StartError::EventLoop(_) => {
+                        VmmActionError::Internal(format!("cannot start microVM: {e}"))
+                    }
+                    _ => VmmActionError::InvalidInput(format!("cannot start microVM: {e}")),
+                }
+            })?;
+        self.vmm = Some(vmm);
+        Ok(VmmData::Empty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm_config::{BootSourceConfig, MachineConfig, VsockConfig};
+
+    fn controller() -> (Controller, EventMgr) {
+        let exit = VmExitNotifier::new().unwrap();
+        let c = Controller::new(
+            "t".into(),
+            VmResources::default(),
+            exit,
+            Box::new(|| Ok(Box::new(std::io::sink()) as SerialOut)),
+        );
+        (c, EventMgr::new().unwrap())
+    }
+
+    #[test]
+    fn preboot_validation() {
+        let (mut c, mut em) = controller();
+        let bad = VmmAction::PutBootSource(BootSourceConfig {
+            kernel_image_path: "/nonexistent/vmlinux".into(),
+            initrd_path: None,
+            boot_args: None,
+        });
+        assert!(
+            matches!(c.handle(bad, &mut em), Err(VmmActionError::InvalidInput(m)) if m.contains("/nonexistent/vmlinux"))
+        );
+        let mc = MachineConfig {
+            vcpu_count: 0,
+            ..Default::default()
+        };
+        assert!(c.handle(VmmAction::PutMachineConfig(mc), &mut em).is_err());
+        let vs = VsockConfig {
+            vsock_id: None,
+            guest_cid: 2,
+            uds_path: "/tmp/x".into(),
+        };
+        assert!(c.handle(VmmAction::PutVsock(vs), &mut em).is_err());
+        // Starting without a boot source is refused and changes nothing.
+        assert!(matches!(
+            c.handle(VmmAction::InstanceStart, &mut em),
+            Err(VmmActionError::InvalidInput(m)) if m.contains("boot source")
+        ));
+        assert_eq!(c.instance_info().state, "Not started");
+        assert!(matches!(
+            c.handle(VmmAction::SendCtrlAltDel, &mut em),
+            Err(VmmActionError::NotAllowed(_))
+        ));
+    }
+}
