@@ -1,14 +1,18 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Shared helpers for Ember's integration tests: the guest artifacts (built
+//! by the project's own scripts, cached), `ember-vmm` processes, and API
+//! calls made with curl, an HTTP client Ember did not write.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod artifacts;
+pub mod vmm_process;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+pub use artifacts::{kernel_path, rootfs_path, workspace_root};
+pub use vmm_process::{ApiReply, VmmProcess};
+
+/// True when /dev/kvm can be opened; KVM tests say so and skip otherwise.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }

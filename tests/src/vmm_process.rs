@@ -1,0 +1,218 @@
+//! An `ember-vmm` child process with its API socket, driven with curl.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifacts::workspace_bin;
+
+pub struct VmmProcess {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub api_sock: PathBuf,
+    pub serial_log: PathBuf,
+    pub vmm_log: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct ApiReply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ApiReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The `fault_message` of an error reply.
+    pub fn fault(&self) -> String {
+        self.json()["fault_message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fault_message in {:?}", self.body))
+            .to_string()
+    }
+}
+
+impl VmmProcess {
+    /// Starts `ember-vmm --api-sock` and waits for the socket to answer.
+    pub fn spawn(extra_args: &[&str]) -> VmmProcess {
+        let dir = tempfile::Builder::new()
+            .prefix("ember-test-")
+            .tempdir()
+            .expect("tempdir");
+        let api_sock = dir.path().join("api.sock");
+        let serial_log = dir.path().join("serial.log");
+        let vmm_log = dir.path().join("vmm.log");
+        let log = std::fs::File::create(&vmm_log).expect("vmm log");
+        let child = Command::new(workspace_bin("ember-vmm"))
+            .arg("--api-sock")
+            .arg(&api_sock)
+            .arg("--serial-out")
+            .arg(&serial_log)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ember-vmm");
+        let mut p = VmmProcess {
+            child,
+            dir,
+            api_sock,
+            serial_log,
+            vmm_log,
+        };
+        p.wait_api(Duration::from_secs(20));
+        p
+    }
+
+    fn wait_api(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("ember-vmm exited early ({status}): {}", self.logs());
+            }
+            if self.api_sock.exists() && self.try_request("GET", "/", None).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("API socket never answered: {}", self.logs());
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn try_request(&self, method: &str, path: &str, body: Option<&str>) -> Option<ApiReply> {
+        let mut cmd = Command::new("curl");
+        cmd.arg("-sS")
+            .arg("--unix-socket")
+            .arg(&self.api_sock)
+            .arg("-X")
+            .arg(method)
+            .arg("-w")
+            .arg("\n%{http_code}")
+            .arg("--max-time")
+            .arg("120");
+        if let Some(b) = body {
+            cmd.arg("-H")
+                .arg("Content-Type: application/json")
+                .arg("--data-binary")
+                .arg(b);
+        }
+        cmd.arg(format!("http://localhost{path}"));
+        let out = cmd.output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n')?;
+        Some(ApiReply {
+            status: code.trim().parse().ok()?,
+            body: body.to_string(),
+        })
+    }
+
+    /// One API request with curl; panics if the socket does not answer.
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> ApiReply {
+        self.try_request(method, path, body)
+            .unwrap_or_else(|| panic!("{method} {path}: no answer; {}", self.logs()))
+    }
+
+    pub fn put(&self, path: &str, body: &serde_json::Value) -> ApiReply {
+        self.request("PUT", path, Some(&body.to_string()))
+    }
+
+    /// Configures and boots a guest with the project's kernel and rootfs,
+    /// a vsock device at `vsock.sock` in the test dir, and `vcpus` vCPUs.
+    pub fn boot(&self, kernel: &Path, rootfs: &Path, vcpus: u8, mem_mib: u32) {
+        let ok = |r: ApiReply, what: &str| {
+            assert_eq!(r.status, 204, "{what}: {r:?}; {}", self.logs());
+        };
+        ok(
+            self.put(
+                "/boot-source",
+                &serde_json::json!({
+                    "kernel_image_path": kernel,
+                    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd"
+                }),
+            ),
+            "boot-source",
+        );
+        ok(
+            self.put(
+                "/machine-config",
+                &serde_json::json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
+            ),
+            "machine-config",
+        );
+        ok(
+            self.put(
+                "/drives/rootfs",
+                &serde_json::json!({"drive_id": "rootfs", "path_on_host": rootfs,
+                    "is_root_device": true, "is_read_only": true}),
+            ),
+            "rootfs drive",
+        );
+        ok(
+            self.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 3, "uds_path": self.path("vsock.sock")}),
+            ),
+            "vsock",
+        );
+        ok(
+            self.put(
+                "/actions",
+                &serde_json::json!({"action_type": "InstanceStart"}),
+            ),
+            "InstanceStart",
+        );
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The VMM's log and the tail of the guest console, for failure messages.
+    pub fn logs(&self) -> String {
+        let vmm = std::fs::read_to_string(&self.vmm_log).unwrap_or_default();
+        let serial = std::fs::read_to_string(&self.serial_log).unwrap_or_default();
+        let tail: String = serial
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("\n--- vmm log ---\n{vmm}\n--- serial (tail) ---\n{tail}\n")
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
