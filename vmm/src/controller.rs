@@ -70,6 +70,8 @@ impl Controller {
                 .map(VmmData::Json)
                 .map_err(|e| VmmActionError::Internal(e.to_string())),
             InstanceStart => self.start(em),
+            // Metrics are written as they change; nothing is buffered.
+            FlushMetrics => Ok(VmmData::Empty),
             SendCtrlAltDel => match &self.vmm {
                 Some(vmm) => {
                     vmm.send_ctrl_alt_del();
@@ -101,6 +103,11 @@ impl Controller {
                 r.boot_source = Some(b);
             }
             PutMachineConfig(mc) => {
+                mc.validate().map_err(VmmActionError::InvalidInput)?;
+                r.machine_config = mc;
+            }
+            PatchMachineConfig(update) => {
+                let mc = update.apply_to(&r.machine_config);
                 mc.validate().map_err(VmmActionError::InvalidInput)?;
                 r.machine_config = mc;
             }

@@ -13,10 +13,13 @@ pub enum VmmAction {
     GetVmConfig,
     PutBootSource(BootSourceConfig),
     PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`: merge the given fields over the current config.
+    PatchMachineConfig(crate::api::MachineConfigUpdate),
     PutDrive(BlockDeviceConfig),
     PutVsock(VsockConfig),
     InstanceStart,
     SendCtrlAltDel,
+    FlushMetrics,
 }
 
 /// Firecracker's `GET /` body.

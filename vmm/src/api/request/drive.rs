@@ -1,0 +1,86 @@
+//! `PUT /drives/{drive_id}`.
+
+use crate::api::parsed_request::{checked_id, parse_json, ParseError};
+use crate::rpc_interface::VmmAction;
+use crate::vmm_config::BlockDeviceConfig;
+
+pub fn parse_put(body: &[u8], id_from_path: &str) -> Result<VmmAction, ParseError> {
+    let id = checked_id(id_from_path)?;
+    let cfg: BlockDeviceConfig = parse_json(body)?;
+    if cfg.drive_id != id {
+        return Err(ParseError::bad_request(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    Ok(VmmAction::PutDrive(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::api::parse_request;
+    use crate::rpc_interface::VmmAction;
+    use crate::vmm_config::BlockDeviceConfig;
+
+    fn put(path: &str, body: &str) -> Result<VmmAction, crate::api::ParseError> {
+        parse_request("PUT", path, body.as_bytes())
+    }
+
+    const ROOTFS: &str = r#"{"drive_id": "rootfs", "path_on_host": "/r.ext4",
+        "is_root_device": true, "is_read_only": false}"#;
+
+    #[test]
+    fn valid() {
+        assert_eq!(
+            put("/drives/rootfs", ROOTFS),
+            Ok(VmmAction::PutDrive(BlockDeviceConfig {
+                drive_id: "rootfs".into(),
+                path_on_host: "/r.ext4".into(),
+                is_root_device: true,
+                is_read_only: false,
+                partuuid: None,
+                cache_type: None,
+                serial: None,
+            }))
+        );
+    }
+
+    #[test]
+    fn id_mismatch() {
+        let e = put("/drives/other", ROOTFS).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(
+            e.message,
+            "The id from the path does not match the id from the body!"
+        );
+    }
+
+    #[test]
+    fn bad_ids() {
+        let e = put("/drives/a.b", ROOTFS).unwrap_err();
+        assert!(e.message.contains("alphanumeric"), "{}", e.message);
+        let e = put("/drives/", ROOTFS).unwrap_err();
+        assert_eq!(e.message, "The ID cannot be empty.");
+    }
+
+    #[test]
+    fn bad_bodies() {
+        let e = put("/drives/d", r#"{"drive_id": "d"}"#).unwrap_err();
+        assert!(
+            e.message.contains("missing field `is_root_device`"),
+            "{}",
+            e.message
+        );
+        let e = put(
+            "/drives/d",
+            r#"{"drive_id": "d", "is_root_device": false, "rate_limiter": {}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("unknown field `rate_limiter`"),
+            "{}",
+            e.message
+        );
+        let e = put("/drives/d", r#"{"drive_id": "d", "is_root_device": "yes"}"#).unwrap_err();
+        assert!(e.message.contains("invalid type"), "{}", e.message);
+    }
+}

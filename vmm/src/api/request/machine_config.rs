@@ -1,0 +1,152 @@
+//! `GET`, `PUT` and `PATCH /machine-config`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::parsed_request::{parse_json, ParseError};
+use crate::rpc_interface::VmmAction;
+use crate::vmm_config::MachineConfig;
+
+/// `PATCH /machine-config` body: every field optional. The API thread does
+/// not know the current config, so it forwards this typed partial and the
+/// VMM merges it with [`MachineConfigUpdate::apply_to`] and validates the
+/// result. Typed (rather than a raw JSON value) so unknown fields and wrong
+/// types are refused here with serde's message, before reaching the VMM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+}
+
+impl MachineConfigUpdate {
+    pub fn is_empty(&self) -> bool {
+        *self == MachineConfigUpdate::default()
+    }
+
+    /// `current` with the given fields replaced; validation is the caller's.
+    pub fn apply_to(&self, current: &MachineConfig) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(current.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(current.mem_size_mib),
+            smt: self.smt.unwrap_or(current.smt),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(current.track_dirty_pages),
+        }
+    }
+}
+
+pub fn parse_put(body: &[u8]) -> Result<VmmAction, ParseError> {
+    parse_json(body).map(VmmAction::PutMachineConfig)
+}
+
+pub fn parse_patch(body: &[u8]) -> Result<VmmAction, ParseError> {
+    let update: MachineConfigUpdate = parse_json(body)?;
+    if update.is_empty() {
+        // Firecracker treats `{}` like a missing body.
+        return Err(ParseError::bad_request("Empty PATCH request."));
+    }
+    Ok(VmmAction::PatchMachineConfig(update))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::parse_request;
+
+    #[test]
+    fn get() {
+        assert_eq!(
+            parse_request("GET", "/machine-config", b""),
+            Ok(VmmAction::GetMachineConfig)
+        );
+    }
+
+    #[test]
+    fn put_valid() {
+        let a = parse_request(
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+        );
+        assert_eq!(
+            a,
+            Ok(VmmAction::PutMachineConfig(MachineConfig {
+                vcpu_count: 2,
+                mem_size_mib: 256,
+                smt: false,
+                track_dirty_pages: false,
+            }))
+        );
+    }
+
+    #[test]
+    fn put_invalid() {
+        let put = |b: &str| parse_request("PUT", "/machine-config", b.as_bytes()).unwrap_err();
+        let e = put(r#"{"vcpu_count": 2}"#);
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.contains("missing field `mem_size_mib`"),
+            "{}",
+            e.message
+        );
+        let e = put(r#"{"vcpu_count": 300, "mem_size_mib": 256}"#);
+        assert!(e.message.contains("invalid value"), "{}", e.message);
+        let e = put(r#"{"vcpu_count": 1, "mem_size_mib": 256, "cpu_template": "T2"}"#);
+        assert!(
+            e.message.contains("unknown field `cpu_template`"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn patch_valid_and_merge() {
+        let a = parse_request("PATCH", "/machine-config", br#"{"mem_size_mib": 512}"#).unwrap();
+        let VmmAction::PatchMachineConfig(update) = a else {
+            panic!("unexpected action {a:?}");
+        };
+        assert_eq!(
+            update,
+            MachineConfigUpdate {
+                mem_size_mib: Some(512),
+                ..Default::default()
+            }
+        );
+        let current = MachineConfig {
+            vcpu_count: 4,
+            track_dirty_pages: true,
+            ..Default::default()
+        };
+        let merged = update.apply_to(&current);
+        assert_eq!(
+            merged,
+            MachineConfig {
+                vcpu_count: 4,
+                mem_size_mib: 512,
+                smt: false,
+                track_dirty_pages: true,
+            }
+        );
+    }
+
+    #[test]
+    fn patch_invalid() {
+        let patch = |b: &str| parse_request("PATCH", "/machine-config", b.as_bytes()).unwrap_err();
+        assert_eq!(patch("{}").message, "Empty PATCH request.");
+        let e = patch(r#"{"vcpu_count": "two"}"#);
+        assert!(e.message.contains("invalid type"), "{}", e.message);
+        let e = patch(r#"{"huge_pages": "2M"}"#);
+        assert!(
+            e.message.contains("unknown field `huge_pages`"),
+            "{}",
+            e.message
+        );
+        let e = patch("null");
+        assert_eq!(e.status, 400);
+    }
+}

@@ -1,0 +1,7 @@
+//! One module per API resource: body parsing and checks for its routes.
+
+pub mod actions;
+pub mod boot_source;
+pub mod drive;
+pub mod machine_config;
+pub mod vsock;
