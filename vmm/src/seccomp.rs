@@ -101,6 +101,7 @@ const VMM: &[libc::c_long] = &[
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
+    libc::SYS_seccomp,
     libc::SYS_sched_getaffinity,
     libc::SYS_rt_sigaction,
     libc::SYS_tgkill,
