@@ -56,12 +56,19 @@ fn boot_to_agent_then_devices_and_clean_exit() {
     vmm.boot(&kernel, &rootfs, 2, 128);
     let hello = wait_ready(&ready, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("agent never became ready: {e}; {}", vmm.logs()));
-    eprintln!("agent ready after {:?} (guest uptime {} ms)", t0.elapsed(), hello.uptime_ms);
+    eprintln!(
+        "agent ready after {:?} (guest uptime {} ms)",
+        t0.elapsed(),
+        hello.uptime_ms
+    );
     assert!(hello.uptime_ms > 0);
     assert_eq!(vmm.request("GET", "/", None).json()["state"], "Running");
 
     // Configuration is refused once the VM runs.
-    let r = vmm.put("/machine-config", &json!({"vcpu_count": 1, "mem_size_mib": 64}));
+    let r = vmm.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
     assert_eq!(r.status, 400, "{r:?}");
 
     // Host-initiated vsock: health and exec.
@@ -79,12 +86,17 @@ fn boot_to_agent_then_devices_and_clean_exit() {
     assert_eq!(cpus.trim(), "2");
 
     // A larger payload both ways exercises vsock flow control.
-    let payload: Vec<u8> = (0..(3u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let payload: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let r = agent
         .exec(&ExecRequest::new(["/bin/cat"]).stdin(payload.clone()))
         .unwrap();
     assert_eq!(r.exit_code, Some(0));
-    assert!(r.stdout == payload, "3 MiB echoed through the guest came back different");
+    assert!(
+        r.stdout == payload,
+        "3 MiB echoed through the guest came back different"
+    );
 
     // Several connections at once.
     let mut second = AgentClient::connect(&vsock, AGENT_PORT, Duration::from_secs(60)).unwrap();
@@ -94,12 +106,18 @@ fn boot_to_agent_then_devices_and_clean_exit() {
 
     // Block: the root drive is read-only, the data drive reads its host
     // contents, takes writes, and they reach the host file after a flush.
-    let r = sh(&mut agent, "echo x | dd of=/dev/vda bs=512 seek=100 conv=fsync 2>&1");
+    let r = sh(
+        &mut agent,
+        "echo x | dd of=/dev/vda bs=512 seek=100 conv=fsync 2>&1",
+    );
     assert_ne!(r.exit_code, Some(0), "write to read-only root succeeded");
     let serial = sh_ok(&mut agent, "cat /sys/block/vdb/serial 2>/dev/null || true");
     let size = sh_ok(&mut agent, "cat /sys/block/vdb/size");
     assert_eq!(size.trim(), (8u64 << 20 >> 9).to_string());
-    let first = sh_ok(&mut agent, "dd if=/dev/vdb bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1");
+    let first = sh_ok(
+        &mut agent,
+        "dd if=/dev/vdb bs=4096 count=1 2>/dev/null | od -An -tx1 | head -1",
+    );
     assert!(first.split_whitespace().all(|b| b == "5a"), "{first}");
     sh_ok(
         &mut agent,
@@ -108,11 +126,17 @@ fn boot_to_agent_then_devices_and_clean_exit() {
          echo 3 > /proc/sys/vm/drop_caches; true",
     );
     let back = sh_ok(&mut agent, "dd if=/dev/vdb bs=4096 skip=256 count=1 iflag=direct 2>/dev/null | head -c 1088 | md5sum; md5sum < /tmp/pat");
-    let sums: Vec<&str> = back.lines().map(|l| l.split_whitespace().next().unwrap()).collect();
+    let sums: Vec<&str> = back
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
     assert_eq!(sums.len(), 2, "{back}");
     assert_eq!(sums[0], sums[1], "read-back differs from what was written");
     let mut host = Vec::new();
-    std::fs::File::open(&data).unwrap().read_to_end(&mut host).unwrap();
+    std::fs::File::open(&data)
+        .unwrap()
+        .read_to_end(&mut host)
+        .unwrap();
     let at = 256 * 4096;
     assert_eq!(&host[at..at + 17], b"ember-block-0000\n");
     assert_eq!(&host[at + 16 * 17..at + 17 * 17], b"ember-block-0016\n");
@@ -120,7 +144,10 @@ fn boot_to_agent_then_devices_and_clean_exit() {
 
     // The console shows the kernel booting.
     let console = std::fs::read_to_string(&vmm.serial_log).unwrap();
-    assert!(console.contains("Linux version"), "no boot log on the serial console");
+    assert!(
+        console.contains("Linux version"),
+        "no boot log on the serial console"
+    );
 
     // Ctrl-Alt-Del reboots the guest; a guest reboot ends the VMM cleanly.
     let r = vmm.put("/actions", &json!({"action_type": "SendCtrlAltDel"}));

@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
 use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
@@ -13,6 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, layout, mptable, nested};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{self, serial::SerialOut, SerialConsole, I8042};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
 use crate::vmm::Vmm;
 use crate::vmm_config::VmResources;
 use crate::vstate::vcpu::{Vcpu, VmExitNotifier};
@@ -213,30 +217,120 @@ fn legacy_devices(
 /// Where the next virtio-mmio device goes: its MMIO window and GSI.
 pub fn mmio_slot(index: usize) -> Option<(u64, u32)> {
     let irq = layout::IRQ_BASE + index as u32;
-    (irq <= layout::IRQ_MAX).then(|| (layout::MMIO_MEM_START + index as u64 * VIRTIO_MMIO_LEN, irq))
+    (irq <= layout::IRQ_MAX).then(|| (layout::MMIO_MEM_START + index as u64 * MMIO_LEN, irq))
 }
-
-const VIRTIO_MMIO_LEN: u64 = 0x1000;
 
 /// The virtio devices of a VM, kept for runtime control and snapshots.
 #[derive(Default)]
-pub struct VirtioDevices {}
+pub struct VirtioDevices {
+    pub block: Vec<Arc<Mutex<Block>>>,
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
 
 /// Puts every configured drive (root first) and the vsock device on the
 /// MMIO bus, wires their queue notifications and interrupts to KVM, and
 /// tells the guest where they are on the command line.
 fn attach_virtio_devices(
     res: &VmResources,
-    _vm: &Vm,
-    _mem: &GuestMemoryMmap,
-    _mmio: &mut Bus,
-    _em: &mut EventMgr,
-    _cmdline: &mut Cmdline,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    em: &mut EventMgr,
+    cmdline: &mut Cmdline,
 ) -> Result<VirtioDevices, StartError> {
-    if !res.drives.is_empty() || res.vsock.is_some() {
-        return Err(StartError::Device(
-            "virtio devices are not available yet".into(),
+    let mut devices = VirtioDevices::default();
+    let mut drives: Vec<_> = res.drives.iter().collect();
+    // The root device becomes /dev/vda.
+    drives.sort_by_key(|d| !d.is_root_device);
+    for cfg in drives {
+        let block = Arc::new(Mutex::new(
+            Block::new(cfg).map_err(|e| dev_err(format!("drive {}: {e}", cfg.drive_id)))?,
         ));
+        if cfg.is_root_device && !cmdline_has(cmdline, "root=") {
+            let root = match &cfg.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_string(),
+            };
+            cmdline
+                .insert_str(root)
+                .map_err(|e| StartError::Cmdline(e.to_string()))?;
+            cmdline
+                .insert_str(if cfg.is_read_only { "ro" } else { "rw" })
+                .map_err(|e| StartError::Cmdline(e.to_string()))?;
+        }
+        attach_one(
+            block.clone(),
+            block.clone(),
+            &mut devices,
+            vm,
+            mem,
+            mmio,
+            em,
+            cmdline,
+        )?;
+        devices.block.push(block);
     }
-    Ok(VirtioDevices::default())
+    if let Some(cfg) = &res.vsock {
+        let vsock = Arc::new(Mutex::new(
+            Vsock::new(cfg).map_err(|e| dev_err(format!("vsock: {e}")))?,
+        ));
+        attach_one(
+            vsock.clone(),
+            vsock.clone(),
+            &mut devices,
+            vm,
+            mem,
+            mmio,
+            em,
+            cmdline,
+        )?;
+        devices.vsock = Some(vsock);
+    }
+    Ok(devices)
+}
+
+fn cmdline_has(cmdline: &Cmdline, key: &str) -> bool {
+    cmdline
+        .as_cstring()
+        .map(|c| c.to_string_lossy().split(' ').any(|w| w.starts_with(key)))
+        .unwrap_or(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach_one(
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    subscriber: Subscriber,
+    devices: &mut VirtioDevices,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    em: &mut EventMgr,
+    cmdline: &mut Cmdline,
+) -> Result<(), StartError> {
+    let index = devices.transports.len();
+    let (base, gsi) = mmio_slot(index)
+        .ok_or_else(|| dev_err(format!("too many virtio devices ({})", index + 1)))?;
+    let transport = MmioTransport::new(mem.clone(), device).map_err(dev_err)?;
+    for (i, evt) in transport.queue_evts().into_iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                i as u32,
+            )
+            .map_err(|e| dev_err(format!("ioeventfd: {e}")))?;
+    }
+    vm.fd()
+        .register_irqfd(transport.irq_evt(), gsi)
+        .map_err(|e| dev_err(format!("irqfd: {e}")))?;
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), base, MMIO_LEN)
+        .map_err(dev_err)?;
+    em.add_subscriber(subscriber);
+    cmdline
+        .insert_str(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+        .map_err(|e| StartError::Cmdline(e.to_string()))?;
+    devices.transports.push(transport);
+    Ok(())
 }

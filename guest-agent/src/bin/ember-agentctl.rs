@@ -12,7 +12,11 @@ use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 
 #[derive(Parser)]
-#[command(name = "ember-agentctl", version, about = "Talk to the Ember guest agent over vsock")]
+#[command(
+    name = "ember-agentctl",
+    version,
+    about = "Talk to the Ember guest agent over vsock"
+)]
 struct Args {
     /// The VMM's vsock unix socket (`uds_path` of PUT /vsock).
     #[arg(long)]

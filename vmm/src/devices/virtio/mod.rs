@@ -1,1 +1,191 @@
 //! Virtio devices on the virtio-mmio transport.
+//!
+//! A device (`Block`, `Vsock`) is shared as `Arc<Mutex<..>>` between the
+//! transport (vCPU threads: register accesses, activation, reset) and the
+//! event manager on the device thread (queue and backend events). Lock order
+//! is always transport, then device; the device thread only takes the device
+//! lock, and the device never calls back into the transport.
+//!
+//! Wiring one device (what the builder does):
+//! ```ignore
+//! let dev = Arc::new(Mutex::new(Block::new(&cfg)?));
+//! let transport = MmioTransport::new(mem.clone(), dev.clone())?;
+//! for (i, evt) in transport.queue_evts().into_iter().enumerate() {
+//!     vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)?;
+//! }
+//! vm.register_irqfd(transport.irq_evt(), gsi)?;
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+//! event_manager.add_subscriber(dev); // Arc<Mutex<dyn MutEventSubscriber + Send>>
+//! ```
+
+pub mod block;
+pub mod mmio;
+mod queue;
+#[cfg(test)]
+mod test_utils;
+pub mod vsock;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
+
+/// Guest memory as seen by the devices (no dirty bitmap; switching to
+/// `GuestMemoryMmap<AtomicBitmap>` later only changes this line).
+pub type Mem = vm_memory::GuestMemoryMmap;
+
+/// Device IDs (virtio 1.1, section 5).
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bits of the virtio-mmio InterruptStatus register.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Feature bits shared by all devices.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.1, section 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Why a device refused to activate.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("device is already active")]
+    AlreadyActive,
+}
+
+/// Interrupt state shared by a transport and its device.
+///
+/// The status bits back the InterruptStatus register; `irq_evt` is registered
+/// by the VMM as a KVM irqfd (edge-triggered) on the device's GSI.
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq_evt: EventFd,
+}
+
+impl Interrupt {
+    pub fn new() -> io::Result<Interrupt> {
+        Ok(Interrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq_evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the interrupt line.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irq_evt.write(1) {
+            log::warn!("virtio: failed to signal irq eventfd: {e}");
+        }
+    }
+
+    /// Signals used buffers in some queue.
+    pub fn signal_used(&self) {
+        self.trigger(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// The device hit an error it cannot recover from without a reset
+    /// (usually a misbehaving driver): report DEVICE_NEEDS_RESET.
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.trigger(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.irq_evt
+    }
+
+    fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (`TYPE_BLOCK`, `TYPE_VSOCK`).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// One EventFd per queue, written on a driver notification (by a KVM
+    /// ioeventfd or by the transport). Handled on the device thread.
+    fn queue_events(&self) -> &[Arc<EventFd>];
+
+    fn avail_features(&self) -> u64;
+
+    fn acked_features(&self) -> u64;
+
+    /// Called by the transport once the driver set FEATURES_OK with a subset
+    /// of `avail_features()`.
+    fn set_acked_features(&mut self, features: u64);
+
+    /// Reads device config space; bytes outside it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the device with the queues the driver configured.
+    fn activate(
+        &mut self,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+
+    fn is_activated(&self) -> bool;
+
+    /// Returns the device to its pre-activation state (driver wrote 0 to
+    /// Status). Backend resources (disk file, vsock listener) are kept.
+    fn reset(&mut self);
+}
+
+/// Copies the part of `config` at `offset` into `data`, zero-filling the rest.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// Creates the per-queue notification EventFds of a device.
+pub(crate) fn new_queue_events(count: usize) -> io::Result<Vec<Arc<EventFd>>> {
+    (0..count)
+        .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
+        .collect()
+}

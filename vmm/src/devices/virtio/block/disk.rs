@@ -1,0 +1,120 @@
+//! The file that backs a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{BlockError, SECTOR_SIZE};
+use crate::vmm_config::drive::BlockDeviceConfig;
+
+/// Firecracker's `cache_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// No flush feature is offered and flush requests are no-ops: guest
+    /// writes reach the host page cache but are never forced to stable
+    /// storage (fast; data may be lost if the host crashes).
+    #[default]
+    Unsafe,
+    /// VIRTIO_BLK_F_FLUSH is offered and a flush request does fdatasync.
+    Writeback,
+}
+
+impl CacheType {
+    pub fn parse(drive_id: &str, value: Option<&str>) -> Result<CacheType, BlockError> {
+        match value {
+            None | Some("Unsafe") => Ok(CacheType::Unsafe),
+            Some("Writeback") => Ok(CacheType::Writeback),
+            Some(other) => Err(BlockError::CacheType {
+                drive_id: drive_id.to_string(),
+                value: other.to_string(),
+            }),
+        }
+    }
+}
+
+pub(crate) struct Disk {
+    file: File,
+    /// Usable size in bytes: the file size rounded down to whole sectors.
+    size: u64,
+    pub(crate) read_only: bool,
+    pub(crate) cache_type: CacheType,
+    /// Reported by VIRTIO_BLK_T_GET_ID; zero-padded, not NUL-terminated at 20.
+    pub(crate) id: [u8; 20],
+}
+
+impl Disk {
+    pub(crate) fn open(config: &BlockDeviceConfig) -> Result<Disk, BlockError> {
+        let drive_id = &config.drive_id;
+        let path = &config.path_on_host;
+        if path.is_empty() {
+            return Err(BlockError::EmptyPath {
+                drive_id: drive_id.clone(),
+            });
+        }
+        let cache_type = CacheType::parse(drive_id, config.cache_type.as_deref())?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!config.is_read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                drive_id: drive_id.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        // Seeking also works for block devices, whose metadata length is 0.
+        let file_size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                drive_id: drive_id.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        if !file_size.is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "drive {drive_id}: size {file_size} of {path} is not a multiple of \
+                 {SECTOR_SIZE}; the last partial sector is not accessible"
+            );
+        }
+        let serial = config.serial.as_deref().unwrap_or(drive_id);
+        let mut id = [0u8; 20];
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Ok(Disk {
+            file,
+            size: file_size - file_size % SECTOR_SIZE,
+            read_only: config.is_read_only,
+            cache_type,
+            id,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub(crate) fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    /// Whether `len` bytes at `sector` lie within the disk.
+    pub(crate) fn in_range(&self, sector: u64, len: u64) -> bool {
+        sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|start| start.checked_add(len))
+            .is_some_and(|end| end <= self.size)
+    }
+
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    pub(crate) fn flush(&self) -> std::io::Result<()> {
+        match self.cache_type {
+            CacheType::Unsafe => Ok(()),
+            CacheType::Writeback => self.file.sync_data(),
+        }
+    }
+}

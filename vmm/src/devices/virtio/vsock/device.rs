@@ -1,0 +1,340 @@
+//! The virtio-vsock device: queues, config space, events.
+
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::Muxer;
+use super::packet::{self, HDR_LEN, VSOCK_EVENT_TRANSPORT_RESET};
+use super::{VsockError, EVT_QUEUE, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::queue::{drain, notify, pop, pop_or_enable};
+use crate::devices::virtio::{
+    new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::vmm_config::vsock::VsockConfig;
+
+/// What a snapshot needs besides the queues. Connections are not saved: a
+/// restored device sends a transport reset instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+    pub acked_features: u64,
+}
+
+struct Active {
+    mem: Mem,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    avail_features: u64,
+    acked_features: u64,
+    queue_evts: Vec<Arc<EventFd>>,
+    active: Option<Active>,
+    /// The driver broke the queue protocol; nothing is processed until reset.
+    broken: bool,
+    muxer: Muxer,
+    tx_payload: Vec<u8>,
+}
+
+impl Vsock {
+    /// Creates the device and starts listening on `config.uds_path`.
+    pub fn new(config: &VsockConfig) -> Result<Vsock, VsockError> {
+        let cid = config.guest_cid;
+        if cid < 3 || cid == u32::MAX {
+            return Err(VsockError::InvalidCid(cid));
+        }
+        let uds_path = PathBuf::from(&config.uds_path);
+        let muxer = Muxer::new(u64::from(cid), &uds_path)?;
+        let queue_evts = new_queue_events(3).map_err(VsockError::EventFd)?;
+        Ok(Vsock {
+            guest_cid: u64::from(cid),
+            uds_path,
+            avail_features: (1u64 << VIRTIO_F_VERSION_1)
+                | (1 << VIRTIO_RING_F_EVENT_IDX)
+                | (1 << VIRTIO_RING_F_INDIRECT_DESC),
+            acked_features: 0,
+            queue_evts,
+            active: None,
+            broken: false,
+            muxer,
+            tx_payload: Vec::with_capacity(MAX_PKT_DATA),
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+            uds_path: self.uds_path.clone(),
+            acked_features: self.acked_features,
+        }
+    }
+
+    /// Number of live guest<->host connections.
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Drops every connection and tells the guest with a
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET event (after a snapshot restore the
+    /// guest's connections refer to peers that no longer exist).
+    pub fn send_transport_reset(&mut self) {
+        self.muxer.reset();
+        // The dropped streams are unregistered and closed on the device thread.
+        self.kick(EVT_QUEUE);
+        if self.broken {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVT_QUEUE];
+        let chain = match pop(queue, mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => {
+                log::warn!("vsock: no event buffer for the transport reset event");
+                return;
+            }
+            Err(e) => {
+                self.fail(&format!("event queue: {e}"));
+                return;
+            }
+        };
+        let head = chain.head_index();
+        let id = VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let len = match Writer::new(mem, chain) {
+            Ok(mut w) if w.available_bytes() >= id.len() => {
+                std::io::Write::write_all(&mut w, &id).map_or(0, |()| id.len() as u32)
+            }
+            _ => {
+                log::warn!("vsock: unusable event buffer");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            self.fail(&format!("event queue: {e}"));
+            return;
+        }
+        notify(queue, mem, &active.interrupt);
+    }
+
+    fn kick(&self, queue: usize) {
+        if let Err(e) = self.queue_evts[queue].write(1) {
+            log::warn!("vsock: cannot kick queue {queue}: {e}");
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        log::warn!("vsock: {why}; device needs reset");
+        self.broken = true;
+        if let Some(active) = &self.active {
+            active.interrupt.signal_needs_reset();
+        }
+    }
+
+    /// Hands every packet the guest queued to the muxer.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let (muxer, payload) = (&mut self.muxer, &mut self.tx_payload);
+        let res = drain(&mut active.queues[TX_QUEUE], mem, |chain| {
+            let pkt = Reader::new(mem, chain)
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| packet::read_tx(&mut r, payload).map_err(|e| e.to_string()));
+            match pkt {
+                Ok(hdr) => muxer.handle_tx(&hdr, payload),
+                Err(e) => log::warn!("vsock: dropping malformed TX packet: {e}"),
+            }
+            0
+        });
+        match res {
+            Ok(true) => notify(&mut active.queues[TX_QUEUE], mem, &active.interrupt),
+            Ok(false) => {}
+            Err(e) => self.fail(&format!("TX queue: {e}")),
+        }
+    }
+
+    /// Fills guest RX buffers with whatever the muxer has for the guest.
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[RX_QUEUE];
+        let mut used = false;
+        let mut error = None;
+        while self.muxer.has_rx() {
+            let chain = match pop_or_enable(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let len = match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= HDR_LEN => {
+                    let max = (w.available_bytes() - HDR_LEN).min(MAX_PKT_DATA);
+                    let Some((hdr, data)) = self.muxer.recv_pkt(max) else {
+                        // Nothing after all; leave the buffer to the guest.
+                        queue.go_to_previous_position();
+                        break;
+                    };
+                    match packet::write_rx(&mut w, &hdr, data) {
+                        Ok(n) => n as u32,
+                        Err(e) => {
+                            log::warn!("vsock: lost an RX packet: {e}");
+                            0
+                        }
+                    }
+                }
+                Ok(_) => {
+                    log::warn!("vsock: RX buffer smaller than a packet header");
+                    0
+                }
+                Err(e) => {
+                    log::warn!("vsock: unusable RX buffer: {e}");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                error = Some(e);
+                break;
+            }
+            used = true;
+        }
+        if used {
+            notify(queue, mem, &active.interrupt);
+        }
+        if let Some(e) = error {
+            self.fail(&format!("RX queue: {e}"));
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn queue_events(&self) -> &[Arc<EventFd>] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::warn!("vsock: guest write to read-only config space at {offset:#x}");
+    }
+
+    fn activate(
+        &mut self,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: queues.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        self.broken = false;
+        // Work queued before DRIVER_OK (TX packets, pending host
+        // connections) is picked up on the device thread.
+        self.kick(TX_QUEUE);
+        self.kick(RX_QUEUE);
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.muxer.reset();
+        self.kick(EVT_QUEUE);
+        self.active = None;
+        self.acked_features = 0;
+        self.broken = false;
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_evts {
+            let fd = evt.as_raw_fd();
+            if let Err(e) = ops.add(Events::with_data(evt.as_ref(), fd as u32, EventSet::IN)) {
+                log::error!("vsock: cannot register queue event: {e:?}");
+            }
+        }
+        self.muxer.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        match self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
+            Some(index) => {
+                // Reading first re-arms it for notifications that race with us.
+                let _ = self.queue_evts[index].read();
+                if index == TX_QUEUE && !self.broken {
+                    self.process_tx();
+                }
+            }
+            None => self.muxer.handle_event(fd, events.event_set()),
+        }
+        if !self.broken {
+            self.process_rx();
+        }
+        self.muxer.sync(ops);
+    }
+}
