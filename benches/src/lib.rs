@@ -13,36 +13,43 @@ pub fn percentile(samples: &[Duration], p: f64) -> Duration {
     s[rank.clamp(1, s.len()) - 1]
 }
 
-/// User + system CPU time of a process so far, from /proc/<pid>/stat.
+/// CPU time of a process so far, summed over its threads, in nanoseconds
+/// of run time (from /proc/<pid>/task/*/schedstat: tick-free resolution).
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf(_SC_CLK_TCK) has no preconditions; it reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        ns += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Duration::from_nanos(ns))
 }
 
-/// Resident memory of a process in KiB: (all mappings, the largest
-/// anonymous mapping of exactly `guest_bytes`, i.e. guest memory).
+/// Resident memory of a process in KiB: (all mappings, guest memory).
+/// Guest memory is the anonymous mapping of exactly `guest_bytes` (named
+/// `[anon:ember-guest-memory]` where the host kernel supports VMA names).
 pub fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut total = 0;
     let mut guest = 0;
     let mut cur_is_guest = false;
     for line in smaps.lines() {
-        let mut parts = line.split_whitespace();
-        let first = parts.next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            // A mapping header: "start-end perms offset dev inode [path]".
-            let (a, b) = first.split_once('-')?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(first) = fields.first() else {
+            continue;
+        };
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            // "start-end perms offset dev inode [path]"
             let len = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
-            let named = parts.nth(4).is_some();
-            cur_is_guest = len == guest_bytes && !named;
-        } else if first == "Rss:" {
-            let kib: u64 = parts.next()?.parse().ok()?;
+            let path = fields.get(5).copied().unwrap_or("");
+            cur_is_guest =
+                len == guest_bytes && (path.is_empty() || path == "[anon:ember-guest-memory]");
+        } else if *first == "Rss:" {
+            let kib: u64 = fields.get(1)?.parse().ok()?;
             total += kib;
             if cur_is_guest {
                 guest += kib;
@@ -68,7 +75,7 @@ mod tests {
     fn own_process_stats() {
         let me = std::process::id();
         assert!(cpu_time(me).is_some());
-        let (total, guest) = rss_split(me, 1).unwrap();
+        let (total, guest) = rss_split(me, 12345 * 4096).unwrap();
         assert!(total > 0);
         assert_eq!(guest, 0);
     }
