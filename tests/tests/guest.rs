@@ -13,9 +13,8 @@ use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// One vCPU: on nested kvm_pvm hosts a second vCPU never finishes
-/// bring-up (see the project notes); real hosts boot several.
-const VCPUS: u8 = 1;
+/// Two vCPUs, so SMP bring-up (MP table, IOAPIC routing) is exercised.
+const VCPUS: u8 = 2;
 
 fn sh(client: &mut AgentClient, script: &str) -> ExecResult {
     client

@@ -95,14 +95,24 @@ pub fn build_and_boot(
     cmdline
         .insert_str(boot_src.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS))
         .map_err(cmd)?;
-    if let Some(extra) = nested::host_boot_args() {
-        log::info!("nested kvm_pvm host detected: adding guest boot arguments it needs");
-        cmdline.insert_str(extra).map_err(cmd)?;
-    }
 
     let (pio, serial, i8042) = legacy_devices(&vm, &exit, serial_out)?;
     let mut mmio = Bus::new();
     let virtio = attach_virtio_devices(res, &vm, &mem, &mut mmio, em, &mut cmdline)?;
+
+    let mut vcpus = Vec::new();
+    for i in 0..mc.vcpu_count {
+        let mut vcpu = Vcpu::new(i, &vm, pio.clone(), mmio.clone(), exit.clone())?;
+        vcpu.configure_for_boot(&vm, &mem, entry, mc.vcpu_count)?;
+        vcpus.push(vcpu);
+    }
+    if nested::is_pvm_host() {
+        log::info!("nested kvm_pvm host detected: adding guest boot arguments it needs");
+        let tsc_khz = vcpus.first().and_then(|v| v.fd().get_tsc_khz().ok());
+        cmdline
+            .insert_str(nested::pvm_boot_args(tsc_khz))
+            .map_err(cmd)?;
+    }
 
     load_cmdline(&mem, GuestAddress(layout::CMDLINE_START), &cmdline)
         .map_err(|e| StartError::Cmdline(e.to_string()))?;
@@ -119,12 +129,6 @@ pub fn build_and_boot(
     )?;
     mptable::setup_mptable(&mem, mc.vcpu_count)?;
 
-    let mut vcpus = Vec::new();
-    for i in 0..mc.vcpu_count {
-        let mut vcpu = Vcpu::new(i, &vm, pio.clone(), mmio.clone(), exit.clone())?;
-        vcpu.configure_for_boot(&vm, &mem, entry, mc.vcpu_count)?;
-        vcpus.push(vcpu);
-    }
     let mut handles = Vec::new();
     for vcpu in vcpus {
         handles.push(vcpu.start(false)?);

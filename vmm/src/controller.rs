@@ -61,7 +61,7 @@ impl Controller {
 
     pub fn handle(&mut self, action: VmmAction, em: &mut EventMgr) -> VmmResponse {
         use VmmAction::*;
-        match action {
+        match action.clone() {
             GetInstanceInfo => Ok(VmmData::InstanceInfo(self.instance_info())),
             GetMachineConfig => Ok(VmmData::MachineConfig(
                 self.resources.machine_config.clone(),
@@ -81,6 +81,18 @@ impl Controller {
                     "SendCtrlAltDel needs a started microVM".into(),
                 )),
             },
+            Pause | Resume => {
+                let vmm = self.vmm.as_mut().ok_or_else(|| {
+                    VmmActionError::NotAllowed("the microVM is not started".into())
+                })?;
+                let r = if action == Pause {
+                    vmm.pause()
+                } else {
+                    vmm.resume()
+                };
+                r.map(|_| VmmData::Empty)
+                    .map_err(|e| VmmActionError::Internal(e.to_string()))
+            }
             other => self.configure(other),
         }
     }

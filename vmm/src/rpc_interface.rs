@@ -18,6 +18,10 @@ pub enum VmmAction {
     PutDrive(BlockDeviceConfig),
     PutVsock(VsockConfig),
     InstanceStart,
+    /// `PATCH /vm` `{"state": "Paused"}`.
+    Pause,
+    /// `PATCH /vm` `{"state": "Resumed"}`.
+    Resume,
     SendCtrlAltDel,
     FlushMetrics,
 }

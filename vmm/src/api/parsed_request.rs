@@ -3,7 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::request::{actions, boot_source, drive, machine_config, vsock};
+use super::request::{actions, boot_source, drive, machine_config, vm, vsock};
 use crate::rpc_interface::VmmAction;
 
 /// Largest request body accepted; API bodies are small JSON documents.
@@ -50,7 +50,10 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         }
 
         ("PATCH", ["machine-config"], Some(b)) => machine_config::parse_patch(b),
-        ("PATCH", ["machine-config"], None) => Err(ParseError::bad_request("Empty PATCH request.")),
+        ("PATCH", ["vm"], Some(b)) => vm::parse_patch(b),
+        ("PATCH", ["machine-config"] | ["vm"], None) => {
+            Err(ParseError::bad_request("Empty PATCH request."))
+        }
 
         _ => Err(ParseError::bad_request(format!(
             "Invalid request method and/or path: {method} {path}."

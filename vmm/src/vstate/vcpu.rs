@@ -220,6 +220,9 @@ impl Vcpu {
                 match req {
                     VcpuRequest::Pause => {
                         paused = true;
+                        if let Ok(r) = self.fd.get_regs() {
+                            log::debug!("vCPU {} paused at rip={:#x}", self.index, r.rip);
+                        }
                         let _ = responses.send(VcpuResponse::Paused);
                     }
                     VcpuRequest::Resume => {

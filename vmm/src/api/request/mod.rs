@@ -4,4 +4,5 @@ pub mod actions;
 pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
+pub mod vm;
 pub mod vsock;
