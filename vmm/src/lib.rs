@@ -8,6 +8,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod rpc_interface;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vmm;
 pub mod vmm_config;
 pub mod vstate;

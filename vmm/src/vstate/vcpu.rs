@@ -16,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::bus::Bus;
+use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,13 @@ impl Vcpu {
         self.index
     }
 
+    /// Puts a saved state into this (fresh) vCPU.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        state
+            .restore(&self.fd)
+            .map_err(|e| VcpuError::Setup(self.index, e.to_string()))
+    }
+
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for a fresh boot at `entry`.
     pub fn configure_for_boot(
         &mut self,
@@ -228,6 +236,16 @@ impl Vcpu {
                     VcpuRequest::Resume => {
                         paused = false;
                         let _ = responses.send(VcpuResponse::Resumed);
+                    }
+                    VcpuRequest::SaveState(msr_indices) => {
+                        let r = if paused {
+                            VcpuState::save(&self.fd, self.index, &msr_indices)
+                                .map(Box::new)
+                                .map_err(|e| e.to_string())
+                        } else {
+                            Err(format!("vCPU {} is not paused", self.index))
+                        };
+                        let _ = responses.send(VcpuResponse::State(r));
                     }
                     VcpuRequest::Exit => {
                         let _ = responses.send(VcpuResponse::Exited);
@@ -324,14 +342,23 @@ impl Vcpu {
 enum VcpuRequest {
     Pause,
     Resume,
+    /// Save the vCPU's state, reading these MSRs; only while paused.
+    SaveState(Vec<u32>),
     Exit,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum VcpuResponse {
     Paused,
     Resumed,
+    State(Result<Box<VcpuState>, String>),
     Exited,
+}
+
+impl PartialEq for VcpuResponse {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
 }
 
 /// The VMM thread's handle on a running vCPU thread.
@@ -365,6 +392,18 @@ impl VcpuHandle {
 
     pub fn resume(&self) -> Result<(), VcpuError> {
         self.send(VcpuRequest::Resume, VcpuResponse::Resumed)
+    }
+
+    /// Saves the state of a paused vCPU.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        self.requests
+            .send(VcpuRequest::SaveState(msr_indices.to_vec()))
+            .map_err(|_| VcpuError::NoAnswer(self.index))?;
+        match self.responses.recv_timeout(VCPU_ANSWER_TIMEOUT) {
+            Ok(VcpuResponse::State(Ok(s))) => Ok(*s),
+            Ok(VcpuResponse::State(Err(e))) => Err(VcpuError::Setup(self.index, e)),
+            _ => Err(VcpuError::NoAnswer(self.index)),
+        }
     }
 
     /// Stops the thread and joins it.

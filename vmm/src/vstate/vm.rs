@@ -44,6 +44,7 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     supported_cpuid: CpuId,
+    msr_indices: Vec<u32>,
 }
 
 impl Vm {
@@ -62,10 +63,16 @@ impl Vm {
             .map_err(VmError::SupportedCpuid)?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(VmError::TssAddress)?;
+        // The MSRs a snapshot saves: every one KVM knows for this host.
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         Ok(Vm {
             kvm,
             fd,
             supported_cpuid,
+            msr_indices,
         })
     }
 
@@ -75,6 +82,10 @@ impl Vm {
 
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
     }
 
     pub fn supported_cpuid(&self) -> &CpuId {
