@@ -4,7 +4,10 @@
 
 use serde::Serialize;
 
-use crate::vmm_config::{BlockDeviceConfig, BootSourceConfig, MachineConfig, VsockConfig};
+use crate::vmm_config::{
+    BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, LoadSnapshotParams, MachineConfig,
+    VsockConfig,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum VmmAction {
@@ -22,6 +25,10 @@ pub enum VmmAction {
     Pause,
     /// `PATCH /vm` `{"state": "Resumed"}`.
     Resume,
+    /// `PUT /snapshot/create`; the VM must be paused.
+    CreateSnapshot(CreateSnapshotParams),
+    /// `PUT /snapshot/load`; only before any other configuration.
+    LoadSnapshot(LoadSnapshotParams),
     SendCtrlAltDel,
     FlushMetrics,
 }

@@ -6,11 +6,13 @@ use serde::{Deserialize, Serialize};
 pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
+pub mod snapshot;
 pub mod vsock;
 
 pub use boot_source::BootSourceConfig;
 pub use drive::BlockDeviceConfig;
 pub use machine_config::MachineConfig;
+pub use snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 pub use vsock::VsockConfig;
 
 /// Everything needed to build a VM, as given by `--config-file` (Firecracker's

@@ -4,5 +4,6 @@ pub mod actions;
 pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
+pub mod snapshot;
 pub mod vm;
 pub mod vsock;

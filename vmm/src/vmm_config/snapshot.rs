@@ -1,0 +1,86 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    /// Only the pages dirtied since the last snapshot (KVM dirty log).
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MemBackendType {
+    /// Map the memory file privately (copy-on-write, lazy).
+    File,
+    /// Hand the guest memory to a page-fault handler over userfaultfd.
+    Uffd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+/// A drive's backing file, changed at load time (each clone its own).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    pub drive_id: String,
+    pub path_on_host: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSnapshotParams {
+    pub snapshot_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Firecracker's older spelling of a File backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drive_overrides: Vec<DriveOverride>,
+    /// Where the restored guest's serial console goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+}
+
+impl LoadSnapshotParams {
+    /// The memory backend, from `mem_backend` or the older `mem_file_path`.
+    pub fn backend(&self) -> Result<MemBackend, String> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) => Ok(b.clone()),
+            (None, Some(p)) => Ok(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: p.clone(),
+            }),
+            (Some(_), Some(_)) => Err("give mem_backend or mem_file_path, not both".into()),
+            (None, None) => Err("mem_backend is required".into()),
+        }
+    }
+}
