@@ -14,11 +14,15 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, layout, mptable, nested};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{self, serial::SerialOut, SerialConsole, I8042};
+pub use crate::devices::persist::VirtioDeviceHandle;
+use crate::devices::persist::{restore_virtio, RestoreOverrides};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
-use crate::vmm::Vmm;
-use crate::vmm_config::VmResources;
+use crate::devices::virtio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
+use crate::snapshot::{self, MicrovmState};
+use crate::vmm::{VmState, Vmm};
+use crate::vmm_config::snapshot::MemBackendType;
+use crate::vmm_config::{LoadSnapshotParams, VmResources};
 use crate::vstate::vcpu::{Vcpu, VmExitNotifier};
 use crate::vstate::{memory, vm::Vm};
 
@@ -142,7 +146,17 @@ pub fn build_and_boot(
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
-    Ok(Vmm::new(vm, mem, handles, exit, serial, i8042, virtio))
+    Ok(Vmm::new(
+        vm,
+        mem,
+        handles,
+        exit,
+        serial,
+        i8042,
+        virtio,
+        res.clone(),
+        VmState::Running,
+    ))
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, path: &str) -> Result<GuestAddress, StartError> {
@@ -224,12 +238,20 @@ pub fn mmio_slot(index: usize) -> Option<(u64, u32)> {
     (irq <= layout::IRQ_MAX).then(|| (layout::MMIO_MEM_START + index as u64 * MMIO_LEN, irq))
 }
 
-/// The virtio devices of a VM, kept for runtime control and snapshots.
+/// The virtio devices of a VM in MMIO slot order, kept for runtime control
+/// and snapshots.
 #[derive(Default)]
 pub struct VirtioDevices {
-    pub block: Vec<Arc<Mutex<Block>>>,
-    pub vsock: Option<Arc<Mutex<Vsock>>>,
-    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub slots: Vec<(VirtioDeviceHandle, Arc<Mutex<MmioTransport>>)>,
+}
+
+impl VirtioDevices {
+    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
+        self.slots.iter().find_map(|(d, _)| match d {
+            VirtioDeviceHandle::Vsock(v) => Some(v),
+            _ => None,
+        })
+    }
 }
 
 /// Puts every configured drive (root first) and the vsock device on the
@@ -263,33 +285,23 @@ fn attach_virtio_devices(
                 .insert_str(if cfg.is_read_only { "ro" } else { "rw" })
                 .map_err(|e| StartError::Cmdline(e.to_string()))?;
         }
-        attach_one(
-            block.clone(),
-            block.clone(),
-            &mut devices,
-            vm,
-            mem,
-            mmio,
-            em,
-            cmdline,
-        )?;
-        devices.block.push(block);
+        let transport = MmioTransport::new(mem.clone(), block.clone()).map_err(dev_err)?;
+        let slot = attach_transport(transport, block.clone(), devices.slots.len(), vm, mmio, em)?;
+        add_cmdline_device(cmdline, &slot)?;
+        devices
+            .slots
+            .push((VirtioDeviceHandle::Block(block), slot.2));
     }
     if let Some(cfg) = &res.vsock {
         let vsock = Arc::new(Mutex::new(
             Vsock::new(cfg).map_err(|e| dev_err(format!("vsock: {e}")))?,
         ));
-        attach_one(
-            vsock.clone(),
-            vsock.clone(),
-            &mut devices,
-            vm,
-            mem,
-            mmio,
-            em,
-            cmdline,
-        )?;
-        devices.vsock = Some(vsock);
+        let transport = MmioTransport::new(mem.clone(), vsock.clone()).map_err(dev_err)?;
+        let slot = attach_transport(transport, vsock.clone(), devices.slots.len(), vm, mmio, em)?;
+        add_cmdline_device(cmdline, &slot)?;
+        devices
+            .slots
+            .push((VirtioDeviceHandle::Vsock(vsock), slot.2));
     }
     Ok(devices)
 }
@@ -301,21 +313,27 @@ fn cmdline_has(cmdline: &Cmdline, key: &str) -> bool {
         .unwrap_or(false)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attach_one(
-    device: Arc<Mutex<dyn VirtioDevice>>,
+/// An attached transport: MMIO base, GSI, and the transport itself.
+type AttachedSlot = (u64, u32, Arc<Mutex<MmioTransport>>);
+
+fn add_cmdline_device(cmdline: &mut Cmdline, slot: &AttachedSlot) -> Result<(), StartError> {
+    cmdline
+        .insert_str(format!("virtio_mmio.device=4K@{:#x}:{}", slot.0, slot.1))
+        .map_err(|e| StartError::Cmdline(e.to_string()))
+}
+
+/// Wires a transport into MMIO slot `index`: queue ioeventfds, the irqfd,
+/// the bus, and the device's events on the event loop.
+fn attach_transport(
+    transport: MmioTransport,
     subscriber: Subscriber,
-    devices: &mut VirtioDevices,
+    index: usize,
     vm: &Vm,
-    mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     em: &mut EventMgr,
-    cmdline: &mut Cmdline,
-) -> Result<(), StartError> {
-    let index = devices.transports.len();
+) -> Result<AttachedSlot, StartError> {
     let (base, gsi) = mmio_slot(index)
         .ok_or_else(|| dev_err(format!("too many virtio devices ({})", index + 1)))?;
-    let transport = MmioTransport::new(mem.clone(), device).map_err(dev_err)?;
     for (i, evt) in transport.queue_evts().into_iter().enumerate() {
         vm.fd()
             .register_ioevent(
@@ -332,9 +350,150 @@ fn attach_one(
     mmio.insert(transport.clone(), base, MMIO_LEN)
         .map_err(dev_err)?;
     em.add_subscriber(subscriber);
-    cmdline
-        .insert_str(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
-        .map_err(|e| StartError::Cmdline(e.to_string()))?;
-    devices.transports.push(transport);
-    Ok(())
+    Ok((base, gsi, transport))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Format(#[from] crate::snapshot::format::FormatError),
+    #[error(transparent)]
+    Memory(#[from] crate::snapshot::memory::MemoryFileError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Builds a microVM from a snapshot: guest memory from the memory file,
+/// then the VM, devices and vCPUs each from their saved state, with the
+/// per-clone overrides applied. Started paused unless `resume_vm`.
+pub fn restore_from_snapshot(
+    params: &LoadSnapshotParams,
+    em: &mut EventMgr,
+    exit: VmExitNotifier,
+    serial_out: SerialOut,
+) -> Result<Vmm, RestoreError> {
+    let backend = params.backend().map_err(RestoreError::Invalid)?;
+    let state: MicrovmState = snapshot::format::read(std::path::Path::new(&params.snapshot_path))?;
+    let mc = &state.resources.machine_config;
+    if state.vcpus.len() != usize::from(mc.vcpu_count) || state.vcpus.is_empty() {
+        return Err(RestoreError::Invalid(format!(
+            "snapshot has {} vCPU states for vcpu_count {}",
+            state.vcpus.len(),
+            mc.vcpu_count
+        )));
+    }
+    let mem = match backend.backend_type {
+        MemBackendType::File => {
+            snapshot::memory::map_file(std::path::Path::new(&backend.backend_path), &state.memory)?
+        }
+        MemBackendType::Uffd => {
+            return Err(RestoreError::Invalid(
+                "the Uffd memory backend is not supported yet; use File".into(),
+            ))
+        }
+    };
+    let vm = Vm::new().map_err(StartError::from)?;
+    vm.register_memory(&mem, mc.track_dirty_pages || params.enable_diff_snapshots)
+        .map_err(StartError::from)?;
+    vm.setup_irqchip().map_err(StartError::from)?;
+    state
+        .vm
+        .restore(vm.fd())
+        .map_err(|e| RestoreError::Invalid(format!("VM state: {e}")))?;
+
+    let irqfd = |gsi: u32| -> Result<EventFd, StartError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        vm.fd().register_irqfd(&evt, gsi).map_err(dev_err)?;
+        Ok(evt)
+    };
+    let serial = Arc::new(Mutex::new(
+        SerialConsole::restore(
+            irqfd(legacy::SERIAL_IRQ)?,
+            serial_out,
+            &state.devices.serial,
+        )
+        .map_err(|e| RestoreError::Invalid(format!("serial: {e}")))?,
+    ));
+    let reset = exit.evt().try_clone().map_err(dev_err)?;
+    let i8042 = Arc::new(Mutex::new(
+        I8042::restore(irqfd(legacy::I8042_IRQ)?, reset, &state.devices.i8042)
+            .map_err(|e| RestoreError::Invalid(format!("i8042: {e}")))?,
+    ));
+    let mut pio = Bus::new();
+    pio.insert(
+        serial.clone(),
+        legacy::SERIAL_PORT_BASE,
+        legacy::SERIAL_PORT_LEN,
+    )
+    .map_err(dev_err)?;
+    pio.insert(
+        i8042.clone(),
+        legacy::I8042_PORT_BASE,
+        legacy::I8042_PORT_LEN,
+    )
+    .map_err(dev_err)?;
+
+    let mut resources = state.resources.clone();
+    let mut mmio = Bus::new();
+    let mut virtio = VirtioDevices::default();
+    let overrides = RestoreOverrides {
+        drive_paths: params
+            .drive_overrides
+            .iter()
+            .map(|o| (o.drive_id.clone(), o.path_on_host.clone()))
+            .collect(),
+        vsock_uds_path: params.vsock_override.as_ref().map(|o| o.uds_path.clone()),
+    };
+    for (index, slot) in state.devices.virtio.iter().enumerate() {
+        let (handle, transport) = restore_virtio(&mem, index, slot, &overrides)
+            .map_err(|e| RestoreError::Invalid(e.to_string()))?;
+        let attached = attach_transport(transport, handle.subscriber(), index, &vm, &mut mmio, em)?;
+        virtio.slots.push((handle, attached.2));
+    }
+    // The configuration reported by the API follows the overrides.
+    for d in &mut resources.drives {
+        if let Some(p) = overrides.drive_paths.get(&d.drive_id) {
+            d.path_on_host = p.clone();
+        }
+    }
+    if let (Some(p), Some(v)) = (&overrides.vsock_uds_path, resources.vsock.as_mut()) {
+        v.uds_path = p.clone();
+    }
+
+    let mut vcpus = Vec::new();
+    for vs in &state.vcpus {
+        let mut vcpu = Vcpu::new(vs.index, &vm, pio.clone(), mmio.clone(), exit.clone())
+            .map_err(StartError::from)?;
+        vcpu.restore_state(vs).map_err(StartError::from)?;
+        vcpus.push(vcpu);
+    }
+    let paused = !params.resume_vm;
+    let mut handles = Vec::new();
+    for vcpu in vcpus {
+        handles.push(vcpu.start(paused).map_err(StartError::from)?);
+    }
+    log::info!(
+        "microVM restored from {} ({} vCPU, {} MiB), {}",
+        params.snapshot_path,
+        mc.vcpu_count,
+        mc.mem_size_mib,
+        if paused { "paused" } else { "running" }
+    );
+    Ok(Vmm::new(
+        vm,
+        mem,
+        handles,
+        exit,
+        serial,
+        i8042,
+        virtio,
+        resources,
+        if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        },
+    ))
 }

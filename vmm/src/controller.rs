@@ -4,7 +4,8 @@
 use crate::builder::{self, EventMgr};
 use crate::devices::legacy::serial::SerialOut;
 use crate::rpc_interface::{InstanceInfo, VmmAction, VmmActionError, VmmData, VmmResponse};
-use crate::vmm::{VmState, Vmm};
+use crate::vmm::{SnapshotError, VmState, Vmm};
+use crate::vmm_config::LoadSnapshotParams;
 use crate::vmm_config::VmResources;
 use crate::vstate::vcpu::VmExitNotifier;
 
@@ -81,6 +82,20 @@ impl Controller {
                     "SendCtrlAltDel needs a started microVM".into(),
                 )),
             },
+            CreateSnapshot(params) => {
+                let vmm = self.vmm.as_ref().ok_or_else(|| {
+                    VmmActionError::NotAllowed("the microVM is not started".into())
+                })?;
+                vmm.create_snapshot(&params)
+                    .map(|_| VmmData::Empty)
+                    .map_err(|e| match e {
+                        SnapshotError::NotPaused | SnapshotError::Unsupported(_) => {
+                            VmmActionError::NotAllowed(e.to_string())
+                        }
+                        _ => VmmActionError::InvalidInput(format!("cannot create snapshot: {e}")),
+                    })
+            }
+            LoadSnapshot(params) => self.load_snapshot(&params, em),
             Pause | Resume => {
                 let vmm = self.vmm.as_mut().ok_or_else(|| {
                     VmmActionError::NotAllowed("the microVM is not started".into())
@@ -164,6 +179,40 @@ impl Controller {
                 )))
             }
         }
+        Ok(VmmData::Empty)
+    }
+
+    /// Restores a snapshot into this (still unconfigured) VMM.
+    fn load_snapshot(&mut self, params: &LoadSnapshotParams, em: &mut EventMgr) -> VmmResponse {
+        if self.vmm.is_some() || self.resources != VmResources::default() {
+            return Err(VmmActionError::NotAllowed(
+                "snapshot load is only allowed before any other configuration".into(),
+            ));
+        }
+        let out: SerialOut = match &params.serial_out_path {
+            Some(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| {
+                        VmmActionError::InvalidInput(format!("serial_out_path {p}: {e}"))
+                    })?,
+            ),
+            None => (self.serial_out)()
+                .map_err(|e| VmmActionError::InvalidInput(format!("serial output: {e}")))?,
+        };
+        let vmm = builder::restore_from_snapshot(params, em, self.exit.clone(), out).map_err(
+            |e| match e {
+                builder::RestoreError::Start(builder::StartError::Vm(_))
+                | builder::RestoreError::Start(builder::StartError::Vcpu(_)) => {
+                    VmmActionError::Internal(format!("cannot load snapshot: {e}"))
+                }
+                _ => VmmActionError::InvalidInput(format!("cannot load snapshot: {e}")),
+            },
+        )?;
+        self.resources = vmm.resources().clone();
+        self.vmm = Some(vmm);
         Ok(VmmData::Empty)
     }
 

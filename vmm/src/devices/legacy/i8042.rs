@@ -8,6 +8,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
 
+mod persist;
+pub use persist::{I8042RestoreError, I8042State};
+
 const OFS_DATA: u64 = 0;
 const OFS_STATUS: u64 = 4; // reads status, writes commands
 

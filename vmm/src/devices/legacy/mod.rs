@@ -4,8 +4,8 @@
 pub mod i8042;
 pub mod serial;
 
-pub use i8042::I8042;
-pub use serial::SerialConsole;
+pub use i8042::{I8042RestoreError, I8042State, I8042};
+pub use serial::{SerialConsole, SerialConsoleState, SerialRestoreError};
 
 /// COM1.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;

@@ -9,6 +9,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
 
+mod persist;
+pub use persist::{SerialConsoleState, SerialRestoreError};
+
 /// Raises the serial IRQ by writing the irqfd.
 pub struct IrqFdTrigger(pub EventFd);
 

@@ -3,7 +3,6 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -48,16 +47,15 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// Serializable register state of the transport (for snapshots).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioTransportState {
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub driver_features: u64,
-    pub queue_sel: u32,
-    pub status: u32,
-    pub config_generation: u32,
-    pub interrupt_status: u32,
+/// The transport's registers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Regs {
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
 }
 
 /// One virtio device behind a virtio-mmio register window.
@@ -70,7 +68,7 @@ pub struct MmioTransport {
     queues: Vec<Queue>,
     /// The driver wrote an invalid size or a misaligned address to a queue.
     queue_config_error: bool,
-    regs: MmioTransportState,
+    regs: Regs,
 }
 
 impl MmioTransport {
@@ -97,7 +95,7 @@ impl MmioTransport {
             queue_evts,
             queues,
             queue_config_error: false,
-            regs: MmioTransportState::default(),
+            regs: Regs::default(),
         })
     }
 
@@ -114,14 +112,6 @@ impl MmioTransport {
 
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
         &self.device
-    }
-
-    /// Register state, for snapshots (queue positions live in the device).
-    pub fn state(&self) -> MmioTransportState {
-        MmioTransportState {
-            interrupt_status: self.interrupt.status(),
-            ..self.regs.clone()
-        }
     }
 
     fn status(&self) -> u32 {
@@ -351,7 +341,7 @@ impl MmioTransport {
             q.reset();
         }
         self.queue_config_error = false;
-        self.regs = MmioTransportState {
+        self.regs = Regs {
             config_generation: self.regs.config_generation,
             ..Default::default()
         };
@@ -401,5 +391,8 @@ impl BusDevice for MmioTransport {
     }
 }
 
+mod persist;
 #[cfg(test)]
 mod tests;
+
+pub use persist::{MmioRestoreError, MmioTransportState};

@@ -17,22 +17,30 @@
 //! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
 //! event_manager.add_subscriber(dev); // Arc<Mutex<dyn MutEventSubscriber + Send>>
 //! ```
+//!
+//! Snapshots: `MmioTransport::state()` holds the registers and the queues
+//! (with the device's ring positions), `Block::state()`/`Vsock::state()` the
+//! rest. Restoring is `Block::restore`/`Vsock::restore`, then
+//! `MmioTransport::restore(mem, dev, &state)` in place of `new`, then the
+//! same wiring; `devices::persist` does the first two steps per MMIO slot.
 
 pub mod block;
 pub mod mmio;
+pub mod persist;
 mod queue;
 #[cfg(test)]
-mod test_utils;
+pub(crate) mod test_utils;
 pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
+pub use mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
+pub use persist::VirtQueueState;
 
 /// Guest memory as seen by the devices (no dirty bitmap; switching to
 /// `GuestMemoryMmap<AtomicBitmap>` later only changes this line).
@@ -165,6 +173,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
 
     fn is_activated(&self) -> bool;
+
+    /// The queues of an activated device, with their ring positions (for
+    /// snapshots); empty when not activated.
+    fn queue_states(&self) -> Vec<QueueState>;
+
+    /// Called once by `MmioTransport::restore` right after it re-activated
+    /// the device from a snapshot (no driver handshake happened).
+    fn after_restore(&mut self) {}
 
     /// Returns the device to its pre-activation state (driver wrote 0 to
     /// Status). Backend resources (disk file, vsock listener) are kept.

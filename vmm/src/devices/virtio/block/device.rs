@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
@@ -27,14 +26,6 @@ const SEG_MAX: u32 = 128;
 
 /// Bounce buffer for moving data between guest memory and the file.
 const BOUNCE_LEN: usize = 128 * 1024;
-
-/// What a snapshot needs besides the queues: the config the device was
-/// built from and the negotiated features.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockState {
-    pub config: BlockDeviceConfig,
-    pub acked_features: u64,
-}
 
 struct Active {
     mem: Mem,
@@ -101,13 +92,6 @@ impl Block {
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.sectors()
-    }
-
-    pub fn state(&self) -> BlockState {
-        BlockState {
-            config: self.config.clone(),
-            acked_features: self.acked_features,
-        }
     }
 
     /// Runs every pending request and interrupts the guest if it asked to be.
@@ -202,6 +186,10 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
     }
 
     fn reset(&mut self) {

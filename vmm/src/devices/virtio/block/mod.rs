@@ -2,12 +2,14 @@
 
 mod device;
 mod disk;
+mod persist;
 mod request;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Block, BlockState};
+pub use device::Block;
 pub use disk::CacheType;
+pub use persist::BlockState;
 
 /// Queue size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -35,6 +37,24 @@ pub enum BlockError {
         "drive {drive_id}: unknown cache_type {value:?} (expected \"Unsafe\" or \"Writeback\")"
     )]
     CacheType { drive_id: String, value: String },
+    #[error(
+        "drive {drive_id}: {path} holds {actual_sectors} sectors ({} bytes) but the \
+         snapshot's disk had {saved_sectors} sectors ({} bytes)",
+        actual_sectors * SECTOR_SIZE,
+        saved_sectors * SECTOR_SIZE
+    )]
+    CapacityMismatch {
+        drive_id: String,
+        path: String,
+        saved_sectors: u64,
+        actual_sectors: u64,
+    },
+    #[error("drive {drive_id}: saved features {acked:#x} are not all offered ({avail:#x})")]
+    Features {
+        drive_id: String,
+        acked: u64,
+        avail: u64,
+    },
     #[error("drive {drive_id}: cannot create eventfd: {source}")]
     EventFd {
         drive_id: String,

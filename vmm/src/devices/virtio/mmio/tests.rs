@@ -1,6 +1,6 @@
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -64,6 +64,12 @@ impl VirtioDevice for Fake {
     fn is_activated(&self) -> bool {
         self.activated.is_some()
     }
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.activated
+            .iter()
+            .flat_map(|(qs, _)| qs.iter().map(|q| q.state()))
+            .collect()
+    }
     fn reset(&mut self) {
         self.activated = None;
         self.resets += 1;
@@ -71,16 +77,20 @@ impl VirtioDevice for Fake {
 }
 
 fn setup() -> (MmioTransport, Arc<Mutex<Fake>>) {
-    let fake = Arc::new(Mutex::new(Fake {
+    let fake = new_fake();
+    let t = MmioTransport::new(test_mem(), fake.clone()).unwrap();
+    (t, fake)
+}
+
+fn new_fake() -> Arc<Mutex<Fake>> {
+    Arc::new(Mutex::new(Fake {
         evts: new_queue_events(2).unwrap(),
         acked: 0,
         config: *b"abcdefgh",
         activated: None,
         resets: 0,
         refuse: false,
-    }));
-    let t = MmioTransport::new(test_mem(), fake.clone()).unwrap();
-    (t, fake)
+    }))
 }
 
 fn r(t: &mut MmioTransport, off: u64) -> u32 {
@@ -291,7 +301,12 @@ fn reset_returns_everything_to_initial_state() {
     assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
     w(&mut t, reg::QUEUE_SEL, 0);
     assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
-    assert_eq!(t.state(), MmioTransportState::default());
+    let st = t.state();
+    assert_eq!(
+        (st.status, st.driver_features, st.interrupt_status),
+        (0, 0, 0)
+    );
+    assert!(st.queues.iter().all(|q| !q.ready && q.size == q.max_size));
 }
 
 #[test]
@@ -403,4 +418,184 @@ fn block_device_through_transport_and_event_manager() {
     // Reset and re-init: the device works again.
     w(&mut t, reg::STATUS, 0);
     assert!(!block.lock().unwrap().is_activated());
+}
+
+/// Every register a driver can read, with each queue and feature page selected.
+fn guest_view(t: &mut MmioTransport) -> Vec<u32> {
+    let (qsel, fsel) = (t.regs.queue_sel, t.regs.device_features_sel);
+    let mut v = Vec::new();
+    for off in [
+        reg::MAGIC_VALUE,
+        reg::VERSION,
+        reg::DEVICE_ID,
+        reg::VENDOR_ID,
+    ] {
+        v.push(r(t, off));
+    }
+    for off in [reg::STATUS, reg::INTERRUPT_STATUS, reg::CONFIG_GENERATION] {
+        v.push(r(t, off));
+    }
+    for sel in 0..2 {
+        w(t, reg::DEVICE_FEATURES_SEL, sel);
+        v.push(r(t, reg::DEVICE_FEATURES));
+    }
+    for sel in 0..3 {
+        w(t, reg::QUEUE_SEL, sel);
+        v.push(r(t, reg::QUEUE_NUM_MAX));
+        v.push(r(t, reg::QUEUE_READY));
+    }
+    w(t, reg::QUEUE_SEL, qsel);
+    w(t, reg::DEVICE_FEATURES_SEL, fsel);
+    v
+}
+
+fn json_round_trip(st: &MmioTransportState) -> MmioTransportState {
+    let back: MmioTransportState =
+        serde_json::from_str(&serde_json::to_string(st).unwrap()).unwrap();
+    assert_eq!(&back, st);
+    back
+}
+
+#[test]
+fn restore_activated_transport_shows_the_same_registers() {
+    let (mut t, fake) = setup();
+    negotiate(&mut t, F_VERSION_1 | F_EVENT_IDX);
+    setup_queue(&mut t, 0, 8, 0x10_0000);
+    setup_queue(&mut t, 1, 32, 0x20_0000);
+    w(&mut t, reg::STATUS, ALL_OK);
+    fake.lock()
+        .unwrap()
+        .activated
+        .as_ref()
+        .unwrap()
+        .1
+        .signal_used();
+    w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+    let before = guest_view(&mut t);
+    let st = json_round_trip(&t.state());
+    assert_eq!(st.device_type, 42);
+    assert_eq!(st.queues.len(), 2);
+    assert!(st.queues.iter().all(|q| q.ready && q.event_idx_enabled));
+    assert_eq!((st.queues[0].size, st.queues[0].desc_table), (8, 0x10_0000));
+
+    let fake2 = new_fake();
+    let mut t2 = MmioTransport::restore(test_mem(), fake2.clone(), &st).unwrap();
+    assert_eq!(guest_view(&mut t2), before);
+    assert_eq!(t2.state(), st);
+    // Activated without a handshake, with the saved queues and features.
+    {
+        let f = fake2.lock().unwrap();
+        let (queues, _) = f.activated.as_ref().unwrap();
+        assert_eq!(queues[1].state(), QueueState::from(&st.queues[1]));
+        assert_eq!(f.acked, F_VERSION_1 | F_EVENT_IDX);
+    }
+    // The pending interrupt is signalled again, and can be acknowledged.
+    assert_eq!(t2.irq_evt().read().unwrap(), 1);
+    w(&mut t2, reg::INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(r(&mut t2, reg::INTERRUPT_STATUS), 0);
+    // A driver reset still works on a restored transport.
+    w(&mut t2, reg::STATUS, 0);
+    assert!(fake2.lock().unwrap().activated.is_none());
+}
+
+#[test]
+fn restore_mid_handshake_lets_the_driver_finish() {
+    let (mut t, _) = setup();
+    negotiate(&mut t, F_VERSION_1);
+    setup_queue(&mut t, 0, 8, 0x10_0000);
+    let st = json_round_trip(&t.state());
+    let fake2 = new_fake();
+    let mut t2 = MmioTransport::restore(test_mem(), fake2.clone(), &st).unwrap();
+    assert!(fake2.lock().unwrap().activated.is_none());
+    assert!(t2.irq_evt().read().is_err(), "no interrupt pending");
+    setup_queue(&mut t2, 1, 32, 0x20_0000);
+    w(&mut t2, reg::STATUS, ALL_OK);
+    let f = fake2.lock().unwrap();
+    let (queues, _) = f.activated.as_ref().expect("activated by DRIVER_OK");
+    assert_eq!(queues[0].desc_table(), 0x10_0000);
+}
+
+#[test]
+fn corrupt_transport_state_is_refused() {
+    let (mut t, _) = setup();
+    negotiate(&mut t, F_VERSION_1);
+    setup_queue(&mut t, 0, 8, 0x10_0000);
+    setup_queue(&mut t, 1, 32, 0x20_0000);
+    w(&mut t, reg::STATUS, ALL_OK);
+    let good = t.state();
+    let restore = |st: &MmioTransportState| {
+        MmioTransport::restore(test_mem(), new_fake(), st)
+            .err()
+            .expect("corrupt state restored")
+    };
+
+    let mut st = good.clone();
+    st.queues[1].used_ring = 0x4000_0000; // beyond the 16 MiB of test memory
+    let e = restore(&st);
+    assert!(
+        matches!(e, MmioRestoreError::QueueOutsideMemory { index: 1, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("0x40000000"), "{e}");
+
+    let mut st = good.clone();
+    st.queues[0].desc_table = u64::MAX - 15; // aligned, but the table would wrap around
+    assert!(matches!(
+        restore(&st),
+        MmioRestoreError::QueueOutsideMemory { .. }
+    ));
+
+    let mut st = good.clone();
+    st.queues[0].size = 3;
+    let e = restore(&st);
+    assert!(
+        matches!(e, MmioRestoreError::InvalidQueue { index: 0, .. }),
+        "{e}"
+    );
+
+    let mut st = good.clone();
+    st.queues[0].next_used = 7; // memory's used.idx is still 0
+    let e = restore(&st);
+    assert!(
+        matches!(
+            e,
+            MmioRestoreError::UsedIndexMismatch {
+                index: 0,
+                saved: 7,
+                in_memory: 0
+            }
+        ),
+        "{e}"
+    );
+
+    let mut st = good.clone();
+    st.device_type = 2;
+    assert!(matches!(
+        restore(&st),
+        MmioRestoreError::DeviceType {
+            saved: 2,
+            actual: 42
+        }
+    ));
+
+    let mut st = good.clone();
+    st.queues.pop();
+    assert!(matches!(
+        restore(&st),
+        MmioRestoreError::QueueCount {
+            saved: 1,
+            actual: 2
+        }
+    ));
+
+    let mut st = good.clone();
+    st.queues[1].max_size = 64;
+    assert!(matches!(
+        restore(&st),
+        MmioRestoreError::QueueMaxSize { index: 1, .. }
+    ));
+
+    let mut st = good;
+    st.driver_features |= 1 << 40;
+    assert!(matches!(restore(&st), MmioRestoreError::Features { .. }));
 }

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
@@ -18,15 +17,6 @@ use crate::devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::vmm_config::vsock::VsockConfig;
-
-/// What a snapshot needs besides the queues. Connections are not saved: a
-/// restored device sends a transport reset instead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VsockState {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-    pub acked_features: u64,
-}
 
 struct Active {
     mem: Mem,
@@ -50,11 +40,14 @@ pub struct Vsock {
 impl Vsock {
     /// Creates the device and starts listening on `config.uds_path`.
     pub fn new(config: &VsockConfig) -> Result<Vsock, VsockError> {
-        let cid = config.guest_cid;
+        Vsock::with_uds_path(config.guest_cid, PathBuf::from(&config.uds_path))
+    }
+
+    /// `new` with a path that need not be UTF-8 (restore keeps it as saved).
+    pub(super) fn with_uds_path(cid: u32, uds_path: PathBuf) -> Result<Vsock, VsockError> {
         if cid < 3 || cid == u32::MAX {
             return Err(VsockError::InvalidCid(cid));
         }
-        let uds_path = PathBuf::from(&config.uds_path);
         let muxer = Muxer::new(u64::from(cid), &uds_path)?;
         let queue_evts = new_queue_events(3).map_err(VsockError::EventFd)?;
         Ok(Vsock {
@@ -78,14 +71,6 @@ impl Vsock {
 
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
-    }
-
-    pub fn state(&self) -> VsockState {
-        VsockState {
-            guest_cid: self.guest_cid,
-            uds_path: self.uds_path.clone(),
-            acked_features: self.acked_features,
-        }
     }
 
     /// Number of live guest<->host connections.
@@ -298,6 +283,21 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
+    /// The guest's connections died with the old VMM: tell its driver, so
+    /// it drops them and its agent reconnects.
+    fn after_restore(&mut self) {
+        if self.active.is_some() {
+            self.send_transport_reset();
+        }
     }
 
     fn reset(&mut self) {

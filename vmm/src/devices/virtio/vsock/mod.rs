@@ -11,10 +11,12 @@ mod connection;
 mod device;
 mod muxer;
 pub mod packet;
+mod persist;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Vsock, VsockState};
+pub use device::Vsock;
+pub use persist::VsockState;
 
 /// The host's CID as seen by the guest.
 pub const VSOCK_HOST_CID: u64 = 2;
@@ -39,6 +41,10 @@ pub const MAX_CONNECTIONS: usize = 1023;
 pub enum VsockError {
     #[error("guest CID {0} is reserved (must be 3 or more and not u32::MAX)")]
     InvalidCid(u32),
+    #[error("saved guest CID {0} does not fit in 32 bits")]
+    CidTooLarge(u64),
+    #[error("saved features {acked:#x} are not all offered ({avail:#x})")]
+    Features { acked: u64, avail: u64 },
     #[error("uds_path is empty")]
     EmptyPath,
     #[error("uds_path {path} exists and is not a socket")]

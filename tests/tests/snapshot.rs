@@ -1,0 +1,229 @@
+//! Snapshots with a real guest: boot once, pause, snapshot, then restore
+//! clones in fresh VMM processes and check each runs on its own.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ember_agent::client::{bind_ready_listener, wait_ready, AgentClient};
+use ember_agent::protocol::ExecRequest;
+use ember_agent::AGENT_PORT;
+use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
+use serde_json::json;
+
+struct Golden {
+    _dir: tempfile::TempDir,
+    snapshot: PathBuf,
+    mem: PathBuf,
+}
+
+/// The one booted guest of this test binary, snapshotted after its agent
+/// came up. Every test restores from it.
+fn golden() -> &'static Golden {
+    static G: OnceLock<Golden> = OnceLock::new();
+    G.get_or_init(|| {
+        assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
+        let (kernel, rootfs) = (kernel_path(), rootfs_path());
+        let vmm = VmmProcess::spawn(&[]);
+        let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
+        let t = Instant::now();
+        vmm.boot(&kernel, &rootfs, 1, 128);
+        wait_ready(&ready, Duration::from_secs(600))
+            .unwrap_or_else(|e| panic!("golden guest never ready: {e}; {}", vmm.logs()));
+        eprintln!("golden guest ready after {:?}", t.elapsed());
+        // Snapshot only API-visible state: a marker file written by the
+        // guest before the snapshot must be in every clone.
+        let mut agent =
+            AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(30))
+                .unwrap();
+        let r = agent
+            .exec(&ExecRequest::new([
+                "/bin/sh",
+                "-c",
+                "echo golden > /tmp/marker",
+            ]))
+            .unwrap();
+        assert_eq!(r.exit_code, Some(0));
+        drop(agent);
+
+        let dir = tempfile::Builder::new()
+            .prefix("ember-golden-")
+            .tempdir()
+            .unwrap();
+        let snapshot = dir.path().join("vm.snap");
+        let mem = dir.path().join("vm.mem");
+        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+        let t = Instant::now();
+        let r = vmm.put(
+            "/snapshot/create",
+            &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
+        );
+        assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+        eprintln!("snapshot created in {:?}", t.elapsed());
+        Golden {
+            _dir: dir,
+            snapshot,
+            mem,
+        }
+    })
+}
+
+/// Restores the golden snapshot into a fresh VMM; returns it with an agent
+/// connection.
+fn restore_clone() -> (VmmProcess, AgentClient) {
+    let g = golden();
+    let vmm = VmmProcess::spawn(&[]);
+    let uds = vmm.path("vsock.sock");
+    let t = Instant::now();
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                "vsock_override": {"uds_path": uds},
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let mut agent = AgentClient::connect_retry(
+        &uds,
+        AGENT_PORT,
+        Duration::from_secs(120),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("clone's agent unreachable: {e}; {}", vmm.logs()));
+    agent.health().unwrap();
+    eprintln!("clone answering {:?} after load", t.elapsed());
+    (vmm, agent)
+}
+
+fn sh(agent: &mut AgentClient, script: &str) -> String {
+    let r = agent
+        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
+        .unwrap();
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "{script}: {:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+#[test]
+fn clones_run_side_by_side_with_their_own_state() {
+    let (vmm_a, mut a) = restore_clone();
+    let (vmm_b, mut b) = restore_clone();
+    assert_eq!(sh(&mut a, "cat /tmp/marker").trim(), "golden");
+    assert_eq!(sh(&mut b, "cat /tmp/marker").trim(), "golden");
+    sh(&mut a, "echo a > /tmp/own");
+    sh(&mut b, "echo b > /tmp/own");
+    assert_eq!(sh(&mut a, "cat /tmp/own").trim(), "a");
+    assert_eq!(sh(&mut b, "cat /tmp/own").trim(), "b");
+    assert_eq!(vmm_a.request("GET", "/", None).json()["state"], "Running");
+    assert_eq!(vmm_b.request("GET", "/", None).json()["state"], "Running");
+}
+
+#[test]
+fn pause_and_resume_a_restored_clone() {
+    let (vmm, mut agent) = restore_clone();
+    let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+    // A paused guest does not answer.
+    agent.set_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(agent.health().is_err(), "paused guest answered");
+    let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    let uds = vmm.path("vsock.sock");
+    let mut again = AgentClient::connect_retry(
+        &uds,
+        AGENT_PORT,
+        Duration::from_secs(60),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(sh(&mut again, "cat /tmp/marker").trim(), "golden");
+}
+
+#[test]
+fn broken_snapshots_are_refused_and_the_vmm_stays_usable() {
+    let g = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(&g.snapshot).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        (
+            "bad-magic",
+            [b"NOTASNAP".as_slice(), &good[8..]].concat(),
+            "not an Ember snapshot",
+        ),
+        (
+            "wrong-version",
+            {
+                let mut v = good.clone();
+                v[8] = 42;
+                v
+            },
+            "version 42",
+        ),
+        (
+            "corrupt",
+            {
+                let mut v = good.clone();
+                let i = v.len() - 10;
+                v[i] ^= 0x55;
+                v
+            },
+            "checksum",
+        ),
+    ];
+    let vmm = VmmProcess::spawn(&[]);
+    for (name, bytes, expect) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let r = vmm.put(
+            "/snapshot/load",
+            &json!({"snapshot_path": p, "mem_backend": {"backend_type": "File", "backend_path": g.mem}}),
+        );
+        assert_eq!(r.status, 400, "{name}: {r:?}");
+        assert!(r.fault().contains(expect), "{name}: {}", r.fault());
+    }
+    // A memory file of the wrong size.
+    let short_mem = dir.path().join("short.mem");
+    std::fs::write(&short_mem, vec![0u8; 4096]).unwrap();
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot, "mem_backend": {"backend_type": "File", "backend_path": short_mem}}),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("4096"), "{}", r.fault());
+    // Still not started, still usable: a good load now works.
+    assert_eq!(vmm.request("GET", "/", None).json()["state"], "Not started");
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot, "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                "vsock_override": {"uds_path": vmm.path("vsock.sock")}}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+
+    // Load is refused once anything is configured.
+    let other = VmmProcess::spawn(&[]);
+    let r = other.put(
+        "/machine-config",
+        &json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    );
+    assert_eq!(r.status, 204);
+    let r = other.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot, "mem_backend": {"backend_type": "File", "backend_path": g.mem}}),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    // And snapshot/create needs a paused, running VM.
+    let r = other.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": dir.path().join("x"), "mem_file_path": dir.path().join("y")}),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+}

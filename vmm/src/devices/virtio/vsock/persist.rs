@@ -1,0 +1,49 @@
+//! Snapshot and restore of a vsock device. Connections are not saved: the
+//! restored device sends the guest a transport reset instead (see
+//! `after_restore`). Queues are saved by the transport.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Vsock, VsockError};
+use crate::devices::virtio::VirtioDevice;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VsockState {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+    pub acked_features: u64,
+}
+
+impl Vsock {
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid(),
+            uds_path: self.uds_path().to_path_buf(),
+            acked_features: self.acked_features(),
+        }
+    }
+
+    /// Recreates the device and listens on `uds_path_override` if given
+    /// (a clone running next to its origin needs its own socket), else on
+    /// the saved path. Not activated: `MmioTransport::restore` does that.
+    pub fn restore(
+        state: &VsockState,
+        uds_path_override: Option<&str>,
+    ) -> Result<Vsock, VsockError> {
+        let cid =
+            u32::try_from(state.guest_cid).map_err(|_| VsockError::CidTooLarge(state.guest_cid))?;
+        let path = uds_path_override.map_or_else(|| state.uds_path.clone(), PathBuf::from);
+        let mut vsock = Vsock::with_uds_path(cid, path)?;
+        let avail = vsock.avail_features();
+        if state.acked_features & !avail != 0 {
+            return Err(VsockError::Features {
+                acked: state.acked_features,
+                avail,
+            });
+        }
+        vsock.set_acked_features(state.acked_features);
+        Ok(vsock)
+    }
+}
