@@ -307,6 +307,27 @@ impl AgentClient {
         }
     }
 
+    /// `Refresh` with fresh host entropy and the host clock: call right
+    /// after restoring a snapshot, before the guest does anything that
+    /// needs randomness or the time.
+    pub fn refresh(&mut self) -> Result<()> {
+        let mut entropy = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+            .map_err(ClientError::Io)?;
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        match self.request(&Request::Refresh {
+            entropy,
+            realtime_ns,
+        })? {
+            Response::Ack => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// `Reboot`: returns once the agent acknowledged.
     pub fn reboot(&mut self) -> Result<()> {
         match self.request(&Request::Reboot)? {

@@ -13,6 +13,7 @@ pub mod exec;
 pub mod init;
 pub mod protocol;
 pub mod reaper;
+pub mod refresh;
 pub mod server;
 
 pub use client::{

@@ -77,6 +77,16 @@ pub enum Request {
     /// Like `Shutdown` but asks for a reboot. On a Firecracker-like VMM a
     /// guest reboot ends the VMM process, so both end the VM there.
     Reboot,
+    /// Sent by the host right after a restore: mix `entropy` into the
+    /// kernel's RNG (and reseed it) and set the clock, so clones of one
+    /// snapshot share no secrets and keep the right time. Answered with
+    /// [`Response::Ack`].
+    Refresh {
+        #[serde(with = "b64")]
+        entropy: Vec<u8>,
+        /// Host CLOCK_REALTIME in nanoseconds since the epoch.
+        realtime_ns: u64,
+    },
 }
 
 /// Parameters of [`Request::Exec`].

@@ -43,6 +43,13 @@ impl Agent {
                     message: e.to_string(),
                 },
             },
+            Request::Refresh {
+                entropy,
+                realtime_ns,
+            } => match crate::refresh::apply(&entropy, realtime_ns) {
+                Ok(()) => Response::Ack,
+                Err(message) => Response::Error { message },
+            },
             // The action itself runs after the Ack is on the wire.
             Request::Shutdown | Request::Reboot => Response::Ack,
         }));

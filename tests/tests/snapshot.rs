@@ -94,6 +94,9 @@ fn restore_clone() -> (VmmProcess, AgentClient) {
     .unwrap_or_else(|e| panic!("clone's agent unreachable: {e}; {}", vmm.logs()));
     agent.health().unwrap();
     eprintln!("clone answering {:?} after load", t.elapsed());
+    agent
+        .refresh()
+        .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
     (vmm, agent)
 }
 
@@ -226,4 +229,25 @@ fn broken_snapshots_are_refused_and_the_vmm_stays_usable() {
         &json!({"snapshot_path": dir.path().join("x"), "mem_file_path": dir.path().join("y")}),
     );
     assert_eq!(r.status, 400, "{r:?}");
+}
+
+#[test]
+fn clones_get_their_own_randomness_and_the_current_time() {
+    let (_va, mut a) = restore_clone();
+    let (_vb, mut b) = restore_clone();
+    let read = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let ra = sh(&mut a, read);
+    let rb = sh(&mut b, read);
+    assert_eq!(ra.len(), 64, "{ra:?}");
+    assert_ne!(ra, rb, "two clones produced the same random bytes");
+    // The clock was set from the host at restore, not left at snapshot time.
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let guest: i64 = sh(&mut a, "date +%s").trim().parse().unwrap();
+    assert!(
+        (guest - host).abs() <= 5,
+        "guest clock {guest}, host {host}"
+    );
 }

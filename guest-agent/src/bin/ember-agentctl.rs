@@ -39,6 +39,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         argv: Vec<String>,
     },
+    /// Send fresh entropy and the host clock (after a snapshot restore).
+    Refresh,
     /// Reboot the guest (which ends the VMM).
     Reboot,
 }
@@ -82,6 +84,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 _ => ExitCode::FAILURE,
             });
         }
+        Cmd::Refresh => connect()?.refresh().map_err(|e| e.to_string())?,
         Cmd::Reboot => connect()?.reboot().map_err(|e| e.to_string())?,
     }
     Ok(ExitCode::SUCCESS)
