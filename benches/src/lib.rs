@@ -59,6 +59,18 @@ pub fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
     Some((total, guest))
 }
 
+/// (Rss, Pss) of a process in KiB, from /proc/<pid>/smaps_rollup.
+pub fn smaps_rollup(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("Rss:")?, field("Pss:")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +90,7 @@ mod tests {
         let (total, guest) = rss_split(me, 12345 * 4096).unwrap();
         assert!(total > 0);
         assert_eq!(guest, 0);
+        let (rss, pss) = smaps_rollup(me).unwrap();
+        assert!(rss > 0 && pss > 0 && pss <= rss);
     }
 }

@@ -1,102 +1,32 @@
 //! Snapshots with a real guest: boot once, pause, snapshot, then restore
 //! clones in fresh VMM processes and check each runs on its own.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ember_agent::client::{bind_ready_listener, wait_ready, AgentClient};
+use ember_agent::client::AgentClient;
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
-use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
+use ember_tests::snapshots::{self, boot_and_snapshot, Golden};
+use ember_tests::VmmProcess;
 use serde_json::json;
 
-struct Golden {
-    _dir: tempfile::TempDir,
-    snapshot: PathBuf,
-    mem: PathBuf,
-}
-
-/// The one booted guest of this test binary, snapshotted after its agent
-/// came up. Every test restores from it.
+/// The one booted guest of this test binary; every test restores from it.
 fn golden() -> &'static Golden {
     static G: OnceLock<Golden> = OnceLock::new();
     G.get_or_init(|| {
-        assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
-        let (kernel, rootfs) = (kernel_path(), rootfs_path());
-        let vmm = VmmProcess::spawn(&[]);
-        let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
-        let t = Instant::now();
-        vmm.boot(&kernel, &rootfs, 1, 128);
-        wait_ready(&ready, Duration::from_secs(600))
-            .unwrap_or_else(|e| panic!("golden guest never ready: {e}; {}", vmm.logs()));
-        eprintln!("golden guest ready after {:?}", t.elapsed());
-        // Snapshot only API-visible state: a marker file written by the
-        // guest before the snapshot must be in every clone.
-        let mut agent =
-            AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(30))
-                .unwrap();
-        let r = agent
-            .exec(&ExecRequest::new([
-                "/bin/sh",
-                "-c",
-                "echo golden > /tmp/marker",
-            ]))
-            .unwrap();
-        assert_eq!(r.exit_code, Some(0));
-        drop(agent);
-
-        let dir = tempfile::Builder::new()
-            .prefix("ember-golden-")
-            .tempdir()
-            .unwrap();
-        let snapshot = dir.path().join("vm.snap");
-        let mem = dir.path().join("vm.mem");
-        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-        assert_eq!(r.status, 204, "{r:?}");
-        assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
-        let t = Instant::now();
-        let r = vmm.put(
-            "/snapshot/create",
-            &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
+        let g = boot_and_snapshot(1, 128);
+        eprintln!(
+            "golden guest ready after {:?}; snapshot created in {:?}",
+            g.boot_time, g.create_time
         );
-        assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
-        eprintln!("snapshot created in {:?}", t.elapsed());
-        Golden {
-            _dir: dir,
-            snapshot,
-            mem,
-        }
+        g
     })
 }
 
-/// Restores the golden snapshot into a fresh VMM; returns it with an agent
-/// connection.
 fn restore_clone() -> (VmmProcess, AgentClient) {
-    let g = golden();
-    let vmm = VmmProcess::spawn(&[]);
-    let uds = vmm.path("vsock.sock");
-    let t = Instant::now();
-    let r = vmm.put(
-        "/snapshot/load",
-        &json!({"snapshot_path": g.snapshot,
-                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
-                "vsock_override": {"uds_path": uds},
-                "resume_vm": true}),
-    );
-    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
-    let mut agent = AgentClient::connect_retry(
-        &uds,
-        AGENT_PORT,
-        Duration::from_secs(120),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("clone's agent unreachable: {e}; {}", vmm.logs()));
-    agent.health().unwrap();
-    eprintln!("clone answering {:?} after load", t.elapsed());
-    agent
-        .refresh()
-        .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
+    let (vmm, agent, latency) = snapshots::restore_clone(golden());
+    eprintln!("clone answering {latency:?} after load");
     (vmm, agent)
 }
 

@@ -1,0 +1,98 @@
+//! The one booted guest of a test or benchmark run, snapshotted after its
+//! agent came up, and clones restored from it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ember_agent::client::{bind_ready_listener, wait_ready, AgentClient};
+use ember_agent::protocol::ExecRequest;
+use ember_agent::AGENT_PORT;
+use serde_json::json;
+
+use crate::{kernel_path, kvm_available, rootfs_path, VmmProcess};
+
+pub struct Golden {
+    _dir: tempfile::TempDir,
+    pub snapshot: PathBuf,
+    pub mem: PathBuf,
+    pub boot_time: Duration,
+    pub create_time: Duration,
+}
+
+/// Boots the project's guest, writes `/tmp/marker` ("golden") in it, pauses
+/// it and takes a Full snapshot.
+pub fn boot_and_snapshot(vcpus: u8, mem_mib: u32) -> Golden {
+    assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
+    let (kernel, rootfs) = (kernel_path(), rootfs_path());
+    let vmm = VmmProcess::spawn(&[]);
+    let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
+    let t = Instant::now();
+    vmm.boot(&kernel, &rootfs, vcpus, mem_mib);
+    wait_ready(&ready, Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("golden guest never ready: {e}; {}", vmm.logs()));
+    let boot_time = t.elapsed();
+    let mut agent =
+        AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(30)).unwrap();
+    let r = agent
+        .exec(&ExecRequest::new([
+            "/bin/sh",
+            "-c",
+            "echo golden > /tmp/marker",
+        ]))
+        .unwrap();
+    assert_eq!(r.exit_code, Some(0));
+    drop(agent);
+
+    let dir = tempfile::Builder::new()
+        .prefix("ember-golden-")
+        .tempdir()
+        .unwrap();
+    let snapshot = dir.path().join("vm.snap");
+    let mem = dir.path().join("vm.mem");
+    let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+    let t = Instant::now();
+    let r = vmm.put(
+        "/snapshot/create",
+        &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    Golden {
+        _dir: dir,
+        snapshot,
+        mem,
+        boot_time,
+        create_time: t.elapsed(),
+    }
+}
+
+/// Restores `g` into a fresh VMM (File backend, running), waits for its
+/// agent, and refreshes the clone's entropy and clock. Also returns the
+/// time from the load request to the agent's first answer.
+pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
+    let vmm = VmmProcess::spawn(&[]);
+    let uds = vmm.path("vsock.sock");
+    let t = Instant::now();
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                "vsock_override": {"uds_path": uds},
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let mut agent = AgentClient::connect_retry(
+        &uds,
+        AGENT_PORT,
+        Duration::from_secs(120),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("clone's agent unreachable: {e}; {}", vmm.logs()));
+    agent.health().unwrap();
+    let latency = t.elapsed();
+    agent
+        .refresh()
+        .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
+    (vmm, agent, latency)
+}
