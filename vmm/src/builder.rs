@@ -384,14 +384,16 @@ pub fn restore_from_snapshot(
             mc.vcpu_count
         )));
     }
-    let mem = match backend.backend_type {
-        MemBackendType::File => {
-            snapshot::memory::map_file(std::path::Path::new(&backend.backend_path), &state.memory)?
-        }
+    let backend_path = std::path::Path::new(&backend.backend_path);
+    let (mem, uffd) = match backend.backend_type {
+        MemBackendType::File => (
+            snapshot::memory::map_file(backend_path, &state.memory)?,
+            None,
+        ),
         MemBackendType::Uffd => {
-            return Err(RestoreError::Invalid(
-                "the Uffd memory backend is not supported yet; use File".into(),
-            ))
+            let (mem, uffd) = snapshot::uffd::create_uffd_memory(backend_path, &state.memory)
+                .map_err(|e| RestoreError::Invalid(e.to_string()))?;
+            (mem, Some(uffd))
         }
     };
     let vm = Vm::new().map_err(StartError::from)?;
@@ -470,6 +472,11 @@ pub fn restore_from_snapshot(
         vcpus.push(vcpu);
     }
     let paused = !params.resume_vm;
+    if uffd.as_ref().is_some_and(|u| u.handler_hung_up()) {
+        return Err(RestoreError::Invalid(
+            "the userfaultfd page-fault handler closed its connection before the VM started".into(),
+        ));
+    }
     let mut handles = Vec::new();
     for vcpu in vcpus {
         handles.push(vcpu.start(paused).map_err(StartError::from)?);
@@ -481,7 +488,7 @@ pub fn restore_from_snapshot(
         mc.mem_size_mib,
         if paused { "paused" } else { "running" }
     );
-    Ok(Vmm::new(
+    let mut vmm = Vmm::new(
         vm,
         mem,
         handles,
@@ -495,5 +502,7 @@ pub fn restore_from_snapshot(
         } else {
             VmState::Running
         },
-    ))
+    );
+    vmm.set_uffd_backend(uffd);
+    Ok(vmm)
 }

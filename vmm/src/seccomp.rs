@@ -95,6 +95,8 @@ const VMM: &[libc::c_long] = &[
     libc::SYS_dup,
     libc::SYS_dup3,
     libc::SYS_memfd_create,
+    // Uffd-backed snapshot restore.
+    libc::SYS_userfaultfd,
     // Starting and stopping vCPU threads.
     libc::SYS_clone,
     libc::SYS_clone3,

@@ -10,6 +10,7 @@ use crate::builder::VirtioDevices;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{SerialConsole, I8042};
 use crate::devices::persist::save_virtio;
+use crate::snapshot::uffd::UffdBackend;
 use crate::snapshot::{self, DevicesState, MicrovmState};
 use crate::vmm_config::snapshot::SnapshotType;
 use crate::vmm_config::{CreateSnapshotParams, VmResources};
@@ -35,6 +36,9 @@ pub struct Vmm {
     state: VmState,
     /// The configuration this VM was built (or restored) with.
     resources: VmResources,
+    /// The userfaultfd and handler connection of a Uffd-backed restore:
+    /// must outlive guest memory, or untouched pages would read as zeroes.
+    uffd: Option<UffdBackend>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +80,12 @@ impl Vmm {
             guest_memory,
             state,
             resources,
+            uffd: None,
         }
+    }
+
+    pub(crate) fn set_uffd_backend(&mut self, uffd: Option<UffdBackend>) {
+        self.uffd = uffd;
     }
 
     /// Writes a snapshot of the paused VM: guest memory first, then the

@@ -136,7 +136,7 @@ pub fn map_file(path: &Path, state: &GuestMemoryState) -> Result<GuestMemoryMmap
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryFileError::Layout(e.to_string()))
 }
 
-fn check_layout(state: &GuestMemoryState) -> Result<(), MemoryFileError> {
+pub(crate) fn check_layout(state: &GuestMemoryState) -> Result<(), MemoryFileError> {
     if state.regions.is_empty() {
         return Err(MemoryFileError::Layout("no memory regions".into()));
     }

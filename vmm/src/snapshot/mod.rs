@@ -3,6 +3,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod uffd;
 
 use serde::{Deserialize, Serialize};
 

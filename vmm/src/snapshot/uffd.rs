@@ -1,0 +1,385 @@
+//! The `Uffd` memory backend for snapshot restore, as Firecracker defines it
+//! (docs/snapshotting/handling-page-faults-on-snapshot-resume.md): guest
+//! memory is anonymous and registered with a userfaultfd; the VMM sends the
+//! region layout (a JSON array of [`GuestRegionUffdMapping`]) with the
+//! userfaultfd attached (SCM_RIGHTS) to a page-fault handler listening on a
+//! unix socket, which then serves every first touch of a guest page from the
+//! memory file. `ember-uffd-handler` is such a handler; Firecracker's example
+//! handlers work too, and ours works with Firecracker.
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::memory::{check_layout, GuestMemoryState, MemoryFileError};
+
+/// One guest memory region as the page-fault handler sees it (the shape of
+/// Firecracker's `GuestRegionUffdMapping`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestRegionUffdMapping {
+    /// Where the region starts in the VMM's address space.
+    pub base_host_virt_addr: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where its contents start in the memory file.
+    pub offset: u64,
+    /// The page size backing it, in bytes.
+    #[serde(default)]
+    pub page_size: u64,
+    /// Older Firecracker versions send the page size in KiB instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size_kib: Option<u64>,
+}
+
+impl GuestRegionUffdMapping {
+    /// The page size in bytes, from whichever field the sender filled in.
+    pub fn page_bytes(&self) -> u64 {
+        match (self.page_size, self.page_size_kib) {
+            (0, Some(kib)) => kib.saturating_mul(1024),
+            (0, None) => 4096,
+            (bytes, _) => bytes,
+        }
+    }
+}
+
+/// The kernel's userfaultfd ABI (linux/userfaultfd.h), which `libc` lacks.
+pub mod sys {
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
+    pub const UFFD_API: u64 = 0xAA;
+    pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+    pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+    /// Bit of `ioctls` saying UFFDIO_COPY works on a registered range.
+    pub const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
+
+    pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+    pub const UFFD_EVENT_FORK: u8 = 0x13;
+    pub const UFFD_EVENT_REMAP: u8 = 0x14;
+    pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+    pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+    /// Size of `struct uffd_msg`, what a read of the userfaultfd returns.
+    pub const UFFD_MSG_SIZE: usize = 32;
+
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdioApi {
+        pub api: u64,
+        pub features: u64,
+        pub ioctls: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdioRange {
+        pub start: u64,
+        pub len: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdioRegister {
+        pub range: UffdioRange,
+        pub mode: u64,
+        pub ioctls: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdioCopy {
+        pub dst: u64,
+        pub src: u64,
+        pub len: u64,
+        pub mode: u64,
+        pub copy: i64,
+    }
+
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdioZeropage {
+        pub range: UffdioRange,
+        pub mode: u64,
+        pub zeropage: i64,
+    }
+
+    const UFFDIO: u32 = 0xAA;
+    ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
+    ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+    ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+    ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+    ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+    ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error(transparent)]
+    Layout(#[from] MemoryFileError),
+    #[error("cannot allocate guest memory: {0}")]
+    Memory(String),
+    #[error(
+        "userfaultfd is unavailable ({0}); the Uffd memory backend needs root or \
+         CAP_SYS_PTRACE, or sysctl vm.unprivileged_userfaultfd=1, or read-write \
+         access to /dev/userfaultfd"
+    )]
+    Unavailable(String),
+    #[error("userfaultfd API handshake failed: {0}")]
+    Api(String),
+    #[error("cannot register guest memory at {addr:#x} (+{size:#x}) with userfaultfd: {err}")]
+    Register { addr: u64, size: u64, err: String },
+    #[error("no page-fault handler socket at {0}")]
+    NoHandler(String),
+    #[error("page-fault handler at {path} refused the connection (is it listening?): {err}")]
+    Refused { path: String, err: String },
+    #[error("cannot connect to the page-fault handler at {path}: {err}")]
+    Connect { path: String, err: String },
+    #[error("cannot send the memory mappings to the page-fault handler at {path}: {err}")]
+    Send { path: String, err: String },
+}
+
+/// What must live as long as the guest memory: the userfaultfd (closing the
+/// last copy would unregister the memory, leaving zeroes where snapshot
+/// pages should be) and the connection to the handler.
+#[derive(Debug)]
+pub struct UffdBackend {
+    uffd: OwnedFd,
+    socket: UnixStream,
+    mappings: Vec<GuestRegionUffdMapping>,
+}
+
+impl UffdBackend {
+    pub fn uffd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+
+    /// The connection to the handler: it becomes readable with EOF / HUP
+    /// when the handler goes away, after which page faults would hang.
+    pub fn socket(&self) -> &UnixStream {
+        &self.socket
+    }
+
+    /// What was sent to the handler.
+    pub fn mappings(&self) -> &[GuestRegionUffdMapping] {
+        &self.mappings
+    }
+
+    /// Whether the handler has closed its end of the connection (it exited).
+    pub fn handler_hung_up(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+    }
+}
+
+/// Builds anonymous guest memory laid out as `state` says, registers it with
+/// a new userfaultfd, and hands the layout and the userfaultfd to the
+/// page-fault handler listening at `backend_path`.
+pub fn create_uffd_memory(
+    backend_path: &Path,
+    state: &GuestMemoryState,
+) -> Result<(GuestMemoryMmap, UffdBackend), UffdError> {
+    check_layout(state)?;
+    let mut regions = Vec::new();
+    for r in &state.regions {
+        let mmap = MmapRegionBuilder::new(r.size as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| UffdError::Memory(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(mmap, GuestAddress(r.base_address))
+                .ok_or_else(|| UffdError::Memory("region wraps the address space".into()))?,
+        );
+    }
+    let mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| UffdError::Memory(e.to_string()))?;
+
+    let uffd = new_userfaultfd()?;
+    api_handshake(&uffd)?;
+    let page_size = page_size();
+    let mut mappings = Vec::new();
+    for (region, r) in mem.iter().zip(&state.regions) {
+        let addr = region.as_ptr() as u64;
+        register(&uffd, addr, region.len())?;
+        mappings.push(GuestRegionUffdMapping {
+            base_host_virt_addr: addr,
+            size: region.len(),
+            offset: r.file_offset,
+            page_size,
+            page_size_kib: None,
+        });
+    }
+
+    let socket = connect(backend_path)?;
+    let send_err = |e: io::Error| UffdError::Send {
+        path: backend_path.display().to_string(),
+        err: if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+            format!("the handler closed the connection ({e})")
+        } else {
+            e.to_string()
+        },
+    };
+    send_mappings(&socket, &mappings, Some(uffd.as_fd())).map_err(send_err)?;
+    Ok((
+        mem,
+        UffdBackend {
+            uffd,
+            socket,
+            mappings,
+        },
+    ))
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
+}
+
+/// A non-blocking, close-on-exec userfaultfd that also catches faults taken
+/// by the kernel (KVM) on guest memory: from userfaultfd(2), or failing that
+/// from /dev/userfaultfd (Linux 6.1+), whose file mode grants access.
+fn new_userfaultfd() -> Result<OwnedFd, UffdError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    let sys_err = io::Error::last_os_error();
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")
+        .map_err(|e| {
+            UffdError::Unavailable(format!("userfaultfd(2): {sys_err}; /dev/userfaultfd: {e}"))
+        })?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns a new fd or -1.
+    let fd = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_val(&dev, sys::USERFAULTFD_IOC_NEW(), flags as _)
+    };
+    if fd < 0 {
+        return Err(UffdError::Unavailable(format!(
+            "userfaultfd(2): {sys_err}; /dev/userfaultfd: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn api_handshake(uffd: &OwnedFd) -> Result<(), UffdError> {
+    // Firecracker asks for remove events too (balloon inflation), so its
+    // handlers expect them; ours handles them.
+    let mut api = sys::UffdioApi {
+        api: sys::UFFD_API,
+        features: sys::UFFD_FEATURE_EVENT_REMOVE,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one UffdioApi, which we own.
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(uffd, sys::UFFDIO_API(), &mut api) };
+    if r < 0 {
+        return Err(UffdError::Api(io::Error::last_os_error().to_string()));
+    }
+    Ok(())
+}
+
+fn register(uffd: &OwnedFd, addr: u64, size: u64) -> Result<(), UffdError> {
+    let mut reg = sys::UffdioRegister {
+        range: sys::UffdioRange {
+            start: addr,
+            len: size,
+        },
+        mode: sys::UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one UffdioRegister, which we
+    // own; the range is a mapping of ours.
+    let r =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(uffd, sys::UFFDIO_REGISTER(), &mut reg) };
+    let err = |err: String| UffdError::Register { addr, size, err };
+    if r < 0 {
+        return Err(err(io::Error::last_os_error().to_string()));
+    }
+    if reg.ioctls & sys::UFFDIO_COPY_BIT == 0 {
+        return Err(err("the kernel does not offer UFFDIO_COPY on it".into()));
+    }
+    Ok(())
+}
+
+fn connect(path: &Path) -> Result<UnixStream, UffdError> {
+    let p = path.display().to_string();
+    UnixStream::connect(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => UffdError::NoHandler(p),
+        io::ErrorKind::ConnectionRefused => UffdError::Refused {
+            path: p,
+            err: e.to_string(),
+        },
+        _ => UffdError::Connect {
+            path: p,
+            err: e.to_string(),
+        },
+    })
+}
+
+/// Sends `mappings` with the `uffd` attached, as [`create_uffd_memory`]
+/// does; for tests of handlers.
+pub fn send_mappings(
+    socket: &UnixStream,
+    mappings: &[GuestRegionUffdMapping],
+    uffd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let body = serde_json::to_vec(mappings)?;
+    let sent = match uffd {
+        Some(fd) => socket
+            .send_with_fd(&body[..], fd.as_raw_fd())
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
+        None => 0,
+    };
+    (&*socket).write_all(&body[sent..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_json_is_firecrackers_shape() {
+        let m = GuestRegionUffdMapping {
+            base_host_virt_addr: 0x7f00_0000_0000,
+            size: 0x1000,
+            offset: 0x2000,
+            page_size: 4096,
+            page_size_kib: None,
+        };
+        let s = serde_json::to_string(&[&m]).unwrap();
+        assert_eq!(
+            s,
+            r#"[{"base_host_virt_addr":139637976727552,"size":4096,"offset":8192,"page_size":4096}]"#
+        );
+        let old: GuestRegionUffdMapping = serde_json::from_str(
+            r#"{"base_host_virt_addr":1,"size":4096,"offset":0,"page_size_kib":4}"#,
+        )
+        .unwrap();
+        assert_eq!(old.page_bytes(), 4096);
+    }
+}

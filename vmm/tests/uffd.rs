@@ -1,0 +1,408 @@
+//! The `Uffd` memory backend without a guest: this process plays the VMM
+//! (creates userfaultfd-registered memory and hands it to
+//! `ember-uffd-handler`), then touches guest memory itself, so every first
+//! touch is a page fault served by the handler from the memory file.
+//! userfaultfd needs root here (CI runs as root): without it these tests fail
+//! loudly rather than pass.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ember_vmm::snapshot::memory::{GuestMemoryState, MemoryRegionState};
+use ember_vmm::snapshot::uffd::{
+    create_uffd_memory, send_mappings, GuestRegionUffdMapping, UffdBackend, UffdError,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+const HANDLER: &str = env!("CARGO_BIN_EXE_ember-uffd-handler");
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Three regions; the second and third start at nonzero guest addresses
+/// and file offsets.
+fn layout() -> GuestMemoryState {
+    let r = |base_address, size, file_offset| MemoryRegionState {
+        base_address,
+        size,
+        file_offset,
+    };
+    GuestMemoryState {
+        regions: vec![
+            r(0, 1 << 20, 0),
+            r(4 << 30, 2 << 20, 1 << 20),
+            r(5 << 30, 64 << 10, 3 << 20),
+        ],
+    }
+}
+
+/// Every 8-byte word holds its own file offset, scrambled, so a page served
+/// from the wrong place shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len / 8)
+        .flat_map(|i| ((i as u64 * 8) ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes())
+        .collect()
+}
+
+struct HandlerProc {
+    child: Child,
+    lines: Receiver<String>,
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl HandlerProc {
+    /// Starts the handler and waits until it listens.
+    fn start(sock: &Path, mem_file: &Path, prefault: bool) -> Self {
+        let mut cmd = Command::new(HANDLER);
+        cmd.arg("--socket")
+            .arg(sock)
+            .arg("--mem-file")
+            .arg(mem_file);
+        if prefault {
+            cmd.arg("--prefault");
+        }
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ember-uffd-handler");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let log2 = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[handler] {line}");
+                log2.lock().unwrap().push_str(&(line.clone() + "\n"));
+                let _ = tx.send(line);
+            }
+        });
+        let h = HandlerProc {
+            child,
+            lines,
+            log,
+            reader: Some(reader),
+        };
+        h.wait_line("listening on");
+        h
+    }
+
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "no handler line with {needle:?} ({e:?}); log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for the handler to exit; returns its status and whole log.
+    fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "handler did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        (status, self.log())
+    }
+}
+
+impl Drop for HandlerProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A temp dir with a memory file of `len` bytes of [`pattern`].
+fn setup(len: usize) -> (tempfile::TempDir, PathBuf, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(len);
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, &data).unwrap();
+    let sock = dir.path().join("uffd.sock");
+    (dir, sock, mem, data)
+}
+
+fn uffd_memory(sock: &Path, state: &GuestMemoryState) -> (GuestMemoryMmap, UffdBackend) {
+    match create_uffd_memory(sock, state) {
+        Err(e @ UffdError::Unavailable(_)) => panic!(
+            "\n*** USERFAULTFD IS UNAVAILABLE, SO THE UFFD BACKEND IS UNTESTED: {e}\n\
+             *** run these tests as root (CI does)\n"
+        ),
+        r => r.expect("create_uffd_memory"),
+    }
+}
+
+/// Runs `f` on another thread and fails the test if it takes too long (a
+/// fault nobody serves blocks forever).
+fn with_timeout<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(v) => v,
+        Err(RecvTimeoutError::Disconnected) => std::panic::resume_unwind(t.join().unwrap_err()),
+        Err(RecvTimeoutError::Timeout) => panic!("{what} hung (page faults not served?)"),
+    }
+}
+
+fn assert_all_memory_matches(mem: &GuestMemoryMmap, state: &GuestMemoryState, data: &[u8]) {
+    for r in &state.regions {
+        let mut got = vec![0u8; r.size as usize];
+        mem.read_slice(&mut got, GuestAddress(r.base_address))
+            .unwrap();
+        let want = &data[r.file_offset as usize..(r.file_offset + r.size) as usize];
+        assert!(
+            got == want,
+            "region at {:#x} differs from the memory file",
+            r.base_address
+        );
+    }
+}
+
+#[test]
+fn handler_serves_faults_from_the_memory_file() {
+    let state = layout();
+    let (_dir, sock, mem_file, data) = setup(state.total_size() as usize);
+    let mut handler = HandlerProc::start(&sock, &mem_file, false);
+    let (mem, backend) = uffd_memory(&sock, &state);
+
+    // What was sent describes our memory, in Firecracker's shape.
+    let sent = backend.mappings();
+    assert_eq!(sent.len(), 3);
+    for (m, r) in sent.iter().zip(&state.regions) {
+        let host = mem.get_host_address(GuestAddress(r.base_address)).unwrap() as u64;
+        assert_eq!(
+            (m.base_host_virt_addr, m.size, m.offset),
+            (host, r.size, r.file_offset)
+        );
+        assert_eq!(m.page_bytes(), 4096);
+    }
+
+    let mem = Arc::new(mem);
+    let (m2, s2, d2) = (mem.clone(), state.clone(), data.clone());
+    with_timeout("reading guest memory", move || {
+        // Single words first: each touches a fresh page.
+        for r in &s2.regions {
+            for off in [0, 3 * 4096 + 16, r.size / 2 + 8, r.size - 8] {
+                let got: u64 = m2.read_obj(GuestAddress(r.base_address + off)).unwrap();
+                let at = (r.file_offset + off) as usize;
+                let want = u64::from_le_bytes(d2[at..at + 8].try_into().unwrap());
+                assert_eq!(got, want, "region {:#x} offset {off:#x}", r.base_address);
+            }
+        }
+        // A write fault on an untouched page: the page comes from the file,
+        // then the write lands on it.
+        let r = &s2.regions[1];
+        let page = r.base_address + r.size - 2 * 4096;
+        m2.write_obj(0xabcd_u32, GuestAddress(page + 100)).unwrap();
+        let mut got = vec![0u8; 4096];
+        m2.read_slice(&mut got, GuestAddress(page)).unwrap();
+        let at = (r.file_offset + r.size - 2 * 4096) as usize;
+        let mut want = d2[at..at + 4096].to_vec();
+        want[100..104].copy_from_slice(&0xabcd_u32.to_le_bytes());
+        assert!(got == want, "write-faulted page differs");
+        want.copy_from_slice(&d2[at..at + 4096]);
+        m2.write_obj(
+            u32::from_le_bytes(want[100..104].try_into().unwrap()),
+            GuestAddress(page + 100),
+        )
+        .unwrap();
+        // Then everything.
+        assert_all_memory_matches(&m2, &s2, &d2);
+
+        // Pages the VMM discards (remove event) come back as zeroes.
+        let page = m2.get_host_address(GuestAddress(5 * 4096)).unwrap();
+        // SAFETY: one page of our own guest memory, which nothing borrows.
+        let r = unsafe { libc::madvise(page.cast(), 4096, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+        let mut got = vec![1u8; 4096];
+        m2.read_slice(&mut got, GuestAddress(5 * 4096)).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "removed page not zero");
+    });
+
+    assert!(!backend.handler_hung_up());
+    drop(mem);
+    drop(backend);
+    let (status, log) = handler.wait_exit();
+    assert!(
+        status.success(),
+        "handler failed after the VMM closed: {log}"
+    );
+    assert!(log.contains("the VMM closed the connection"), "{log}");
+    // At least one fault per page (all were touched) plus the removed one.
+    let served: u64 = log
+        .split("served ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next()?.parse().ok())
+        .expect("fault count in the log");
+    assert!(served > state.total_size() / 4096, "{log}");
+}
+
+#[test]
+fn prefault_populates_everything_before_the_first_touch() {
+    let state = layout();
+    let (_dir, sock, mem_file, data) = setup(state.total_size() as usize);
+    let mut handler = HandlerProc::start(&sock, &mem_file, true);
+    let (mem, backend) = uffd_memory(&sock, &state);
+    handler.wait_line("prefaulted");
+
+    // Every page is resident before this process has touched any.
+    for m in backend.mappings() {
+        let pages = (m.size / 4096) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is our own guest memory mapping and `vec` has
+        // one byte per page of it.
+        let r = unsafe {
+            libc::mincore(
+                m.base_host_virt_addr as *mut libc::c_void,
+                m.size as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        let missing = vec.iter().filter(|&&b| b & 1 == 0).count();
+        assert_eq!(
+            missing, 0,
+            "{missing} of {pages} pages at {:#x} not prefaulted",
+            m.base_host_virt_addr
+        );
+    }
+
+    let mem = Arc::new(mem);
+    let (m2, s2) = (mem.clone(), state.clone());
+    with_timeout("reading prefaulted memory", move || {
+        assert_all_memory_matches(&m2, &s2, &data)
+    });
+    drop(mem);
+    drop(backend);
+    let (status, log) = handler.wait_exit();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("served 0 page faults"), "{log}");
+}
+
+#[test]
+fn vmm_side_errors_are_clear() {
+    let state = layout();
+    let dir = tempfile::tempdir().unwrap();
+
+    let missing = dir.path().join("nobody.sock");
+    let e = create_uffd_memory(&missing, &state).unwrap_err();
+    assert!(matches!(e, UffdError::NoHandler(_)), "{e}");
+    assert!(
+        e.to_string().contains("no page-fault handler socket at"),
+        "{e}"
+    );
+
+    // A socket file nobody listens on any more.
+    let stale = dir.path().join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    let e = create_uffd_memory(&stale, &state).unwrap_err();
+    assert!(matches!(e, UffdError::Refused { .. }), "{e}");
+    assert!(e.to_string().contains("refused"), "{e}");
+
+    let mut bad = state.clone();
+    bad.regions[1].file_offset += 4096;
+    let e = create_uffd_memory(&missing, &bad).unwrap_err();
+    assert!(matches!(e, UffdError::Layout(_)), "{e}");
+}
+
+#[test]
+fn handler_refuses_a_memory_file_too_short_for_the_mappings() {
+    let state = layout();
+    let (_dir, sock, mem_file, _) = setup(state.total_size() as usize - 4096);
+    let mut handler = HandlerProc::start(&sock, &mem_file, false);
+    // The VMM side cannot tell (the protocol has no reply)...
+    let (mem, backend) = uffd_memory(&sock, &state);
+    let (status, log) = handler.wait_exit();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("lies outside the memory file"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // ...until it sees the handler hang up; it must not touch memory then.
+    let deadline = Instant::now() + TIMEOUT;
+    while !backend.handler_hung_up() {
+        assert!(
+            Instant::now() < deadline,
+            "VMM side never saw the handler go away"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(mem);
+}
+
+/// Plays a bad VMM against a fresh handler; returns the handler's log
+/// after checking it failed cleanly.
+fn bad_vmm(send: impl FnOnce(&UnixStream)) -> String {
+    let (_dir, sock, mem_file, _) = setup(1 << 20);
+    let mut handler = HandlerProc::start(&sock, &mem_file, false);
+    let stream = UnixStream::connect(&sock).unwrap();
+    send(&stream);
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let (status, log) = handler.wait_exit();
+    assert!(!status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    log
+}
+
+#[test]
+fn handler_rejects_bad_input_without_panicking() {
+    let one = vec![GuestRegionUffdMapping {
+        base_host_virt_addr: 0x7f00_0000_0000,
+        size: 1 << 20,
+        offset: 0,
+        page_size: 4096,
+        page_size_kib: None,
+    }];
+
+    let log = bad_vmm(|s| {
+        (&*s)
+            .write_all(b"[{\"base_host_virt_addr\": oops}]")
+            .unwrap()
+    });
+    assert!(log.contains("malformed memory mappings"), "{log}");
+
+    let log = bad_vmm(|s| (&*s).write_all(b"[{\"base_host_virt").unwrap());
+    assert!(
+        log.contains("in the middle of the memory mappings"),
+        "{log}"
+    );
+
+    let log = bad_vmm(|s| send_mappings(s, &one, None).unwrap());
+    assert!(log.contains("without a userfaultfd attached"), "{log}");
+
+    let not_uffd = std::fs::File::open("/dev/null").unwrap();
+    let log = bad_vmm(|s| send_mappings(s, &one, Some(not_uffd.as_fd())).unwrap());
+    assert!(log.contains("not a userfaultfd"), "{log}");
+
+    let log = bad_vmm(|_| {});
+    assert!(log.contains("without sending the memory mappings"), "{log}");
+}
