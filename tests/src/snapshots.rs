@@ -82,17 +82,34 @@ pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
                 "resume_vm": true}),
     );
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
-    let mut agent = AgentClient::connect_retry(
-        &uds,
-        AGENT_PORT,
-        Duration::from_secs(120),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("clone's agent unreachable: {e}; {}", vmm.logs()));
-    agent.health().unwrap();
+    let mut agent = connect_restored(&vmm);
     let latency = t.elapsed();
     agent
         .refresh()
         .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
     (vmm, agent, latency)
+}
+
+/// An agent connection to a just-restored guest that survives the vsock
+/// transport reset the restore sends: a connection made before the guest
+/// handled the reset is closed by it, so retry until one answers.
+pub fn connect_restored(vmm: &VmmProcess) -> AgentClient {
+    let uds = vmm.path("vsock.sock");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = AgentClient::connect_retry(
+            &uds,
+            AGENT_PORT,
+            Duration::from_secs(120),
+            Duration::from_secs(10),
+        )
+        .and_then(|mut a| a.health().map(|_| a));
+        match r {
+            Ok(a) => return a,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("restored agent unreachable: {e}; {}", vmm.logs())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }

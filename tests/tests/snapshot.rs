@@ -7,7 +7,8 @@ use std::time::Duration;
 use ember_agent::client::AgentClient;
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
-use ember_tests::snapshots::{self, boot_and_snapshot, Golden};
+use ember_tests::artifacts::workspace_bin;
+use ember_tests::snapshots::{self, boot_and_snapshot, connect_restored, Golden};
 use ember_tests::VmmProcess;
 use serde_json::json;
 
@@ -140,6 +141,14 @@ fn broken_snapshots_are_refused_and_the_vmm_stays_usable() {
     );
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
     assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+    // Without dirty tracking there is no Diff snapshot.
+    let r = vmm.put(
+        "/snapshot/create",
+        &json!({"snapshot_type": "Diff", "snapshot_path": dir.path().join("d.snap"),
+                "mem_file_path": dir.path().join("d.mem")}),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("track_dirty_pages"), "{}", r.fault());
 
     // Load is refused once anything is configured.
     let other = VmmProcess::spawn(&[]);
@@ -179,5 +188,85 @@ fn clones_get_their_own_randomness_and_the_current_time() {
     assert!(
         (guest - host).abs() <= 5,
         "guest clock {guest}, host {host}"
+    );
+}
+
+#[test]
+fn diff_snapshot_merged_onto_its_base_restores_the_later_state() {
+    let g = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = VmmProcess::spawn(&[]);
+    let uds = vmm.path("vsock.sock");
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                "vsock_override": {"uds_path": uds},
+                "enable_diff_snapshots": true,
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let mut agent = connect_restored(&vmm);
+    sh(&mut agent, "echo before > /tmp/state");
+
+    let snap = |kind: &str, name: &str| {
+        let (s, m) = (
+            dir.path().join(format!("{name}.snap")),
+            dir.path().join(format!("{name}.mem")),
+        );
+        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        assert_eq!(r.status, 204, "{r:?}");
+        let r = vmm.put(
+            "/snapshot/create",
+            &json!({"snapshot_type": kind, "snapshot_path": s, "mem_file_path": m}),
+        );
+        assert_eq!(r.status, 204, "{kind}: {r:?}; {}", vmm.logs());
+        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+        assert_eq!(r.status, 204, "{r:?}");
+        (s, m)
+    };
+    let (_, base_mem) = snap("Full", "base");
+    sh(
+        &mut agent,
+        "echo after > /tmp/state; echo new > /tmp/diff-only",
+    );
+    let (diff_snap, diff_mem) = snap("Diff", "diff");
+
+    // The Diff memory file is the full size but holds few pages.
+    let meta = std::fs::metadata(&diff_mem).unwrap();
+    assert_eq!(meta.len(), std::fs::metadata(&base_mem).unwrap().len());
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < meta.len() / 4,
+        "Diff memory file has {} of {} bytes allocated",
+        meta.blocks() * 512,
+        meta.len()
+    );
+
+    let out = std::process::Command::new(workspace_bin("ember-snapshot"))
+        .args(["merge", "--base"])
+        .arg(&base_mem)
+        .arg("--diff")
+        .arg(&diff_mem)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    drop(agent);
+    drop(vmm);
+
+    let restored = VmmProcess::spawn(&[]);
+    let uds = restored.path("vsock.sock");
+    let r = restored.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": diff_snap,
+                "mem_backend": {"backend_type": "File", "backend_path": base_mem},
+                "vsock_override": {"uds_path": uds},
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", restored.logs());
+    let mut agent = connect_restored(&restored);
+    assert_eq!(
+        sh(&mut agent, "cat /tmp/state /tmp/diff-only /tmp/marker"),
+        "after\nnew\ngolden\n"
     );
 }

@@ -8,7 +8,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{elf::Elf, load_cmdline, KernelLoader};
-use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, layout, mptable, nested};
@@ -23,6 +23,7 @@ use crate::snapshot::{self, MicrovmState};
 use crate::vmm::{VmState, Vmm};
 use crate::vmm_config::snapshot::MemBackendType;
 use crate::vmm_config::{LoadSnapshotParams, VmResources};
+use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{Vcpu, VmExitNotifier};
 use crate::vstate::{memory, vm::Vm};
 
@@ -438,6 +439,8 @@ pub fn restore_from_snapshot(
     .map_err(dev_err)?;
 
     let mut resources = state.resources.clone();
+    // Dirty tracking is on for this VM (and its Diff snapshots) either way.
+    resources.machine_config.track_dirty_pages |= params.enable_diff_snapshots;
     let mut mmio = Bus::new();
     let mut virtio = VirtioDevices::default();
     let overrides = RestoreOverrides {

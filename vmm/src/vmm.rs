@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use std::path::Path;
 
@@ -49,6 +49,8 @@ pub enum SnapshotError {
     Unsupported(String),
     #[error("saving vCPU state: {0}")]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("taking dirty pages: {0}")]
+    DirtyLog(#[from] crate::vstate::vm::VmError),
     #[error("saving VM state: {0}")]
     Vm(#[from] crate::vstate::vm_state::VmStateError),
     #[error(transparent)]
@@ -90,13 +92,19 @@ impl Vmm {
 
     /// Writes a snapshot of the paused VM: guest memory first, then the
     /// state file, so a state file always has complete memory beside it.
+    /// A Diff writes only the pages dirtied since the previous snapshot (of
+    /// either kind; with dirty tracking on, every snapshot restarts it).
     pub fn create_snapshot(&self, params: &CreateSnapshotParams) -> Result<(), SnapshotError> {
         if self.state != VmState::Paused {
             return Err(SnapshotError::NotPaused);
         }
-        if params.snapshot_type == SnapshotType::Diff {
+        let tracking = self.resources.machine_config.track_dirty_pages;
+        let diff = params.snapshot_type == SnapshotType::Diff;
+        if diff && !tracking {
             return Err(SnapshotError::Unsupported(
-                "Diff snapshots are not supported yet; use Full".into(),
+                "Diff snapshots need track_dirty_pages in machine-config, or \
+                 enable_diff_snapshots at load"
+                    .into(),
             ));
         }
         let vcpus = self
@@ -111,22 +119,63 @@ impl Vmm {
             i8042: lock(&self.i8042).state(),
             virtio,
         };
-        let memory = snapshot::memory::dump(&self.guest_memory, Path::new(&params.mem_file_path))?;
-        let state = MicrovmState {
-            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-            resources: self.resources.clone(),
-            memory,
-            vm,
-            vcpus,
-            devices,
+        // Taken before memory is written, so a write after it is in the
+        // next Diff (a Full one just restarts tracking).
+        let dirty = if tracking {
+            Some(self.take_dirty_pages()?)
+        } else {
+            None
         };
-        snapshot::format::write(Path::new(&params.snapshot_path), &state)?;
+        let mem_path = Path::new(&params.mem_file_path);
+        let r = (|| -> Result<(), SnapshotError> {
+            let memory = match &dirty {
+                Some(d) if diff => snapshot::memory::dump_dirty(&self.guest_memory, d, mem_path)?,
+                _ => snapshot::memory::dump(&self.guest_memory, mem_path)?,
+            };
+            let state = MicrovmState {
+                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                resources: self.resources.clone(),
+                memory,
+                vm,
+                vcpus,
+                devices,
+            };
+            snapshot::format::write(Path::new(&params.snapshot_path), &state)?;
+            Ok(())
+        })();
+        if let (Err(_), Some(d)) = (&r, &dirty) {
+            // No snapshot: the pages stay dirty for the next one.
+            snapshot::memory::mark_dirty(&self.guest_memory, d);
+        }
+        r?;
         log::info!(
-            "snapshot written: {} (memory {})",
+            "{:?} snapshot written: {} (memory {})",
+            params.snapshot_type,
             params.snapshot_path,
             params.mem_file_path
         );
         Ok(())
+    }
+
+    /// The pages written since the last call (KVM's dirty log of each slot
+    /// OR'd with vm-memory's bitmap of the VMM's own writes), clearing both.
+    fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, SnapshotError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut logs = Vec::new();
+        for (slot, region) in self.guest_memory.iter().enumerate() {
+            match self.vm.take_dirty_log(slot as u32, region.len()) {
+                Ok(log) => logs.push(log),
+                Err(e) => {
+                    // Keep what earlier slots' logs said for the next try.
+                    snapshot::memory::mark_dirty(&self.guest_memory, &logs);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(snapshot::memory::take_dirty_pages(
+            &self.guest_memory,
+            &logs,
+        ))
     }
 
     pub fn resources(&self) -> &VmResources {

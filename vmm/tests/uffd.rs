@@ -19,7 +19,8 @@ use ember_vmm::snapshot::memory::{GuestMemoryState, MemoryRegionState};
 use ember_vmm::snapshot::uffd::{
     create_uffd_memory, send_mappings, GuestRegionUffdMapping, UffdBackend, UffdError,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use ember_vmm::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const HANDLER: &str = env!("CARGO_BIN_EXE_ember-uffd-handler");
 const TIMEOUT: Duration = Duration::from_secs(20);

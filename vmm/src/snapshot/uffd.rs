@@ -14,10 +14,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::memory::{check_layout, GuestMemoryState, MemoryFileError};
@@ -194,7 +195,9 @@ pub fn create_uffd_memory(
     check_layout(state)?;
     let mut regions = Vec::new();
     for r in &state.regions {
-        let mmap = MmapRegionBuilder::new(r.size as usize)
+        // A full-length bitmap, so VMM writes are tracked for Diff snapshots.
+        let bitmap = AtomicBitmap::with_len(r.size as usize);
+        let mmap = MmapRegionBuilder::new_with_bitmap(r.size as usize, bitmap)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()

@@ -1,6 +1,6 @@
 //! Guest memory: anonymous private mappings laid out by the arch module.
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::AtomicBitmap;
 
 use crate::arch::x86_64::layout::arch_memory_regions;
 
@@ -9,6 +9,14 @@ pub enum MemoryError {
     #[error("cannot map {mib} MiB of guest memory: {err}")]
     Create { mib: usize, err: String },
 }
+
+/// Guest memory everywhere in the VMM (vCPU set-up, devices, snapshots):
+/// every region carries a page-granular dirty bitmap that vm-memory sets on
+/// each write the VMM itself makes (virtio DMA, used rings, boot set-up), so
+/// Diff snapshots also see pages KVM's dirty log does not. The bitmap costs
+/// one bit per 4 KiB page (32 KiB per GiB) and an atomic OR per page
+/// written through vm-memory, whether or not dirty tracking is on.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// The name guest memory carries in /proc/<pid>/maps and smaps.
 pub const GUEST_MEMORY_VMA_NAME: &str = "ember-guest-memory";

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_lapic_state, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::bus::Bus;
+use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::Vm;
 

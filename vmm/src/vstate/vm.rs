@@ -5,9 +5,10 @@ use kvm_bindings::{
     KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::vstate::memory::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -25,6 +26,8 @@ pub enum VmError {
     TssAddress(kvm_ioctls::Error),
     #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
     MemoryRegion(kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG failed: {0}")]
+    DirtyLog(kvm_ioctls::Error),
     #[error("KVM_CREATE_IRQCHIP failed: {0}")]
     IrqChip(kvm_ioctls::Error),
     #[error("KVM_CREATE_PIT2 failed: {0}")]
@@ -112,6 +115,14 @@ impl Vm {
                 .map_err(VmError::MemoryRegion)?;
         }
         Ok(())
+    }
+
+    /// Takes (and clears) KVM's dirty log of memory slot `slot` of `size`
+    /// bytes, registered with tracking on: one bit per page.
+    pub fn take_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, size as usize)
+            .map_err(VmError::DirtyLog)
     }
 
     /// Creates the in-kernel PIC, IOAPIC and PIT.

@@ -1,7 +1,9 @@
 //! Linux 64-bit boot protocol: the zero page with its e820 map.
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout::*;
 
@@ -78,7 +80,7 @@ mod tests {
 
     #[test]
     fn e820_covers_ram_and_reserves_bios_area() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&arch_memory_regions(64 << 20)).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&arch_memory_regions(64 << 20)).unwrap();
         configure_boot_params(&mem, GuestAddress(CMDLINE_START), 10, None).unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.e820_entries }, 3);

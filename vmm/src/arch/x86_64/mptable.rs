@@ -2,7 +2,9 @@
 //! ACPI how many CPUs it has and where the IOAPIC is, and how ISA IRQs are
 //! routed to it. Built as bytes to avoid unsafe struct casts.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout::{APIC_ADDR, EBDA_START, IOAPIC_ADDR, IRQ_MAX};
 

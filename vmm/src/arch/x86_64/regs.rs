@@ -2,7 +2,9 @@
 //! mode, an identity map of the first GiB, a flat GDT.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout::*;
 
@@ -138,7 +140,7 @@ mod tests {
 
     #[test]
     fn long_mode_sregs_and_page_tables() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut sregs = kvm_sregs::default();
         setup_sregs(&mem, &mut sregs).unwrap();
         assert_eq!(sregs.cr3, PML4_START);

@@ -42,9 +42,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub use mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
 pub use persist::VirtQueueState;
 
-/// Guest memory as seen by the devices (no dirty bitmap; switching to
-/// `GuestMemoryMmap<AtomicBitmap>` later only changes this line).
-pub type Mem = vm_memory::GuestMemoryMmap;
+/// Guest memory as seen by the devices: the VMM's, with its dirty bitmap,
+/// so device writes count for Diff snapshots.
+pub type Mem = crate::vstate::memory::GuestMemoryMmap;
 
 /// Device IDs (virtio 1.1, section 5).
 pub const TYPE_BLOCK: u32 = 2;
