@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, layout, mptable, nested};
 use crate::devices::bus::Bus;
-use crate::devices::legacy::{self, serial::SerialOut, SerialConsole, I8042};
+use crate::devices::legacy::{
+    self, serial::SerialOut, I8042State, SerialConsole, SerialConsoleState, I8042,
+};
 pub use crate::devices::persist::VirtioDeviceHandle;
 use crate::devices::persist::{restore_virtio, RestoreOverrides};
 use crate::devices::virtio::block::Block;
@@ -101,7 +103,7 @@ pub fn build_and_boot(
         .insert_str(boot_src.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS))
         .map_err(cmd)?;
 
-    let (pio, serial, i8042) = legacy_devices(&vm, &exit, serial_out)?;
+    let (pio, serial, i8042) = legacy_devices(&vm, &exit, serial_out, None)?;
     let mut mmio = Bus::new();
     let virtio = attach_virtio_devices(res, &vm, &mem, &mut mmio, em, &mut cmdline)?;
 
@@ -201,22 +203,35 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &str) -> Result<(GuestAddress, usize
 
 type LegacyDevices = (Bus, Arc<Mutex<SerialConsole>>, Arc<Mutex<I8042>>);
 
+/// The serial console and i8042 on the port I/O bus: new, or restored from
+/// their saved state.
 fn legacy_devices(
     vm: &Vm,
     exit: &VmExitNotifier,
     out: SerialOut,
+    saved: Option<(&SerialConsoleState, &I8042State)>,
 ) -> Result<LegacyDevices, StartError> {
     let irqfd = |gsi: u32| -> Result<EventFd, StartError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
         vm.fd().register_irqfd(&evt, gsi).map_err(dev_err)?;
         Ok(evt)
     };
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        irqfd(legacy::SERIAL_IRQ)?,
-        out,
-    )));
+    let serial_irq = irqfd(legacy::SERIAL_IRQ)?;
+    let i8042_irq = irqfd(legacy::I8042_IRQ)?;
     let reset = exit.evt().try_clone().map_err(dev_err)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(irqfd(legacy::I8042_IRQ)?, reset)));
+    let (serial, i8042) = match saved {
+        None => (
+            SerialConsole::new(serial_irq, out),
+            I8042::new(i8042_irq, reset),
+        ),
+        Some((s, k)) => (
+            SerialConsole::restore(serial_irq, out, s)
+                .map_err(|e| dev_err(format!("serial: {e}")))?,
+            I8042::restore(i8042_irq, reset, k).map_err(|e| dev_err(format!("i8042: {e}")))?,
+        ),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let i8042 = Arc::new(Mutex::new(i8042));
     let mut pio = Bus::new();
     pio.insert(
         serial.clone(),
@@ -406,37 +421,12 @@ pub fn restore_from_snapshot(
         .restore(vm.fd())
         .map_err(|e| RestoreError::Invalid(format!("VM state: {e}")))?;
 
-    let irqfd = |gsi: u32| -> Result<EventFd, StartError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
-        vm.fd().register_irqfd(&evt, gsi).map_err(dev_err)?;
-        Ok(evt)
-    };
-    let serial = Arc::new(Mutex::new(
-        SerialConsole::restore(
-            irqfd(legacy::SERIAL_IRQ)?,
-            serial_out,
-            &state.devices.serial,
-        )
-        .map_err(|e| RestoreError::Invalid(format!("serial: {e}")))?,
-    ));
-    let reset = exit.evt().try_clone().map_err(dev_err)?;
-    let i8042 = Arc::new(Mutex::new(
-        I8042::restore(irqfd(legacy::I8042_IRQ)?, reset, &state.devices.i8042)
-            .map_err(|e| RestoreError::Invalid(format!("i8042: {e}")))?,
-    ));
-    let mut pio = Bus::new();
-    pio.insert(
-        serial.clone(),
-        legacy::SERIAL_PORT_BASE,
-        legacy::SERIAL_PORT_LEN,
-    )
-    .map_err(dev_err)?;
-    pio.insert(
-        i8042.clone(),
-        legacy::I8042_PORT_BASE,
-        legacy::I8042_PORT_LEN,
-    )
-    .map_err(dev_err)?;
+    let (pio, serial, i8042) = legacy_devices(
+        &vm,
+        &exit,
+        serial_out,
+        Some((&state.devices.serial, &state.devices.i8042)),
+    )?;
 
     let mut resources = state.resources.clone();
     // Dirty tracking is on for this VM (and its Diff snapshots) either way.
