@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ember_agent::client::{bind_ready_listener, wait_ready};
+use ember_agent::client::bind_ready_listener;
 use ember_benches::{cpu_time, percentile, rss_split};
 use ember_tests::{kernel_path, rootfs_path, VmmProcess};
 
@@ -30,11 +30,11 @@ fn main() {
     );
 
     let (kernel, rootfs) = (kernel_path(), rootfs_path());
-    let vmm = VmmProcess::spawn(&[]);
+    let mut vmm = VmmProcess::spawn(&[]);
     let ready = bind_ready_listener(vmm.path("vsock.sock")).expect("ready listener");
     let t = Instant::now();
     vmm.boot(&kernel, &rootfs, 1, MEM_MIB);
-    let hello = wait_ready(&ready, Duration::from_secs(900)).expect("agent ready");
+    let hello = vmm.wait_agent_ready(&ready, Duration::from_secs(900));
     println!(
         "instance_start_to_agent_ready: wall={:?} guest_uptime={}ms vmm_cpu={:?}",
         t.elapsed(),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ember_agent::client::{bind_ready_listener, wait_ready, AgentClient};
+use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use serde_json::json;
@@ -24,12 +24,11 @@ pub struct Golden {
 pub fn boot_and_snapshot(vcpus: u8, mem_mib: u32) -> Golden {
     assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
     let (kernel, rootfs) = (kernel_path(), rootfs_path());
-    let vmm = VmmProcess::spawn(&[]);
+    let mut vmm = VmmProcess::spawn(&[]);
     let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
     let t = Instant::now();
     vmm.boot(&kernel, &rootfs, vcpus, mem_mib);
-    wait_ready(&ready, Duration::from_secs(600))
-        .unwrap_or_else(|e| panic!("golden guest never ready: {e}; {}", vmm.logs()));
+    vmm.wait_agent_ready(&ready, Duration::from_secs(600));
     let boot_time = t.elapsed();
     let mut agent =
         AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(30)).unwrap();

@@ -173,6 +173,32 @@ impl VmmProcess {
         );
     }
 
+    /// Waits for the guest agent's ready hello on `listener`, failing at
+    /// once (with the logs) if the VMM process ends meanwhile.
+    pub fn wait_agent_ready(
+        &mut self,
+        listener: &std::os::unix::net::UnixListener,
+        timeout: Duration,
+    ) -> ember_agent::protocol::HealthInfo {
+        let start = Instant::now();
+        loop {
+            match ember_agent::client::wait_ready(listener, Duration::from_secs(2)) {
+                Ok(h) => return h,
+                Err(ember_agent::client::ClientError::Timeout(_)) => {}
+                Err(e) => panic!("waiting for the agent: {e}; {}", self.logs()),
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "ember-vmm exited ({status}) before the agent was ready; {}",
+                    self.logs()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!("agent not ready after {timeout:?}; {}", self.logs());
+            }
+        }
+    }
+
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }

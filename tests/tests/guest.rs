@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use ember_agent::client::{bind_ready_listener, wait_ready, AgentClient};
+use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::{ExecRequest, ExecResult};
 use ember_agent::AGENT_PORT;
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
@@ -56,8 +56,7 @@ fn boot_to_agent_then_devices_and_clean_exit() {
     let ready = bind_ready_listener(&vsock).unwrap();
     let t0 = Instant::now();
     vmm.boot(&kernel, &rootfs, VCPUS, 128);
-    let hello = wait_ready(&ready, BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("agent never became ready: {e}; {}", vmm.logs()));
+    let hello = vmm.wait_agent_ready(&ready, BOOT_TIMEOUT);
     eprintln!(
         "agent ready after {:?} (guest uptime {} ms)",
         t0.elapsed(),
