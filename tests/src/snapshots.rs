@@ -91,7 +91,8 @@ pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
 
 /// An agent connection to a just-restored guest that survives the vsock
 /// transport reset the restore sends: a connection made before the guest
-/// handled the reset is closed by it, so retry until one answers.
+/// handled the reset is dropped by it (sometimes without an RST), so each
+/// attempt gets a short timeout and is retried until one answers.
 pub fn connect_restored(vmm: &VmmProcess) -> AgentClient {
     let uds = vmm.path("vsock.sock");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -100,7 +101,7 @@ pub fn connect_restored(vmm: &VmmProcess) -> AgentClient {
             &uds,
             AGENT_PORT,
             Duration::from_secs(120),
-            Duration::from_secs(10),
+            Duration::from_secs(2),
         )
         .and_then(|mut a| a.health().map(|_| a));
         match r {
