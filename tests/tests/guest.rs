@@ -51,6 +51,10 @@ fn boot_to_agent_then_devices_and_clean_exit() {
     );
     assert_eq!(r.status, 204, "{r:?}");
 
+    let metrics = vmm.path("metrics.json");
+    let r = vmm.put("/metrics", &json!({"metrics_path": metrics}));
+    assert_eq!(r.status, 204, "{r:?}");
+
     // The agent's guest-initiated hello arrives on <uds>_53.
     let vsock = vmm.path("vsock.sock");
     let ready = bind_ready_listener(&vsock).unwrap();
@@ -149,6 +153,17 @@ fn boot_to_agent_then_devices_and_clean_exit() {
         console.contains("Linux version"),
         "no boot log on the serial console"
     );
+
+    // Metrics count what happened: exits, block and vsock bytes.
+    let r = vmm.put("/actions", &json!({"action_type": "FlushMetrics"}));
+    assert_eq!(r.status, 204, "{r:?}");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(m["block"]["write_bytes"].as_u64().unwrap() >= 4096, "{m}");
+    assert!(m["block"]["read_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["vsock"]["tx_bytes"].as_u64().unwrap() >= 3 << 20, "{m}");
+    assert!(m["vsock"]["rx_bytes"].as_u64().unwrap() >= 3 << 20, "{m}");
+    assert!(m["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{m}");
 
     // Ctrl-Alt-Del reboots the guest; a guest reboot ends the VMM cleanly.
     let r = vmm.put("/actions", &json!({"action_type": "SendCtrlAltDel"}));

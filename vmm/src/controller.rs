@@ -3,6 +3,7 @@
 
 use crate::builder::{self, EventMgr};
 use crate::devices::legacy::serial::SerialOut;
+use crate::metrics::METRICS;
 use crate::rpc_interface::{InstanceInfo, VmmAction, VmmActionError, VmmData, VmmResponse};
 use crate::vmm::{SnapshotError, VmState, Vmm};
 use crate::vmm_config::LoadSnapshotParams;
@@ -61,6 +62,15 @@ impl Controller {
     }
 
     pub fn handle(&mut self, action: VmmAction, em: &mut EventMgr) -> VmmResponse {
+        METRICS.api.actions.inc();
+        let r = self.dispatch(action, em);
+        if r.is_err() {
+            METRICS.api.action_errors.inc();
+        }
+        r
+    }
+
+    fn dispatch(&mut self, action: VmmAction, em: &mut EventMgr) -> VmmResponse {
         use VmmAction::*;
         match action.clone() {
             GetInstanceInfo => Ok(VmmData::InstanceInfo(self.instance_info())),
@@ -71,8 +81,14 @@ impl Controller {
                 .map(VmmData::Json)
                 .map_err(|e| VmmActionError::Internal(e.to_string())),
             InstanceStart => self.start(em),
-            // Metrics are written as they change; nothing is buffered.
-            FlushMetrics => Ok(VmmData::Empty),
+            FlushMetrics => crate::metrics::flush()
+                .map(|_| VmmData::Empty)
+                .map_err(|e| VmmActionError::Internal(format!("cannot write metrics: {e}"))),
+            PutMetrics(m) => crate::metrics::set_sink(&m.metrics_path)
+                .map(|_| VmmData::Empty)
+                .map_err(|e| {
+                    VmmActionError::InvalidInput(format!("metrics_path {}: {e}", m.metrics_path))
+                }),
             SendCtrlAltDel => match &self.vmm {
                 Some(vmm) => {
                     vmm.send_ctrl_alt_del();

@@ -32,6 +32,8 @@ struct Wakeups {
 }
 
 const API: u32 = 1;
+/// How often metrics are written without a FlushMetrics.
+const METRICS_PERIOD_MS: i32 = 60_000;
 const EXIT: u32 = 2;
 
 impl MutEventSubscriber for Wakeups {
@@ -87,9 +89,16 @@ pub fn run(
             .map_err(|e| e.to_string())?;
     }
 
+    let mut last_flush = std::time::Instant::now();
     loop {
-        if let Err(e) = em.run() {
+        if let Err(e) = em.run_with_timeout(METRICS_PERIOD_MS) {
             log::error!("event loop: {e}");
+        }
+        if last_flush.elapsed().as_millis() >= u128::from(METRICS_PERIOD_MS as u32) {
+            last_flush = std::time::Instant::now();
+            if let Err(e) = crate::metrics::flush() {
+                log::warn!("cannot write metrics: {e}");
+            }
         }
         let (api_pending, exit_pending) = {
             let mut w = lock(&wakeups);
@@ -112,6 +121,9 @@ pub fn run(
         if exit_pending {
             let code = exit.code().unwrap_or(EXIT_OK);
             log::info!("guest ended; VMM exiting with code {code}");
+            if let Err(e) = crate::metrics::flush() {
+                log::warn!("cannot write metrics: {e}");
+            }
             drop(controller);
             return Ok(code);
         }

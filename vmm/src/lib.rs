@@ -6,6 +6,7 @@ pub mod builder;
 pub mod controller;
 pub mod devices;
 pub mod event_loop;
+pub mod metrics;
 pub mod rpc_interface;
 pub mod seccomp;
 pub mod snapshot;

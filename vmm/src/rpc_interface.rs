@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::vmm_config::{
     BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, LoadSnapshotParams, MachineConfig,
-    VsockConfig,
+    MetricsConfig, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +20,8 @@ pub enum VmmAction {
     PatchMachineConfig(crate::api::MachineConfigUpdate),
     PutDrive(BlockDeviceConfig),
     PutVsock(VsockConfig),
+    /// `PUT /metrics`.
+    PutMetrics(MetricsConfig),
     InstanceStart,
     /// `PATCH /vm` `{"state": "Paused"}`.
     Pause,

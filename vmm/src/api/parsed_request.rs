@@ -3,7 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::request::{actions, boot_source, drive, machine_config, snapshot, vm, vsock};
+use super::request::{actions, boot_source, drive, machine_config, metrics, snapshot, vm, vsock};
 use crate::rpc_interface::VmmAction;
 
 /// Largest request body accepted; API bodies are small JSON documents.
@@ -45,6 +45,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("PUT", ["drives"], Some(b)) => drive::parse_put(b, ""),
         ("PUT", ["machine-config"], Some(b)) => machine_config::parse_put(b),
         ("PUT", ["vsock"], Some(b)) => vsock::parse_put(b),
+        ("PUT", ["metrics"], Some(b)) => metrics::parse_put(b),
         ("PUT", ["snapshot", "create"], Some(b)) => snapshot::parse_put_create(b),
         ("PUT", ["snapshot", "load"], Some(b)) => snapshot::parse_put_load(b),
         ("PUT", _, None) if is_known_put(&tokens) => {
@@ -72,6 +73,7 @@ fn is_known_put(tokens: &[&str]) -> bool {
             | ["drives", _]
             | ["machine-config"]
             | ["vsock"]
+            | ["metrics"]
             | ["snapshot", "create" | "load"]
     )
 }

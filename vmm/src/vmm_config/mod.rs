@@ -6,12 +6,14 @@ use serde::{Deserialize, Serialize};
 pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
+pub mod metrics;
 pub mod snapshot;
 pub mod vsock;
 
 pub use boot_source::BootSourceConfig;
 pub use drive::BlockDeviceConfig;
 pub use machine_config::MachineConfig;
+pub use metrics::MetricsConfig;
 pub use snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 pub use vsock::VsockConfig;
 

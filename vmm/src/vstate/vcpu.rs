@@ -16,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::bus::Bus;
+use crate::metrics::METRICS;
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::Vm;
@@ -266,27 +267,35 @@ impl Vcpu {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    METRICS.vcpu.exit_io_in.inc();
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     true
                 }
                 VcpuExit::IoOut(port, data) => {
+                    METRICS.vcpu.exit_io_out.inc();
                     self.pio.write(u64::from(port), data);
                     true
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    METRICS.vcpu.exit_mmio_read.inc();
                     if !self.mmio.read(addr, data) {
                         data.fill(0xff);
                     }
                     true
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    METRICS.vcpu.exit_mmio_write.inc();
                     self.mmio.write(addr, data);
                     true
                 }
-                VcpuExit::Hlt => true,
+                VcpuExit::Hlt => {
+                    METRICS.vcpu.exit_hlt.inc();
+                    true
+                }
                 VcpuExit::Shutdown => {
+                    METRICS.vcpu.exit_shutdown.inc();
                     log::info!(
                         "vCPU {}: guest shut down (triple fault or reset)",
                         self.index
@@ -300,6 +309,7 @@ impl Vcpu {
                     false
                 }
                 VcpuExit::InternalError => {
+                    METRICS.vcpu.exit_internal_error.inc();
                     self.fail(
                         "KVM internal error (KVM_EXIT_INTERNAL_ERROR, e.g. emulation failure)",
                     );
@@ -312,6 +322,7 @@ impl Vcpu {
                     false
                 }
                 other => {
+                    METRICS.vcpu.exit_other.inc();
                     let what = format!("unexpected exit {other:?}");
                     self.fail(&what);
                     false
@@ -319,6 +330,7 @@ impl Vcpu {
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
+                METRICS.vcpu.kicked.inc();
                 true
             }
             Err(e) => {

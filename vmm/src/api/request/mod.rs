@@ -4,6 +4,7 @@ pub mod actions;
 pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
+pub mod metrics;
 pub mod snapshot;
 pub mod vm;
 pub mod vsock;

@@ -104,14 +104,25 @@ impl Disk {
     }
 
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        let m = &crate::metrics::METRICS.block;
+        m.read_ops.inc();
+        m.read_bytes.add(buf.len() as u64);
+        self.file
+            .read_exact_at(buf, offset)
+            .inspect_err(|_| m.io_errors.inc())
     }
 
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        let m = &crate::metrics::METRICS.block;
+        m.write_ops.inc();
+        m.write_bytes.add(buf.len() as u64);
+        self.file
+            .write_all_at(buf, offset)
+            .inspect_err(|_| m.io_errors.inc())
     }
 
     pub(crate) fn flush(&self) -> std::io::Result<()> {
+        crate::metrics::METRICS.block.flush_ops.inc();
         match self.cache_type {
             CacheType::Unsafe => Ok(()),
             CacheType::Writeback => self.file.sync_data(),

@@ -211,6 +211,7 @@ impl Connection {
                     self.pending.shutdown = true;
                 }
                 Ok(n) => {
+                    crate::metrics::METRICS.vsock.rx_bytes.add(n as u64);
                     self.rx_cnt += Wrapping(n as u32);
                     let mut hdr = self.header(guest_cid, VSOCK_OP_RW);
                     hdr.len = n as u32;
@@ -256,6 +257,10 @@ impl Connection {
         if buffered + data.len() > CONN_BUF_SIZE as usize {
             return Err(io::Error::other("guest exceeded its credit"));
         }
+        crate::metrics::METRICS
+            .vsock
+            .tx_bytes
+            .add(data.len() as u64);
         let mut written = 0;
         if self.tx_buf.is_empty() {
             written = write_some(&mut self.stream, data)?;
