@@ -1,12 +1,16 @@
 //! The virtio-vsock device: queues, config space, events.
 
+use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::Muxer;
 use super::packet::{self, HDR_LEN, VSOCK_EVENT_TRANSPORT_RESET};
@@ -35,7 +39,18 @@ pub struct Vsock {
     broken: bool,
     muxer: Muxer,
     tx_payload: Vec<u8>,
+    /// Set after a transport reset: the event queue's avail index then, and
+    /// when. Nothing goes to the guest's RX queue until the guest has
+    /// re-posted an event buffer (it has processed the reset) or a second
+    /// has passed: a connection request that overtook the reset would be
+    /// dropped by the guest's reset handling, silently for the host.
+    reset_pending: Option<(Wrapping<u16>, Instant)>,
+    /// Wakes the device thread when the grace period above ends.
+    reset_timer: TimerFd,
 }
+
+/// How long delivery waits for the guest to process a transport reset.
+const RESET_GRACE: Duration = Duration::from_secs(1);
 
 impl Vsock {
     /// Creates the device and starts listening on `config.uds_path`.
@@ -62,6 +77,8 @@ impl Vsock {
             broken: false,
             muxer,
             tx_payload: Vec::with_capacity(MAX_PKT_DATA),
+            reset_pending: None,
+            reset_timer: TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?,
         })
     }
 
@@ -119,7 +136,34 @@ impl Vsock {
             self.fail(&format!("event queue: {e}"));
             return;
         }
+        let avail = queue.avail_idx(mem, Ordering::Acquire).unwrap_or_default();
+        // Ask for a kick when the guest re-posts the buffer (EVENT_IDX
+        // would otherwise let it skip one): that is our sign the reset is done.
+        if let Err(e) = queue.enable_notification(mem) {
+            log::debug!("vsock: event queue notification: {e}");
+        }
         notify(queue, mem, &active.interrupt);
+        self.reset_pending = Some((avail, Instant::now()));
+        if let Err(e) = self.reset_timer.reset(RESET_GRACE, None) {
+            log::warn!("vsock: cannot arm the reset timer: {e}");
+        }
+    }
+
+    /// Whether the guest may still be processing a transport reset.
+    fn reset_in_progress(&mut self) -> bool {
+        let Some((avail_then, since)) = self.reset_pending else {
+            return false;
+        };
+        let refilled = self.active.as_ref().is_some_and(|a| {
+            a.queues[EVT_QUEUE]
+                .avail_idx(&a.mem, Ordering::Acquire)
+                .is_ok_and(|now| now != avail_then)
+        });
+        if refilled || since.elapsed() >= RESET_GRACE {
+            self.reset_pending = None;
+            return false;
+        }
+        true
     }
 
     fn kick(&self, queue: usize) {
@@ -317,6 +361,14 @@ impl MutEventSubscriber for Vsock {
                 log::error!("vsock: cannot register queue event: {e:?}");
             }
         }
+        let fd = self.reset_timer.as_raw_fd();
+        if let Err(e) = ops.add(Events::with_data(
+            &self.reset_timer,
+            fd as u32,
+            EventSet::IN,
+        )) {
+            log::error!("vsock: cannot register the reset timer: {e:?}");
+        }
         self.muxer.init(ops);
     }
 
@@ -330,9 +382,12 @@ impl MutEventSubscriber for Vsock {
                     self.process_tx();
                 }
             }
+            None if fd == self.reset_timer.as_raw_fd() => {
+                let _ = self.reset_timer.wait();
+            }
             None => self.muxer.handle_event(fd, events.event_set()),
         }
-        if !self.broken {
+        if !self.broken && !self.reset_in_progress() {
             self.process_rx();
         }
         self.muxer.sync(ops);
