@@ -284,17 +284,7 @@ fn uffd_backed_clone_answers_with_the_snapshot_state() {
     let g = golden();
     let vmm = VmmProcess::spawn(&[]);
     let handler_sock = vmm.path("uffd.sock");
-    let mut handler = std::process::Command::new(workspace_bin("ember-uffd-handler"))
-        .arg("--socket")
-        .arg(&handler_sock)
-        .arg("--mem-file")
-        .arg(&g.mem)
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !handler_sock.exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut handler = start_uffd_handler(&handler_sock);
     let r = vmm.put(
         "/snapshot/load",
         &json!({"snapshot_path": g.snapshot,
@@ -309,4 +299,54 @@ fn uffd_backed_clone_answers_with_the_snapshot_state() {
     drop(vmm);
     let _ = handler.kill();
     let _ = handler.wait();
+}
+
+/// Starts `ember-uffd-handler` for the golden memory file on `sock`.
+fn start_uffd_handler(sock: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new(workspace_bin("ember-uffd-handler"))
+        .arg("--socket")
+        .arg(sock)
+        .arg("--mem-file")
+        .arg(&golden().mem)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn vm_stops_with_an_error_when_its_page_fault_handler_dies() {
+    let g = golden();
+    let mut vmm = VmmProcess::spawn(&[]);
+    let sock = vmm.path("uffd.sock");
+    let mut handler = start_uffd_handler(&sock);
+    // Loaded paused: restoring devices already reads guest memory through
+    // the handler, and a paused guest runs no code (which kvm_pvm hosts
+    // could not do on userfaultfd memory).
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot,
+                "mem_backend": {"backend_type": "Uffd", "backend_path": sock},
+                "vsock_override": {"uds_path": vmm.path("vsock.sock")},
+                "resume_vm": false}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+    handler.kill().unwrap();
+    handler.wait().unwrap();
+    let status = vmm.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "VMM kept running without its page-fault handler; {}",
+            vmm.logs()
+        )
+    });
+    assert_eq!(status.code(), Some(1), "{}", vmm.logs());
+    assert!(
+        vmm.logs().contains("page-fault handler closed"),
+        "{}",
+        vmm.logs()
+    );
 }

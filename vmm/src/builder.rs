@@ -470,6 +470,13 @@ pub fn restore_from_snapshot(
             "the userfaultfd page-fault handler closed its connection before the VM started".into(),
         ));
     }
+    // Only a VM that is restored gets its handler watched: a failed load
+    // must leave the VMM as it was.
+    if let Some(u) = &uffd {
+        let watch = snapshot::uffd::HandlerWatch::new(u, exit.clone())
+            .map_err(|e| RestoreError::Invalid(format!("page-fault handler socket: {e}")))?;
+        em.add_subscriber(Arc::new(Mutex::new(watch)));
+    }
     let mut handles = Vec::new();
     for vcpu in vcpus {
         handles.push(vcpu.start(paused).map_err(StartError::from)?);

@@ -361,6 +361,57 @@ pub fn send_mappings(
     (&*socket).write_all(&body[sent..])
 }
 
+/// Watches the page-fault handler's connection on the VMM's event loop. A
+/// handler that exits can no longer serve faults, and vCPUs touching an
+/// unserved page would wait forever: the VM is stopped with an error instead.
+pub struct HandlerWatch {
+    socket: UnixStream,
+    exit: crate::vstate::vcpu::VmExitNotifier,
+}
+
+impl HandlerWatch {
+    pub fn new(
+        backend: &UffdBackend,
+        exit: crate::vstate::vcpu::VmExitNotifier,
+    ) -> std::io::Result<Self> {
+        Ok(HandlerWatch {
+            socket: backend.socket().try_clone()?,
+            exit,
+        })
+    }
+}
+
+impl event_manager::MutEventSubscriber for HandlerWatch {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        use event_manager::{EventSet, Events};
+        let events = EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP;
+        if let Err(e) = ops.add(Events::new(&self.socket, events)) {
+            log::error!("cannot watch the page-fault handler's connection: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
+        use event_manager::{EventSet, Events};
+        use std::io::Read;
+        let set = events.event_set();
+        let mut gone = set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR);
+        if !gone && set.contains(EventSet::IN) {
+            // The protocol has no messages from the handler: discard, and
+            // treat end-of-stream as the handler leaving.
+            let mut buf = [0u8; 256];
+            gone = matches!(self.socket.read(&mut buf), Ok(0) | Err(_));
+        }
+        if gone {
+            log::error!(
+                "the userfaultfd page-fault handler closed its connection: guest memory can no \
+                 longer be served; stopping the VM"
+            );
+            let _ = ops.remove(Events::new(&self.socket, EventSet::empty()));
+            self.exit.notify(crate::vstate::vcpu::EXIT_ERROR);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
