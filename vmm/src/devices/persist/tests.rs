@@ -11,7 +11,6 @@ use vmm_sys_util::tempdir::TempDir;
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
-use crate::devices::bus::BusDevice;
 use crate::devices::virtio::test_utils::*;
 use crate::devices::virtio::vsock::packet::VSOCK_EVENT_TRANSPORT_RESET;
 use crate::devices::virtio::{status, VIRTIO_MMIO_INT_VRING};
@@ -27,16 +26,6 @@ const ALL_OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK |
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const BSTATUS: u64 = 0x30_0000;
-
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
 
 /// What Linux's virtio_mmio driver does up to DRIVER_OK.
 fn bring_up(t: &mut MmioTransport, features: u64, queues: &[&TestQueue]) {

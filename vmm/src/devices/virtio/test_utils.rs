@@ -157,3 +157,17 @@ pub(crate) fn read_bytes(mem: &Mem, addr: u64, len: usize) -> Vec<u8> {
 pub(crate) fn write_bytes(mem: &Mem, addr: u64, data: &[u8]) {
     mem.write_slice(data, GuestAddress(addr)).unwrap();
 }
+
+/// Reads a 32-bit virtio-mmio register, as the guest driver does.
+pub(crate) fn r(t: &mut super::MmioTransport, off: u64) -> u32 {
+    use crate::devices::bus::BusDevice;
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Writes a 32-bit virtio-mmio register, as the guest driver does.
+pub(crate) fn w(t: &mut super::MmioTransport, off: u64, v: u32) {
+    use crate::devices::bus::BusDevice;
+    t.write(off, &v.to_le_bytes());
+}

@@ -4,7 +4,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::devices::virtio::test_utils::test_mem;
+use crate::devices::virtio::test_utils::{r, test_mem, w};
 use crate::devices::virtio::{
     new_queue_events, read_config_bytes, ActivateError, VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING,
@@ -91,16 +91,6 @@ fn new_fake() -> Arc<Mutex<Fake>> {
         resets: 0,
         refuse: false,
     }))
-}
-
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
 }
 
 /// Driver init up to FEATURES_OK with `features`.
