@@ -72,7 +72,7 @@ impl Controller {
 
     fn dispatch(&mut self, action: VmmAction, em: &mut EventMgr) -> VmmResponse {
         use VmmAction::*;
-        match action.clone() {
+        match action {
             GetInstanceInfo => Ok(VmmData::InstanceInfo(self.instance_info())),
             GetMachineConfig => Ok(VmmData::MachineConfig(
                 self.resources.machine_config.clone(),
@@ -112,20 +112,20 @@ impl Controller {
                     })
             }
             LoadSnapshot(params) => self.load_snapshot(&params, em),
-            Pause | Resume => {
-                let vmm = self.vmm.as_mut().ok_or_else(|| {
-                    VmmActionError::NotAllowed("the microVM is not started".into())
-                })?;
-                let r = if action == Pause {
-                    vmm.pause()
-                } else {
-                    vmm.resume()
-                };
-                r.map(|_| VmmData::Empty)
-                    .map_err(|e| VmmActionError::Internal(e.to_string()))
-            }
+            Pause => self.set_paused(true),
+            Resume => self.set_paused(false),
             other => self.configure(other),
         }
+    }
+
+    fn set_paused(&mut self, paused: bool) -> VmmResponse {
+        let vmm = self
+            .vmm
+            .as_mut()
+            .ok_or_else(|| VmmActionError::NotAllowed("the microVM is not started".into()))?;
+        let r = if paused { vmm.pause() } else { vmm.resume() };
+        r.map(|_| VmmData::Empty)
+            .map_err(|e| VmmActionError::Internal(e.to_string()))
     }
 
     /// Pre-boot configuration.
