@@ -25,7 +25,7 @@ cat > "$work/vm.json" <<JSON
 }
 JSON
 
-start=$(date +%s.%N)
+start_ms=$(( $(date +%s%N) / 1000000 ))
 # The ready listener must exist before the guest boots.
 "$bin/ember-agentctl" --uds "$work/vsock.sock" wait-ready > "$work/ready.json" &
 ready_pid=$!
@@ -38,7 +38,8 @@ if ! wait "$ready_pid"; then
     tail -5 "$work/vmm.log" >&2; tail -20 "$work/serial.log" >&2
     exit 1
 fi
-echo "agent ready after $(echo "$(date +%s.%N) - $start" | bc) s: $(cat "$work/ready.json")" >&2
+elapsed_ms=$(( $(date +%s%N) / 1000000 - start_ms ))
+echo "agent ready after $((elapsed_ms / 1000)).$(printf %03d $((elapsed_ms % 1000))) s: $(cat "$work/ready.json")" >&2
 echo "--- running in the guest: $*" >&2
 rc=0
 "$bin/ember-agentctl" --uds "$work/vsock.sock" exec "$@" || rc=$?
