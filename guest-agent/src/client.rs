@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    read_frame, write_frame, ExecRequest, ExecResult, HealthInfo, ProtocolError, Request, Response,
-    READY_PORT,
+    read_frame, write_frame, ExecRequest, ExecResult, HealthInfo, InitFailure, InvokeRequest,
+    InvokeResult, ProtocolError, Request, Response, RuntimeReady, RuntimeSpec, READY_PORT,
 };
 
 /// Errors seen by the host.
@@ -268,6 +268,9 @@ impl AgentClient {
                 .timeout
                 .map(|t| t + Duration::from_millis(*ms) + Duration::from_secs(10)),
             Request::Exec(_) => None,
+            // Bounded by the caller (init timeout in the request, or the
+            // function timeout enforced by killing the VM).
+            Request::StartRuntime(_) | Request::Invoke(_) => None,
             _ => self.timeout,
         };
         self.stream.set_read_timeout(read_timeout)?;
@@ -324,6 +327,27 @@ impl AgentClient {
             realtime_ns,
         })? {
             Response::Ack => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `StartRuntime`: `Ok(Ok(ready))` once the runtime waits for its first
+    /// event, `Ok(Err(failure))` if its init failed.
+    pub fn start_runtime(
+        &mut self,
+        spec: &RuntimeSpec,
+    ) -> Result<std::result::Result<RuntimeReady, InitFailure>> {
+        match self.request(&Request::StartRuntime(spec.clone()))? {
+            Response::RuntimeReady(r) => Ok(Ok(r)),
+            Response::InitError(f) => Ok(Err(f)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `Invoke`: waits for the runtime's answer, however long it takes.
+    pub fn invoke(&mut self, req: &InvokeRequest) -> Result<InvokeResult> {
+        match self.request(&Request::Invoke(req.clone()))? {
+            Response::Invoked(r) => Ok(r),
             other => Err(unexpected(other)),
         }
     }

@@ -87,7 +87,136 @@ pub enum Request {
         /// Host CLOCK_REALTIME in nanoseconds since the epoch.
         realtime_ns: u64,
     },
+    /// Start the function's runtime under the Lambda Runtime API: answered
+    /// with [`Response::RuntimeReady`] once the runtime first asks for an
+    /// invocation (`GET .../invocation/next`), or [`Response::InitError`].
+    /// At most one runtime per agent.
+    StartRuntime(RuntimeSpec),
+    /// Hand one event to the runtime: answered with [`Response::Invoked`]
+    /// when the runtime posts its response or error (or exits). One at a
+    /// time; a second concurrent `Invoke` gets `Error`.
+    Invoke(InvokeRequest),
 }
+
+/// Parameters of [`Request::StartRuntime`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeSpec {
+    /// The runtime process: `["/var/task/bootstrap"]` for `provided`,
+    /// `["/usr/bin/python3", "-m", "awslambdaric", "app.handler"]` for
+    /// Python. Must not be empty.
+    pub argv: Vec<String>,
+    /// The runtime's whole environment apart from what the agent adds
+    /// (`AWS_LAMBDA_RUNTIME_API`): the Lambda variables (`_HANDLER`,
+    /// `AWS_LAMBDA_FUNCTION_NAME`, ...) and the function's own.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Block device holding the function code (ext4, mounted read-only at
+    /// `task_root`), e.g. `/dev/vdb`. None: the code is already there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_device: Option<String>,
+    /// Where the code is (`LAMBDA_TASK_ROOT`, default `/var/task`); also
+    /// the runtime's working directory.
+    #[serde(default = "default_task_root")]
+    pub task_root: String,
+    /// Run the runtime with this uid/gid (Lambda runs functions unprivileged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Give up on the init phase after this long (the runtime is killed and
+    /// `InitError` with `Runtime.InitTimeout` comes back). None: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_timeout_ms: Option<u64>,
+}
+
+fn default_task_root() -> String {
+    "/var/task".to_string()
+}
+
+/// Parameters of [`Request::Invoke`]; they become the `Lambda-Runtime-*`
+/// headers of the runtime's `invocation/next` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeRequest {
+    /// `Lambda-Runtime-Aws-Request-Id`.
+    pub request_id: String,
+    /// The event, as the body of `invocation/next`.
+    #[serde(with = "b64")]
+    pub payload: Vec<u8>,
+    /// `Lambda-Runtime-Deadline-Ms`: milliseconds since the epoch.
+    pub deadline_ms: u64,
+    /// `Lambda-Runtime-Invoked-Function-Arn`.
+    pub invoked_function_arn: String,
+    /// `Lambda-Runtime-Trace-Id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// `Lambda-Runtime-Client-Context` (JSON text), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_context: Option<String>,
+    /// `Lambda-Runtime-Cognito-Identity` (JSON text), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cognito_identity: Option<String>,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvokeStatus {
+    /// The runtime posted `invocation/{id}/response`.
+    Success,
+    /// The runtime posted `invocation/{id}/error`.
+    FunctionError,
+    /// The runtime exited (or crashed) before answering; the agent cannot
+    /// serve further invocations and the instance should be discarded.
+    RuntimeExited,
+}
+
+/// Answer to [`Request::Invoke`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeResult {
+    pub status: InvokeStatus,
+    /// The response body, or the error body (`{"errorMessage":..,
+    /// "errorType":..,"stackTrace":[..]}`) as the runtime posted it; for
+    /// `RuntimeExited` an error body made by the agent.
+    #[serde(with = "b64")]
+    pub payload: Vec<u8>,
+    /// `Lambda-Runtime-Function-Error-Type` header of an error post, or
+    /// `errorType` from its body, or `Runtime.ExitError`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    /// What the runtime wrote to stdout and stderr during this invocation
+    /// (at most [`MAX_LOG_LEN`] bytes, the newest kept).
+    #[serde(with = "b64")]
+    pub log: Vec<u8>,
+    /// From handing the event to `invocation/next` to the runtime's answer.
+    pub duration_ms: u64,
+}
+
+/// Answer to [`Request::StartRuntime`] on success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeReady {
+    /// From spawning the runtime to its first `invocation/next`.
+    pub init_duration_ms: u64,
+    /// Output of the runtime during init.
+    #[serde(with = "b64")]
+    pub log: Vec<u8>,
+}
+
+/// Answer to [`Request::StartRuntime`] when init failed: the runtime posted
+/// `init/error`, exited, or exceeded `init_timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitFailure {
+    /// `Lambda-Runtime-Function-Error-Type` or `errorType` of the post, or
+    /// `Runtime.ExitError` / `Runtime.InitTimeout`.
+    pub error_type: String,
+    /// The error body posted by the runtime, or one made by the agent.
+    #[serde(with = "b64")]
+    pub payload: Vec<u8>,
+    #[serde(with = "b64")]
+    pub log: Vec<u8>,
+}
+
+/// Captured function output returned per invocation is cut to this size.
+pub const MAX_LOG_LEN: usize = 1 << 20;
 
 /// Parameters of [`Request::Exec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +294,13 @@ pub enum Response {
     Exec(ExecResult),
     /// Answer to `Shutdown` / `Reboot`, sent before acting on it.
     Ack,
+    /// Answer to [`Request::StartRuntime`]: the runtime is waiting for its
+    /// first event.
+    RuntimeReady(RuntimeReady),
+    /// Answer to [`Request::StartRuntime`]: init failed.
+    InitError(InitFailure),
+    /// Answer to [`Request::Invoke`].
+    Invoked(InvokeResult),
     /// The request failed; the connection stays usable unless the framing
     /// itself was broken.
     Error { message: String },

@@ -52,6 +52,9 @@ impl Agent {
             },
             // The action itself runs after the Ack is on the wire.
             Request::Shutdown | Request::Reboot => Response::Ack,
+            Request::StartRuntime(_) | Request::Invoke(_) => Response::Error {
+                message: "the Lambda runtime API is not implemented yet".to_string(),
+            },
         }));
         result.unwrap_or_else(|p| Response::Error {
             message: format!("internal error: {}", panic_message(&p)),

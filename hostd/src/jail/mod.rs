@@ -1,0 +1,1 @@
+//! Jails for VMM processes (see `ember-jailer`).

@@ -1,0 +1,5 @@
+//! Ember's host daemon: functions on warm microVMs.
+//!
+//! * [`jail`]: running each VMM in its own chroot, mount namespace and
+//!   cgroup, unprivileged (the `ember-jailer` binary and hostd's view of a jail).
+pub mod jail;
