@@ -137,6 +137,11 @@ const API: &[libc::c_long] = &[
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_unlink,
+    // tokio's signal driver (built in when another workspace member turns
+    // on tokio's `signal` feature) makes a socket pair when the runtime
+    // starts; it only yields two connected unix sockets.
+    libc::SYS_socketpair,
+    libc::SYS_rt_sigaction,
 ];
 
 /// vCPU threads: KVM_RUN, bus accesses to devices, and the kick signal.

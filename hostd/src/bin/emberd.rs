@@ -1,4 +1,232 @@
+//! `emberd`: the Ember host daemon. Serves Lambda's API shapes on a unix
+//! socket and runs every invocation in a microVM restored from the
+//! function's snapshot.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ember_hostd::daemon::{Config, Daemon};
+use ember_hostd::model::RuntimeKind;
+use ember_hostd::vm::{JailConfig, LaunchConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "emberd", version, about = "Ember host daemon: functions on warm microVMs")]
+struct Args {
+    /// The API socket.
+    #[arg(long, env = "EMBER_SOCKET", default_value = "/run/ember/emberd.sock")]
+    socket: PathBuf,
+    /// Functions, code, snapshots, the async queue and logs.
+    #[arg(long, env = "EMBER_STATE_DIR", default_value = "/var/lib/ember")]
+    state_dir: PathBuf,
+    /// Working files of running VMMs (jails, sockets, VMM logs).
+    #[arg(long, env = "EMBER_RUN_DIR", default_value = "/run/ember")]
+    run_dir: PathBuf,
+    /// Guest kernel (vmlinux) from kernels/build.sh.
+    #[arg(long, env = "EMBER_KERNEL")]
+    kernel: PathBuf,
+    /// Root filesystem of the `provided` runtime (rootfs/build.sh provided).
+    #[arg(long, env = "EMBER_ROOTFS_PROVIDED")]
+    rootfs_provided: Option<PathBuf>,
+    /// Root filesystem of the `python3` runtime (rootfs/build.sh python3).
+    #[arg(long, env = "EMBER_ROOTFS_PYTHON3")]
+    rootfs_python3: Option<PathBuf>,
+    /// The VMM binary (default: `ember-vmm` beside this program).
+    #[arg(long, env = "EMBER_VMM_BIN")]
+    vmm_bin: Option<PathBuf>,
+    /// The jailer binary (default: `ember-jailer` beside this program).
+    #[arg(long, env = "EMBER_JAILER_BIN")]
+    jailer_bin: Option<PathBuf>,
+    /// Run VMMs without a jail (development only: no chroot, no cgroup,
+    /// VMMs run as this daemon's user).
+    #[arg(long)]
+    no_jail: bool,
+    /// First uid of jailed VMMs; each VMM gets its own from a range of --jail-uid-count.
+    #[arg(long, default_value_t = 900_000)]
+    jail_uid_base: u32,
+    #[arg(long, default_value_t = 10_000)]
+    jail_uid_count: u32,
+    #[arg(long, default_value_t = 900_000)]
+    jail_gid: u32,
+    /// Region and account in ARNs and in the functions' environment.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    #[arg(long, default_value = "000000000000")]
+    account: String,
+    /// Idle instances kept ready per function version (provisioned
+    /// concurrency overrides it per version or alias).
+    #[arg(long, default_value_t = 1)]
+    warm_instances: u32,
+    /// Concurrent invocations per version (reserved concurrency overrides it).
+    #[arg(long, default_value_t = 10)]
+    max_concurrency: u32,
+    /// Seconds an idle instance beyond the warm count is kept.
+    #[arg(long, default_value_t = 300)]
+    idle_ttl_secs: u64,
+    /// Longest runtime init before the snapshot (seconds).
+    #[arg(long, default_value_t = 600)]
+    init_timeout_secs: u64,
+    /// Longest guest boot to its agent (seconds).
+    #[arg(long, default_value_t = 600)]
+    boot_timeout_secs: u64,
+    /// Snapshot builds (guest boots) at once.
+    #[arg(long, default_value_t = 2)]
+    parallel_builds: usize,
+    #[arg(long, default_value_t = 4)]
+    async_workers: usize,
+    /// Delay before the first retry of a failed async invocation, in
+    /// milliseconds (doubles for the second; Lambda waits about a minute).
+    #[arg(long, default_value_t = 60_000)]
+    async_retry_delay_ms: u64,
+    /// Extra guest kernel arguments (appended to the VMM's defaults).
+    #[arg(long)]
+    boot_args: Option<String>,
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn beside_me(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn fail(msg: String) -> ! {
+    log::error!("{msg}");
+    eprintln!("emberd: {msg}");
+    std::process::exit(1);
+}
+
 fn main() {
-    eprintln!("not implemented yet");
-    std::process::exit(2);
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .parse_filters(&args.log_level)
+        .format_timestamp_millis()
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => fail(format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let mut rootfs = BTreeMap::new();
+    if let Some(p) = args.rootfs_provided {
+        rootfs.insert(RuntimeKind::Provided, p);
+    }
+    if let Some(p) = args.rootfs_python3 {
+        rootfs.insert(RuntimeKind::Python3, p);
+    }
+    if rootfs.is_empty() {
+        fail("no runtime root filesystem given (--rootfs-provided, --rootfs-python3)".into());
+    }
+    for (what, p) in rootfs
+        .values()
+        .map(|p| ("root filesystem", p))
+        .chain([("kernel", &args.kernel)])
+    {
+        if !p.is_file() {
+            fail(format!("{what} {} is not a file", p.display()));
+        }
+    }
+    let vmm_bin = args.vmm_bin.unwrap_or_else(|| beside_me("ember-vmm"));
+    if !vmm_bin.is_file() {
+        fail(format!("VMM binary {} not found (--vmm-bin)", vmm_bin.display()));
+    }
+    let jail = if args.no_jail {
+        log::warn!("--no-jail: VMMs run unjailed, as this daemon's user");
+        None
+    } else {
+        let jailer_bin = args.jailer_bin.unwrap_or_else(|| beside_me("ember-jailer"));
+        if !jailer_bin.is_file() {
+            fail(format!(
+                "jailer binary {} not found (--jailer-bin, or --no-jail for development)",
+                jailer_bin.display()
+            ));
+        }
+        if !nix::unistd::geteuid().is_root() {
+            fail("jailing VMMs needs root (or run with --no-jail for development)".into());
+        }
+        Some(JailConfig {
+            jailer_bin,
+            chroot_base: args.run_dir.join("jail"),
+            uid_base: args.jail_uid_base,
+            uid_count: args.jail_uid_count,
+            gid: args.jail_gid,
+        })
+    };
+    let boot_args = args.boot_args.map(|extra| {
+        format!("{} {extra}", ember_hostd::vm::DEFAULT_BOOT_ARGS)
+    });
+    let cfg = Config {
+        state_dir: args.state_dir,
+        launch: LaunchConfig {
+            vmm_bin,
+            jail,
+            run_dir: args.run_dir.clone(),
+            boot_args,
+            boot_timeout: Duration::from_secs(args.boot_timeout_secs),
+        },
+        kernel: args.kernel,
+        rootfs,
+        region: args.region,
+        account: args.account,
+        default_warm: args.warm_instances,
+        default_concurrency: args.max_concurrency,
+        idle_ttl: Duration::from_secs(args.idle_ttl_secs),
+        init_timeout: Duration::from_secs(args.init_timeout_secs),
+        parallel_builds: args.parallel_builds,
+        async_workers: args.async_workers,
+        async_retry_delay: Duration::from_millis(args.async_retry_delay_ms),
+    };
+    if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
+        fail(format!("cannot prepare {}: {e}", args.run_dir.display()));
+    }
+    let d = match Daemon::open(cfg) {
+        Ok(d) => d,
+        Err(e) => fail(format!("cannot open the state directory: {e}")),
+    };
+    d.start();
+    if let Some(dir) = args.socket.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            fail(format!("cannot create {}: {e}", dir.display()));
+        }
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = match tokio::net::UnixListener::bind(&args.socket) {
+        Ok(l) => l,
+        Err(e) => fail(format!("cannot listen on {}: {e}", args.socket.display())),
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o660));
+    }
+    log::info!(
+        "emberd {} serving on {}",
+        env!("CARGO_PKG_VERSION"),
+        args.socket.display()
+    );
+    let app = ember_hostd::api::router(d.clone());
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => fail(format!("cannot watch SIGTERM: {e}")),
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        log::info!("shutting down");
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        log::error!("server: {e}");
+    }
+    d.pools.shutdown().await;
+    let _ = std::fs::remove_file(&args.socket);
 }

@@ -1,0 +1,293 @@
+//! Function, version, alias and concurrency operations.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::shapes::*;
+use super::{function_ref, parse};
+use crate::daemon::{Daemon, SpecInput};
+use crate::error::ApiError;
+
+type D = State<Arc<Daemon>>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct QualifierQuery {
+    pub qualifier: Option<String>,
+}
+
+fn decode_zip(b64: Option<&str>) -> Result<Vec<u8>, ApiError> {
+    let b64 = b64.ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::invalid(format!("ZipFile is not valid base64: {e}")))
+}
+
+fn qualified(path_name: &str, q: Option<String>) -> (String, Option<String>) {
+    let (name, from_path) = function_ref(path_name);
+    (name, q.or(from_path))
+}
+
+pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
+    let req: CreateFunction = parse(&body)?;
+    let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
+    let input = SpecInput {
+        runtime: req.runtime,
+        handler: req.handler,
+        memory_mib: req.memory_size,
+        timeout_secs: req.timeout,
+        environment: req.environment.and_then(|e| e.variables),
+        description: req.description,
+    };
+    let name = req.function_name;
+    let d2 = d.clone();
+    // Unzipping and mkfs take a moment: off the async threads.
+    let rec = tokio::task::spawn_blocking(move || d2.create(&name, input, &zip, req.publish))
+        .await
+        .map_err(|e| ApiError::service(e.to_string()))??;
+    let v = rec.latest();
+    Ok((StatusCode::CREATED, Json(configuration(&d, &rec.name, v))).into_response())
+}
+
+pub async fn list(State(d): D) -> Json<serde_json::Value> {
+    let fns: Vec<_> = d
+        .list()
+        .iter()
+        .map(|f| configuration(&d, &f.name, f.latest()))
+        .collect();
+    Json(json!({"Functions": fns}))
+}
+
+pub async fn get(
+    State(d): D,
+    Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (name, q) = qualified(&name, q.qualifier);
+    let rec = d.get(&name)?;
+    let v = rec.resolve(q.as_deref()).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}",
+            d.function_arn(&name, q.as_deref())
+        ))
+    })?;
+    let mut out = json!({
+        "Configuration": configuration(&d, &name, v),
+        "Code": {"RepositoryType": "Ember", "Location": d.store.code_zip(&v.spec.code_sha256)},
+    });
+    if let Some(n) = rec.reserved_concurrency {
+        out["Concurrency"] = json!({"ReservedConcurrentExecutions": n});
+    }
+    Ok(Json(out))
+}
+
+pub async fn get_configuration(
+    State(d): D,
+    Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
+) -> Result<Json<FunctionConfiguration>, ApiError> {
+    let (name, q) = qualified(&name, q.qualifier);
+    let rec = d.get(&name)?;
+    let v = rec.resolve(q.as_deref()).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}",
+            d.function_arn(&name, q.as_deref())
+        ))
+    })?;
+    Ok(Json(configuration(&d, &name, v)))
+}
+
+pub async fn update_configuration(
+    State(d): D,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<FunctionConfiguration>, ApiError> {
+    let req: UpdateConfiguration = parse(&body)?;
+    let (name, _) = function_ref(&name);
+    let input = SpecInput {
+        runtime: req.runtime,
+        handler: req.handler,
+        memory_mib: req.memory_size,
+        timeout_secs: req.timeout,
+        environment: req.environment.map(|e| e.variables.unwrap_or_default()),
+        description: req.description,
+    };
+    let rec = d.update(&name, input, None, false)?;
+    Ok(Json(configuration(&d, &name, rec.latest())))
+}
+
+pub async fn update_code(
+    State(d): D,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<FunctionConfiguration>, ApiError> {
+    let req: UpdateCode = parse(&body)?;
+    let (name, _) = function_ref(&name);
+    let zip = decode_zip(req.zip_file.as_deref())?;
+    let d2 = d.clone();
+    let n2 = name.clone();
+    let rec = tokio::task::spawn_blocking(move || {
+        d2.update(&n2, SpecInput::default(), Some(&zip), req.publish)
+    })
+    .await
+    .map_err(|e| ApiError::service(e.to_string()))??;
+    Ok(Json(configuration(&d, &name, rec.latest())))
+}
+
+pub async fn delete(
+    State(d): D,
+    Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
+) -> Result<StatusCode, ApiError> {
+    let (name, q) = qualified(&name, q.qualifier);
+    d.delete(&name, q.as_deref())?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn publish(State(d): D, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (name, _) = function_ref(&name);
+    let v = d.publish(&name)?;
+    Ok((StatusCode::CREATED, Json(configuration(&d, &name, &v))).into_response())
+}
+
+pub async fn list_versions(
+    State(d): D,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (name, _) = function_ref(&name);
+    let rec = d.get(&name)?;
+    let mut versions = vec![configuration(&d, &name, rec.latest())];
+    for n in rec.published() {
+        versions.push(configuration(&d, &name, &rec.versions[&n.to_string()]));
+    }
+    Ok(Json(json!({"Versions": versions})))
+}
+
+pub async fn create_alias(
+    State(d): D,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: AliasIn = parse(&body)?;
+    let (name, _) = function_ref(&name);
+    let alias_name = req
+        .name
+        .ok_or_else(|| ApiError::invalid("Name is required"))?;
+    let a = d.put_alias(&name, &alias_name, req.function_version, req.description, true)?;
+    Ok((StatusCode::CREATED, Json(alias(&d, &name, &a))).into_response())
+}
+
+pub async fn list_aliases(
+    State(d): D,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (name, _) = function_ref(&name);
+    let rec = d.get(&name)?;
+    let aliases: Vec<_> = rec.aliases.values().map(|a| alias(&d, &name, a)).collect();
+    Ok(Json(json!({"Aliases": aliases})))
+}
+
+pub async fn get_alias(
+    State(d): D,
+    Path((name, a)): Path<(String, String)>,
+) -> Result<Json<AliasConfiguration>, ApiError> {
+    let (name, _) = function_ref(&name);
+    let rec = d.get(&name)?;
+    let rec_alias = rec
+        .aliases
+        .get(&a)
+        .ok_or_else(|| ApiError::not_found(format!("Alias not found: {a}")))?;
+    Ok(Json(alias(&d, &name, rec_alias)))
+}
+
+pub async fn update_alias(
+    State(d): D,
+    Path((name, a)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<AliasConfiguration>, ApiError> {
+    let req: AliasIn = parse(&body)?;
+    let (name, _) = function_ref(&name);
+    let rec = d.put_alias(&name, &a, req.function_version, req.description, false)?;
+    Ok(Json(alias(&d, &name, &rec)))
+}
+
+pub async fn delete_alias(
+    State(d): D,
+    Path((name, a)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (name, _) = function_ref(&name);
+    d.delete_alias(&name, &a)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ConcurrencyIn {
+    pub reserved_concurrent_executions: u32,
+}
+
+pub async fn put_concurrency(
+    State(d): D,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: ConcurrencyIn = parse(&body)?;
+    let (name, _) = function_ref(&name);
+    d.set_reserved_concurrency(&name, Some(req.reserved_concurrent_executions))?;
+    Ok(Json(
+        json!({"ReservedConcurrentExecutions": req.reserved_concurrent_executions}),
+    ))
+}
+
+pub async fn delete_concurrency(
+    State(d): D,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let (name, _) = function_ref(&name);
+    d.set_reserved_concurrency(&name, None)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn get_concurrency(
+    State(d): D,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (name, _) = function_ref(&name);
+    let rec = d.get(&name)?;
+    Ok(Json(match rec.reserved_concurrency {
+        Some(n) => json!({"ReservedConcurrentExecutions": n}),
+        None => json!({}),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ProvisionedIn {
+    pub provisioned_concurrent_executions: u32,
+}
+
+pub async fn put_provisioned(
+    State(d): D,
+    Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ProvisionedIn = parse(&body)?;
+    let (name, q) = qualified(&name, q.qualifier);
+    let q = q.ok_or_else(|| ApiError::invalid("Qualifier is required"))?;
+    d.set_provisioned(&name, &q, req.provisioned_concurrent_executions)?;
+    let n = req.provisioned_concurrent_executions;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"RequestedProvisionedConcurrentExecutions": n, "Status": "IN_PROGRESS"})),
+    )
+        .into_response())
+}

@@ -1,0 +1,170 @@
+//! Lambda's JSON shapes for functions, versions and aliases.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::Daemon;
+use crate::model::{AliasRecord, State, VersionRecord};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EnvironmentIn {
+    #[serde(default)]
+    pub variables: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CodeIn {
+    /// Base64 of the zip.
+    pub zip_file: Option<String>,
+}
+
+/// CreateFunction's request.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateFunction {
+    pub function_name: String,
+    pub runtime: Option<String>,
+    pub handler: Option<String>,
+    pub code: Option<CodeIn>,
+    pub memory_size: Option<u32>,
+    pub timeout: Option<u32>,
+    pub environment: Option<EnvironmentIn>,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub publish: bool,
+    /// Accepted and ignored (no IAM here).
+    #[allow(dead_code)]
+    pub role: Option<String>,
+}
+
+/// UpdateFunctionConfiguration's request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateConfiguration {
+    pub runtime: Option<String>,
+    pub handler: Option<String>,
+    pub memory_size: Option<u32>,
+    pub timeout: Option<u32>,
+    pub environment: Option<EnvironmentIn>,
+    pub description: Option<String>,
+}
+
+/// UpdateFunctionCode's request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateCode {
+    pub zip_file: Option<String>,
+    #[serde(default)]
+    pub publish: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasIn {
+    pub name: Option<String>,
+    pub function_version: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Environment {
+    pub variables: BTreeMap<String, String>,
+}
+
+/// Lambda's `FunctionConfiguration`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct FunctionConfiguration {
+    pub function_name: String,
+    pub function_arn: String,
+    pub runtime: String,
+    pub handler: String,
+    pub code_size: u64,
+    pub code_sha256: String,
+    pub description: String,
+    pub timeout: u32,
+    pub memory_size: u32,
+    pub last_modified: String,
+    pub version: String,
+    pub environment: Environment,
+    pub state: State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason_code: Option<String>,
+    pub last_update_status: &'static str,
+    pub revision_id: String,
+    pub package_type: &'static str,
+    pub architectures: [&'static str; 1],
+    /// Ember: how long the runtime took to initialize before its snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_duration_ms: Option<u64>,
+}
+
+pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfiguration {
+    let sha_b64 = hex_to_b64(&v.spec.code_sha256);
+    let last_update_status = if v.update_in_progress || v.state == State::Pending {
+        "InProgress"
+    } else if v.state_reason_code.is_some() {
+        "Failed"
+    } else {
+        "Successful"
+    };
+    let qualifier = (v.version != crate::model::LATEST).then_some(v.version.as_str());
+    FunctionConfiguration {
+        function_name: name.to_string(),
+        function_arn: d.function_arn(name, qualifier),
+        runtime: v.spec.runtime.clone(),
+        handler: v.spec.handler.clone(),
+        code_size: v.spec.code_size,
+        code_sha256: sha_b64,
+        description: v.spec.description.clone(),
+        timeout: v.spec.timeout_secs,
+        memory_size: v.spec.memory_mib,
+        last_modified: v.last_modified.clone(),
+        version: v.version.clone(),
+        environment: Environment {
+            variables: v.spec.environment.clone(),
+        },
+        state: v.state,
+        state_reason: v.state_reason.clone(),
+        state_reason_code: v.state_reason_code.clone(),
+        last_update_status,
+        revision_id: v.revision_id.clone(),
+        package_type: "Zip",
+        architectures: ["x86_64"],
+        init_duration_ms: v.snapshot.as_ref().map(|s| s.init_duration_ms),
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasConfiguration {
+    pub alias_arn: String,
+    pub name: String,
+    pub function_version: String,
+    pub description: String,
+    pub revision_id: String,
+}
+
+pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration {
+    AliasConfiguration {
+        alias_arn: d.function_arn(function, Some(&a.name)),
+        name: a.name.clone(),
+        function_version: a.function_version.clone(),
+        description: a.description.clone(),
+        revision_id: a.revision_id.clone(),
+    }
+}
+
+fn hex_to_b64(hex: &str) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

@@ -1,0 +1,388 @@
+//! Functions, versions and aliases as hostd keeps them, with the checks
+//! Lambda applies to their names and settings.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `$LATEST`: the unpublished, mutable version of every function.
+pub const LATEST: &str = "$LATEST";
+
+/// Environment variables Lambda reserves for itself; functions may not set them.
+pub const RESERVED_ENV: &[&str] = &[
+    "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE",
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_LAMBDA_RUNTIME_API",
+    "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
+];
+
+/// The runtimes hostd can run, each with its own root filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// The function ships an executable `bootstrap`.
+    Provided,
+    /// Debian's python3 with the AWS Lambda Python runtime interface client.
+    Python3,
+}
+
+impl RuntimeKind {
+    /// Parses Lambda's runtime identifiers: `provided`, `provided.al2`,
+    /// `provided.al2023`; `python3` and `python3.N` (served by the one
+    /// Python the root filesystem has).
+    pub fn parse(s: &str) -> Option<RuntimeKind> {
+        match s {
+            "provided" | "provided.al2" | "provided.al2023" => Some(RuntimeKind::Provided),
+            "python3" => Some(RuntimeKind::Python3),
+            s => s
+                .strip_prefix("python3.")
+                .filter(|minor| !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit()))
+                .map(|_| RuntimeKind::Python3),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Provided => "provided",
+            RuntimeKind::Python3 => "python3",
+        }
+    }
+}
+
+/// Lambda's `State` of a function version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    Pending,
+    Active,
+    Failed,
+}
+
+/// What a version runs: everything that goes into its snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// As given (e.g. `python3.11`); [`RuntimeKind::parse`] accepts it.
+    pub runtime: String,
+    pub handler: String,
+    pub memory_mib: u32,
+    pub timeout_secs: u32,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    #[serde(default)]
+    pub description: String,
+    /// Hex SHA-256 of the code zip (names the code files in the store).
+    pub code_sha256: String,
+    pub code_size: u64,
+}
+
+impl FunctionSpec {
+    pub fn runtime_kind(&self) -> RuntimeKind {
+        // Validated on the way in.
+        RuntimeKind::parse(&self.runtime).unwrap_or(RuntimeKind::Provided)
+    }
+}
+
+/// The snapshot a version's instances are restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    /// Directory holding `vm.snap` and `mem`.
+    pub dir: std::path::PathBuf,
+    /// Bumped by every snapshot of this version, so instances restored
+    /// from an older one are not reused.
+    pub generation: u64,
+    pub init_duration_ms: u64,
+}
+
+/// One version of a function (`$LATEST` or a published number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub version: String,
+    pub spec: FunctionSpec,
+    pub state: State,
+    #[serde(default)]
+    pub state_reason: Option<String>,
+    #[serde(default)]
+    pub state_reason_code: Option<String>,
+    /// Snapshot being served (kept while a newer one builds).
+    #[serde(default)]
+    pub snapshot: Option<SnapshotRef>,
+    /// The spec of `snapshot` differs from `spec` and a new one is building.
+    #[serde(default)]
+    pub update_in_progress: bool,
+    pub last_modified: String,
+    pub revision_id: String,
+}
+
+/// A name pointing at a published version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub name: String,
+    pub function_version: String,
+    #[serde(default)]
+    pub description: String,
+    pub revision_id: String,
+}
+
+/// Everything hostd keeps about one function (one file in the store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    pub name: String,
+    /// `$LATEST` and published versions, by version string.
+    pub versions: BTreeMap<String, VersionRecord>,
+    #[serde(default)]
+    pub aliases: BTreeMap<String, AliasRecord>,
+    /// Number the next published version gets.
+    pub next_version: u64,
+    /// Lambda's reserved concurrency: most instances running at once for
+    /// each version (None: the daemon's default).
+    #[serde(default)]
+    pub reserved_concurrency: Option<u32>,
+    /// Warm instances kept ready per qualifier (Lambda's provisioned
+    /// concurrency); qualifiers without an entry get the daemon default.
+    #[serde(default)]
+    pub provisioned: BTreeMap<String, u32>,
+}
+
+impl FunctionRecord {
+    /// The version `qualifier` names: none means `$LATEST`; a number; an alias.
+    pub fn resolve(&self, qualifier: Option<&str>) -> Option<&VersionRecord> {
+        let q = qualifier.unwrap_or(LATEST);
+        if let Some(v) = self.versions.get(q) {
+            return Some(v);
+        }
+        let alias = self.aliases.get(q)?;
+        self.versions.get(&alias.function_version)
+    }
+
+    pub fn latest(&self) -> &VersionRecord {
+        // Every record is created with $LATEST and it is never removed.
+        self.versions
+            .get(LATEST)
+            .or_else(|| self.versions.values().next())
+            .expect("a function has at least one version")
+    }
+
+    /// Published version numbers, ascending.
+    pub fn published(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .versions
+            .keys()
+            .filter_map(|k| k.parse().ok())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A validation failure, reported as Lambda's `InvalidParameterValueException`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// Lambda's function-name rule: 1-64 of letters, digits, `-` and `_`.
+pub fn validate_function_name(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "invalid function name {name:?}: use 1 to 64 letters, digits, hyphens or underscores"
+        )))
+    }
+}
+
+/// Alias names: 1-128 characters `[a-zA-Z0-9-_]`, not all digits (that
+/// would read as a version).
+pub fn validate_alias_name(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.chars().all(|c| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "invalid alias name {name:?}: use 1 to 128 letters, digits, hyphens or underscores, not only digits"
+        )))
+    }
+}
+
+/// Checks the settings Lambda checks.
+pub fn validate_spec(spec: &FunctionSpec) -> Result<(), Invalid> {
+    let kind = RuntimeKind::parse(&spec.runtime).ok_or_else(|| {
+        Invalid(format!(
+            "unsupported runtime {:?}: use provided, provided.al2, provided.al2023, python3 or python3.N",
+            spec.runtime
+        ))
+    })?;
+    if !(128..=10240).contains(&spec.memory_mib) {
+        return Err(Invalid(format!(
+            "MemorySize {} is out of range: use 128 to 10240 (MiB)",
+            spec.memory_mib
+        )));
+    }
+    if !(1..=900).contains(&spec.timeout_secs) {
+        return Err(Invalid(format!(
+            "Timeout {} is out of range: use 1 to 900 (seconds)",
+            spec.timeout_secs
+        )));
+    }
+    if spec.handler.len() > 128 || spec.handler.chars().any(|c| c.is_whitespace()) {
+        return Err(Invalid(format!("invalid handler {:?}", spec.handler)));
+    }
+    if kind == RuntimeKind::Python3 {
+        let valid = spec
+            .handler
+            .rsplit_once('.')
+            .is_some_and(|(m, f)| !m.is_empty() && !f.is_empty());
+        if !valid {
+            return Err(Invalid(format!(
+                "handler {:?} is not module.function, as the python runtime needs",
+                spec.handler
+            )));
+        }
+    }
+    let mut env_size = 0;
+    for (k, v) in &spec.environment {
+        let key_ok = !k.is_empty()
+            && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return Err(Invalid(format!(
+                "environment variable name {k:?} must start with a letter and hold only letters, digits and underscores"
+            )));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(Invalid(format!(
+                "environment variable {k} is reserved by the runtime"
+            )));
+        }
+        env_size += k.len() + v.len();
+    }
+    if env_size > 4096 {
+        return Err(Invalid(format!(
+            "environment variables total {env_size} bytes; the limit is 4096"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FunctionSpec {
+        FunctionSpec {
+            runtime: "python3.11".into(),
+            handler: "app.handler".into(),
+            memory_mib: 128,
+            timeout_secs: 3,
+            environment: BTreeMap::new(),
+            description: String::new(),
+            code_sha256: "00".into(),
+            code_size: 1,
+        }
+    }
+
+    #[test]
+    fn runtimes_parse_like_lambda_identifiers() {
+        assert_eq!(RuntimeKind::parse("python3.12"), Some(RuntimeKind::Python3));
+        assert_eq!(RuntimeKind::parse("python3"), Some(RuntimeKind::Python3));
+        assert_eq!(
+            RuntimeKind::parse("provided.al2023"),
+            Some(RuntimeKind::Provided)
+        );
+        assert_eq!(RuntimeKind::parse("python3."), None);
+        assert_eq!(RuntimeKind::parse("nodejs20.x"), None);
+    }
+
+    #[test]
+    fn names_follow_lambda_rules() {
+        assert!(validate_function_name("my-func_1").is_ok());
+        assert!(validate_function_name("").is_err());
+        assert!(validate_function_name("a/b").is_err());
+        assert!(validate_function_name(&"x".repeat(65)).is_err());
+        assert!(validate_alias_name("prod").is_ok());
+        assert!(validate_alias_name("12").is_err());
+    }
+
+    #[test]
+    fn spec_checks_limits_handler_and_env() {
+        assert!(validate_spec(&spec()).is_ok());
+        let mut s = spec();
+        s.memory_mib = 64;
+        assert!(validate_spec(&s).unwrap_err().0.contains("MemorySize"));
+        let mut s = spec();
+        s.timeout_secs = 901;
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.handler = "nodot".into();
+        assert!(validate_spec(&s).unwrap_err().0.contains("module.function"));
+        let mut s = spec();
+        s.environment.insert("AWS_REGION".into(), "x".into());
+        assert!(validate_spec(&s).unwrap_err().0.contains("reserved"));
+        let mut s = spec();
+        s.environment.insert("1BAD".into(), "x".into());
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.runtime = "provided".into();
+        s.handler = "anything".into();
+        assert!(validate_spec(&s).is_ok());
+    }
+
+    #[test]
+    fn qualifiers_resolve_versions_and_aliases() {
+        let v = |n: &str| VersionRecord {
+            version: n.into(),
+            spec: spec(),
+            state: State::Active,
+            state_reason: None,
+            state_reason_code: None,
+            snapshot: None,
+            update_in_progress: false,
+            last_modified: String::new(),
+            revision_id: String::new(),
+        };
+        let mut f = FunctionRecord {
+            name: "f".into(),
+            versions: BTreeMap::from([(LATEST.into(), v(LATEST)), ("1".into(), v("1"))]),
+            aliases: BTreeMap::new(),
+            next_version: 2,
+            reserved_concurrency: None,
+            provisioned: BTreeMap::new(),
+        };
+        f.aliases.insert(
+            "prod".into(),
+            AliasRecord {
+                name: "prod".into(),
+                function_version: "1".into(),
+                description: String::new(),
+                revision_id: String::new(),
+            },
+        );
+        assert_eq!(f.resolve(None).unwrap().version, LATEST);
+        assert_eq!(f.resolve(Some("1")).unwrap().version, "1");
+        assert_eq!(f.resolve(Some("prod")).unwrap().version, "1");
+        assert!(f.resolve(Some("2")).is_none());
+        assert_eq!(f.published(), vec![1]);
+    }
+}

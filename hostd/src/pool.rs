@@ -1,0 +1,387 @@
+//! Warm pools: per function version, idle instances restored from its
+//! snapshot, reused for the next invocation; more are restored under
+//! concurrency up to a limit; idle ones past their time-to-live are
+//! reclaimed; dead ones are replaced.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::daemon::{machine_for, Daemon};
+use crate::error::ApiError;
+use crate::model::{SnapshotRef, State, VersionRecord};
+use crate::vm::{Instance, VmFiles};
+
+type Key = (String, String);
+
+struct Idle {
+    inst: Arc<Instance>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Pool {
+    generation: u64,
+    idle: VecDeque<Idle>,
+    /// Instances running an invocation.
+    busy: Vec<Arc<Instance>>,
+    /// Restores under way for invocations waiting on them.
+    starting: u32,
+    /// Restores under way to fill the warm pool.
+    warming: u32,
+}
+
+#[derive(Default)]
+pub struct Pools {
+    inner: Mutex<HashMap<Key, Pool>>,
+}
+
+/// What serves one invocation; give it back with [`Pools::release`].
+pub struct Lease {
+    pub inst: Arc<Instance>,
+    pub generation: u64,
+    /// True if the instance was restored for this invocation.
+    pub restored: bool,
+}
+
+/// How to make new instances of one version.
+#[derive(Clone)]
+pub struct Source {
+    pub files: VmFiles,
+    pub snapshot: SnapshotRef,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+}
+
+impl Source {
+    pub fn of(d: &Daemon, v: &VersionRecord) -> Result<Source, ApiError> {
+        let snapshot = v
+            .snapshot
+            .clone()
+            .ok_or_else(|| ApiError::service("version has no snapshot"))?;
+        let (vcpus, mem_mib) = machine_for(v.spec.memory_mib);
+        Ok(Source {
+            files: d.vm_files(&v.spec)?,
+            snapshot,
+            mem_mib,
+            vcpus,
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PoolStats {
+    pub function_name: String,
+    pub version: String,
+    pub generation: u64,
+    pub idle: Vec<InstanceInfo>,
+    pub busy: Vec<InstanceInfo>,
+    pub starting: u32,
+    pub warming: u32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct InstanceInfo {
+    pub id: String,
+    pub pid: Option<u32>,
+    pub age_ms: u64,
+}
+
+fn info(i: &Instance) -> InstanceInfo {
+    InstanceInfo {
+        id: i.id.clone(),
+        pid: i.pid(),
+        age_ms: i.started.elapsed().as_millis() as u64,
+    }
+}
+
+fn destroy_later(inst: Arc<Instance>) {
+    tokio::spawn(async move { inst.destroy().await });
+}
+
+impl Pools {
+    pub fn new() -> Pools {
+        Pools::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Pool>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An instance for one invocation: an idle one, or a new clone if fewer
+    /// than `limit` invocations run; otherwise a throttle error.
+    pub async fn acquire(
+        &self,
+        d: &Daemon,
+        function: &str,
+        version: &str,
+        source: &Source,
+        limit: u32,
+    ) -> Result<Lease, ApiError> {
+        let key = (function.to_string(), version.to_string());
+        {
+            let mut pools = self.lock();
+            let pool = pools.entry(key.clone()).or_default();
+            if pool.generation != source.snapshot.generation {
+                // A newer snapshot: older instances are not reused.
+                pool.generation = source.snapshot.generation;
+                pool.idle.drain(..).for_each(|i| destroy_later(i.inst));
+            }
+            while let Some(idle) = pool.idle.pop_back() {
+                if idle.inst.is_alive() {
+                    pool.busy.push(idle.inst.clone());
+                    return Ok(Lease {
+                        inst: idle.inst,
+                        generation: pool.generation,
+                        restored: false,
+                    });
+                }
+                destroy_later(idle.inst);
+            }
+            if pool.busy.len() as u32 + pool.starting >= limit {
+                return Err(ApiError::throttled(format!(
+                    "Rate Exceeded: {function}:{version} already runs {limit} concurrent invocations (its concurrency limit)"
+                )));
+            }
+            pool.starting += 1;
+        }
+        let restored = Instance::restore(
+            &d.cfg.launch,
+            &source.files,
+            &source.snapshot.dir,
+            source.mem_mib,
+            source.vcpus,
+        )
+        .await;
+        let mut pools = self.lock();
+        let pool = pools.entry(key).or_default();
+        pool.starting = pool.starting.saturating_sub(1);
+        match restored {
+            Ok(inst) => {
+                let inst = Arc::new(inst);
+                pool.busy.push(inst.clone());
+                Ok(Lease {
+                    inst,
+                    generation: source.snapshot.generation,
+                    restored: true,
+                })
+            }
+            Err(e) => Err(ApiError::service(format!(
+                "could not restore a microVM for {function}:{version}: {e}"
+            ))),
+        }
+    }
+
+    /// Returns a leased instance: back to the idle list if `reusable`,
+    /// alive and of the current snapshot; destroyed otherwise.
+    pub fn release(&self, function: &str, version: &str, lease: Lease, reusable: bool) {
+        let key = (function.to_string(), version.to_string());
+        let mut pools = self.lock();
+        let Some(pool) = pools.get_mut(&key) else {
+            destroy_later(lease.inst);
+            return;
+        };
+        pool.busy.retain(|i| !Arc::ptr_eq(i, &lease.inst));
+        if reusable && lease.inst.is_alive() && lease.generation == pool.generation {
+            pool.idle.push_back(Idle {
+                inst: lease.inst,
+                since: Instant::now(),
+            });
+        } else {
+            destroy_later(lease.inst);
+        }
+    }
+
+    /// Destroys the idle instances of one version and forgets the pool
+    /// (busy ones are destroyed when released).
+    pub fn retire(&self, function: &str, version: &str) {
+        if let Some(pool) = self
+            .lock()
+            .remove(&(function.to_string(), version.to_string()))
+        {
+            pool.idle.into_iter().for_each(|i| destroy_later(i.inst));
+        }
+    }
+
+    pub fn retire_function(&self, function: &str) {
+        let keys: Vec<Key> = self
+            .lock()
+            .keys()
+            .filter(|k| k.0 == function)
+            .cloned()
+            .collect();
+        for k in keys {
+            self.retire(&k.0, &k.1);
+        }
+    }
+
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let pools = self.lock();
+        let mut out: Vec<PoolStats> = pools
+            .iter()
+            .map(|((f, v), p)| PoolStats {
+                function_name: f.clone(),
+                version: v.clone(),
+                generation: p.generation,
+                idle: p.idle.iter().map(|i| info(&i.inst)).collect(),
+                busy: p.busy.iter().map(|i| info(i)).collect(),
+                starting: p.starting,
+                warming: p.warming,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.function_name, &a.version).cmp(&(&b.function_name, &b.version)));
+        out
+    }
+
+    /// Destroys every instance (daemon shutdown).
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<Instance>> = {
+            let mut pools = self.lock();
+            pools
+                .drain()
+                .flat_map(|(_, p)| {
+                    p.idle
+                        .into_iter()
+                        .map(|i| i.inst)
+                        .chain(p.busy)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        for i in all {
+            i.destroy().await;
+        }
+    }
+
+    /// One maintenance pass over a version's pool: drop dead idle
+    /// instances, reclaim those idle past `ttl` beyond the `warm` count,
+    /// and say how many restores are needed to get back to `warm`.
+    fn maintain(&self, key: &Key, generation: u64, warm: u32, ttl: Duration) -> u32 {
+        let mut pools = self.lock();
+        let pool = pools.entry(key.clone()).or_default();
+        if pool.generation != generation {
+            pool.generation = generation;
+            pool.idle.drain(..).for_each(|i| destroy_later(i.inst));
+        }
+        let mut kept = VecDeque::new();
+        for idle in pool.idle.drain(..) {
+            if let Some(reason) = idle.inst.exited() {
+                log::warn!(
+                    "idle instance {} of {}:{} died ({reason}); replacing it",
+                    idle.inst.id,
+                    key.0,
+                    key.1
+                );
+                destroy_later(idle.inst);
+            } else {
+                kept.push_back(idle);
+            }
+        }
+        // Oldest first: reclaim from the front while above the warm count.
+        while kept.len() as u32 > warm && kept.front().is_some_and(|i| i.since.elapsed() > ttl) {
+            if let Some(i) = kept.pop_front() {
+                log::info!("reclaiming idle instance {} of {}:{}", i.inst.id, key.0, key.1);
+                destroy_later(i.inst);
+            }
+        }
+        pool.idle = kept;
+        let have = pool.idle.len() as u32 + pool.warming;
+        let need = warm.saturating_sub(have);
+        pool.warming += need;
+        need
+    }
+
+    fn warmed(&self, key: &Key, inst: Option<Instance>, generation: u64) {
+        let mut pools = self.lock();
+        let pool = pools.entry(key.clone()).or_default();
+        pool.warming = pool.warming.saturating_sub(1);
+        if let Some(inst) = inst {
+            let inst = Arc::new(inst);
+            if pool.generation == generation {
+                pool.idle.push_back(Idle {
+                    inst,
+                    since: Instant::now(),
+                });
+            } else {
+                destroy_later(inst);
+            }
+        }
+    }
+}
+
+/// Every second: keep each active version's pool at its warm count and
+/// reclaim what is idle too long.
+pub fn start_maintainer(d: Arc<Daemon>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            maintain_all(&d);
+        }
+    });
+}
+
+fn maintain_all(d: &Arc<Daemon>) {
+    for f in d.list() {
+        for v in f.versions.values() {
+            if v.state != State::Active {
+                continue;
+            }
+            let Some(snap) = &v.snapshot else { continue };
+            let warm = f
+                .provisioned
+                .get(&v.version)
+                .copied()
+                .or_else(|| {
+                    // Provisioned concurrency set on an alias counts for its version.
+                    f.aliases
+                        .values()
+                        .filter(|a| a.function_version == v.version)
+                        .find_map(|a| f.provisioned.get(&a.name).copied())
+                })
+                .unwrap_or(d.cfg.default_warm);
+            let key = (f.name.clone(), v.version.clone());
+            let need = d.pools.maintain(&key, snap.generation, warm, d.cfg.idle_ttl);
+            if need == 0 {
+                continue;
+            }
+            let source = match Source::of(d, v) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!("cannot warm {}:{}: {e}", key.0, key.1);
+                    continue;
+                }
+            };
+            for _ in 0..need {
+                let d = d.clone();
+                let key = key.clone();
+                let source = source.clone();
+                tokio::spawn(async move {
+                    let r = Instance::restore(
+                        &d.cfg.launch,
+                        &source.files,
+                        &source.snapshot.dir,
+                        source.mem_mib,
+                        source.vcpus,
+                    )
+                    .await;
+                    let inst = match r {
+                        Ok(i) => Some(i),
+                        Err(e) => {
+                            log::error!("warming {}:{} failed: {e}", key.0, key.1);
+                            // Do not retry in a tight loop.
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            None
+                        }
+                    };
+                    d.pools.warmed(&key, inst, source.snapshot.generation);
+                });
+            }
+        }
+    }
+}

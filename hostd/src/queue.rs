@@ -1,0 +1,309 @@
+//! Asynchronous invocations (`InvocationType: Event`): accepted at once,
+//! stored, run by workers, retried twice on failure (as Lambda does), and
+//! their outcome kept and queryable. Stored on disk so a restart loses
+//! nothing: queued and running items are queued again on start.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::daemon::{now_rfc3339, Daemon};
+use crate::error::ApiError;
+use crate::store::{load_dir, write_json_atomic};
+
+/// Lambda's async payload limit, 256 KB.
+pub const MAX_ASYNC_PAYLOAD: usize = 256 * 1024;
+/// One try plus two retries.
+pub const MAX_ATTEMPTS: usize = 3;
+/// Finished records kept (oldest dropped beyond this).
+const KEEP_FINISHED: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Attempt {
+    pub started: String,
+    pub duration_ms: u64,
+    /// `Success`, `FunctionError`, `Throttled` or `Error`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AsyncInvocation {
+    pub request_id: String,
+    pub function_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qualifier: Option<String>,
+    /// Base64 of the event.
+    pub payload: String,
+    pub status: Status,
+    pub attempts: Vec<Attempt>,
+    pub created: String,
+    pub updated: String,
+    /// The function's response (Succeeded) or error body (Failed), as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executed_version: Option<String>,
+}
+
+pub struct AsyncQueue {
+    dir: PathBuf,
+    items: Mutex<BTreeMap<String, AsyncInvocation>>,
+    tx: mpsc::UnboundedSender<String>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+}
+
+impl AsyncQueue {
+    pub fn open(dir: PathBuf) -> std::io::Result<AsyncQueue> {
+        std::fs::create_dir_all(&dir)?;
+        let (items, bad): (Vec<AsyncInvocation>, _) = load_dir(&dir)?;
+        for b in bad {
+            log::error!("skipping unreadable async invocation {b}");
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut map = BTreeMap::new();
+        for mut item in items {
+            if matches!(item.status, Status::Queued | Status::Running) {
+                item.status = Status::Queued;
+                let _ = tx.send(item.request_id.clone());
+            }
+            map.insert(item.request_id.clone(), item);
+        }
+        Ok(AsyncQueue {
+            dir,
+            items: Mutex::new(map),
+            tx,
+            rx: Mutex::new(Some(rx)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, AsyncInvocation>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, item: &AsyncInvocation) -> Result<(), ApiError> {
+        write_json_atomic(&self.dir.join(format!("{}.json", item.request_id)), item)
+            .map_err(|e| ApiError::service(format!("cannot store the async invocation: {e}")))
+    }
+
+    /// Accepts an event: stored durably before the caller hears 202.
+    pub fn enqueue(
+        &self,
+        function: &str,
+        qualifier: Option<&str>,
+        payload: &[u8],
+        request_id: String,
+    ) -> Result<AsyncInvocation, ApiError> {
+        if payload.len() > MAX_ASYNC_PAYLOAD {
+            return Err(ApiError::too_large(format!(
+                "Request must be smaller than {MAX_ASYNC_PAYLOAD} bytes for asynchronous invocations"
+            )));
+        }
+        let now = now_rfc3339();
+        let item = AsyncInvocation {
+            request_id: request_id.clone(),
+            function_name: function.to_string(),
+            qualifier: qualifier.map(str::to_string),
+            payload: base64::engine::general_purpose::STANDARD.encode(payload),
+            status: Status::Queued,
+            attempts: Vec::new(),
+            created: now.clone(),
+            updated: now,
+            result: None,
+            executed_version: None,
+        };
+        self.save(&item)?;
+        self.lock().insert(request_id.clone(), item.clone());
+        let _ = self.tx.send(request_id);
+        self.trim();
+        Ok(item)
+    }
+
+    pub fn get(&self, id: &str) -> Option<AsyncInvocation> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn list(&self, function: Option<&str>) -> Vec<AsyncInvocation> {
+        self.lock()
+            .values()
+            .filter(|i| function.is_none_or(|f| i.function_name == f))
+            .cloned()
+            .collect()
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut AsyncInvocation)) -> Option<AsyncInvocation> {
+        let mut items = self.lock();
+        let item = items.get_mut(id)?;
+        f(item);
+        item.updated = now_rfc3339();
+        let copy = item.clone();
+        drop(items);
+        if let Err(e) = self.save(&copy) {
+            log::error!("{e}");
+        }
+        Some(copy)
+    }
+
+    /// Drops the oldest finished records beyond [`KEEP_FINISHED`].
+    fn trim(&self) {
+        let mut items = self.lock();
+        let finished: Vec<(String, String)> = items
+            .values()
+            .filter(|i| matches!(i.status, Status::Succeeded | Status::Failed))
+            .map(|i| (i.updated.clone(), i.request_id.clone()))
+            .collect();
+        if finished.len() <= KEEP_FINISHED {
+            return;
+        }
+        let mut finished = finished;
+        finished.sort();
+        for (_, id) in finished.iter().take(finished.len() - KEEP_FINISHED) {
+            items.remove(id);
+            let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+        }
+    }
+}
+
+/// Starts the workers that run queued events.
+pub fn start_workers(d: Arc<Daemon>) {
+    let Some(rx) = d.queue.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    for _ in 0..d.cfg.async_workers.max(1) {
+        let d = d.clone();
+        let rx = rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                match next {
+                    Some(id) => run_one(&d, &id).await,
+                    None => return,
+                }
+            }
+        });
+    }
+}
+
+async fn run_one(d: &Arc<Daemon>, id: &str) {
+    let Some(item) = d.queue.update(id, |i| i.status = Status::Running) else {
+        return;
+    };
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(&item.payload)
+        .unwrap_or_default();
+    let started = now_rfc3339();
+    let t = std::time::Instant::now();
+    let result = crate::invoke::invoke(
+        d,
+        &item.function_name,
+        item.qualifier.as_deref(),
+        payload,
+        id.to_string(),
+    )
+    .await;
+    let duration_ms = t.elapsed().as_millis() as u64;
+    let (attempt, result_text, version, throttled) = match result {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.payload).into_owned();
+            let outcome = if out.function_error.is_some() {
+                "FunctionError"
+            } else {
+                "Success"
+            };
+            let message = out.function_error.as_ref().map(|_| {
+                serde_json::from_slice::<serde_json::Value>(&out.payload)
+                    .ok()
+                    .and_then(|v| v["errorMessage"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| text.clone())
+            });
+            (
+                Attempt {
+                    started,
+                    duration_ms: out.duration_ms,
+                    outcome: outcome.into(),
+                    error_type: out.error_type.clone(),
+                    error_message: message,
+                },
+                Some(text),
+                Some(out.executed_version),
+                false,
+            )
+        }
+        Err(e) => {
+            let throttled = e.kind == "TooManyRequestsException";
+            (
+                Attempt {
+                    started,
+                    duration_ms,
+                    outcome: if throttled { "Throttled" } else { "Error" }.into(),
+                    error_type: Some(e.kind.to_string()),
+                    error_message: Some(e.message.clone()),
+                },
+                None,
+                None,
+                throttled,
+            )
+        }
+    };
+    let succeeded = attempt.outcome == "Success";
+    // Missing functions will not come back: no retries for them.
+    let permanent = attempt.error_type.as_deref() == Some("ResourceNotFoundException");
+    let item = d.queue.update(id, |i| {
+        i.attempts.push(attempt);
+        i.executed_version = version.or(i.executed_version.take());
+        if result_text.is_some() {
+            i.result = result_text;
+        }
+        let counted = i
+            .attempts
+            .iter()
+            .filter(|a| a.outcome != "Throttled")
+            .count();
+        i.status = if succeeded {
+            Status::Succeeded
+        } else if permanent || counted >= MAX_ATTEMPTS {
+            Status::Failed
+        } else {
+            Status::Queued
+        };
+    });
+    let Some(item) = item else { return };
+    if item.status == Status::Queued {
+        let counted = item
+            .attempts
+            .iter()
+            .filter(|a| a.outcome != "Throttled")
+            .count() as u32;
+        // Lambda waits 1 then 2 minutes; the base delay is configurable.
+        let delay = if throttled {
+            d.cfg.async_retry_delay
+        } else {
+            d.cfg.async_retry_delay * 2u32.pow(counted.saturating_sub(1))
+        };
+        let tx = d.queue.tx.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
+            let _ = tx.send(id);
+        });
+    }
+}

@@ -1,0 +1,523 @@
+//! One microVM: an `ember-vmm` process (jailed or not), its API socket,
+//! its vsock socket and the connection to its guest agent.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_agent::{AgentClient, ClientError, AGENT_PORT};
+use serde_json::json;
+use tokio::sync::{oneshot, watch};
+
+use super::api_client::{self, ApiError};
+
+/// How VMM processes are started.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    pub vmm_bin: PathBuf,
+    /// None: run the VMM directly (development only; see [`JailConfig`]).
+    pub jail: Option<JailConfig>,
+    /// Working directories of unjailed instances, and VMM logs.
+    pub run_dir: PathBuf,
+    /// Guest kernel command line (None: the VMM's default).
+    pub boot_args: Option<String>,
+    /// Longest wait for a booting guest's agent.
+    pub boot_timeout: Duration,
+}
+
+/// Jailing with `ember-jailer`: a chroot per VMM under `chroot_base`, its
+/// own mount namespace and cgroup, and a uid of its own from
+/// `uid_base..uid_base + uid_count`.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    pub jailer_bin: PathBuf,
+    pub chroot_base: PathBuf,
+    pub uid_base: u32,
+    pub uid_count: u32,
+    pub gid: u32,
+}
+
+/// Host files a VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub code: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("cannot start the VMM: {0}")]
+    Spawn(String),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("guest agent: {0}")]
+    Agent(#[from] ClientError),
+    #[error("the microVM exited: {0}")]
+    Exited(String),
+    #[error("the guest agent did not say hello within {0:?}")]
+    BootTimeout(Duration),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Paths as the VMM sees them (inside its jail) for each part of a VM.
+mod vm_paths {
+    pub const KERNEL: &str = "/vmlinux";
+    pub const ROOTFS: &str = "/rootfs.ext4";
+    pub const CODE: &str = "/code.ext4";
+    pub const SNAPSHOT: &str = "/snap/vm.snap";
+    pub const MEM: &str = "/snap/mem";
+    pub const RUN: &str = "/run";
+    pub const API: &str = "/run/api.sock";
+    pub const VSOCK: &str = "/run/v.sock";
+    pub const SERIAL: &str = "/run/serial.log";
+    pub const OUT: &str = "/out";
+}
+
+/// A running VMM process.
+pub struct Instance {
+    pub id: String,
+    /// Where the VMM's `/` is on the host (the jail root), or its working
+    /// directory when unjailed.
+    host_dir: PathBuf,
+    jailed: bool,
+    chroot_base: Option<PathBuf>,
+    log_path: PathBuf,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+    exit: watch::Receiver<Option<String>>,
+    agent: Arc<Mutex<Option<AgentClient>>>,
+    pid: Option<u32>,
+    pub started: Instant,
+}
+
+static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+
+fn new_id() -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("vm-{}", &u[..16])
+}
+
+impl Instance {
+    /// Host path of `vm_path` (a path as the VMM sees it).
+    fn host(&self, vm_path: &str) -> PathBuf {
+        if self.jailed {
+            self.host_dir.join(vm_path.trim_start_matches('/'))
+        } else {
+            self.host_dir.join(Path::new(vm_path).file_name().unwrap_or_default())
+        }
+    }
+
+    /// The path to hand the VMM for `vm_path`.
+    fn vm(&self, vm_path: &str) -> PathBuf {
+        if self.jailed {
+            PathBuf::from(vm_path)
+        } else {
+            self.host(vm_path)
+        }
+    }
+
+    fn api(&self) -> PathBuf {
+        self.host(vm_paths::API)
+    }
+
+    pub fn vsock_path(&self) -> PathBuf {
+        self.host(vm_paths::VSOCK)
+    }
+
+    /// The VMM's process id (None once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid.filter(|_| self.is_alive())
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// `Some(reason)` once the VMM process has exited.
+    pub fn exited(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.exited().is_none()
+    }
+
+    /// Starts a VMM. `inputs` are host files bound (jailed) or referred to
+    /// (unjailed) under their VM paths; `out` is a host directory the VMM
+    /// may write to, seen as `/out`.
+    async fn spawn(
+        cfg: &LaunchConfig,
+        inputs: &[(&str, &Path)],
+        out: Option<&Path>,
+        mem_mib: u32,
+        vcpus: u32,
+    ) -> Result<Instance, InstanceError> {
+        let id = new_id();
+        std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
+        let log_path = cfg.run_dir.join("logs").join(format!("{id}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let (host_dir, mut cmd) = match &cfg.jail {
+            None => {
+                let dir = cfg.run_dir.join("instances").join(&id);
+                std::fs::create_dir_all(&dir)?;
+                let mut cmd = tokio::process::Command::new(&cfg.vmm_bin);
+                cmd.arg("--api-sock").arg(dir.join("api.sock"));
+                (dir, cmd)
+            }
+            Some(jail) => {
+                let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % jail.uid_count.max(1);
+                let spec = crate::jail::JailSpec {
+                    id: id.clone(),
+                    exec_file: cfg.vmm_bin.clone(),
+                    chroot_base: jail.chroot_base.clone(),
+                    uid: jail.uid_base + n,
+                    gid: jail.gid,
+                    binds: inputs
+                        .iter()
+                        .map(|(vm, host)| crate::jail::Bind::read_only(host, vm))
+                        .chain(out.map(|o| crate::jail::Bind::writable(o, vm_paths::OUT)))
+                        .collect(),
+                    dirs: vec![PathBuf::from(vm_paths::RUN)],
+                    // Guest memory plus room for the VMM itself.
+                    memory_limit_bytes: Some((u64::from(mem_mib) + 128) << 20),
+                    cpus: Some(f64::from(vcpus)),
+                    args: vec!["--api-sock".into(), vm_paths::API.into()],
+                    ..Default::default()
+                };
+                let root = spec.root();
+                (root, tokio::process::Command::from(spec.command(&jail.jailer_bin)))
+            }
+        };
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes one async-signal-safe syscall (prctl).
+        unsafe {
+            cmd.pre_exec(|| {
+                // The VMM dies with the daemon instead of lingering unmanaged.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.arg("--id")
+            .arg(&id)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| InstanceError::Spawn(format!("{e}")))?;
+        let pid = child.id();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let reason = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let _ = exit_tx.send(Some(reason));
+        });
+        let inst = Instance {
+            id,
+            host_dir,
+            jailed: cfg.jail.is_some(),
+            chroot_base: cfg.jail.as_ref().map(|j| j.chroot_base.clone()),
+            log_path,
+            kill: Mutex::new(Some(kill_tx)),
+            exit: exit_rx,
+            agent: Arc::new(Mutex::new(None)),
+            pid,
+            started: Instant::now(),
+        };
+        let api = inst.api();
+        let ready = api_client::wait_ready(&api, Duration::from_secs(10));
+        tokio::select! {
+            r = ready => r?,
+            reason = inst.wait_exit() => return Err(InstanceError::Exited(inst.describe_exit(&reason))),
+        }
+        Ok(inst)
+    }
+
+    /// Boots a fresh VM from `files` and waits for its agent's hello.
+    /// The VMM may write into `out` (seen as `/out`), for a snapshot.
+    pub async fn boot(
+        cfg: &LaunchConfig,
+        files: &VmFiles,
+        mem_mib: u32,
+        vcpus: u32,
+        out: &Path,
+    ) -> Result<Instance, InstanceError> {
+        let inputs = [
+            (vm_paths::KERNEL, files.kernel.as_path()),
+            (vm_paths::ROOTFS, files.rootfs.as_path()),
+            (vm_paths::CODE, files.code.as_path()),
+        ];
+        let inst = Instance::spawn(cfg, &inputs, Some(out), mem_mib, vcpus).await?;
+        let result = inst.configure_and_start(cfg, files, mem_mib, vcpus).await;
+        match result {
+            Ok(()) => Ok(inst),
+            Err(e) => {
+                inst.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn configure_and_start(
+        &self,
+        cfg: &LaunchConfig,
+        files: &VmFiles,
+        mem_mib: u32,
+        vcpus: u32,
+    ) -> Result<(), InstanceError> {
+        let api = self.api();
+        let input = |vm: &str, host: &Path| {
+            if self.jailed {
+                PathBuf::from(vm)
+            } else {
+                host.to_path_buf()
+            }
+        };
+        let mut boot = json!({"kernel_image_path": input(vm_paths::KERNEL, &files.kernel)});
+        if let Some(args) = &cfg.boot_args {
+            boot["boot_args"] = json!(args);
+        }
+        api_client::put(&api, "/boot-source", boot).await?;
+        api_client::put(
+            &api,
+            "/machine-config",
+            json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
+        )
+        .await?;
+        api_client::put(
+            &api,
+            "/drives/rootfs",
+            json!({"drive_id": "rootfs", "path_on_host": input(vm_paths::ROOTFS, &files.rootfs),
+                   "is_root_device": true, "is_read_only": true}),
+        )
+        .await?;
+        api_client::put(
+            &api,
+            "/drives/code",
+            json!({"drive_id": "code", "path_on_host": input(vm_paths::CODE, &files.code),
+                   "is_root_device": false, "is_read_only": true}),
+        )
+        .await?;
+        api_client::put(
+            &api,
+            "/vsock",
+            json!({"guest_cid": 3, "uds_path": self.vm(vm_paths::VSOCK)}),
+        )
+        .await?;
+        // The hello arrives on <uds>_53; listen before the guest starts.
+        let listener = ember_agent::bind_ready_listener(self.vsock_path())?;
+        if self.jailed {
+            // The jailed VMM (another uid) must be able to connect.
+            use std::os::unix::fs::PermissionsExt;
+            let p = ember_agent::host_port_socket_path(self.vsock_path(), 53);
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666))?;
+        }
+        api_client::put(&api, "/actions", json!({"action_type": "InstanceStart"})).await?;
+        let timeout = cfg.boot_timeout;
+        let hello = tokio::task::spawn_blocking(move || {
+            ember_agent::wait_ready(&listener, timeout)
+        });
+        tokio::select! {
+            r = hello => match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(ClientError::Timeout(t))) => return Err(InstanceError::BootTimeout(t)),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(e) => return Err(InstanceError::Spawn(format!("hello waiter: {e}"))),
+            },
+            reason = self.wait_exit() => return Err(InstanceError::Exited(self.describe_exit(&reason))),
+        }
+        self.connect_agent(Duration::from_secs(30)).await
+    }
+
+    /// Restores a clone from the snapshot in `snapshot_dir` (running) and
+    /// connects to its agent, refreshing its entropy and clock.
+    pub async fn restore(
+        cfg: &LaunchConfig,
+        files: &VmFiles,
+        snapshot_dir: &Path,
+        mem_mib: u32,
+        vcpus: u32,
+    ) -> Result<Instance, InstanceError> {
+        let snap = snapshot_dir.join("vm.snap");
+        let mem = snapshot_dir.join("mem");
+        let inputs = [
+            (vm_paths::SNAPSHOT, snap.as_path()),
+            (vm_paths::MEM, mem.as_path()),
+            (vm_paths::ROOTFS, files.rootfs.as_path()),
+            (vm_paths::CODE, files.code.as_path()),
+        ];
+        let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus).await?;
+        let (snap_vm, mem_vm) = if inst.jailed {
+            (PathBuf::from(vm_paths::SNAPSHOT), PathBuf::from(vm_paths::MEM))
+        } else {
+            (snap.clone(), mem.clone())
+        };
+        let mut load = json!({
+            "snapshot_path": snap_vm,
+            "mem_backend": {"backend_type": "File", "backend_path": mem_vm},
+            "resume_vm": true,
+            "serial_out_path": inst.vm(vm_paths::SERIAL),
+        });
+        if !inst.jailed {
+            // Every clone's vsock socket must differ; in a jail the path
+            // recorded in the snapshot is already private to the clone.
+            load["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
+        }
+        let result = async {
+            api_client::put(&inst.api(), "/snapshot/load", load).await?;
+            inst.connect_agent(Duration::from_secs(30)).await?;
+            inst.with_agent(|a| a.refresh()).await??;
+            Ok::<(), InstanceError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(inst),
+            Err(e) => {
+                inst.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects to the agent. After a restore the guest drops connections
+    /// made before it handled the vsock reset, so each attempt is short
+    /// and proven with a health check.
+    async fn connect_agent(&self, timeout: Duration) -> Result<(), InstanceError> {
+        let uds = self.vsock_path();
+        let slot = self.agent.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let r = AgentClient::connect_retry(
+                    &uds,
+                    AGENT_PORT,
+                    Duration::from_secs(5),
+                    Duration::from_secs(2),
+                )
+                .and_then(|mut a| a.health().map(|_| a));
+                match r {
+                    Ok(a) => {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+                        return Ok(());
+                    }
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        tokio::select! {
+            r = task => r.map_err(|e| InstanceError::Spawn(format!("agent connector: {e}")))?
+                .map_err(InstanceError::Agent),
+            reason = self.wait_exit() => Err(InstanceError::Exited(self.describe_exit(&reason))),
+        }
+    }
+
+    /// Runs `f` on the agent connection in a blocking thread. Fails at once
+    /// if the VMM exits meanwhile.
+    pub async fn with_agent<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut AgentClient) -> T + Send + 'static,
+    ) -> Result<T, InstanceError> {
+        let slot = self.agent.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_mut().map(f)
+        });
+        tokio::select! {
+            r = task => match r {
+                Ok(Some(v)) => Ok(v),
+                Ok(None) => Err(InstanceError::Agent(ClientError::Closed)),
+                Err(e) => Err(InstanceError::Spawn(format!("agent call: {e}"))),
+            },
+            reason = self.wait_exit() => Err(InstanceError::Exited(self.describe_exit(&reason))),
+        }
+    }
+
+    /// Pauses the VM and writes a Full snapshot to `dir` (a host path; for
+    /// a jailed VMM it must be the `out` directory given to [`boot`]).
+    pub async fn snapshot(&self, dir: &Path) -> Result<(), InstanceError> {
+        let api = self.api();
+        api_client::patch(&api, "/vm", json!({"state": "Paused"})).await?;
+        let base = if self.jailed {
+            PathBuf::from(vm_paths::OUT)
+        } else {
+            dir.to_path_buf()
+        };
+        api_client::put(
+            &api,
+            "/snapshot/create",
+            json!({"snapshot_type": "Full",
+                   "snapshot_path": base.join("vm.snap"),
+                   "mem_file_path": base.join("mem")}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn wait_exit(&self) -> String {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return "monitor gone".to_string();
+            }
+        }
+    }
+
+    /// The exit reason plus the end of the VMM's log.
+    pub fn describe_exit(&self, reason: &str) -> String {
+        let log = std::fs::read(&self.log_path).unwrap_or_default();
+        let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(600)..]).into_owned();
+        format!("ember-vmm {} ({reason}); log tail: {}", self.id, tail.trim())
+    }
+
+    /// Kills the VMM (if still running) without waiting.
+    pub fn kill(&self) {
+        if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Kills the VMM, waits for it, and removes its files. A VMM that
+    /// crashed keeps its log for the operator.
+    pub async fn destroy(&self) {
+        let crashed = self.exited();
+        self.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.wait_exit()).await;
+        if crashed.is_none() {
+            let _ = std::fs::remove_file(&self.log_path);
+        }
+        if self.jailed {
+            if let Some(base) = &self.chroot_base {
+                if let Err(e) = crate::jail::cleanup(base, &self.id) {
+                    log::warn!("cleaning up jail {}: {e}", self.id);
+                }
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&self.host_dir);
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
