@@ -103,6 +103,42 @@ pub fn early_setup() {
         log(&format!("sethostname {hostname:?}: {e}"));
     }
     set_default_env();
+    loopback_up();
+}
+
+/// Brings up `lo` (the kernel then gives it 127.0.0.1), for the Lambda
+/// Runtime API on 127.0.0.1:9001. Three syscalls: socket, ioctl, close.
+pub fn loopback_up() {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let sock = match socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            log(&format!("loopback: socket: {e}"));
+            return;
+        }
+    };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // lo has no other flag a user may change, so no SIOCGIFFLAGS first.
+    req.ifr_ifru.ifru_flags = libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads a valid, initialised ifreq that outlives
+    // the call, on a socket fd we own.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    if rc != 0 {
+        log(&format!(
+            "loopback: SIOCSIFFLAGS lo up: {}",
+            io::Error::last_os_error()
+        ));
+    }
 }
 
 /// Sets PATH and HOME for the agent and its children. Call before any

@@ -5,6 +5,7 @@
 //! * [`server`]: the agent side, generic over the byte stream.
 //! * [`exec`], [`reaper`]: running programs as PID 1 without losing exit
 //!   statuses to the orphan reaper.
+//! * [`runtime`]: the AWS Lambda Runtime API for `StartRuntime` / `Invoke`.
 //! * [`init`]: PID 1 duties (mounts, console, hostname, power off) and the
 //!   accept loops used by the `ember-agent` binary.
 
@@ -14,6 +15,7 @@ pub mod init;
 pub mod protocol;
 pub mod reaper;
 pub mod refresh;
+pub mod runtime;
 pub mod server;
 
 pub use client::{

@@ -6,20 +6,23 @@
 //! on vsock 2:53 and serves forever. It never exits.
 //!
 //! Not as PID 1 (tests, or under another init):
-//!   ember-agent --listen-unix PATH [--ready-unix PATH]
-//!   ember-agent --vsock
+//!   ember-agent --listen-unix PATH [--ready-unix PATH] [--runtime-api ADDR]
+//!   ember-agent --vsock [--runtime-api ADDR]
 //! `Shutdown`/`Reboot` then make the process exit with status 0.
+//! `--runtime-api` is where the Lambda Runtime API listens (default
+//! 127.0.0.1:9001; port 0 picks a free one).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use ember_agent::init::{self, fatal};
+use ember_agent::runtime::RuntimeConfig;
 use ember_agent::{log, Agent, PowerAction, AGENT_PORT, AGENT_VERSION, PROTOCOL_VERSION};
 
 const USAGE: &str = "usage: ember-agent                      (as PID 1 in the guest)
-       ember-agent --listen-unix PATH [--ready-unix PATH]
-       ember-agent --vsock
+       ember-agent --listen-unix PATH [--ready-unix PATH] [--runtime-api ADDR]
+       ember-agent --vsock [--runtime-api ADDR]
        ember-agent --version";
 
 fn main() {
@@ -29,12 +32,23 @@ fn main() {
     let mut listen_unix: Option<PathBuf> = None;
     let mut ready_unix: Option<PathBuf> = None;
     let mut vsock = false;
+    let mut runtime = RuntimeConfig::default();
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--listen-unix") => listen_unix = args.next().map(PathBuf::from),
             Some("--ready-unix") => ready_unix = args.next().map(PathBuf::from),
             Some("--vsock") => vsock = true,
+            Some("--runtime-api") => {
+                let addr = args.next();
+                match addr.as_ref().and_then(|a| a.to_str()?.parse().ok()) {
+                    Some(a) => runtime.api_addr = a,
+                    None => {
+                        eprintln!("ember-agent: --runtime-api needs IP:PORT, got {addr:?}");
+                        std::process::exit(2);
+                    }
+                }
+            }
             Some("--version") => {
                 println!("ember-agent {AGENT_VERSION} (protocol {PROTOCOL_VERSION})");
                 return;
@@ -55,12 +69,15 @@ fn main() {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         log(&format!("PR_SET_CHILD_SUBREAPER: {e}"));
     }
-    let agent = Agent::new(Arc::new(|action: PowerAction| {
-        log(&format!(
-            "{action:?} requested; not PID 1, so exiting instead"
-        ));
-        std::process::exit(0);
-    }));
+    let agent = Agent::with_runtime(
+        Arc::new(|action: PowerAction| {
+            log(&format!(
+                "{action:?} requested; not PID 1, so exiting instead"
+            ));
+            std::process::exit(0);
+        }),
+        runtime,
+    );
     if let Some(path) = listen_unix {
         let listener = match init::bind_unix(&path) {
             Ok(l) => l,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::protocol::{
     read_frame_bytes, write_frame, HealthInfo, ProtocolError, Request, Response,
 };
+use crate::runtime::{RuntimeConfig, RuntimeHost};
 
 /// What `Shutdown` / `Reboot` ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,11 +26,21 @@ pub type PowerHandler = Arc<dyn Fn(PowerAction) + Send + Sync>;
 #[derive(Clone)]
 pub struct Agent {
     power: PowerHandler,
+    runtime: Arc<RuntimeHost>,
 }
 
 impl Agent {
+    /// An agent whose Runtime API listens on Lambda's 127.0.0.1:9001.
     pub fn new(power: PowerHandler) -> Agent {
-        Agent { power }
+        Agent::with_runtime(power, RuntimeConfig::default())
+    }
+
+    /// An agent with its own Runtime API settings (tests pick a port).
+    pub fn with_runtime(power: PowerHandler, config: RuntimeConfig) -> Agent {
+        Agent {
+            power,
+            runtime: Arc::new(RuntimeHost::new(config)),
+        }
     }
 
     /// Answers one request. Never panics: a panic inside becomes an
@@ -52,9 +63,8 @@ impl Agent {
             },
             // The action itself runs after the Ack is on the wire.
             Request::Shutdown | Request::Reboot => Response::Ack,
-            Request::StartRuntime(_) | Request::Invoke(_) => Response::Error {
-                message: "the Lambda runtime API is not implemented yet".to_string(),
-            },
+            Request::StartRuntime(spec) => self.runtime.start(spec),
+            Request::Invoke(ev) => self.runtime.invoke(ev),
         }));
         result.unwrap_or_else(|p| Response::Error {
             message: format!("internal error: {}", panic_message(&p)),
