@@ -121,7 +121,17 @@ fn build_image(src: &Path, content_bytes: u64, out: &Path) -> Result<(), CodeErr
     let kib = (content_bytes / 1024) * 5 / 4 + 4096;
     let tmp = out.with_extension("ext4.tmp");
     let result = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-L", "code", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-L",
+            "code",
+            "-d",
+        ])
         .arg(src)
         .arg(&tmp)
         .arg(format!("{kib}K"))

@@ -72,9 +72,7 @@ pub fn now_rfc3339() -> String {
 
 /// `2026-11-23T16:00:00.000+0000`, the form Lambda's `LastModified` uses.
 fn humantime_like(t: std::time::SystemTime) -> String {
-    let d = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -503,11 +501,18 @@ impl Daemon {
         set("_HANDLER", spec.handler.clone());
         set("AWS_LAMBDA_FUNCTION_NAME", name.to_string());
         set("AWS_LAMBDA_FUNCTION_VERSION", v.version.clone());
-        set("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", spec.memory_mib.to_string());
+        set(
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            spec.memory_mib.to_string(),
+        );
         set("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"));
         set(
             "AWS_LAMBDA_LOG_STREAM_NAME",
-            format!("[{}]{}", v.version, &v.revision_id[..8.min(v.revision_id.len())]),
+            format!(
+                "[{}]{}",
+                v.version,
+                &v.revision_id[..8.min(v.revision_id.len())]
+            ),
         );
         set("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start".into());
         set("AWS_REGION", self.cfg.region.clone());
@@ -550,11 +555,10 @@ impl Daemon {
     }
 
     pub fn vm_files(&self, spec: &FunctionSpec) -> Result<VmFiles, ApiError> {
-        let rootfs = self
-            .cfg
-            .rootfs
-            .get(&spec.runtime_kind())
-            .ok_or_else(|| ApiError::service(format!("no root filesystem for {}", spec.runtime)))?;
+        let rootfs =
+            self.cfg.rootfs.get(&spec.runtime_kind()).ok_or_else(|| {
+                ApiError::service(format!("no root filesystem for {}", spec.runtime))
+            })?;
         Ok(VmFiles {
             kernel: self.cfg.kernel.clone(),
             rootfs: rootfs.clone(),
@@ -707,7 +711,14 @@ impl Daemon {
                 Err(f) => {
                     let body = String::from_utf8_lossy(&f.payload).into_owned();
                     let log = String::from_utf8_lossy(&f.log);
-                    let tail: String = log.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+                    let tail: String = log
+                        .chars()
+                        .rev()
+                        .take(2000)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
                     Err(fail(
                         "InitError",
                         format!("{}: {body}; log: {tail}", f.error_type),

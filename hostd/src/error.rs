@@ -32,7 +32,11 @@ impl ApiError {
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "InvalidRequestContentException", message)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            message,
+        )
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {

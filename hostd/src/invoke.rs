@@ -58,15 +58,12 @@ pub async fn invoke(
         )));
     }
     let rec = d.get(function)?;
-    let v = rec
-        .resolve(qualifier)
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "Function not found: {}",
-                d.function_arn(function, qualifier)
-            ))
-        })?;
+    let v = rec.resolve(qualifier).cloned().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}",
+            d.function_arn(function, qualifier)
+        ))
+    })?;
     if v.snapshot.is_none() {
         let state = match v.state {
             State::Pending => "Pending",

@@ -2,14 +2,14 @@
 //!
 //! * [`jail`]: running each VMM in its own chroot, mount namespace and
 //!   cgroup, unprivileged (the `ember-jailer` binary and hostd's view of a jail).
-pub mod jail;
+pub mod api;
 pub mod code;
-pub mod model;
-pub mod store;
-pub mod vm;
 pub mod daemon;
 pub mod error;
 pub mod invoke;
+pub mod jail;
+pub mod model;
 pub mod pool;
 pub mod queue;
-pub mod api;
+pub mod store;
+pub mod vm;

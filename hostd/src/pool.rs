@@ -284,7 +284,12 @@ impl Pools {
         // Oldest first: reclaim from the front while above the warm count.
         while kept.len() as u32 > warm && kept.front().is_some_and(|i| i.since.elapsed() > ttl) {
             if let Some(i) = kept.pop_front() {
-                log::info!("reclaiming idle instance {} of {}:{}", i.inst.id, key.0, key.1);
+                log::info!(
+                    "reclaiming idle instance {} of {}:{}",
+                    i.inst.id,
+                    key.0,
+                    key.1
+                );
                 destroy_later(i.inst);
             }
         }
@@ -346,7 +351,9 @@ fn maintain_all(d: &Arc<Daemon>) {
                 })
                 .unwrap_or(d.cfg.default_warm);
             let key = (f.name.clone(), v.version.clone());
-            let need = d.pools.maintain(&key, snap.generation, warm, d.cfg.idle_ttl);
+            let need = d
+                .pools
+                .maintain(&key, snap.generation, warm, d.cfg.idle_ttl);
             if need == 0 {
                 continue;
             }

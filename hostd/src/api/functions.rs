@@ -181,7 +181,13 @@ pub async fn create_alias(
     let alias_name = req
         .name
         .ok_or_else(|| ApiError::invalid("Name is required"))?;
-    let a = d.put_alias(&name, &alias_name, req.function_version, req.description, true)?;
+    let a = d.put_alias(
+        &name,
+        &alias_name,
+        req.function_version,
+        req.description,
+        true,
+    )?;
     Ok((StatusCode::CREATED, Json(alias(&d, &name, &a))).into_response())
 }
 

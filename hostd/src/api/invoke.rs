@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
-use super::functions::QualifierQuery;
 use super::function_ref;
+use super::functions::QualifierQuery;
 use crate::daemon::Daemon;
 use crate::error::ApiError;
 use crate::invoke::new_request_id;

@@ -34,7 +34,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
             "/2015-03-31/functions/{name}/configuration",
             get(functions::get_configuration).put(functions::update_configuration),
         )
-        .route("/2015-03-31/functions/{name}/code", put(functions::update_code))
+        .route(
+            "/2015-03-31/functions/{name}/code",
+            put(functions::update_code),
+        )
         .route(
             "/2015-03-31/functions/{name}/versions",
             post(functions::publish).get(functions::list_versions),
@@ -70,14 +73,24 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/ember/v1/async-invocations", get(ember::list_async))
         .route("/ember/v1/async-invocations/{id}", get(ember::get_async))
         .route("/ember/v1/functions/{name}/logs", get(ember::logs))
-        .fallback(|| async { ApiError::new(axum::http::StatusCode::NOT_FOUND, "UnknownOperationException", "no such operation") })
+        .fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "UnknownOperationException",
+                "no such operation",
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(d)
 }
 
 /// Parses a JSON body with a Lambda-style error on failure.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.is_empty() { b"{}" as &[u8] } else { body };
+    let body = if body.is_empty() {
+        b"{}" as &[u8]
+    } else {
+        body
+    };
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("could not parse request body into json: {e}")))
 }

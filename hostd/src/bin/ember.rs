@@ -10,7 +10,11 @@ use ember_hostd::vm::api_client::{raw_request, RawResponse};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
-#[command(name = "ember", version, about = "Manage and invoke functions on an Ember host")]
+#[command(
+    name = "ember",
+    version,
+    about = "Manage and invoke functions on an Ember host"
+)]
 struct Cli {
     /// emberd's API socket.
     #[arg(long, env = "EMBER_SOCKET", default_value = "/run/ember/emberd.sock")]
@@ -219,7 +223,10 @@ impl Client {
         loop {
             let cfg = self.json(
                 "GET",
-                &format!("/2015-03-31/functions/{name}/configuration?Qualifier={}", enc(qualifier)),
+                &format!(
+                    "/2015-03-31/functions/{name}/configuration?Qualifier={}",
+                    enc(qualifier)
+                ),
                 None,
             );
             if cfg["LastUpdateStatus"] != "InProgress" {

@@ -12,7 +12,11 @@ use ember_hostd::model::RuntimeKind;
 use ember_hostd::vm::{JailConfig, LaunchConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "emberd", version, about = "Ember host daemon: functions on warm microVMs")]
+#[command(
+    name = "emberd",
+    version,
+    about = "Ember host daemon: functions on warm microVMs"
+)]
 struct Args {
     /// The API socket.
     #[arg(long, env = "EMBER_SOCKET", default_value = "/run/ember/emberd.sock")]
@@ -134,7 +138,10 @@ async fn run(args: Args) {
     }
     let vmm_bin = args.vmm_bin.unwrap_or_else(|| beside_me("ember-vmm"));
     if !vmm_bin.is_file() {
-        fail(format!("VMM binary {} not found (--vmm-bin)", vmm_bin.display()));
+        fail(format!(
+            "VMM binary {} not found (--vmm-bin)",
+            vmm_bin.display()
+        ));
     }
     let jail = if args.no_jail {
         log::warn!("--no-jail: VMMs run unjailed, as this daemon's user");
@@ -158,9 +165,9 @@ async fn run(args: Args) {
             gid: args.jail_gid,
         })
     };
-    let boot_args = args.boot_args.map(|extra| {
-        format!("{} {extra}", ember_hostd::vm::DEFAULT_BOOT_ARGS)
-    });
+    let boot_args = args
+        .boot_args
+        .map(|extra| format!("{} {extra}", ember_hostd::vm::DEFAULT_BOOT_ARGS));
     let cfg = Config {
         state_dir: args.state_dir,
         launch: LaunchConfig {
@@ -211,10 +218,11 @@ async fn run(args: Args) {
     );
     let app = ember_hostd::api::router(d.clone());
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => fail(format!("cannot watch SIGTERM: {e}")),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => fail(format!("cannot watch SIGTERM: {e}")),
+            };
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},

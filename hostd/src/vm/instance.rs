@@ -83,6 +83,8 @@ pub struct Instance {
     /// directory when unjailed.
     host_dir: PathBuf,
     jailed: bool,
+    /// uid:gid of a jailed VMM.
+    jail_owner: Option<(u32, u32)>,
     chroot_base: Option<PathBuf>,
     log_path: PathBuf,
     kill: Mutex<Option<oneshot::Sender<()>>>,
@@ -90,6 +92,41 @@ pub struct Instance {
     agent: Arc<Mutex<Option<AgentClient>>>,
     pid: Option<u32>,
     pub started: Instant,
+}
+
+/// Host paths a jailed VMM needs besides its own files: the shared
+/// libraries of a dynamically linked VMM, and `/sys/module/kvm_pvm`, by
+/// which it recognises a nested kvm_pvm host.
+fn host_support_binds(vmm_bin: &Path) -> Vec<crate::jail::Bind> {
+    let mut binds = Vec::new();
+    let dynamic = std::fs::read(vmm_bin)
+        .map(|b| {
+            let head = &b[..b.len().min(4096)];
+            head.windows(3).any(|w| w == b"ld-")
+        })
+        .unwrap_or(true);
+    if dynamic {
+        for dir in [
+            "/lib/x86_64-linux-gnu",
+            "/lib64",
+            "/usr/lib/x86_64-linux-gnu",
+        ] {
+            let p = Path::new(dir);
+            // With merged /usr, /lib is a link: bind each real directory once.
+            if p.is_dir()
+                && !binds.iter().any(|b: &crate::jail::Bind| {
+                    std::fs::canonicalize(&b.host).ok() == std::fs::canonicalize(p).ok()
+                })
+            {
+                binds.push(crate::jail::Bind::read_only(p, p));
+            }
+        }
+    }
+    let pvm = Path::new("/sys/module/kvm_pvm");
+    if pvm.is_dir() {
+        binds.push(crate::jail::Bind::read_only(pvm, pvm));
+    }
+    binds
 }
 
 static NEXT_UID: AtomicU32 = AtomicU32::new(0);
@@ -105,7 +142,8 @@ impl Instance {
         if self.jailed {
             self.host_dir.join(vm_path.trim_start_matches('/'))
         } else {
-            self.host_dir.join(Path::new(vm_path).file_name().unwrap_or_default())
+            self.host_dir
+                .join(Path::new(vm_path).file_name().unwrap_or_default())
         }
     }
 
@@ -158,6 +196,7 @@ impl Instance {
         std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
         let log_path = cfg.run_dir.join("logs").join(format!("{id}.log"));
         let log = std::fs::File::create(&log_path)?;
+        let mut jail_owner = None;
         let (host_dir, mut cmd) = match &cfg.jail {
             None => {
                 let dir = cfg.run_dir.join("instances").join(&id);
@@ -168,38 +207,46 @@ impl Instance {
             }
             Some(jail) => {
                 let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % jail.uid_count.max(1);
-                let spec = crate::jail::JailSpec {
-                    id: id.clone(),
-                    exec_file: cfg.vmm_bin.clone(),
-                    chroot_base: jail.chroot_base.clone(),
-                    uid: jail.uid_base + n,
-                    gid: jail.gid,
-                    binds: inputs
-                        .iter()
-                        .map(|(vm, host)| crate::jail::Bind::read_only(host, vm))
-                        .chain(out.map(|o| crate::jail::Bind::writable(o, vm_paths::OUT)))
-                        .collect(),
-                    dirs: vec![PathBuf::from(vm_paths::RUN)],
-                    // Guest memory plus room for the VMM itself.
-                    memory_limit_bytes: Some((u64::from(mem_mib) + 128) << 20),
-                    cpus: Some(f64::from(vcpus)),
-                    args: vec!["--api-sock".into(), vm_paths::API.into()],
-                    ..Default::default()
-                };
+                let mut spec = crate::jail::JailSpec::new(
+                    id.clone(),
+                    &cfg.vmm_bin,
+                    jail.uid_base + n,
+                    jail.gid,
+                );
+                spec.chroot_base = jail.chroot_base.clone();
+                spec.binds = inputs
+                    .iter()
+                    .map(|(vm, host)| crate::jail::Bind::read_only(*host, *vm))
+                    .chain(out.map(|o| crate::jail::Bind::read_write(o, vm_paths::OUT)))
+                    .chain(host_support_binds(&cfg.vmm_bin))
+                    .collect();
+                spec.dirs = vec![PathBuf::from(vm_paths::RUN)];
+                // Guest memory plus room for the VMM itself.
+                spec.memory_limit = Some((u64::from(mem_mib) + 128) << 20);
+                spec.cpus = Some(f64::from(vcpus));
+                spec.die_with_parent = true;
+                spec.args = vec!["--api-sock".into(), vm_paths::API.into()];
+                jail_owner = Some((spec.uid, spec.gid));
                 let root = spec.root();
-                (root, tokio::process::Command::from(spec.command(&jail.jailer_bin)))
+                (
+                    root,
+                    tokio::process::Command::from(spec.command(&jail.jailer_bin)),
+                )
             }
         };
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes one async-signal-safe syscall (prctl).
-        unsafe {
-            cmd.pre_exec(|| {
-                // The VMM dies with the daemon instead of lingering unmanaged.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        // makes one async-signal-safe syscall (prctl). (A jailed VMM gets
+        // the same from the jailer, after its uid change, which clears it.)
+        if cfg.jail.is_none() {
+            unsafe {
+                cmd.pre_exec(|| {
+                    // The VMM dies with the daemon instead of lingering unmanaged.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
         }
         cmd.arg("--id")
             .arg(&id)
@@ -231,6 +278,7 @@ impl Instance {
             id,
             host_dir,
             jailed: cfg.jail.is_some(),
+            jail_owner,
             chroot_base: cfg.jail.as_ref().map(|j| j.chroot_base.clone()),
             log_path,
             kill: Mutex::new(Some(kill_tx)),
@@ -321,17 +369,16 @@ impl Instance {
         .await?;
         // The hello arrives on <uds>_53; listen before the guest starts.
         let listener = ember_agent::bind_ready_listener(self.vsock_path())?;
-        if self.jailed {
+        if let Some((uid, gid)) = self.jail_owner {
             // The jailed VMM (another uid) must be able to connect.
-            use std::os::unix::fs::PermissionsExt;
             let p = ember_agent::host_port_socket_path(self.vsock_path(), 53);
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666))?;
+            nix::unistd::chown(&p, Some(uid.into()), Some(gid.into()))
+                .map_err(std::io::Error::from)?;
         }
         api_client::put(&api, "/actions", json!({"action_type": "InstanceStart"})).await?;
         let timeout = cfg.boot_timeout;
-        let hello = tokio::task::spawn_blocking(move || {
-            ember_agent::wait_ready(&listener, timeout)
-        });
+        let hello =
+            tokio::task::spawn_blocking(move || ember_agent::wait_ready(&listener, timeout));
         tokio::select! {
             r = hello => match r {
                 Ok(Ok(_)) => {}
@@ -363,7 +410,10 @@ impl Instance {
         ];
         let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus).await?;
         let (snap_vm, mem_vm) = if inst.jailed {
-            (PathBuf::from(vm_paths::SNAPSHOT), PathBuf::from(vm_paths::MEM))
+            (
+                PathBuf::from(vm_paths::SNAPSHOT),
+                PathBuf::from(vm_paths::MEM),
+            )
         } else {
             (snap.clone(), mem.clone())
         };
@@ -485,7 +535,11 @@ impl Instance {
     pub fn describe_exit(&self, reason: &str) -> String {
         let log = std::fs::read(&self.log_path).unwrap_or_default();
         let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(600)..]).into_owned();
-        format!("ember-vmm {} ({reason}); log tail: {}", self.id, tail.trim())
+        format!(
+            "ember-vmm {} ({reason}); log tail: {}",
+            self.id,
+            tail.trim()
+        )
     }
 
     /// Kills the VMM (if still running) without waiting.
