@@ -1,6 +1,7 @@
 //! The guest kernel and root filesystem, built (or found in the cache) by
 //! `kernels/build.sh` and `rootfs/build.sh`. `EMBER_KERNEL` and
-//! `EMBER_ROOTFS` point at prebuilt ones instead.
+//! `EMBER_ROOTFS` (and `EMBER_ROOTFS_PROVIDED`, `EMBER_ROOTFS_PYTHON3`) point
+//! at prebuilt ones instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,10 +14,11 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run_build_script(script: &str) -> PathBuf {
+fn run_build_script(script: &str, args: &[&str]) -> PathBuf {
     let path = workspace_root().join(script);
     let out = Command::new("bash")
         .arg(&path)
+        .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
@@ -40,7 +42,7 @@ fn run_build_script(script: &str) -> PathBuf {
 fn artifact(var: &str, script: &str, cell: &'static OnceLock<PathBuf>) -> PathBuf {
     cell.get_or_init(|| match std::env::var_os(var) {
         Some(p) => PathBuf::from(p),
-        None => run_build_script(script),
+        None => run_build_script(script, &[]),
     })
     .clone()
 }
@@ -53,6 +55,26 @@ pub fn kernel_path() -> PathBuf {
 pub fn rootfs_path() -> PathBuf {
     static CELL: OnceLock<PathBuf> = OnceLock::new();
     artifact("EMBER_ROOTFS", "rootfs/build.sh", &CELL)
+}
+
+/// The root filesystem of a Lambda runtime, `runtime` = "provided" (bash,
+/// curl) or "python3" (python3 and awslambdaric), built by
+/// `rootfs/build.sh <runtime>` or named by `EMBER_ROOTFS_<RUNTIME>`
+/// (`EMBER_ROOTFS_PROVIDED`, `EMBER_ROOTFS_PYTHON3`).
+pub fn runtime_rootfs_path(runtime: &str) -> PathBuf {
+    static PROVIDED: OnceLock<PathBuf> = OnceLock::new();
+    static PYTHON3: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match runtime {
+        "provided" => &PROVIDED,
+        "python3" => &PYTHON3,
+        other => panic!("unknown runtime {other:?}: expected \"provided\" or \"python3\""),
+    };
+    let var = format!("EMBER_ROOTFS_{}", runtime.to_uppercase());
+    cell.get_or_init(|| match std::env::var_os(&var) {
+        Some(p) => PathBuf::from(p),
+        None => run_build_script("rootfs/build.sh", &[runtime]),
+    })
+    .clone()
 }
 
 /// A binary of this workspace, built by `cargo build` beside the test binary
