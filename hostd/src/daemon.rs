@@ -20,6 +20,8 @@ use crate::vm::{Instance, LaunchConfig, VmFiles};
 /// The function user in Lambda's sandboxes (`sbx_user1051`).
 pub const FUNCTION_UID: u32 = 993;
 pub const FUNCTION_GID: u32 = 990;
+/// What runtimes are told about their init (`AWS_LAMBDA_INITIALIZATION_TYPE`).
+const INITIALIZATION_TYPE: &str = "on-demand";
 /// Drives in attach order: the root filesystem is vda, the code vdb.
 const CODE_DEVICE: &str = "/dev/vdb";
 
@@ -514,7 +516,7 @@ impl Daemon {
                 &v.revision_id[..8.min(v.revision_id.len())]
             ),
         );
-        set("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start".into());
+        set("AWS_LAMBDA_INITIALIZATION_TYPE", INITIALIZATION_TYPE.into());
         set("AWS_REGION", self.cfg.region.clone());
         set("AWS_DEFAULT_REGION", self.cfg.region.clone());
         set("LAMBDA_TASK_ROOT", "/var/task".into());

@@ -138,10 +138,19 @@ pub async fn invoke(
             }
         }
         Ok(Ok(Err(e))) => {
+            // A dropped connection usually means the VMM died: say so.
+            let died = lease.inst.exited_within(Duration::from_millis(500)).await;
+            let what = match died {
+                Some(reason) => {
+                    log::warn!("{function}:{version}: microVM died during {request_id}: {reason}");
+                    "the microVM running the function exited unexpectedly".to_string()
+                }
+                None => format!("the guest agent failed: {e}"),
+            };
             set_error(
                 &mut out,
                 "Runtime.ExitError",
-                &format!("RequestId: {request_id} Error: the guest agent failed: {e}"),
+                &format!("RequestId: {request_id} Error: {what}"),
             );
             false
         }

@@ -519,6 +519,11 @@ impl Instance {
         Ok(())
     }
 
+    /// The exit reason if the VMM exits within `t`.
+    pub async fn exited_within(&self, t: Duration) -> Option<String> {
+        tokio::time::timeout(t, self.wait_exit()).await.ok()
+    }
+
     async fn wait_exit(&self) -> String {
         let mut rx = self.exit.clone();
         loop {

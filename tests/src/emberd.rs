@@ -1,0 +1,375 @@
+//! An `emberd` child process (jailed VMMs when run as root) with its own
+//! state and run directories, driven over its unix socket with curl.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifacts::{kernel_path, runtime_rootfs_path, workspace_bin};
+
+pub struct Emberd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+/// An HTTP answer: status, headers (lower-case names), body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "reply is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_lowercase()).map(String::as_str)
+    }
+
+    /// The base64 `X-Amz-Log-Result`, decoded.
+    pub fn log_tail(&self) -> String {
+        use std::io::Read;
+        let Some(b64) = self.header("x-amz-log-result") else {
+            return String::new();
+        };
+        let mut child = Command::new("base64")
+            .arg("-d")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("base64");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b64.as_bytes())
+            .expect("write");
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read");
+        let _ = child.wait();
+        out
+    }
+}
+
+impl Emberd {
+    /// Starts emberd in a fresh directory with both runtimes. Jailed when
+    /// run as root, else `--no-jail`.
+    pub fn start(extra: &[&str]) -> Emberd {
+        let dir = tempfile::Builder::new()
+            .prefix("emberd-test-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let mut d = Emberd {
+            child: None,
+            socket: dir.join("emberd.sock"),
+            log: dir.join("emberd.log"),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut cmd = Command::new(workspace_bin("emberd"));
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--run-dir")
+            .arg(self.dir.join("run"))
+            .arg("--kernel")
+            .arg(kernel_path())
+            .arg("--rootfs-provided")
+            .arg(runtime_rootfs_path("provided"))
+            .arg("--rootfs-python3")
+            .arg(runtime_rootfs_path("python3"))
+            .arg("--vmm-bin")
+            .arg(workspace_bin("ember-vmm"))
+            .args(&self.extra);
+        if nix_is_root() {
+            cmd.arg("--jailer-bin").arg(workspace_bin("ember-jailer"));
+        } else {
+            cmd.arg("--no-jail");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn emberd");
+        self.child = Some(child);
+        let start = Instant::now();
+        while !self.socket.exists() {
+            if let Some(Some(st)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                panic!("emberd exited ({st}); log:\n{}", self.logs());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "emberd did not listen; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Stops emberd with SIGTERM and starts it again on the same state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(30) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One request with curl; headers as (name, value).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let hdr_file = tempfile::NamedTempFile::new().expect("tmp");
+        let body_file = tempfile::NamedTempFile::new().expect("tmp");
+        let mut cmd = Command::new("curl");
+        cmd.arg("-sS")
+            .arg("--max-time")
+            .arg("900")
+            .arg("--unix-socket")
+            .arg(&self.socket)
+            .arg("-X")
+            .arg(method)
+            .arg("-D")
+            .arg(hdr_file.path())
+            .arg("-o")
+            .arg(body_file.path())
+            .arg("-w")
+            .arg("%{http_code}");
+        for (k, v) in headers {
+            cmd.arg("-H").arg(format!("{k}: {v}"));
+        }
+        let mut input = None;
+        if let Some(b) = body {
+            let f = tempfile::NamedTempFile::new().expect("tmp");
+            std::fs::write(f.path(), b).expect("write body");
+            cmd.arg("-H")
+                .arg("Content-Type: application/json")
+                .arg("--data-binary")
+                .arg(format!("@{}", f.path().display()));
+            input = Some(f);
+        }
+        cmd.arg(format!("http://localhost{path}"));
+        let out = cmd.output().expect("curl");
+        drop(input);
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let status: u16 = code.parse().unwrap_or_else(|_| {
+            panic!(
+                "{method} {path}: curl failed: {}; emberd log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            )
+        });
+        let mut headers = BTreeMap::new();
+        for line in std::fs::read_to_string(hdr_file.path())
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Some((k, v)) = line.split_once(':') {
+                headers.insert(k.trim().to_lowercase(), v.trim().to_string());
+            }
+        }
+        Reply {
+            status,
+            headers,
+            body: std::fs::read(body_file.path()).unwrap_or_default(),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, &[], None)
+    }
+
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.request("POST", path, &[], Some(body.to_string().as_bytes()))
+    }
+
+    /// CreateFunction with the code in `dir` zipped; panics unless 201.
+    pub fn create_function(
+        &self,
+        name: &str,
+        runtime: &str,
+        handler: &str,
+        code_dir: &Path,
+        timeout: u32,
+        env: &[(&str, &str)],
+    ) -> serde_json::Value {
+        let zip = zip_dir(code_dir);
+        let vars: serde_json::Map<String, serde_json::Value> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+            .collect();
+        let r = self.post_json(
+            "/2015-03-31/functions",
+            &serde_json::json!({
+                "FunctionName": name, "Runtime": runtime, "Handler": handler,
+                "Code": {"ZipFile": zip}, "Timeout": timeout, "MemorySize": 128,
+                "Environment": {"Variables": vars},
+            }),
+        );
+        assert_eq!(r.status, 201, "create {name}: {}", r.text());
+        r.json()
+    }
+
+    /// Waits until `name`:`qualifier` is no longer being built; panics if
+    /// it failed.
+    pub fn wait_active(&self, name: &str, qualifier: &str, timeout: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let r = self.get(&format!(
+                "/2015-03-31/functions/{name}/configuration?Qualifier={}",
+                qualifier.replace('$', "%24")
+            ));
+            assert_eq!(r.status, 200, "{}", r.text());
+            let cfg = r.json();
+            if cfg["LastUpdateStatus"] != "InProgress" {
+                assert_eq!(
+                    cfg["State"], "Active",
+                    "{name}:{qualifier} did not become active: {cfg}; log:\n{}",
+                    self.logs()
+                );
+                return cfg;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name}:{qualifier} still building after {timeout:?}; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// A synchronous invoke with the log tail.
+    pub fn invoke(&self, name: &str, payload: &serde_json::Value) -> Reply {
+        self.request(
+            "POST",
+            &format!("/2015-03-31/functions/{name}/invocations"),
+            &[("X-Amz-Log-Type", "Tail")],
+            Some(payload.to_string().as_bytes()),
+        )
+    }
+
+    pub fn pools(&self) -> serde_json::Value {
+        self.get("/ember/v1/pools").json()
+    }
+}
+
+impl Drop for Emberd {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("emberd state kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Base64 of a zip of `dir` (with `zip -r`, keeping modes).
+pub fn zip_dir(dir: &Path) -> String {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let zip = tmp.path().join("code.zip");
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os,sys,zipfile\n\
+             src,out=sys.argv[1],sys.argv[2]\n\
+             z=zipfile.ZipFile(out,'w',zipfile.ZIP_DEFLATED)\n\
+             for root,_,files in os.walk(src):\n\
+             \x20 for f in sorted(files):\n\
+             \x20   p=os.path.join(root,f); i=zipfile.ZipInfo(os.path.relpath(p,src))\n\
+             \x20   i.external_attr=(os.stat(p).st_mode&0o7777)<<16; i.compress_type=zipfile.ZIP_DEFLATED\n\
+             \x20   z.writestr(i,open(p,'rb').read())\n\
+             z.close()\n",
+        )
+        .arg(dir)
+        .arg(&zip)
+        .status()
+        .expect("python3 zip");
+    assert!(st.success());
+    let out = Command::new("base64")
+        .arg("-w0")
+        .arg(&zip)
+        .output()
+        .expect("base64");
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+pub fn write_file(path: &Path, content: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).expect("mkdir");
+    }
+    std::fs::write(path, content).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
