@@ -80,7 +80,13 @@ pub enum Request {
     /// Sent by the host right after a restore: mix `entropy` into the
     /// kernel's RNG (and reseed it) and set the clock, so clones of one
     /// snapshot share no secrets and keep the right time. Answered with
-    /// [`Response::Ack`].
+    /// [`Response::Ack`] (or `Error` if the refresh failed).
+    ///
+    /// It is also the agent's "restored" signal (send it once after every
+    /// restore): a SnapStart runtime parked on `GET .../restore/next` gets
+    /// its answer after the refresh and before the `Ack`, and then runs its
+    /// after-restore hooks (the `Ack` does not wait for them; an `Invoke`
+    /// waits for the runtime's next `invocation/next` anyway).
     Refresh {
         #[serde(with = "b64")]
         entropy: Vec<u8>,
@@ -89,12 +95,17 @@ pub enum Request {
     },
     /// Start the function's runtime under the Lambda Runtime API: answered
     /// with [`Response::RuntimeReady`] once the runtime first asks for an
-    /// invocation (`GET .../invocation/next`), or [`Response::InitError`].
-    /// At most one runtime per agent.
+    /// invocation (`GET .../invocation/next`) or, with
+    /// `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`, for the restore
+    /// (`GET .../restore/next`, parked until the next `Refresh`); or with
+    /// [`Response::InitError`]. At most one runtime per agent.
     StartRuntime(RuntimeSpec),
     /// Hand one event to the runtime: answered with [`Response::Invoked`]
     /// when the runtime posts its response or error (or exits). One at a
-    /// time; a second concurrent `Invoke` gets `Error`.
+    /// time; a second concurrent `Invoke` gets `Error`. A SnapStart runtime
+    /// still parked on `restore/next` (no `Refresh` came) is released
+    /// first; one that posted `restore/error` fails every `Invoke` with
+    /// [`InvokeStatus::RuntimeExited`] and the posted error.
     Invoke(InvokeRequest),
 }
 
@@ -165,7 +176,8 @@ pub enum InvokeStatus {
     Success,
     /// The runtime posted `invocation/{id}/error`.
     FunctionError,
-    /// The runtime exited (or crashed) before answering; the agent cannot
+    /// The runtime exited (or crashed) before answering, or its
+    /// after-restore hooks failed (`restore/error`); the agent cannot
     /// serve further invocations and the instance should be discarded.
     RuntimeExited,
 }
@@ -176,11 +188,13 @@ pub struct InvokeResult {
     pub status: InvokeStatus,
     /// The response body, or the error body (`{"errorMessage":..,
     /// "errorType":..,"stackTrace":[..]}`) as the runtime posted it; for
-    /// `RuntimeExited` an error body made by the agent.
+    /// `RuntimeExited` an error body made by the agent, or the body of the
+    /// runtime's `restore/error`.
     #[serde(with = "b64")]
     pub payload: Vec<u8>,
-    /// `Lambda-Runtime-Function-Error-Type` header of an error post, or
-    /// `errorType` from its body, or `Runtime.ExitError`.
+    /// `Lambda-Runtime-Function-Error-Type` header of an error post
+    /// (invocation or `restore/error`), or `errorType` from its body, or
+    /// `Runtime.ExitError` (exit) / `Runtime.Unknown` (restore error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_type: Option<String>,
     /// What the runtime wrote to stdout and stderr during this invocation
@@ -194,7 +208,8 @@ pub struct InvokeResult {
 /// Answer to [`Request::StartRuntime`] on success.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeReady {
-    /// From spawning the runtime to its first `invocation/next`.
+    /// From spawning the runtime to its first `invocation/next` (or
+    /// `restore/next`: before-snapshot hooks count as init, as in Lambda).
     pub init_duration_ms: u64,
     /// Output of the runtime during init.
     #[serde(with = "b64")]

@@ -57,10 +57,18 @@ impl Agent {
             Request::Refresh {
                 entropy,
                 realtime_ns,
-            } => match crate::refresh::apply(&entropy, realtime_ns) {
-                Ok(()) => Response::Ack,
-                Err(message) => Response::Error { message },
-            },
+            } => {
+                let applied = crate::refresh::apply(&entropy, realtime_ns);
+                // Refresh is also the sign that this is a restored clone:
+                // a SnapStart runtime's restore/next is answered now (even
+                // if the refresh failed: the restore did happen, and the
+                // host learns of the failure from the Error).
+                self.runtime.restored();
+                match applied {
+                    Ok(()) => Response::Ack,
+                    Err(message) => Response::Error { message },
+                }
+            }
             // The action itself runs after the Ack is on the wire.
             Request::Shutdown | Request::Reboot => Response::Ack,
             Request::StartRuntime(spec) => self.runtime.start(spec),

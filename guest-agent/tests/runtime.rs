@@ -9,13 +9,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use ember_agent::{AgentClient, ClientError, InvokeRequest, InvokeStatus, RuntimeSpec};
+use ember_agent::{
+    AgentClient, ClientError, InvokeRequest, InvokeStatus, Request, Response, RuntimeSpec,
+};
 
 const T: Duration = Duration::from_secs(30);
 
 /// The tutorial's loop, plus behaviours chosen by the event: `fail`
 /// posts an error, `exit` ends the runtime, `big` posts a body over 6 MB,
 /// `wrongid` first posts to an unknown id; anything else is echoed.
+/// With `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start` it first waits on
+/// `restore/next` and writes the file `restored` (status, body size, time)
+/// when that returns; `RESTORE_MODE=fail` then posts `restore/error`.
 const BOOTSTRAP: &str = r#"#!/bin/sh
 set -eu
 echo "init: ${GREETING:-none} from $(pwd)"
@@ -28,6 +33,23 @@ echo "init: ${GREETING:-none} from $(pwd)"
 [ "${INIT_MODE:-}" = hang ] && sleep 600
 [ "${INIT_MODE:-}" = exit ] && { echo "dying in init" >&2; exit 2; }
 API="http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime"
+if [ "${AWS_LAMBDA_INITIALIZATION_TYPE:-}" = snap-start ]; then
+  # SnapStart, as AWS's runtime clients do it: before-snapshot hooks,
+  # wait for the restore, after-restore hooks (or report their failure).
+  echo "before snapshot"
+  CODE=$(curl -sS -o restore_body -w '%{http_code}' "$API/restore/next")
+  echo "$CODE $(wc -c < restore_body) $(date +%s%N)" > restored.tmp
+  mv restored.tmp restored
+  echo "after restore: $CODE"
+  [ "${RESTORE_MODE:-}" = fail ] && {
+    sleep 0.3
+    CODE=$(curl -sS -o /dev/null -w '%{http_code}' -X POST \
+      -H 'Lambda-Runtime-Function-Error-Type: Runtime.AfterRestoreError' \
+      -d '{"errorMessage":"hook failed","errorType":"HookError"}' "$API/restore/error")
+    echo "restore/error: $CODE"
+    exit 65
+  }
+fi
 while true; do
   curl -sS -D headers -o event "$API/invocation/next"
   ID=$(grep -i '^Lambda-Runtime-Aws-Request-Id:' headers | cut -d' ' -f2 | tr -d '\r')
@@ -258,4 +280,120 @@ fn missing_bootstrap_is_invalid_entrypoint() {
         .unwrap()
         .expect_err("cannot start");
     assert_eq!(f.error_type, "Runtime.InvalidEntrypoint");
+}
+
+/// A `Refresh` the agent refuses (no entropy) before touching the RNG or
+/// the clock, so the test leaves the host's alone; it still counts as the
+/// restore and releases `restore/next`.
+fn harmless_refresh(c: &mut AgentClient) {
+    let r = c
+        .request(&Request::Refresh {
+            entropy: Vec::new(),
+            realtime_ns: 0,
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, Response::Error { message } if message.contains("entropy")),
+        "{r:?}"
+    );
+}
+
+fn wait_for(path: &Path) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            return s;
+        }
+        assert!(start.elapsed() < T, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const SNAP: (&str, &str) = ("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start");
+
+#[test]
+fn snapstart_runtime_waits_for_the_restore() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let ready = c
+        .start_runtime(&agent.spec(&[SNAP]))
+        .unwrap()
+        .expect("runtime ready");
+    // Ready as soon as it waits on restore/next (the host snapshots now).
+    let init_log = text(&ready.log);
+    assert!(init_log.contains("before snapshot"), "{init_log}");
+    assert!(!init_log.contains("after restore"), "{init_log}");
+
+    // Nothing but the restore releases it.
+    let marker = agent.dir.path().join("restored");
+    std::thread::sleep(Duration::from_millis(300));
+    c.health().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!marker.exists(), "restore/next answered before Refresh");
+
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    harmless_refresh(&mut c);
+    let restored = wait_for(&marker);
+    let fields: Vec<&str> = restored.split_whitespace().collect();
+    assert_eq!(&fields[..2], ["200", "0"], "{restored}");
+    let at: u128 = fields[2].parse().unwrap();
+    assert!(at >= before, "released at {at}, Refresh sent at {before}");
+
+    // Then the usual loop; after-restore output is in the first log.
+    let r = c.invoke(&event("s1", "hi")).unwrap();
+    assert_eq!(r.status, InvokeStatus::Success);
+    assert_eq!(text(&r.payload), "echo:hi");
+    assert!(
+        text(&r.log).contains("after restore: 200"),
+        "{}",
+        text(&r.log)
+    );
+    // A second Refresh (another restore of this clone?) changes nothing.
+    harmless_refresh(&mut c);
+    let r = c.invoke(&event("s2", "again")).unwrap();
+    assert_eq!(text(&r.payload), "echo:again");
+}
+
+#[test]
+fn snapstart_after_restore_error_fails_invokes() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    c.start_runtime(&agent.spec(&[SNAP, ("RESTORE_MODE", "fail")]))
+        .unwrap()
+        .expect("runtime ready");
+    harmless_refresh(&mut c);
+    // This Invoke waits through the hooks, which then fail.
+    let r = c.invoke(&event("r1", "x")).unwrap();
+    assert_eq!(r.status, InvokeStatus::RuntimeExited);
+    assert_eq!(r.error_type.as_deref(), Some("Runtime.AfterRestoreError"));
+    assert_eq!(
+        text(&r.payload),
+        r#"{"errorMessage":"hook failed","errorType":"HookError"}"#
+    );
+    assert!(
+        text(&r.log).contains("after restore: 200"),
+        "{}",
+        text(&r.log)
+    );
+    // The runtime exits (65) after posting; later Invokes get the same.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = c.invoke(&event("r2", "y")).unwrap();
+    assert_eq!(r.status, InvokeStatus::RuntimeExited);
+    assert_eq!(r.error_type.as_deref(), Some("Runtime.AfterRestoreError"));
+    c.health().unwrap();
+}
+
+#[test]
+fn snapstart_invoke_without_refresh_still_runs() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    c.start_runtime(&agent.spec(&[SNAP]))
+        .unwrap()
+        .expect("runtime ready");
+    let r = c.invoke(&event("n1", "direct")).unwrap();
+    assert_eq!(text(&r.payload), "echo:direct");
+    assert!(agent.dir.path().join("restored").exists());
 }

@@ -3,7 +3,9 @@
 //! tiny_http parses requests and keeps connections alive on its own
 //! threads; one thread here takes the requests in turn. No handler blocks:
 //! a `GET /next` with no event yet is parked in the state machine and
-//! answered later by the `Invoke` that brings one.
+//! answered later by the `Invoke` that brings one; a SnapStart runtime's
+//! `GET /restore/next` is parked until the host's `Refresh` after a
+//! restore (see [`super::state`]).
 //!
 //! Responses are written as one buffer through `Request::into_writer`
 //! rather than `Request::respond`: tiny_http would otherwise send headers
@@ -37,6 +39,10 @@ pub enum Route {
     Response(String),
     Error(String),
     InitError,
+    /// `GET /restore/next` (SnapStart).
+    RestoreNext,
+    /// `POST /restore/error` (SnapStart).
+    RestoreError,
     /// A known path with the wrong method.
     BadMethod,
     NotFound,
@@ -51,6 +57,8 @@ pub fn route(method: &Method, url: &str) -> Route {
     let (want, route) = match rest.split('/').collect::<Vec<_>>().as_slice() {
         ["invocation", "next"] => (Method::Get, Route::Next),
         ["init", "error"] => (Method::Post, Route::InitError),
+        ["restore", "next"] => (Method::Get, Route::RestoreNext),
+        ["restore", "error"] => (Method::Post, Route::RestoreError),
         ["invocation", id, "response"] if !id.is_empty() => {
             (Method::Post, Route::Response(id.to_string()))
         }
@@ -181,6 +189,11 @@ fn accepted(req: Request) {
     let _ = write_response(req, 202, &[], br#"{"status":"OK"}"#);
 }
 
+/// Answers a parked `GET /restore/next`: the sandbox was restored.
+pub fn send_restored(req: Request) -> io::Result<()> {
+    write_response(req, 200, &[], b"")
+}
+
 /// Answers a `GET /next` with an event.
 pub fn send_event(req: Request, ev: &InvokeRequest) -> io::Result<()> {
     let deadline = ev.deadline_ms.to_string();
@@ -210,14 +223,19 @@ fn handle(shared: &Shared, mut req: Request) {
     match route {
         Route::Next => {
             discard_body(&mut req);
-            next(shared, req)
+            next(shared, req, false)
+        }
+        Route::RestoreNext => {
+            discard_body(&mut req);
+            next(shared, req, true)
         }
         Route::Response(id) => answer(shared, req, &id, None),
         Route::Error(id) => {
             let t = header(&req, "Lambda-Runtime-Function-Error-Type");
             answer(shared, req, &id, Some(t))
         }
-        Route::InitError => init_error(shared, req),
+        Route::InitError => post_error(shared, req, false),
+        Route::RestoreError => post_error(shared, req, true),
         Route::BadMethod => {
             discard_body(&mut req);
             let e = ApiError::new(405, "MethodNotAllowed", "method not allowed on this path");
@@ -231,7 +249,8 @@ fn handle(shared: &Shared, mut req: Request) {
     }
 }
 
-fn next(shared: &Shared, req: Request) {
+/// `GET /invocation/next`, or `GET /restore/next` if `restore`.
+fn next(shared: &Shared, req: Request, restore: bool) {
     let action = {
         let mut inner = shared.lock();
         let init = inner.machine.phase() == Phase::Init;
@@ -239,7 +258,11 @@ fn next(shared: &Shared, req: Request) {
             // RuntimeReady carries the whole init output.
             inner.drain();
         }
-        let action = inner.machine.next(req, Instant::now());
+        let action = if restore {
+            inner.machine.restore_next(req, Instant::now())
+        } else {
+            inner.machine.next(req, Instant::now())
+        };
         if init {
             shared.notify();
         }
@@ -253,7 +276,7 @@ fn next(shared: &Shared, req: Request) {
             let e = ApiError::new(
                 403,
                 "InvalidStateTransition",
-                "superseded by a newer invocation/next",
+                "superseded by a newer invocation/next or restore/next",
             );
             reply_error(old, &e);
         }
@@ -309,13 +332,19 @@ fn answer(shared: &Shared, mut req: Request, id: &str, error_type: Option<Option
     }
 }
 
-fn init_error(shared: &Shared, mut req: Request) {
+/// `POST /init/error`, or `POST /restore/error` if `restore`.
+fn post_error(shared: &Shared, mut req: Request, restore: bool) {
     let t = header(&req, "Lambda-Runtime-Function-Error-Type");
     let result = match read_body(&mut req) {
         Ok(body) => {
             let mut inner = shared.lock();
+            // The error's log has everything written before it.
             inner.drain();
-            let r = inner.machine.init_error(t, body);
+            let r = if restore {
+                inner.machine.restore_error(t, body)
+            } else {
+                inner.machine.init_error(t, body)
+            };
             shared.notify();
             r
         }
@@ -354,6 +383,19 @@ mod tests {
             Route::Error("abc".into())
         );
         assert_eq!(route(&Method::Post, &p("init/error")), Route::InitError);
+        assert_eq!(route(&Method::Get, &p("restore/next")), Route::RestoreNext);
+        assert_eq!(
+            route(&Method::Get, &p("restore/next?x=1")),
+            Route::RestoreNext
+        );
+        assert_eq!(
+            route(&Method::Post, &p("restore/error")),
+            Route::RestoreError
+        );
+        assert_eq!(route(&Method::Post, &p("restore/next")), Route::BadMethod);
+        assert_eq!(route(&Method::Get, &p("restore/error")), Route::BadMethod);
+        assert_eq!(route(&Method::Get, &p("restore")), Route::NotFound);
+        assert_eq!(route(&Method::Get, &p("restore/next/x")), Route::NotFound);
         assert_eq!(
             route(&Method::Post, &p("invocation/next")),
             Route::BadMethod

@@ -2,7 +2,8 @@
 //! function's runtime, `Invoke` hands it one event, and the runtime talks
 //! to us over HTTP as it would to Lambda.
 //!
-//! * [`state`]: the life cycle as a pure state machine.
+//! * [`state`]: the life cycle as a pure state machine (including the
+//!   SnapStart restore handshake: `restore/next`, `restore/error`).
 //! * [`http`]: the Runtime API server (`AWS_LAMBDA_RUNTIME_API`).
 //! * [`process`]: spawning the runtime, its output, its exit.
 //!
@@ -27,7 +28,7 @@ use nix::sys::signal::Signal;
 
 use crate::protocol::{InitFailure, InvokeRequest, Response, RuntimeSpec};
 use crate::reaper::Reaper;
-use state::{error_body, Machine, Phase};
+use state::{error_body, Dispatch, Machine, Phase};
 
 /// Where the Runtime API listens in the guest (Lambda's own address).
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:9001";
@@ -129,6 +130,15 @@ pub struct RuntimeHost {
 fn error(message: impl Into<String>) -> Response {
     Response::Error {
         message: message.into(),
+    }
+}
+
+/// Answers a parked `GET /restore/next`. If the runtime's connection is
+/// gone there is nothing to do: an `Invoke` then gets the runtime's exit
+/// or waits for its next `GET /next`.
+fn release(parked: tiny_http::Request) {
+    if let Err(e) = http::send_restored(parked) {
+        crate::log(&format!("answering the runtime's restore/next: {e}"));
     }
 }
 
@@ -266,11 +276,15 @@ impl RuntimeHost {
                 "Invoke: request_id must be non-empty without '/', and no field may contain CR, LF or NUL",
             );
         }
-        let delivery = self.shared.lock().machine.invoke(req, Instant::now());
-        match delivery {
+        let dispatch = self.shared.lock().machine.invoke(req, Instant::now());
+        match dispatch {
             Err(e) => return error(e),
-            Ok(None) => {}
-            Ok(Some((parked, ev))) => {
+            Ok(Dispatch::Wait) => {}
+            Ok(Dispatch::Release(parked)) => {
+                crate::log("Invoke before any Refresh: releasing the runtime's restore/next");
+                release(parked);
+            }
+            Ok(Dispatch::Deliver(parked, ev)) => {
                 if let Err(e) = http::send_event(parked, &ev) {
                     crate::log(&format!(
                         "handing event {} to the runtime: {e}; keeping it for its next request",
@@ -286,6 +300,17 @@ impl RuntimeHost {
                 return Response::Invoked(out);
             }
             inner = self.shared.wait(inner);
+        }
+    }
+
+    /// The sandbox was restored from a snapshot (the host's `Refresh`):
+    /// answers a SnapStart runtime's parked `GET /restore/next`, so it
+    /// runs its after-restore hooks. Does not wait for them: an `Invoke`
+    /// waits for the runtime's next `GET /next` anyway.
+    pub fn restored(&self) {
+        let parked = self.shared.lock().machine.restored();
+        if let Some(p) = parked {
+            release(p);
         }
     }
 

@@ -1,10 +1,20 @@
 //! The runtime's life cycle as a pure state machine: no threads, no I/O,
 //! no clocks of its own, so every transition is unit-tested.
 //!
-//! `P` is a parked `GET /next` (a `tiny_http::Request` in the agent, a
-//! plain number in tests). The machine never answers HTTP itself: it hands
-//! the parked request back to the caller together with what to send, so
-//! socket writes happen outside the lock that guards the machine.
+//! `P` is a parked `GET /next` or `GET /restore/next` (a
+//! `tiny_http::Request` in the agent, a plain number in tests). The machine
+//! never answers HTTP itself: it hands the parked request back to the
+//! caller together with what to send, so socket writes happen outside the
+//! lock that guards the machine.
+//!
+//! # SnapStart
+//! A runtime started with `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start` ends
+//! its init with `GET /restore/next` instead of `GET /invocation/next`:
+//! that counts as ready (the host then snapshots the VM) and stays parked
+//! until the sandbox is restored ([`Machine::restored`], on the host's
+//! `Refresh`). The runtime then runs its after-restore hooks and either
+//! asks for its first event as usual or posts `restore/error`, after which
+//! every `Invoke` fails with what it posted.
 
 use std::time::Instant;
 
@@ -17,9 +27,10 @@ use crate::protocol::{
 pub enum Phase {
     /// No `StartRuntime` yet.
     Idle,
-    /// Spawned, waiting for its first `GET /next`.
+    /// Spawned, waiting for its first `GET /next` (or `GET /restore/next`).
     Init,
-    /// Initialised; events can be handed over.
+    /// Initialised; events can be handed over (for a SnapStart runtime,
+    /// once its restore handshake is over, see [`Machine::restored`]).
     Ready,
     /// Init failed (init/error, timeout, exit during init, spawn failure).
     Failed,
@@ -80,6 +91,37 @@ pub enum Next<P> {
     Reject(P, ApiError),
 }
 
+/// What an `Invoke` does right away (see [`Machine::invoke`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dispatch<P> {
+    /// Answer this parked `GET /next` with the event.
+    Deliver(P, InvokeRequest),
+    /// Nothing to send: the event waits for the runtime's next `GET /next`,
+    /// or the outcome is already known.
+    Wait,
+    /// Answer this parked `GET /restore/next` (the host never signalled
+    /// the restore): the runtime runs its after-restore hooks and the
+    /// event waits for its next `GET /next`.
+    Release(P),
+}
+
+/// A SnapStart runtime's restore handshake.
+#[derive(Debug)]
+enum Restore<P> {
+    /// No `GET /restore/next` (the runtime does not use SnapStart), or
+    /// the handshake is over (the runtime asked for an event).
+    None,
+    /// `GET /restore/next` waits for the restore.
+    Parked(P),
+    /// `GET /restore/next` was answered: after-restore hooks are running.
+    Hooks,
+    /// The runtime posted `restore/error`: it cannot serve any event.
+    Failed {
+        error_type: String,
+        payload: Vec<u8>,
+    },
+}
+
 /// Function output, keeping the newest [`MAX_LOG_LEN`] bytes: the end of
 /// a log (the error, the last lines) matters most.
 #[derive(Debug, Default)]
@@ -128,6 +170,8 @@ pub struct Machine<P> {
     phase: Phase,
     spawned_at: Option<Instant>,
     parked: Option<P>,
+    /// SnapStart only; at most one of `parked` and `Restore::Parked` is set.
+    restore: Restore<P>,
     /// An `Invoke` waiting for a `GET /next`.
     queued: Option<InvokeRequest>,
     current: Option<Current>,
@@ -148,6 +192,7 @@ impl<P> Default for Machine<P> {
             phase: Phase::Idle,
             spawned_at: None,
             parked: None,
+            restore: Restore::None,
             queued: None,
             current: None,
             busy: false,
@@ -205,18 +250,25 @@ impl<P> Machine<P> {
         self.init_outcome.take()
     }
 
+    /// Init is over: the runtime waits for its first event (or restore).
+    fn init_done(&mut self, now: Instant) {
+        self.phase = Phase::Ready;
+        self.init_outcome = Some(Ok(RuntimeReady {
+            init_duration_ms: self.spawned_at.map_or(0, |t| ms_since(t, now)),
+            log: self.log.take(),
+        }));
+    }
+
     /// `GET /next`.
     pub fn next(&mut self, p: P, now: Instant) -> Next<P> {
         match self.phase {
-            Phase::Init => {
-                self.phase = Phase::Ready;
-                self.init_outcome = Some(Ok(RuntimeReady {
-                    init_duration_ms: self.spawned_at.map_or(0, |t| ms_since(t, now)),
-                    log: self.log.take(),
-                }));
-            }
+            Phase::Init => self.init_done(now),
             Phase::Ready => {}
             phase => return Next::Reject(p, ApiError::invalid_state("invocation/next", phase)),
+        }
+        if matches!(self.restore, Restore::Failed { .. }) {
+            let msg = "invocation/next after restore/error: the runtime cannot serve events";
+            return Next::Reject(p, ApiError::new(403, "InvalidStateTransition", msg));
         }
         if let Some(cur) = &self.current {
             // Lambda's runtime must answer before asking for more.
@@ -226,8 +278,16 @@ impl<P> Machine<P> {
             );
             return Next::Reject(p, ApiError::new(403, "InvalidStateTransition", msg));
         }
+        // The after-restore hooks are done; a still parked restore/next
+        // was given up by the runtime.
+        let abandoned = match std::mem::replace(&mut self.restore, Restore::None) {
+            Restore::Parked(r) => Some(r),
+            _ => None,
+        };
         match self.queued.take() {
             Some(ev) => {
+                // `invoke` never queues while restore/next is parked.
+                debug_assert!(abandoned.is_none());
                 self.current = Some(Current {
                     id: ev.request_id.clone(),
                     since: now,
@@ -235,19 +295,109 @@ impl<P> Machine<P> {
                 Next::Deliver(p, ev)
             }
             None => Next::Parked {
-                displaced: self.parked.replace(p),
+                displaced: self.parked.replace(p).or(abandoned),
             },
         }
     }
 
-    /// `Invoke`: `Ok(Some)` hands the event to a parked `GET /next` now;
-    /// `Ok(None)` keeps it for the next one. Either way the caller then
-    /// waits for [`Machine::take_outcome`].
-    pub fn invoke(
+    /// `GET /restore/next` (SnapStart): ends init like a first `GET /next`
+    /// and stays parked until [`Machine::restored`] (or an `Invoke`).
+    pub fn restore_next(&mut self, p: P, now: Instant) -> Next<P> {
+        match (self.phase, &self.restore) {
+            (Phase::Init, _) => self.init_done(now),
+            // The runtime asks again (it reconnected): the newest wins.
+            (Phase::Ready, Restore::Parked(_)) => {}
+            (phase, _) => {
+                let msg = format!(
+                    "restore/next is only allowed once, at the end of init (state {phase:?})"
+                );
+                return Next::Reject(p, ApiError::new(403, "InvalidStateTransition", msg));
+            }
+        }
+        let displaced = match std::mem::replace(&mut self.restore, Restore::Parked(p)) {
+            Restore::Parked(old) => Some(old),
+            _ => None,
+        };
+        Next::Parked { displaced }
+    }
+
+    /// The sandbox was restored from a snapshot (the host's `Refresh`):
+    /// returns the parked `GET /restore/next` to answer (200, empty body),
+    /// if there is one. The runtime then runs its after-restore hooks.
+    pub fn restored(&mut self) -> Option<P> {
+        match std::mem::replace(&mut self.restore, Restore::Hooks) {
+            Restore::Parked(p) => Some(p),
+            other => {
+                self.restore = other;
+                None
+            }
+        }
+    }
+
+    /// Whether a `GET /restore/next` waits for [`Machine::restored`].
+    pub fn restore_parked(&self) -> bool {
+        matches!(self.restore, Restore::Parked(_))
+    }
+
+    /// What an `Invoke` gets once the runtime posted `restore/error`.
+    fn restore_failure(&mut self) -> Option<InvokeResult> {
+        let Restore::Failed {
+            error_type,
+            payload,
+        } = &self.restore
+        else {
+            return None;
+        };
+        Some(InvokeResult {
+            status: InvokeStatus::RuntimeExited,
+            payload: payload.clone(),
+            error_type: Some(error_type.clone()),
+            log: self.log.take(),
+            duration_ms: 0,
+        })
+    }
+
+    /// `POST /restore/error`: only while the after-restore hooks run.
+    /// `header_type` is the `Lambda-Runtime-Function-Error-Type` header.
+    pub fn restore_error(
         &mut self,
-        ev: InvokeRequest,
-        now: Instant,
-    ) -> Result<Option<(P, InvokeRequest)>, String> {
+        header_type: Option<String>,
+        body: Vec<u8>,
+    ) -> Result<(), ApiError> {
+        if self.phase != Phase::Ready || !matches!(self.restore, Restore::Hooks) {
+            let msg = format!(
+                "restore/error is only allowed after restore/next was answered and before invocation/next (state {:?})",
+                self.phase
+            );
+            return Err(ApiError::new(403, "InvalidStateTransition", msg));
+        }
+        // As for init/error; Lambda itself falls back to Runtime.Unknown.
+        let error_type = header_type
+            .or_else(|| body_error_type(&body))
+            .unwrap_or_else(|| "Runtime.Unknown".to_string());
+        self.restore = Restore::Failed {
+            error_type,
+            payload: body,
+        };
+        // An Invoke that waited for the hooks fails now.
+        if self.queued.take().is_some() {
+            self.outcome = self.restore_failure();
+        }
+        Ok(())
+    }
+
+    /// `Invoke`: [`Dispatch`] says what to send now. Either way the caller
+    /// then waits for [`Machine::take_outcome`].
+    pub fn invoke(&mut self, ev: InvokeRequest, now: Instant) -> Result<Dispatch<P>, String> {
+        if self.busy {
+            return Err("another Invoke is in flight; one at a time".into());
+        }
+        if let Some(failure) = self.restore_failure() {
+            // The runtime said it cannot go on (it may have exited since).
+            self.busy = true;
+            self.outcome = Some(failure);
+            return Ok(Dispatch::Wait);
+        }
         match self.phase {
             Phase::Ready => {}
             Phase::Idle => return Err("no runtime: send StartRuntime first".into()),
@@ -260,22 +410,23 @@ impl<P> Machine<P> {
                 ))
             }
         }
-        if self.busy {
-            return Err("another Invoke is in flight; one at a time".into());
-        }
         self.busy = true;
         self.outcome = None;
+        if let Some(r) = self.restored() {
+            self.queued = Some(ev);
+            return Ok(Dispatch::Release(r));
+        }
         match self.parked.take() {
             Some(p) => {
                 self.current = Some(Current {
                     id: ev.request_id.clone(),
                     since: now,
                 });
-                Ok(Some((p, ev)))
+                Ok(Dispatch::Deliver(p, ev))
             }
             None => {
                 self.queued = Some(ev);
-                Ok(None)
+                Ok(Dispatch::Wait)
             }
         }
     }
@@ -395,7 +546,8 @@ impl<P> Machine<P> {
     }
 
     /// The runtime process ended, `how` as Lambda words it ("exit status
-    /// 1", "signal: killed"). Returns a parked `GET /next` to drop.
+    /// 1", "signal: killed"). Returns a parked `GET /next` (or
+    /// `GET /restore/next`) to drop.
     pub fn exited(&mut self, how: String, now: Instant) -> Option<P> {
         let t = "Runtime.ExitError";
         let reason = exit_reason(&how);
@@ -406,6 +558,17 @@ impl<P> Machine<P> {
             }
             Phase::Ready => {
                 self.phase = Phase::Exited;
+                match std::mem::replace(&mut self.restore, Restore::None) {
+                    // Nothing was queued: `invoke` releases restore/next.
+                    Restore::Parked(p) => return Some(p),
+                    failed @ Restore::Failed { .. } => {
+                        // An Invoke waiting already has the posted error,
+                        // and later ones get it too.
+                        self.restore = failed;
+                        return self.parked.take();
+                    }
+                    Restore::None | Restore::Hooks => {}
+                }
                 // An Invoke waiting (delivered or not) gets its answer.
                 let pending = self
                     .current
@@ -460,6 +623,13 @@ mod tests {
         }
     }
 
+    fn deliver(d: Result<Dispatch<u32>, String>) -> (u32, InvokeRequest) {
+        match d {
+            Ok(Dispatch::Deliver(p, e)) => (p, e),
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn ready() -> Machine<u32> {
         let mut m = Machine::default();
         m.start().unwrap();
@@ -490,7 +660,7 @@ mod tests {
     #[test]
     fn parked_next_gets_the_event_and_response_ends_it() {
         let mut m = ready();
-        let (p, e) = m.invoke(ev("a"), Instant::now()).unwrap().unwrap();
+        let (p, e) = deliver(m.invoke(ev("a"), Instant::now()));
         assert_eq!((p, e.request_id.as_str()), (1, "a"));
         // A second Invoke while the first is in flight.
         assert!(m
@@ -517,12 +687,12 @@ mod tests {
     #[test]
     fn queued_event_goes_to_the_next_get() {
         let mut m = ready();
-        let (p, _) = m.invoke(ev("a"), Instant::now()).unwrap().unwrap();
+        let (p, _) = deliver(m.invoke(ev("a"), Instant::now()));
         assert_eq!(p, 1);
         m.respond("a", vec![], Instant::now()).unwrap();
         m.take_outcome().unwrap();
         // Nobody parked now: the event waits.
-        assert!(m.invoke(ev("b"), Instant::now()).unwrap().is_none());
+        assert_eq!(m.invoke(ev("b"), Instant::now()), Ok(Dispatch::Wait));
         match m.next(2, Instant::now()) {
             Next::Deliver(2, e) => assert_eq!(e.request_id, "b"),
             other => panic!("{other:?}"),
@@ -570,7 +740,7 @@ mod tests {
     #[test]
     fn requeue_after_failed_delivery() {
         let mut m = ready();
-        let (_, e) = m.invoke(ev("a"), Instant::now()).unwrap().unwrap();
+        let (_, e) = deliver(m.invoke(ev("a"), Instant::now()));
         m.requeue(e);
         assert!(matches!(m.next(5, Instant::now()), Next::Deliver(5, e) if e.request_id == "a"));
     }
@@ -663,6 +833,182 @@ mod tests {
         assert_eq!(
             out.error_type.as_deref(),
             Some("Function.ResponseSizeTooLarge")
+        );
+    }
+
+    /// Init ended by `GET /restore/next` (request 1), which stays parked.
+    fn snap_ready() -> Machine<u32> {
+        let mut m = Machine::default();
+        m.start().unwrap();
+        m.spawned(Instant::now());
+        m.log.push(b"before snapshot\n");
+        assert_eq!(
+            m.restore_next(1, Instant::now()),
+            Next::Parked { displaced: None }
+        );
+        let ready = m.take_init().unwrap().unwrap();
+        assert_eq!(ready.log, b"before snapshot\n");
+        assert_eq!(m.phase(), Phase::Ready);
+        assert!(m.restore_parked());
+        m
+    }
+
+    #[test]
+    fn restore_next_ends_init_and_waits_for_the_restore() {
+        let mut m = snap_ready();
+        // Asking again (a reconnect) replaces the parked request.
+        assert_eq!(
+            m.restore_next(2, Instant::now()),
+            Next::Parked { displaced: Some(1) }
+        );
+        // The restore releases it, once.
+        assert_eq!(m.restored(), Some(2));
+        assert!(!m.restore_parked());
+        assert_eq!(m.restored(), None);
+        // After-restore hooks run; an Invoke now waits for GET /next.
+        assert_eq!(m.invoke(ev("a"), Instant::now()), Ok(Dispatch::Wait));
+        m.log.push(b"after restore\n");
+        assert!(matches!(m.next(3, Instant::now()), Next::Deliver(3, e) if e.request_id == "a"));
+        m.respond("a", b"ok".to_vec(), Instant::now()).unwrap();
+        let out = m.take_outcome().unwrap();
+        assert_eq!(out.status, InvokeStatus::Success);
+        assert_eq!(out.log, b"after restore\n");
+        // The handshake is over: no second restore/next, no restore/error.
+        assert!(matches!(m.restore_next(4, Instant::now()), Next::Reject(4, e) if e.status == 403));
+        assert_eq!(m.restore_error(None, vec![]).unwrap_err().status, 403);
+        assert_eq!(m.restored(), None);
+        // Parked GET /next then Invoke: the usual path.
+        assert_eq!(m.next(5, Instant::now()), Next::Parked { displaced: None });
+        assert_eq!(m.restored(), None);
+        let (p, _) = deliver(m.invoke(ev("b"), Instant::now()));
+        assert_eq!(p, 5);
+    }
+
+    #[test]
+    fn restore_next_is_refused_outside_init() {
+        let mut m = Machine::<u32>::default();
+        assert!(matches!(
+            m.restore_next(1, Instant::now()),
+            Next::Reject(1, _)
+        ));
+        // Runtimes that never call restore/next: Refresh changes nothing.
+        let mut m = ready();
+        assert_eq!(m.restored(), None);
+        assert!(matches!(m.restore_next(2, Instant::now()), Next::Reject(2, e) if e.status == 403));
+        let (p, _) = deliver(m.invoke(ev("a"), Instant::now()));
+        assert_eq!(p, 1);
+    }
+
+    #[test]
+    fn invoke_before_the_restore_releases_restore_next() {
+        let mut m = snap_ready();
+        assert_eq!(m.invoke(ev("a"), Instant::now()), Ok(Dispatch::Release(1)));
+        assert!(!m.restore_parked());
+        assert!(m
+            .invoke(ev("b"), Instant::now())
+            .unwrap_err()
+            .contains("in flight"));
+        // A late Refresh finds nothing to release.
+        assert_eq!(m.restored(), None);
+        assert!(matches!(m.next(2, Instant::now()), Next::Deliver(2, e) if e.request_id == "a"));
+    }
+
+    #[test]
+    fn get_next_while_restore_next_is_parked_abandons_it() {
+        let mut m = snap_ready();
+        assert_eq!(
+            m.next(2, Instant::now()),
+            Next::Parked { displaced: Some(1) }
+        );
+        assert!(!m.restore_parked());
+        let (p, _) = deliver(m.invoke(ev("a"), Instant::now()));
+        assert_eq!(p, 2);
+    }
+
+    #[test]
+    fn restore_error_fails_the_waiting_and_later_invokes() {
+        let mut m = snap_ready();
+        // Not before the restore.
+        assert_eq!(m.restore_error(None, vec![]).unwrap_err().status, 403);
+        assert_eq!(m.restored(), Some(1));
+        assert_eq!(m.invoke(ev("a"), Instant::now()), Ok(Dispatch::Wait));
+        assert!(m.take_outcome().is_none());
+        m.log.push(b"hook failed\n");
+        let body = br#"{"errorMessage":"boom","errorType":"ValueError"}"#.to_vec();
+        m.restore_error(Some("Runtime.AfterRestoreError".into()), body.clone())
+            .unwrap();
+        let out = m.take_outcome().unwrap();
+        assert_eq!(out.status, InvokeStatus::RuntimeExited);
+        assert_eq!(out.error_type.as_deref(), Some("Runtime.AfterRestoreError"));
+        assert_eq!(out.payload, body);
+        assert_eq!(out.log, b"hook failed\n");
+        // Posting again is a state error; GET /next is refused.
+        assert_eq!(m.restore_error(None, vec![]).unwrap_err().status, 403);
+        assert!(matches!(m.next(2, Instant::now()), Next::Reject(2, e) if e.status == 403));
+        // The runtime exits (awslambdaric: status 65): later Invokes still
+        // get the posted error, not Runtime.ExitError.
+        assert_eq!(m.exited("exit status 65".into(), Instant::now()), None);
+        assert_eq!(m.phase(), Phase::Exited);
+        assert!(m.take_outcome().is_none());
+        assert_eq!(m.invoke(ev("b"), Instant::now()), Ok(Dispatch::Wait));
+        let out = m.take_outcome().unwrap();
+        assert_eq!(out.error_type.as_deref(), Some("Runtime.AfterRestoreError"));
+        assert_eq!(out.payload, body);
+    }
+
+    #[test]
+    fn restore_error_type_falls_back_to_the_body_then_unknown() {
+        let mut m = snap_ready();
+        m.restored();
+        m.restore_error(None, br#"{"errorType":"Hook"}"#.to_vec())
+            .unwrap();
+        m.invoke(ev("a"), Instant::now()).unwrap();
+        assert_eq!(
+            m.take_outcome().unwrap().error_type.as_deref(),
+            Some("Hook")
+        );
+
+        let mut m = snap_ready();
+        m.restored();
+        m.restore_error(None, b"not json".to_vec()).unwrap();
+        m.invoke(ev("a"), Instant::now()).unwrap();
+        let out = m.take_outcome().unwrap();
+        assert_eq!(out.error_type.as_deref(), Some("Runtime.Unknown"));
+        assert_eq!(out.payload, b"not json");
+    }
+
+    #[test]
+    fn exit_around_the_restore() {
+        // Exit while restore/next is parked: it is handed back to drop.
+        let mut m = snap_ready();
+        assert_eq!(m.exited("signal: killed".into(), Instant::now()), Some(1));
+        assert!(!m.restore_parked());
+        assert!(m
+            .invoke(ev("a"), Instant::now())
+            .unwrap_err()
+            .contains("exited"));
+        // Exit during the hooks with an Invoke waiting: Runtime.ExitError.
+        let mut m = snap_ready();
+        assert_eq!(m.invoke(ev("a"), Instant::now()), Ok(Dispatch::Release(1)));
+        assert_eq!(m.exited("exit status 1".into(), Instant::now()), None);
+        let out = m.take_outcome().unwrap();
+        assert_eq!(out.status, InvokeStatus::RuntimeExited);
+        assert_eq!(out.error_type.as_deref(), Some("Runtime.ExitError"));
+    }
+
+    #[test]
+    fn restore_next_can_fail_init_like_get_next() {
+        let mut m = Machine::<u32>::default();
+        m.start().unwrap();
+        m.init_error(Some("Runtime.BeforeSnapshotError".into()), vec![])
+            .unwrap();
+        assert!(matches!(
+            m.restore_next(1, Instant::now()),
+            Next::Reject(1, _)
+        ));
+        assert_eq!(
+            m.take_init().unwrap().unwrap_err().error_type,
+            "Runtime.BeforeSnapshotError"
         );
     }
 

@@ -304,3 +304,112 @@ fn invoke_refuses_header_breaking_fields() {
     e.trace_id = Some("x\r\nInjected: 1".into());
     assert!(matches!(host.invoke(e), Response::Error { .. }));
 }
+
+const RESTORE_NEXT: &str = "/2018-06-01/runtime/restore/next";
+const RESTORE_ERROR: &str = "/2018-06-01/runtime/restore/error";
+
+/// Sends `GET /restore/next` and waits until it ended init.
+fn restore_next(host: &RuntimeHost, c: &mut Conn) {
+    c.send("GET", RESTORE_NEXT, "", b"");
+    while host.phase() == Phase::Init {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(host.shared.lock().machine.restore_parked());
+}
+
+/// Whether the connection has a response to read within `wait`.
+fn has_answer(c: &mut Conn, wait: Duration) -> bool {
+    c.w.set_read_timeout(Some(wait)).unwrap();
+    let ready = match c.r.fill_buf() {
+        Ok(b) => !b.is_empty(),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => false,
+        Err(e) => panic!("{e}"),
+    };
+    c.w.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    ready
+}
+
+#[test]
+fn restore_next_is_answered_by_the_restore_then_events_flow() {
+    let (host, addr) = host();
+    let mut c = Conn::new(addr);
+    restore_next(&host, &mut c);
+    let ready = host.shared.lock().machine.take_init().unwrap();
+    assert!(ready.is_ok());
+    assert!(!has_answer(&mut c, Duration::from_millis(200)));
+    // A second connection asking for init/error now: too late.
+    let mut c2 = Conn::new(addr);
+    assert_eq!(
+        c2.call("POST", "/2018-06-01/runtime/init/error", "", b"{}")
+            .status,
+        403
+    );
+    // Before the restore: no restore/error either.
+    assert_eq!(c2.call("POST", RESTORE_ERROR, "", b"{}").status, 403);
+
+    host.restored();
+    let r = c.read();
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    // Only once.
+    host.restored();
+    // The Invoke waits while after-restore hooks run, then flows.
+    let t = invoke_async(&host, ev("a", b"1"));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.call("GET", NEXT, "", b"").body, b"1");
+    assert_eq!(
+        c.call("POST", &post_path("a", "response"), "", b"r").status,
+        202
+    );
+    assert_eq!(t.join().unwrap().payload, b"r");
+    // The handshake is over.
+    assert_eq!(c.call("GET", RESTORE_NEXT, "", b"").status, 403);
+}
+
+#[test]
+fn invoke_without_refresh_releases_restore_next() {
+    let (host, addr) = host();
+    let mut c = Conn::new(addr);
+    restore_next(&host, &mut c);
+    let t = invoke_async(&host, ev("a", b"1"));
+    let r = c.read();
+    assert_eq!((r.status, r.body.len()), (200, 0));
+    assert_eq!(c.call("GET", NEXT, "", b"").body, b"1");
+    c.call("POST", &post_path("a", "response"), "", b"done");
+    assert_eq!(t.join().unwrap().status, InvokeStatus::Success);
+}
+
+#[test]
+fn restore_error_post_fails_invokes() {
+    let (host, addr) = host();
+    let mut c = Conn::new(addr);
+    restore_next(&host, &mut c);
+    host.restored();
+    assert_eq!(c.read().status, 200);
+    // An Invoke arrives while the hooks run ...
+    let t = invoke_async(&host, ev("a", b"1"));
+    std::thread::sleep(Duration::from_millis(50));
+    // ... and the hooks fail.
+    let body = br#"{"errorMessage":"hook","errorType":"RuntimeError","stackTrace":[]}"#;
+    let r = c.call(
+        "POST",
+        RESTORE_ERROR,
+        "Lambda-Runtime-Function-Error-Type: Runtime.AfterRestoreError\r\n",
+        body,
+    );
+    assert_eq!((r.status, r.json()["status"].as_str()), (202, Some("OK")));
+    let out = t.join().unwrap();
+    assert_eq!(out.status, InvokeStatus::RuntimeExited);
+    assert_eq!(out.error_type.as_deref(), Some("Runtime.AfterRestoreError"));
+    assert_eq!(out.payload, body);
+    // Later Invokes too; the runtime gets no events.
+    assert_eq!(c.call("GET", NEXT, "", b"").status, 403);
+    match host.invoke(ev("b", b"2")) {
+        Response::Invoked(out) => {
+            assert_eq!(out.status, InvokeStatus::RuntimeExited);
+            assert_eq!(out.payload, body);
+        }
+        other => panic!("{other:?}"),
+    }
+}
