@@ -1,50 +1,60 @@
 #!/usr/bin/env bash
-# Ember's main job on this machine, end to end: build the guest kernel and
-# root filesystem (cached), boot a microVM with ember-vmm, wait for the guest
-# agent, run a command inside the guest, then reboot the guest, which ends
-# the VMM. Usage: tests/demo.sh [command in the guest...]
+# Ember's main job, end to end: build the guest kernel and the python3 root
+# filesystem (cached), start the host daemon emberd, create a Python
+# function (emberd boots it once in a microVM, lets its runtime initialise
+# and snapshots it), then invoke it: each invocation runs in a microVM
+# restored from that snapshot (the first restores a clone, later ones reuse
+# the warm instance).
+# Usage: tests/demo.sh [payload JSON]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export EMBER_CACHE_DIR="${EMBER_CACHE_DIR:-/var/cache/ember}"
-[ "$#" -gt 0 ] || set -- /bin/sh -c 'uname -a; echo "vCPUs: $(grep -c ^processor /proc/cpuinfo)"; cat /proc/uptime'
+payload='{"name": "Ember"}'
+[ "$#" -gt 0 ] && payload="$1"
 
 kernel="$(bash kernels/build.sh)"
-rootfs="$(bash rootfs/build.sh)"
-cargo build --release -q --bin ember-vmm --bin ember-agentctl
+rootfs_python3="$(bash rootfs/build.sh python3)"
+rootfs_provided="$(bash rootfs/build.sh provided)"
+cargo build --release -q --bin emberd --bin ember --bin ember-vmm --bin ember-jailer
 bin="${CARGO_TARGET_DIR:-target}/release"
 
 work="$(mktemp -d /tmp/ember-demo.XXXXXX)"
-trap 'kill "${vmm_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-cat > "$work/vm.json" <<JSON
-{
-  "boot-source": {"kernel_image_path": "$kernel",
-                  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd"},
-  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-  "drives": [{"drive_id": "rootfs", "path_on_host": "$rootfs", "is_root_device": true, "is_read_only": true}],
-  "vsock": {"guest_cid": 3, "uds_path": "$work/vsock.sock"}
-}
-JSON
+trap 'kill "${emberd_pid:-}" 2>/dev/null && wait "${emberd_pid:-}" 2>/dev/null; rm -rf "$work"' EXIT
+jail=()
+[ "$(id -u)" = 0 ] || jail=(--no-jail)
+"$bin/emberd" --socket "$work/emberd.sock" --state-dir "$work/state" --run-dir "$work/run" \
+    --kernel "$kernel" --rootfs-python3 "$rootfs_python3" --rootfs-provided "$rootfs_provided" \
+    "${jail[@]}" 2> "$work/emberd.log" &
+emberd_pid=$!
+for _ in $(seq 100); do [ -S "$work/emberd.sock" ] && break; sleep 0.1; done
+ember() { "$bin/ember" --socket "$work/emberd.sock" "$@"; }
 
-start_ms=$(( $(date +%s%N) / 1000000 ))
-# The ready listener must exist before the guest boots.
-"$bin/ember-agentctl" --uds "$work/vsock.sock" wait-ready > "$work/ready.json" &
-ready_pid=$!
-sleep 0.2
-"$bin/ember-vmm" --config-file "$work/vm.json" --serial-out "$work/serial.log" 2> "$work/vmm.log" &
-vmm_pid=$!
-echo "booting microVM (pid $vmm_pid); on nested KVM this takes about a minute..." >&2
-if ! wait "$ready_pid"; then
-    echo "the guest agent did not come up; VMM log and console tail:" >&2
-    tail -5 "$work/vmm.log" >&2; tail -20 "$work/serial.log" >&2
+mkdir "$work/code"
+cat > "$work/code/app.py" <<'PY'
+import os, platform
+
+def handler(event, context):
+    print(f"hello from request {context.aws_request_id}")
+    return {
+        "greeting": f"Hello, {event.get('name', 'world')}!",
+        "function": context.function_name,
+        "kernel": platform.release(),
+        "uid": os.getuid(),
+    }
+PY
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+secs() { printf '%d.%03d s' $(($1 / 1000)) $(($1 % 1000)); }
+echo "creating function 'hello' (python3.11): boot, runtime init and snapshot; on nested KVM this takes a minute or two..." >&2
+t=$(now_ms)
+if ! ember create hello --runtime python3.11 --handler app.handler --code "$work/code" --timeout 30 > "$work/create.json"; then
+    echo "creating the function failed:" >&2
+    cat "$work/create.json" >&2; tail -20 "$work/emberd.log" >&2
     exit 1
 fi
-elapsed_ms=$(( $(date +%s%N) / 1000000 - start_ms ))
-echo "agent ready after $((elapsed_ms / 1000)).$(printf %03d $((elapsed_ms % 1000))) s: $(cat "$work/ready.json")" >&2
-echo "--- running in the guest: $*" >&2
-rc=0
-"$bin/ember-agentctl" --uds "$work/vsock.sock" exec "$@" || rc=$?
-echo "--- exit code $rc; rebooting the guest" >&2
-"$bin/ember-agentctl" --uds "$work/vsock.sock" reboot
-wait "$vmm_pid" && echo "VMM exited cleanly" >&2
-vmm_pid=
-exit "$rc"
+echo "function active after $(secs $(( $(now_ms) - t ))) (runtime init took $(grep -o '"InitDurationMs": [0-9]*' "$work/create.json" | grep -o '[0-9]*$') ms before the snapshot)" >&2
+for i in 1 2 3; do
+    t=$(now_ms)
+    ember invoke hello --payload "$payload" --log
+    echo "--- invocation $i: $(secs $(( $(now_ms) - t )))" >&2
+done

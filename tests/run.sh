@@ -9,20 +9,22 @@ export EMBER_CACHE_DIR="${EMBER_CACHE_DIR:-/var/cache/ember}"
 mkdir -p "$EMBER_CACHE_DIR"
 
 need_apt=()
-for tool in curl:curl strace:strace; do
+for tool in curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs python3:python3; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "installing ${need_apt[*]}" >&2
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(printf '%s\n' "${need_apt[@]}" | sort -u) >&2
 fi
 
 EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"
-export EMBER_KERNEL EMBER_ROOTFS
+EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
+EMBER_ROOTFS_PYTHON3="$(bash rootfs/build.sh python3)"
+export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_PYTHON3
 echo "kernel: $EMBER_KERNEL" >&2
-echo "rootfs: $EMBER_ROOTFS" >&2
+echo "rootfs: $EMBER_ROOTFS, $EMBER_ROOTFS_PROVIDED, $EMBER_ROOTFS_PYTHON3" >&2
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -21,7 +21,7 @@ use crate::vm::{Instance, LaunchConfig, VmFiles};
 pub const FUNCTION_UID: u32 = 993;
 pub const FUNCTION_GID: u32 = 990;
 /// What runtimes are told about their init (`AWS_LAMBDA_INITIALIZATION_TYPE`).
-const INITIALIZATION_TYPE: &str = "on-demand";
+const INITIALIZATION_TYPE: &str = "snap-start";
 /// Drives in attach order: the root filesystem is vda, the code vdb.
 const CODE_DEVICE: &str = "/dev/vdb";
 

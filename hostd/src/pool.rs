@@ -99,6 +99,12 @@ fn info(i: &Instance) -> InstanceInfo {
     }
 }
 
+fn throttled(function: &str, version: &str, limit: u32) -> ApiError {
+    ApiError::throttled(format!(
+        "Rate Exceeded: {function}:{version} already runs {limit} concurrent invocations (its concurrency limit)"
+    ))
+}
+
 fn destroy_later(inst: Arc<Instance>) {
     tokio::spawn(async move { inst.destroy().await });
 }
@@ -131,6 +137,10 @@ impl Pools {
                 pool.generation = source.snapshot.generation;
                 pool.idle.drain(..).for_each(|i| destroy_later(i.inst));
             }
+            // The limit counts running invocations, idle instances or not.
+            if pool.busy.len() as u32 + pool.starting >= limit {
+                return Err(throttled(function, version, limit));
+            }
             while let Some(idle) = pool.idle.pop_back() {
                 if idle.inst.is_alive() {
                     pool.busy.push(idle.inst.clone());
@@ -141,11 +151,6 @@ impl Pools {
                     });
                 }
                 destroy_later(idle.inst);
-            }
-            if pool.busy.len() as u32 + pool.starting >= limit {
-                return Err(ApiError::throttled(format!(
-                    "Rate Exceeded: {function}:{version} already runs {limit} concurrent invocations (its concurrency limit)"
-                )));
             }
             pool.starting += 1;
         }

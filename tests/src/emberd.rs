@@ -289,7 +289,8 @@ impl Emberd {
             let cfg = r.json();
             if cfg["LastUpdateStatus"] != "InProgress" {
                 assert_eq!(
-                    cfg["State"], "Active",
+                    cfg["State"],
+                    "Active",
                     "{name}:{qualifier} did not become active: {cfg}; log:\n{}",
                     self.logs()
                 );

@@ -112,7 +112,10 @@ fn bad_requests(c: &Ctx) {
     let d = &c.d;
     let r = d.request("POST", "/2015-03-31/functions", &[], Some(b"{not json"));
     assert_eq!(r.status, 400, "{}", r.text());
-    assert_eq!(r.header("x-amzn-errortype"), Some("InvalidRequestContentException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("InvalidRequestContentException")
+    );
 
     let zip = zip_dir(&c.code_dir("py"));
     let base = json!({"FunctionName": "ok-name", "Runtime": "python3.11", "Handler": "app.handler",
@@ -145,13 +148,19 @@ fn bad_requests(c: &Ctx) {
     assert_eq!(r.status, 400);
     assert!(r.text().contains("reserved"), "{}", r.text());
 
-    let r = d.post_json("/2015-03-31/functions", &json!({"FunctionName": "py", "Runtime": "python3.11",
-        "Handler": "app.handler", "Code": {"ZipFile": zip}}));
+    let r = d.post_json(
+        "/2015-03-31/functions",
+        &json!({"FunctionName": "py", "Runtime": "python3.11",
+        "Handler": "app.handler", "Code": {"ZipFile": zip}}),
+    );
     assert_eq!(r.status, 409, "{}", r.text());
 
     let r = d.invoke("nope", &json!({}));
     assert_eq!(r.status, 404);
-    assert_eq!(r.header("x-amzn-errortype"), Some("ResourceNotFoundException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("ResourceNotFoundException")
+    );
 
     let r = d.request(
         "POST",
@@ -192,7 +201,10 @@ fn python_invoke(c: &Ctx) {
     assert_eq!(p["version"], "$LATEST");
     assert_eq!(p["greeting"], "hello");
     assert_eq!(p["uid"], 993, "functions run as sbx_user1051");
-    assert_eq!(Some(p["request_id"].as_str().unwrap()), r.header("x-amzn-requestid"));
+    assert_eq!(
+        Some(p["request_id"].as_str().unwrap()),
+        r.header("x-amzn-requestid")
+    );
     let remaining = p["remaining_ms"].as_u64().unwrap();
     assert!(remaining > 0 && remaining <= 10_000, "{remaining}");
     let log = r.log_tail();
@@ -205,7 +217,10 @@ fn python_invoke(c: &Ctx) {
     assert_eq!(payload(&r)["echo"], json!({"n": 2}));
     let after = instance_ids(&c.d, "py", "Idle");
     assert!(!before.is_empty());
-    assert!(after.iter().any(|i| before.contains(i)), "{before:?} {after:?}");
+    assert!(
+        after.iter().any(|i| before.contains(i)),
+        "{before:?} {after:?}"
+    );
     // The function's log keeps every invocation.
     let logs = c.d.get("/ember/v1/functions/py/logs").text();
     assert!(logs.contains("got event {\"n\": 2}"), "{logs}");
@@ -292,9 +307,13 @@ fn throttling(c: &Ctx) {
     wait_busy(&c.d, "py");
     let r = c.d.invoke("py", &json!({"n": 4}));
     assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(r.header("x-amzn-errortype"), Some("TooManyRequestsException"));
+    assert_eq!(
+        r.header("x-amzn-errortype"),
+        Some("TooManyRequestsException")
+    );
     assert!(String::from_utf8_lossy(&slow.join().unwrap().stdout).contains("echo"));
-    let r = c.d.request("DELETE", "/2017-10-31/functions/py/concurrency", &[], None);
+    let r =
+        c.d.request("DELETE", "/2017-10-31/functions/py/concurrency", &[], None);
     assert_eq!(r.status, 204, "{}", r.text());
 }
 
@@ -312,7 +331,11 @@ fn timeouts(c: &Ctx) {
     });
     let (id, pid) = wait_busy(&c.d, "py");
     let out = t.join().unwrap();
-    assert!(out.contains("X-Amz-Function-Error: Unhandled") || out.contains("x-amz-function-error: Unhandled"), "{out}");
+    assert!(
+        out.contains("X-Amz-Function-Error: Unhandled")
+            || out.contains("x-amz-function-error: Unhandled"),
+        "{out}"
+    );
     assert!(out.contains("Task timed out after 10.00 seconds"), "{out}");
     // Destroyed, never reused.
     std::thread::sleep(Duration::from_secs(1));
@@ -321,8 +344,17 @@ fn timeouts(c: &Ctx) {
         .flat_map(|w| instance_ids(&c.d, "py", w))
         .map(|(i, _)| i)
         .collect();
-    assert!(!all.contains(&id), "timed-out instance {id} is still pooled");
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true), "VMM {pid} still runs");
+    assert!(
+        !all.contains(&id),
+        "timed-out instance {id} is still pooled"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true),
+        "VMM {pid} still runs"
+    );
 }
 
 fn vmm_killed_mid_invocation(c: &Ctx) {
@@ -384,11 +416,11 @@ fn async_invocations(c: &Ctx) {
     assert_eq!(v["Status"], "Failed", "{v}");
     let attempts = v["Attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "one try and two retries: {v}");
-    assert!(attempts.iter().all(|a| a["ErrorType"] == "ValueError"), "{v}");
-    assert_eq!(
-        c.d.get("/ember/v1/async-invocations/not-an-id").status,
-        404
+    assert!(
+        attempts.iter().all(|a| a["ErrorType"] == "ValueError"),
+        "{v}"
     );
+    assert_eq!(c.d.get("/ember/v1/async-invocations/not-an-id").status, 404);
 }
 
 fn versions_aliases_and_updates(c: &Ctx) {
@@ -444,7 +476,11 @@ fn versions_aliases_and_updates(c: &Ctx) {
     );
     assert_eq!(payload(&r)["tag"], "v1");
     let versions = d.get("/2015-03-31/functions/sh/versions").json();
-    assert_eq!(versions["Versions"].as_array().unwrap().len(), 2, "{versions}");
+    assert_eq!(
+        versions["Versions"].as_array().unwrap().len(),
+        2,
+        "{versions}"
+    );
     // A version an alias points at cannot be deleted.
     let r = d.request("DELETE", "/2015-03-31/functions/sh?Qualifier=1", &[], None);
     assert_eq!(r.status, 409, "{}", r.text());
@@ -468,7 +504,12 @@ fn restart_keeps_state(c: &mut Ctx) {
     assert_eq!(cfg["State"], "Active", "{cfg}");
     assert_eq!(cfg["Environment"]["Variables"]["GREETING"], "hello");
     let r = c.d.invoke("py", &json!({"after": "restart"}));
-    assert_eq!(payload(&r)["echo"], json!({"after": "restart"}), "{}", r.text());
+    assert_eq!(
+        payload(&r)["echo"],
+        json!({"after": "restart"}),
+        "{}",
+        r.text()
+    );
     let r = c.d.invoke("sh:live", &json!({}));
     assert_eq!(payload(&r)["tag"], "v1", "{}", r.text());
     let async_after = c.d.get("/ember/v1/async-invocations").json();
@@ -497,8 +538,22 @@ fn functions_on_warm_microvms() {
     let d = Emberd::start(&["--async-retry-delay-ms", "200", "--warm-instances", "1"]);
     let mut c = Ctx { d, code };
     let t = Instant::now();
-    c.d.create_function("py", "python3.11", "app.handler", &c.code_dir("py"), 10, &[("GREETING", "hello")]);
-    c.d.create_function("sh", "provided.al2023", "unused", &c.code_dir("sh"), 60, &[]);
+    c.d.create_function(
+        "py",
+        "python3.11",
+        "app.handler",
+        &c.code_dir("py"),
+        10,
+        &[("GREETING", "hello")],
+    );
+    c.d.create_function(
+        "sh",
+        "provided.al2023",
+        "unused",
+        &c.code_dir("sh"),
+        60,
+        &[],
+    );
 
     let mut failures = Vec::new();
     let mut run = |name: &str, c: &mut Ctx, f: &dyn Fn(&mut Ctx)| {
@@ -519,16 +574,27 @@ fn functions_on_warm_microvms() {
     run("bad_requests", &mut c, &|c| bad_requests(c));
     c.d.wait_active("py", "$LATEST", BUILD_TIMEOUT);
     c.d.wait_active("sh", "$LATEST", BUILD_TIMEOUT);
-    eprintln!("both functions snapshotted after {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "both functions snapshotted after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     run("python_invoke", &mut c, &|c| python_invoke(c));
-    run("python_function_error", &mut c, &|c| python_function_error(c));
+    run("python_function_error", &mut c, &|c| {
+        python_function_error(c)
+    });
     run("provided_invoke", &mut c, &|c| provided_invoke(c));
-    run("concurrent_invocations", &mut c, &|c| concurrent_invocations(c));
+    run("concurrent_invocations", &mut c, &|c| {
+        concurrent_invocations(c)
+    });
     run("throttling", &mut c, &|c| throttling(c));
     run("timeouts", &mut c, &|c| timeouts(c));
-    run("vmm_killed_mid_invocation", &mut c, &|c| vmm_killed_mid_invocation(c));
+    run("vmm_killed_mid_invocation", &mut c, &|c| {
+        vmm_killed_mid_invocation(c)
+    });
     run("async_invocations", &mut c, &|c| async_invocations(c));
-    run("versions_aliases_and_updates", &mut c, &|c| versions_aliases_and_updates(c));
+    run("versions_aliases_and_updates", &mut c, &|c| {
+        versions_aliases_and_updates(c)
+    });
     run("restart_keeps_state", &mut c, &|c| restart_keeps_state(c));
     run("delete_function", &mut c, &|c| delete_function(c));
     assert!(
