@@ -71,6 +71,20 @@ impl Source {
     }
 }
 
+impl Source {
+    /// A running clone of this version.
+    pub async fn restore(&self, d: &Daemon) -> Result<Instance, crate::vm::InstanceError> {
+        Instance::restore(
+            &d.cfg.launch,
+            &self.files,
+            &self.snapshot.dir,
+            self.mem_mib,
+            self.vcpus,
+        )
+        .await
+    }
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct PoolStats {
@@ -154,14 +168,7 @@ impl Pools {
             }
             pool.starting += 1;
         }
-        let restored = Instance::restore(
-            &d.cfg.launch,
-            &source.files,
-            &source.snapshot.dir,
-            source.mem_mib,
-            source.vcpus,
-        )
-        .await;
+        let restored = source.restore(d).await;
         let mut pools = self.lock();
         let pool = pools.entry(key).or_default();
         pool.starting = pool.starting.saturating_sub(1);
@@ -374,14 +381,7 @@ fn maintain_all(d: &Arc<Daemon>) {
                 let key = key.clone();
                 let source = source.clone();
                 tokio::spawn(async move {
-                    let r = Instance::restore(
-                        &d.cfg.launch,
-                        &source.files,
-                        &source.snapshot.dir,
-                        source.mem_mib,
-                        source.vcpus,
-                    )
-                    .await;
+                    let r = source.restore(&d).await;
                     let inst = match r {
                         Ok(i) => Some(i),
                         Err(e) => {

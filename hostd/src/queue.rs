@@ -307,3 +307,36 @@ async fn run_one(d: &Arc<Daemon>, id: &str) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_and_running_items_are_queued_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        let a = q.enqueue("f", None, b"{}", "a".into()).unwrap();
+        let b = q.enqueue("f", Some("1"), b"{\"x\":1}", "b".into()).unwrap();
+        q.update("b", |i| i.status = Status::Running);
+        q.enqueue("g", None, b"{}", "c".into()).unwrap();
+        q.update("c", |i| i.status = Status::Succeeded);
+        assert!(q
+            .enqueue("f", None, &vec![b'x'; MAX_ASYNC_PAYLOAD + 1], "d".into())
+            .is_err());
+        drop(q);
+
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        let mut rx = q.rx.lock().unwrap().take().unwrap();
+        let mut again = vec![rx.try_recv().unwrap(), rx.try_recv().unwrap()];
+        again.sort();
+        assert_eq!(again, ["a", "b"]);
+        assert!(rx.try_recv().is_err(), "finished items are not run again");
+        assert_eq!(q.get("a").unwrap().payload, a.payload);
+        assert_eq!(q.get("b").unwrap().status, Status::Queued);
+        assert_eq!(q.get("b").unwrap().qualifier, b.qualifier);
+        assert_eq!(q.get("c").unwrap().status, Status::Succeeded);
+        assert_eq!(q.list(Some("f")).len(), 2);
+        assert!(q.get("d").is_none());
+    }
+}

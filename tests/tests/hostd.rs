@@ -286,6 +286,26 @@ fn concurrent_invocations(c: &Ctx) {
     assert!(total >= 2, "clones went back to the pool: {total}");
 }
 
+/// After the burst, idle clones beyond the warm count (1) are reclaimed
+/// once idle past the TTL (15 s); the warm one stays.
+fn idle_instances_reclaimed(c: &Ctx) {
+    let start = Instant::now();
+    loop {
+        let idle = instance_ids(&c.d, "py", "Idle").len();
+        if idle == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "still {idle} idle instances"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The warm instance is kept well past the TTL.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(instance_ids(&c.d, "py", "Idle").len(), 1);
+}
+
 fn throttling(c: &Ctx) {
     let r = c.d.request(
         "PUT",
@@ -535,7 +555,14 @@ fn functions_on_warm_microvms() {
     let code = tempfile::tempdir().unwrap();
     write_file(&code.path().join("py/app.py"), PY_APP, 0o644);
     write_file(&code.path().join("sh/bootstrap"), &bootstrap("v1"), 0o755);
-    let d = Emberd::start(&["--async-retry-delay-ms", "200", "--warm-instances", "1"]);
+    let d = Emberd::start(&[
+        "--async-retry-delay-ms",
+        "200",
+        "--warm-instances",
+        "1",
+        "--idle-ttl-secs",
+        "15",
+    ]);
     let mut c = Ctx { d, code };
     let t = Instant::now();
     c.d.create_function(
@@ -585,6 +612,9 @@ fn functions_on_warm_microvms() {
     run("provided_invoke", &mut c, &|c| provided_invoke(c));
     run("concurrent_invocations", &mut c, &|c| {
         concurrent_invocations(c)
+    });
+    run("idle_instances_reclaimed", &mut c, &|c| {
+        idle_instances_reclaimed(c)
     });
     run("throttling", &mut c, &|c| throttling(c));
     run("timeouts", &mut c, &|c| timeouts(c));
