@@ -110,7 +110,20 @@ impl Daemon {
         for b in bad {
             log::error!("skipping unreadable function record {b}");
         }
-        let functions = records.into_iter().map(|f| (f.name.clone(), f)).collect();
+        let functions = records
+            .into_iter()
+            .filter(|f| {
+                let ok = f.versions.contains_key(LATEST) && validate_function_name(&f.name).is_ok();
+                if !ok {
+                    log::error!(
+                        "skipping function record {:?}: no $LATEST or a bad name",
+                        f.name
+                    );
+                }
+                ok
+            })
+            .map(|f| (f.name.clone(), f))
+            .collect();
         let queue = AsyncQueue::open(store.async_dir())?;
         Ok(Arc::new(Daemon {
             build_slots: Semaphore::new(cfg.parallel_builds.max(1)),
@@ -513,7 +526,7 @@ impl Daemon {
             format!(
                 "[{}]{}",
                 v.version,
-                &v.revision_id[..8.min(v.revision_id.len())]
+                v.revision_id.chars().take(8).collect::<String>()
             ),
         );
         set("AWS_LAMBDA_INITIALIZATION_TYPE", INITIALIZATION_TYPE.into());

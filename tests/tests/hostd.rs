@@ -239,6 +239,50 @@ fn python_function_error(c: &Ctx) {
     assert_eq!(payload(&r)["echo"], json!({"n": 3}));
 }
 
+/// The `ember` CLI over the same daemon.
+fn cli(c: &Ctx) {
+    let ember = |args: &[&str]| {
+        std::process::Command::new(ember_tests::artifacts::workspace_bin("ember"))
+            .arg("--socket")
+            .arg(&c.d.socket)
+            .args(args)
+            .output()
+            .expect("ember")
+    };
+    let out = ember(&["invoke", "py", "--payload", r#"{"cli": true}"#]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("payload JSON");
+    assert_eq!(v["echo"], json!({"cli": true}));
+
+    let out = ember(&["invoke", "py", "--payload", r#"{"fail": "cli"}"#]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a function error exits 1: {out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ValueError"),
+        "log tail on stderr: {stderr}"
+    );
+
+    let out = ember(&["get", "py"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Configuration"]["Handler"], "app.handler");
+
+    let out = ember(&["invoke", "missing"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ResourceNotFoundException"));
+
+    let out = ember(&["invoke", "py", "--async", "--payload", "{}"]);
+    assert!(out.status.success());
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = ember(&["async", &id]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+}
+
 fn provided_invoke(c: &Ctx) {
     let r = c.d.invoke("sh", &json!({"hello": "bash"}));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -609,6 +653,7 @@ fn functions_on_warm_microvms() {
     run("python_function_error", &mut c, &|c| {
         python_function_error(c)
     });
+    run("cli", &mut c, &|c| cli(c));
     run("provided_invoke", &mut c, &|c| provided_invoke(c));
     run("concurrent_invocations", &mut c, &|c| {
         concurrent_invocations(c)
