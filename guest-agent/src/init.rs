@@ -8,7 +8,9 @@ use std::time::Duration;
 use nix::mount::MsFlags;
 
 use crate::log;
-use crate::protocol::{write_frame, HealthInfo, Response, AGENT_PORT, HOST_CID, READY_PORT};
+use crate::protocol::{
+    write_frame, HealthInfo, ProtocolError, Response, AGENT_PORT, HOST_CID, READY_PORT,
+};
 use crate::server::{panic_message, Agent, PowerAction};
 
 /// `PATH` given to the agent and its children.
@@ -281,8 +283,12 @@ where
         let spawned = std::thread::Builder::new()
             .name(format!("conn-{conn_id}"))
             .spawn(move || {
-                if let Err(e) = agent.serve_connection(BufReader::new(&stream), &stream) {
-                    log(&format!("connection {conn_id}: {e}"));
+                match agent.serve_connection(BufReader::new(&stream), &stream) {
+                    // A host that went away, or the vsock transport reset a
+                    // restore sends: expected, and the console is slow.
+                    Err(ProtocolError::Io(e)) if peer_gone(&e) => {}
+                    Err(e) => log(&format!("connection {conn_id}: {e}")),
+                    Ok(()) => {}
                 }
             });
         if let Err(e) = spawned {
@@ -291,4 +297,16 @@ where
             ));
         }
     }
+}
+
+/// Errors that only mean the peer (or the transport) closed the connection.
+fn peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }

@@ -718,6 +718,7 @@ impl Daemon {
                 .map_err(|e| fail("InternalError", format!("starting the runtime: {e}")))?;
             match ready {
                 Ok(r) => {
+                    inst.close_agent().await;
                     inst.snapshot(dir)
                         .await
                         .map_err(|e| fail("InternalError", format!("snapshot: {e}")))?;

@@ -271,7 +271,8 @@ impl Pools {
 
     /// One maintenance pass over a version's pool: drop dead idle
     /// instances, reclaim those idle past `ttl` beyond the `warm` count,
-    /// and say how many restores are needed to get back to `warm`.
+    /// and say how many restores are needed to get back to `warm`
+    /// instances (idle or busy).
     fn maintain(&self, key: &Key, generation: u64, warm: u32, ttl: Duration) -> u32 {
         let mut pools = self.lock();
         let pool = pools.entry(key.clone()).or_default();
@@ -306,7 +307,9 @@ impl Pools {
             }
         }
         pool.idle = kept;
-        let have = pool.idle.len() as u32 + pool.warming;
+        // As with Lambda's provisioned concurrency, busy instances count:
+        // the warm count is how many are initialised, not how many idle.
+        let have = pool.idle.len() as u32 + pool.warming + pool.busy.len() as u32;
         let need = warm.saturating_sub(have);
         pool.warming += need;
         need

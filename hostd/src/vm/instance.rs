@@ -428,10 +428,19 @@ impl Instance {
             // recorded in the snapshot is already private to the clone.
             load["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
         }
+        let t = Instant::now();
         let result = async {
             api_client::put(&inst.api(), "/snapshot/load", load).await?;
+            let loaded = t.elapsed();
             inst.connect_agent(Duration::from_secs(30)).await?;
+            let connected = t.elapsed();
             inst.with_agent(|a| a.refresh()).await??;
+            log::debug!(
+                "restored {}: VMM ready {:?}, loaded +{loaded:?}, agent +{connected:?}, refreshed +{:?}",
+                inst.id,
+                t.duration_since(inst.started),
+                t.elapsed()
+            );
             Ok::<(), InstanceError>(())
         }
         .await;
@@ -496,6 +505,16 @@ impl Instance {
             },
             reason = self.wait_exit() => Err(InstanceError::Exited(self.describe_exit(&reason))),
         }
+    }
+
+    /// Closes the agent connection (before a snapshot: clones would
+    /// otherwise wake up with a connection whose host end is gone).
+    pub async fn close_agent(&self) {
+        let slot = self.agent.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        })
+        .await;
     }
 
     /// Pauses the VM and writes a Full snapshot to `dir` (a host path; for
