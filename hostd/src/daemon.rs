@@ -35,7 +35,7 @@ pub struct Config {
     pub account: String,
     /// Idle instances kept per version unless its provisioned concurrency says otherwise.
     pub default_warm: u32,
-    /// Instances running invocations at once per version, unless reserved concurrency says otherwise.
+    /// Invocations running at once per function, unless reserved concurrency says otherwise.
     pub default_concurrency: u32,
     pub idle_ttl: Duration,
     pub init_timeout: Duration,

@@ -146,8 +146,8 @@ pub struct FunctionRecord {
     pub aliases: BTreeMap<String, AliasRecord>,
     /// Number the next published version gets.
     pub next_version: u64,
-    /// Lambda's reserved concurrency: most instances running at once for
-    /// each version (None: the daemon's default).
+    /// Lambda's reserved concurrency: most invocations of the function
+    /// (all versions) running at once (None: the daemon's default).
     #[serde(default)]
     pub reserved_concurrency: Option<u32>,
     /// Warm instances kept ready per qualifier (Lambda's provisioned

@@ -113,9 +113,9 @@ fn info(i: &Instance) -> InstanceInfo {
     }
 }
 
-fn throttled(function: &str, version: &str, limit: u32) -> ApiError {
+fn throttled(function: &str, limit: u32) -> ApiError {
     ApiError::throttled(format!(
-        "Rate Exceeded: {function}:{version} already runs {limit} concurrent invocations (its concurrency limit)"
+        "Rate Exceeded: {function} already runs {limit} concurrent invocations (its concurrency limit)"
     ))
 }
 
@@ -132,8 +132,9 @@ impl Pools {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An instance for one invocation: an idle one, or a new clone if fewer
-    /// than `limit` invocations run; otherwise a throttle error.
+    /// An instance for one invocation: an idle one, or a new clone, if
+    /// fewer than `limit` invocations of the function run; otherwise a
+    /// throttle error.
     pub async fn acquire(
         &self,
         d: &Daemon,
@@ -145,15 +146,21 @@ impl Pools {
         let key = (function.to_string(), version.to_string());
         {
             let mut pools = self.lock();
+            // As Lambda's reserved concurrency: running invocations of the
+            // whole function, all versions, count against the limit.
+            let running: u32 = pools
+                .iter()
+                .filter(|(k, _)| k.0 == function)
+                .map(|(_, p)| p.busy.len() as u32 + p.starting)
+                .sum();
+            if running >= limit {
+                return Err(throttled(function, limit));
+            }
             let pool = pools.entry(key.clone()).or_default();
             if pool.generation != source.snapshot.generation {
                 // A newer snapshot: older instances are not reused.
                 pool.generation = source.snapshot.generation;
                 pool.idle.drain(..).for_each(|i| destroy_later(i.inst));
-            }
-            // The limit counts running invocations, idle instances or not.
-            if pool.busy.len() as u32 + pool.starting >= limit {
-                return Err(throttled(function, version, limit));
             }
             while let Some(idle) = pool.idle.pop_back() {
                 if idle.inst.is_alive() {

@@ -62,7 +62,8 @@ struct Args {
     /// concurrency overrides it per version or alias).
     #[arg(long, default_value_t = 1)]
     warm_instances: u32,
-    /// Concurrent invocations per version (reserved concurrency overrides it).
+    /// Concurrent invocations per function, all versions together
+    /// (reserved concurrency overrides it).
     #[arg(long, default_value_t = 10)]
     max_concurrency: u32,
     /// Seconds an idle instance beyond the warm count is kept.
