@@ -435,10 +435,10 @@ mod tests {
         assert_eq!(c.bandwidth.unwrap().one_time_burst, Some(5));
         assert!(c.validate().is_ok());
         assert!(serde_json::from_str::<RateLimiterConfig>(r#"{"bw": {}}"#).is_err());
-        assert!(
-            serde_json::from_str::<RateLimiterConfig>(r#"{"ops": {"size": -1, "refill_time": 1}}"#)
-                .is_err()
-        );
+        assert!(serde_json::from_str::<RateLimiterConfig>(
+            r#"{"ops": {"size": -1, "refill_time": 1}}"#
+        )
+        .is_err());
         let huge = RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig {
                 size: 1,
