@@ -352,6 +352,26 @@ impl Net {
         }
     }
 
+    pub(crate) fn on_rx_limiter_event(&mut self) {
+        self.rx_limiter.event_handler();
+        self.process_rx();
+    }
+
+    pub(crate) fn on_tx_limiter_event(&mut self) {
+        self.tx_limiter.event_handler();
+        self.process_tx();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn rx_limiter_fd(&self) -> i32 {
+        self.rx_limiter.as_raw_fd()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tx_limiter_fd(&self) -> i32 {
+        self.tx_limiter.as_raw_fd()
+    }
+
     fn kick(&self, index: usize) {
         if let Err(e) = self.queue_evts[index].write(1) {
             log::warn!("virtio-net: cannot kick queue {index}: {e}");
@@ -495,14 +515,8 @@ impl MutEventSubscriber for Net {
                 self.process_tx();
             }
             EV_TAP => self.process_rx(),
-            EV_RX_LIMITER => {
-                self.rx_limiter.event_handler();
-                self.process_rx();
-            }
-            EV_TX_LIMITER => {
-                self.tx_limiter.event_handler();
-                self.process_tx();
-            }
+            EV_RX_LIMITER => self.on_rx_limiter_event(),
+            EV_TX_LIMITER => self.on_tx_limiter_event(),
             other => log::warn!("virtio-net: unexpected event {other}"),
         }
     }
