@@ -47,6 +47,12 @@ fn in_netns(names: &[&str], f: impl FnOnce() + Send + 'static) {
         // SAFETY: unshare only changes this thread's namespaces.
         let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        // No IPv6 chatter (router solicitations, MLD) on the taps: the
+        // tests look for specific frames. Sysctls resolve to this
+        // thread's namespace; a host without IPv6 has nothing to turn off.
+        for f in ["all", "default"] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6"), "1");
+        }
         for (i, n) in names.iter().enumerate() {
             sh(&["ip", "tuntap", "add", "dev", n, "mode", "tap"]);
             if i == 0 {
@@ -141,16 +147,63 @@ impl<'a> Harness<'a> {
         read_bytes(self.mem, RX_BUFS + u64::from(id) * 0x1_0000, len as usize)
     }
 
-    /// Waits until the tap has a frame for us.
-    fn wait_tap(&self) {
-        let mut pfd = libc::pollfd {
-            fd: self.net.tap().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, a bounded timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 2000) };
-        assert_eq!(n, 1, "no frame from the tap");
+    /// Sends ARP requests for 10.0.0.1 (again every 200 ms: a new tap
+    /// only transmits once the kernel's link watcher has run) and runs RX
+    /// as tap and limiter events would, until `want` replies reached the
+    /// guest or 10 s passed. Returns every frame delivered.
+    fn arp_until_replies(&mut self, want: usize) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sent = 0u64;
+        let mut last_send = Instant::now() - Duration::from_secs(1);
+        loop {
+            self.net.process_rx();
+            let frames: Vec<Vec<u8>> = (0..self.rxq.used_idx()).map(|i| self.rx_frame(i)).collect();
+            let n = frames.iter().filter(|f| is_arp_reply_to_guest(f)).count();
+            if n >= want || Instant::now() > deadline {
+                return frames;
+            }
+            if last_send.elapsed() >= Duration::from_millis(200) {
+                self.send(&arp_request(), sent % 8);
+                self.net.process_tx();
+                sent += 1;
+                last_send = Instant::now();
+            }
+            let mut pfd = [
+                libc::pollfd {
+                    fd: self.net.tap().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.net.rx_limiter_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds, a bounded timeout.
+            unsafe { libc::poll(pfd.as_mut_ptr(), 2, 50) };
+            if pfd[1].revents & libc::POLLIN != 0 {
+                self.net.on_rx_limiter_event();
+            }
+        }
+    }
+
+    /// Sends ARP requests until the tap has a frame for us.
+    fn wait_tap(&mut self) {
+        for _ in 0..50 {
+            self.send(&arp_request(), 0);
+            self.net.process_tx();
+            let mut pfd = libc::pollfd {
+                fd: self.net.tap().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, a bounded timeout.
+            if unsafe { libc::poll(&mut pfd, 1, 200) } == 1 {
+                return;
+            }
+        }
+        panic!("no frame from the tap");
     }
 }
 
@@ -216,13 +269,10 @@ fn tx_to_tap_and_reply_back_to_rx() {
 
         // Buffers arrive (the guest kicks RX): frames are delivered, the
         // ARP reply among them (IPv6 chatter may come first).
-        for slot in 0..8 {
+        for slot in 0..16 {
             h.add_rx_buffer(slot, 4096);
         }
-        h.net.process_rx();
-        let got = h.rxq.used_idx();
-        assert!(got >= 1);
-        let frames: Vec<Vec<u8>> = (0..got).map(|i| h.rx_frame(i)).collect();
+        let frames = h.arp_until_replies(1);
         assert!(
             frames.iter().any(|f| is_arp_reply_to_guest(f)),
             "no ARP reply among {} frames",
@@ -239,8 +289,6 @@ fn small_rx_buffer_drops_the_frame_not_the_queue() {
     in_netns(&["tapsm0"], || {
         let mem = test_mem();
         let mut h = Harness::new(&mem, &cfg("tapsm0", None));
-        h.send(&arp_request(), 0);
-        h.net.process_tx();
         h.wait_tap();
         h.add_rx_buffer(0, 20);
         h.net.process_rx();
@@ -311,43 +359,18 @@ fn rx_rate_limiter_keeps_the_frame() {
             bandwidth: Some(TokenBucketConfig {
                 size: 1,
                 one_time_burst: None,
-                refill_time: 50,
+                refill_time: 1000,
             }),
             ops: None,
         });
         let mut h = Harness::new(&mem, &c);
-        for slot in 0..8 {
+        for slot in 0..16 {
             h.add_rx_buffer(slot, 4096);
         }
-        h.send(&arp_request(), 0);
-        h.send(&arp_request(), 1);
-        h.net.process_tx();
-        h.wait_tap();
         // Frames are larger than the 1-byte bucket: each waits for a full
         // bucket, one at a time, none dropped.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let replies = |h: &Harness| {
-            (0..h.rxq.used_idx())
-                .filter(|i| is_arp_reply_to_guest(&h.rx_frame(*i)))
-                .count()
-        };
-        let mut found = false;
-        while !found && Instant::now() < deadline {
-            h.net.process_rx();
-            found = replies(&h) == 2;
-            if !found {
-                let mut pfd = libc::pollfd {
-                    fd: h.net.rx_limiter_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, a bounded timeout.
-                if unsafe { libc::poll(&mut pfd, 1, 500) } == 1 {
-                    h.net.on_rx_limiter_event();
-                }
-            }
-        }
-        assert!(found);
+        let frames = h.arp_until_replies(2);
+        assert!(frames.iter().filter(|f| is_arp_reply_to_guest(f)).count() >= 2);
         assert!(h.net.counters().throttled >= 1);
         assert_eq!(h.net.counters().dropped, 0);
     });
