@@ -19,6 +19,7 @@ use crate::devices::legacy::{
 pub use crate::devices::persist::VirtioDeviceHandle;
 use crate::devices::persist::{restore_virtio, RestoreOverrides};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 use crate::snapshot::{self, MicrovmState};
@@ -268,6 +269,13 @@ impl VirtioDevices {
             _ => None,
         })
     }
+
+    pub fn net(&self, iface_id: &str) -> Option<&Arc<Mutex<Net>>> {
+        self.slots.iter().find_map(|(d, _)| match d {
+            VirtioDeviceHandle::Net(n) if crate::devices::bus::lock(n).id() == iface_id => Some(n),
+            _ => None,
+        })
+    }
 }
 
 /// Puts every configured drive (root first) and the vsock device on the
@@ -318,6 +326,13 @@ fn attach_virtio_devices(
         devices
             .slots
             .push((VirtioDeviceHandle::Vsock(vsock), slot.2));
+    }
+    for cfg in &res.network_interfaces {
+        let net = Arc::new(Mutex::new(Net::new(cfg).map_err(dev_err)?));
+        let transport = MmioTransport::new(mem.clone(), net.clone()).map_err(dev_err)?;
+        let slot = attach_transport(transport, net.clone(), devices.slots.len(), vm, mmio, em)?;
+        add_cmdline_device(cmdline, &slot)?;
+        devices.slots.push((VirtioDeviceHandle::Net(net), slot.2));
     }
     Ok(devices)
 }
@@ -440,7 +455,24 @@ pub fn restore_from_snapshot(
             .map(|o| (o.drive_id.clone(), o.path_on_host.clone()))
             .collect(),
         vsock_uds_path: params.vsock_override.as_ref().map(|o| o.uds_path.clone()),
+        net_tap_names: params
+            .network_overrides
+            .iter()
+            .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+            .collect(),
     };
+    for o in &params.network_overrides {
+        if !resources
+            .network_interfaces
+            .iter()
+            .any(|n| n.iface_id == o.iface_id)
+        {
+            return Err(RestoreError::Invalid(format!(
+                "network_overrides: the snapshot has no network interface {:?}",
+                o.iface_id
+            )));
+        }
+    }
     for (index, slot) in state.devices.virtio.iter().enumerate() {
         let (handle, transport) = restore_virtio(&mem, index, slot, &overrides)
             .map_err(|e| RestoreError::Invalid(e.to_string()))?;
@@ -451,6 +483,11 @@ pub fn restore_from_snapshot(
     for d in &mut resources.drives {
         if let Some(p) = overrides.drive_paths.get(&d.drive_id) {
             d.path_on_host = p.clone();
+        }
+    }
+    for n in &mut resources.network_interfaces {
+        if let Some(name) = overrides.net_tap_names.get(&n.iface_id) {
+            n.host_dev_name = name.clone();
         }
     }
     if let (Some(p), Some(v)) = (&overrides.vsock_uds_path, resources.vsock.as_mut()) {

@@ -3,11 +3,13 @@
 
 use crate::builder::{self, EventMgr};
 use crate::devices::legacy::serial::SerialOut;
+use crate::devices::virtio::net::Tap;
 use crate::metrics::METRICS;
 use crate::rpc_interface::{InstanceInfo, VmmAction, VmmActionError, VmmData, VmmResponse};
 use crate::vmm::{SnapshotError, VmState, Vmm};
-use crate::vmm_config::LoadSnapshotParams;
+use crate::vmm_config::net::parse_mac;
 use crate::vmm_config::VmResources;
+use crate::vmm_config::{LoadSnapshotParams, NetworkInterfaceUpdate};
 use crate::vstate::vcpu::VmExitNotifier;
 
 /// Opens the serial console's output when the VM is built.
@@ -112,6 +114,7 @@ impl Controller {
                     })
             }
             LoadSnapshot(params) => self.load_snapshot(&params, em),
+            PatchNetworkInterface(update) => self.patch_net(&update),
             Pause => self.set_paused(true),
             Resume => self.set_paused(false),
             other => self.configure(other),
@@ -126,6 +129,34 @@ impl Controller {
         let r = if paused { vmm.pause() } else { vmm.resume() };
         r.map(|_| VmmData::Empty)
             .map_err(|e| VmmActionError::Internal(e.to_string()))
+    }
+
+    /// New rate limiters: on the device of a started VM, else in the
+    /// pre-boot configuration.
+    fn patch_net(&mut self, update: &NetworkInterfaceUpdate) -> VmmResponse {
+        crate::vmm_config::net::validate_limiters(&update.rx_rate_limiter, &update.tx_rate_limiter)
+            .map_err(VmmActionError::InvalidInput)?;
+        if let Some(vmm) = self.vmm.as_mut() {
+            vmm.update_net_rate_limiters(update)
+                .map_err(VmmActionError::InvalidInput)?;
+            self.resources = vmm.resources().clone();
+            return Ok(VmmData::Empty);
+        }
+        let cfg = self
+            .resources
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+            .ok_or_else(|| {
+                VmmActionError::InvalidInput(format!("no network interface {:?}", update.iface_id))
+            })?;
+        if let Some(rx) = update.rx_rate_limiter {
+            cfg.rx_rate_limiter = Some(rx);
+        }
+        if let Some(tx) = update.tx_rate_limiter {
+            cfg.tx_rate_limiter = Some(tx);
+        }
+        Ok(VmmData::Empty)
     }
 
     /// Pre-boot configuration.
@@ -178,6 +209,43 @@ impl Controller {
                 match r.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
                     Some(o) => *o = d,
                     None => r.drives.push(d),
+                }
+            }
+            PutNetworkInterface(n) => {
+                let mac = n.validate().map_err(VmmActionError::InvalidInput)?;
+                for other in r
+                    .network_interfaces
+                    .iter()
+                    .filter(|o| o.iface_id != n.iface_id)
+                {
+                    if other.host_dev_name == n.host_dev_name {
+                        return Err(VmmActionError::InvalidInput(format!(
+                            "network interface {}: host_dev_name {} is already used by {}",
+                            n.iface_id, n.host_dev_name, other.iface_id
+                        )));
+                    }
+                    let other_mac = other.guest_mac.as_deref().and_then(|m| parse_mac(m).ok());
+                    if mac.is_some() && other_mac == mac {
+                        return Err(VmmActionError::InvalidInput(format!(
+                            "network interface {}: guest_mac {} is already used by {}",
+                            n.iface_id,
+                            n.guest_mac.as_deref().unwrap_or_default(),
+                            other.iface_id
+                        )));
+                    }
+                }
+                // Open the tap now, so a missing or unusable one is reported
+                // here rather than at InstanceStart.
+                Tap::open(&n.host_dev_name).map_err(|e| {
+                    VmmActionError::InvalidInput(format!("network interface {}: {e}", n.iface_id))
+                })?;
+                match r
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|o| o.iface_id == n.iface_id)
+                {
+                    Some(o) => *o = n,
+                    None => r.network_interfaces.push(n),
                 }
             }
             PutVsock(v) => {
@@ -304,5 +372,93 @@ mod tests {
             c.handle(VmmAction::SendCtrlAltDel, &mut em),
             Err(VmmActionError::NotAllowed(_))
         ));
+    }
+
+    fn net(id: &str, tap: &str, mac: Option<&str>) -> VmmAction {
+        VmmAction::PutNetworkInterface(crate::vmm_config::NetworkInterfaceConfig {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: mac.map(String::from),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        })
+    }
+
+    #[test]
+    fn network_interface_errors_leave_the_vmm_usable() {
+        let (mut c, mut em) = controller();
+        let e = c
+            .handle(net("eth0", "embernosuch0", None), &mut em)
+            .unwrap_err();
+        assert!(e.to_string().contains("no network interface named"), "{e}");
+        assert_eq!(e.http_status(), 400);
+        let e = c.handle(net("eth0", "lo", None), &mut em).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+        let e = c
+            .handle(net("eth0", "tap0", Some("zz:00:00:00:00:00")), &mut em)
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid MAC"), "{e}");
+        let upd = crate::vmm_config::NetworkInterfaceUpdate {
+            iface_id: "eth9".into(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        let e = c
+            .handle(VmmAction::PatchNetworkInterface(upd), &mut em)
+            .unwrap_err();
+        assert!(e.to_string().contains("no network interface"), "{e}");
+        assert!(c.resources.network_interfaces.is_empty());
+        assert!(c.handle(VmmAction::GetVmConfig, &mut em).is_ok());
+    }
+
+    #[test]
+    fn network_interfaces_with_real_taps() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare only changes this thread's namespaces.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            for t in ["tapc0", "tapc1"] {
+                let ok = std::process::Command::new("ip")
+                    .args(["tuntap", "add", "dev", t, "mode", "tap"])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok);
+            }
+            let (mut c, mut em) = controller();
+            let mac = Some("06:00:00:00:00:01");
+            c.handle(net("eth0", "tapc0", mac), &mut em).unwrap();
+            // Same id again: replaced (PUT is idempotent before boot).
+            c.handle(net("eth0", "tapc0", mac), &mut em).unwrap();
+            let e = c.handle(net("eth1", "tapc0", None), &mut em).unwrap_err();
+            assert!(e.to_string().contains("already used by eth0"), "{e}");
+            let e = c
+                .handle(net("eth1", "tapc1", Some("06:00:00:00:00:01")), &mut em)
+                .unwrap_err();
+            assert!(e.to_string().contains("guest_mac"), "{e}");
+            c.handle(net("eth1", "tapc1", None), &mut em).unwrap();
+            assert_eq!(c.resources.network_interfaces.len(), 2);
+            let rl = crate::rate_limiter::RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(crate::rate_limiter::TokenBucketConfig {
+                    size: 5,
+                    one_time_burst: None,
+                    refill_time: 10,
+                }),
+            };
+            let upd = crate::vmm_config::NetworkInterfaceUpdate {
+                iface_id: "eth1".into(),
+                rx_rate_limiter: Some(rl),
+                tx_rate_limiter: None,
+            };
+            c.handle(VmmAction::PatchNetworkInterface(upd), &mut em)
+                .unwrap();
+            assert_eq!(c.resources.network_interfaces[1].rx_rate_limiter, Some(rl));
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::vmm_config::{
     BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, LoadSnapshotParams, MachineConfig,
-    MetricsConfig, VsockConfig,
+    MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +20,10 @@ pub enum VmmAction {
     PatchMachineConfig(crate::api::MachineConfigUpdate),
     PutDrive(BlockDeviceConfig),
     PutVsock(VsockConfig),
+    /// `PUT /network-interfaces/{iface_id}` (pre-boot).
+    PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PATCH /network-interfaces/{iface_id}`: new rate limiters.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
     InstanceStart,

@@ -178,6 +178,36 @@ impl Vmm {
         ))
     }
 
+    /// `PATCH /network-interfaces/{id}` on a running (or paused) VM: the
+    /// device's limiters and the configuration saved in snapshots.
+    pub fn update_net_rate_limiters(
+        &mut self,
+        update: &crate::vmm_config::NetworkInterfaceUpdate,
+    ) -> Result<(), String> {
+        let net = self
+            .virtio
+            .net(&update.iface_id)
+            .ok_or_else(|| format!("no network interface {:?}", update.iface_id))?;
+        lock(net).update_rate_limiters(
+            update.rx_rate_limiter.as_ref(),
+            update.tx_rate_limiter.as_ref(),
+        );
+        if let Some(cfg) = self
+            .resources
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+        {
+            if let Some(rx) = update.rx_rate_limiter {
+                cfg.rx_rate_limiter = Some(rx);
+            }
+            if let Some(tx) = update.tx_rate_limiter {
+                cfg.tx_rate_limiter = Some(tx);
+            }
+        }
+        Ok(())
+    }
+
     pub fn resources(&self) -> &VmResources {
         &self.resources
     }

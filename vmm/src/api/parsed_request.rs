@@ -3,7 +3,9 @@
 
 use serde::de::DeserializeOwned;
 
-use super::request::{actions, boot_source, drive, machine_config, metrics, snapshot, vm, vsock};
+use super::request::{
+    actions, boot_source, drive, machine_config, metrics, net, snapshot, vm, vsock,
+};
 use crate::rpc_interface::VmmAction;
 
 /// Largest request body accepted; API bodies are small JSON documents.
@@ -46,6 +48,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("PUT", ["machine-config"], Some(b)) => machine_config::parse_put(b),
         ("PUT", ["vsock"], Some(b)) => vsock::parse_put(b),
         ("PUT", ["metrics"], Some(b)) => metrics::parse_put(b),
+        ("PUT", ["network-interfaces", id], Some(b)) => net::parse_put(b, id),
         ("PUT", ["snapshot", "create"], Some(b)) => snapshot::parse_put_create(b),
         ("PUT", ["snapshot", "load"], Some(b)) => snapshot::parse_put_load(b),
         ("PUT", _, None) if is_known_put(&tokens) => {
@@ -54,7 +57,8 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
 
         ("PATCH", ["machine-config"], Some(b)) => machine_config::parse_patch(b),
         ("PATCH", ["vm"], Some(b)) => vm::parse_patch(b),
-        ("PATCH", ["machine-config"] | ["vm"], None) => {
+        ("PATCH", ["network-interfaces", id], Some(b)) => net::parse_patch(b, id),
+        ("PATCH", ["machine-config"] | ["vm"] | ["network-interfaces", _], None) => {
             Err(ParseError::bad_request("Empty PATCH request."))
         }
 
@@ -74,6 +78,7 @@ fn is_known_put(tokens: &[&str]) -> bool {
             | ["machine-config"]
             | ["vsock"]
             | ["metrics"]
+            | ["network-interfaces", _]
             | ["snapshot", "create" | "load"]
     )
 }

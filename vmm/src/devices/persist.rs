@@ -13,6 +13,7 @@ use super::bus::lock;
 use super::legacy::{I8042State, SerialConsoleState};
 use super::virtio::block::{Block, BlockError, BlockState};
 use super::virtio::mmio::MmioRestoreError;
+use super::virtio::net::{Net, NetError, NetState};
 use super::virtio::vsock::{Vsock, VsockError, VsockState};
 use super::virtio::{Mem, MmioTransport, MmioTransportState, VirtioDevice};
 
@@ -20,6 +21,7 @@ use super::virtio::{Mem, MmioTransport, MmioTransportState, VirtioDevice};
 pub enum VirtioDeviceState {
     Block(BlockState),
     Vsock(VsockState),
+    Net(NetState),
 }
 
 /// One virtio-mmio slot: the transport and the device behind it.
@@ -44,6 +46,8 @@ pub struct RestoreOverrides {
     /// drive_id -> path_on_host.
     pub drive_paths: HashMap<String, String>,
     pub vsock_uds_path: Option<String>,
+    /// iface_id -> host_dev_name (each clone its own tap).
+    pub net_tap_names: HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub enum DevicePersistError {
     Block { slot: usize, source: BlockError },
     #[error("virtio slot {slot}: vsock: {source}")]
     Vsock { slot: usize, source: VsockError },
+    #[error("virtio slot {slot}: {source}")]
+    Net { slot: usize, source: NetError },
     #[error("virtio slot {slot}: transport: {source}")]
     Transport {
         slot: usize,
@@ -65,6 +71,7 @@ pub enum DevicePersistError {
 pub enum VirtioDeviceHandle {
     Block(Arc<Mutex<Block>>),
     Vsock(Arc<Mutex<Vsock>>),
+    Net(Arc<Mutex<Net>>),
 }
 
 impl VirtioDeviceHandle {
@@ -73,6 +80,7 @@ impl VirtioDeviceHandle {
         match self {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Vsock(v) => v.clone(),
+            VirtioDeviceHandle::Net(n) => n.clone(),
         }
     }
 }
@@ -89,6 +97,7 @@ pub fn save_virtio(
             device: match dev {
                 VirtioDeviceHandle::Block(b) => VirtioDeviceState::Block(lock(b).state()),
                 VirtioDeviceHandle::Vsock(v) => VirtioDeviceState::Vsock(lock(v).state()),
+                VirtioDeviceHandle::Net(n) => VirtioDeviceState::Net(lock(n).state()),
             },
             transport: lock(transport).state(),
         })
@@ -119,6 +128,13 @@ pub fn restore_virtio(
                 .map_err(|source| DevicePersistError::Vsock { slot, source })?;
             let dev = Arc::new(Mutex::new(dev));
             (VirtioDeviceHandle::Vsock(dev.clone()), dev)
+        }
+        VirtioDeviceState::Net(n) => {
+            let name = overrides.net_tap_names.get(&n.config.iface_id);
+            let dev = Net::restore(n, name.map(String::as_str))
+                .map_err(|source| DevicePersistError::Net { slot, source })?;
+            let dev = Arc::new(Mutex::new(dev));
+            (VirtioDeviceHandle::Net(dev.clone()), dev)
         }
     };
     let transport = MmioTransport::restore(mem.clone(), device, &state.transport)

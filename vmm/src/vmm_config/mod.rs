@@ -7,6 +7,7 @@ pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
 pub mod metrics;
+pub mod net;
 pub mod snapshot;
 pub mod vsock;
 
@@ -14,6 +15,7 @@ pub use boot_source::BootSourceConfig;
 pub use drive::BlockDeviceConfig;
 pub use machine_config::MachineConfig;
 pub use metrics::MetricsConfig;
+pub use net::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 pub use vsock::VsockConfig;
 
@@ -34,4 +36,10 @@ pub struct VmResources {
     pub drives: Vec<BlockDeviceConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
 }

@@ -47,6 +47,15 @@ pub struct VsockOverride {
     pub uds_path: String,
 }
 
+/// A network interface's tap, changed at load time (Firecracker's
+/// `network_overrides`): each clone its own tap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +74,8 @@ pub struct LoadSnapshotParams {
     pub vsock_override: Option<VsockOverride>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drive_overrides: Vec<DriveOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
     /// Where the restored guest's serial console goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,

@@ -97,7 +97,7 @@ fn read_request(vq: &mut TestQueue, mem: &Mem, sector: u64) -> u16 {
 fn restored_block(r: VirtioDeviceHandle) -> Arc<Mutex<Block>> {
     match r {
         VirtioDeviceHandle::Block(b) => b,
-        VirtioDeviceHandle::Vsock(_) => panic!("expected a block device"),
+        _ => panic!("expected a block device"),
     }
 }
 
@@ -140,6 +140,7 @@ fn block_restored_mid_use_continues_on_its_queue() {
             copy.as_path().to_str().unwrap().to_string(),
         )]),
         vsock_uds_path: None,
+        ..Default::default()
     };
     let (dev, mut t2) = restore_virtio(&mem, 0, &saved[0], &overrides).unwrap();
     let block2 = restored_block(dev);
@@ -256,6 +257,7 @@ fn vsock_restored_resets_the_guest_transport() {
     let overrides = RestoreOverrides {
         drive_paths: HashMap::new(),
         vsock_uds_path: Some(uds2.to_str().unwrap().into()),
+        ..Default::default()
     };
     let (dev, mut t2) = restore_virtio(&mem, 0, &saved[0], &overrides).unwrap();
     let VirtioDeviceHandle::Vsock(vsock2) = dev else {

@@ -26,6 +26,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 mod queue;
 #[cfg(test)]
@@ -47,6 +48,7 @@ pub use persist::VirtQueueState;
 pub type Mem = crate::vstate::memory::GuestMemoryMmap;
 
 /// Device IDs (virtio 1.1, section 5).
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_VSOCK: u32 = 19;
 

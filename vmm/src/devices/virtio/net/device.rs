@@ -1,0 +1,523 @@
+//! The virtio-net device: config space, features, and moving frames
+//! between the queues and the tap, under the rate limiters.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::features::*;
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
+use super::{NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_INDEX, TX_INDEX, VNET_HDR_LEN};
+use crate::devices::virtio::queue::{notify, pop_or_enable};
+use crate::devices::virtio::{
+    new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+use crate::vmm_config::net::NetworkInterfaceConfig;
+
+// Event-loop data tags.
+const EV_RX_QUEUE: u32 = 0;
+const EV_TX_QUEUE: u32 = 1;
+const EV_TAP: u32 = 2;
+const EV_RX_LIMITER: u32 = 3;
+const EV_TX_LIMITER: u32 = 4;
+
+/// Frame and byte counts, for tests and diagnostics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames dropped: a guest buffer too small, a malformed TX chain, or
+    /// a tap write error.
+    pub dropped: u64,
+    /// Times a frame waited for the rate limiter.
+    pub throttled: u64,
+}
+
+struct Active {
+    mem: Mem,
+    interrupt: Arc<Interrupt>,
+    rx: Queue,
+    tx: Queue,
+}
+
+pub struct Net {
+    config: NetworkInterfaceConfig,
+    mac: Option<[u8; 6]>,
+    tap: Tap,
+    avail_features: u64,
+    acked_features: u64,
+    queue_evts: Vec<Arc<EventFd>>,
+    active: Option<Active>,
+    broken: bool,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    /// A frame read from the tap that is not in the guest yet (no buffer,
+    /// or the limiter said wait): `rx_buf[..rx_pending]`, 0 when none.
+    rx_buf: Vec<u8>,
+    rx_pending: usize,
+    /// The pending frame was already paid to the RX limiter.
+    rx_paid: bool,
+    tx_buf: Vec<u8>,
+    counters: NetCounters,
+}
+
+impl Net {
+    /// Opens the tap named in `config` (which must exist) and builds the
+    /// device. The MAC and limiters are validated here too.
+    pub fn new(config: &NetworkInterfaceConfig) -> Result<Net, NetError> {
+        let iface_id = config.iface_id.clone();
+        let mac = config.validate().map_err(|reason| NetError::Config {
+            iface_id: iface_id.clone(),
+            reason,
+        })?;
+        let tap = Tap::open(&config.host_dev_name).map_err(|source| NetError::Tap {
+            iface_id: iface_id.clone(),
+            source,
+        })?;
+        let fd_err = |source| NetError::Fd {
+            iface_id: iface_id.clone(),
+            source,
+        };
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << CSUM)
+            | (1 << GUEST_CSUM)
+            | (1 << GUEST_TSO4)
+            | (1 << GUEST_TSO6)
+            | (1 << GUEST_UFO)
+            | (1 << HOST_TSO4)
+            | (1 << HOST_TSO6)
+            | (1 << HOST_UFO);
+        if mac.is_some() {
+            avail_features |= 1 << MAC;
+        }
+        Ok(Net {
+            config: config.clone(),
+            mac,
+            tap,
+            avail_features,
+            acked_features: 0,
+            queue_evts: new_queue_events(2).map_err(fd_err)?,
+            active: None,
+            broken: false,
+            rx_limiter: RateLimiter::new(&config.rx_rate_limiter.unwrap_or_default())
+                .map_err(fd_err)?,
+            tx_limiter: RateLimiter::new(&config.tx_rate_limiter.unwrap_or_default())
+                .map_err(fd_err)?,
+            rx_buf: vec![0; MAX_FRAME_LEN],
+            rx_pending: 0,
+            rx_paid: false,
+            tx_buf: vec![0; MAX_FRAME_LEN],
+            counters: NetCounters::default(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.iface_id
+    }
+
+    /// The configuration, with the limiters as they are now.
+    pub fn config(&self) -> &NetworkInterfaceConfig {
+        &self.config
+    }
+
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.mac
+    }
+
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// `PATCH /network-interfaces/{id}`: replaces the limiters given.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) {
+        if let Some(rx) = rx {
+            self.rx_limiter.update(rx);
+            self.config.rx_rate_limiter = Some(*rx);
+        }
+        if let Some(tx) = tx {
+            self.tx_limiter.update(tx);
+            self.config.tx_rate_limiter = Some(*tx);
+        }
+    }
+
+    fn offloads(&self) -> u32 {
+        let acked = |f: u32| self.acked_features & (1 << f) != 0;
+        let mut flags = 0;
+        if acked(GUEST_CSUM) {
+            flags |= TUN_F_CSUM;
+        }
+        if acked(GUEST_TSO4) {
+            flags |= TUN_F_TSO4;
+        }
+        if acked(GUEST_TSO6) {
+            flags |= TUN_F_TSO6;
+        }
+        if acked(GUEST_UFO) {
+            flags |= TUN_F_UFO;
+        }
+        flags
+    }
+
+    fn queue_error(&mut self, what: &str, e: impl std::fmt::Display) {
+        log::warn!(
+            "virtio-net {}: {what} queue error, device needs reset: {e}",
+            self.config.iface_id
+        );
+        self.broken = true;
+        if let Some(a) = &self.active {
+            a.interrupt.signal_needs_reset();
+        }
+    }
+
+    /// Moves frames from the tap into the guest's receive buffers until the
+    /// tap is empty, the guest has no buffer, or the limiter says wait. A
+    /// frame read but not delivered is kept for the next attempt.
+    pub fn process_rx(&mut self) {
+        if self.broken || self.active.is_none() {
+            return;
+        }
+        let mut used_any = false;
+        let mut error = None;
+        loop {
+            if self.rx_pending == 0 {
+                match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(n) if n > VNET_HDR_LEN => {
+                        self.rx_pending = n;
+                        self.rx_paid = false;
+                    }
+                    Ok(_) => continue, // runt: nothing to deliver
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("virtio-net {}: tap read: {e}", self.config.iface_id);
+                        break;
+                    }
+                }
+            }
+            if !self.rx_paid {
+                if !self
+                    .rx_limiter
+                    .consume((self.rx_pending - VNET_HDR_LEN) as u64)
+                {
+                    self.counters.throttled += 1;
+                    break;
+                }
+                self.rx_paid = true;
+            }
+            let Some(active) = self.active.as_mut() else {
+                break;
+            };
+            let mem = &active.mem;
+            let chain = match pop_or_enable(&mut active.rx, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break, // wait for the guest's next RX kick
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let frame = &mut self.rx_buf[..self.rx_pending];
+            // One buffer per frame (no MRG_RXBUF).
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let written = match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= frame.len() => {
+                    w.write_all(frame).ok().map(|_| frame.len())
+                }
+                _ => None,
+            };
+            let len = match written {
+                Some(n) => {
+                    self.counters.rx_frames += 1;
+                    self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
+                    n as u32
+                }
+                None => {
+                    log::warn!(
+                        "virtio-net {}: receive buffer too small or unwritable for a \
+                         {}-byte frame; dropped",
+                        self.config.iface_id,
+                        frame.len()
+                    );
+                    self.counters.dropped += 1;
+                    0
+                }
+            };
+            self.rx_pending = 0;
+            self.rx_paid = false;
+            if let Err(e) = active.rx.add_used(mem, head, len) {
+                error = Some(e.to_string());
+                break;
+            }
+            used_any = true;
+        }
+        if let Some(a) = self.active.as_mut() {
+            if used_any {
+                notify(&mut a.rx, &a.mem, &a.interrupt);
+            }
+        }
+        if let Some(e) = error {
+            self.queue_error("receive", e);
+        }
+    }
+
+    /// Sends every frame the guest queued, unless the limiter says wait
+    /// (the frame then stays in the ring for the timer).
+    pub fn process_tx(&mut self) {
+        if self.broken {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let mut used_any = false;
+        let mut error = None;
+        loop {
+            if self.tx_limiter.is_blocked() {
+                break;
+            }
+            let chain = match pop_or_enable(&mut active.tx, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let mut frame_len = None;
+            if let Ok(mut r) = Reader::new(mem, chain) {
+                let n = r.available_bytes();
+                if n > VNET_HDR_LEN && n <= self.tx_buf.len() {
+                    if !self.tx_limiter.consume((n - VNET_HDR_LEN) as u64) {
+                        // Keep the frame in the ring until the timer fires.
+                        self.counters.throttled += 1;
+                        active.tx.go_to_previous_position();
+                        break;
+                    }
+                    if r.read_exact(&mut self.tx_buf[..n]).is_ok() {
+                        frame_len = Some(n);
+                    }
+                }
+            }
+            match frame_len {
+                Some(n) => match self.tap.write_frame(&self.tx_buf[..n]) {
+                    Ok(_) => {
+                        self.counters.tx_frames += 1;
+                        self.counters.tx_bytes += (n - VNET_HDR_LEN) as u64;
+                    }
+                    Err(e) => {
+                        log::debug!("virtio-net {}: tap write: {e}", self.config.iface_id);
+                        self.counters.dropped += 1;
+                    }
+                },
+                None => {
+                    log::warn!(
+                        "virtio-net {}: malformed transmit chain; dropped",
+                        self.config.iface_id
+                    );
+                    self.counters.dropped += 1;
+                }
+            }
+            if let Err(e) = active.tx.add_used(mem, head, 0) {
+                error = Some(e.to_string());
+                break;
+            }
+            used_any = true;
+        }
+        if used_any {
+            notify(&mut active.tx, mem, &active.interrupt);
+        }
+        if let Some(e) = error {
+            self.queue_error("transmit", e);
+        }
+    }
+
+    pub(crate) fn on_rx_limiter_event(&mut self) {
+        self.rx_limiter.event_handler();
+        self.process_rx();
+    }
+
+    pub(crate) fn on_tx_limiter_event(&mut self) {
+        self.tx_limiter.event_handler();
+        self.process_tx();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn rx_limiter_fd(&self) -> i32 {
+        self.rx_limiter.as_raw_fd()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tx_limiter_fd(&self) -> i32 {
+        self.tx_limiter.as_raw_fd()
+    }
+
+    fn kick(&self, index: usize) {
+        if let Err(e) = self.queue_evts[index].write(1) {
+            log::warn!("virtio-net: cannot kick queue {index}: {e}");
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[Arc<EventFd>] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    /// `struct virtio_net_config`: only `mac` (no STATUS, no MQ, no MTU).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.mac.unwrap_or_default(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Writing the MAC is legacy-only (virtio 1.1 5.1.4.2).
+        log::warn!("virtio-net: guest write to read-only config space at {offset:#x}");
+    }
+
+    fn activate(
+        &mut self,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        let tx = queues.remove(TX_INDEX);
+        let rx = queues.remove(RX_INDEX);
+        if let Err(e) = self.tap.set_offload(self.offloads()) {
+            log::warn!(
+                "virtio-net {}: cannot set tap offloads {:#x}: {e}",
+                self.config.iface_id,
+                self.offloads()
+            );
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            rx,
+            tx,
+        });
+        self.broken = false;
+        // Buffers and frames queued before DRIVER_OK, and frames the tap
+        // queued meanwhile, are picked up on the device thread.
+        self.kick(RX_INDEX);
+        self.kick(TX_INDEX);
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| [a.rx.state(), a.tx.state()])
+            .collect()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.broken = false;
+        if let Err(e) = self.tap.set_offload(0) {
+            log::warn!(
+                "virtio-net {}: cannot clear tap offloads: {e}",
+                self.config.iface_id
+            );
+        }
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: i32, tag: u32, set: EventSet| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, tag, set)) {
+                log::error!("virtio-net: cannot register event {tag}: {e:?}");
+            }
+        };
+        add(
+            self.queue_evts[RX_INDEX].as_raw_fd(),
+            EV_RX_QUEUE,
+            EventSet::IN,
+        );
+        add(
+            self.queue_evts[TX_INDEX].as_raw_fd(),
+            EV_TX_QUEUE,
+            EventSet::IN,
+        );
+        // Edge-triggered: a frame kept back (no guest buffer) must not make
+        // the loop spin; it is retried on the next RX kick.
+        add(
+            self.tap.as_raw_fd(),
+            EV_TAP,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        add(self.rx_limiter.as_raw_fd(), EV_RX_LIMITER, EventSet::IN);
+        add(self.tx_limiter.as_raw_fd(), EV_TX_LIMITER, EventSet::IN);
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            EV_RX_QUEUE => {
+                let _ = self.queue_evts[RX_INDEX].read();
+                self.process_rx();
+            }
+            EV_TX_QUEUE => {
+                let _ = self.queue_evts[TX_INDEX].read();
+                self.process_tx();
+            }
+            EV_TAP => self.process_rx(),
+            EV_RX_LIMITER => self.on_rx_limiter_event(),
+            EV_TX_LIMITER => self.on_tx_limiter_event(),
+            other => log::warn!("virtio-net: unexpected event {other}"),
+        }
+    }
+}

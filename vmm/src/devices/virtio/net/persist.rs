@@ -1,0 +1,50 @@
+//! Snapshot and restore of a network device. The queues are saved by the
+//! transport (`MmioTransportState`); the tap is reopened by name.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Net, NetError};
+use crate::devices::virtio::VirtioDevice;
+use crate::vmm_config::net::NetworkInterfaceConfig;
+
+/// The interface's configuration (id, tap name, MAC, limiters as they are
+/// configured at snapshot time) and the negotiated features. Token
+/// budgets are not saved: a restored device starts with full buckets.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NetState {
+    pub config: NetworkInterfaceConfig,
+    pub acked_features: u64,
+}
+
+impl Net {
+    pub fn state(&self) -> NetState {
+        NetState {
+            config: self.config().clone(),
+            acked_features: self.acked_features(),
+        }
+    }
+
+    /// Reopens the tap (`host_dev_name_override` if given: each clone its
+    /// own tap) in the saved configuration. Not activated:
+    /// `MmioTransport::restore` does that with the saved queues.
+    pub fn restore(
+        state: &NetState,
+        host_dev_name_override: Option<&str>,
+    ) -> Result<Net, NetError> {
+        let mut config = state.config.clone();
+        if let Some(name) = host_dev_name_override {
+            config.host_dev_name = name.to_string();
+        }
+        let mut net = Net::new(&config)?;
+        let avail = net.avail_features();
+        if state.acked_features & !avail != 0 {
+            return Err(NetError::Features {
+                iface_id: config.iface_id,
+                acked: state.acked_features,
+                avail,
+            });
+        }
+        net.set_acked_features(state.acked_features);
+        Ok(net)
+    }
+}
