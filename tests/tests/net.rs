@@ -1,18 +1,32 @@
 //! virtio-net end to end: a real guest with eth0 on a tap, pinging the
-//! host side and back. The VMM, the tap and the host-side tools run in a
-//! network namespace made for the test's thread (gone when it ends), so the
-//! host's network is untouched. Needs root (taps) and /dev/kvm.
+//! host side and back, TCP both ways, then a snapshot of it restored onto a
+//! second tap (`network_overrides`) in a second network namespace. The
+//! VMMs, the taps and the host-side tools and sockets run in network
+//! namespaces made for the test's threads (gone when they end), so the
+//! host's network is untouched. The guest boots once for all of it. Needs
+//! root (taps) and /dev/kvm.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::snapshots::connect_restored;
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const GUEST_MAC: &str = "06:00:ac:10:00:02";
+/// Both taps get this MAC, so the restored guest's ARP entry for the host
+/// side stays right on the clone's tap (as a host would set up clones).
+const HOST_MAC: &str = "02:00:ac:10:00:01";
+const HOST_IP: &str = "172.16.0.1";
+const GUEST_IP: &str = "172.16.0.2";
+const HTTP_PORT: u16 = 8080;
 
 fn sh(args: &[&str]) -> bool {
     Command::new(args[0])
@@ -22,8 +36,88 @@ fn sh(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+fn sh_out(args: &[&str]) -> String {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Moves the calling thread into a new network namespace with `lo` up and
+/// a tap `tap` holding the host side's address and MAC.
+fn enter_netns_with_tap(tap: &str) {
+    // SAFETY: unshare only changes this thread's namespaces; children
+    // spawned from this thread (the VMM, ip, ping) inherit it.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+    assert!(sh(&["ip", "link", "set", "lo", "up"]));
+    assert!(sh(&["ip", "tuntap", "add", "dev", tap, "mode", "tap"]));
+    assert!(sh(&["ip", "link", "set", tap, "address", HOST_MAC]));
+    assert!(sh(&["ip", "addr", "add", "172.16.0.1/30", "dev", tap]));
+    assert!(sh(&["ip", "link", "set", tap, "up"]));
+}
+
+/// Runs `script` in the guest; panics with its output unless it exits 0.
+fn guest_sh(agent: &mut AgentClient, vmm: &VmmProcess, script: &str) -> String {
+    let r = agent
+        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e}; {}", vmm.logs()));
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "guest `{script}`: stdout {out:?} stderr {err:?}; {}",
+        vmm.logs()
+    );
+    out
+}
+
+/// Guest → host TCP: the host listens on the tap's address (in the calling
+/// thread's namespace), the guest connects with busybox `nc`, each side
+/// sends a line and checks the other's.
+fn tcp_guest_to_host(agent: &mut AgentClient, vmm: &VmmProcess, port: u16, tag: &str) {
+    let listener = TcpListener::bind((HOST_IP, port)).unwrap();
+    let host_line = format!("host-says-{tag}");
+    let guest_line = format!("guest-says-{tag}");
+    let hl = host_line.clone();
+    let server = std::thread::spawn(move || {
+        let (s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        (&s).write_all(format!("{hl}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        // Dropping `s` closes the connection: the guest's nc sees EOF and exits.
+        (peer, line)
+    });
+    let script = format!("echo {guest_line} | nc -w 30 {HOST_IP} {port}");
+    let out = guest_sh(agent, vmm, &script);
+    let (peer, line) = server.join().unwrap();
+    assert_eq!(peer.ip().to_string(), GUEST_IP);
+    assert_eq!(line.trim_end(), guest_line);
+    assert_eq!(out.trim_end(), host_line, "guest nc output");
+}
+
+/// Host → guest TCP: a plain HTTP/1.0 GET to the guest's busybox httpd;
+/// the body must be `body`. Retries the connect while httpd comes up.
+fn tcp_host_to_guest(body: &str) {
+    let addr: SocketAddr = format!("{GUEST_IP}:{HTTP_PORT}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => panic!("connect {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.0 200"), "{reply:?}");
+    assert!(reply.ends_with(&format!("\r\n\r\n{body}\n")), "{reply:?}");
+}
+
 #[test]
-fn guest_pings_host_over_tap_and_back() {
+fn guest_talks_to_host_over_tap_and_clone_on_another_tap() {
     assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -31,15 +125,9 @@ fn guest_pings_host_over_tap_and_back() {
         return;
     }
     let (kernel, rootfs) = (kernel_path(), rootfs_path());
+    let t_start = Instant::now();
     std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's namespaces; children
-        // spawned from this thread (the VMM, ip, ping) inherit it.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-        assert!(sh(&["ip", "link", "set", "lo", "up"]));
-        assert!(sh(&["ip", "tuntap", "add", "dev", "tapvm0", "mode", "tap"]));
-        assert!(sh(&["ip", "addr", "add", "172.16.0.1/30", "dev", "tapvm0"]));
-        assert!(sh(&["ip", "link", "set", "tapvm0", "up"]));
+        enter_netns_with_tap("tapvm0");
 
         let mut vmm = VmmProcess::spawn(&[]);
         // Errors are 400s and leave the VMM usable.
@@ -57,7 +145,7 @@ fn guest_pings_host_over_tap_and_back() {
         let r = vmm.put(
             "/network-interfaces/eth0",
             &json!({"iface_id": "eth0", "host_dev_name": "tapvm0",
-                    "guest_mac": "06:00:ac:10:00:02",
+                    "guest_mac": GUEST_MAC,
                     "tx_rate_limiter": {"bandwidth": {"size": 10000000, "refill_time": 100}}}),
         );
         assert_eq!(r.status, 204, "{r:?}");
@@ -69,15 +157,12 @@ fn guest_pings_host_over_tap_and_back() {
         vmm.wait_agent_ready(&ready, BOOT_TIMEOUT);
         eprintln!("agent ready after {:?}", t0.elapsed());
         let mut agent = AgentClient::connect(&vsock, AGENT_PORT, Duration::from_secs(60)).unwrap();
-        let script = "ip link show eth0 && ip addr add 172.16.0.2/30 dev eth0 && \
-                      ip link set eth0 up && ping -c 3 -W 10 172.16.0.1";
-        let r = agent
-            .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
-            .unwrap();
-        let out = String::from_utf8_lossy(&r.stdout).into_owned();
-        let err = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert_eq!(r.exit_code, Some(0), "guest: {out} {err}; {}", vmm.logs());
-        assert!(out.contains("06:00:ac:10:00:02"), "{out}");
+        let script = format!(
+            "ip link show eth0 && ip addr add {GUEST_IP}/30 dev eth0 && \
+             ip link set eth0 up && ping -c 3 -W 10 {HOST_IP}"
+        );
+        let out = guest_sh(&mut agent, &vmm, &script);
+        assert!(out.contains(GUEST_MAC), "{out}");
 
         // Limiters change at run time.
         let r = vmm.request(
@@ -92,11 +177,120 @@ fn guest_pings_host_over_tap_and_back() {
             Some(r#"{"iface_id": "eth9", "rx_rate_limiter": {}}"#),
         );
         assert_eq!(r.status, 400, "{r:?}");
-        let r = agent
-            .exec(&ExecRequest::new(["/bin/sh", "-c", "ping -c 2 -W 10 172.16.0.1"]))
+        guest_sh(&mut agent, &vmm, &format!("ping -c 2 -W 10 {HOST_IP}"));
+
+        // TCP both ways. The guest's busybox must have nc and httpd.
+        let list = guest_sh(&mut agent, &vmm, "busybox --list");
+        let applets: Vec<&str> = list.lines().collect();
+        for a in ["nc", "httpd"] {
+            assert!(applets.contains(&a), "busybox has no {a}: {list}");
+        }
+        let t = Instant::now();
+        tcp_guest_to_host(&mut agent, &vmm, 7001, "orig");
+        // httpd daemonizes; it keeps serving in the snapshot's clone.
+        guest_sh(
+            &mut agent,
+            &vmm,
+            &format!(
+                "mkdir -p /tmp/www && echo served-by-guest > /tmp/www/index.html && \
+                 busybox httpd -p {HTTP_PORT} -h /tmp/www"
+            ),
+        );
+        tcp_host_to_guest("served-by-guest");
+        eprintln!("tcp both ways in {:?}", t.elapsed());
+        drop(agent);
+
+        // Snapshot with the net device.
+        let dir = tempfile::Builder::new()
+            .prefix("ember-net-snap-")
+            .tempdir()
             .unwrap();
-        assert_eq!(r.exit_code, Some(0), "{r:?}");
+        let snapshot = dir.path().join("vm.snap");
+        let mem = dir.path().join("vm.mem");
+        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        assert_eq!(r.status, 204, "{r:?}");
+        let r = vmm.put(
+            "/snapshot/create",
+            &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
+        );
+        assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+        assert_eq!(r.status, 204, "{r:?}");
+
+        // The clone runs beside the original, with the same guest address
+        // and MAC, on its own tap in its own namespace.
+        let (s, m) = (snapshot.clone(), mem.clone());
+        std::thread::spawn(move || clone_on_second_tap(&s, &m))
+            .join()
+            .unwrap();
+
+        // The original still answers on its tap (no ping on the host: TCP).
+        tcp_host_to_guest("served-by-guest");
+        drop(dir);
     })
     .join()
     .unwrap();
+    eprintln!("net test total {:?}", t_start.elapsed());
+}
+
+fn clone_on_second_tap(snapshot: &Path, mem: &Path) {
+    enter_netns_with_tap("tapvm1");
+    let vmm = VmmProcess::spawn(&[]);
+    let uds = vmm.path("vsock.sock");
+    let load = |overrides: serde_json::Value| {
+        vmm.put(
+            "/snapshot/load",
+            &json!({"snapshot_path": snapshot,
+                    "mem_backend": {"backend_type": "File", "backend_path": mem},
+                    "vsock_override": {"uds_path": uds},
+                    "network_overrides": overrides,
+                    "resume_vm": true}),
+        )
+    };
+    // A malformed override: an interface the snapshot does not have.
+    let r = load(json!([{"iface_id": "eth9", "host_dev_name": "tapvm1"}]));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.fault().contains("network_overrides") && r.fault().contains("eth9"),
+        "{r:?}"
+    );
+    // An override without its tap.
+    let r = load(json!([{"iface_id": "eth0"}]));
+    assert_eq!(r.status, 400, "{r:?}");
+    // Still usable: nothing was loaded, and a good load goes through.
+    let r = vmm.request("GET", "/", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["state"], "Not started", "{r:?}");
+    let t = Instant::now();
+    let r = load(json!([{"iface_id": "eth0", "host_dev_name": "tapvm1"}]));
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let cfg = vmm.request("GET", "/vm/config", None).json();
+    assert_eq!(
+        cfg["network-interfaces"][0]["host_dev_name"], "tapvm1",
+        "{cfg}"
+    );
+    assert_eq!(
+        cfg["network-interfaces"][0]["guest_mac"], GUEST_MAC,
+        "{cfg}"
+    );
+    let mut agent = connect_restored(&vmm);
+    agent
+        .refresh()
+        .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
+    eprintln!("clone agent up {:?} after load", t.elapsed());
+
+    // Same address and MAC in the guest; it reaches the host side.
+    let out = guest_sh(
+        &mut agent,
+        &vmm,
+        &format!("ip addr show eth0 && ping -c 3 -W 10 {HOST_IP}"),
+    );
+    assert!(out.contains(GUEST_MAC), "{out}");
+    assert!(out.contains(&format!("inet {GUEST_IP}/30")), "{out}");
+    // The host side learned the clone's MAC on tapvm1.
+    let neigh = sh_out(&["ip", "neigh", "show", GUEST_IP, "dev", "tapvm1"]);
+    assert!(neigh.contains(GUEST_MAC), "{neigh:?}");
+    // TCP both ways; the httpd started before the snapshot still serves.
+    tcp_guest_to_host(&mut agent, &vmm, 7002, "clone");
+    tcp_host_to_guest("served-by-guest");
 }
