@@ -112,7 +112,7 @@ fn tcp_host_to_guest(body: &str) {
     s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.0 200"), "{reply:?}");
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply:?}");
     assert!(reply.ends_with(&format!("\r\n\r\n{body}\n")), "{reply:?}");
 }
 
