@@ -80,7 +80,20 @@ fn tcp_guest_to_host(agent: &mut AgentClient, vmm: &VmmProcess, port: u16, tag: 
     let guest_line = format!("guest-says-{tag}");
     let hl = host_line.clone();
     let server = std::thread::spawn(move || {
-        let (s, peer) = listener.accept().unwrap();
+        // Bounded: a guest that never connects fails the test, not hangs it.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (s, peer) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the guest never connected");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         (&s).write_all(format!("{hl}\n").as_bytes()).unwrap();
         let mut line = String::new();
@@ -257,6 +270,10 @@ fn clone_on_second_tap(snapshot: &Path, mem: &Path) {
     // An override without its tap.
     let r = load(json!([{"iface_id": "eth0"}]));
     assert_eq!(r.status, 400, "{r:?}");
+    // Without an override the snapshot's tap, tapvm0, is not here.
+    let r = load(json!([]));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("tapvm0"), "{r:?}");
     // Still usable: nothing was loaded, and a good load goes through.
     let r = vmm.request("GET", "/", None);
     assert_eq!(r.status, 200, "{r:?}");
