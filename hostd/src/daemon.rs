@@ -69,32 +69,12 @@ pub struct SpecInput {
 }
 
 pub fn now_rfc3339() -> String {
-    humantime_like(std::time::SystemTime::now())
+    lambda_timestamp(jiff::Timestamp::now())
 }
 
 /// `2026-11-23T16:00:00.000+0000`, the form Lambda's `LastModified` uses.
-fn humantime_like(t: std::time::SystemTime) -> String {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}+0000",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+fn lambda_timestamp(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string()
 }
 
 fn revision() -> String {
@@ -789,8 +769,8 @@ mod tests {
 
     #[test]
     fn timestamps_look_like_lambdas() {
-        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        assert_eq!(humantime_like(t), "2023-11-14T22:13:20.123+0000");
+        let t = jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap();
+        assert_eq!(lambda_timestamp(t), "2023-11-14T22:13:20.123+0000");
     }
 
     #[test]

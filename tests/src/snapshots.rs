@@ -42,10 +42,24 @@ pub fn boot_and_snapshot(vcpus: u8, mem_mib: u32) -> Golden {
     assert_eq!(r.exit_code, Some(0));
     drop(agent);
 
-    let dir = tempfile::Builder::new()
-        .prefix("ember-golden-")
-        .tempdir()
-        .unwrap();
+    let (dir, snapshot, mem, create_time) = pause_and_snapshot(&vmm, "ember-golden-");
+    Golden {
+        _dir: dir,
+        snapshot,
+        mem,
+        boot_time,
+        create_time,
+    }
+}
+
+/// Pauses `vmm` and takes a Full snapshot into a new temporary directory
+/// (named `prefix...`). Returns the directory, the state and memory file
+/// paths, and how long the create request took.
+pub fn pause_and_snapshot(
+    vmm: &VmmProcess,
+    prefix: &str,
+) -> (tempfile::TempDir, PathBuf, PathBuf, Duration) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
     let snapshot = dir.path().join("vm.snap");
     let mem = dir.path().join("vm.mem");
     let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
@@ -57,13 +71,7 @@ pub fn boot_and_snapshot(vcpus: u8, mem_mib: u32) -> Golden {
         &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
     );
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
-    Golden {
-        _dir: dir,
-        snapshot,
-        mem,
-        boot_time,
-        create_time: t.elapsed(),
-    }
+    (dir, snapshot, mem, t.elapsed())
 }
 
 /// Restores `g` into a fresh VMM (File backend, running), waits for its

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
-use ember_tests::snapshots::connect_restored;
+use ember_tests::snapshots::{connect_restored, pause_and_snapshot};
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
@@ -214,19 +214,7 @@ fn guest_talks_to_host_over_tap_and_clone_on_another_tap() {
         drop(agent);
 
         // Snapshot with the net device.
-        let dir = tempfile::Builder::new()
-            .prefix("ember-net-snap-")
-            .tempdir()
-            .unwrap();
-        let snapshot = dir.path().join("vm.snap");
-        let mem = dir.path().join("vm.mem");
-        let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-        assert_eq!(r.status, 204, "{r:?}");
-        let r = vmm.put(
-            "/snapshot/create",
-            &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
-        );
-        assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+        let (dir, snapshot, mem, _) = pause_and_snapshot(&vmm, "ember-net-snap-");
         let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
         assert_eq!(r.status, 204, "{r:?}");
 

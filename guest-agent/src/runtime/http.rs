@@ -108,6 +108,21 @@ enum BodyError {
     Io(io::Error),
 }
 
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> ApiError {
+        match e {
+            BodyError::TooLarge => ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("Exceeded maximum allowed payload size ({MAX_BODY} bytes)."),
+            ),
+            BodyError::Io(e) => {
+                ApiError::new(400, "InvalidRequest", format!("reading the body: {e}"))
+            }
+        }
+    }
+}
+
 /// Reads the whole body, at most [`MAX_BODY`] bytes of it. A longer body
 /// is read to its end and thrown away, keeping the connection in step
 /// (tiny_http would otherwise buffer the unread rest in one allocation).
@@ -307,21 +322,11 @@ fn answer(shared: &Shared, mut req: Request, id: &str, error_type: Option<Option
                 None => inner.machine.respond(id, body, now),
                 Some(t) => inner.machine.fail(id, t, body, now),
             },
-            Err(BodyError::TooLarge) => {
-                inner
-                    .machine
-                    .too_large(id, MAX_BODY, now)
-                    .and(Err(ApiError::new(
-                        413,
-                        "RequestEntityTooLarge",
-                        format!("Exceeded maximum allowed payload size ({MAX_BODY} bytes)."),
-                    )))
-            }
-            Err(BodyError::Io(e)) => Err(ApiError::new(
-                400,
-                "InvalidRequest",
-                format!("reading the body: {e}"),
-            )),
+            Err(BodyError::TooLarge) => inner
+                .machine
+                .too_large(id, MAX_BODY, now)
+                .and(Err(BodyError::TooLarge.into())),
+            Err(e) => Err(e.into()),
         };
         shared.notify();
         r
@@ -348,16 +353,7 @@ fn post_error(shared: &Shared, mut req: Request, restore: bool) {
             shared.notify();
             r
         }
-        Err(BodyError::TooLarge) => Err(ApiError::new(
-            413,
-            "RequestEntityTooLarge",
-            format!("Exceeded maximum allowed payload size ({MAX_BODY} bytes)."),
-        )),
-        Err(BodyError::Io(e)) => Err(ApiError::new(
-            400,
-            "InvalidRequest",
-            format!("reading the body: {e}"),
-        )),
+        Err(e) => Err(e.into()),
     };
     match result {
         Ok(()) => accepted(req),

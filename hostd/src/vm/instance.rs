@@ -137,6 +137,16 @@ fn new_id() -> String {
 }
 
 impl Instance {
+    /// The path to hand the VMM for the input file `host`, bound at
+    /// `vm_path` in a jail and used as is otherwise.
+    fn input(&self, vm_path: &str, host: &Path) -> PathBuf {
+        if self.jailed {
+            PathBuf::from(vm_path)
+        } else {
+            host.to_path_buf()
+        }
+    }
+
     /// Host path of `vm_path` (a path as the VMM sees it).
     fn host(&self, vm_path: &str) -> PathBuf {
         if self.jailed {
@@ -329,14 +339,7 @@ impl Instance {
         vcpus: u32,
     ) -> Result<(), InstanceError> {
         let api = self.api();
-        let input = |vm: &str, host: &Path| {
-            if self.jailed {
-                PathBuf::from(vm)
-            } else {
-                host.to_path_buf()
-            }
-        };
-        let mut boot = json!({"kernel_image_path": input(vm_paths::KERNEL, &files.kernel)});
+        let mut boot = json!({"kernel_image_path": self.input(vm_paths::KERNEL, &files.kernel)});
         if let Some(args) = &cfg.boot_args {
             boot["boot_args"] = json!(args);
         }
@@ -350,14 +353,14 @@ impl Instance {
         api_client::put(
             &api,
             "/drives/rootfs",
-            json!({"drive_id": "rootfs", "path_on_host": input(vm_paths::ROOTFS, &files.rootfs),
+            json!({"drive_id": "rootfs", "path_on_host": self.input(vm_paths::ROOTFS, &files.rootfs),
                    "is_root_device": true, "is_read_only": true}),
         )
         .await?;
         api_client::put(
             &api,
             "/drives/code",
-            json!({"drive_id": "code", "path_on_host": input(vm_paths::CODE, &files.code),
+            json!({"drive_id": "code", "path_on_host": self.input(vm_paths::CODE, &files.code),
                    "is_root_device": false, "is_read_only": true}),
         )
         .await?;
@@ -409,17 +412,10 @@ impl Instance {
             (vm_paths::CODE, files.code.as_path()),
         ];
         let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus).await?;
-        let (snap_vm, mem_vm) = if inst.jailed {
-            (
-                PathBuf::from(vm_paths::SNAPSHOT),
-                PathBuf::from(vm_paths::MEM),
-            )
-        } else {
-            (snap.clone(), mem.clone())
-        };
         let mut load = json!({
-            "snapshot_path": snap_vm,
-            "mem_backend": {"backend_type": "File", "backend_path": mem_vm},
+            "snapshot_path": inst.input(vm_paths::SNAPSHOT, &snap),
+            "mem_backend": {"backend_type": "File",
+                            "backend_path": inst.input(vm_paths::MEM, &mem)},
             "resume_vm": true,
             "serial_out_path": inst.vm(vm_paths::SERIAL),
         });
