@@ -80,7 +80,7 @@ pub fn bind_ready_listener(uds_path: impl AsRef<Path>) -> io::Result<UnixListene
 }
 
 /// Waits up to `timeout` for the agent's guest-initiated ready connection
-/// on `listener` and returns its hello.
+/// on `listener`, then up to `timeout` for its hello, and returns the hello.
 pub fn wait_ready(listener: &UnixListener, timeout: Duration) -> Result<HealthInfo> {
     let deadline = Instant::now() + timeout;
     listener.set_nonblocking(true)?;
@@ -110,10 +110,10 @@ pub fn wait_ready(listener: &UnixListener, timeout: Duration) -> Result<HealthIn
     let mut stream = accepted?;
     restore?;
     stream.set_nonblocking(false)?;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left))?;
+    // Once accepted, the hello gets the whole `timeout` again: cutting its
+    // read to what is left of the accept wait would drop a connection that
+    // arrived near the end, and the agent says hello only once.
+    stream.set_read_timeout(Some(timeout))?;
     match read_frame::<_, Response>(&mut stream)
         .map_err(|e| ClientError::from_protocol(e, Some(timeout)))?
     {
