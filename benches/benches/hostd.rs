@@ -692,6 +692,7 @@ fn native_peer(code: &Path, r: &mut Results) -> Result<(), String> {
         uid: None,
         gid: None,
         init_timeout_ms: Some(60_000),
+        network: None,
     };
     let t0 = Instant::now();
     match client.start_runtime(&spec).map_err(|e| e.to_string())? {

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod exec;
 pub mod init;
+pub mod netconfig;
 pub mod protocol;
 pub mod reaper;
 pub mod refresh;
@@ -22,9 +23,10 @@ pub use client::{
     bind_ready_listener, host_port_socket_path, wait_ready, AgentClient, ClientError,
 };
 pub use protocol::{
-    ExecRequest, ExecResult, HealthInfo, InitFailure, InvokeRequest, InvokeResult, InvokeStatus,
-    ProtocolError, Request, Response, RuntimeReady, RuntimeSpec, AGENT_PORT, AGENT_VERSION,
-    HOST_CID, MAX_FRAME_LEN, MAX_LOG_LEN, MAX_OUTPUT_LEN, PROTOCOL_VERSION, READY_PORT,
+    ExecRequest, ExecResult, GuestNetwork, HealthInfo, InitFailure, InvokeRequest, InvokeResult,
+    InvokeStatus, ProtocolError, Request, Response, RuntimeReady, RuntimeSpec, AGENT_PORT,
+    AGENT_VERSION, HOST_CID, MAX_FRAME_LEN, MAX_LOG_LEN, MAX_OUTPUT_LEN, PROTOCOL_VERSION,
+    READY_PORT,
 };
 pub use server::{Agent, PowerAction};
 

@@ -138,6 +138,24 @@ pub struct RuntimeSpec {
     /// `InitError` with `Runtime.InitTimeout` comes back). None: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_timeout_ms: Option<u64>,
+    /// Address the guest's network interface before the runtime starts
+    /// (None: leave the network alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// An IPv4 configuration for one guest interface: the logical address a
+/// function's snapshot keeps, whatever host its clones run on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// Interface name in the guest, e.g. `eth0`.
+    pub interface: String,
+    pub address: std::net::Ipv4Addr,
+    /// Prefix length of the interface's subnet (1 to 32).
+    pub prefix_len: u8,
+    /// Default route via this address (None: no default route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 fn default_task_root() -> String {

@@ -119,6 +119,7 @@ impl Agent {
             uid: None,
             gid: None,
             init_timeout_ms: Some(20_000),
+            network: None,
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Config {
     pub async_workers: usize,
     /// Delay before the first async retry; doubles for the second.
     pub async_retry_delay: Duration,
+    /// Instance networking (None: instances have no network device).
+    pub network: Option<Arc<crate::net::NetManager>>,
 }
 
 pub struct Daemon {
@@ -55,6 +57,8 @@ pub struct Daemon {
     build_slots: Semaphore,
     pub pools: Pools,
     pub queue: AsyncQueue,
+    /// Logical addresses reserved per account.
+    pub(crate) reservations: Mutex<BTreeMap<String, crate::net::LogicalNet>>,
 }
 
 /// Input of create and update-configuration (all optional for updates).
@@ -105,7 +109,9 @@ impl Daemon {
             .map(|f| (f.name.clone(), f))
             .collect();
         let queue = AsyncQueue::open(store.async_dir())?;
+        let reservations = crate::network::load_reservations(&store)?;
         Ok(Arc::new(Daemon {
+            reservations: Mutex::new(reservations),
             build_slots: Semaphore::new(cfg.parallel_builds.max(1)),
             pools: Pools::new(),
             cfg,
@@ -178,7 +184,7 @@ impl Daemon {
 
     /// Applies `f` to the record of `name` and stores the result; on an
     /// error nothing changes.
-    fn modify<T>(
+    pub(crate) fn modify<T>(
         &self,
         name: &str,
         f: impl FnOnce(&mut FunctionRecord) -> Result<T, ApiError>,
@@ -257,6 +263,7 @@ impl Daemon {
             next_version: 1,
             reserved_concurrency: None,
             provisioned: BTreeMap::new(),
+            egress: Default::default(),
         };
         {
             let mut fns = self.lock();
@@ -546,6 +553,7 @@ impl Daemon {
             uid: Some(FUNCTION_UID),
             gid: Some(FUNCTION_GID),
             init_timeout_ms: Some(self.cfg.init_timeout.as_millis() as u64),
+            network: None,
         }
     }
 
@@ -605,7 +613,9 @@ impl Daemon {
         };
         let dir = self.store.snapshot_dir(name, version, generation);
         let started = std::time::Instant::now();
-        let result = self.build_snapshot(name, &v, &dir).await;
+        let network = self.build_network(name, &v);
+        let logical = network.as_ref().map(|n| n.logical);
+        let result = self.build_snapshot(name, &v, &dir, network.as_ref()).await;
         let outcome = match result {
             Ok(init_ms) => {
                 log::info!(
@@ -616,6 +626,7 @@ impl Daemon {
                     dir: dir.clone(),
                     generation,
                     init_duration_ms: init_ms,
+                    network: logical,
                 })
             }
             Err((code, reason)) => {
@@ -676,6 +687,7 @@ impl Daemon {
         name: &str,
         v: &VersionRecord,
         dir: &std::path::Path,
+        network: Option<&crate::net::NetRequest>,
     ) -> Result<u64, (String, String)> {
         let fail = |code: &str, e: String| (code.to_string(), e);
         let files = self
@@ -686,10 +698,11 @@ impl Daemon {
         // A jailed VMM runs as its own uid and must write here.
         set_mode(dir, 0o777).map_err(|e| fail("InternalError", e.to_string()))?;
         let (vcpus, mem) = machine_for(v.spec.memory_mib);
-        let inst = Instance::boot(&self.cfg.launch, &files, mem, vcpus, dir)
+        let inst = Instance::boot(&self.cfg.launch, &files, mem, vcpus, dir, network)
             .await
             .map_err(|e| fail("InternalError", format!("booting the microVM: {e}")))?;
-        let spec = self.runtime_spec(name, v);
+        let mut spec = self.runtime_spec(name, v);
+        spec.network = network.map(|n| n.logical.guest());
         let result = async {
             let ready = inst
                 .with_agent(move |a| a.start_runtime(&spec))

@@ -75,7 +75,7 @@ pub async fn invoke(
             "The operation cannot be performed at this time. The function is currently in the following state: {state}. {reason}"
         )));
     }
-    let source = Source::of(d, &v)?;
+    let source = Source::of(d, &rec, &v)?;
     let limit = rec
         .reserved_concurrency
         .unwrap_or(d.cfg.default_concurrency);

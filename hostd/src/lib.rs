@@ -9,6 +9,8 @@ pub mod error;
 pub mod invoke;
 pub mod jail;
 pub mod model;
+pub mod net;
+pub mod network;
 pub mod pool;
 pub mod queue;
 pub mod store;

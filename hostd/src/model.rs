@@ -104,6 +104,9 @@ pub struct SnapshotRef {
     /// from an older one are not reused.
     pub generation: u64,
     pub init_duration_ms: u64,
+    /// The logical network the guest was given (None: no network device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::net::LogicalNet>,
 }
 
 /// One version of a function (`$LATEST` or a published number).
@@ -154,6 +157,9 @@ pub struct FunctionRecord {
     /// concurrency); qualifiers without an entry get the daemon default.
     #[serde(default)]
     pub provisioned: BTreeMap<String, u32>,
+    /// Where its instances may connect to (Ember's extension).
+    #[serde(default)]
+    pub egress: crate::net::EgressPolicy,
 }
 
 impl FunctionRecord {
@@ -369,6 +375,7 @@ mod tests {
             next_version: 2,
             reserved_concurrency: None,
             provisioned: BTreeMap::new(),
+            egress: Default::default(),
         };
         f.aliases.insert(
             "prod".into(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::daemon::{machine_for, Daemon};
 use crate::error::ApiError;
-use crate::model::{SnapshotRef, State, VersionRecord};
+use crate::model::{FunctionRecord, SnapshotRef, State, VersionRecord};
 use crate::vm::{Instance, VmFiles};
 
 type Key = (String, String);
@@ -53,10 +53,11 @@ pub struct Source {
     pub snapshot: SnapshotRef,
     pub mem_mib: u32,
     pub vcpus: u32,
+    pub network: Option<crate::net::NetRequest>,
 }
 
 impl Source {
-    pub fn of(d: &Daemon, v: &VersionRecord) -> Result<Source, ApiError> {
+    pub fn of(d: &Daemon, f: &FunctionRecord, v: &VersionRecord) -> Result<Source, ApiError> {
         let snapshot = v
             .snapshot
             .clone()
@@ -67,6 +68,7 @@ impl Source {
             snapshot,
             mem_mib,
             vcpus,
+            network: d.clone_network(f, v),
         })
     }
 }
@@ -80,6 +82,7 @@ impl Source {
             &self.snapshot.dir,
             self.mem_mib,
             self.vcpus,
+            self.network.as_ref(),
         )
         .await
     }
@@ -103,6 +106,8 @@ pub struct InstanceInfo {
     pub id: String,
     pub pid: Option<u32>,
     pub age_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub physical_address: Option<std::net::Ipv4Addr>,
 }
 
 fn info(i: &Instance) -> InstanceInfo {
@@ -110,6 +115,7 @@ fn info(i: &Instance) -> InstanceInfo {
         id: i.id.clone(),
         pid: i.pid(),
         age_ms: i.started.elapsed().as_millis() as u64,
+        physical_address: i.physical_address,
     }
 }
 
@@ -379,7 +385,7 @@ fn maintain_all(d: &Arc<Daemon>) {
             if need == 0 {
                 continue;
             }
-            let source = match Source::of(d, v) {
+            let source = match Source::of(d, &f, v) {
                 Ok(s) => s,
                 Err(e) => {
                     log::error!("cannot warm {}:{}: {e}", key.0, key.1);

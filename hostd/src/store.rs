@@ -82,6 +82,11 @@ impl Store {
             .join(format!("{v}-{generation}"))
     }
 
+    /// Logical addresses reserved by accounts.
+    pub fn reservations_path(&self) -> PathBuf {
+        self.root.join("network").join("reservations.json")
+    }
+
     pub fn async_dir(&self) -> PathBuf {
         self.root.join("async")
     }
@@ -183,6 +188,7 @@ mod tests {
             next_version: 1,
             reserved_concurrency: Some(2),
             provisioned: BTreeMap::new(),
+            egress: Default::default(),
         };
         store.save_function(&f).unwrap();
         fs::write(dir.path().join("functions/broken.json"), b"{nope").unwrap();

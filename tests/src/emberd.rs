@@ -15,7 +15,14 @@ pub struct Emberd {
     pub socket: PathBuf,
     pub log: PathBuf,
     extra: Vec<String>,
+    /// The network namespace emberd runs in (as root), so that its
+    /// instances' links and routes stay out of the machine's own.
+    pub netns: Option<String>,
 }
+
+/// A service address the test's host side answers on in emberd's
+/// namespace (on `lo`), for guest → host connections.
+pub const HOST_SERVICE_IP: &str = "198.51.100.1";
 
 /// An HTTP answer: status, headers (lower-case names), body.
 #[derive(Debug, Clone)]
@@ -88,9 +95,54 @@ impl Emberd {
             log: dir.join("emberd.log"),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: None,
         };
+        if nix_is_root() {
+            let name = format!("ember-test-{}", std::process::id() ^ rand_u32());
+            let ok = |args: &[&str]| {
+                Command::new("ip")
+                    .args(args)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            };
+            assert!(ok(&["netns", "add", &name]), "ip netns add {name}");
+            d.netns = Some(name.clone());
+            assert!(ok(&["-n", &name, "link", "set", "lo", "up"]));
+            assert!(ok(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{HOST_SERVICE_IP}/32"),
+                "dev",
+                "lo"
+            ]));
+        }
         d.spawn();
         d
+    }
+
+    /// Runs `f` on a thread inside emberd's network namespace (or here,
+    /// when it has none): sockets it makes are on emberd's side.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let Some(ns) = &self.netns else {
+            return f();
+        };
+        let path = format!("/run/netns/{ns}");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).expect("netns");
+                // SAFETY: setns on an fd we own moves only this thread.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns {path}");
+                f()
+            })
+            .join()
+            .expect("netns thread")
+        })
     }
 
     fn spawn(&mut self) {
@@ -118,7 +170,24 @@ impl Emberd {
         if nix_is_root() {
             cmd.arg("--jailer-bin").arg(workspace_bin("ember-jailer"));
         } else {
-            cmd.arg("--no-jail");
+            cmd.arg("--no-jail").arg("--no-network");
+        }
+        let ns_file = self
+            .netns
+            .as_ref()
+            .map(|ns| std::fs::File::open(format!("/run/netns/{ns}")).expect("netns"));
+        if let Some(f) = &ns_file {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+            // SAFETY: runs in the child before exec; setns is
+            // async-signal-safe and the fd stays open until after spawn.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -126,6 +195,7 @@ impl Emberd {
             .stderr(log)
             .spawn()
             .expect("spawn emberd");
+        drop(ns_file);
         self.child = Some(child);
         let start = Instant::now();
         while !self.socket.exists() {
@@ -323,12 +393,23 @@ impl Emberd {
 impl Drop for Emberd {
     fn drop(&mut self) {
         self.stop();
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
         if std::thread::panicking() {
             eprintln!("emberd state kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    u32::from_ne_bytes(b)
 }
 
 fn nix_is_root() -> bool {

@@ -39,7 +39,8 @@ pub struct RuntimeConfig {
     /// The Runtime API's listening address (port 0: any free port; the
     /// runtime is told the real one).
     pub api_addr: SocketAddr,
-    /// Mount `code_device` (only as PID 1, which may mount).
+    /// Mount `code_device` and configure `network` (only as PID 1, which
+    /// may).
     pub mount_code: bool,
 }
 
@@ -168,6 +169,14 @@ impl RuntimeHost {
             self.shared.lock().machine.start_failed();
             error(msg)
         };
+        if let Some(net) = &spec.network {
+            if !self.config.mount_code {
+                return fail("the network can only be configured when the agent is PID 1".into());
+            }
+            if let Err(e) = crate::netconfig::configure(net) {
+                return fail(format!("network: {e}"));
+            }
+        }
         if let Some(dev) = &spec.code_device {
             if !self.config.mount_code {
                 return fail("code_device can only be mounted when the agent is PID 1".into());

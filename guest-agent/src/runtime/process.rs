@@ -54,6 +54,9 @@ pub fn validate(spec: &RuntimeSpec) -> Result<(), String> {
                 .into(),
         );
     }
+    if let Some(net) = &spec.network {
+        crate::netconfig::validate(net).map_err(|e| format!("StartRuntime: network: {e}"))?;
+    }
     Ok(())
 }
 

@@ -278,6 +278,7 @@ fn init_error_post_fails_init() {
                 uid: None,
                 gid: None,
                 init_timeout_ms: None,
+                network: None,
             },
             Instant::now(),
         )

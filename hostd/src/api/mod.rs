@@ -5,6 +5,7 @@
 mod ember;
 mod functions;
 mod invoke;
+mod network;
 pub mod shapes;
 
 use std::sync::Arc;
@@ -73,6 +74,17 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/ember/v1/async-invocations", get(ember::list_async))
         .route("/ember/v1/async-invocations/{id}", get(ember::get_async))
         .route("/ember/v1/functions/{name}/logs", get(ember::logs))
+        .route("/ember/v1/network", get(network::table))
+        .route(
+            "/ember/v1/accounts/{account}/logical-address",
+            get(network::get_reservation)
+                .put(network::put_reservation)
+                .delete(network::delete_reservation),
+        )
+        .route(
+            "/ember/v1/functions/{name}/egress",
+            get(network::get_egress).put(network::put_egress),
+        )
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

@@ -146,6 +146,25 @@ enum Cmd {
     },
     /// Show the warm pools.
     Pools,
+    /// Show the address table (instance, logical and physical address).
+    Network,
+    /// Show, or with a JSON policy set, a function's egress policy, e.g.
+    /// '{"DefaultAction":"Deny","Rules":[{"Action":"Allow","Cidr":"10.0.0.0/8","Protocol":"Tcp","Ports":["443"]}]}'.
+    Egress {
+        name: String,
+        policy: Option<String>,
+    },
+    /// Show, set (`--address A/N --gateway G`) or `--clear` an account's
+    /// reserved logical address.
+    Reserve {
+        account: String,
+        #[arg(long, requires = "gateway")]
+        address: Option<String>,
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long, conflicts_with = "address")]
+        clear: bool,
+    },
     /// Check the daemon.
     Health,
 }
@@ -513,6 +532,37 @@ fn main() {
             Some(json!({"ProvisionedConcurrentExecutions": count})),
         )),
         Cmd::Pools => print(&c.json("GET", "/ember/v1/pools", None)),
+        Cmd::Network => print(&c.json("GET", "/ember/v1/network", None)),
+        Cmd::Egress { name, policy } => {
+            let uri = format!("/ember/v1/functions/{name}/egress");
+            match policy {
+                None => print(&c.json("GET", &uri, None)),
+                Some(p) => {
+                    let v: Value = serde_json::from_str(&p)
+                        .unwrap_or_else(|e| die(format!("the policy is not JSON: {e}")));
+                    print(&c.json("PUT", &uri, Some(v)))
+                }
+            }
+        }
+        Cmd::Reserve {
+            account,
+            address,
+            gateway,
+            clear,
+        } => {
+            let uri = format!("/ember/v1/accounts/{account}/logical-address");
+            match (address, gateway, clear) {
+                (_, _, true) => {
+                    c.json("DELETE", &uri, None);
+                }
+                (Some(a), Some(g), false) => print(&c.json(
+                    "PUT",
+                    &uri,
+                    Some(json!({"Address": a, "Gateway": g})),
+                )),
+                _ => print(&c.json("GET", &uri, None)),
+            }
+        }
         Cmd::Health => print(&c.json("GET", "/ember/v1/health", None)),
     }
 }

@@ -84,6 +84,17 @@ struct Args {
     /// milliseconds (doubles for the second; Lambda waits about a minute).
     #[arg(long, default_value_t = 60_000)]
     async_retry_delay_ms: u64,
+    /// Give instances no network device (no namespaces, taps or NAT).
+    #[arg(long)]
+    no_network: bool,
+    /// Physical addresses of instances on this host, a /30 per instance
+    /// (must not overlap the host's other networks).
+    #[arg(long, default_value = "10.200.0.0/16")]
+    physical_net: ipnet::Ipv4Net,
+    /// Keep instances' open TCP connections when they pause (by default
+    /// the VMM resets them both ways, so neither end hangs).
+    #[arg(long)]
+    keep_connections_on_pause: bool,
     /// Extra guest kernel arguments (appended to the VMM's defaults).
     #[arg(long)]
     boot_args: Option<String>,
@@ -169,6 +180,19 @@ async fn run(args: Args) {
     let boot_args = args
         .boot_args
         .map(|extra| format!("{} {extra}", ember_hostd::vm::DEFAULT_BOOT_ARGS));
+    let network = if args.no_network {
+        None
+    } else {
+        let net = ember_hostd::net::NetManager::new(ember_hostd::net::NetConfig {
+            physical_net: args.physical_net.trunc(),
+            state_dir: args.run_dir.join("net"),
+            terminate_connections: !args.keep_connections_on_pause,
+        });
+        match net {
+            Ok(m) => Some(std::sync::Arc::new(m)),
+            Err(e) => fail(format!("instance networking: {e} (or --no-network)")),
+        }
+    };
     let cfg = Config {
         state_dir: args.state_dir,
         launch: LaunchConfig {
@@ -189,6 +213,7 @@ async fn run(args: Args) {
         parallel_builds: args.parallel_builds,
         async_workers: args.async_workers,
         async_retry_delay: Duration::from_millis(args.async_retry_delay_ms),
+        network,
     };
     if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
         fail(format!("cannot prepare {}: {e}", args.run_dir.display()));
@@ -237,5 +262,8 @@ async fn run(args: Args) {
         log::error!("server: {e}");
     }
     d.pools.shutdown().await;
+    if let Some(net) = d.cfg.network.clone() {
+        let _ = tokio::task::spawn_blocking(move || net.remove_all()).await;
+    }
     let _ = std::fs::remove_file(&args.socket);
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
 use super::api_client::{self, ApiError};
+use crate::net::{InstanceNet, NetManager, NetRequest};
 
 /// How VMM processes are started.
 #[derive(Debug, Clone)]
@@ -60,6 +61,8 @@ pub enum InstanceError {
     BootTimeout(Duration),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// Paths as the VMM sees them (inside its jail) for each part of a VM.
@@ -92,6 +95,10 @@ pub struct Instance {
     agent: Arc<Mutex<Option<AgentClient>>>,
     pid: Option<u32>,
     pub started: Instant,
+    /// The instance's network namespace, removed by [`Instance::destroy`].
+    net: Mutex<Option<(Arc<NetManager>, InstanceNet)>>,
+    /// Its physical address, if it has a network.
+    pub physical_address: Option<std::net::Ipv4Addr>,
 }
 
 /// Host paths a jailed VMM needs besides its own files: the shared
@@ -201,8 +208,55 @@ impl Instance {
         out: Option<&Path>,
         mem_mib: u32,
         vcpus: u32,
+        net: Option<&NetRequest>,
     ) -> Result<Instance, InstanceError> {
         let id = new_id();
+        let jail_uid = cfg
+            .jail
+            .as_ref()
+            .map(|j| j.uid_base + NEXT_UID.fetch_add(1, Ordering::Relaxed) % j.uid_count.max(1));
+        let net = match net {
+            Some(req) => {
+                let (req, vm_id) = (req.clone(), id.clone());
+                let made = tokio::task::spawn_blocking(move || {
+                    req.setup(&vm_id, jail_uid).map(|n| (req.manager, n))
+                })
+                .await
+                .map_err(|e| InstanceError::Spawn(format!("network setup: {e}")))??;
+                Some(made)
+            }
+            None => None,
+        };
+        let netns = net.as_ref().map(|(_, n)| n.netns_path());
+        let physical_address = net.as_ref().map(|(_, n)| n.physical);
+        let spawned =
+            Instance::spawn_vmm(cfg, inputs, out, mem_mib, vcpus, id, jail_uid, netns).await;
+        match spawned {
+            Ok(mut inst) => {
+                inst.physical_address = physical_address;
+                *inst.net.lock().unwrap_or_else(|p| p.into_inner()) = net;
+                Ok(inst)
+            }
+            Err(e) => {
+                if let Some((m, n)) = net {
+                    let _ = tokio::task::spawn_blocking(move || m.teardown(&n)).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_vmm(
+        cfg: &LaunchConfig,
+        inputs: &[(&str, &Path)],
+        out: Option<&Path>,
+        mem_mib: u32,
+        vcpus: u32,
+        id: String,
+        jail_uid: Option<u32>,
+        netns: Option<PathBuf>,
+    ) -> Result<Instance, InstanceError> {
         std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
         let log_path = cfg.run_dir.join("logs").join(format!("{id}.log"));
         let log = std::fs::File::create(&log_path)?;
@@ -216,13 +270,12 @@ impl Instance {
                 (dir, cmd)
             }
             Some(jail) => {
-                let n = NEXT_UID.fetch_add(1, Ordering::Relaxed) % jail.uid_count.max(1);
-                let mut spec = crate::jail::JailSpec::new(
-                    id.clone(),
-                    &cfg.vmm_bin,
-                    jail.uid_base + n,
-                    jail.gid,
-                );
+                let uid = jail_uid.unwrap_or(jail.uid_base);
+                let mut spec = crate::jail::JailSpec::new(id.clone(), &cfg.vmm_bin, uid, jail.gid);
+                if let Some(ns) = &netns {
+                    spec.netns = Some(ns.clone());
+                    spec.devices.push(crate::jail::Device::Tun);
+                }
                 spec.chroot_base = jail.chroot_base.clone();
                 spec.binds = inputs
                     .iter()
@@ -244,15 +297,28 @@ impl Instance {
                 )
             }
         };
-        // SAFETY: the closure runs in the forked child before exec and only
-        // makes one async-signal-safe syscall (prctl). (A jailed VMM gets
-        // the same from the jailer, after its uid change, which clears it.)
+        // An unjailed VMM joins its network namespace in the child, on an
+        // fd opened here (a jailed one gets `--netns`).
+        let netns_fd = match (&cfg.jail, &netns) {
+            (None, Some(ns)) => Some(std::fs::File::open(ns)?),
+            _ => None,
+        };
         if cfg.jail.is_none() {
+            let raw_ns = netns_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+            // SAFETY: the closure runs in the forked child before exec and
+            // only makes async-signal-safe syscalls (prctl, setns on an fd
+            // that stays open until after the spawn). (A jailed VMM gets
+            // PDEATHSIG from the jailer, after its uid change, which clears it.)
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     // The VMM dies with the daemon instead of lingering unmanaged.
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    if let Some(fd) = raw_ns {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 })
@@ -267,6 +333,7 @@ impl Instance {
         let mut child = cmd
             .spawn()
             .map_err(|e| InstanceError::Spawn(format!("{e}")))?;
+        drop(netns_fd);
         let pid = child.id();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -296,6 +363,8 @@ impl Instance {
             agent: Arc::new(Mutex::new(None)),
             pid,
             started: Instant::now(),
+            net: Mutex::new(None),
+            physical_address: None,
         };
         let api = inst.api();
         let ready = api_client::wait_ready(&api, Duration::from_secs(10));
@@ -314,13 +383,14 @@ impl Instance {
         mem_mib: u32,
         vcpus: u32,
         out: &Path,
+        net: Option<&NetRequest>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
             (vm_paths::KERNEL, files.kernel.as_path()),
             (vm_paths::ROOTFS, files.rootfs.as_path()),
             (vm_paths::CODE, files.code.as_path()),
         ];
-        let inst = Instance::spawn(cfg, &inputs, Some(out), mem_mib, vcpus).await?;
+        let inst = Instance::spawn(cfg, &inputs, Some(out), mem_mib, vcpus, net).await?;
         let result = inst.configure_and_start(cfg, files, mem_mib, vcpus).await;
         match result {
             Ok(()) => Ok(inst),
@@ -364,6 +434,24 @@ impl Instance {
                    "is_root_device": false, "is_read_only": true}),
         )
         .await?;
+        let iface = self
+            .net
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(m, n)| {
+                let mut iface = json!({"iface_id": crate::net::GUEST_IFACE,
+                                   "host_dev_name": crate::net::TAP_NAME,
+                                   "guest_mac": n.logical.mac()});
+                if m.config().terminate_connections {
+                    iface["terminate_connections_on_pause"] = json!(true);
+                }
+                iface
+            });
+        if let Some(iface) = iface {
+            let path = format!("/network-interfaces/{}", crate::net::GUEST_IFACE);
+            api_client::put(&api, &path, iface).await?;
+        }
         api_client::put(
             &api,
             "/vsock",
@@ -402,6 +490,7 @@ impl Instance {
         snapshot_dir: &Path,
         mem_mib: u32,
         vcpus: u32,
+        net: Option<&NetRequest>,
     ) -> Result<Instance, InstanceError> {
         let snap = snapshot_dir.join("vm.snap");
         let mem = snapshot_dir.join("mem");
@@ -411,7 +500,7 @@ impl Instance {
             (vm_paths::ROOTFS, files.rootfs.as_path()),
             (vm_paths::CODE, files.code.as_path()),
         ];
-        let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus).await?;
+        let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus, net).await?;
         let mut load = json!({
             "snapshot_path": inst.input(vm_paths::SNAPSHOT, &snap),
             "mem_backend": {"backend_type": "File",
@@ -578,6 +667,10 @@ impl Instance {
         if crashed.is_none() {
             let _ = std::fs::remove_file(&self.log_path);
         }
+        let net = self.net.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((m, n)) = net {
+            let _ = tokio::task::spawn_blocking(move || m.teardown(&n)).await;
+        }
         if self.jailed {
             if let Some(base) = &self.chroot_base {
                 if let Err(e) = crate::jail::cleanup(base, &self.id) {
@@ -593,5 +686,10 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
+        // Not destroyed: its namespace still has to go, off this thread.
+        let net = self.net.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((m, n)) = net {
+            std::thread::spawn(move || m.teardown(&n));
+        }
     }
 }
