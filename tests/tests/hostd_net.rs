@@ -242,6 +242,7 @@ fn clones_share_a_logical_address_behind_distinct_physical_ones() {
         "host2": [HOST_SERVICE_IP, 9001],
         "a": [a.to_string(), GUEST_PORT],
         "b": [b.to_string(), GUEST_PORT],
+        "gateway": ["172.16.0.1", 9000],
     }});
     let r = d.invoke("netfn", &ev);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -252,9 +253,11 @@ fn clones_share_a_logical_address_behind_distinct_physical_ones() {
         "guest → host: {out}"
     );
     assert_eq!(out["host2"], saw.as_str(), "{out}");
-    for k in ["a", "b"] {
+    // Refused by the fence (not merely unanswered): instance → instance,
+    // and guest → its own namespace.
+    for k in ["a", "b", "gateway"] {
         let v = out[k].as_str().unwrap_or_default();
-        assert!(v.starts_with("error:"), "instance → instance {k}: {out}");
+        assert_eq!(v, "error: No route to host", "{k}: {out}");
     }
 
     // Egress policy: port 9001 denied, applied to the running instances.
