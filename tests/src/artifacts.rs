@@ -58,16 +58,21 @@ pub fn rootfs_path() -> PathBuf {
 }
 
 /// The root filesystem of a Lambda runtime, `runtime` = "provided" (bash,
-/// curl) or "python3" (python3 and awslambdaric), built by
-/// `rootfs/build.sh <runtime>` or named by `EMBER_ROOTFS_<RUNTIME>`
-/// (`EMBER_ROOTFS_PROVIDED`, `EMBER_ROOTFS_PYTHON3`).
+/// curl) or "python3" (python3 and awslambdaric), or of the benchmarks'
+/// "bench" variant (iperf3), built by `rootfs/build.sh <runtime>` or named
+/// by `EMBER_ROOTFS_<RUNTIME>` (`EMBER_ROOTFS_PROVIDED`,
+/// `EMBER_ROOTFS_PYTHON3`, `EMBER_ROOTFS_BENCH`).
 pub fn runtime_rootfs_path(runtime: &str) -> PathBuf {
     static PROVIDED: OnceLock<PathBuf> = OnceLock::new();
     static PYTHON3: OnceLock<PathBuf> = OnceLock::new();
+    static BENCH: OnceLock<PathBuf> = OnceLock::new();
     let cell = match runtime {
         "provided" => &PROVIDED,
         "python3" => &PYTHON3,
-        other => panic!("unknown runtime {other:?}: expected \"provided\" or \"python3\""),
+        "bench" => &BENCH,
+        other => panic!(
+            "unknown runtime {other:?}: expected \"provided\", \"python3\" or \"bench\""
+        ),
     };
     let var = format!("EMBER_ROOTFS_{}", runtime.to_uppercase());
     cell.get_or_init(|| match std::env::var_os(&var) {

@@ -59,12 +59,25 @@ pub fn pause_and_snapshot(
     vmm: &VmmProcess,
     prefix: &str,
 ) -> (tempfile::TempDir, PathBuf, PathBuf, Duration) {
-    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
-    let snapshot = dir.path().join("vm.snap");
-    let mem = dir.path().join("vm.mem");
+    pause(vmm);
+    snapshot_paused(vmm, prefix)
+}
+
+/// `PATCH /vm` Paused, checked.
+pub fn pause(vmm: &VmmProcess) {
     let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(r.status, 204, "{r:?}");
     assert_eq!(vmm.request("GET", "/", None).json()["state"], "Paused");
+}
+
+/// The snapshot half of `pause_and_snapshot`, for a VM already paused.
+pub fn snapshot_paused(
+    vmm: &VmmProcess,
+    prefix: &str,
+) -> (tempfile::TempDir, PathBuf, PathBuf, Duration) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let snapshot = dir.path().join("vm.snap");
+    let mem = dir.path().join("vm.mem");
     let t = Instant::now();
     let r = vmm.put(
         "/snapshot/create",

@@ -1,12 +1,15 @@
 //! virtio-net end to end: a real guest with eth0 on a tap, pinging the
 //! host side and back, TCP both ways, then a snapshot of it restored onto a
-//! second tap (`network_overrides`) in a second network namespace. The
+//! second tap (`network_overrides`) in a second network namespace. A guest
+//! connection open at the pause is ended both ways
+//! (`terminate_connections_on_pause`): the host's socket fails at the
+//! pause, the guest's reader with ECONNRESET once it runs again. The
 //! VMMs, the taps and the host-side tools and sockets run in network
 //! namespaces made for the test's threads (gone when they end), so the
 //! host's network is untouched. The guest boots once for all of it. Needs
 //! root (taps) and /dev/kvm.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
-use ember_tests::snapshots::{connect_restored, pause_and_snapshot};
+use ember_tests::snapshots::{connect_restored, pause, snapshot_paused};
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
@@ -27,6 +30,10 @@ const HOST_MAC: &str = "02:00:ac:10:00:01";
 const HOST_IP: &str = "172.16.0.1";
 const GUEST_IP: &str = "172.16.0.2";
 const HTTP_PORT: u16 = 8080;
+/// The guest's connection that the pause ends.
+const RESET_PORT: u16 = 7003;
+/// Where the guest's reader of that connection reports.
+const RESET_OUT: &str = "/tmp/ct.out";
 
 fn sh(args: &[&str]) -> bool {
     Command::new(args[0])
@@ -109,6 +116,57 @@ fn tcp_guest_to_host(agent: &mut AgentClient, vmm: &VmmProcess, port: u16, tag: 
     assert_eq!(out.trim_end(), host_line, "guest nc output");
 }
 
+/// Host accepts a TCP connection the guest opens in the background and
+/// keeps: busybox `nc -e` runs a shell on the socket that says "ready" and
+/// then reads it with `cat`, whose error and exit status land in
+/// `RESET_OUT`. Returns the host's socket once "ready" arrived.
+fn open_guest_connection(agent: &mut AgentClient, vmm: &VmmProcess) -> TcpStream {
+    let listener = TcpListener::bind((HOST_IP, RESET_PORT)).unwrap();
+    guest_sh(
+        agent,
+        vmm,
+        &format!(
+            "nc {HOST_IP} {RESET_PORT} -e sh -c 'echo ready; cat >/dev/null; \
+             echo cat-exit=$? >&2' </dev/null >{RESET_OUT} 2>&1 &"
+        ),
+    );
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the guest never connected");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    s
+}
+
+/// Waits for the guest's reader to end and checks that its read failed
+/// with ECONNRESET (busybox cat: "read error: Connection reset by peer").
+fn expect_guest_reset(agent: &mut AgentClient, vmm: &VmmProcess) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let out = loop {
+        let out = guest_sh(agent, vmm, &format!("cat {RESET_OUT}"));
+        if out.contains("cat-exit=") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        out.contains("Connection reset by peer") && out.contains("cat-exit=1"),
+        "the guest's reader did not fail with ECONNRESET: {out:?}"
+    );
+}
+
 /// Host → guest TCP: a plain HTTP/1.0 GET to the guest's busybox httpd;
 /// the body must be `body`. Retries the connect while httpd comes up.
 fn tcp_host_to_guest(body: &str) {
@@ -159,6 +217,7 @@ fn guest_talks_to_host_over_tap_and_clone_on_another_tap() {
             "/network-interfaces/eth0",
             &json!({"iface_id": "eth0", "host_dev_name": "tapvm0",
                     "guest_mac": GUEST_MAC,
+                    "terminate_connections_on_pause": true,
                     "tx_rate_limiter": {"bandwidth": {"size": 10000000, "refill_time": 100}}}),
         );
         assert_eq!(r.status, 204, "{r:?}");
@@ -211,10 +270,41 @@ fn guest_talks_to_host_over_tap_and_clone_on_another_tap() {
         );
         tcp_host_to_guest("served-by-guest");
         eprintln!("tcp both ways in {:?}", t.elapsed());
-        drop(agent);
 
-        // Snapshot with the net device.
-        let (dir, snapshot, mem, _) = pause_and_snapshot(&vmm, "ember-net-snap-");
+        // A connection open at the pause: the host's end fails right at
+        // the pause, before any snapshot is taken.
+        let cfg = vmm.request("GET", "/vm/config", None).json();
+        assert_eq!(
+            cfg["network-interfaces"][0]["terminate_connections_on_pause"], true,
+            "{cfg}"
+        );
+        let host_end = open_guest_connection(&mut agent, &vmm);
+        drop(agent);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let r = (&host_end).read(&mut buf).map_err(|e| e.kind());
+            let _ = tx.send((r, Instant::now()));
+        });
+        pause(&vmm);
+        let paused = Instant::now();
+        let (r, at) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the host's socket saw nothing within 30 s of the pause");
+        assert_eq!(r, Err(ErrorKind::ConnectionReset), "host's read after the pause");
+        eprintln!(
+            "host's socket reset {:?} after the pause request returned",
+            at.saturating_duration_since(paused)
+        );
+        assert!(at.saturating_duration_since(paused) < Duration::from_secs(5));
+        assert!(
+            vmm.logs().contains("ended 1 TCP connection"),
+            "{}",
+            vmm.logs()
+        );
+
+        // Snapshot with the net device (and the guest's RST in its ring).
+        let (dir, snapshot, mem, _) = snapshot_paused(&vmm, "ember-net-snap-");
         let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
         assert_eq!(r.status, 204, "{r:?}");
 
@@ -225,6 +315,9 @@ fn guest_talks_to_host_over_tap_and_clone_on_another_tap() {
             .join()
             .unwrap();
 
+        // The original, resumed, took the RST too.
+        let mut agent = connect_restored(&vmm);
+        expect_guest_reset(&mut agent, &vmm);
         // The original still answers on its tap (no ping on the host: TCP).
         tcp_host_to_guest("served-by-guest");
         drop(dir);
@@ -278,11 +371,19 @@ fn clone_on_second_tap(snapshot: &Path, mem: &Path) {
         cfg["network-interfaces"][0]["guest_mac"], GUEST_MAC,
         "{cfg}"
     );
+    assert_eq!(
+        cfg["network-interfaces"][0]["terminate_connections_on_pause"], true,
+        "{cfg}"
+    );
     let mut agent = connect_restored(&vmm);
     agent
         .refresh()
         .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
     eprintln!("clone agent up {:?} after load", t.elapsed());
+
+    // The connection open at the snapshot: the clone's reader failed with
+    // ECONNRESET, not waiting on a peer that is gone.
+    expect_guest_reset(&mut agent, &vmm);
 
     // Same address and MAC in the guest; it reaches the host side.
     let out = guest_sh(

@@ -156,6 +156,9 @@ impl Controller {
         if let Some(tx) = update.tx_rate_limiter {
             cfg.tx_rate_limiter = Some(tx);
         }
+        if let Some(on) = update.terminate_connections_on_pause {
+            cfg.terminate_connections_on_pause = on;
+        }
         Ok(VmmData::Empty)
     }
 
@@ -381,6 +384,7 @@ mod tests {
             guest_mac: mac.map(String::from),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            terminate_connections_on_pause: false,
         })
     }
 
@@ -402,6 +406,7 @@ mod tests {
             iface_id: "eth9".into(),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            terminate_connections_on_pause: None,
         };
         let e = c
             .handle(VmmAction::PatchNetworkInterface(upd), &mut em)
@@ -453,10 +458,12 @@ mod tests {
                 iface_id: "eth1".into(),
                 rx_rate_limiter: Some(rl),
                 tx_rate_limiter: None,
+                terminate_connections_on_pause: Some(true),
             };
             c.handle(VmmAction::PatchNetworkInterface(upd), &mut em)
                 .unwrap();
             assert_eq!(c.resources.network_interfaces[1].rx_rate_limiter, Some(rl));
+            assert!(c.resources.network_interfaces[1].terminate_connections_on_pause);
         })
         .join()
         .unwrap();

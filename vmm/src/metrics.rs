@@ -67,6 +67,12 @@ pub struct VsockMetrics {
 }
 
 #[derive(Serialize)]
+pub struct NetMetrics {
+    /// TCP connections ended with RSTs when the VM was paused.
+    pub connections_terminated: Counter,
+}
+
+#[derive(Serialize)]
 pub struct ApiMetrics {
     pub actions: Counter,
     pub action_errors: Counter,
@@ -77,6 +83,7 @@ pub struct Metrics {
     pub vcpu: VcpuMetrics,
     pub block: BlockMetrics,
     pub vsock: VsockMetrics,
+    pub net: NetMetrics,
     pub api: ApiMetrics,
 }
 
@@ -103,6 +110,9 @@ pub static METRICS: Metrics = Metrics {
     vsock: VsockMetrics {
         rx_bytes: Counter::new(),
         tx_bytes: Counter::new(),
+    },
+    net: NetMetrics {
+        connections_terminated: Counter::new(),
     },
     api: ApiMetrics {
         actions: Counter::new(),

@@ -179,7 +179,8 @@ impl Vmm {
     }
 
     /// `PATCH /network-interfaces/{id}` on a running (or paused) VM: the
-    /// device's limiters and the configuration saved in snapshots.
+    /// device's limiters and connection tracking, and the configuration
+    /// saved in snapshots.
     pub fn update_net_rate_limiters(
         &mut self,
         update: &crate::vmm_config::NetworkInterfaceUpdate,
@@ -188,10 +189,15 @@ impl Vmm {
             .virtio
             .net(&update.iface_id)
             .ok_or_else(|| format!("no network interface {:?}", update.iface_id))?;
-        lock(net).update_rate_limiters(
+        let mut dev = lock(net);
+        dev.update_rate_limiters(
             update.rx_rate_limiter.as_ref(),
             update.tx_rate_limiter.as_ref(),
         );
+        if let Some(on) = update.terminate_connections_on_pause {
+            dev.set_terminate_connections(on);
+        }
+        drop(dev);
         if let Some(cfg) = self
             .resources
             .network_interfaces
@@ -203,6 +209,9 @@ impl Vmm {
             }
             if let Some(tx) = update.tx_rate_limiter {
                 cfg.tx_rate_limiter = Some(tx);
+            }
+            if let Some(on) = update.terminate_connections_on_pause {
+                cfg.terminate_connections_on_pause = on;
             }
         }
         Ok(())
@@ -224,15 +233,24 @@ impl Vmm {
         lock(&self.i8042).trigger_ctrl_alt_del();
     }
 
+    /// Stops the vCPUs, then lets the devices act on the stop (the net
+    /// device ends the guest's TCP connections), so the guest cannot send
+    /// anything after that.
     pub fn pause(&mut self) -> Result<(), crate::vstate::vcpu::VcpuError> {
         for v in &self.vcpus {
             v.pause()?;
         }
         self.state = VmState::Paused;
+        for (dev, _) in &self.virtio.slots {
+            dev.with_device(|d| d.on_pause());
+        }
         Ok(())
     }
 
     pub fn resume(&mut self) -> Result<(), crate::vstate::vcpu::VcpuError> {
+        for (dev, _) in &self.virtio.slots {
+            dev.with_device(|d| d.on_resume());
+        }
         for v in &self.vcpus {
             v.resume()?;
         }

@@ -75,6 +75,15 @@ pub enum VirtioDeviceHandle {
 }
 
 impl VirtioDeviceHandle {
+    /// Runs `f` on the device, locked.
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
+        match self {
+            VirtioDeviceHandle::Block(b) => f(&mut *lock(b)),
+            VirtioDeviceHandle::Vsock(v) => f(&mut *lock(v)),
+            VirtioDeviceHandle::Net(n) => f(&mut *lock(n)),
+        }
+    }
+
     /// For `EventManager::add_subscriber`.
     pub fn subscriber(&self) -> Arc<Mutex<dyn MutEventSubscriber + Send>> {
         match self {

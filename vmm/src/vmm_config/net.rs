@@ -18,9 +18,15 @@ pub struct NetworkInterfaceConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// Track the guest's TCP connections and end them with an RST both
+    /// ways when the VM is paused (for a snapshot, parking, migration),
+    /// so neither side hangs on a connection that cannot survive.
+    #[serde(default)]
+    pub terminate_connections_on_pause: bool,
 }
 
-/// `PATCH /network-interfaces/{iface_id}`: new limiters at run time.
+/// `PATCH /network-interfaces/{iface_id}`: new limiters, or connection
+/// tracking on or off, at run time.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceUpdate {
@@ -29,6 +35,8 @@ pub struct NetworkInterfaceUpdate {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminate_connections_on_pause: Option<bool>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case).
@@ -124,6 +132,7 @@ mod tests {
             guest_mac: Some("06:00:ac:10:00:02".into()),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            terminate_connections_on_pause: false,
         };
         assert_eq!(c.validate(), Ok(Some([6, 0, 0xac, 0x10, 0, 2])));
         c.guest_mac = Some("01:00:5e:00:00:01".into());

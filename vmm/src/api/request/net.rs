@@ -69,10 +69,17 @@ mod tests {
                         refill_time: 1000
                     })
                 }),
+                terminate_connections_on_pause: false,
             })
         );
         let min = r#"{"iface_id": "eth1", "host_dev_name": "tap1"}"#;
         assert!(parse_request("PUT", "/network-interfaces/eth1", min.as_bytes()).is_ok());
+        let ct = r#"{"iface_id": "eth1", "host_dev_name": "tap1",
+            "terminate_connections_on_pause": true}"#;
+        match parse_request("PUT", "/network-interfaces/eth1", ct.as_bytes()).unwrap() {
+            VmmAction::PutNetworkInterface(c) => assert!(c.terminate_connections_on_pause),
+            a => panic!("{a:?}"),
+        }
     }
 
     #[test]
@@ -113,6 +120,16 @@ mod tests {
             VmmAction::PatchNetworkInterface(NetworkInterfaceUpdate {
                 rx_rate_limiter: None,
                 tx_rate_limiter: Some(_),
+                ..
+            })
+        ));
+        let b = r#"{"iface_id": "eth0", "terminate_connections_on_pause": false}"#;
+        let a = parse_request("PATCH", "/network-interfaces/eth0", b.as_bytes()).unwrap();
+        assert!(matches!(
+            a,
+            VmmAction::PatchNetworkInterface(NetworkInterfaceUpdate {
+                terminate_connections_on_pause: Some(false),
+                rx_rate_limiter: None,
                 ..
             })
         ));

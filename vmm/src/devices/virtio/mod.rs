@@ -184,6 +184,13 @@ pub trait VirtioDevice: Send {
     /// the device from a snapshot (no driver handshake happened).
     fn after_restore(&mut self) {}
 
+    /// Called on the VMM thread right after the vCPUs stopped (`PATCH /vm`
+    /// Paused), before any snapshot is taken.
+    fn on_pause(&mut self) {}
+
+    /// Called on the VMM thread just before the vCPUs run again.
+    fn on_resume(&mut self) {}
+
     /// Returns the device to its pre-activation state (driver wrote 0 to
     /// Status). Backend resources (disk file, vsock listener) are kept.
     fn reset(&mut self);

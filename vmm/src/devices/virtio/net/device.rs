@@ -1,6 +1,7 @@
 //! The virtio-net device: config space, features, and moving frames
 //! between the queues and the tap, under the rate limiters.
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::conntrack::{ConnTracker, RemoteVerdict};
 use super::features::*;
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
 use super::{NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_INDEX, TX_INDEX, VNET_HDR_LEN};
@@ -39,6 +41,8 @@ pub struct NetCounters {
     pub dropped: u64,
     /// Times a frame waited for the rate limiter.
     pub throttled: u64,
+    /// TCP connections ended with RSTs at a pause.
+    pub connections_terminated: u64,
 }
 
 struct Active {
@@ -66,6 +70,12 @@ pub struct Net {
     /// The pending frame was already paid to the RX limiter.
     rx_paid: bool,
     tx_buf: Vec<u8>,
+    /// Frames the VMM made for the guest (the RSTs of a pause), delivered
+    /// before anything from the tap; kept in snapshots.
+    rx_inject: VecDeque<Vec<u8>>,
+    /// `terminate_connections_on_pause`: None is off, and then the data
+    /// path does nothing for it.
+    conntrack: Option<ConnTracker>,
     counters: NetCounters,
 }
 
@@ -117,6 +127,10 @@ impl Net {
             rx_pending: 0,
             rx_paid: false,
             tx_buf: vec![0; MAX_FRAME_LEN],
+            rx_inject: VecDeque::new(),
+            conntrack: config
+                .terminate_connections_on_pause
+                .then(ConnTracker::default),
             counters: NetCounters::default(),
         })
     }
@@ -158,6 +172,69 @@ impl Net {
         }
     }
 
+    /// `PATCH /network-interfaces/{id}`: connection tracking on or off.
+    /// Switched on, it learns connections from their next segments.
+    pub fn set_terminate_connections(&mut self, on: bool) {
+        self.config.terminate_connections_on_pause = on;
+        match (on, self.conntrack.is_some()) {
+            (true, false) => self.conntrack = Some(ConnTracker::default()),
+            (false, true) => self.conntrack = None,
+            _ => {}
+        }
+    }
+
+    /// Connections that a pause would end now (None when tracking is off).
+    pub fn tracked_connections(&self) -> Option<usize> {
+        self.conntrack.as_ref().map(ConnTracker::len)
+    }
+
+    pub(crate) fn pending_rx_frames(&self) -> Vec<Vec<u8>> {
+        self.rx_inject.iter().cloned().collect()
+    }
+
+    pub(crate) fn set_pending_rx_frames(&mut self, frames: &[Vec<u8>]) {
+        self.rx_inject = frames
+            .iter()
+            .filter(|f| f.len() > VNET_HDR_LEN && f.len() <= MAX_FRAME_LEN)
+            .cloned()
+            .collect();
+    }
+
+    /// The vCPUs have stopped: with tracking on, ends every connection the
+    /// guest took part in, with an RST to the remote (on the tap, now) and
+    /// one to the guest (into its receive ring, now or when it has room).
+    fn end_connections(&mut self) {
+        if self.conntrack.is_none() {
+            return;
+        }
+        // What the guest queued before it stopped goes out first, so the
+        // RST's sequence number follows it.
+        self.process_tx();
+        let Some(ct) = self.conntrack.as_mut() else {
+            return;
+        };
+        let ended = ct.terminate();
+        for t in &ended {
+            if let Err(e) = self.tap.write_frame(&t.to_remote) {
+                log::warn!(
+                    "virtio-net {}: cannot send the RST for {:?}: {e}",
+                    self.config.iface_id,
+                    t.key
+                );
+                self.counters.dropped += 1;
+            }
+        }
+        let n = ended.len() as u64;
+        self.rx_inject.extend(ended.into_iter().map(|t| t.to_guest));
+        self.counters.connections_terminated += n;
+        crate::metrics::METRICS.net.connections_terminated.add(n);
+        log::info!(
+            "virtio-net {}: paused; ended {n} TCP connection(s) with RSTs both ways",
+            self.config.iface_id
+        );
+        self.process_rx();
+    }
+
     fn offloads(&self) -> u32 {
         let acked = |f: u32| self.acked_features & (1 << f) != 0;
         let mut flags = 0;
@@ -187,9 +264,10 @@ impl Net {
         }
     }
 
-    /// Moves frames from the tap into the guest's receive buffers until the
-    /// tap is empty, the guest has no buffer, or the limiter says wait. A
-    /// frame read but not delivered is kept for the next attempt.
+    /// Moves frames into the guest's receive buffers (first the VMM's own,
+    /// then the tap's) until there are none, the guest has no buffer, or
+    /// the limiter says wait. A frame read but not delivered is kept for
+    /// the next attempt.
     pub fn process_rx(&mut self) {
         if self.broken || self.active.is_none() {
             return;
@@ -197,30 +275,9 @@ impl Net {
         let mut used_any = false;
         let mut error = None;
         loop {
-            if self.rx_pending == 0 {
-                match self.tap.read_frame(&mut self.rx_buf) {
-                    Ok(n) if n > VNET_HDR_LEN => {
-                        self.rx_pending = n;
-                        self.rx_paid = false;
-                    }
-                    Ok(_) => continue, // runt: nothing to deliver
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::warn!("virtio-net {}: tap read: {e}", self.config.iface_id);
-                        break;
-                    }
-                }
-            }
-            if !self.rx_paid {
-                if !self
-                    .rx_limiter
-                    .consume((self.rx_pending - VNET_HDR_LEN) as u64)
-                {
-                    self.counters.throttled += 1;
-                    break;
-                }
-                self.rx_paid = true;
+            let injected = !self.rx_inject.is_empty();
+            if !injected && !self.next_tap_frame() {
+                break;
             }
             let Some(active) = self.active.as_mut() else {
                 break;
@@ -235,19 +292,22 @@ impl Net {
                 }
             };
             let head = chain.head_index();
-            let frame = &mut self.rx_buf[..self.rx_pending];
-            // One buffer per frame (no MRG_RXBUF).
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let written = match Writer::new(mem, chain) {
-                Ok(mut w) if w.available_bytes() >= frame.len() => {
-                    w.write_all(frame).ok().map(|_| frame.len())
+            let frame: &mut [u8] = if injected {
+                match self.rx_inject.front_mut() {
+                    Some(f) => f,
+                    None => break,
                 }
-                _ => None,
+            } else {
+                &mut self.rx_buf[..self.rx_pending]
             };
+            let written = write_frame(mem, chain, frame);
             let len = match written {
                 Some(n) => {
                     self.counters.rx_frames += 1;
                     self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
+                    if let (false, Some(ct)) = (injected, self.conntrack.as_mut()) {
+                        ct.on_remote_frame(&self.rx_buf[VNET_HDR_LEN..n]);
+                    }
                     n as u32
                 }
                 None => {
@@ -261,8 +321,12 @@ impl Net {
                     0
                 }
             };
-            self.rx_pending = 0;
-            self.rx_paid = false;
+            if injected {
+                self.rx_inject.pop_front();
+            } else {
+                self.rx_pending = 0;
+                self.rx_paid = false;
+            }
             if let Err(e) = active.rx.add_used(mem, head, len) {
                 error = Some(e.to_string());
                 break;
@@ -276,6 +340,56 @@ impl Net {
         }
         if let Some(e) = error {
             self.queue_error("receive", e);
+        }
+    }
+
+    /// Makes `rx_buf[..rx_pending]` a tap frame that may go to the guest
+    /// now (read, allowed by connection tracking, paid to the limiter).
+    /// False when there is none or the limiter says wait.
+    fn next_tap_frame(&mut self) -> bool {
+        loop {
+            if self.rx_pending == 0 {
+                match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(n) if n > VNET_HDR_LEN => {
+                        self.rx_pending = n;
+                        self.rx_paid = false;
+                    }
+                    Ok(_) => continue, // runt: nothing to deliver
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("virtio-net {}: tap read: {e}", self.config.iface_id);
+                        return false;
+                    }
+                }
+            }
+            if let Some(ct) = &self.conntrack {
+                match ct.check_remote_frame(&self.rx_buf[VNET_HDR_LEN..self.rx_pending]) {
+                    RemoteVerdict::Deliver => {}
+                    RemoteVerdict::Drop => {
+                        self.rx_pending = 0;
+                        continue;
+                    }
+                    RemoteVerdict::DropAndReply(rst) => {
+                        if let Err(e) = self.tap.write_frame(&rst) {
+                            log::debug!("virtio-net {}: tap write: {e}", self.config.iface_id);
+                        }
+                        self.rx_pending = 0;
+                        continue;
+                    }
+                }
+            }
+            if !self.rx_paid {
+                if !self
+                    .rx_limiter
+                    .consume((self.rx_pending - VNET_HDR_LEN) as u64)
+                {
+                    self.counters.throttled += 1;
+                    return false;
+                }
+                self.rx_paid = true;
+            }
+            return true;
         }
     }
 
@@ -319,7 +433,15 @@ impl Net {
                     }
                 }
             }
+            if let (Some(n), Some(ct)) = (frame_len, self.conntrack.as_mut()) {
+                if !ct.on_guest_frame(&self.tx_buf[VNET_HDR_LEN..n]) {
+                    // A connection already ended by a pause: the remote
+                    // has its RST. Some(0): used, not sent.
+                    frame_len = Some(0);
+                }
+            }
             match frame_len {
+                Some(0) => {}
                 Some(n) => match self.tap.write_frame(&self.tx_buf[..n]) {
                     Ok(_) => {
                         self.counters.tx_frames += 1;
@@ -370,6 +492,16 @@ impl Net {
     #[cfg(test)]
     pub(crate) fn tx_limiter_fd(&self) -> i32 {
         self.tx_limiter.as_raw_fd()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn rx_inject_len(&self) -> usize {
+        self.rx_inject.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn conntrack_mut(&mut self) -> Option<&mut ConnTracker> {
+        self.conntrack.as_mut()
     }
 
     fn kick(&self, index: usize) {
@@ -456,6 +588,16 @@ impl VirtioDevice for Net {
         self.active.is_some()
     }
 
+    fn on_pause(&mut self) {
+        self.end_connections();
+    }
+
+    fn on_resume(&mut self) {
+        if let Some(ct) = self.conntrack.as_mut() {
+            ct.forget_terminated();
+        }
+    }
+
     fn queue_states(&self) -> Vec<QueueState> {
         self.active
             .iter()
@@ -519,5 +661,21 @@ impl MutEventSubscriber for Net {
             EV_TX_LIMITER => self.on_tx_limiter_event(),
             other => log::warn!("virtio-net: unexpected event {other}"),
         }
+    }
+}
+
+/// Writes one frame into a receive chain, `num_buffers` set to 1 (no
+/// MRG_RXBUF). Returns the length written, None if it does not fit.
+fn write_frame(
+    mem: &Mem,
+    chain: crate::devices::virtio::queue::Chain<'_>,
+    frame: &mut [u8],
+) -> Option<usize> {
+    frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+    match Writer::new(mem, chain) {
+        Ok(mut w) if w.available_bytes() >= frame.len() => {
+            w.write_all(frame).ok().map(|_| frame.len())
+        }
+        _ => None,
     }
 }

@@ -7,6 +7,7 @@
 //! move between the tap and guest buffers unchanged (only `num_buffers`
 //! is set on receive).
 
+pub mod conntrack;
 mod device;
 mod persist;
 pub mod tap;

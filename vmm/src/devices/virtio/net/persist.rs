@@ -10,10 +10,16 @@ use crate::vmm_config::net::NetworkInterfaceConfig;
 /// The interface's configuration (id, tap name, MAC, limiters as they are
 /// configured at snapshot time) and the negotiated features. Token
 /// budgets are not saved: a restored device starts with full buckets.
+/// Neither are tracked connections: the pause before a snapshot ended them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NetState {
     pub config: NetworkInterfaceConfig,
     pub acked_features: u64,
+    /// Frames for the guest made at the pause (its RSTs) that its receive
+    /// ring had no room for yet, vnet header first: delivered first after
+    /// the restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_rx_frames: Vec<Vec<u8>>,
 }
 
 impl Net {
@@ -21,6 +27,7 @@ impl Net {
         NetState {
             config: self.config().clone(),
             acked_features: self.acked_features(),
+            pending_rx_frames: self.pending_rx_frames(),
         }
     }
 
@@ -45,6 +52,7 @@ impl Net {
             });
         }
         net.set_acked_features(state.acked_features);
+        net.set_pending_rx_frames(&state.pending_rx_frames);
         Ok(net)
     }
 }

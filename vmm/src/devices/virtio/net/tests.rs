@@ -73,6 +73,7 @@ fn cfg(tap: &str, mac: Option<&str>) -> NetworkInterfaceConfig {
         guest_mac: mac.map(String::from),
         rx_rate_limiter: None,
         tx_rate_limiter: None,
+        terminate_connections_on_pause: false,
     }
 }
 
@@ -105,9 +106,12 @@ struct Harness<'a> {
 
 impl<'a> Harness<'a> {
     fn new(mem: &'a Mem, cfg: &NetworkInterfaceConfig) -> Self {
+        Self::with_net(mem, Net::new(cfg).unwrap())
+    }
+
+    fn with_net(mem: &'a Mem, mut net: Net) -> Self {
         let rxq = TestQueue::new(mem, 0, 16);
         let txq = TestQueue::new(mem, 0x10000, 16);
-        let mut net = Net::new(cfg).unwrap();
         let interrupt = Arc::new(Interrupt::new().unwrap());
         net.activate(
             mem.clone(),
@@ -424,4 +428,316 @@ fn snapshot_state_and_restore_on_another_tap() {
         ));
         assert!(Net::restore(&state, Some("tapsnX")).is_err());
     });
+}
+
+// --- Ending connections at a pause, against the kernel's TCP on the tap ---
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+
+use super::conntrack::tests::{check_frame, tcp_frame};
+use super::conntrack::{parse, Segment, TCP_ACK, TCP_RST, TCP_SYN};
+
+const G_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+const H_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+const G_PORT: u16 = 40000;
+const G_ISN: u32 = 0xffff_fff0; // wraps within the test
+
+/// The MAC `connect_to_kernel` gives the tap (sysfs would show the host
+/// namespace's taps, not this thread's).
+const TAP_MAC: [u8; 6] = [0x02, 0, 0x0a, 0, 0, 1];
+
+fn ct_cfg(tap: &str, on: bool) -> NetworkInterfaceConfig {
+    let mut c = cfg(tap, Some("06:00:0a:00:00:02"));
+    c.terminate_connections_on_pause = on;
+    c
+}
+
+/// A frame from the guest's side of the test connection, vnet header first.
+fn guest_seg(hop: [u8; 6], port: u16, seq: u32, ack: u32, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend(tcp_frame(
+        GUEST_MAC,
+        hop,
+        (G_IP, G_PORT),
+        (H_IP, port),
+        seq,
+        ack,
+        flags,
+        data,
+    ));
+    f
+}
+
+/// A delivered frame as sent: num_buffers back to 0.
+fn as_sent(mut f: Vec<u8>) -> Vec<u8> {
+    f[10..12].fill(0);
+    f
+}
+
+/// Runs RX (as tap events would) until a segment of the test connection
+/// matching `want` reached the guest; `seen` counts used entries looked at.
+fn wait_segment(h: &mut Harness, seen: &mut u16, want: impl Fn(&Segment) -> bool) -> Segment {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        h.net.process_rx();
+        while *seen < h.rxq.used_idx() {
+            let f = h.rx_frame(*seen);
+            *seen += 1;
+            if let Some(s) = parse(&f[VNET_HDR_LEN..]) {
+                if s.dport == G_PORT && want(&s) {
+                    return s;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such segment reached the guest"
+        );
+        let mut pfd = libc::pollfd {
+            fd: h.net.tap().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a bounded timeout.
+        unsafe { libc::poll(&mut pfd, 1, 50) };
+    }
+}
+
+/// Plays a guest TCP client to a kernel listener on 10.0.0.1:`port`:
+/// handshake, "hello" to the kernel, "hi" back. Returns the kernel's
+/// accepted socket, the guest's SND.NXT and the kernel's.
+fn connect_to_kernel(
+    h: &mut Harness,
+    tap: &str,
+    port: u16,
+    seen: &mut u16,
+) -> (TcpStream, u32, u32) {
+    // The MAC first: setting it flushes the neighbour table.
+    sh(&["ip", "link", "set", tap, "address", "02:00:0a:00:00:01"]);
+    let hop = TAP_MAC;
+    sh(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.0.0.2",
+        "lladdr",
+        "06:00:0a:00:00:02",
+        "dev",
+        tap,
+    ]);
+    let listener = TcpListener::bind(("10.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    for slot in 0..16 {
+        h.add_rx_buffer(slot, 4096);
+    }
+    h.send(&guest_seg(hop, port, G_ISN, 0, TCP_SYN, &[]), 0);
+    h.net.process_tx();
+    let synack = wait_segment(h, seen, |s| s.flags == TCP_SYN | TCP_ACK);
+    assert_eq!(synack.ack, G_ISN.wrapping_add(1));
+    let k_isn = synack.seq;
+    h.send(
+        &guest_seg(
+            hop,
+            port,
+            G_ISN.wrapping_add(1),
+            k_isn.wrapping_add(1),
+            TCP_ACK | 0x08,
+            b"hello",
+        ),
+        1,
+    );
+    h.net.process_tx();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut s, _) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    // Each write goes out at once, acknowledged or not.
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    s.write_all(b"hi").unwrap();
+    wait_segment(h, seen, |s| s.payload_len == 2);
+    // Acknowledged, so the kernel does not retransmit it meanwhile.
+    let (g_nxt, k_nxt) = (G_ISN.wrapping_add(6), k_isn.wrapping_add(3));
+    h.send(&guest_seg(hop, port, g_nxt, k_nxt, TCP_ACK, &[]), 2);
+    h.net.process_tx();
+    (s, g_nxt, k_nxt)
+}
+
+fn expect_reset(s: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected ECONNRESET on the kernel's socket, got {other:?}"),
+    }
+}
+
+#[test]
+fn pause_resets_a_kernel_connection_both_ways() {
+    in_netns(&["tapct0"], || {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, &ct_cfg("tapct0", true));
+        let mut seen = 0;
+        let (mut s, g_nxt, k_nxt) = connect_to_kernel(&mut h, "tapct0", 5001, &mut seen);
+        assert_eq!(h.net.tracked_connections(), Some(1));
+        let _ = h.interrupt.irq_evt().read();
+
+        h.net.on_pause();
+        // The kernel took the RST: its socket fails at once.
+        expect_reset(&mut s);
+        // The guest's RST is in its ring, signalled, and one it accepts:
+        // SEQ is the kernel's SND.NXT (the guest's RCV.NXT).
+        let rst = wait_segment(&mut h, &mut seen, |s| s.flags & TCP_RST != 0);
+        let f = as_sent(h.rx_frame(seen - 1));
+        assert_eq!(check_frame(&f), rst);
+        assert_eq!(
+            (rst.seq, rst.ack, rst.flags),
+            (k_nxt, g_nxt, TCP_RST | TCP_ACK)
+        );
+        assert_eq!((rst.src, rst.sport, rst.dst), (H_IP, 5001, G_IP));
+        assert_eq!((rst.src_mac, rst.dst_mac), (TAP_MAC, GUEST_MAC));
+        assert!(h.interrupt.irq_evt().read().is_ok(), "RX signalled");
+        assert_eq!(h.net.counters().connections_terminated, 1);
+        assert_eq!(h.net.tracked_connections(), Some(0));
+        assert_eq!(h.net.rx_inject_len(), 0);
+        // A second pause finds nothing left to end.
+        h.net.on_resume();
+        h.net.on_pause();
+        assert_eq!(h.net.counters().connections_terminated, 1);
+    });
+}
+
+#[test]
+fn remote_challenge_ack_gets_the_rst_it_accepts() {
+    in_netns(&["tapct1"], || {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, &ct_cfg("tapct1", true));
+        let mut seen = 0;
+        let (mut s, g_nxt, _) = connect_to_kernel(&mut h, "tapct1", 5002, &mut seen);
+        // The tracker believes the guest sent 100 more bytes than the
+        // kernel got (as when a segment was lost): its RST is in the
+        // window but not at RCV.NXT, so the kernel answers a challenge ACK.
+        let lost = guest_seg(TAP_MAC, 5002, g_nxt, 0, TCP_ACK, &[0; 100]);
+        assert!(h
+            .net
+            .conntrack_mut()
+            .unwrap()
+            .on_guest_frame(&lost[VNET_HDR_LEN..]));
+        h.net.on_pause();
+        s.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 16];
+        loop {
+            h.net.process_rx();
+            match s.read(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                other => panic!("read: {other:?}"),
+            }
+            assert!(Instant::now() < deadline, "the kernel never took an RST");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The guest got its RST and nothing of the dead connection after it.
+        let frames: Vec<Segment> = (seen..h.rxq.used_idx())
+            .filter_map(|i| parse(&h.rx_frame(i)[VNET_HDR_LEN..]))
+            .filter(|s| s.dport == G_PORT)
+            .collect();
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].flags, TCP_RST | TCP_ACK);
+    });
+}
+
+#[test]
+fn switched_off_nothing_is_tracked_or_ended() {
+    in_netns(&["tapct2"], || {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, &ct_cfg("tapct2", false));
+        let mut seen = 0;
+        let (mut s, g_nxt, k_nxt) = connect_to_kernel(&mut h, "tapct2", 5003, &mut seen);
+        assert_eq!(h.net.tracked_connections(), None);
+        h.net.on_pause();
+        h.net.process_rx();
+        assert_eq!(h.rxq.used_idx(), seen, "nothing new for the guest");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        let e = s.read(&mut buf).unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{e}"
+        );
+        assert_eq!(h.net.counters().connections_terminated, 0);
+        h.net.on_resume();
+
+        // PATCH turns it on mid-connection: the remote's segments alone
+        // make no entry, the guest's next one does.
+        h.net.set_terminate_connections(true);
+        assert!(h.net.config().terminate_connections_on_pause);
+        s.write_all(b"more").unwrap();
+        wait_segment(&mut h, &mut seen, |s| s.payload_len == 4);
+        assert_eq!(h.net.tracked_connections(), Some(0));
+        let ack = guest_seg(TAP_MAC, 5003, g_nxt, k_nxt.wrapping_add(4), TCP_ACK, &[]);
+        h.send(&ack, 3);
+        h.net.process_tx();
+        assert_eq!(h.net.tracked_connections(), Some(1));
+        h.net.on_pause();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        expect_reset(&mut s);
+        let rst = wait_segment(&mut h, &mut seen, |s| s.flags & TCP_RST != 0);
+        assert_eq!((rst.seq, rst.ack), (k_nxt.wrapping_add(4), g_nxt));
+    });
+}
+
+#[test]
+fn rsts_without_room_wait_in_the_snapshot() {
+    in_netns(&["tapct3", "tapct4"], || {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, &ct_cfg("tapct3", true));
+        // A guest segment makes the entry; no receive buffers exist.
+        let seg = guest_seg(TAP_MAC, 9, 77, 88, TCP_ACK, b"x");
+        h.send(&seg, 0);
+        h.net.process_tx();
+        h.net.on_pause();
+        assert_eq!(h.net.rx_inject_len(), 1);
+        let state = h.net.state();
+        assert_eq!(state.pending_rx_frames.len(), 1);
+        let json = serde_json::to_string(&state).unwrap();
+        let state: NetState = serde_json::from_str(&json).unwrap();
+        drop(h);
+
+        let net = Net::restore(&state, Some("tapct4")).unwrap();
+        assert!(net.config().terminate_connections_on_pause);
+        let mut h = Harness::with_net(&mem, net);
+        h.add_rx_buffer(0, 4096);
+        h.net.process_rx();
+        assert!(h.rxq.used_idx() >= 1);
+        let rst = check_frame(&as_sent(h.rx_frame(0)));
+        assert_eq!(
+            (rst.src, rst.sport, rst.dst, rst.dport),
+            (H_IP, 9, G_IP, G_PORT)
+        );
+        assert_eq!((rst.seq, rst.ack, rst.flags), (88, 78, TCP_RST | TCP_ACK));
+        assert_eq!(h.net.rx_inject_len(), 0);
+    });
+}
+
+#[test]
+fn old_snapshot_state_loads() {
+    let old = r#"{"config": {"iface_id": "eth0", "host_dev_name": "tap0"}, "acked_features": 3}"#;
+    let s: NetState = serde_json::from_str(old).unwrap();
+    assert!(!s.config.terminate_connections_on_pause);
+    assert!(s.pending_rx_frames.is_empty());
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["config"]["terminate_connections_on_pause"], false);
+    assert!(json.get("pending_rx_frames").is_none());
 }
