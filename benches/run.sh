@@ -2,7 +2,9 @@
 # Runs every Ember benchmark with fresh release binaries, printing numbers:
 # VMM start-up, boot to agent, VMM memory overhead, snapshot create,
 # restore latency and the memory of clones; emberd's invoke latency (warm,
-# restored, fresh boot), throughput and memory per warm instance.
+# restored, fresh boot), throughput and memory per warm instance;
+# virtio-net throughput and TCP latency with and without connection
+# tracking (Debian's iperf3 in the guest and on the host).
 # Arguments go to `cargo bench`: `bash benches/run.sh --bench hostd` runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +13,13 @@ EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"
 EMBER_ROOTFS_PYTHON3="$(bash rootfs/build.sh python3)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
-export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_PROVIDED
+EMBER_ROOTFS_BENCH="$(bash rootfs/build.sh bench)"
+export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_BENCH
+# The host's end of the network benchmark.
+if ! command -v iperf3 >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends iperf3 >&2 ||
+        { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends iperf3 >&2; }
+fi
 cargo build --release --workspace --bins
 cargo bench -p ember-benches "$@"

@@ -3,12 +3,13 @@
 # the statically linked `ember-agent`, plus Debian's busybox-static (/bin/sh,
 # cat, dd, ...) so tests can run commands in the guest through Exec.
 #
-# Usage: rootfs/build.sh [base|provided|python3] [--print-key] [--force]
+# Usage: rootfs/build.sh [base|provided|python3|bench] [--print-key] [--force]
 #   base      (default) the agent and busybox only
 #   provided  + Debian's bash, curl and ca-certificates: Lambda's custom
 #             runtime (`bootstrap` in bash + curl against the Runtime API)
 #   python3   + Debian's python3 (3.11), precompiled, and awslambdaric from
 #             PyPI (rootfs/python3-requirements.txt): python3 -m awslambdaric
+#   bench     + Debian's iperf3 (and its libraries), for benches/benches/net.rs
 #   stdout: the image path (only line), progress and errors on stderr.
 #   --print-key  print the cache key and exit
 #   --force      rebuild even if the cached image exists
@@ -21,10 +22,10 @@
 # and wheels are kept in rootfs/debs/ and rootfs/wheels/ under the cache.
 #
 # Environment: EMBER_CACHE_DIR, EMBER_ROOTFS_SIZE_MB (default 64 for base;
-# provided/python3 are sized to their content unless it is set).
+# provided/python3/bench are sized to their content unless it is set).
 # Needs: cargo/rustc (host toolchain, target x86_64-unknown-linux-gnu);
 # installs busybox-static, e2fsprogs and file (python3: also python3-pip)
-# with apt-get if missing (root). provided/python3 must run as root (dpkg -x
+# with apt-get if missing (root). provided/python3/bench must run as root (dpkg -x
 # ownership, chroot for compileall/ldconfig) and need the apt sources.
 set -euo pipefail
 
@@ -47,17 +48,17 @@ FORCE=0
 VARIANT=""
 for arg in "$@"; do
     case $arg in
-    base | provided | python3)
+    base | provided | python3 | bench)
         [[ -z $VARIANT ]] || die "more than one variant: $VARIANT, $arg"
         VARIANT=$arg
         ;;
     --print-key) PRINT_KEY=1 ;;
     --force) FORCE=1 ;;
     -h | --help)
-        sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
         exit 0
         ;;
-    *) die "unknown argument: $arg (variants: base, provided, python3)" ;;
+    *) die "unknown argument: $arg (variants: base, provided, python3, bench)" ;;
     esac
 done
 VARIANT=${VARIANT:-base}
@@ -108,7 +109,10 @@ ensure_packages() {
 # marks them installed so that they and their own dependencies stay out.
 DEB_ROOTS_provided=(bash curl ca-certificates netbase)
 DEB_ROOTS_python3=(python3 libstdc++6 ca-certificates netbase)
+DEB_ROOTS_bench=(iperf3)
 DEB_ASSUMED=(base-files debconf debianutils dpkg init-system-helpers install-info mawk perl-base sensible-utils tar)
+# iperf3's maintainer scripts add a system user; adduser would bring PAM.
+DEB_ASSUMED_bench=(adduser)
 DEB_ARCH=amd64
 # The wheels are for the guest's interpreter (CPython 3.11, glibc 2.36),
 # whatever python the host runs.
@@ -120,6 +124,11 @@ PIP_TARGET_FLAGS=(--only-binary=:all: --implementation cp --python-version "$PY_
 deb_roots() {
     local -n roots="DEB_ROOTS_$VARIANT"
     printf '%s\n' "${roots[@]}"
+}
+
+deb_assumed() {
+    printf '%s\n' "${DEB_ASSUMED[@]}"
+    if [[ $VARIANT == bench ]]; then printf '%s\n' "${DEB_ASSUMED_bench[@]}"; fi
 }
 
 # Prints "package version arch" for the closure of the variant's roots,
@@ -134,7 +143,7 @@ resolve_debs() {
         {
             echo "$VARIANT $DEB_ARCH"
             deb_roots
-            echo "-- ${DEB_ASSUMED[*]}"
+            echo "-- $(deb_assumed | tr '\n' ' ')"
             sha256sum "${BASH_SOURCE[0]}"
             cat /etc/apt/sources.list /etc/apt/sources.list.d/* /etc/apt/preferences /etc/apt/preferences.d/* 2>/dev/null || true
             find "$LISTS" -maxdepth 1 -type f -name '*Packages*' -printf '%f %s %T@\n' | LC_ALL=C sort
@@ -149,7 +158,8 @@ resolve_debs() {
     fake=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$fake'" RETURN
-    apt-cache show --no-all-versions "${DEB_ASSUMED[@]}" 2>/dev/null | awk '
+    # shellcheck disable=SC2046
+    apt-cache show --no-all-versions $(deb_assumed) 2>/dev/null | awk '
         /^Package:/ { print; print "Status: install ok installed"; next }
         /^(Version|Architecture|Provides|Multi-Arch|Essential):/ { print; next }
         /^$/ { print }' >"$fake/status"
@@ -441,6 +451,10 @@ smoke_test() {
         out=$(chroot "$STAGING" /bin/bash -c 'echo "bash $BASH_VERSION"; curl --version | head -n1') ||
             die "bash/curl do not run in the staging tree"
         ;;
+    bench)
+        out=$(chroot "$STAGING" /usr/bin/iperf3 --version | head -n1) ||
+            die "iperf3 does not run in the staging tree"
+        ;;
     python3)
         out=$(chroot "$STAGING" /usr/bin/python3 -B -c '
 import sys, ssl, json, sqlite3, ctypes, zoneinfo, awslambdaric, awslambdaric.bootstrap, runtime_client
@@ -497,9 +511,13 @@ if [[ $VARIANT != base ]]; then stage_debs; fi
 for f in sh cat dd echo ls mount sync sleep head od md5sum sha256sum; do
     [[ -L $STAGING/bin/$f || -L $STAGING/usr/bin/$f ]] || die "busybox lacks applet $f"
 done
-if [[ $VARIANT != base ]]; then
+if [[ $VARIANT == bench ]]; then
+    ldconfig -X -r "$STAGING" || die "ldconfig -r $STAGING failed"
+elif [[ $VARIANT != base ]]; then
     stage_runtime_etc
     if [[ $VARIANT == python3 ]]; then stage_python; fi
+fi
+if [[ $VARIANT != base ]]; then
     check_libraries
     smoke_test
 fi

@@ -70,9 +70,9 @@ pub fn runtime_rootfs_path(runtime: &str) -> PathBuf {
         "provided" => &PROVIDED,
         "python3" => &PYTHON3,
         "bench" => &BENCH,
-        other => panic!(
-            "unknown runtime {other:?}: expected \"provided\", \"python3\" or \"bench\""
-        ),
+        other => {
+            panic!("unknown runtime {other:?}: expected \"provided\", \"python3\" or \"bench\"")
+        }
     };
     let var = format!("EMBER_ROOTFS_{}", runtime.to_uppercase());
     cell.get_or_init(|| match std::env::var_os(&var) {
