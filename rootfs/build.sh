@@ -293,17 +293,28 @@ fi
 # 1. The agent, statically linked (glibc static; no musl here). The explicit
 #    --target keeps RUSTFLAGS away from build scripts and proc macros, and
 #    the separate target dir keeps host builds untouched.
+#    Cargo decides freshness by file times, so another checkout's build of
+#    other sources (older files, newer output) in the same target dir would
+#    pass for this one's: when the sources differ from the last build's,
+#    the agent is cleaned first (its dependencies stay built).
 command -v cargo >/dev/null || die "cargo not found in PATH"
 log "building ember-agent (static, $TARGET)"
 (
     cd "$REPO"
-    RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+    export RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
         CARGO_TARGET_DIR="$CACHE_DIR/cargo-target-static" \
         CARGO_PROFILE_RELEASE_DEBUG=0 \
         CARGO_PROFILE_RELEASE_STRIP=symbols \
         CARGO_PROFILE_RELEASE_LTO=true \
-        CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-        cargo build --release --locked -p ember-agent --bin ember-agent --target "$TARGET" >&2
+        CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
+    stamp=$CARGO_TARGET_DIR/.ember-agent-sources
+    sources=$( (find guest-agent -type f ! -path '*/target/*' -print0 |
+        LC_ALL=C sort -z | xargs -0 sha256sum; sha256sum Cargo.lock) | sha256sum | cut -c1-16)
+    if [[ ! -f $stamp || $(cat "$stamp") != "$sources" ]]; then
+        cargo clean --release -p ember-agent --target "$TARGET" >&2
+    fi
+    cargo build --release --locked -p ember-agent --bin ember-agent --target "$TARGET" >&2
+    echo "$sources" >"$stamp"
 )
 AGENT_BIN=$CACHE_DIR/cargo-target-static/$TARGET/release/ember-agent
 [[ -x $AGENT_BIN ]] || die "agent binary missing: $AGENT_BIN"

@@ -128,7 +128,11 @@ fn main() {
     runtime.block_on(run(args));
 }
 
-async fn run(args: Args) {
+async fn run(mut args: Args) {
+    let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    args.kernel = absolute(args.kernel);
+    args.rootfs_provided = args.rootfs_provided.map(absolute);
+    args.rootfs_python3 = args.rootfs_python3.map(absolute);
     let mut rootfs = BTreeMap::new();
     if let Some(p) = args.rootfs_provided {
         rootfs.insert(RuntimeKind::Provided, p);
@@ -155,6 +159,9 @@ async fn run(args: Args) {
             vmm_bin.display()
         ));
     }
+    // The jailer copies it by absolute path; a relative one would also
+    // break once the daemon's working directory is not the caller's.
+    let vmm_bin = std::fs::canonicalize(&vmm_bin).unwrap_or(vmm_bin);
     let jail = if args.no_jail {
         log::warn!("--no-jail: VMMs run unjailed, as this daemon's user");
         None
@@ -166,6 +173,7 @@ async fn run(args: Args) {
                 jailer_bin.display()
             ));
         }
+        let jailer_bin = std::fs::canonicalize(&jailer_bin).unwrap_or(jailer_bin);
         if !nix::unistd::geteuid().is_root() {
             fail("jailing VMMs needs root (or run with --no-jail for development)".into());
         }
