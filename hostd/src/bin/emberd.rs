@@ -109,6 +109,12 @@ fn beside_me(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// `p` made absolute where it exists (the jailer needs absolute paths,
+/// and the daemon's working directory is not its caller's concern).
+fn absolute(p: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&p).unwrap_or(p)
+}
+
 fn fail(msg: String) -> ! {
     log::error!("{msg}");
     eprintln!("emberd: {msg}");
@@ -129,7 +135,6 @@ fn main() {
 }
 
 async fn run(mut args: Args) {
-    let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
     args.kernel = absolute(args.kernel);
     args.rootfs_provided = args.rootfs_provided.map(absolute);
     args.rootfs_python3 = args.rootfs_python3.map(absolute);
@@ -159,9 +164,7 @@ async fn run(mut args: Args) {
             vmm_bin.display()
         ));
     }
-    // The jailer copies it by absolute path; a relative one would also
-    // break once the daemon's working directory is not the caller's.
-    let vmm_bin = std::fs::canonicalize(&vmm_bin).unwrap_or(vmm_bin);
+    let vmm_bin = absolute(vmm_bin);
     let jail = if args.no_jail {
         log::warn!("--no-jail: VMMs run unjailed, as this daemon's user");
         None
@@ -173,7 +176,7 @@ async fn run(mut args: Args) {
                 jailer_bin.display()
             ));
         }
-        let jailer_bin = std::fs::canonicalize(&jailer_bin).unwrap_or(jailer_bin);
+        let jailer_bin = absolute(jailer_bin);
         if !nix::unistd::geteuid().is_root() {
             fail("jailing VMMs needs root (or run with --no-jail for development)".into());
         }
