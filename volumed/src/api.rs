@@ -1,0 +1,190 @@
+//! The volume service's HTTP API (JSON): volumes, and attachments with
+//! their fencing tokens. hostd calls it to attach a volume before a VMM
+//! opens it and to move the attachment when an instance migrates.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::registry::{export_name, Registry, RegistryError};
+use crate::store::{Attachment, VolumeRecord};
+
+/// What the API needs besides the registry: where clients reach the
+/// NBD server, for the URIs it hands out.
+pub struct Service {
+    pub registry: Arc<Registry>,
+    /// `host:port` of the NBD TCP listener, if any.
+    pub nbd_tcp: Option<String>,
+    /// Path of the NBD unix socket, if any.
+    pub nbd_unix: Option<String>,
+}
+
+pub struct ApiError(StatusCode, String, String);
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let (status, kind) = match &e {
+            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+            RegistryError::Exists(_) | RegistryError::Attached { .. } => {
+                (StatusCode::CONFLICT, "Conflict")
+            }
+            RegistryError::Fenced { .. } | RegistryError::NotAttached(_) => {
+                (StatusCode::CONFLICT, "Conflict")
+            }
+            RegistryError::Name(_) | RegistryError::Size(_) | RegistryError::Shrink { .. } => {
+                (StatusCode::BAD_REQUEST, "InvalidParameter")
+            }
+            RegistryError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "StorageError"),
+        };
+        ApiError(status, kind.into(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"Type": self.1, "Message": self.2}))).into_response()
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest".into(),
+            format!("could not parse the request body: {e}"),
+        )
+    })
+}
+
+type S = State<Arc<Service>>;
+
+pub fn router(svc: Arc<Service>) -> Router {
+    Router::new()
+        .route("/v1/volumes", get(list).post(create))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_one).delete(delete).patch(resize),
+        )
+        .route("/v1/volumes/{name}/attach", post(attach))
+        .route("/v1/volumes/{name}/move", post(move_to))
+        .route("/v1/volumes/{name}/detach", post(detach))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "UnknownOperation".into(),
+                "no such operation".into(),
+            )
+        })
+        .with_state(svc)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct CreateInput {
+    name: String,
+    size_bytes: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct ResizeInput {
+    size_bytes: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct HostInput {
+    host: String,
+}
+
+/// An attachment as clients use it: the token and the URIs to open.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Grant {
+    pub volume: String,
+    pub host: String,
+    pub generation: u64,
+    pub export_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_uri: Option<String>,
+}
+
+impl Service {
+    fn grant(&self, volume: &str, a: Attachment) -> Grant {
+        let export = export_name(volume, a.generation);
+        Grant {
+            volume: volume.into(),
+            host: a.host,
+            generation: a.generation,
+            uri: self.nbd_tcp.as_ref().map(|t| format!("nbd://{t}/{export}")),
+            unix_uri: self
+                .nbd_unix
+                .as_ref()
+                .map(|p| format!("nbd+unix:///{export}?socket={p}")),
+            export_name: export,
+        }
+    }
+}
+
+async fn list(State(s): S) -> Json<serde_json::Value> {
+    Json(json!({"Volumes": s.registry.list()}))
+}
+
+async fn create(State(s): S, body: Bytes) -> Result<(StatusCode, Json<VolumeRecord>), ApiError> {
+    let i: CreateInput = parse(&body)?;
+    let rec = s.registry.create(&i.name, i.size_bytes)?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+async fn get_one(State(s): S, Path(name): Path<String>) -> Result<Json<VolumeRecord>, ApiError> {
+    Ok(Json(s.registry.get(&name)?))
+}
+
+async fn delete(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    s.registry.delete(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn resize(
+    State(s): S,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<VolumeRecord>, ApiError> {
+    let i: ResizeInput = parse(&body)?;
+    Ok(Json(s.registry.resize(&name, i.size_bytes)?))
+}
+
+async fn attach(
+    State(s): S,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Grant>, ApiError> {
+    let i: HostInput = parse(&body)?;
+    let a = s.registry.attach(&name, &i.host)?;
+    Ok(Json(s.grant(&name, a)))
+}
+
+async fn move_to(
+    State(s): S,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Grant>, ApiError> {
+    let i: HostInput = parse(&body)?;
+    let a = s.registry.move_to(&name, &i.host)?;
+    Ok(Json(s.grant(&name, a)))
+}
+
+async fn detach(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    s.registry.detach(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}

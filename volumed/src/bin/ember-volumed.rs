@@ -1,0 +1,101 @@
+//! `ember-volumed`: Ember's volume service. Serves volumes over NBD
+//! (`nbd://HOST:PORT/<volume>@<token>`, or a unix socket) and takes its
+//! HTTP API on a unix socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use ember_volumed::api::{router, Service};
+use ember_volumed::registry::Registry;
+use ember_volumed::store::FileStore;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ember-volumed",
+    version,
+    about = "Ember volume service: volumes over NBD with fenced attachments"
+)]
+struct Args {
+    /// Volume images and the state file.
+    #[arg(long, default_value = "/var/lib/ember-volumes")]
+    data_dir: PathBuf,
+    /// The HTTP API socket.
+    #[arg(long, default_value = "/run/ember/volumed.sock")]
+    api_socket: PathBuf,
+    /// NBD over TCP on this address (e.g. 0.0.0.0:10809).
+    #[arg(long)]
+    nbd_listen: Option<String>,
+    /// The address clients are told to use (default: --nbd-listen).
+    #[arg(long)]
+    nbd_advertise: Option<String>,
+    /// NBD on a unix socket.
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn fail(msg: String) -> ! {
+    log::error!("{msg}");
+    eprintln!("ember-volumed: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .parse_filters(&args.log_level)
+        .format_timestamp_millis()
+        .init();
+    if args.nbd_listen.is_none() && args.nbd_socket.is_none() {
+        fail("give --nbd-listen ADDR or --nbd-socket PATH (or both)".into());
+    }
+    let store = FileStore::new(args.data_dir.join("state.json"));
+    let registry = Registry::open(&args.data_dir, Box::new(store))
+        .unwrap_or_else(|e| fail(format!("{}: {e}", args.data_dir.display())));
+    if let Some(addr) = &args.nbd_listen {
+        let l = std::net::TcpListener::bind(addr)
+            .unwrap_or_else(|e| fail(format!("NBD listen {addr}: {e}")));
+        let reg = registry.clone();
+        std::thread::spawn(move || ember_volumed::nbd::serve_tcp(l, reg));
+    }
+    if let Some(p) = &args.nbd_socket {
+        let _ = std::fs::remove_file(p);
+        let l = std::os::unix::net::UnixListener::bind(p)
+            .unwrap_or_else(|e| fail(format!("NBD socket {}: {e}", p.display())));
+        let reg = registry.clone();
+        std::thread::spawn(move || ember_volumed::nbd::serve_unix(l, reg));
+    }
+    let svc = Arc::new(Service {
+        registry,
+        nbd_tcp: args.nbd_advertise.clone().or(args.nbd_listen.clone()),
+        nbd_unix: args.nbd_socket.as_ref().map(|p| p.display().to_string()),
+    });
+    let rt = tokio::runtime::Runtime::new()
+        .unwrap_or_else(|e| fail(format!("cannot start the async runtime: {e}")));
+    rt.block_on(async move {
+        if let Some(dir) = args.api_socket.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::remove_file(&args.api_socket);
+        let l = tokio::net::UnixListener::bind(&args.api_socket)
+            .unwrap_or_else(|e| fail(format!("API socket {}: {e}", args.api_socket.display())));
+        log::info!(
+            "ember-volumed serving its API on {}",
+            args.api_socket.display()
+        );
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .unwrap_or_else(|e| fail(format!("signals: {e}")));
+        let app = router(svc);
+        tokio::select! {
+            r = axum::serve(l, app) => if let Err(e) = r { log::error!("API: {e}") },
+            _ = shutdown => {},
+            _ = term.recv() => {},
+        }
+        let _ = std::fs::remove_file(&args.api_socket);
+    });
+}

@@ -1,0 +1,269 @@
+//! One NBD connection: the fixed newstyle handshake (`NBD_OPT_GO`,
+//! `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`), then requests answered with
+//! simple replies. The export name is `<volume>@<generation>`: the
+//! attachment's fencing token, checked at the handshake and before every
+//! request, so a host whose attachment moved away is refused, never served.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use super::proto::*;
+use crate::registry::{parse_export_name, Registry, RegistryError};
+
+/// The volume a connection opened, with its token.
+struct Opened {
+    name: String,
+    token: u64,
+    file: File,
+    size: u64,
+}
+
+const TRANSMISSION_FLAGS: u16 =
+    TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+
+/// Serves one client until it disconnects (or breaks the protocol).
+/// `r` and `w` are the two halves of one connection.
+pub fn serve(r: impl Read, w: impl Write, reg: Arc<Registry>, peer: &str) -> io::Result<()> {
+    let mut r = BufReader::new(r);
+    let mut w = BufWriter::new(w);
+    let Some(opened) = handshake(&mut r, &mut w, &reg)? else {
+        return Ok(());
+    };
+    log::info!(
+        "nbd {peer}: serving {}@{} ({} bytes)",
+        opened.name,
+        opened.token,
+        opened.size
+    );
+    transmission(&mut r, &mut w, &reg, opened)
+}
+
+fn open_export(reg: &Registry, export: &str) -> Result<Opened, (u32, String)> {
+    let Some((name, token)) = parse_export_name(export) else {
+        return Err((
+            REP_ERR_UNKNOWN,
+            format!("export {export:?}: want <volume>@<fencing token>"),
+        ));
+    };
+    let rec = reg.check(name, token).map_err(|e| match e {
+        RegistryError::NotFound(_) => (REP_ERR_UNKNOWN, e.to_string()),
+        _ => (REP_ERR_POLICY, e.to_string()),
+    })?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(reg.image_path(name))
+        .map_err(|e| (REP_ERR_UNKNOWN, format!("volume {name}: {e}")))?;
+    Ok(Opened {
+        name: name.to_string(),
+        token,
+        file,
+        size: rec.size_bytes,
+    })
+}
+
+/// Returns the opened export, or None if the client ended the handshake.
+fn handshake(r: &mut impl Read, w: &mut impl Write, reg: &Registry) -> io::Result<Option<Opened>> {
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+    let client_flags = read_u32(r)?;
+    if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(invalid("client does not speak fixed newstyle"));
+    }
+    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    loop {
+        if read_u64(r)? != IHAVEOPT {
+            return Err(invalid("bad option magic"));
+        }
+        let option = read_u32(r)?;
+        let len = read_u32(r)?;
+        if len > MAX_OPTION {
+            return Err(invalid("option too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let export = String::from_utf8_lossy(&data).into_owned();
+                // No error reply exists for this option: refusal is a close.
+                let opened = match open_export(reg, &export) {
+                    Ok(o) => o,
+                    Err((_, msg)) => {
+                        log::warn!("nbd: refused {export:?}: {msg}");
+                        return Ok(None);
+                    }
+                };
+                w.write_all(&opened.size.to_be_bytes())?;
+                w.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
+                if !no_zeroes {
+                    w.write_all(&[0u8; 124])?;
+                }
+                w.flush()?;
+                return Ok(Some(opened));
+            }
+            OPT_GO | OPT_INFO => {
+                let Some(export) = go_export_name(&data) else {
+                    write_option_error(w, option, REP_ERR_INVALID, "malformed request")?;
+                    w.flush()?;
+                    continue;
+                };
+                match open_export(reg, &export) {
+                    Ok(opened) => {
+                        let info = info_export(opened.size, TRANSMISSION_FLAGS);
+                        write_option_reply(w, option, REP_INFO, &info)?;
+                        let bs = info_block_size(1, 4096, MAX_PAYLOAD);
+                        write_option_reply(w, option, REP_INFO, &bs)?;
+                        write_option_reply(w, option, REP_ACK, &[])?;
+                        w.flush()?;
+                        if option == OPT_GO {
+                            return Ok(Some(opened));
+                        }
+                    }
+                    Err((code, msg)) => {
+                        log::warn!("nbd: refused {export:?}: {msg}");
+                        write_option_error(w, option, code, &msg)?;
+                        w.flush()?;
+                    }
+                }
+            }
+            OPT_ABORT => {
+                let _ = write_option_reply(w, option, REP_ACK, &[]);
+                let _ = w.flush();
+                return Ok(None);
+            }
+            OPT_LIST => {
+                // Volumes are not listed: names alone are useless without
+                // a token, and listing them would leak other tenants'.
+                write_option_error(w, option, REP_ERR_POLICY, "listing is not offered")?;
+                w.flush()?;
+            }
+            _ => {
+                write_option_error(w, option, REP_ERR_UNSUP, "option not supported")?;
+                w.flush()?;
+            }
+        }
+    }
+}
+
+/// The export name in an `NBD_OPT_GO`/`INFO` payload.
+fn go_export_name(data: &[u8]) -> Option<String> {
+    let n = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4 + n)?;
+    let nreq = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
+    if data.len() != 6 + n + 2 * nreq {
+        return None;
+    }
+    Some(String::from_utf8_lossy(name).into_owned())
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+fn transmission(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    reg: &Registry,
+    o: Opened,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let req = match Request::read(r) {
+            Ok(q) => q,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if req.kind == CMD_DISC {
+            return Ok(());
+        }
+        if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
+            return Err(invalid("request too large"));
+        }
+        // A write's payload must be consumed whatever the answer.
+        if req.kind == CMD_WRITE {
+            buf.resize(req.length as usize, 0);
+            r.read_exact(&mut buf)?;
+        }
+        let error = match reg.check(&o.name, o.token) {
+            Err(e) => {
+                log::warn!("nbd {}: request refused: {e}", o.name);
+                EPERM
+            }
+            Ok(rec) => execute(&o, rec.size_bytes, &req, &mut buf),
+        };
+        w.write_all(&simple_reply(error, req.cookie))?;
+        if req.kind == CMD_READ && error == 0 {
+            w.write_all(&buf)?;
+        }
+        w.flush()?;
+    }
+}
+
+/// Runs one request; the NBD error code (0: success).
+fn execute(o: &Opened, size: u64, req: &Request, buf: &mut Vec<u8>) -> u32 {
+    let (offset, len) = (req.offset, u64::from(req.length));
+    if req.kind != CMD_FLUSH && offset.checked_add(len).is_none_or(|end| end > size) {
+        return if req.kind == CMD_READ { EINVAL } else { ENOSPC };
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let done = match req.kind {
+        CMD_READ => {
+            buf.resize(len as usize, 0);
+            o.file.read_exact_at(buf, offset)
+        }
+        CMD_WRITE => o.file.write_all_at(buf, offset),
+        CMD_FLUSH => o.file.sync_data(),
+        CMD_TRIM => fallocate(&o.file, libc::FALLOC_FL_PUNCH_HOLE, offset, len),
+        CMD_WRITE_ZEROES => {
+            let mode = if req.flags & CMD_FLAG_NO_HOLE != 0 {
+                libc::FALLOC_FL_ZERO_RANGE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE
+            };
+            fallocate(&o.file, mode, offset, len).or_else(|_| {
+                // Filesystems without it: write the zeroes.
+                o.file.write_all_at(&vec![0u8; len as usize], offset)
+            })
+        }
+        _ => return EINVAL,
+    };
+    let done = done.and_then(|_| {
+        if fua && req.kind != CMD_READ && req.kind != CMD_FLUSH {
+            o.file.sync_data()
+        } else {
+            Ok(())
+        }
+    });
+    match done {
+        Ok(()) => 0,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => ENOSPC,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => ENOTSUP,
+        Err(e) => {
+            log::warn!("nbd {}: I/O error: {e}", o.name);
+            EIO
+        }
+    }
+}
+
+fn fallocate(f: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = if mode == libc::FALLOC_FL_PUNCH_HOLE {
+        mode | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        mode
+    };
+    // SAFETY: fallocate on an fd we own, with plain integer arguments.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,338 @@
+//! The volume service end to end: the real `ember-volumed` binary, its API
+//! over a unix socket (curl), and unmodified NBD clients (`qemu-io` from
+//! qemu-utils) writing and reading volumes by their attachment's URI. A
+//! writer whose attachment moved away is refused and its writes never land.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_volumed::nbd::proto::*;
+use serde_json::Value;
+
+struct Volumed {
+    child: Child,
+    api: PathBuf,
+    nbd: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Volumed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Volumed {
+    fn start() -> Volumed {
+        let dir = tempfile::tempdir().unwrap();
+        let api = dir.path().join("api.sock");
+        let nbd = dir.path().join("nbd.sock");
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ember-volumed"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--nbd-socket")
+            .arg(&nbd)
+            .arg("--nbd-listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !(api.exists() && nbd.exists()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "volumed did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Volumed {
+            child,
+            api,
+            nbd,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// (status, JSON body or Null).
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-X", method, "--unix-socket"])
+            .arg(&self.api)
+            .args(["-w", "\n%{http_code}"]);
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "-d", b]);
+        }
+        let out = c.arg(format!("http://v{path}")).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("status line");
+        let v = serde_json::from_str(body).unwrap_or(Value::Null);
+        (code.trim().parse().expect("status"), v)
+    }
+}
+
+/// Runs `qemu-io` on `uri`; (success, output).
+fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(uri).output().expect("qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // qemu-io exits 0 after a failed command; errors show in its output.
+    let ok = out.status.success()
+        && !text.contains("failed")
+        && !text.contains("Pattern verification")
+        && !text.contains("error");
+    (ok, text)
+}
+
+/// A minimal NBD client that keeps its connection: what a VMM holding an
+/// attachment looks like to the server.
+struct Holder {
+    s: UnixStream,
+    cookie: u64,
+}
+
+impl Holder {
+    fn open(sock: &Path, export: &str) -> Result<Holder, String> {
+        let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).map_err(|e| e.to_string())?;
+        assert_eq!(
+            u64::from_be_bytes(hello[0..8].try_into().unwrap()),
+            NBDMAGIC
+        );
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        let mut data = Vec::new();
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+        s.write_all(&OPT_GO.to_be_bytes()).unwrap();
+        s.write_all(&(data.len() as u32).to_be_bytes()).unwrap();
+        s.write_all(&data).unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).map_err(|e| e.to_string())?;
+            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut body = vec![0u8; len as usize];
+            s.read_exact(&mut body).unwrap();
+            match reply {
+                REP_ACK => return Ok(Holder { s, cookie: 0 }),
+                REP_INFO => continue,
+                _ => return Err(String::from_utf8_lossy(&body).into_owned()),
+            }
+        }
+    }
+
+    /// One request; the reply's error code (and data for a read).
+    fn request(&mut self, kind: u16, offset: u64, data: &[u8], read_len: u32) -> (u32, Vec<u8>) {
+        self.cookie += 1;
+        let req = Request {
+            flags: 0,
+            kind,
+            cookie: self.cookie,
+            offset,
+            length: if kind == CMD_WRITE {
+                data.len() as u32
+            } else {
+                read_len
+            },
+        };
+        self.s.write_all(&req.encode()).unwrap();
+        if kind == CMD_WRITE {
+            self.s.write_all(data).unwrap();
+        }
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        assert_eq!(
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            self.cookie
+        );
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let mut out = Vec::new();
+        if kind == CMD_READ && err == 0 {
+            out.resize(read_len as usize, 0);
+            self.s.read_exact(&mut out).unwrap();
+        }
+        (err, out)
+    }
+}
+
+#[test]
+fn a_moved_attachment_fences_the_old_writer() {
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("skipped: qemu-io (qemu-utils) is not installed");
+        return;
+    }
+    let v = Volumed::start();
+    // Bad input first: clear 4xx.
+    assert_eq!(
+        v.call(
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"Name":"../x","SizeBytes":4096}"#)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        v.call(
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"Name":"v","SizeBytes":100}"#)
+        )
+        .0,
+        400
+    );
+    assert_eq!(v.call("POST", "/v1/volumes", Some("{nope")).0, 400);
+    assert_eq!(
+        v.call("POST", "/v1/volumes/nosuch/attach", Some(r#"{"Host":"a"}"#))
+            .0,
+        404
+    );
+    let (st, rec) = v.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name":"vol1","SizeBytes":1048576}"#),
+    );
+    assert_eq!(st, 201, "{rec}");
+    assert_eq!(
+        v.call(
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"Name":"vol1","SizeBytes":4096}"#)
+        )
+        .0,
+        409
+    );
+
+    let (st, a) = v.call(
+        "POST",
+        "/v1/volumes/vol1/attach",
+        Some(r#"{"Host":"host-a"}"#),
+    );
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["Generation"], 1);
+    let uri_a = a["UnixUri"].as_str().unwrap().to_string();
+    assert_eq!(
+        uri_a,
+        format!("nbd+unix:///vol1@1?socket={}", v.nbd.display())
+    );
+    assert_eq!(
+        v.call(
+            "POST",
+            "/v1/volumes/vol1/attach",
+            Some(r#"{"Host":"host-b"}"#)
+        )
+        .0,
+        409
+    );
+    assert_eq!(v.call("DELETE", "/v1/volumes/vol1", None).0, 409);
+
+    // An unmodified client writes and reads through the attachment.
+    let (ok, out) = qemu_io(
+        &uri_a,
+        &["write -P 0xab 0 64k", "flush", "read -P 0xab 0 64k"],
+    );
+    assert!(ok, "{out}");
+    // A wrong token, or none, is refused at the handshake.
+    let (ok, out) = qemu_io(
+        &format!("nbd+unix:///vol1@7?socket={}", v.nbd.display()),
+        &["read 0 4k"],
+    );
+    assert!(!ok, "{out}");
+    let (ok, out) = qemu_io(
+        &format!("nbd+unix:///vol1?socket={}", v.nbd.display()),
+        &["read 0 4k"],
+    );
+    assert!(!ok, "{out}");
+
+    // host-a keeps a connection open; it works until the attachment moves.
+    let mut holder = Holder::open(&v.nbd, "vol1@1").unwrap();
+    assert_eq!(holder.request(CMD_WRITE, 65536, &[0x11; 4096], 0).0, 0);
+    let (st, b) = v.call(
+        "POST",
+        "/v1/volumes/vol1/move",
+        Some(r#"{"Host":"host-b"}"#),
+    );
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["Generation"], 2);
+    // The stale writer is refused and nothing it sends lands.
+    assert_eq!(holder.request(CMD_WRITE, 0, &[0xcd; 4096], 0).0, EPERM);
+    assert_eq!(holder.request(CMD_WRITE_ZEROES, 0, &[], 4096).0, EPERM);
+    assert_eq!(holder.request(CMD_FLUSH, 0, &[], 0).0, EPERM);
+    assert_eq!(holder.request(CMD_READ, 0, &[], 4096).0, EPERM);
+    let e = Holder::open(&v.nbd, "vol1@1")
+        .err()
+        .expect("old token refused");
+    assert!(e.contains("stale"), "{e}");
+    // The new holder (over TCP this time) sees host-a's writes from before
+    // the move, and none from after.
+    let uri_b = b["Uri"].as_str().unwrap().to_string();
+    assert_eq!(uri_b, format!("nbd://127.0.0.1:{}/vol1@2", v.port));
+    let (ok, out) = qemu_io(&uri_b, &["read -P 0xab 0 64k", "read -P 0x11 64k 4k"]);
+    assert!(ok, "{out}");
+
+    // Resize: new connections see the new size.
+    assert_eq!(
+        v.call("PATCH", "/v1/volumes/vol1", Some(r#"{"SizeBytes":512}"#))
+            .0,
+        400
+    );
+    let (st, r) = v.call(
+        "PATCH",
+        "/v1/volumes/vol1",
+        Some(r#"{"SizeBytes":2097152}"#),
+    );
+    assert_eq!(st, 200, "{r}");
+    let (ok, out) = qemu_io(&uri_b, &["write -P 0x22 1536k 4k", "read -P 0x22 1536k 4k"]);
+    assert!(ok, "{out}");
+
+    // A client speaking garbage is dropped; the server keeps serving.
+    let mut junk = UnixStream::connect(&v.nbd).unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut hello = [0u8; 18];
+    junk.read_exact(&mut hello).unwrap();
+    let _ = junk.write_all(b"this is not the NBD protocol at all........");
+    let mut rest = Vec::new();
+    let _ = junk.read_to_end(&mut rest);
+    let (ok, out) = qemu_io(&uri_b, &["read -P 0xab 0 4k"]);
+    assert!(ok, "{out}");
+
+    // Detach: every token is stale, then the volume can go.
+    assert_eq!(v.call("POST", "/v1/volumes/vol1/detach", None).0, 204);
+    let (ok, out) = qemu_io(&uri_b, &["read 0 4k"]);
+    assert!(!ok, "{out}");
+    assert_eq!(v.call("DELETE", "/v1/volumes/vol1", None).0, 204);
+    assert_eq!(v.call("GET", "/v1/volumes/vol1", None).0, 404);
+}
