@@ -15,11 +15,7 @@ EMBER_ROOTFS_PYTHON3="$(bash rootfs/build.sh python3)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
 EMBER_ROOTFS_BENCH="$(bash rootfs/build.sh bench)"
 export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_BENCH
-# The host's end of the network benchmark.
-if ! command -v iperf3 >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends iperf3 >&2 ||
-        { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends iperf3 >&2; }
-fi
+# The host's end of the network benchmark, and protoc for etcd-client.
+bash tests/ensure-packages.sh iperf3:iperf3 protoc:protobuf-compiler
 cargo build --release --workspace --bins
 cargo bench -p ember-benches "$@"

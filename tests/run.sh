@@ -8,15 +8,10 @@ cd "$(dirname "$0")/.."
 export EMBER_CACHE_DIR="${EMBER_CACHE_DIR:-/var/cache/ember}"
 mkdir -p "$EMBER_CACHE_DIR"
 
-need_apt=()
-for tool in curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs python3:python3 ip:iproute2 nft:nftables qemu-io:qemu-utils; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
-done
-if [ "${#need_apt[@]}" -gt 0 ]; then
-    echo "installing ${need_apt[*]}" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(printf '%s\n' "${need_apt[@]}" | sort -u) >&2
-fi
+# The tools the tests use, and protoc, which etcd-client's build needs.
+bash tests/ensure-packages.sh curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs \
+    python3:python3 ip:iproute2 nft:nftables qemu-io:qemu-utils etcd:etcd-server \
+    protoc:protobuf-compiler
 
 EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"

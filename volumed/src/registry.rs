@@ -270,10 +270,11 @@ pub fn parse_export_name(s: &str) -> Option<(&str, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::FileStore;
+    use crate::store::KvStore;
 
     fn registry(dir: &Path) -> Arc<Registry> {
-        Registry::open(dir, Box::new(FileStore::new(dir.join("state.json")))).unwrap()
+        let store = KvStore::open(&[], &dir.join("store"), "/ember/volumes/state").unwrap();
+        Registry::open(dir, Box::new(store)).unwrap()
     }
 
     #[test]

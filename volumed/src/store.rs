@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,44 +37,89 @@ pub trait StateStore: Send + Sync {
     fn save(&self, state: &State) -> io::Result<()>;
 }
 
-/// The single-host default: a JSON file, replaced atomically.
-pub struct FileStore {
-    path: PathBuf,
+/// The state as one JSON value under `key` in Ember's cluster store (etcd
+/// when several hosts share it, else the embedded store), written with
+/// compare-and-swap on the version last read or written: if anyone else
+/// changed it meanwhile, the change is refused rather than lost.
+pub struct KvStore {
+    store: ember_store::Store,
+    key: String,
+    version: std::sync::Mutex<Option<i64>>,
+    /// The store's own runtime: etcd's client runs its connection there,
+    /// and the registry's callers are plain threads or async tasks alike.
+    rt: tokio::runtime::Runtime,
 }
 
-impl FileStore {
-    pub fn new(path: impl Into<PathBuf>) -> FileStore {
-        FileStore { path: path.into() }
+impl KvStore {
+    /// etcd at `endpoints`, or the embedded store in `dir` when none.
+    pub fn open(endpoints: &[String], dir: &Path, key: &str) -> io::Result<KvStore> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("volumed-store")
+            .enable_all()
+            .build()?;
+        let store = rt
+            .block_on(ember_store::Store::open(endpoints, dir))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(KvStore {
+            store,
+            key: key.to_string(),
+            version: std::sync::Mutex::new(None),
+            rt,
+        })
+    }
+
+    /// Runs `f` on the store's runtime from any thread (a task of
+    /// another runtime included).
+    fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| self.rt.block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    fn version(&self) -> std::sync::MutexGuard<'_, Option<i64>> {
+        self.version.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl StateStore for FileStore {
+impl StateStore for KvStore {
     fn load(&self) -> io::Result<State> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", self.path.display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::new()),
-            Err(e) => Err(e),
-        }
+        let got = self
+            .run(self.store.get(&self.key))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let Some(v) = got else {
+            *self.version() = None;
+            return Ok(State::new());
+        };
+        let state = serde_json::from_slice(&v.value).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", self.key))
+        })?;
+        *self.version() = Some(v.version);
+        Ok(state)
     }
 
     fn save(&self, state: &State) -> io::Result<()> {
-        write_atomic(&self.path, &serde_json::to_vec_pretty(state)?)
+        let body = serde_json::to_vec(state)?;
+        let mut version = self.version();
+        let expect = match *version {
+            Some(v) => ember_store::Expect::Version(v),
+            None => ember_store::Expect::Absent,
+        };
+        let done = self
+            .run(self.store.compare_and_swap(&self.key, expect, &body, None))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        match done {
+            Some(v) => {
+                *version = Some(v);
+                Ok(())
+            }
+            None => Err(io::Error::other(format!(
+                "{} changed in the store under this service (another ember-volumed?); \
+                 restart it to reload",
+                self.key
+            ))),
+        }
     }
-}
-
-fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }

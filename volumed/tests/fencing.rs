@@ -17,7 +17,6 @@ struct Volumed {
     api: PathBuf,
     nbd: PathBuf,
     port: u16,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Volumed {
@@ -27,23 +26,17 @@ impl Drop for Volumed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Volumed {
-    fn start() -> Volumed {
-        let dir = tempfile::tempdir().unwrap();
-        let api = dir.path().join("api.sock");
-        let nbd = dir.path().join("nbd.sock");
-        let port = free_port();
+    /// Starts the service on `dir` (images and, without etcd, its state).
+    fn start(dir: &Path, extra: &[&str]) -> Volumed {
+        let api = dir.join("api.sock");
+        let nbd = dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&api);
+        let port = ember_store::testing::free_port().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ember-volumed"))
+            .args(extra)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .arg("--api-socket")
             .arg(&api)
             .arg("--nbd-socket")
@@ -66,8 +59,12 @@ impl Volumed {
             api,
             nbd,
             port,
-            _dir: dir,
         }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// (status, JSON body or Null).
@@ -194,7 +191,8 @@ fn a_moved_attachment_fences_the_old_writer() {
         eprintln!("skipped: qemu-io (qemu-utils) is not installed");
         return;
     }
-    let v = Volumed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let v = Volumed::start(dir.path(), &[]);
     // Bad input first: clear 4xx.
     assert_eq!(
         v.call(
@@ -335,4 +333,80 @@ fn a_moved_attachment_fences_the_old_writer() {
     assert!(!ok, "{out}");
     assert_eq!(v.call("DELETE", "/v1/volumes/vol1", None).0, 204);
     assert_eq!(v.call("GET", "/v1/volumes/vol1", None).0, 404);
+}
+
+/// With etcd as the store, the fencing state outlives the service: a
+/// volumed killed and started again still refuses the old token, and a
+/// second volumed writing the same state makes the first one's stale
+/// changes fail instead of overwriting them.
+#[test]
+fn fencing_state_lives_in_etcd() {
+    let Some(etcd) = ember_store::testing::EtcdProcess::start() else {
+        eprintln!("skipped: etcd (etcd-server) is not installed");
+        return;
+    };
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("skipped: qemu-io (qemu-utils) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd_args = ["--etcd-endpoints", etcd.url.as_str()];
+    let v = Volumed::start(dir.path(), &etcd_args);
+    assert_eq!(
+        v.call(
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"Name":"e1","SizeBytes":1048576}"#)
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        v.call("POST", "/v1/volumes/e1/attach", Some(r#"{"Host":"h1"}"#))
+            .0,
+        200
+    );
+    let (ok, out) = qemu_io(
+        &format!("nbd+unix:///e1@1?socket={}", v.nbd.display()),
+        &["write -P 0x5a 0 4k", "flush"],
+    );
+    assert!(ok, "{out}");
+    let (st, m) = v.call("POST", "/v1/volumes/e1/move", Some(r#"{"Host":"h2"}"#));
+    assert_eq!((st, m["Generation"].as_u64()), (200, Some(2)), "{m}");
+    v.kill();
+
+    // Restarted: the state comes back from etcd.
+    let v = Volumed::start(dir.path(), &etcd_args);
+    let e = Holder::open(&v.nbd, "e1@1")
+        .err()
+        .expect("old token refused after restart");
+    assert!(e.contains("stale"), "{e}");
+    let (ok, out) = qemu_io(
+        &format!("nbd+unix:///e1@2?socket={}", v.nbd.display()),
+        &["read -P 0x5a 0 4k"],
+    );
+    assert!(ok, "{out}");
+
+    // A second service on the same etcd moves the attachment; the first
+    // one's view is now stale, and its next change is refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let v2 = Volumed::start(dir2.path(), &etcd_args);
+    let (st, m) = v2.call("POST", "/v1/volumes/e1/move", Some(r#"{"Host":"h3"}"#));
+    assert_eq!((st, m["Generation"].as_u64()), (200, Some(3)), "{m}");
+    let (st, body) = v.call("POST", "/v1/volumes/e1/move", Some(r#"{"Host":"h1"}"#));
+    assert_eq!(st, 500, "a stale service must not overwrite: {body}");
+    assert!(
+        body["Message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("changed in the store"),
+        "{body}"
+    );
+    v.kill();
+    let v = Volumed::start(dir.path(), &etcd_args);
+    assert_eq!(
+        v.call("GET", "/v1/volumes/e1", None).1["Attachment"]["Host"],
+        "h3"
+    );
+    v2.kill();
 }

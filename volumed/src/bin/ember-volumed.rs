@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use ember_volumed::api::{router, Service};
 use ember_volumed::registry::Registry;
-use ember_volumed::store::FileStore;
+use ember_volumed::store::KvStore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +29,10 @@ struct Args {
     /// The address clients are told to use (default: --nbd-listen).
     #[arg(long)]
     nbd_advertise: Option<String>,
+    /// etcd endpoints (comma-separated) for the volume state, shared by the
+    /// cluster; without them an embedded store in --data-dir.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
     /// NBD on a unix socket.
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
@@ -51,7 +55,12 @@ fn main() {
     if args.nbd_listen.is_none() && args.nbd_socket.is_none() {
         fail("give --nbd-listen ADDR or --nbd-socket PATH (or both)".into());
     }
-    let store = FileStore::new(args.data_dir.join("state.json"));
+    let store = KvStore::open(
+        &args.etcd_endpoints,
+        &args.data_dir.join("store"),
+        "/ember/volumes/state",
+    )
+    .unwrap_or_else(|e| fail(format!("the state store: {e}")));
     let registry = Registry::open(&args.data_dir, Box::new(store))
         .unwrap_or_else(|e| fail(format!("{}: {e}", args.data_dir.display())));
     if let Some(addr) = &args.nbd_listen {

@@ -1,0 +1,66 @@
+//! A real etcd (Debian's `etcd`) on free local ports, for tests: started
+//! with a data directory of its own, killed when dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct EtcdProcess {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port free on 127.0.0.1 at the time of asking.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl EtcdProcess {
+    /// None when `etcd` is not installed; waits until it answers.
+    pub fn start() -> Option<EtcdProcess> {
+        Command::new("etcd").arg("--version").output().ok()?;
+        let dir = tempfile::tempdir().ok()?;
+        let (client, peer) = (free_port().ok()?, free_port().ok()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let e = EtcdProcess {
+            child,
+            url,
+            _dir: dir,
+        };
+        let start = Instant::now();
+        let addr = format!("127.0.0.1:{client}");
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if start.elapsed() > Duration::from_secs(30) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(e)
+    }
+}
