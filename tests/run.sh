@@ -13,6 +13,10 @@ bash tests/ensure-packages.sh curl:curl strace:strace mkfs.ext4:e2fsprogs debugf
     python3:python3 ip:iproute2 nft:nftables qemu-io:qemu-utils etcd:etcd-server \
     protoc:protobuf-compiler
 
+# Unmodified AWS clients (botocore) for the tests that check against them.
+EMBER_TEST_PYTHON="$(bash tests/python-env.sh)"
+export EMBER_TEST_PYTHON
+
 EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
