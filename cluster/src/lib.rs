@@ -2,4 +2,10 @@
 //!
 //! * [`sigv4`]: verifying AWS Signature Version 4 on incoming requests,
 //!   so that unmodified AWS SDKs and the AWS CLI can call the cluster.
+//! * [`hosts`]: host membership in the cluster store (leases, heartbeats).
+//! * [`leader`]: one leader among the API's replicas, for background work.
+//! * [`placement`]: which host an invocation goes to.
+pub mod hosts;
+pub mod leader;
+pub mod placement;
 pub mod sigv4;
