@@ -97,7 +97,8 @@ impl Emberd {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: None,
         };
-        if nix_is_root() {
+        // Without instance networking there is nothing to keep apart.
+        if nix_is_root() && !extra.contains(&"--no-network") {
             let name = format!("ember-test-{}", std::process::id() ^ rand_u32());
             let ok = |args: &[&str]| {
                 Command::new("ip")
@@ -170,7 +171,10 @@ impl Emberd {
         if nix_is_root() {
             cmd.arg("--jailer-bin").arg(workspace_bin("ember-jailer"));
         } else {
-            cmd.arg("--no-jail").arg("--no-network");
+            cmd.arg("--no-jail");
+            if !self.extra.iter().any(|a| a == "--no-network") {
+                cmd.arg("--no-network");
+            }
         }
         let ns_file = self
             .netns

@@ -95,6 +95,30 @@ struct Args {
     /// the VMM resets them both ways, so neither end hangs).
     #[arg(long)]
     keep_connections_on_pause: bool,
+    /// Also serve the API over TCP on this address, for the cluster (needs
+    /// --api-token-file; requests carry `Authorization: Bearer TOKEN`).
+    #[arg(long)]
+    listen_tcp: Option<std::net::SocketAddr>,
+    /// A file holding the token TCP requests must carry.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Join a cluster whose store is etcd at these endpoints (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    cluster_etcd: Vec<String>,
+    /// This host's id in the cluster (default: the hostname).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// The URL the cluster reaches this host's API at (default: http://
+    /// and --listen-tcp).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Invocations this host takes at once, all functions together (what
+    /// it reports to the cluster).
+    #[arg(long, default_value_t = 16)]
+    host_capacity: u32,
+    /// Seconds without a heartbeat before the cluster marks this host down.
+    #[arg(long, default_value_t = 10)]
+    cluster_ttl_secs: u64,
     /// Extra guest kernel arguments (appended to the VMM's defaults).
     #[arg(long)]
     boot_args: Option<String>,
@@ -254,6 +278,67 @@ async fn run(mut args: Args) {
         args.socket.display()
     );
     let app = ember_hostd::api::router(d.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tcp = match (args.listen_tcp, &args.api_token_file) {
+        (None, _) => None,
+        (Some(_), None) => fail("--listen-tcp needs --api-token-file".into()),
+        (Some(addr), Some(f)) => {
+            let token = std::fs::read_to_string(f)
+                .unwrap_or_else(|e| fail(format!("{}: {e}", f.display())));
+            if token.trim().len() < 16 {
+                fail(format!(
+                    "{}: the token must be at least 16 characters",
+                    f.display()
+                ));
+            }
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
+            let hash = std::sync::Arc::new(ember_hostd::cluster::token_hash(&token));
+            let app = app.clone().layer(axum::middleware::from_fn_with_state(
+                hash,
+                ember_hostd::cluster::require_token,
+            ));
+            let mut stop = stop_rx.clone();
+            log::info!("also serving the API on tcp {addr}");
+            Some(tokio::spawn(async move {
+                let r = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    log::error!("tcp server: {e}");
+                }
+            }))
+        }
+    };
+    let membership = if args.cluster_etcd.is_empty() {
+        None
+    } else {
+        let host_id = args.host_id.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "ember-host".into())
+        });
+        let endpoint = args
+            .advertise
+            .clone()
+            .or_else(|| args.listen_tcp.map(|a| format!("http://{a}")))
+            .unwrap_or_else(|| fail("--cluster-etcd needs --advertise or --listen-tcp".into()));
+        let cfg = ember_hostd::cluster::ClusterConfig {
+            etcd: args.cluster_etcd.clone(),
+            host_id,
+            endpoint,
+            capacity: args.host_capacity,
+            ttl: Duration::from_secs(args.cluster_ttl_secs.max(2)),
+        };
+        Some(tokio::spawn(ember_hostd::cluster::run_membership(
+            d.clone(),
+            cfg,
+            stop_rx.clone(),
+        )))
+    };
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -271,6 +356,10 @@ async fn run(mut args: Args) {
         .await
     {
         log::error!("server: {e}");
+    }
+    let _ = stop_tx.send(true);
+    for task in [tcp, membership].into_iter().flatten() {
+        let _ = task.await;
     }
     d.pools.shutdown().await;
     if let Some(net) = d.cfg.network.clone() {

@@ -1,0 +1,124 @@
+//! emberd in a cluster: it joins the cluster store (a real etcd) with its
+//! report, heartbeats, is marked down by itself when killed, joins again
+//! when restarted and leaves at once when stopped; its API over TCP wants
+//! the token. No guest is booted.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ember_cluster::hosts::{live_hosts, HostReport};
+use ember_store::testing::{free_port, EtcdProcess};
+use ember_store::Store;
+use ember_tests::emberd::Emberd;
+
+async fn hosts(store: &Store) -> Vec<HostReport> {
+    live_hosts(store).await.unwrap()
+}
+
+async fn wait_for(
+    store: &Store,
+    what: &str,
+    want: impl Fn(&[HostReport]) -> bool,
+) -> Vec<HostReport> {
+    let start = Instant::now();
+    loop {
+        let h = hosts(store).await;
+        if want(&h) {
+            return h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never: {what}; hosts: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn curl_status(url: &str, token: Option<&str>) -> u16 {
+    let mut c = Command::new("curl");
+    c.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+    ]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c.arg(url).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
+    let Some(etcd) = EtcdProcess::start() else {
+        eprintln!("skipped: etcd (etcd-server) is not installed");
+        return;
+    };
+    let store = Store::open(
+        std::slice::from_ref(&etcd.url),
+        std::path::Path::new("/nonexistent"),
+    )
+    .await
+    .unwrap();
+    let port = free_port().unwrap();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    let token = "a-test-token-of-some-length";
+    std::fs::write(token_file.path(), token).unwrap();
+    let tcp = format!("127.0.0.1:{port}");
+    let token_path = token_file.path().display().to_string();
+    let args = [
+        "--no-network",
+        "--cluster-etcd",
+        etcd.url.as_str(),
+        "--host-id",
+        "host-a",
+        "--listen-tcp",
+        tcp.as_str(),
+        "--api-token-file",
+        token_path.as_str(),
+        "--cluster-ttl-secs",
+        "3",
+        "--host-capacity",
+        "7",
+    ];
+    let mut d = Emberd::start(&args);
+    let h = wait_for(&store, "host-a joins", |h| h.len() == 1).await;
+    assert_eq!(h[0].id, "host-a");
+    assert_eq!(h[0].endpoint, format!("http://{tcp}"));
+    assert_eq!((h[0].capacity, h[0].running), (7, 0));
+
+    // The API over TCP: only with the token.
+    let health = format!("http://{tcp}/ember/v1/health");
+    assert_eq!(curl_status(&health, Some(token)), 200);
+    assert_eq!(curl_status(&health, None), 401);
+    assert_eq!(curl_status(&health, Some("wrong-token-wrong-token")), 401);
+
+    // Still there after several TTLs: the heartbeats keep it.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(hosts(&store).await.len(), 1, "heartbeats keep the host");
+
+    // Killed: marked down by itself once the lease runs out.
+    // SAFETY: kill on the pid of our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    wait_for(&store, "host-a marked down", |h| h.is_empty()).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "down after {:?}",
+        t.elapsed()
+    );
+
+    // Restarted: back; stopped cleanly: gone at once.
+    d.restart();
+    wait_for(&store, "host-a back", |h| h.len() == 1).await;
+    d.stop();
+    let h = hosts(&store).await;
+    assert!(h.is_empty(), "a clean stop leaves at once: {h:?}");
+}
