@@ -12,6 +12,8 @@ export EMBER_CACHE_DIR="${EMBER_CACHE_DIR:-/var/cache/ember}"
 payload='{"name": "Ember"}'
 [ "$#" -gt 0 ] && payload="$1"
 
+# protoc builds the etcd client in emberd; ip and nft set up instance networks.
+bash tests/ensure-packages.sh protoc:protobuf-compiler ip:iproute2 nft:nftables
 kernel="$(bash kernels/build.sh)"
 rootfs_python3="$(bash rootfs/build.sh python3)"
 rootfs_provided="$(bash rootfs/build.sh provided)"
@@ -21,7 +23,7 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 work="$(mktemp -d /tmp/ember-demo.XXXXXX)"
 trap 'kill "${emberd_pid:-}" 2>/dev/null && wait "${emberd_pid:-}" 2>/dev/null; rm -rf "$work"' EXIT
 jail=()
-[ "$(id -u)" = 0 ] || jail=(--no-jail)
+[ "$(id -u)" = 0 ] || jail=(--no-jail --no-network)
 "$bin/emberd" --socket "$work/emberd.sock" --state-dir "$work/state" --run-dir "$work/run" \
     --kernel "$kernel" --rootfs-python3 "$rootfs_python3" --rootfs-provided "$rootfs_provided" \
     "${jail[@]}" 2> "$work/emberd.log" &
