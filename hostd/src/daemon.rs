@@ -46,6 +46,8 @@ pub struct Config {
     pub async_retry_delay: Duration,
     /// Instance networking (None: instances have no network device).
     pub network: Option<Arc<crate::net::NetManager>>,
+    /// The volume service attachments are asked of.
+    pub volumes: Option<crate::api::volumes::VolumeService>,
 }
 
 pub struct Daemon {

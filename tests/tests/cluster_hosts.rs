@@ -122,3 +122,87 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
     let h = hosts(&store).await;
     assert!(h.is_empty(), "a clean stop leaves at once: {h:?}");
 }
+
+/// Volume attachments through emberd's API: it asks the volume service
+/// (the real `ember-volumed`) in its own name, and passes the answer on.
+#[test]
+fn volume_attachments_through_emberd() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("volumed.sock");
+    let mut volumed = Command::new(ember_tests::artifacts::workspace_bin("ember-volumed"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--nbd-socket")
+        .arg(dir.path().join("nbd.sock"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ember-volumed");
+    let start = Instant::now();
+    while !api.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "volumed did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let created = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&api)
+        .args([
+            "-X",
+            "POST",
+            "-d",
+            r#"{"Name":"data1","SizeBytes":1048576}"#,
+        ])
+        .arg("http://v/v1/volumes")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&created.stdout), "201");
+
+    let api_arg = api.display().to_string();
+    let d = Emberd::start(&[
+        "--no-network",
+        "--volume-service",
+        &api_arg,
+        "--host-id",
+        "host-a",
+    ]);
+    let post = |path: &str, body: &str| d.request("POST", path, &[], Some(body.as_bytes()));
+    let r = post("/ember/v1/volumes/data1/attach", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let g = r.json();
+    assert_eq!(
+        (g["Host"].as_str(), g["Generation"].as_u64()),
+        (Some("host-a"), Some(1)),
+        "{g}"
+    );
+    assert!(g["UnixUri"].as_str().unwrap().contains("data1@1"), "{g}");
+    // Errors from the service come through with its status.
+    assert_eq!(post("/ember/v1/volumes/nosuch/attach", "{}").status, 404);
+    assert_eq!(
+        post("/ember/v1/volumes/bad%2Fname/attach", "{}").status,
+        400
+    );
+    assert_eq!(post("/ember/v1/volumes/data1/move", "{nope").status, 400);
+    let r = post("/ember/v1/volumes/data1/move", r#"{"Host":"host-b"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["Generation"], 2);
+    assert_eq!(post("/ember/v1/volumes/data1/detach", "").status, 204);
+    assert_eq!(
+        post("/ember/v1/volumes/data1/detach", "").status,
+        409,
+        "not attached"
+    );
+    drop(d);
+    let _ = volumed.kill();
+    let _ = volumed.wait();
+}

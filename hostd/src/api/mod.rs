@@ -7,6 +7,7 @@ mod functions;
 mod invoke;
 mod network;
 pub mod shapes;
+pub mod volumes;
 
 use std::sync::Arc;
 
@@ -81,6 +82,9 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 .put(network::put_reservation)
                 .delete(network::delete_reservation),
         )
+        .route("/ember/v1/volumes/{name}/attach", post(volumes::attach))
+        .route("/ember/v1/volumes/{name}/detach", post(volumes::detach))
+        .route("/ember/v1/volumes/{name}/move", post(volumes::move_to))
         .route(
             "/ember/v1/functions/{name}/egress",
             get(network::get_egress).put(network::put_egress),

@@ -105,7 +105,12 @@ struct Args {
     /// Join a cluster whose store is etcd at these endpoints (comma-separated).
     #[arg(long, value_delimiter = ',')]
     cluster_etcd: Vec<String>,
-    /// This host's id in the cluster (default: the hostname).
+    /// The volume service's API socket (ember-volumed --api-socket), for
+    /// volume attachments through this host's API.
+    #[arg(long)]
+    volume_service: Option<PathBuf>,
+    /// This host's id in the cluster and to the volume service (default:
+    /// the hostname).
     #[arg(long)]
     host_id: Option<String>,
     /// The URL the cluster reaches this host's API at (default: http://
@@ -228,6 +233,18 @@ async fn run(mut args: Args) {
             Err(e) => fail(format!("instance networking: {e} (or --no-network)")),
         }
     };
+    let host_id = args.host_id.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "ember-host".into())
+    });
+    let volumes =
+        args.volume_service
+            .clone()
+            .map(|socket| ember_hostd::api::volumes::VolumeService {
+                socket,
+                host_id: host_id.clone(),
+            });
     let cfg = Config {
         state_dir: args.state_dir,
         launch: LaunchConfig {
@@ -249,6 +266,7 @@ async fn run(mut args: Args) {
         async_workers: args.async_workers,
         async_retry_delay: Duration::from_millis(args.async_retry_delay_ms),
         network,
+        volumes,
     };
     if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
         fail(format!("cannot prepare {}: {e}", args.run_dir.display()));
@@ -316,11 +334,6 @@ async fn run(mut args: Args) {
     let membership = if args.cluster_etcd.is_empty() {
         None
     } else {
-        let host_id = args.host_id.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "ember-host".into())
-        });
         let endpoint = args
             .advertise
             .clone()
@@ -328,7 +341,7 @@ async fn run(mut args: Args) {
             .unwrap_or_else(|| fail("--cluster-etcd needs --advertise or --listen-tcp".into()));
         let cfg = ember_hostd::cluster::ClusterConfig {
             etcd: args.cluster_etcd.clone(),
-            host_id,
+            host_id: host_id.clone(),
             endpoint,
             capacity: args.host_capacity,
             ttl: Duration::from_secs(args.cluster_ttl_secs.max(2)),
