@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ember_volumed::nbd::client::Client;
 use ember_volumed::nbd::proto::*;
 use serde_json::Value;
 
@@ -105,86 +106,6 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
     (ok, text)
 }
 
-/// A minimal NBD client that keeps its connection: what a VMM holding an
-/// attachment looks like to the server.
-struct Holder {
-    s: UnixStream,
-    cookie: u64,
-}
-
-impl Holder {
-    fn open(sock: &Path, export: &str) -> Result<Holder, String> {
-        let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).map_err(|e| e.to_string())?;
-        assert_eq!(
-            u64::from_be_bytes(hello[0..8].try_into().unwrap()),
-            NBDMAGIC
-        );
-        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-            .unwrap();
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
-        s.write_all(&OPT_GO.to_be_bytes()).unwrap();
-        s.write_all(&(data.len() as u32).to_be_bytes()).unwrap();
-        s.write_all(&data).unwrap();
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).map_err(|e| e.to_string())?;
-            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut body = vec![0u8; len as usize];
-            s.read_exact(&mut body).unwrap();
-            match reply {
-                REP_ACK => return Ok(Holder { s, cookie: 0 }),
-                REP_INFO => continue,
-                _ => return Err(String::from_utf8_lossy(&body).into_owned()),
-            }
-        }
-    }
-
-    /// One request; the reply's error code (and data for a read).
-    fn request(&mut self, kind: u16, offset: u64, data: &[u8], read_len: u32) -> (u32, Vec<u8>) {
-        self.cookie += 1;
-        let req = Request {
-            flags: 0,
-            kind,
-            cookie: self.cookie,
-            offset,
-            length: if kind == CMD_WRITE {
-                data.len() as u32
-            } else {
-                read_len
-            },
-        };
-        self.s.write_all(&req.encode()).unwrap();
-        if kind == CMD_WRITE {
-            self.s.write_all(data).unwrap();
-        }
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(h[0..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        assert_eq!(
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-            self.cookie
-        );
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let mut out = Vec::new();
-        if kind == CMD_READ && err == 0 {
-            out.resize(read_len as usize, 0);
-            self.s.read_exact(&mut out).unwrap();
-        }
-        (err, out)
-    }
-}
-
 #[test]
 fn a_moved_attachment_fences_the_old_writer() {
     if Command::new("qemu-io").arg("--version").output().is_err() {
@@ -276,8 +197,9 @@ fn a_moved_attachment_fences_the_old_writer() {
     assert!(!ok, "{out}");
 
     // host-a keeps a connection open; it works until the attachment moves.
-    let mut holder = Holder::open(&v.nbd, "vol1@1").unwrap();
-    assert_eq!(holder.request(CMD_WRITE, 65536, &[0x11; 4096], 0).0, 0);
+    // (Our own client: a connection kept open, as a VMM keeps it.)
+    let mut holder = Client::connect_unix(&v.nbd, "vol1@1").unwrap();
+    assert_eq!(holder.write(65536, &[0x11; 4096]).unwrap().error, 0);
     let (st, b) = v.call(
         "POST",
         "/v1/volumes/vol1/move",
@@ -286,14 +208,20 @@ fn a_moved_attachment_fences_the_old_writer() {
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["Generation"], 2);
     // The stale writer is refused and nothing it sends lands.
-    assert_eq!(holder.request(CMD_WRITE, 0, &[0xcd; 4096], 0).0, EPERM);
-    assert_eq!(holder.request(CMD_WRITE_ZEROES, 0, &[], 4096).0, EPERM);
-    assert_eq!(holder.request(CMD_FLUSH, 0, &[], 0).0, EPERM);
-    assert_eq!(holder.request(CMD_READ, 0, &[], 4096).0, EPERM);
-    let e = Holder::open(&v.nbd, "vol1@1")
+    assert_eq!(holder.write(0, &[0xcd; 4096]).unwrap().error, EPERM);
+    assert_eq!(
+        holder
+            .call(CMD_WRITE_ZEROES, 0, 0, 4096, &[])
+            .unwrap()
+            .error,
+        EPERM
+    );
+    assert_eq!(holder.flush().unwrap().error, EPERM);
+    assert_eq!(holder.read(0, 4096).unwrap().error, EPERM);
+    let e = Client::connect_unix(&v.nbd, "vol1@1")
         .err()
         .expect("old token refused");
-    assert!(e.contains("stale"), "{e}");
+    assert!(e.to_string().contains("stale"), "{e}");
     // The new holder (over TCP this time) sees host-a's writes from before
     // the move, and none from after.
     let uri_b = b["Uri"].as_str().unwrap().to_string();
@@ -377,10 +305,10 @@ fn fencing_state_lives_in_etcd() {
 
     // Restarted: the state comes back from etcd.
     let v = Volumed::start(dir.path(), &etcd_args);
-    let e = Holder::open(&v.nbd, "e1@1")
+    let e = Client::connect_unix(&v.nbd, "e1@1")
         .err()
         .expect("old token refused after restart");
-    assert!(e.contains("stale"), "{e}");
+    assert!(e.to_string().contains("stale"), "{e}");
     let (ok, out) = qemu_io(
         &format!("nbd+unix:///e1@2?socket={}", v.nbd.display()),
         &["read -P 0x5a 0 4k"],

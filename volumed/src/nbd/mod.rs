@@ -1,4 +1,5 @@
 //! The volume service's NBD server.
+pub mod client;
 pub mod proto;
 pub mod server;
 
