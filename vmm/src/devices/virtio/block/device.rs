@@ -81,6 +81,16 @@ impl Block {
         })
     }
 
+    /// Connects to the drive's NBD export and hangs up: tells at
+    /// configuration time whether the server is there and speaks NBD.
+    pub fn probe(config: &BlockDeviceConfig) -> Result<(), BlockError> {
+        if let Some(uri) = &config.nbd_uri {
+            let cache_type = CacheType::parse(&config.drive_id, config.cache_type.as_deref())?;
+            super::disk::open_nbd(config, uri, cache_type)?;
+        }
+        Ok(())
+    }
+
     pub fn id(&self) -> &str {
         &self.config.drive_id
     }
@@ -102,7 +112,7 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let (disk, bounce) = (&self.disk, &mut self.bounce);
+        let (disk, bounce) = (&mut self.disk, &mut self.bounce);
         let mem = &active.mem;
         let res = drain(&mut active.queue, mem, |chain| {
             request::execute(disk, chain, mem, bounce)

@@ -66,7 +66,7 @@ impl RequestHeader {
 /// the chain (data + status), for the used ring. Never panics on bad input:
 /// a malformed request gets VIRTIO_BLK_S_IOERR when there is somewhere to put
 /// the status, and is otherwise returned with length 0.
-pub(crate) fn execute(disk: &Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8]) -> u32 {
+pub(crate) fn execute(disk: &mut Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8]) -> u32 {
     let reader = Reader::new(mem, chain.clone());
     let mut writer = match Writer::new(mem, chain) {
         Ok(w) => w,
@@ -104,7 +104,7 @@ pub(crate) fn execute(disk: &Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8
 }
 
 fn handle<B: BitmapSlice>(
-    disk: &Disk,
+    disk: &mut Disk,
     reader: &mut Reader<'_, B>,
     data: &mut Writer<'_, B>,
     bounce: &mut [u8],
@@ -154,7 +154,7 @@ fn check_transfer(disk: &Disk, sector: u64, len: usize) -> Option<u64> {
 }
 
 fn read<B: BitmapSlice>(
-    disk: &Disk,
+    disk: &mut Disk,
     sector: u64,
     data: &mut Writer<'_, B>,
     bounce: &mut [u8],
@@ -178,7 +178,7 @@ fn read<B: BitmapSlice>(
 }
 
 fn write<B: BitmapSlice>(
-    disk: &Disk,
+    disk: &mut Disk,
     sector: u64,
     data: &mut Reader<'_, B>,
     bounce: &mut [u8],
