@@ -117,6 +117,31 @@ impl Disk {
         .inspect_err(|_| m.io_errors.inc())
     }
 
+    /// The backend can discard ranges (NBD TRIM).
+    pub(crate) fn can_discard(&self) -> bool {
+        matches!(&self.backend, Backend::Nbd(c) if c.can_trim())
+    }
+
+    /// The backend can zero ranges without data (NBD WRITE_ZEROES).
+    pub(crate) fn can_write_zeroes(&self) -> bool {
+        matches!(&self.backend, Backend::Nbd(c) if c.can_write_zeroes())
+    }
+
+    pub(crate) fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &mut self.backend {
+            Backend::Nbd(c) => c.trim(offset, len),
+            Backend::File(_) => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        crate::metrics::METRICS.block.write_ops.inc();
+        match &mut self.backend {
+            Backend::Nbd(c) => c.write_zeroes(offset, len),
+            Backend::File(_) => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+
     pub(crate) fn flush(&mut self) -> std::io::Result<()> {
         crate::metrics::METRICS.block.flush_ops.inc();
         match self.cache_type {

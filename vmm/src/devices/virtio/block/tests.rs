@@ -474,3 +474,59 @@ fn nbd_config_errors() {
     file_cfg.nbd_timeout_ms = Some(5);
     assert!(file_cfg.validate().is_err());
 }
+
+#[test]
+fn nbd_discard_and_write_zeroes_through_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0x11u8; 64 * 1024]).unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let Some(server) = qemu_nbd(&image, &sock) else {
+        return;
+    };
+    let mut cfg = config("");
+    cfg.nbd_uri = Some(format!("nbd+unix:///?socket={}", sock.display()));
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &cfg);
+    let features = h.block.avail_features();
+    assert_ne!(features & (1 << 13), 0, "DISCARD offered");
+    assert_ne!(features & (1 << 14), 0, "WRITE_ZEROES offered");
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&8u64.to_le_bytes());
+    seg[8..12].copy_from_slice(&4u32.to_le_bytes());
+    write_bytes(&mem, DATA, &seg);
+    h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[8 * 512..12 * 512].iter().all(|&b| b == 0));
+    assert!(data[12 * 512..13 * 512].iter().all(|&b| b == 0x11));
+    h.header(VIRTIO_BLK_T_DISCARD, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    // Out of range, a bad payload length, and flags on a discard.
+    seg[..8].copy_from_slice(&126u64.to_le_bytes());
+    write_bytes(&mem, DATA, &seg);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 15), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    seg[..8].copy_from_slice(&0u64.to_le_bytes());
+    seg[12] = 1;
+    write_bytes(&mem, DATA, &seg);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
+    stop(server);
+}
+
+#[test]
+fn file_backend_offers_no_discard() {
+    let mem = test_mem();
+    let f = disk_file();
+    let mut h = Harness::new(&mem, &config(f.as_path().to_str().unwrap()));
+    assert_eq!(h.block.avail_features() & (3 << 13), 0);
+    write_bytes(&mem, DATA, &[0u8; 16]);
+    h.header(VIRTIO_BLK_T_DISCARD, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
+}

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::{
     self, Command, ExportInfo, NbdError, CMD_FLAG_FUA, TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA,
+    TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
 };
 use super::uri::{Address, NbdUri};
 
@@ -133,6 +134,14 @@ pub enum Durability {
     OnFlush,
 }
 
+/// A write acknowledged but not yet flushed, kept for replay.
+enum Journaled {
+    Data(u64, Vec<u8>),
+    /// WRITE_ZEROES: replayed too, or an older journaled write would
+    /// reappear over the zeroes.
+    Zeroes(u64, u32),
+}
+
 pub struct NbdClient {
     uri: NbdUri,
     timeout: Duration,
@@ -141,7 +150,7 @@ pub struct NbdClient {
     durability: Durability,
     next_cookie: u64,
     /// Writes acknowledged since the last successful flush.
-    journal: Vec<(u64, Vec<u8>)>,
+    journal: Vec<Journaled>,
     journal_bytes: usize,
     journal_overflow: bool,
     /// A reconnect happened while unjournaled writes were unflushed.
@@ -213,6 +222,39 @@ impl NbdClient {
         Ok(())
     }
 
+    pub fn can_trim(&self) -> bool {
+        self.info.has(TF_SEND_TRIM)
+    }
+
+    pub fn can_write_zeroes(&self) -> bool {
+        self.info.has(TF_SEND_WRITE_ZEROES)
+    }
+
+    /// Discards `len` bytes at `offset` (a hint: contents become unspecified).
+    pub fn trim(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.can_trim() {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        for (at, n) in split_range(offset, len) {
+            self.request(Command::Trim, 0, at, n as usize, None, None)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `len` zero bytes at `offset` without sending them.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.can_write_zeroes() {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        for (at, n) in split_range(offset, len) {
+            self.request(Command::WriteZeroes, 0, at, n as usize, None, None)?;
+            if self.durability == Durability::OnFlush && !self.journal_overflow {
+                self.journal.push(Journaled::Zeroes(at, n));
+            }
+        }
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable on the server.
     pub fn flush(&mut self) -> io::Result<()> {
         if self.durability == Durability::None {
@@ -242,7 +284,7 @@ impl NbdClient {
             return;
         }
         self.journal_bytes += data.len();
-        self.journal.push((offset, data.to_vec()));
+        self.journal.push(Journaled::Data(offset, data.to_vec()));
     }
 
     fn clear_journal(&mut self) {
@@ -366,9 +408,17 @@ impl NbdClient {
         }
         let journal = std::mem::take(&mut self.journal);
         let mut res = Ok(());
-        for (offset, data) in &journal {
-            let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-            match self.round_trip(Command::Write, 0, *offset, len, Some(data), None) {
+        for entry in &journal {
+            let res_one = match entry {
+                Journaled::Data(offset, data) => {
+                    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                    self.round_trip(Command::Write, 0, *offset, len, Some(data), None)
+                }
+                Journaled::Zeroes(offset, len) => {
+                    self.round_trip(Command::WriteZeroes, 0, *offset, *len, None, None)
+                }
+            };
+            match res_one {
                 Ok(Ok(())) => {}
                 Ok(Err(errno)) => {
                     res = Err(NbdError::Server { errno });
@@ -384,6 +434,16 @@ impl NbdClient {
         self.journal = journal;
         res
     }
+}
+
+/// Splits a range into pieces whose lengths fit a request (u32, and well
+/// below the 4 GiB limit so servers do not refuse them).
+fn split_range(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    const STEP: u64 = 1 << 30;
+    (0..len.div_ceil(STEP)).map(move |i| {
+        let at = i * STEP;
+        (offset + at, (len - at).min(STEP) as u32)
+    })
 }
 
 impl Drop for NbdClient {

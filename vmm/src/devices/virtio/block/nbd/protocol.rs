@@ -30,6 +30,8 @@ pub const TF_HAS_FLAGS: u16 = 1 << 0;
 pub const TF_READ_ONLY: u16 = 1 << 1;
 pub const TF_SEND_FLUSH: u16 = 1 << 2;
 pub const TF_SEND_FUA: u16 = 1 << 3;
+pub const TF_SEND_TRIM: u16 = 1 << 5;
+pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
 
 /// Command flag: the write is durable when acknowledged.
 pub const CMD_FLAG_FUA: u16 = 1;
@@ -51,6 +53,8 @@ pub enum Command {
     Write = 1,
     Disconnect = 2,
     Flush = 3,
+    Trim = 4,
+    WriteZeroes = 6,
 }
 
 /// What NBD_OPT_GO told us about the export.

@@ -356,3 +356,31 @@ fn unknown_export_is_refused() {
         .unwrap();
     assert!(matches!(err, NbdError::Refused { .. }), "{err}");
 }
+
+#[test]
+fn trim_and_write_zeroes() {
+    for kind in ALL {
+        if !installed(kind) {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(kind, dir.path(), &[]);
+        let mut c = client(&server, Duration::from_secs(10));
+        c.write_at(&pattern(5, 64 * 1024), 0).unwrap();
+        if c.can_write_zeroes() {
+            c.write_zeroes(4096, 8192).unwrap();
+            let mut back = vec![0xffu8; 8192];
+            c.read_at(&mut back, 4096).unwrap();
+            assert!(back.iter().all(|&b| b == 0), "{kind:?}");
+        } else {
+            eprintln!("{kind:?} does not offer WRITE_ZEROES");
+            assert!(c.write_zeroes(0, 512).is_err());
+        }
+        if c.can_trim() {
+            c.trim(32 * 1024, 4096).unwrap();
+        } else {
+            eprintln!("{kind:?} does not offer TRIM");
+        }
+        c.flush().unwrap();
+    }
+}
