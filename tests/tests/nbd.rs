@@ -1,7 +1,8 @@
 //! virtio-blk over NBD with a real guest, booted once: configuration errors
 //! are 400s that leave the VMM running, reads survive a qemu-nbd restart,
-//! and every write the guest flushed is on the server after its VMM is
-//! killed with SIGKILL.
+//! every write the guest flushed is on the server after its VMM is killed
+//! with SIGKILL, and a snapshot restored into a new VMM reconnects (to an
+//! overriding URI) and reads them back.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::snapshots;
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
@@ -139,6 +141,8 @@ fn guest_on_nbd() {
         &mut agent,
         "dd if=/tmp/p of=/dev/vdb bs=65536 seek=64 conv=fsync 2>/dev/null",
     );
+    // Snapshot the paused guest: a restore must reconnect to the export.
+    let (snap_dir, snapshot, mem, _) = snapshots::pause_and_snapshot(&vmm, "ember-nbd-");
     // SAFETY: kill(2) on the pid of the VMM child this test started.
     assert_eq!(unsafe { libc::kill(vmm.pid() as i32, libc::SIGKILL) }, 0);
     vmm.wait_exit(Duration::from_secs(10))
@@ -157,4 +161,31 @@ fn guest_on_nbd() {
         data[4 << 20..(4 << 20) + 256 * 1024] == data[..256 * 1024],
         "the second flushed write is missing"
     );
+
+    // Reattach by restoring the snapshot into a new VMM, with the server
+    // back on a new socket given as the drive's override.
+    let sock2 = dir.path().join("nbd2.sock");
+    let server = qemu_nbd(&image, &sock2);
+    let vmm2 = VmmProcess::spawn(&[]);
+    let r = vmm2.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "vsock_override": {"uds_path": vmm2.path("vsock.sock")},
+                "drive_overrides": [{"drive_id": "data", "path_on_host":
+                    format!("nbd+unix:///?socket={}", sock2.display())}],
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm2.logs());
+    let mut agent = snapshots::connect_restored(&vmm2);
+    let back = sh(
+        &mut agent,
+        "echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb bs=65536 skip=64 count=4 2>/dev/null | md5sum",
+    );
+    assert_eq!(back.split_whitespace().next(), Some(guest_md5.as_str()));
+    drop(agent);
+    drop(vmm2);
+    stop(server);
+    drop(snap_dir);
 }
