@@ -277,6 +277,10 @@ pub fn read_reply<R: Read>(
         STRUCTURED_REPLY_MAGIC => {
             let mut result = Ok(());
             let mut magic = magic;
+            // Bytes of the read filled by data and hole chunks, which the
+            // spec forbids to overlap: a short total would hand the guest
+            // whatever the buffer held before.
+            let mut covered = 0u64;
             loop {
                 if magic != STRUCTURED_REPLY_MAGIC {
                     return Err(proto(format!("bad reply magic {magic:#x} mid-reply")));
@@ -285,12 +289,17 @@ pub fn read_reply<R: Read>(
                 let typ = read_u16(r)?;
                 check_cookie(read_u64(r)?, cookie)?;
                 let len = read_u32(r)?;
-                if let Err(errno) = read_chunk(r, typ, len, offset, buf.as_deref_mut())? {
-                    result = Err(errno);
+                match read_chunk(r, typ, len, offset, buf.as_deref_mut())? {
+                    Ok(n) => covered += n,
+                    Err(errno) => result = Err(errno),
                 }
                 if flags & REPLY_FLAG_DONE != 0 {
-                    // Without an error, reads are assumed complete: the
-                    // spec has servers cover the whole range with chunks.
+                    let want = buf.as_ref().map_or(0, |b| b.len() as u64);
+                    if result.is_ok() && covered != want {
+                        return Err(proto(format!(
+                            "read reply covered {covered} of {want} bytes"
+                        )));
+                    }
                     return Ok(result);
                 }
                 magic = read_u32(r)?;
@@ -308,14 +317,15 @@ fn check_cookie(got: u64, want: u64) -> Result<(), NbdError> {
     }
 }
 
-/// Places one structured chunk's payload; returns a server error if it is one.
+/// Places one structured chunk's payload; returns how many bytes of the
+/// read it filled, or the server error if it is one.
 fn read_chunk<R: Read>(
     r: &mut R,
     typ: u16,
     len: u32,
     offset: u64,
     buf: Option<&mut [u8]>,
-) -> Result<Result<(), u32>, NbdError> {
+) -> Result<Result<u64, u32>, NbdError> {
     match typ {
         CHUNK_NONE => {
             if len != 0 {
@@ -347,6 +357,7 @@ fn read_chunk<R: Read>(
             } else {
                 dst.fill(0);
             }
+            return Ok(Ok(n));
         }
         t if t & CHUNK_ERROR_BIT != 0 => {
             let data = read_vec(r, len)?;
@@ -368,7 +379,7 @@ fn read_chunk<R: Read>(
             read_vec(r, len)?;
         }
     }
-    Ok(Ok(()))
+    Ok(Ok(0))
 }
 
 #[cfg(test)]
@@ -541,6 +552,15 @@ mod tests {
         let mut data = 2u64.to_be_bytes().to_vec();
         data.extend_from_slice(b"abcd");
         let input = chunk(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, 1, &data);
+        assert!(read_reply(&mut Cursor::new(input), 1, 0, Some(&mut buf)).is_err());
+    }
+
+    #[test]
+    fn structured_read_must_cover_the_range() {
+        let mut data = 0u64.to_be_bytes().to_vec();
+        data.extend_from_slice(b"ab");
+        let input = chunk(REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, 1, &data);
+        let mut buf = [0u8; 4];
         assert!(read_reply(&mut Cursor::new(input), 1, 0, Some(&mut buf)).is_err());
     }
 
