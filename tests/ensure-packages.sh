@@ -12,5 +12,5 @@ echo "installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 pkgs=$(printf '%s\n' "${need[@]}" | sort -u)
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $pkgs >&2 ||
-    { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends $pkgs >&2; }
+apt-get install -y -qq $pkgs >&2 ||
+    { apt-get update -qq >&2 && apt-get install -y -qq $pkgs >&2; }

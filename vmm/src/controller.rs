@@ -189,16 +189,12 @@ impl Controller {
                 r.machine_config = mc;
             }
             PutDrive(d) => {
-                if d.drive_id.is_empty() {
-                    return Err(VmmActionError::InvalidInput(
-                        "drive_id must not be empty".into(),
-                    ));
-                }
-                if !std::path::Path::new(&d.path_on_host).exists() {
-                    return Err(VmmActionError::InvalidInput(format!(
-                        "drive {}: path_on_host {} does not exist",
-                        d.drive_id, d.path_on_host
-                    )));
+                d.validate().map_err(VmmActionError::InvalidInput)?;
+                if d.nbd_uri.is_some() {
+                    // Catch unreachable or non-NBD servers now, as a 400,
+                    // rather than at InstanceStart.
+                    crate::devices::virtio::block::Block::probe(&d)
+                        .map_err(|e| VmmActionError::InvalidInput(e.to_string()))?;
                 }
                 if d.is_root_device
                     && r.drives

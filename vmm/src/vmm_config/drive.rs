@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 /// `PUT /drives/{drive_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BlockDeviceConfig {
     pub drive_id: String,
@@ -18,4 +18,54 @@ pub struct BlockDeviceConfig {
     /// Serial id reported to the guest (VIRTIO_BLK_T_GET_ID); defaults to drive_id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// A network backend instead of `path_on_host`: `nbd://host:port/export`
+    /// or `nbd+unix:///export?socket=PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_uri: Option<String>,
+    /// Bound on one NBD request's round trip and on a reconnect, in
+    /// milliseconds (default 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_timeout_ms: Option<u64>,
+}
+
+impl BlockDeviceConfig {
+    /// Checks the backend choice without touching files or the network.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.drive_id.is_empty() {
+            return Err("drive_id must not be empty".into());
+        }
+        match &self.nbd_uri {
+            Some(uri) => {
+                if !self.path_on_host.is_empty() {
+                    return Err(format!(
+                        "drive {}: give path_on_host or nbd_uri, not both",
+                        self.drive_id
+                    ));
+                }
+                crate::devices::virtio::block::nbd::NbdUri::parse(uri)
+                    .map_err(|e| format!("drive {}: bad nbd_uri: {e}", self.drive_id))?;
+                if self.nbd_timeout_ms == Some(0) {
+                    return Err(format!(
+                        "drive {}: nbd_timeout_ms must be > 0",
+                        self.drive_id
+                    ));
+                }
+            }
+            None => {
+                if self.nbd_timeout_ms.is_some() {
+                    return Err(format!(
+                        "drive {}: nbd_timeout_ms needs nbd_uri",
+                        self.drive_id
+                    ));
+                }
+                if !std::path::Path::new(&self.path_on_host).exists() {
+                    return Err(format!(
+                        "drive {}: path_on_host {} does not exist",
+                        self.drive_id, self.path_on_host
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }

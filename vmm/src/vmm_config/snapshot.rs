@@ -38,6 +38,8 @@ pub struct MemBackend {
 #[serde(deny_unknown_fields)]
 pub struct DriveOverride {
     pub drive_id: String,
+    /// The new backing file; for a drive saved with `nbd_uri`, the NBD URI
+    /// to reconnect to instead of the saved one.
     pub path_on_host: String,
 }
 

@@ -82,6 +82,7 @@ fn block_config(path: &str) -> BlockDeviceConfig {
         partuuid: None,
         cache_type: Some("Writeback".into()),
         serial: Some("SN1".into()),
+        ..Default::default()
     }
 }
 

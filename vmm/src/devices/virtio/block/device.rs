@@ -18,6 +18,15 @@ use crate::vmm_config::drive::BlockDeviceConfig;
 const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
 const VIRTIO_BLK_F_FLUSH: u32 = 9;
+const VIRTIO_BLK_F_DISCARD: u32 = 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+
+/// Most sectors in one DISCARD or WRITE_ZEROES segment (1 GiB); one
+/// segment per request.
+const MAX_RANGE_SECTORS: u32 = 1 << 21;
+/// Length of `struct virtio_blk_config` up to `write_zeroes_may_unmap`
+/// and its padding.
+const CONFIG_LEN: usize = 60;
 
 /// Data segments per request the driver may use (SEG_MAX). Without it Linux
 /// sends one segment per request; more segments mean fewer, larger requests,
@@ -36,9 +45,10 @@ struct Active {
 pub struct Block {
     config: BlockDeviceConfig,
     disk: Disk,
-    /// `struct virtio_blk_config` up to `seg_max`: capacity (le64),
-    /// size_max (le32, not offered), seg_max (le32).
-    config_space: [u8; 16],
+    /// `struct virtio_blk_config`: capacity (le64), size_max (le32, not
+    /// offered), seg_max (le32), then at 36.. the discard and at 48.. the
+    /// write-zeroes limits.
+    config_space: [u8; CONFIG_LEN],
     avail_features: u64,
     acked_features: u64,
     queue_evts: Vec<Arc<EventFd>>,
@@ -61,13 +71,26 @@ impl Block {
         if disk.cache_type == CacheType::Writeback {
             avail_features |= 1 << VIRTIO_BLK_F_FLUSH;
         }
+        if !disk.read_only && disk.can_discard() {
+            avail_features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if !disk.read_only && disk.can_write_zeroes() {
+            avail_features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
         let queue_evts = new_queue_events(1).map_err(|source| BlockError::EventFd {
             drive_id: config.drive_id.clone(),
             source,
         })?;
-        let mut config_space = [0u8; 16];
+        let mut config_space = [0u8; CONFIG_LEN];
         config_space[..8].copy_from_slice(&disk.sectors().to_le_bytes());
-        config_space[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        // max_discard_sectors, max_discard_seg, discard_sector_alignment.
+        config_space[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        config_space[40..44].copy_from_slice(&1u32.to_le_bytes());
+        config_space[44..48].copy_from_slice(&1u32.to_le_bytes());
+        // max_write_zeroes_sectors, max_write_zeroes_seg; may_unmap stays 0.
+        config_space[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        config_space[52..56].copy_from_slice(&1u32.to_le_bytes());
         Ok(Block {
             config: config.clone(),
             config_space,
@@ -79,6 +102,16 @@ impl Block {
             broken: false,
             bounce: vec![0; BOUNCE_LEN],
         })
+    }
+
+    /// Connects to the drive's NBD export and hangs up: tells at
+    /// configuration time whether the server is there and speaks NBD.
+    pub fn probe(config: &BlockDeviceConfig) -> Result<(), BlockError> {
+        if let Some(uri) = &config.nbd_uri {
+            let cache_type = CacheType::parse(&config.drive_id, config.cache_type.as_deref())?;
+            super::disk::open_nbd(config, uri, cache_type)?;
+        }
+        Ok(())
     }
 
     pub fn id(&self) -> &str {
@@ -102,7 +135,7 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let (disk, bounce) = (&self.disk, &mut self.bounce);
+        let (disk, bounce) = (&mut self.disk, &mut self.bounce);
         let mem = &active.mem;
         let res = drain(&mut active.queue, mem, |chain| {
             request::execute(disk, chain, mem, bounce)

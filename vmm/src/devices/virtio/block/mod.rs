@@ -1,7 +1,8 @@
-//! virtio-blk (virtio 1.1 section 5.2) backed by a host file.
+//! virtio-blk (virtio 1.1 section 5.2) backed by a host file or an NBD export.
 
 mod device;
 mod disk;
+pub mod nbd;
 mod persist;
 mod request;
 #[cfg(test)]
@@ -54,6 +55,12 @@ pub enum BlockError {
         drive_id: String,
         acked: u64,
         avail: u64,
+    },
+    #[error("drive {drive_id}: NBD export {uri}: {reason}")]
+    Nbd {
+        drive_id: String,
+        uri: String,
+        reason: String,
     },
     #[error("drive {drive_id}: cannot create eventfd: {source}")]
     EventFd {

@@ -28,18 +28,23 @@ impl Block {
     }
 
     /// Reopens the drive (at `path_override` if given, e.g. a per-clone copy
-    /// of the disk) in its saved configuration. The device is not activated:
+    /// of the disk; for an NBD drive the override is a new NBD URI) in its
+    /// saved configuration. An NBD drive reconnects to its export here. The device is not activated:
     /// `MmioTransport::restore` does that with the saved queue.
     pub fn restore(state: &BlockState, path_override: Option<&str>) -> Result<Block, BlockError> {
         let mut config = state.config.clone();
         if let Some(path) = path_override {
-            config.path_on_host = path.to_string();
+            if config.nbd_uri.is_some() {
+                config.nbd_uri = Some(path.to_string());
+            } else {
+                config.path_on_host = path.to_string();
+            }
         }
         let mut block = Block::new(&config)?;
         if block.capacity() != state.capacity {
             return Err(BlockError::CapacityMismatch {
                 drive_id: config.drive_id,
-                path: config.path_on_host,
+                path: config.nbd_uri.unwrap_or(config.path_on_host),
                 saved_sectors: state.capacity,
                 actual_sectors: block.capacity(),
             });

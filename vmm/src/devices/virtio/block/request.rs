@@ -19,6 +19,8 @@ pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
 
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
@@ -32,6 +34,8 @@ pub enum RequestType {
     Out,
     Flush,
     GetId,
+    Discard,
+    WriteZeroes,
     Unsupported(u32),
 }
 
@@ -53,6 +57,8 @@ impl RequestHeader {
             VIRTIO_BLK_T_OUT => RequestType::Out,
             VIRTIO_BLK_T_FLUSH => RequestType::Flush,
             VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
             other => RequestType::Unsupported(other),
         };
         RequestHeader {
@@ -66,7 +72,7 @@ impl RequestHeader {
 /// the chain (data + status), for the used ring. Never panics on bad input:
 /// a malformed request gets VIRTIO_BLK_S_IOERR when there is somewhere to put
 /// the status, and is otherwise returned with length 0.
-pub(crate) fn execute(disk: &Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8]) -> u32 {
+pub(crate) fn execute(disk: &mut Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8]) -> u32 {
     let reader = Reader::new(mem, chain.clone());
     let mut writer = match Writer::new(mem, chain) {
         Ok(w) => w,
@@ -104,7 +110,7 @@ pub(crate) fn execute(disk: &Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8
 }
 
 fn handle<B: BitmapSlice>(
-    disk: &Disk,
+    disk: &mut Disk,
     reader: &mut Reader<'_, B>,
     data: &mut Writer<'_, B>,
     bounce: &mut [u8],
@@ -132,6 +138,9 @@ fn handle<B: BitmapSlice>(
                 Err(_) => VIRTIO_BLK_S_IOERR,
             }
         }
+        RequestType::Discard if disk.can_discard() => ranges(disk, reader, false),
+        RequestType::WriteZeroes if disk.can_write_zeroes() => ranges(disk, reader, true),
+        RequestType::Discard | RequestType::WriteZeroes => VIRTIO_BLK_S_UNSUPP,
         RequestType::Unsupported(t) => {
             log::debug!("virtio-blk: unsupported request type {t}");
             VIRTIO_BLK_S_UNSUPP
@@ -154,7 +163,7 @@ fn check_transfer(disk: &Disk, sector: u64, len: usize) -> Option<u64> {
 }
 
 fn read<B: BitmapSlice>(
-    disk: &Disk,
+    disk: &mut Disk,
     sector: u64,
     data: &mut Writer<'_, B>,
     bounce: &mut [u8],
@@ -178,7 +187,7 @@ fn read<B: BitmapSlice>(
 }
 
 fn write<B: BitmapSlice>(
-    disk: &Disk,
+    disk: &mut Disk,
     sector: u64,
     data: &mut Reader<'_, B>,
     bounce: &mut [u8],
@@ -201,6 +210,50 @@ fn write<B: BitmapSlice>(
             return VIRTIO_BLK_S_IOERR;
         }
         offset += n as u64;
+    }
+    VIRTIO_BLK_S_OK
+}
+
+/// DISCARD or WRITE_ZEROES: the data is a list of 16-byte segments
+/// (`struct virtio_blk_discard_write_zeroes`: sector, num_sectors, flags).
+fn ranges<B: BitmapSlice>(disk: &mut Disk, reader: &mut Reader<'_, B>, zero: bool) -> u8 {
+    if disk.read_only {
+        return VIRTIO_BLK_S_IOERR;
+    }
+    let n = reader.available_bytes();
+    if n == 0 || !n.is_multiple_of(16) {
+        log::warn!("virtio-blk: {n}-byte discard/write-zeroes payload");
+        return VIRTIO_BLK_S_IOERR;
+    }
+    while reader.available_bytes() > 0 {
+        let mut seg = [0u8; 16];
+        if reader.read_exact(&mut seg).is_err() {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&seg[..8]);
+        let sector = u64::from_le_bytes(sector);
+        let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+        let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+        // Only the unmap flag (bit 0, write-zeroes only) is defined.
+        if flags & !1 != 0 || (!zero && flags != 0) {
+            return VIRTIO_BLK_S_UNSUPP;
+        }
+        let len = u64::from(sectors) * SECTOR_SIZE;
+        if !disk.in_range(sector, len) {
+            log::warn!("virtio-blk: range of {sectors} sectors at {sector} is out of range");
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let offset = sector * SECTOR_SIZE;
+        let res = if zero {
+            disk.write_zeroes(offset, len)
+        } else {
+            disk.discard(offset, len)
+        };
+        if let Err(e) = res {
+            log::warn!("virtio-blk: discard/write-zeroes at {offset} failed: {e}");
+            return VIRTIO_BLK_S_IOERR;
+        }
     }
     VIRTIO_BLK_S_OK
 }

@@ -24,6 +24,7 @@ fn config(path: &str) -> BlockDeviceConfig {
         partuuid: None,
         cache_type: None,
         serial: None,
+        ..Default::default()
     }
 }
 
@@ -369,4 +370,163 @@ fn many_requests_wrap_the_rings() {
         assert_eq!(status, VIRTIO_BLK_S_OK);
         assert_eq!(read_bytes(&mem, DATA, 1)[0], sector as u8);
     }
+}
+
+/// qemu-nbd serving `image` on `sock`; `None` (with a message) if it is not
+/// installed. Killed by the caller.
+fn qemu_nbd(image: &std::path::Path, sock: &std::path::Path) -> Option<std::process::Child> {
+    let _ = std::fs::remove_file(sock);
+    let child = std::process::Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "--shared=0", "-k"])
+        .arg(sock)
+        .arg(image)
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        eprintln!("SKIPPED: qemu-nbd is not installed");
+        return None;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Some(child)
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn nbd_backend_through_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 64 * 1024]).unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let Some(server) = qemu_nbd(&image, &sock) else {
+        return;
+    };
+    let mut cfg = config("");
+    cfg.nbd_uri = Some(format!("nbd+unix:///?socket={}", sock.display()));
+    cfg.cache_type = Some("Writeback".into());
+    cfg.nbd_timeout_ms = Some(500);
+    cfg.validate().unwrap();
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &cfg);
+    assert_eq!(h.block.capacity(), 128);
+
+    h.header(VIRTIO_BLK_T_OUT, 4);
+    write_bytes(&mem, DATA, &[0x6b; 1024]);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 1024), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    h.header(VIRTIO_BLK_T_FLUSH, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[4 * 512..6 * 512],
+        &[0x6b; 1024]
+    );
+
+    // Server gone for longer than the timeout: an I/O error, no hang.
+    stop(server);
+    h.header(VIRTIO_BLK_T_IN, 4);
+    let (status, _) = h.submit(&[rd(HDR, 16), wr(DATA, 1024), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+
+    // Back again: the same device reconnects on the next request.
+    let server = qemu_nbd(&image, &sock).unwrap();
+    write_bytes(&mem, DATA, &[0; 1024]);
+    let (status, _) = h.submit(&[rd(HDR, 16), wr(DATA, 1024), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(read_bytes(&mem, DATA, 1024), vec![0x6b; 1024]);
+
+    // A snapshot's state reconnects at restore, to an overriding URI too.
+    let state = h.block.state();
+    let restored = Block::restore(&state, None).unwrap();
+    assert_eq!(restored.capacity(), 128);
+    assert_eq!(restored.config().nbd_uri, cfg.nbd_uri);
+    let bad = Block::restore(&state, Some("nbd+unix:///?socket=/nonexistent.sock"))
+        .err()
+        .unwrap();
+    assert!(bad.to_string().contains("NBD export"), "{bad}");
+    stop(server);
+}
+
+#[test]
+fn nbd_config_errors() {
+    let mut cfg = config("/some/file");
+    cfg.nbd_uri = Some("nbd://h/e".into());
+    assert!(cfg.validate().unwrap_err().contains("not both"));
+    cfg.path_on_host.clear();
+    cfg.nbd_uri = Some("http://h/e".into());
+    assert!(cfg.validate().unwrap_err().contains("bad nbd_uri"));
+    cfg.nbd_uri = Some("nbd+unix:///?socket=/nonexistent.sock".into());
+    cfg.validate().unwrap();
+    let err = Block::probe(&cfg).unwrap_err().to_string();
+    assert!(err.contains("NBD export"), "{err}");
+    let mut file_cfg = config("/nonexistent");
+    assert!(file_cfg.validate().unwrap_err().contains("does not exist"));
+    file_cfg.nbd_timeout_ms = Some(5);
+    assert!(file_cfg.validate().is_err());
+}
+
+#[test]
+fn nbd_discard_and_write_zeroes_through_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0x11u8; 64 * 1024]).unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let Some(server) = qemu_nbd(&image, &sock) else {
+        return;
+    };
+    let mut cfg = config("");
+    cfg.nbd_uri = Some(format!("nbd+unix:///?socket={}", sock.display()));
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &cfg);
+    let features = h.block.avail_features();
+    assert_ne!(features & (1 << 13), 0, "DISCARD offered");
+    assert_ne!(features & (1 << 14), 0, "WRITE_ZEROES offered");
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&8u64.to_le_bytes());
+    seg[8..12].copy_from_slice(&4u32.to_le_bytes());
+    write_bytes(&mem, DATA, &seg);
+    h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[8 * 512..12 * 512].iter().all(|&b| b == 0));
+    assert!(data[12 * 512..13 * 512].iter().all(|&b| b == 0x11));
+    h.header(VIRTIO_BLK_T_DISCARD, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    // Out of range, a bad payload length, and flags on a discard.
+    seg[..8].copy_from_slice(&126u64.to_le_bytes());
+    write_bytes(&mem, DATA, &seg);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 15), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    seg[..8].copy_from_slice(&0u64.to_le_bytes());
+    seg[12] = 1;
+    write_bytes(&mem, DATA, &seg);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
+    stop(server);
+}
+
+#[test]
+fn file_backend_offers_no_discard() {
+    let mem = test_mem();
+    let f = disk_file();
+    let mut h = Harness::new(&mem, &config(f.as_path().to_str().unwrap()));
+    assert_eq!(h.block.avail_features() & (3 << 13), 0);
+    write_bytes(&mem, DATA, &[0u8; 16]);
+    h.header(VIRTIO_BLK_T_DISCARD, 0);
+    let (status, _) = h.submit(&[rd(HDR, 16), rd(DATA, 16), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
 }

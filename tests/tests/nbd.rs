@@ -1,0 +1,191 @@
+//! virtio-blk over NBD with a real guest, booted once: configuration errors
+//! are 400s that leave the VMM running, reads survive a qemu-nbd restart,
+//! every write the guest flushed is on the server after its VMM is killed
+//! with SIGKILL, and a snapshot restored into a new VMM reconnects (to an
+//! overriding URI) and reads them back.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_agent::client::{bind_ready_listener, AgentClient};
+use ember_agent::protocol::ExecRequest;
+use ember_agent::AGENT_PORT;
+use ember_tests::snapshots;
+use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
+use serde_json::json;
+
+const DISK_SIZE: u64 = 16 << 20;
+
+fn qemu_nbd(image: &Path, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "--shared=0", "-k"])
+        .arg(sock)
+        .arg(image)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (tests/run.sh installs qemu-utils)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn stop(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn sh(agent: &mut AgentClient, script: &str) -> String {
+    let r = agent
+        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
+        .unwrap();
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "{script}: {:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+fn drive(id: &str, uri: &str) -> serde_json::Value {
+    json!({"drive_id": id, "nbd_uri": uri, "is_root_device": false,
+           "cache_type": "Writeback", "nbd_timeout_ms": 20000})
+}
+
+/// Bad URIs, an unreachable server and one that speaks something else are
+/// refused at PUT /drives with a clear message; the VMM stays up.
+fn config_errors_are_400s(vmm: &VmmProcess, dir: &Path) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let garbage = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+        let _ = s.read(&mut [0u8; 64]);
+    });
+    let missing = format!("nbd+unix:///?socket={}", dir.join("none.sock").display());
+    let cases = [
+        ("http://h/e", "bad nbd_uri"),
+        ("nbd+unix:///e", "socket"),
+        (missing.as_str(), "NBD export"),
+        (&format!("nbd://127.0.0.1:{port}/x"), "NBD"),
+    ];
+    for (uri, expect) in cases {
+        let r = vmm.put("/drives/bad", &drive("bad", uri));
+        assert_eq!(r.status, 400, "{uri}: {r:?}");
+        let msg = r.json()["fault_message"].as_str().unwrap_or("").to_string();
+        assert!(msg.contains(expect), "{uri}: {msg}");
+    }
+    garbage.join().unwrap();
+    assert_eq!(vmm.request("GET", "/", None).status, 200);
+}
+
+#[test]
+fn guest_on_nbd() {
+    assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
+    let dir = tempfile::tempdir().unwrap();
+    let image: PathBuf = dir.path().join("data.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK_SIZE)
+        .unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let mut server = qemu_nbd(&image, &sock);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+
+    let mut vmm = VmmProcess::spawn(&[]);
+    config_errors_are_400s(&vmm, dir.path());
+    let r = vmm.put("/drives/data", &drive("data", &uri));
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
+    let t = Instant::now();
+    vmm.boot(&kernel_path(), &rootfs_path(), 1, 128);
+    vmm.wait_agent_ready(&ready, Duration::from_secs(600));
+    eprintln!("guest ready after {:?}", t.elapsed());
+    let mut agent =
+        AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(30)).unwrap();
+
+    // Write and flush (conv=fsync is a virtio-blk flush, an NBD FLUSH).
+    let guest_md5 = sh(
+        &mut agent,
+        "dd if=/dev/urandom of=/tmp/p bs=4096 count=64 2>/dev/null && \
+         dd if=/tmp/p of=/dev/vdb bs=65536 conv=fsync 2>/dev/null && md5sum < /tmp/p",
+    );
+    let guest_md5 = guest_md5.split_whitespace().next().unwrap().to_string();
+
+    // The server restarts while the guest reads: no guest-visible error.
+    stop(server);
+    let restarter = std::thread::spawn({
+        let (image, sock) = (image.clone(), sock.clone());
+        move || {
+            std::thread::sleep(Duration::from_secs(2));
+            qemu_nbd(&image, &sock)
+        }
+    });
+    let read_md5 = sh(
+        &mut agent,
+        "echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb bs=65536 count=4 2>/dev/null | md5sum",
+    );
+    server = restarter.join().unwrap();
+    assert_eq!(read_md5.split_whitespace().next().unwrap(), guest_md5);
+
+    // A second flushed write, then SIGKILL: both are on the server.
+    sh(
+        &mut agent,
+        "dd if=/tmp/p of=/dev/vdb bs=65536 seek=64 conv=fsync 2>/dev/null",
+    );
+    // Snapshot the paused guest: a restore must reconnect to the export.
+    let (snap_dir, snapshot, mem, _) = snapshots::pause_and_snapshot(&vmm, "ember-nbd-");
+    // SAFETY: kill(2) on the pid of the VMM child this test started.
+    assert_eq!(unsafe { libc::kill(vmm.pid() as i32, libc::SIGKILL) }, 0);
+    vmm.wait_exit(Duration::from_secs(10))
+        .expect("VMM exits after SIGKILL");
+    stop(server);
+    // What a reattached drive would read: the server's file itself.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c 262144 {} | md5sum", image.display()))
+        .output()
+        .unwrap();
+    let host_md5 = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(host_md5.split_whitespace().next(), Some(guest_md5.as_str()));
+    let data = std::fs::read(&image).unwrap();
+    assert!(
+        data[4 << 20..(4 << 20) + 256 * 1024] == data[..256 * 1024],
+        "the second flushed write is missing"
+    );
+
+    // Reattach by restoring the snapshot into a new VMM, with the server
+    // back on a new socket given as the drive's override.
+    let sock2 = dir.path().join("nbd2.sock");
+    let server = qemu_nbd(&image, &sock2);
+    let vmm2 = VmmProcess::spawn(&[]);
+    let r = vmm2.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "vsock_override": {"uds_path": vmm2.path("vsock.sock")},
+                "drive_overrides": [{"drive_id": "data", "path_on_host":
+                    format!("nbd+unix:///?socket={}", sock2.display())}],
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm2.logs());
+    let mut agent = snapshots::connect_restored(&vmm2);
+    let back = sh(
+        &mut agent,
+        "echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb bs=65536 skip=64 count=4 2>/dev/null | md5sum",
+    );
+    assert_eq!(back.split_whitespace().next(), Some(guest_md5.as_str()));
+    drop(agent);
+    drop(vmm2);
+    stop(server);
+    drop(snap_dir);
+}
