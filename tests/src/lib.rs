@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod emberd;
 pub mod snapshots;
 pub mod vmm_process;
+pub mod volumed;
 
 pub use artifacts::{kernel_path, rootfs_path, workspace_root};
 pub use vmm_process::{ApiReply, VmmProcess};

@@ -128,46 +128,14 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
 #[test]
 fn volume_attachments_through_emberd() {
     let dir = tempfile::tempdir().unwrap();
-    let api = dir.path().join("volumed.sock");
-    let mut volumed = Command::new(ember_tests::artifacts::workspace_bin("ember-volumed"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--nbd-socket")
-        .arg(dir.path().join("nbd.sock"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("ember-volumed");
-    let start = Instant::now();
-    while !api.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "volumed did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let created = Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--unix-socket",
-        ])
-        .arg(&api)
-        .args([
-            "-X",
-            "POST",
-            "-d",
-            r#"{"Name":"data1","SizeBytes":1048576}"#,
-        ])
-        .arg("http://v/v1/volumes")
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&created.stdout), "201");
-
+    let volumed = ember_tests::volumed::Volumed::start(dir.path());
+    let (st, _) = volumed.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name":"data1","SizeBytes":1048576}"#),
+    );
+    assert_eq!(st, 201);
+    let api = volumed.api.clone();
     let api_arg = api.display().to_string();
     let d = Emberd::start(&[
         "--no-network",
@@ -203,6 +171,4 @@ fn volume_attachments_through_emberd() {
         "not attached"
     );
     drop(d);
-    let _ = volumed.kill();
-    let _ = volumed.wait();
 }

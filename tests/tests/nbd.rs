@@ -14,6 +14,7 @@ use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use ember_tests::snapshots;
+use ember_tests::volumed::Volumed;
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
@@ -103,6 +104,19 @@ fn guest_on_nbd() {
     config_errors_are_400s(&vmm, dir.path());
     let r = vmm.put("/drives/data", &drive("data", &uri));
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    // A second drive from Ember's volume service, attached to this host.
+    let volumed = Volumed::start(dir.path());
+    let (st, _) = volumed.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name":"vol","SizeBytes":8388608}"#),
+    );
+    assert_eq!(st, 201);
+    let (st, grant) = volumed.call("POST", "/v1/volumes/vol/attach", Some(r#"{"Host":"this"}"#));
+    assert_eq!(st, 200, "{grant}");
+    let vol_uri = grant["UnixUri"].as_str().unwrap().to_string();
+    let r = vmm.put("/drives/vol", &drive("vol", &vol_uri));
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
     let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
     let t = Instant::now();
     vmm.boot(&kernel_path(), &rootfs_path(), 1, 128);
@@ -118,6 +132,36 @@ fn guest_on_nbd() {
          dd if=/tmp/p of=/dev/vdb bs=65536 conv=fsync 2>/dev/null && md5sum < /tmp/p",
     );
     let guest_md5 = guest_md5.split_whitespace().next().unwrap().to_string();
+
+    // The volume service's drive takes a flushed write; once the attachment
+    // moves to another host, this VMM's token is stale: its next write is
+    // refused (an I/O error in the guest) and never reaches the volume.
+    sh(
+        &mut agent,
+        "dd if=/tmp/p of=/dev/vdc bs=65536 conv=fsync 2>/dev/null",
+    );
+    let on_volume = std::fs::read(volumed.image("vol")).unwrap();
+    let (st, m) = volumed.call("POST", "/v1/volumes/vol/move", Some(r#"{"Host":"other"}"#));
+    assert_eq!((st, m["Generation"].as_u64()), (200, Some(2)), "{m}");
+    let r = agent
+        .exec(&ExecRequest::new([
+            "/bin/sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/vdc bs=65536 count=4 conv=fsync",
+        ]))
+        .unwrap();
+    assert_ne!(r.exit_code, Some(0), "a fenced write must fail: {r:?}");
+    assert_eq!(
+        std::fs::read(volumed.image("vol")).unwrap(),
+        on_volume,
+        "the fenced writer changed the volume"
+    );
+    // What the guest wrote while it held the attachment is there.
+    assert!(
+        on_volume[..256 * 1024] == std::fs::read(&image).unwrap()[..256 * 1024],
+        "the flushed write before the move is missing"
+    );
+    let moved_uri = m["UnixUri"].as_str().unwrap().to_string();
 
     // The server restarts while the guest reads: no guest-visible error.
     stop(server);
@@ -173,7 +217,9 @@ fn guest_on_nbd() {
                 "mem_backend": {"backend_type": "File", "backend_path": mem},
                 "vsock_override": {"uds_path": vmm2.path("vsock.sock")},
                 "drive_overrides": [{"drive_id": "data", "path_on_host":
-                    format!("nbd+unix:///?socket={}", sock2.display())}],
+                    format!("nbd+unix:///?socket={}", sock2.display())},
+                    // The restored VM holds the moved attachment's token.
+                    {"drive_id": "vol", "path_on_host": moved_uri}],
                 "resume_vm": true}),
     );
     assert_eq!(r.status, 204, "{r:?}; {}", vmm2.logs());
@@ -184,6 +230,12 @@ fn guest_on_nbd() {
          dd if=/dev/vdb bs=65536 skip=64 count=4 2>/dev/null | md5sum",
     );
     assert_eq!(back.split_whitespace().next(), Some(guest_md5.as_str()));
+    // With the moved attachment's token, the volume serves the restored VM.
+    let vol = sh(
+        &mut agent,
+        "dd if=/dev/vdc bs=65536 count=4 iflag=direct 2>/dev/null | md5sum",
+    );
+    assert_eq!(vol.split_whitespace().next(), Some(guest_md5.as_str()));
     drop(agent);
     drop(vmm2);
     stop(server);

@@ -1,0 +1,75 @@
+//! An `ember-volumed` child process (the volume service) on unix sockets
+//! in a directory of the caller's, driven over its API with curl.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifacts::workspace_bin;
+
+pub struct Volumed {
+    child: Child,
+    pub api: PathBuf,
+    pub nbd: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl Volumed {
+    pub fn start(dir: &Path) -> Volumed {
+        let api = dir.join("volumed.sock");
+        let nbd = dir.join("volumed-nbd.sock");
+        let data_dir = dir.join("volumed-data");
+        let child = Command::new(workspace_bin("ember-volumed"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--nbd-socket")
+            .arg(&nbd)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ember-volumed");
+        let start = Instant::now();
+        while !(api.exists() && nbd.exists()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ember-volumed did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Volumed {
+            child,
+            api,
+            nbd,
+            data_dir,
+        }
+    }
+
+    /// One API call: (status, JSON body or Null).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-X", method, "--unix-socket"])
+            .arg(&self.api)
+            .args(["-w", "\n%{http_code}"]);
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "-d", b]);
+        }
+        let out = c.arg(format!("http://v{path}")).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("status line");
+        let v = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        (code.trim().parse().expect("status"), v)
+    }
+
+    /// The image file of volume `name`.
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(format!("{name}.img"))
+    }
+}
+
+impl Drop for Volumed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
