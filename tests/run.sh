@@ -9,7 +9,7 @@ export EMBER_CACHE_DIR="${EMBER_CACHE_DIR:-/var/cache/ember}"
 mkdir -p "$EMBER_CACHE_DIR"
 
 need_apt=()
-for tool in curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs python3:python3 ip:iproute2 nft:nftables; do
+for tool in curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs python3:python3 ip:iproute2 nft:nftables qemu-storage-daemon:qemu-utils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -98,6 +98,8 @@ impl Vmm {
         if self.state != VmState::Paused {
             return Err(SnapshotError::NotPaused);
         }
+        // Checked before anything is saved or written.
+        let virtio = save_virtio(&self.virtio.slots).map_err(SnapshotError::Unsupported)?;
         let tracking = self.resources.machine_config.track_dirty_pages;
         let diff = params.snapshot_type == SnapshotType::Diff;
         if diff && !tracking {
@@ -113,7 +115,6 @@ impl Vmm {
             .map(|v| v.save_state(self.vm.msr_indices()))
             .collect::<Result<Vec<_>, _>>()?;
         let vm = VmStateSaved::save(self.vm.fd())?;
-        let virtio = save_virtio(&self.virtio.slots);
         let devices = DevicesState {
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),

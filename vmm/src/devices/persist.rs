@@ -14,6 +14,7 @@ use super::legacy::{I8042State, SerialConsoleState};
 use super::virtio::block::{Block, BlockError, BlockState};
 use super::virtio::mmio::MmioRestoreError;
 use super::virtio::net::{Net, NetError, NetState};
+use super::virtio::vhost_user_block::VhostUserBlock;
 use super::virtio::vsock::{Vsock, VsockError, VsockState};
 use super::virtio::{Mem, MmioTransport, MmioTransportState, VirtioDevice};
 
@@ -72,6 +73,8 @@ pub enum VirtioDeviceHandle {
     Block(Arc<Mutex<Block>>),
     Vsock(Arc<Mutex<Vsock>>),
     Net(Arc<Mutex<Net>>),
+    /// Not snapshottable yet: `Vmm::create_snapshot` refuses a VM with one.
+    VhostUserBlock(Arc<Mutex<VhostUserBlock>>),
 }
 
 impl VirtioDeviceHandle {
@@ -81,6 +84,7 @@ impl VirtioDeviceHandle {
             VirtioDeviceHandle::Block(b) => f(&mut *lock(b)),
             VirtioDeviceHandle::Vsock(v) => f(&mut *lock(v)),
             VirtioDeviceHandle::Net(n) => f(&mut *lock(n)),
+            VirtioDeviceHandle::VhostUserBlock(b) => f(&mut *lock(b)),
         }
     }
 
@@ -90,6 +94,7 @@ impl VirtioDeviceHandle {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Vsock(v) => v.clone(),
             VirtioDeviceHandle::Net(n) => n.clone(),
+            VirtioDeviceHandle::VhostUserBlock(b) => b.clone(),
         }
     }
 }
@@ -97,18 +102,28 @@ impl VirtioDeviceHandle {
 /// Saves every virtio slot, in slot order. Run on the VMM thread (no queue
 /// processing meanwhile), with the vCPUs paused, at the same point as
 /// guest memory.
+/// Fails on a device kind that cannot be saved (vhost-user).
 pub fn save_virtio(
     slots: &[(VirtioDeviceHandle, Arc<Mutex<MmioTransport>>)],
-) -> Vec<VirtioSlotState> {
+) -> Result<Vec<VirtioSlotState>, String> {
     slots
         .iter()
-        .map(|(dev, transport)| VirtioSlotState {
-            device: match dev {
+        .map(|(dev, transport)| {
+            let device = match dev {
                 VirtioDeviceHandle::Block(b) => VirtioDeviceState::Block(lock(b).state()),
                 VirtioDeviceHandle::Vsock(v) => VirtioDeviceState::Vsock(lock(v).state()),
                 VirtioDeviceHandle::Net(n) => VirtioDeviceState::Net(lock(n).state()),
-            },
-            transport: lock(transport).state(),
+                VirtioDeviceHandle::VhostUserBlock(b) => {
+                    return Err(format!(
+                        "drive {} is a vhost-user device; snapshots of those are not supported yet",
+                        lock(b).id()
+                    ))
+                }
+            };
+            Ok(VirtioSlotState {
+                device,
+                transport: lock(transport).state(),
+            })
         })
         .collect()
 }

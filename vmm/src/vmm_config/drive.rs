@@ -18,4 +18,9 @@ pub struct BlockDeviceConfig {
     /// Serial id reported to the guest (VIRTIO_BLK_T_GET_ID); defaults to drive_id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Firecracker's `socket`: the unix socket of a vhost-user-blk backend
+    /// serving this drive (then `path_on_host` stays empty). Absent in
+    /// snapshots taken before vhost-user support, hence the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }

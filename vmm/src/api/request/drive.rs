@@ -40,6 +40,7 @@ mod tests {
                 partuuid: None,
                 cache_type: None,
                 serial: None,
+                socket: None,
             }))
         );
     }

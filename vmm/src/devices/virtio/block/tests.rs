@@ -24,6 +24,7 @@ fn config(path: &str) -> BlockDeviceConfig {
         partuuid: None,
         cache_type: None,
         serial: None,
+        socket: None,
     }
 }
 

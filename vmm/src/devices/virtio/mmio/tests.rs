@@ -366,6 +366,7 @@ fn block_device_through_transport_and_event_manager() {
             partuuid: None,
             cache_type: None,
             serial: None,
+            socket: None,
         })
         .unwrap(),
     ));
