@@ -2,8 +2,10 @@
 //! external vhost-user-blk backend): bad sockets and a backend that speaks
 //! garbage are refused with 400s; then one booted guest raw-writes,
 //! flushes and reads back its vhost-user drive (checked on the host file
-//! too), a snapshot of it is refused with a clear error, and the backend is
-//! killed mid-I/O while the API and the guest agent keep answering.
+//! too), is snapshotted and resumed, and the backend is killed mid-I/O
+//! while the API and the guest agent keep answering; the snapshot is then
+//! restored onto a copy of the disk behind a new backend socket and reads
+//! back the same data.
 //! Needs /dev/kvm and qemu-storage-daemon (package qemu-utils).
 
 use std::io::{Read, Write};
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::snapshots::{connect_restored, pause, snapshot_paused};
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
@@ -220,24 +223,23 @@ fn guest_uses_vhost_user_drive_and_survives_backend_death() {
     let host_sum = String::from_utf8_lossy(&host_sum.stdout).into_owned();
     assert_eq!(host_sum.split_whitespace().next(), Some(guest_sum.as_str()));
 
-    // Snapshots of vhost-user drives are refused before anything is written.
-    assert_eq!(
-        vmm.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#))
-            .status,
-        204
+    // Snapshot: the pause stops the backend's ring, the resume restarts
+    // it. The disk is copied while paused, for the restore below.
+    let readback = format!(
+        "echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb bs=1024 skip=1024 count={PATTERN_KIB} 2>/dev/null | md5sum"
     );
-    let r = vmm.put(
-        "/snapshot/create",
-        &json!({"snapshot_path": vmm.path("s.state"), "mem_file_path": vmm.path("s.mem")}),
-    );
-    assert_eq!(r.status, 400, "{r:?}");
-    assert!(r.fault().contains("vhost-user"), "{}", r.fault());
-    assert!(!vmm.path("s.mem").exists());
+    pause(&vmm);
+    let (snap_dir, snapshot, mem, _) = snapshot_paused(&vmm, "ember-vu-");
+    let image2 = snap_dir.path().join("disk2.raw");
+    std::fs::copy(&image, &image2).unwrap();
     assert_eq!(
         vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#))
             .status,
         204
     );
+    let again = guest_sh(&mut agent, &vmm, &readback);
+    assert_eq!(again.split_whitespace().next(), Some(guest_sum.as_str()));
 
     // Backend death mid-I/O: a long write runs in the guest's background.
     guest_sh(
@@ -270,4 +272,33 @@ fn guest_uses_vhost_user_drive_and_survives_backend_death() {
     // The guest itself keeps running: its agent answers.
     guest_sh(&mut agent, &vmm, "echo alive");
     assert!(vmm.try_wait().is_none(), "VMM exited; {}", vmm.logs());
+
+    drop(agent);
+    drop(vmm);
+
+    // Restore onto a copy of the disk behind a new backend and socket.
+    let sock2 = snap_dir.path().join("vu2.sock");
+    let _qsd2 = Qsd::start(&image2, &sock2);
+    let clone = VmmProcess::spawn(&[]);
+    let r = clone.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "vsock_override": {"uds_path": clone.path("vsock.sock")},
+                "vhost_user_overrides": [{"drive_id": "data", "socket": sock2}],
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", clone.logs());
+    let mut agent = connect_restored(&clone);
+    let restored = guest_sh(&mut agent, &clone, &readback);
+    assert_eq!(restored.split_whitespace().next(), Some(guest_sum.as_str()));
+    // And new I/O works on the new backend.
+    guest_sh(
+        &mut agent,
+        &clone,
+        "dd if=/dev/urandom of=/tmp/q bs=4096 count=16 2>/dev/null && \
+         dd if=/tmp/q of=/dev/vdb bs=4096 seek=4096 conv=fsync 2>/dev/null && \
+         echo 3 > /proc/sys/vm/drop_caches && \
+         dd if=/dev/vdb of=/tmp/q2 bs=4096 skip=4096 count=16 2>/dev/null && cmp /tmp/q /tmp/q2",
+    );
 }

@@ -428,7 +428,20 @@ pub fn restore_from_snapshot(
         )));
     }
     let backend_path = std::path::Path::new(&backend.backend_path);
+    let vhost_user = state.resources.drives.iter().any(|d| d.socket.is_some());
     let (mem, uffd) = match backend.backend_type {
+        // A vhost-user backend maps guest memory: a shared copy of the file.
+        MemBackendType::File if vhost_user => (
+            snapshot::memory::load_shared(backend_path, &state.memory)?,
+            None,
+        ),
+        MemBackendType::Uffd if vhost_user => {
+            return Err(RestoreError::Invalid(
+                "the Uffd memory backend cannot serve vhost-user drives (their memory \
+                 must be shared); use the File backend"
+                    .into(),
+            ))
+        }
         MemBackendType::File => (
             snapshot::memory::map_file(backend_path, &state.memory)?,
             None,
@@ -472,7 +485,24 @@ pub fn restore_from_snapshot(
             .iter()
             .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
             .collect(),
+        vhost_user_sockets: params
+            .vhost_user_overrides
+            .iter()
+            .map(|o| (o.drive_id.clone(), o.socket.clone()))
+            .collect(),
     };
+    for o in &params.vhost_user_overrides {
+        if !resources
+            .drives
+            .iter()
+            .any(|d| d.drive_id == o.drive_id && d.socket.is_some())
+        {
+            return Err(RestoreError::Invalid(format!(
+                "vhost_user_overrides: the snapshot has no vhost-user drive {:?}",
+                o.drive_id
+            )));
+        }
+    }
     for o in &params.network_overrides {
         if !resources
             .network_interfaces
@@ -495,6 +525,9 @@ pub fn restore_from_snapshot(
     for d in &mut resources.drives {
         if let Some(p) = overrides.drive_paths.get(&d.drive_id) {
             d.path_on_host = p.clone();
+        }
+        if let Some(s) = overrides.vhost_user_sockets.get(&d.drive_id) {
+            d.socket = Some(s.clone());
         }
     }
     for n in &mut resources.network_interfaces {

@@ -14,7 +14,7 @@ use super::legacy::{I8042State, SerialConsoleState};
 use super::virtio::block::{Block, BlockError, BlockState};
 use super::virtio::mmio::MmioRestoreError;
 use super::virtio::net::{Net, NetError, NetState};
-use super::virtio::vhost_user_block::VhostUserBlock;
+use super::virtio::vhost_user_block::{VhostUserBlock, VhostUserBlockError, VhostUserBlockState};
 use super::virtio::vsock::{Vsock, VsockError, VsockState};
 use super::virtio::{Mem, MmioTransport, MmioTransportState, VirtioDevice};
 
@@ -23,6 +23,7 @@ pub enum VirtioDeviceState {
     Block(BlockState),
     Vsock(VsockState),
     Net(NetState),
+    VhostUserBlock(VhostUserBlockState),
 }
 
 /// One virtio-mmio slot: the transport and the device behind it.
@@ -49,6 +50,8 @@ pub struct RestoreOverrides {
     pub vsock_uds_path: Option<String>,
     /// iface_id -> host_dev_name (each clone its own tap).
     pub net_tap_names: HashMap<String, String>,
+    /// drive_id -> socket of its vhost-user backend.
+    pub vhost_user_sockets: HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,11 @@ pub enum DevicePersistError {
     Vsock { slot: usize, source: VsockError },
     #[error("virtio slot {slot}: {source}")]
     Net { slot: usize, source: NetError },
+    #[error("virtio slot {slot}: {source}")]
+    VhostUserBlock {
+        slot: usize,
+        source: VhostUserBlockError,
+    },
     #[error("virtio slot {slot}: transport: {source}")]
     Transport {
         slot: usize,
@@ -73,7 +81,6 @@ pub enum VirtioDeviceHandle {
     Block(Arc<Mutex<Block>>),
     Vsock(Arc<Mutex<Vsock>>),
     Net(Arc<Mutex<Net>>),
-    /// Not snapshottable yet: `Vmm::create_snapshot` refuses a VM with one.
     VhostUserBlock(Arc<Mutex<VhostUserBlock>>),
 }
 
@@ -102,7 +109,6 @@ impl VirtioDeviceHandle {
 /// Saves every virtio slot, in slot order. Run on the VMM thread (no queue
 /// processing meanwhile), with the vCPUs paused, at the same point as
 /// guest memory.
-/// Fails on a device kind that cannot be saved (vhost-user).
 pub fn save_virtio(
     slots: &[(VirtioDeviceHandle, Arc<Mutex<MmioTransport>>)],
 ) -> Result<Vec<VirtioSlotState>, String> {
@@ -114,10 +120,7 @@ pub fn save_virtio(
                 VirtioDeviceHandle::Vsock(v) => VirtioDeviceState::Vsock(lock(v).state()),
                 VirtioDeviceHandle::Net(n) => VirtioDeviceState::Net(lock(n).state()),
                 VirtioDeviceHandle::VhostUserBlock(b) => {
-                    return Err(format!(
-                        "drive {} is a vhost-user device; snapshots of those are not supported yet",
-                        lock(b).id()
-                    ))
+                    VirtioDeviceState::VhostUserBlock(lock(b).state())
                 }
             };
             Ok(VirtioSlotState {
@@ -159,6 +162,13 @@ pub fn restore_virtio(
                 .map_err(|source| DevicePersistError::Net { slot, source })?;
             let dev = Arc::new(Mutex::new(dev));
             (VirtioDeviceHandle::Net(dev.clone()), dev)
+        }
+        VirtioDeviceState::VhostUserBlock(b) => {
+            let socket = overrides.vhost_user_sockets.get(&b.config.drive_id);
+            let dev = VhostUserBlock::restore(b, socket.map(String::as_str))
+                .map_err(|source| DevicePersistError::VhostUserBlock { slot, source })?;
+            let dev = Arc::new(Mutex::new(dev));
+            (VirtioDeviceHandle::VhostUserBlock(dev.clone()), dev)
         }
     };
     let transport = MmioTransport::restore(mem.clone(), device, &state.transport)

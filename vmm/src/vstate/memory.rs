@@ -38,13 +38,21 @@ pub fn create_anonymous(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryEr
 /// an out-of-process device backend (vhost-user) can map the same pages
 /// from the file descriptor. Each region maps its own slice of the memfd.
 pub fn create_shared(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryError> {
+    create_shared_regions(&arch_memory_regions((mem_size_mib as u64) << 20))
+}
+
+/// Shared guest memory (as `create_shared`) with the given regions.
+pub fn create_shared_regions(
+    regions: &[(vm_memory::GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let size: u64 = regions.iter().map(|r| r.1 as u64).sum();
+    let mem_size_mib = (size >> 20) as usize;
     use std::os::fd::FromRawFd;
     use vm_memory::FileOffset;
     let err = |e: String| MemoryError::Create {
         mib: mem_size_mib,
         err: e,
     };
-    let size = (mem_size_mib as u64) << 20;
     let name = std::ffi::CString::new(GUEST_MEMORY_VMA_NAME).expect("no NUL in name");
     // SAFETY: the name is a valid NUL-terminated string that outlives the
     // call; the result is checked before use.
@@ -61,9 +69,9 @@ pub fn create_shared(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryError
         .map_err(|e| err(format!("sizing the memfd: {e}")))?;
     let file = std::sync::Arc::new(file);
     let mut offset = 0u64;
-    let ranges: Vec<_> = arch_memory_regions(size)
-        .into_iter()
-        .map(|(addr, len)| {
+    let ranges: Vec<_> = regions
+        .iter()
+        .map(|&(addr, len)| {
             let r = (addr, len, Some(FileOffset::from_arc(file.clone(), offset)));
             offset += len as u64;
             r

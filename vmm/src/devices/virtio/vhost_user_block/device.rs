@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vhost::vhost_user::Frontend;
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend;
@@ -43,8 +43,11 @@ const EV_CALL: u32 = 0;
 const EV_HANGUP: u32 = 1;
 
 struct Active {
+    mem: Mem,
     queues: Vec<Queue>,
     interrupt: Arc<Interrupt>,
+    /// Stopped in the backend at a pause; restarted at resume.
+    stopped: bool,
 }
 
 pub struct VhostUserBlock {
@@ -107,6 +110,67 @@ impl VhostUserBlock {
         let mut b = [0u8; 8];
         read_config_bytes(&self.config_space, 0, &mut b);
         u64::from_le_bytes(b)
+    }
+
+    pub(super) fn config_space(&self) -> &[u8] {
+        &self.config_space
+    }
+
+    /// Starts the active rings in the backend and kicks them once, since
+    /// the backend only looks at a ring on a kick.
+    fn start(&mut self) {
+        let Some(a) = &self.active else {
+            return;
+        };
+        let started = if self.disconnected {
+            Err("backend already disconnected".to_string())
+        } else {
+            let kicks: Vec<&EventFd> = self.queue_evts.iter().map(|e| e.as_ref()).collect();
+            let _guard = self.watchdog.guard();
+            backend::start_rings(
+                &mut self.frontend,
+                self.acked_features,
+                &a.mem,
+                &a.queues,
+                &kicks,
+                &self.call_evt,
+            )
+        };
+        match started {
+            Ok(()) => {
+                if let Err(e) = self.queue_evts[0].write(1) {
+                    log::warn!("vhost-user-blk: cannot kick queue: {e}");
+                }
+            }
+            Err(e) => self.on_disconnect(&format!("failed to start the rings ({e})")),
+        }
+    }
+
+    /// Stops the rings in the backend and takes over their positions.
+    fn stop(&mut self) {
+        if self.disconnected {
+            return;
+        }
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let res = {
+            let _guard = self.watchdog.guard();
+            vhost::VhostBackend::get_vring_base(&self.frontend, 0)
+        };
+        a.stopped = true;
+        match res {
+            Ok(base) => {
+                let q = &mut a.queues[0];
+                q.set_next_avail(base as u16);
+                // Everything the backend finished is in the used ring.
+                match q.used_idx(&a.mem, std::sync::atomic::Ordering::Acquire) {
+                    Ok(used) => q.set_next_used(used.0),
+                    Err(e) => log::warn!("vhost-user-blk: cannot read used index: {e}"),
+                }
+            }
+            Err(e) => self.on_disconnect(&format!("failed to stop its ring ({e})")),
+        }
     }
 
     pub fn is_disconnected(&self) -> bool {
@@ -178,30 +242,13 @@ impl VirtioDevice for VhostUserBlock {
                 got: queues.len(),
             });
         }
-        let kicks: Vec<&EventFd> = self.queue_evts.iter().map(|e| e.as_ref()).collect();
-        let started = if self.disconnected {
-            Err("backend already disconnected".to_string())
-        } else {
-            let _guard = self.watchdog.guard();
-            backend::start_rings(
-                &mut self.frontend,
-                self.acked_features,
-                &mem,
-                &queues,
-                &kicks,
-                &self.call_evt,
-            )
-        };
-        self.active = Some(Active { queues, interrupt });
-        match started {
-            // Requests queued before DRIVER_OK: the backend only looks on a kick.
-            Ok(()) => {
-                if let Err(e) = self.queue_evts[0].write(1) {
-                    log::warn!("vhost-user-blk: cannot kick queue after activation: {e}");
-                }
-            }
-            Err(e) => self.on_disconnect(&format!("failed at activation ({e})")),
-        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+            stopped: false,
+        });
+        self.start();
         Ok(())
     }
 
@@ -216,17 +263,23 @@ impl VirtioDevice for VhostUserBlock {
             .collect()
     }
 
-    fn reset(&mut self) {
-        if self.active.take().is_some() && !self.disconnected {
-            // GET_VRING_BASE stops the ring in the backend.
-            let stopped = {
-                let _guard = self.watchdog.guard();
-                vhost::VhostBackend::get_vring_base(&self.frontend, 0)
-            };
-            if let Err(e) = stopped {
-                self.on_disconnect(&format!("failed to stop its ring ({e})"));
+    fn on_pause(&mut self) {
+        self.stop();
+    }
+
+    fn on_resume(&mut self) {
+        if self.active.as_ref().is_some_and(|a| a.stopped) {
+            if let Some(a) = self.active.as_mut() {
+                a.stopped = false;
             }
+            self.start();
         }
+    }
+
+    fn reset(&mut self) {
+        // GET_VRING_BASE stops the ring in the backend.
+        self.stop();
+        self.active = None;
         self.acked_features = 0;
     }
 }

@@ -3,6 +3,11 @@
 //! transport and relays interrupts; the backend reads the rings and guest
 //! memory (shared by file descriptor) itself.
 //!
+//! Pausing the VM stops the ring in the backend (GET_VRING_BASE gives its
+//! position, which the snapshot saves); resuming starts it again. Requests
+//! the backend still had in flight at the pause are not tracked (no
+//! inflight-fd support yet).
+//!
 //! A backend that disconnects: the device sets DEVICE_NEEDS_RESET and
 //! raises a config interrupt, logs one error line, and stops relaying. The
 //! guest's in-flight requests never complete (its block layer times them
@@ -11,11 +16,13 @@
 
 mod backend;
 mod device;
+mod persist;
 #[cfg(test)]
 mod tests;
 mod watchdog;
 
 pub use device::VhostUserBlock;
+pub use persist::VhostUserBlockState;
 
 /// Why a vhost-user block device could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -109,26 +109,25 @@ fn backend_without_version_1_is_refused() {
     );
 }
 
-/// qemu-storage-daemon serving a 4 MiB file: capacity and features.
-#[test]
-fn negotiates_with_qemu_storage_daemon() {
+/// qemu-storage-daemon serving a new file of `size` bytes in `dir`; None
+/// (with a SKIPPED line) when it is not installed.
+fn qsd(dir: &Path, name: &str, size: u64) -> Option<(std::process::Child, std::path::PathBuf)> {
     if Command::new("qemu-storage-daemon")
         .arg("--version")
         .output()
         .is_err()
     {
         eprintln!("SKIPPED: qemu-storage-daemon is not installed (package qemu-utils)");
-        return;
+        return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("d.raw");
+    let image = dir.join(format!("{name}.raw"));
     std::fs::File::create(&image)
         .unwrap()
-        .set_len(4 << 20)
+        .set_len(size)
         .unwrap();
-    let sock = dir.path().join("q.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .args(["--blockdev"])
+    let sock = dir.join(format!("{name}.sock"));
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
         .arg(format!(
             "driver=file,node-name=f0,filename={}",
             image.display()
@@ -145,13 +144,48 @@ fn negotiates_with_qemu_storage_daemon() {
     while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    Some((child, sock))
+}
+
+#[test]
+fn negotiates_with_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut child, sock)) = qsd(dir.path(), "a", 4 << 20) else {
+        return;
+    };
     let dev = VhostUserBlock::new(&config(&sock));
-    let _ = qsd.kill();
-    let _ = qsd.wait();
+    let _ = child.kill();
+    let _ = child.wait();
     let dev = dev.unwrap();
     assert_eq!(dev.capacity(), (4 << 20) / 512);
     assert_eq!(dev.device_type(), TYPE_BLOCK);
     assert_ne!(dev.avail_features() & (1 << VIRTIO_F_VERSION_1), 0);
     // The vhost-user-only bit never reaches the guest.
     assert_eq!(dev.avail_features() & (1 << 30), 0);
+}
+
+/// A restore reconnects to the override socket and refuses a backend whose
+/// disk has another capacity.
+#[test]
+fn restore_checks_the_new_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut a, sock_a)) = qsd(dir.path(), "a", 4 << 20) else {
+        return;
+    };
+    let (mut b, sock_b) = qsd(dir.path(), "b", 8 << 20).unwrap();
+    let (mut c, sock_c) = qsd(dir.path(), "c", 4 << 20).unwrap();
+    let mut dev = VhostUserBlock::new(&config(&sock_a)).unwrap();
+    dev.set_acked_features(1 << VIRTIO_F_VERSION_1);
+    let state = dev.state();
+    let other = VhostUserBlock::restore(&state, sock_b.to_str()).err();
+    let same = VhostUserBlock::restore(&state, sock_c.to_str());
+    for p in [&mut a, &mut b, &mut c] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let other = other.map(|e| e.to_string()).unwrap_or_default();
+    assert!(other.contains("capacity"), "{other}");
+    let same = same.unwrap();
+    assert_eq!(same.acked_features(), 1 << VIRTIO_F_VERSION_1);
+    assert_eq!(same.config().socket.as_deref(), sock_c.to_str());
 }
