@@ -111,22 +111,19 @@ impl VirtioDeviceHandle {
 /// guest memory.
 pub fn save_virtio(
     slots: &[(VirtioDeviceHandle, Arc<Mutex<MmioTransport>>)],
-) -> Result<Vec<VirtioSlotState>, String> {
+) -> Vec<VirtioSlotState> {
     slots
         .iter()
-        .map(|(dev, transport)| {
-            let device = match dev {
+        .map(|(dev, transport)| VirtioSlotState {
+            device: match dev {
                 VirtioDeviceHandle::Block(b) => VirtioDeviceState::Block(lock(b).state()),
                 VirtioDeviceHandle::Vsock(v) => VirtioDeviceState::Vsock(lock(v).state()),
                 VirtioDeviceHandle::Net(n) => VirtioDeviceState::Net(lock(n).state()),
                 VirtioDeviceHandle::VhostUserBlock(b) => {
                     VirtioDeviceState::VhostUserBlock(lock(b).state())
                 }
-            };
-            Ok(VirtioSlotState {
-                device,
-                transport: lock(transport).state(),
-            })
+            },
+            transport: lock(transport).state(),
         })
         .collect()
 }

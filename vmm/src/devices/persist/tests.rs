@@ -120,7 +120,7 @@ fn block_restored_mid_use_continues_on_its_queue() {
     let regs_before: Vec<u32> = [0x08, 0x70, 0x60, 0xfc].map(|o| r(&mut t, o)).to_vec();
 
     let t = Arc::new(Mutex::new(t));
-    let saved = json(&save_virtio(&[(VirtioDeviceHandle::Block(block), t)]).unwrap());
+    let saved = json(&save_virtio(&[(VirtioDeviceHandle::Block(block), t)]));
     assert_eq!(saved.len(), 1);
     let VirtioDeviceState::Block(bs) = &saved[0].device else {
         panic!("not a block state: {:?}", saved[0].device);
@@ -201,8 +201,7 @@ fn block_state_with_bad_queue_address_is_refused() {
     ));
     let mut t = MmioTransport::new(mem.clone(), block.clone()).unwrap();
     bring_up(&mut t, F_VERSION_1, &[&vq]);
-    let mut saved =
-        save_virtio(&[(VirtioDeviceHandle::Block(block), Arc::new(Mutex::new(t)))]).unwrap();
+    let mut saved = save_virtio(&[(VirtioDeviceHandle::Block(block), Arc::new(Mutex::new(t)))]);
     saved[0].transport.queues[0].avail_ring = 0x2000_0000;
     let err = restore_virtio(&mem, 3, &saved[0], &RestoreOverrides::default())
         .err()
@@ -245,7 +244,10 @@ fn vsock_restored_resets_the_guest_transport() {
     evq.add_chain(&[wr(ev_buf + 0x100, 4)]);
 
     let t = Arc::new(Mutex::new(t));
-    let saved = json(&save_virtio(&[(VirtioDeviceHandle::Vsock(vsock.clone()), t)]).unwrap());
+    let saved = json(&save_virtio(&[(
+        VirtioDeviceHandle::Vsock(vsock.clone()),
+        t,
+    )]));
     let VirtioDeviceState::Vsock(vs) = &saved[0].device else {
         panic!("not a vsock state");
     };
@@ -297,7 +299,7 @@ fn inactive_vsock_restores_without_a_reset() {
     let t = Arc::new(Mutex::new(
         MmioTransport::new(mem.clone(), vsock.clone()).unwrap(),
     ));
-    let saved = save_virtio(&[(VirtioDeviceHandle::Vsock(vsock.clone()), t)]).unwrap();
+    let saved = save_virtio(&[(VirtioDeviceHandle::Vsock(vsock.clone()), t)]);
     drop(vsock);
     let (dev, t2) = restore_virtio(&mem, 0, &saved[0], &RestoreOverrides::default()).unwrap();
     let VirtioDeviceHandle::Vsock(v) = dev else {
