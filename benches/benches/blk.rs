@@ -45,7 +45,8 @@ os.fsync(fd)
 print(n, time.monotonic() - t0)
 "#;
 
-/// CPU time of the VMM's threads other than its vCPUs.
+/// CPU time of the VMM's threads other than its vCPUs (threads that ended
+/// meanwhile drop out, hence the saturating differences).
 fn vmm_cpu(pid: u32) -> Duration {
     let mut ns = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -99,8 +100,8 @@ fn run(agent: &mut AgentClient, vmm: &VmmProcess, qsd: u32, dev: &str, mode: &st
     Run {
         ops,
         secs,
-        vmm_us_per_io: per(v1 - v0),
-        qsd_us_per_io: per(q1 - q0),
+        vmm_us_per_io: per(v1.saturating_sub(v0)),
+        qsd_us_per_io: per(q1.saturating_sub(q0)),
     }
 }
 
