@@ -118,7 +118,7 @@ fn main() {
             .unwrap();
     }
     let sock = vmm.path("vu.sock");
-    let mut qsd = start_qsd(&vu_img, &sock);
+    let qsd = KillOnDrop(start_qsd(&vu_img, &sock));
     let vsock = vmm.path("vsock.sock");
     let ready = bind_ready_listener(&vsock).unwrap();
     vmm.boot_with_drives(
@@ -140,8 +140,8 @@ fn main() {
     assert_eq!(r.exit_code, Some(0));
 
     for mode in ["randread", "randwrite", "seqread", "seqwrite"] {
-        let f = run(&mut agent, &vmm, qsd.id(), "/dev/vdb", mode);
-        let v = run(&mut agent, &vmm, qsd.id(), "/dev/vdc", mode);
+        let f = run(&mut agent, &vmm, qsd.0.id(), "/dev/vdb", mode);
+        let v = run(&mut agent, &vmm, qsd.0.id(), "/dev/vdc", mode);
         let rate = |r: &Run| r.ops as f64 / r.secs;
         let unit = if mode.starts_with("rand") {
             "IOPS (4 KiB)"
@@ -159,8 +159,16 @@ fn main() {
             rate(&v) / rate(&f).max(f64::MIN_POSITIVE)
         );
     }
-    let _ = qsd.kill();
-    let _ = qsd.wait();
+}
+
+/// Ends the backend even when a measurement panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn start_qsd(image: &Path, sock: &Path) -> std::process::Child {
