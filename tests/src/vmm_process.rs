@@ -129,6 +129,18 @@ impl VmmProcess {
     /// Configures and boots a guest with the project's kernel and rootfs,
     /// a vsock device at `vsock.sock` in the test dir, and `vcpus` vCPUs.
     pub fn boot(&self, kernel: &Path, rootfs: &Path, vcpus: u8, mem_mib: u32) {
+        self.boot_with_drives(kernel, rootfs, vcpus, mem_mib, &[]);
+    }
+
+    /// `boot` with extra `PUT /drives` bodies (after the root drive).
+    pub fn boot_with_drives(
+        &self,
+        kernel: &Path,
+        rootfs: &Path,
+        vcpus: u8,
+        mem_mib: u32,
+        drives: &[serde_json::Value],
+    ) {
         let ok = |r: ApiReply, what: &str| {
             assert_eq!(r.status, 204, "{what}: {r:?}; {}", self.logs());
         };
@@ -157,6 +169,10 @@ impl VmmProcess {
             ),
             "rootfs drive",
         );
+        for d in drives {
+            let id = d["drive_id"].as_str().unwrap_or_default();
+            ok(self.put(&format!("/drives/{id}"), d), "extra drive");
+        }
         ok(
             self.put(
                 "/vsock",

@@ -20,6 +20,7 @@ pub use crate::devices::persist::VirtioDeviceHandle;
 use crate::devices::persist::{restore_virtio, RestoreOverrides};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vhost_user_block::VhostUserBlock;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 use crate::snapshot::{self, MicrovmState};
@@ -86,7 +87,12 @@ pub fn build_and_boot(
     let mc = &res.machine_config;
     mc.validate().map_err(StartError::MachineConfig)?;
 
-    let mem = memory::create_anonymous(mc.mem_size_mib)?;
+    // A vhost-user backend maps guest memory itself: it must be shareable.
+    let mem = if res.drives.iter().any(|d| d.socket.is_some()) {
+        memory::create_shared(mc.mem_size_mib)?
+    } else {
+        memory::create_anonymous(mc.mem_size_mib)?
+    };
     let vm = Vm::new()?;
     vm.register_memory(&mem, mc.track_dirty_pages)?;
     vm.setup_irqchip()?;
@@ -294,9 +300,16 @@ fn attach_virtio_devices(
     // The root device becomes /dev/vda.
     drives.sort_by_key(|d| !d.is_root_device);
     for cfg in drives {
-        let block = Arc::new(Mutex::new(
-            Block::new(cfg).map_err(|e| dev_err(format!("drive {}: {e}", cfg.drive_id)))?,
-        ));
+        let (handle, device): (_, Arc<Mutex<dyn crate::devices::virtio::VirtioDevice>>) =
+            if cfg.socket.is_some() {
+                let dev = Arc::new(Mutex::new(VhostUserBlock::new(cfg).map_err(dev_err)?));
+                (VirtioDeviceHandle::VhostUserBlock(dev.clone()), dev)
+            } else {
+                let dev = Arc::new(Mutex::new(
+                    Block::new(cfg).map_err(|e| dev_err(format!("drive {}: {e}", cfg.drive_id)))?,
+                ));
+                (VirtioDeviceHandle::Block(dev.clone()), dev)
+            };
         if cfg.is_root_device && !cmdline_has(cmdline, "root=") {
             let root = match &cfg.partuuid {
                 Some(uuid) => format!("root=PARTUUID={uuid}"),
@@ -309,12 +322,11 @@ fn attach_virtio_devices(
                 .insert_str(if cfg.is_read_only { "ro" } else { "rw" })
                 .map_err(|e| StartError::Cmdline(e.to_string()))?;
         }
-        let transport = MmioTransport::new(mem.clone(), block.clone()).map_err(dev_err)?;
-        let slot = attach_transport(transport, block.clone(), devices.slots.len(), vm, mmio, em)?;
+        let transport = MmioTransport::new(mem.clone(), device).map_err(dev_err)?;
+        let subscriber = handle.subscriber();
+        let slot = attach_transport(transport, subscriber, devices.slots.len(), vm, mmio, em)?;
         add_cmdline_device(cmdline, &slot)?;
-        devices
-            .slots
-            .push((VirtioDeviceHandle::Block(block), slot.2));
+        devices.slots.push((handle, slot.2));
     }
     if let Some(cfg) = &res.vsock {
         let vsock = Arc::new(Mutex::new(
@@ -416,7 +428,20 @@ pub fn restore_from_snapshot(
         )));
     }
     let backend_path = std::path::Path::new(&backend.backend_path);
+    let vhost_user = state.resources.drives.iter().any(|d| d.socket.is_some());
     let (mem, uffd) = match backend.backend_type {
+        // A vhost-user backend maps guest memory: a shared copy of the file.
+        MemBackendType::File if vhost_user => (
+            snapshot::memory::load_shared(backend_path, &state.memory)?,
+            None,
+        ),
+        MemBackendType::Uffd if vhost_user => {
+            return Err(RestoreError::Invalid(
+                "the Uffd memory backend cannot serve vhost-user drives (their memory \
+                 must be shared); use the File backend"
+                    .into(),
+            ))
+        }
         MemBackendType::File => (
             snapshot::memory::map_file(backend_path, &state.memory)?,
             None,
@@ -460,7 +485,24 @@ pub fn restore_from_snapshot(
             .iter()
             .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
             .collect(),
+        vhost_user_sockets: params
+            .vhost_user_overrides
+            .iter()
+            .map(|o| (o.drive_id.clone(), o.socket.clone()))
+            .collect(),
     };
+    for o in &params.vhost_user_overrides {
+        if !resources
+            .drives
+            .iter()
+            .any(|d| d.drive_id == o.drive_id && d.socket.is_some())
+        {
+            return Err(RestoreError::Invalid(format!(
+                "vhost_user_overrides: the snapshot has no vhost-user drive {:?}",
+                o.drive_id
+            )));
+        }
+    }
     for o in &params.network_overrides {
         if !resources
             .network_interfaces
@@ -483,6 +525,9 @@ pub fn restore_from_snapshot(
     for d in &mut resources.drives {
         if let Some(p) = overrides.drive_paths.get(&d.drive_id) {
             d.path_on_host = p.clone();
+        }
+        if let Some(s) = overrides.vhost_user_sockets.get(&d.drive_id) {
+            d.socket = Some(s.clone());
         }
     }
     for n in &mut resources.network_interfaces {

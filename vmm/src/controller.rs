@@ -190,6 +190,9 @@ impl Controller {
             }
             PutDrive(d) => {
                 d.validate().map_err(VmmActionError::InvalidInput)?;
+                if let Some(sock) = &d.socket {
+                    check_vhost_user_socket(&d.drive_id, &d.path_on_host, sock)?;
+                }
                 if d.nbd_uri.is_some() {
                     // Catch unreachable or non-NBD servers now, as a 400,
                     // rather than at InstanceStart.
@@ -320,6 +323,24 @@ impl Controller {
             })?;
         self.vmm = Some(vmm);
         Ok(VmmData::Empty)
+    }
+}
+
+/// A vhost-user drive names an existing unix socket and no file.
+fn check_vhost_user_socket(drive_id: &str, path: &str, socket: &str) -> Result<(), VmmActionError> {
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |why: String| {
+        Err(VmmActionError::InvalidInput(format!(
+            "drive {drive_id}: {why}"
+        )))
+    };
+    if !path.is_empty() {
+        return bad("path_on_host and socket are mutually exclusive".into());
+    }
+    match std::fs::metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => bad(format!("socket {socket} is not a unix socket")),
+        Err(e) => bad(format!("socket {socket}: {e}")),
     }
 }
 

@@ -145,7 +145,15 @@ const API: &[libc::c_long] = &[
 ];
 
 /// vCPU threads: KVM_RUN, bus accesses to devices, and the kick signal.
-const VCPU: &[libc::c_long] = &[libc::SYS_tgkill, libc::SYS_fsync, libc::SYS_fdatasync];
+const VCPU: &[libc::c_long] = &[
+    libc::SYS_tgkill,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    // A vhost-user device is activated and reset by the driver's Status
+    // writes, on the vCPU: those requests go to the backend's socket.
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+];
 
 fn syscalls(kind: ThreadKind) -> Vec<libc::c_long> {
     let extra = match kind {

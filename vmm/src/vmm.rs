@@ -100,6 +100,15 @@ impl Vmm {
         }
         let tracking = self.resources.machine_config.track_dirty_pages;
         let diff = params.snapshot_type == SnapshotType::Diff;
+        // A vhost-user backend writes guest memory behind both KVM's dirty
+        // log and the VMM's bitmap: a Diff would miss those pages.
+        if diff && self.resources.drives.iter().any(|d| d.socket.is_some()) {
+            return Err(SnapshotError::Unsupported(
+                "Diff snapshots cannot track the guest memory that vhost-user backends \
+                 write; take a Full snapshot"
+                    .into(),
+            ));
+        }
         if diff && !tracking {
             return Err(SnapshotError::Unsupported(
                 "Diff snapshots need track_dirty_pages in machine-config, or \

@@ -14,6 +14,7 @@ use super::legacy::{I8042State, SerialConsoleState};
 use super::virtio::block::{Block, BlockError, BlockState};
 use super::virtio::mmio::MmioRestoreError;
 use super::virtio::net::{Net, NetError, NetState};
+use super::virtio::vhost_user_block::{VhostUserBlock, VhostUserBlockError, VhostUserBlockState};
 use super::virtio::vsock::{Vsock, VsockError, VsockState};
 use super::virtio::{Mem, MmioTransport, MmioTransportState, VirtioDevice};
 
@@ -22,6 +23,7 @@ pub enum VirtioDeviceState {
     Block(BlockState),
     Vsock(VsockState),
     Net(NetState),
+    VhostUserBlock(VhostUserBlockState),
 }
 
 /// One virtio-mmio slot: the transport and the device behind it.
@@ -48,6 +50,8 @@ pub struct RestoreOverrides {
     pub vsock_uds_path: Option<String>,
     /// iface_id -> host_dev_name (each clone its own tap).
     pub net_tap_names: HashMap<String, String>,
+    /// drive_id -> socket of its vhost-user backend.
+    pub vhost_user_sockets: HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,11 @@ pub enum DevicePersistError {
     Vsock { slot: usize, source: VsockError },
     #[error("virtio slot {slot}: {source}")]
     Net { slot: usize, source: NetError },
+    #[error("virtio slot {slot}: {source}")]
+    VhostUserBlock {
+        slot: usize,
+        source: VhostUserBlockError,
+    },
     #[error("virtio slot {slot}: transport: {source}")]
     Transport {
         slot: usize,
@@ -72,6 +81,7 @@ pub enum VirtioDeviceHandle {
     Block(Arc<Mutex<Block>>),
     Vsock(Arc<Mutex<Vsock>>),
     Net(Arc<Mutex<Net>>),
+    VhostUserBlock(Arc<Mutex<VhostUserBlock>>),
 }
 
 impl VirtioDeviceHandle {
@@ -81,6 +91,7 @@ impl VirtioDeviceHandle {
             VirtioDeviceHandle::Block(b) => f(&mut *lock(b)),
             VirtioDeviceHandle::Vsock(v) => f(&mut *lock(v)),
             VirtioDeviceHandle::Net(n) => f(&mut *lock(n)),
+            VirtioDeviceHandle::VhostUserBlock(b) => f(&mut *lock(b)),
         }
     }
 
@@ -90,6 +101,7 @@ impl VirtioDeviceHandle {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Vsock(v) => v.clone(),
             VirtioDeviceHandle::Net(n) => n.clone(),
+            VirtioDeviceHandle::VhostUserBlock(b) => b.clone(),
         }
     }
 }
@@ -107,6 +119,9 @@ pub fn save_virtio(
                 VirtioDeviceHandle::Block(b) => VirtioDeviceState::Block(lock(b).state()),
                 VirtioDeviceHandle::Vsock(v) => VirtioDeviceState::Vsock(lock(v).state()),
                 VirtioDeviceHandle::Net(n) => VirtioDeviceState::Net(lock(n).state()),
+                VirtioDeviceHandle::VhostUserBlock(b) => {
+                    VirtioDeviceState::VhostUserBlock(lock(b).state())
+                }
             },
             transport: lock(transport).state(),
         })
@@ -144,6 +159,13 @@ pub fn restore_virtio(
                 .map_err(|source| DevicePersistError::Net { slot, source })?;
             let dev = Arc::new(Mutex::new(dev));
             (VirtioDeviceHandle::Net(dev.clone()), dev)
+        }
+        VirtioDeviceState::VhostUserBlock(b) => {
+            let socket = overrides.vhost_user_sockets.get(&b.config.drive_id);
+            let dev = VhostUserBlock::restore(b, socket.map(String::as_str))
+                .map_err(|source| DevicePersistError::VhostUserBlock { slot, source })?;
+            let dev = Arc::new(Mutex::new(dev));
+            (VirtioDeviceHandle::VhostUserBlock(dev.clone()), dev)
         }
     };
     let transport = MmioTransport::restore(mem.clone(), device, &state.transport)

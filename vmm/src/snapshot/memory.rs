@@ -102,6 +102,49 @@ pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<GuestMemoryState, Memo
     Ok(describe(mem))
 }
 
+/// Guest memory laid out as `state` says, shared (a memfd, for vhost-user
+/// backends), filled with a copy of `path`.
+pub fn load_shared(
+    path: &Path,
+    state: &GuestMemoryState,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let p = path.display().to_string();
+    let map_err = |e: String| MemoryFileError::Map {
+        path: p.clone(),
+        err: e,
+    };
+    check_layout(state)?;
+    let file = File::open(path).map_err(|e| MemoryFileError::Open {
+        path: p.clone(),
+        err: e.to_string(),
+    })?;
+    let found = file.metadata().map_err(|e| map_err(e.to_string()))?.len();
+    if found != state.total_size() {
+        return Err(MemoryFileError::Size {
+            path: p,
+            found,
+            expected: state.total_size(),
+        });
+    }
+    let layout: Vec<_> = state
+        .regions
+        .iter()
+        .map(|r| (GuestAddress(r.base_address), r.size as usize))
+        .collect();
+    let mem = crate::vstate::memory::create_shared_regions(&layout)
+        .map_err(|e| map_err(e.to_string()))?;
+    for (region, r) in mem.iter().zip(&state.regions) {
+        // SAFETY: the region is a live mapping of exactly `r.size` bytes
+        // owned by `mem`; no vCPU or device uses it yet.
+        let dst = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), region.len() as usize) };
+        file.read_exact_at(dst, r.file_offset)
+            .map_err(|e| map_err(e.to_string()))?;
+    }
+    Ok(mem)
+}
+
 /// Maps `path` privately as guest memory laid out as `state` says, after
 /// checking that the file has exactly the size the snapshot needs.
 pub fn map_file(path: &Path, state: &GuestMemoryState) -> Result<GuestMemoryMmap, MemoryFileError> {

@@ -26,6 +26,11 @@ pub struct BlockDeviceConfig {
     /// milliseconds (default 30000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_timeout_ms: Option<u64>,
+    /// Firecracker's `socket`: the unix socket of a vhost-user-blk backend
+    /// serving this drive (then `path_on_host` stays empty). Absent in
+    /// snapshots taken before vhost-user support, hence the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
 impl BlockDeviceConfig {
@@ -33,6 +38,16 @@ impl BlockDeviceConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.drive_id.is_empty() {
             return Err("drive_id must not be empty".into());
+        }
+        if self.socket.is_some() {
+            // The controller checks the socket itself.
+            if self.nbd_uri.is_some() || !self.path_on_host.is_empty() {
+                return Err(format!(
+                    "drive {}: give one of path_on_host, nbd_uri or socket",
+                    self.drive_id
+                ));
+            }
+            return Ok(());
         }
         match &self.nbd_uri {
             Some(uri) => {

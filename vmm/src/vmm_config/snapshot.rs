@@ -43,6 +43,14 @@ pub struct DriveOverride {
     pub path_on_host: String,
 }
 
+/// A vhost-user drive's backend socket, changed at load time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserOverride {
+    pub drive_id: String,
+    pub socket: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VsockOverride {
@@ -78,6 +86,8 @@ pub struct LoadSnapshotParams {
     pub drive_overrides: Vec<DriveOverride>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user_overrides: Vec<VhostUserOverride>,
     /// Where the restored guest's serial console goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,

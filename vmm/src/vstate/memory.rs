@@ -34,6 +34,54 @@ pub fn create_anonymous(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryEr
     Ok(mem)
 }
 
+/// Guest memory of `mem_size_mib` MiB in one memfd, mapped MAP_SHARED, so
+/// an out-of-process device backend (vhost-user) can map the same pages
+/// from the file descriptor. Each region maps its own slice of the memfd.
+pub fn create_shared(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryError> {
+    create_shared_regions(&arch_memory_regions((mem_size_mib as u64) << 20))
+}
+
+/// Shared guest memory (as `create_shared`) with the given regions.
+pub fn create_shared_regions(
+    regions: &[(vm_memory::GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let size: u64 = regions.iter().map(|r| r.1 as u64).sum();
+    let mem_size_mib = (size >> 20) as usize;
+    use std::os::fd::FromRawFd;
+    use vm_memory::FileOffset;
+    let err = |e: String| MemoryError::Create {
+        mib: mem_size_mib,
+        err: e,
+    };
+    let name = std::ffi::CString::new(GUEST_MEMORY_VMA_NAME).expect("no NUL in name");
+    // SAFETY: the name is a valid NUL-terminated string that outlives the
+    // call; the result is checked before use.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|e| err(format!("sizing the memfd: {e}")))?;
+    let file = std::sync::Arc::new(file);
+    let mut offset = 0u64;
+    let ranges: Vec<_> = regions
+        .iter()
+        .map(|&(addr, len)| {
+            let r = (addr, len, Some(FileOffset::from_arc(file.clone(), offset)));
+            offset += len as u64;
+            r
+        })
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|e| err(e.to_string()))?;
+    name_regions(&mem);
+    Ok(mem)
+}
+
 /// Marks guest memory mappings: MADV_DONTFORK keeps guest memory out of
 /// any child process and makes each region a mapping of its own in
 /// /proc/<pid>/smaps (measurable apart from the VMM's heap); where the host

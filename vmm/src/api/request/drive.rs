@@ -46,6 +46,19 @@ mod tests {
     }
 
     #[test]
+    fn vhost_user_socket() {
+        let r = put(
+            "/drives/data",
+            r#"{"drive_id": "data", "socket": "/run/vu.sock", "is_root_device": false}"#,
+        );
+        let Ok(VmmAction::PutDrive(cfg)) = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!(cfg.socket.as_deref(), Some("/run/vu.sock"));
+        assert!(cfg.path_on_host.is_empty());
+    }
+
+    #[test]
     fn id_mismatch() {
         let e = put("/drives/other", ROOTFS).unwrap_err();
         assert_eq!(e.status, 400);

@@ -41,13 +41,15 @@ mod tests {
             "/snapshot/load",
             br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"},
                  "resume_vm": true, "vsock_override": {"uds_path": "/v"},
-                 "drive_overrides": [{"drive_id": "root", "path_on_host": "/r"}]}"#,
+                 "drive_overrides": [{"drive_id": "root", "path_on_host": "/r"}],
+                 "vhost_user_overrides": [{"drive_id": "data", "socket": "/vu"}]}"#,
         );
         match r {
             Ok(VmmAction::LoadSnapshot(p)) => {
                 assert_eq!(p.backend().unwrap().backend_type, MemBackendType::Uffd);
                 assert!(p.resume_vm);
                 assert_eq!(p.vsock_override.unwrap().uds_path, "/v");
+                assert_eq!(p.vhost_user_overrides[0].socket, "/vu");
             }
             other => panic!("{other:?}"),
         }

@@ -31,6 +31,7 @@ pub mod persist;
 mod queue;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vhost_user_block;
 pub mod vsock;
 
 use std::io;
