@@ -43,7 +43,7 @@ impl BlockDeviceConfig {
             // The controller checks the socket itself.
             if self.nbd_uri.is_some() || !self.path_on_host.is_empty() {
                 return Err(format!(
-                    "drive {}: give one of path_on_host, nbd_uri or socket",
+                    "drive {}: path_on_host, nbd_uri and socket are mutually exclusive",
                     self.drive_id
                 ));
             }
