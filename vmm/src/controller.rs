@@ -150,15 +150,7 @@ impl Controller {
             .ok_or_else(|| {
                 VmmActionError::InvalidInput(format!("no network interface {:?}", update.iface_id))
             })?;
-        if let Some(rx) = update.rx_rate_limiter {
-            cfg.rx_rate_limiter = Some(rx);
-        }
-        if let Some(tx) = update.tx_rate_limiter {
-            cfg.tx_rate_limiter = Some(tx);
-        }
-        if let Some(on) = update.terminate_connections_on_pause {
-            cfg.terminate_connections_on_pause = on;
-        }
+        update.apply_to(cfg);
         Ok(VmmData::Empty)
     }
 

@@ -213,15 +213,7 @@ impl Vmm {
             .iter_mut()
             .find(|n| n.iface_id == update.iface_id)
         {
-            if let Some(rx) = update.rx_rate_limiter {
-                cfg.rx_rate_limiter = Some(rx);
-            }
-            if let Some(tx) = update.tx_rate_limiter {
-                cfg.tx_rate_limiter = Some(tx);
-            }
-            if let Some(on) = update.terminate_connections_on_pause {
-                cfg.terminate_connections_on_pause = on;
-            }
+            update.apply_to(cfg);
         }
         Ok(())
     }

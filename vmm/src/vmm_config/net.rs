@@ -39,6 +39,21 @@ pub struct NetworkInterfaceUpdate {
     pub terminate_connections_on_pause: Option<bool>,
 }
 
+impl NetworkInterfaceUpdate {
+    /// Writes the fields given into `cfg` (the interface's configuration).
+    pub fn apply_to(&self, cfg: &mut NetworkInterfaceConfig) {
+        if let Some(rx) = self.rx_rate_limiter {
+            cfg.rx_rate_limiter = Some(rx);
+        }
+        if let Some(tx) = self.tx_rate_limiter {
+            cfg.tx_rate_limiter = Some(tx);
+        }
+        if let Some(on) = self.terminate_connections_on_pause {
+            cfg.terminate_connections_on_pause = on;
+        }
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let bad = || format!("invalid MAC address {s:?} (expected aa:bb:cc:dd:ee:ff)");
