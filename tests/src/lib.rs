@@ -19,3 +19,38 @@ pub fn kvm_available() -> bool {
         .open("/dev/kvm")
         .is_ok()
 }
+
+/// Runs `script` with `/bin/sh -c` in the guest and returns its stdout;
+/// panics with its output unless it exits 0.
+pub fn guest_sh(agent: &mut ember_agent::AgentClient, script: &str) -> String {
+    run_guest_sh(agent, script, None)
+}
+
+/// [`guest_sh`], adding the VMM's log to a failure.
+pub fn guest_sh_logged(
+    agent: &mut ember_agent::AgentClient,
+    vmm: &VmmProcess,
+    script: &str,
+) -> String {
+    run_guest_sh(agent, script, Some(vmm))
+}
+
+fn run_guest_sh(
+    agent: &mut ember_agent::AgentClient,
+    script: &str,
+    vmm: Option<&VmmProcess>,
+) -> String {
+    let logs = || vmm.map(|v| v.logs()).unwrap_or_default();
+    let r = agent
+        .exec(&ember_agent::ExecRequest::new(["/bin/sh", "-c", script]))
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e}; {}", logs()));
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "guest `{script}`: stdout {out:?} stderr {err:?}; {}",
+        logs()
+    );
+    out
+}

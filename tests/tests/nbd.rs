@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::guest_sh as sh;
 use ember_tests::snapshots;
 use ember_tests::volumed::Volumed;
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
@@ -40,19 +41,6 @@ fn qemu_nbd(image: &Path, sock: &Path) -> Child {
 fn stop(mut c: Child) {
     let _ = c.kill();
     let _ = c.wait();
-}
-
-fn sh(agent: &mut AgentClient, script: &str) -> String {
-    let r = agent
-        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
-        .unwrap();
-    assert_eq!(
-        r.exit_code,
-        Some(0),
-        "{script}: {:?}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8_lossy(&r.stdout).into_owned()
 }
 
 fn drive(id: &str, uri: &str) -> serde_json::Value {

@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_agent::client::{bind_ready_listener, AgentClient};
-use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::guest_sh_logged as guest_sh;
 use ember_tests::snapshots::{connect_restored, pause, snapshot_paused};
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
@@ -60,22 +60,6 @@ fn enter_netns_with_tap(tap: &str) {
     assert!(sh(&["ip", "link", "set", tap, "address", HOST_MAC]));
     assert!(sh(&["ip", "addr", "add", "172.16.0.1/30", "dev", tap]));
     assert!(sh(&["ip", "link", "set", tap, "up"]));
-}
-
-/// Runs `script` in the guest; panics with its output unless it exits 0.
-fn guest_sh(agent: &mut AgentClient, vmm: &VmmProcess, script: &str) -> String {
-    let r = agent
-        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
-        .unwrap_or_else(|e| panic!("exec {script:?}: {e}; {}", vmm.logs()));
-    let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    let err = String::from_utf8_lossy(&r.stderr).into_owned();
-    assert_eq!(
-        r.exit_code,
-        Some(0),
-        "guest `{script}`: stdout {out:?} stderr {err:?}; {}",
-        vmm.logs()
-    );
-    out
 }
 
 /// Guest → host TCP: the host listens on the tap's address (in the calling

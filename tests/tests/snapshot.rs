@@ -5,9 +5,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use ember_agent::client::AgentClient;
-use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use ember_tests::artifacts::workspace_bin;
+use ember_tests::guest_sh as sh;
 use ember_tests::snapshots::{self, boot_and_snapshot, connect_restored, Golden};
 use ember_tests::VmmProcess;
 use serde_json::json;
@@ -29,19 +29,6 @@ fn restore_clone() -> (VmmProcess, AgentClient) {
     let (vmm, agent, latency) = snapshots::restore_clone(golden());
     eprintln!("clone answering {latency:?} after load");
     (vmm, agent)
-}
-
-fn sh(agent: &mut AgentClient, script: &str) -> String {
-    let r = agent
-        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
-        .unwrap();
-    assert_eq!(
-        r.exit_code,
-        Some(0),
-        "{script}: {:?}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8_lossy(&r.stdout).into_owned()
 }
 
 #[test]

@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ember_agent::client::{bind_ready_listener, AgentClient};
-use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::guest_sh_logged as guest_sh;
 use ember_tests::snapshots::{connect_restored, pause, snapshot_paused};
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
@@ -77,21 +77,6 @@ impl Drop for Qsd {
 
 fn data_drive(sock: &Path) -> serde_json::Value {
     json!({"drive_id": "data", "socket": sock, "is_root_device": false})
-}
-
-fn guest_sh(agent: &mut AgentClient, vmm: &VmmProcess, script: &str) -> String {
-    let r = agent
-        .exec(&ExecRequest::new(["/bin/sh", "-c", script]))
-        .unwrap_or_else(|e| panic!("exec {script:?}: {e}; {}", vmm.logs()));
-    let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    let err = String::from_utf8_lossy(&r.stderr).into_owned();
-    assert_eq!(
-        r.exit_code,
-        Some(0),
-        "guest `{script}`: stdout {out:?} stderr {err:?}; {}",
-        vmm.logs()
-    );
-    out
 }
 
 /// A unix socket whose peer answers every connection with `reply` (then
