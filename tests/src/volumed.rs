@@ -1,5 +1,6 @@
-//! An `ember-volumed` child process (the volume service) on unix sockets
-//! in a directory of the caller's, driven over its API with curl.
+//! An `ember-volumed` child process (the volume service): its API and NBD
+//! on unix sockets in a directory of the caller's, NBD also on a free local
+//! TCP port, driven over its API with curl.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,15 +12,32 @@ pub struct Volumed {
     child: Child,
     pub api: PathBuf,
     pub nbd: PathBuf,
+    /// The NBD TCP port on 127.0.0.1.
+    pub port: u16,
     pub data_dir: PathBuf,
 }
 
 impl Volumed {
     pub fn start(dir: &Path) -> Volumed {
+        Volumed::start_with(dir, &[])
+    }
+
+    /// Starts it with `extra` arguments (e.g. `--etcd-endpoints`); state and
+    /// images in `dir`, so a second start on `dir` finds them again.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Volumed {
         let api = dir.join("volumed.sock");
         let nbd = dir.join("volumed-nbd.sock");
         let data_dir = dir.join("volumed-data");
+        // The wait below is for a fresh socket.
+        let _ = std::fs::remove_file(&api);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
         let child = Command::new(workspace_bin("ember-volumed"))
+            .args(extra)
+            .arg("--nbd-listen")
+            .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--api-socket")
@@ -41,8 +59,15 @@ impl Volumed {
             child,
             api,
             nbd,
+            port,
             data_dir,
         }
+    }
+
+    /// Kills it (SIGKILL) and waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// One API call: (status, JSON body or Null).

@@ -5,85 +5,12 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use ember_tests::volumed::Volumed;
 use ember_volumed::nbd::client::Client;
 use ember_volumed::nbd::proto::*;
-use serde_json::Value;
-
-struct Volumed {
-    child: Child,
-    api: PathBuf,
-    nbd: PathBuf,
-    port: u16,
-}
-
-impl Drop for Volumed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Volumed {
-    /// Starts the service on `dir` (images and, without etcd, its state).
-    fn start(dir: &Path, extra: &[&str]) -> Volumed {
-        let api = dir.join("api.sock");
-        let nbd = dir.join("nbd.sock");
-        let _ = std::fs::remove_file(&api);
-        let port = ember_store::testing::free_port().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ember-volumed"))
-            .args(extra)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("--nbd-socket")
-            .arg(&nbd)
-            .arg("--nbd-listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !(api.exists() && nbd.exists()) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "volumed did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Volumed {
-            child,
-            api,
-            nbd,
-            port,
-        }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// (status, JSON body or Null).
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let mut c = Command::new("curl");
-        c.args(["-sS", "-X", method, "--unix-socket"])
-            .arg(&self.api)
-            .args(["-w", "\n%{http_code}"]);
-        if let Some(b) = body {
-            c.args(["-H", "Content-Type: application/json", "-d", b]);
-        }
-        let out = c.arg(format!("http://v{path}")).output().expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').expect("status line");
-        let v = serde_json::from_str(body).unwrap_or(Value::Null);
-        (code.trim().parse().expect("status"), v)
-    }
-}
 
 /// Runs `qemu-io` on `uri`; (success, output).
 fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
@@ -113,7 +40,7 @@ fn a_moved_attachment_fences_the_old_writer() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let v = Volumed::start(dir.path(), &[]);
+    let v = Volumed::start(dir.path());
     // Bad input first: clear 4xx.
     assert_eq!(
         v.call(
@@ -279,7 +206,7 @@ fn fencing_state_lives_in_etcd() {
     }
     let dir = tempfile::tempdir().unwrap();
     let etcd_args = ["--etcd-endpoints", etcd.url.as_str()];
-    let v = Volumed::start(dir.path(), &etcd_args);
+    let v = Volumed::start_with(dir.path(), &etcd_args);
     assert_eq!(
         v.call(
             "POST",
@@ -304,7 +231,7 @@ fn fencing_state_lives_in_etcd() {
     v.kill();
 
     // Restarted: the state comes back from etcd.
-    let v = Volumed::start(dir.path(), &etcd_args);
+    let v = Volumed::start_with(dir.path(), &etcd_args);
     let e = Client::connect_unix(&v.nbd, "e1@1")
         .err()
         .expect("old token refused after restart");
@@ -318,7 +245,7 @@ fn fencing_state_lives_in_etcd() {
     // A second service on the same etcd moves the attachment; the first
     // one's view is now stale, and its next change is refused.
     let dir2 = tempfile::tempdir().unwrap();
-    let v2 = Volumed::start(dir2.path(), &etcd_args);
+    let v2 = Volumed::start_with(dir2.path(), &etcd_args);
     let (st, m) = v2.call("POST", "/v1/volumes/e1/move", Some(r#"{"Host":"h3"}"#));
     assert_eq!((st, m["Generation"].as_u64()), (200, Some(3)), "{m}");
     let (st, body) = v.call("POST", "/v1/volumes/e1/move", Some(r#"{"Host":"h1"}"#));
@@ -331,7 +258,7 @@ fn fencing_state_lives_in_etcd() {
         "{body}"
     );
     v.kill();
-    let v = Volumed::start(dir.path(), &etcd_args);
+    let v = Volumed::start_with(dir.path(), &etcd_args);
     assert_eq!(
         v.call("GET", "/v1/volumes/e1", None).1["Attachment"]["Host"],
         "h3"
