@@ -755,7 +755,10 @@ fn set_mode(p: &std::path::Path, mode: u32) -> std::io::Result<()> {
 /// guests with several vCPUs lose data, always one.
 pub fn machine_for(memory_mib: u32) -> (u32, u32) {
     // The VMM detects the same host the same way (its arch::x86_64::nested).
-    machine_for_host(memory_mib, std::path::Path::new("/sys/module/kvm_pvm").exists())
+    machine_for_host(
+        memory_mib,
+        std::path::Path::new("/sys/module/kvm_pvm").exists(),
+    )
 }
 
 fn machine_for_host(memory_mib: u32, pvm: bool) -> (u32, u32) {
