@@ -127,9 +127,16 @@ pub struct Grant {
 
 impl Service {
     /// After a change to `volume`'s attachment: its vhost-user sockets follow.
-    fn sync(&self, volume: &str) {
-        if let Some(v) = &self.vhost_user {
-            v.sync(volume);
+    fn sync(&self, volume: &str) -> Result<(), ApiError> {
+        match &self.vhost_user {
+            Some(v) => v.sync(volume).map_err(|m| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "VhostUserError".into(),
+                    m,
+                )
+            }),
+            None => Ok(()),
         }
     }
 
@@ -169,7 +176,7 @@ async fn get_one(State(s): S, Path(name): Path<String>) -> Result<Json<VolumeRec
 
 async fn delete(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     s.registry.delete(&name)?;
-    s.sync(&name);
+    s.sync(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -189,7 +196,7 @@ async fn attach(
 ) -> Result<Json<Grant>, ApiError> {
     let i: HostInput = parse(&body)?;
     let a = s.registry.attach(&name, &i.host)?;
-    s.sync(&name);
+    s.sync(&name)?;
     Ok(Json(s.grant(&name, a)))
 }
 
@@ -200,12 +207,12 @@ async fn move_to(
 ) -> Result<Json<Grant>, ApiError> {
     let i: HostInput = parse(&body)?;
     let a = s.registry.move_to(&name, &i.host)?;
-    s.sync(&name);
+    s.sync(&name)?;
     Ok(Json(s.grant(&name, a)))
 }
 
 async fn detach(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     s.registry.detach(&name)?;
-    s.sync(&name);
+    s.sync(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -260,9 +260,17 @@ fn vhost_user_blk_with_fencing() {
     assert_eq!(on_disk, pattern, "the fenced write never landed");
     drop(d);
 
-    // The new holder connects, goes, and connects again (a VMM's restore).
+    // The volume grows; the new holder connects (and sees the new size),
+    // goes, and connects again (as a VMM does at a restore).
+    let (st, r) = v.call(
+        "PATCH",
+        "/v1/volumes/vol1",
+        Some(r#"{"SizeBytes":2097152}"#),
+    );
+    assert_eq!(st, 200, "{r}");
     for _ in 0..2 {
-        let (mut d2, _) = Driver::connect(Path::new(&sock2), dir.path());
+        let (mut d2, capacity) = Driver::connect(Path::new(&sock2), dir.path());
+        assert_eq!(capacity, 4096);
         assert_eq!(d2.read(8, 4096), (S_OK, pattern.clone()));
     }
 

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -40,7 +40,9 @@ pub struct BlkBackend {
     /// `<volume>@<token>`, also the GET_ID answer.
     id: String,
     file: File,
-    size: u64,
+    /// Bytes; read again when the frontend reads the config space, so a
+    /// connection sees the size the volume has when it connects.
+    size: AtomicU64,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
 }
@@ -60,7 +62,7 @@ impl BlkBackend {
             name: name.into(),
             token,
             file,
-            size: rec.size_bytes,
+            size: AtomicU64::new(rec.size_bytes),
             reg,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
@@ -89,7 +91,7 @@ impl BlkBackend {
             .collect();
         let disk = Disk {
             file: &self.file,
-            size: self.size,
+            size: self.size.load(Ordering::Relaxed),
             id: &self.id,
         };
         let mut used = false;
@@ -163,7 +165,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = config_space(self.size);
+        // Volumes only grow, and the image with them.
+        if let Ok(rec) = self.reg.get(&self.name) {
+            self.size.fetch_max(rec.size_bytes, Ordering::Relaxed);
+        }
+        let c = config_space(self.size.load(Ordering::Relaxed));
         let (off, n) = (offset as usize, size as usize);
         // The spec wants the size asked for: bytes past the end read as 0.
         let mut out = vec![0u8; n];

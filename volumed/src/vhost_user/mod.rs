@@ -10,7 +10,8 @@ mod backend;
 mod request;
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,7 @@ struct Serving {
     generation: u64,
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    wake: UnixListener,
 }
 
 impl VhostUserServer {
@@ -55,7 +57,8 @@ impl VhostUserServer {
             open: Mutex::new(HashMap::new()),
         });
         for rec in reg.list() {
-            s.sync(&rec.name);
+            // Logged; attaching again retries.
+            let _ = s.sync(&rec.name);
         }
         Ok(s)
     }
@@ -67,8 +70,9 @@ impl VhostUserServer {
     }
 
     /// Makes the sockets follow the registry after a change to `volume`:
-    /// its current attachment served, any earlier one closed.
-    pub fn sync(&self, volume: &str) {
+    /// its current attachment served, any earlier one closed. An error
+    /// means the current attachment has no socket (attaching again retries).
+    pub fn sync(&self, volume: &str) -> Result<(), String> {
         let want = self
             .reg
             .get(volume)
@@ -77,32 +81,33 @@ impl VhostUserServer {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = open.get(volume) {
             if Some(s.generation) == want {
-                return;
+                return Ok(());
             }
         }
         if let Some(old) = open.remove(volume) {
             old.close();
         }
         let Some(generation) = want else {
-            return;
+            return Ok(());
         };
         let path = self.socket_path(volume, generation);
-        let listener = match Listener::new(&path, true) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("vhost-user: cannot listen on {}: {e}", path.display());
-                return;
-            }
+        let fail = |e: std::io::Error| {
+            let msg = format!("vhost-user socket {}: {e}", path.display());
+            log::error!("{msg}");
+            msg
         };
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(fail)?;
+        // A second handle, kept to shut the listener down from here.
+        let wake = listener.try_clone().map_err(fail)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (reg, name, flag) = (self.reg.clone(), volume.to_string(), stop.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("vu-{volume}"))
-            .spawn(move || serve(listener, reg, &name, generation, &flag));
+            .spawn(move || serve(Listener::from(listener), reg, &name, generation, &flag));
         if let Err(e) = spawned {
-            log::error!("vhost-user {volume}: cannot start a thread: {e}");
             let _ = std::fs::remove_file(&path);
-            return;
+            return Err(fail(e));
         }
         log::info!(
             "vhost-user: serving {volume}@{generation} on {}",
@@ -114,8 +119,10 @@ impl VhostUserServer {
                 generation,
                 path,
                 stop,
+                wake,
             },
         );
+        Ok(())
     }
 }
 
@@ -124,9 +131,11 @@ impl Serving {
     /// registry and its thread ends when the client goes.
     fn close(self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept so that the thread sees the flag.
-        let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
+        // A shut-down listening socket fails its accept (also the one
+        // blocked now) with EINVAL, so the thread sees the flag.
+        // SAFETY: shutdown(2) on a socket this struct owns.
+        unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
     }
 }
 
@@ -151,8 +160,10 @@ fn serve(mut listener: Listener, reg: Arc<Registry>, name: &str, token: u64, sto
             }
         };
         if let Err(e) = daemon.start(&mut listener) {
-            log::warn!("vhost-user {id}: accept: {e}");
-            std::thread::sleep(Duration::from_millis(100));
+            if !stop.load(Ordering::SeqCst) {
+                log::warn!("vhost-user {id}: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
             continue;
         }
         // Checked at connection time too: nothing is read from the volume
