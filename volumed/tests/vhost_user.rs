@@ -274,6 +274,28 @@ fn vhost_user_blk_with_fencing() {
         assert_eq!(d2.read(8, 4096), (S_OK, pattern.clone()));
     }
 
+    // Connections that come and go leave no threads behind.
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", v.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = threads();
+    for _ in 0..20 {
+        let mut f = Frontend::connect(&sock2, 1).unwrap();
+        f.set_owner().unwrap();
+        assert!(f.get_features().unwrap() & VERSION_1 != 0);
+    }
+    let start = Instant::now();
+    while threads() > before {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} threads, {before} before 20 connections",
+            threads()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // A restarted service serves the current attachment on the same path.
     v.kill();
     let v = Volumed::start_with(dir.path(), &args);

@@ -159,24 +159,27 @@ fn serve(mut listener: Listener, reg: Arc<Registry>, name: &str, token: u64, sto
                 break;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
-            if !stop.load(Ordering::SeqCst) {
+        match daemon.start(&mut listener) {
+            Err(e) if !stop.load(Ordering::SeqCst) => {
                 log::warn!("vhost-user {id}: accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            continue;
+            Err(_) => {}
+            Ok(()) => {
+                // Checked at connection time too: nothing is read from the
+                // volume before the first request, which is checked again.
+                if stop.load(Ordering::SeqCst) || !backend.allowed() {
+                    daemon.request_shutdown();
+                } else {
+                    log::info!("vhost-user {id}: client connected");
+                }
+                match daemon.wait() {
+                    Ok(()) => log::info!("vhost-user {id}: client disconnected"),
+                    Err(e) => log::info!("vhost-user {id}: connection ended: {e}"),
+                }
+            }
         }
-        // Checked at connection time too: nothing is read from the volume
-        // before the first request, which is checked again.
-        if stop.load(Ordering::SeqCst) || !backend.allowed() {
-            daemon.request_shutdown();
-        } else {
-            log::info!("vhost-user {id}: client connected");
-        }
-        match daemon.wait() {
-            Ok(()) => log::info!("vhost-user {id}: client disconnected"),
-            Err(e) => log::info!("vhost-user {id}: connection ended: {e}"),
-        }
+        // The daemon's queue worker ends with it.
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
