@@ -282,7 +282,7 @@ fn vhost_user_blk_with_fencing() {
     };
     let before = threads();
     for _ in 0..20 {
-        let mut f = Frontend::connect(&sock2, 1).unwrap();
+        let f = Frontend::connect(&sock2, 1).unwrap();
         f.set_owner().unwrap();
         assert!(f.get_features().unwrap() & VERSION_1 != 0);
     }
