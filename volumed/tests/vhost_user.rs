@@ -35,6 +35,8 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
@@ -243,6 +245,35 @@ fn vhost_user_blk_with_fencing() {
     let mut id = [0u8; 20];
     d.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert!(id.starts_with(b"vol1@1\0"), "{id:?}");
+
+    // WRITE_ZEROES and DISCARD: one segment (sector, count, flags).
+    let seg = |sector: u64, n: u32, flags: u32| {
+        let mut b = sector.to_le_bytes().to_vec();
+        b.extend(n.to_le_bytes());
+        b.extend(flags.to_le_bytes());
+        b
+    };
+    assert_eq!(d.request(T_OUT, 64, Some((&pattern, false))).0, S_OK);
+    assert_eq!(d.request(T_OUT, 128, Some((&pattern, false))).0, S_OK);
+    assert_eq!(
+        d.request(T_WRITE_ZEROES, 64, Some((&seg(64, 8, 0), false)))
+            .0,
+        S_OK
+    );
+    assert_eq!(
+        d.request(T_DISCARD, 128, Some((&seg(128, 8, 0), false))).0,
+        S_OK
+    );
+    assert_eq!(d.read(64, 4096), (S_OK, vec![0u8; 4096]));
+    assert_eq!(d.read(128, 4096), (S_OK, vec![0u8; 4096]));
+    // DISCARD takes no flags; a segment past the end is refused.
+    let bad = d.request(T_DISCARD, 0, Some((&seg(0, 8, 1), false))).0;
+    assert_eq!(bad, S_UNSUPP);
+    let past = d
+        .request(T_WRITE_ZEROES, 0, Some((&seg(2044, 8, 1), false)))
+        .0;
+    assert_eq!(past, S_IOERR);
+    assert_eq!(d.read(8, 4096), (S_OK, pattern.clone()), "untouched");
 
     // The attachment moves: the old socket goes, the old connection is fenced.
     let sock2 = attach(&v, "move", "vol1", "host-b");
