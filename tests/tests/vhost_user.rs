@@ -32,7 +32,7 @@ const DISK_MIB: u64 = 64;
 /// What the guest writes: 1 MiB at offset 1 MiB.
 const PATTERN_KIB: u64 = 1024;
 /// The ember-volumed volume.
-const VOL_MIB: u64 = 32;
+const VOL_MIB: u64 = 8;
 
 /// A qemu-storage-daemon exporting `image` as vhost-user-blk on `sock`;
 /// killed (this PID only) when dropped.
