@@ -5,7 +5,8 @@
 # restored, fresh boot), throughput and memory per warm instance;
 # virtio-net throughput and TCP latency with and without connection
 # tracking (Debian's iperf3 in the guest and on the host); block I/O with
-# the in-VMM file backend against vhost-user to qemu-storage-daemon.
+# the in-VMM file backend against vhost-user to qemu-storage-daemon and to
+# ember-volumed.
 # Arguments go to `cargo bench`: `bash benches/run.sh --bench hostd` runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,11 +1,12 @@
 //! `cargo bench -p ember-benches --bench blk`: the in-VMM file backend
-//! against vhost-user to qemu-storage-daemon, on one guest holding both
-//! drives (/dev/vdb: a file, /dev/vdc: vhost-user). A Python loop in the
-//! guest does O_DIRECT 4 KiB random reads and writes and 1 MiB sequential
-//! ones for a fixed time; the host reads the CPU time that the VMM's own
-//! threads (not the vCPUs) and qemu-storage-daemon spent meanwhile. Prints
-//! IOPS / bandwidth, CPU per I/O, and vhost-user/file ratios; asserts
-//! nothing. On nested kvm_pvm hosts every guest syscall is emulated, so the
+//! against vhost-user to qemu-storage-daemon and to ember-volumed's own
+//! vhost-user-blk backend, on one guest holding all three drives
+//! (/dev/vdb: a file, /dev/vdc: qemu-storage-daemon, /dev/vdd:
+//! ember-volumed). A Python loop in the guest does O_DIRECT 4 KiB random
+//! reads and writes and 1 MiB sequential ones for a fixed time; the host
+//! reads the CPU time that the VMM's own threads (not the vCPUs) and each
+//! backend process spent meanwhile. Prints IOPS / bandwidth, CPU per I/O,
+//! and ratios to the file backend; asserts nothing. On nested kvm_pvm hosts every guest syscall is emulated, so the
 //! absolute numbers measure the guest kernel more than the backends.
 
 use std::path::Path;
@@ -17,6 +18,7 @@ use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use ember_benches::cpu_time;
 use ember_tests::artifacts::runtime_rootfs_path;
+use ember_tests::volumed::Volumed;
 use ember_tests::{kernel_path, VmmProcess};
 use serde_json::json;
 
@@ -72,11 +74,19 @@ struct Run {
     ops: u64,
     secs: f64,
     vmm_us_per_io: f64,
-    qsd_us_per_io: f64,
+    /// CPU of the drive's backend process, if it has one.
+    backend_us_per_io: f64,
 }
 
-fn run(agent: &mut AgentClient, vmm: &VmmProcess, qsd: u32, dev: &str, mode: &str) -> Run {
-    let (v0, q0) = (vmm_cpu(vmm.pid()), cpu_time(qsd).unwrap_or_default());
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+}
+
+/// One measurement on `dev`, whose backend process (if any) is `backend`.
+fn run(agent: &mut AgentClient, vmm: &VmmProcess, backend: u32, dev: &str, mode: &str) -> Run {
+    let (v0, q0) = (vmm_cpu(vmm.pid()), cpu_time(backend).unwrap_or_default());
     let r = agent
         .exec(&ExecRequest::new([
             "python3",
@@ -86,7 +96,7 @@ fn run(agent: &mut AgentClient, vmm: &VmmProcess, qsd: u32, dev: &str, mode: &st
             &SECS.to_string(),
         ]))
         .unwrap_or_else(|e| panic!("{dev} {mode}: {e}; {}", vmm.logs()));
-    let (v1, q1) = (vmm_cpu(vmm.pid()), cpu_time(qsd).unwrap_or_default());
+    let (v1, q1) = (vmm_cpu(vmm.pid()), cpu_time(backend).unwrap_or_default());
     let out = String::from_utf8_lossy(&r.stdout).into_owned();
     let mut it = out.split_whitespace();
     let ops: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
@@ -101,7 +111,7 @@ fn run(agent: &mut AgentClient, vmm: &VmmProcess, qsd: u32, dev: &str, mode: &st
         ops,
         secs,
         vmm_us_per_io: per(v1.saturating_sub(v0)),
-        qsd_us_per_io: per(q1.saturating_sub(q0)),
+        backend_us_per_io: per(q1.saturating_sub(q0)),
     }
 }
 
@@ -119,6 +129,15 @@ fn main() {
     }
     let sock = vmm.path("vu.sock");
     let qsd = KillOnDrop(start_qsd(&vu_img, &sock));
+    // ember-volumed's backend: one volume attached to this host.
+    let vdir = tempfile::tempdir().unwrap();
+    let vu_dir = vdir.path().join("vu");
+    let volumed = Volumed::start_with(vdir.path(), &["--vhost-user-dir", vu_dir.to_str().unwrap()]);
+    let body = format!(r#"{{"Name":"bench","SizeBytes":{}}}"#, DISK_MIB << 20);
+    assert_eq!(volumed.call("POST", "/v1/volumes", Some(&body)).0, 201);
+    let (st, grant) = volumed.call("POST", "/v1/volumes/bench/attach", Some(r#"{"Host":"h"}"#));
+    assert_eq!(st, 200, "{grant}");
+    let ember_sock = grant["VhostUserSocket"].as_str().unwrap().to_string();
     let vsock = vmm.path("vsock.sock");
     let ready = bind_ready_listener(&vsock).unwrap();
     vmm.boot_with_drives(
@@ -129,6 +148,7 @@ fn main() {
         &[
             json!({"drive_id": "file", "path_on_host": file_img, "is_root_device": false}),
             json!({"drive_id": "vu", "socket": sock, "is_root_device": false}),
+            json!({"drive_id": "ember", "socket": ember_sock, "is_root_device": false}),
         ],
     );
     vmm.wait_agent_ready(&ready, Duration::from_secs(900));
@@ -140,23 +160,29 @@ fn main() {
     assert_eq!(r.exit_code, Some(0));
 
     for mode in ["randread", "randwrite", "seqread", "seqwrite"] {
-        let f = run(&mut agent, &vmm, qsd.0.id(), "/dev/vdb", mode);
-        let v = run(&mut agent, &vmm, qsd.0.id(), "/dev/vdc", mode);
-        let rate = |r: &Run| r.ops as f64 / r.secs;
+        let f = run(&mut agent, &vmm, 0, "/dev/vdb", mode);
+        let q = run(&mut agent, &vmm, qsd.0.id(), "/dev/vdc", mode);
+        let e = run(&mut agent, &vmm, volumed.pid(), "/dev/vdd", mode);
         let unit = if mode.starts_with("rand") {
             "IOPS (4 KiB)"
         } else {
             "MiB/s (1 MiB)"
         };
+        let ratio = |r: &Run| r.rate() / f.rate().max(f64::MIN_POSITIVE);
         println!(
-            "blk {mode}: file {:.1} {unit}, vmm {:.0} us/io | vhost-user {:.1} {unit}, \
-             vmm {:.0} us/io, qsd {:.0} us/io | ratio vhost-user/file {:.2}",
-            rate(&f),
+            "blk {mode}: file {:.1} {unit}, vmm {:.0} us/io | vhost-user qsd {:.1}, \
+             vmm {:.0} us/io, qsd {:.0} us/io | vhost-user ember-volumed {:.1}, \
+             vmm {:.0} us/io, volumed {:.0} us/io | ratio to file: qsd {:.2}, ember-volumed {:.2}",
+            f.rate(),
             f.vmm_us_per_io,
-            rate(&v),
-            v.vmm_us_per_io,
-            v.qsd_us_per_io,
-            rate(&v) / rate(&f).max(f64::MIN_POSITIVE)
+            q.rate(),
+            q.vmm_us_per_io,
+            q.backend_us_per_io,
+            e.rate(),
+            e.vmm_us_per_io,
+            e.backend_us_per_io,
+            ratio(&q),
+            ratio(&e),
         );
     }
 }

@@ -64,6 +64,10 @@ impl Volumed {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it (SIGKILL) and waits.
     pub fn kill(mut self) {
         let _ = self.child.kill();

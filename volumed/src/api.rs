@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::registry::{export_name, Registry, RegistryError};
 use crate::store::{Attachment, VolumeRecord};
+use crate::vhost_user::VhostUserServer;
 
 /// What the API needs besides the registry: where clients reach the
 /// NBD server, for the URIs it hands out.
@@ -25,6 +26,8 @@ pub struct Service {
     pub nbd_tcp: Option<String>,
     /// Path of the NBD unix socket, if any.
     pub nbd_unix: Option<String>,
+    /// The per-attachment vhost-user-blk sockets, if served.
+    pub vhost_user: Option<Arc<VhostUserServer>>,
 }
 
 pub struct ApiError(StatusCode, String, String);
@@ -117,9 +120,26 @@ pub struct Grant {
     pub uri: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_uri: Option<String>,
+    /// The attachment's vhost-user-blk socket (with `--vhost-user-dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vhost_user_socket: Option<String>,
 }
 
 impl Service {
+    /// After a change to `volume`'s attachment: its vhost-user sockets follow.
+    fn sync(&self, volume: &str) -> Result<(), ApiError> {
+        match &self.vhost_user {
+            Some(v) => v.sync(volume).map_err(|m| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "VhostUserError".into(),
+                    m,
+                )
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn grant(&self, volume: &str, a: Attachment) -> Grant {
         let export = export_name(volume, a.generation);
         Grant {
@@ -131,6 +151,10 @@ impl Service {
                 .nbd_unix
                 .as_ref()
                 .map(|p| format!("nbd+unix:///{export}?socket={p}")),
+            vhost_user_socket: self
+                .vhost_user
+                .as_ref()
+                .map(|v| v.socket_path(volume, a.generation).display().to_string()),
             export_name: export,
         }
     }
@@ -152,6 +176,7 @@ async fn get_one(State(s): S, Path(name): Path<String>) -> Result<Json<VolumeRec
 
 async fn delete(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     s.registry.delete(&name)?;
+    s.sync(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -171,6 +196,7 @@ async fn attach(
 ) -> Result<Json<Grant>, ApiError> {
     let i: HostInput = parse(&body)?;
     let a = s.registry.attach(&name, &i.host)?;
+    s.sync(&name)?;
     Ok(Json(s.grant(&name, a)))
 }
 
@@ -181,10 +207,12 @@ async fn move_to(
 ) -> Result<Json<Grant>, ApiError> {
     let i: HostInput = parse(&body)?;
     let a = s.registry.move_to(&name, &i.host)?;
+    s.sync(&name)?;
     Ok(Json(s.grant(&name, a)))
 }
 
 async fn detach(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     s.registry.detach(&name)?;
+    s.sync(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }

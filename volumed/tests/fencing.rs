@@ -155,6 +155,18 @@ fn a_moved_attachment_fences_the_old_writer() {
     assert_eq!(uri_b, format!("nbd://127.0.0.1:{}/vol1@2", v.port));
     let (ok, out) = qemu_io(&uri_b, &["read -P 0xab 0 64k", "read -P 0x11 64k 4k"]);
     assert!(ok, "{out}");
+    // WRITE_ZEROES and TRIM (the image's fallocate paths) read back as zeroes.
+    let (ok, out) = qemu_io(
+        &uri_b,
+        &[
+            "write -P 0x33 128k 8k",
+            "write -z 128k 4k",
+            "discard 132k 4k",
+            "read -P 0 128k 8k",
+            "read -P 0x11 64k 4k",
+        ],
+    );
+    assert!(ok, "{out}");
 
     // Resize: new connections see the new size.
     assert_eq!(

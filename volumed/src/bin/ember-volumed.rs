@@ -1,6 +1,7 @@
 //! `ember-volumed`: Ember's volume service. Serves volumes over NBD
 //! (`nbd://HOST:PORT/<volume>@<token>`, or a unix socket) and takes its
-//! HTTP API on a unix socket.
+//! HTTP API on a unix socket; with `--vhost-user-dir`, also as vhost-user-blk
+//! on a socket per attachment.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,12 +10,13 @@ use clap::Parser;
 use ember_volumed::api::{router, Service};
 use ember_volumed::registry::Registry;
 use ember_volumed::store::KvStore;
+use ember_volumed::vhost_user::VhostUserServer;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "ember-volumed",
     version,
-    about = "Ember volume service: volumes over NBD with fenced attachments"
+    about = "Ember volume service: volumes over NBD and vhost-user-blk with fenced attachments"
 )]
 struct Args {
     /// Volume images and the state file.
@@ -36,6 +38,9 @@ struct Args {
     /// NBD on a unix socket.
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
+    /// Serve each attachment as vhost-user-blk on `DIR/<volume>@<generation>.sock`.
+    #[arg(long, value_name = "DIR")]
+    vhost_user_dir: Option<PathBuf>,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -52,8 +57,10 @@ fn main() {
         .parse_filters(&args.log_level)
         .format_timestamp_millis()
         .init();
-    if args.nbd_listen.is_none() && args.nbd_socket.is_none() {
-        fail("give --nbd-listen ADDR or --nbd-socket PATH (or both)".into());
+    if args.nbd_listen.is_none() && args.nbd_socket.is_none() && args.vhost_user_dir.is_none() {
+        fail(
+            "give --nbd-listen ADDR, --nbd-socket PATH or --vhost-user-dir DIR (or several)".into(),
+        );
     }
     let store = KvStore::open(
         &args.etcd_endpoints,
@@ -76,7 +83,12 @@ fn main() {
         let reg = registry.clone();
         std::thread::spawn(move || ember_volumed::nbd::serve_unix(l, reg));
     }
+    let vhost_user = args.vhost_user_dir.as_ref().map(|d| {
+        VhostUserServer::start(d, registry.clone())
+            .unwrap_or_else(|e| fail(format!("vhost-user dir {}: {e}", d.display())))
+    });
     let svc = Arc::new(Service {
+        vhost_user,
         registry,
         nbd_tcp: args.nbd_advertise.clone().or(args.nbd_listen.clone()),
         nbd_unix: args.nbd_socket.as_ref().map(|p| p.display().to_string()),

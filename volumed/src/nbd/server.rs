@@ -7,10 +7,10 @@
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use super::proto::*;
+use crate::image;
 use crate::registry::{parse_export_name, Registry, RegistryError};
 
 /// The volume a connection opened, with its token.
@@ -52,11 +52,8 @@ fn open_export(reg: &Registry, export: &str) -> Result<Opened, (u32, String)> {
         RegistryError::NotFound(_) => (REP_ERR_UNKNOWN, e.to_string()),
         _ => (REP_ERR_POLICY, e.to_string()),
     })?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(reg.image_path(name))
-        .map_err(|e| (REP_ERR_UNKNOWN, format!("volume {name}: {e}")))?;
+    let file =
+        image::open(reg, name).map_err(|e| (REP_ERR_UNKNOWN, format!("volume {name}: {e}")))?;
     Ok(Opened {
         name: name.to_string(),
         token,
@@ -218,17 +215,9 @@ fn execute(o: &Opened, size: u64, req: &Request, buf: &mut Vec<u8>) -> u32 {
         }
         CMD_WRITE => o.file.write_all_at(buf, offset),
         CMD_FLUSH => o.file.sync_data(),
-        CMD_TRIM => fallocate(&o.file, libc::FALLOC_FL_PUNCH_HOLE, offset, len),
+        CMD_TRIM => image::discard(&o.file, offset, len),
         CMD_WRITE_ZEROES => {
-            let mode = if req.flags & CMD_FLAG_NO_HOLE != 0 {
-                libc::FALLOC_FL_ZERO_RANGE
-            } else {
-                libc::FALLOC_FL_PUNCH_HOLE
-            };
-            fallocate(&o.file, mode, offset, len).or_else(|_| {
-                // Filesystems without it: write the zeroes.
-                o.file.write_all_at(&vec![0u8; len as usize], offset)
-            })
+            image::write_zeroes(&o.file, offset, len, req.flags & CMD_FLAG_NO_HOLE == 0)
         }
         _ => return EINVAL,
     };
@@ -247,23 +236,5 @@ fn execute(o: &Opened, size: u64, req: &Request, buf: &mut Vec<u8>) -> u32 {
             log::warn!("nbd {}: I/O error: {e}", o.name);
             EIO
         }
-    }
-}
-
-fn fallocate(f: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let mode = if mode == libc::FALLOC_FL_PUNCH_HOLE {
-        mode | libc::FALLOC_FL_KEEP_SIZE
-    } else {
-        mode
-    };
-    // SAFETY: fallocate on an fd we own, with plain integer arguments.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
