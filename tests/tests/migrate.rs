@@ -10,34 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ember_agent::client::{bind_ready_listener, AgentClient};
+use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
+use ember_tests::migration::{self, receiver, status, wait_done};
 use ember_tests::snapshots::connect_restored;
 use ember_tests::{guest_sh_logged as sh, kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::{json, Value};
-
-fn status(vmm: &VmmProcess) -> Value {
-    let r = vmm.request("GET", "/migrate", None);
-    assert_eq!(r.status, 200, "{r:?}");
-    r.json()
-}
-
-/// Waits until `GET /migrate` leaves the active states; returns the status.
-fn wait_done(vmm: &VmmProcess, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(vmm);
-        let state = s["state"].as_str().unwrap_or_default().to_string();
-        if !["Listening", "PreCopy", "StopAndCopy", "SwitchOver"].contains(&state.as_str()) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration still {state} after {timeout:?}: {s}; {}",
-            vmm.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn state(vmm: &VmmProcess) -> String {
     vmm.request("GET", "/", None).json()["state"]
@@ -46,8 +24,23 @@ fn state(vmm: &VmmProcess) -> String {
         .to_string()
 }
 
+/// The guest's counter (replaced by rename, so never seen half-written);
+/// 0 before its first write.
 fn count(agent: &mut AgentClient, vmm: &VmmProcess) -> u64 {
-    sh(agent, vmm, "cat /tmp/count").trim().parse().unwrap()
+    let r = agent
+        .exec(&ExecRequest::new(["/bin/cat", "/tmp/count"]))
+        .unwrap_or_else(|e| panic!("exec: {e}; {}", vmm.logs()));
+    if r.exit_code != Some(0) {
+        let dmesg = agent
+            .exec(&ExecRequest::new(["/bin/sh", "-c", "dmesg | tail -20"]))
+            .map(|d| String::from_utf8_lossy(&d.stdout).into_owned());
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("No such file"),
+            "cat /tmp/count: {r:?}; guest dmesg: {dmesg:?}; {}",
+            vmm.logs()
+        );
+    }
+    String::from_utf8_lossy(&r.stdout).trim().parse().unwrap_or(0)
 }
 
 /// Waits for the guest's counter to pass `above`, so it is known to run.
@@ -63,29 +56,9 @@ fn counts_past(agent: &mut AgentClient, vmm: &VmmProcess, above: u64) -> u64 {
     }
 }
 
-/// A destination VMM waiting on `uri`, with its own vsock socket.
-fn receiver(uri: &str) -> VmmProcess {
-    let vmm = VmmProcess::spawn(&[]);
-    let r = vmm.put(
-        "/migrate/receive",
-        &json!({"listen_uri": uri, "vsock_override": {"uds_path": vmm.path("vsock.sock")}}),
-    );
-    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
-    assert_eq!(status(&vmm)["state"], "Listening");
-    vmm
-}
-
 /// Migrates `from` to `to` (listening on `uri`) and checks both ends.
 fn migrate(from: &VmmProcess, to: &VmmProcess, uri: &str) -> Value {
-    let r = from.put(
-        "/migrate/send",
-        &json!({"destination_uri": uri, "downtime_ms": 500, "max_rounds": 20}),
-    );
-    assert_eq!(r.status, 204, "{r:?}; {}", from.logs());
-    let s = wait_done(from, Duration::from_secs(600));
-    assert_eq!(s["state"], "Completed", "{s}; {}", from.logs());
-    let d = wait_done(to, Duration::from_secs(60));
-    assert_eq!(d["state"], "Completed", "{d}; {}", to.logs());
+    let s = migration::migrate(from, to, uri, 500, 20);
     assert_eq!(state(from), "Paused");
     assert_eq!(state(to), "Running");
     // The source let go for good.
@@ -120,7 +93,8 @@ fn a_counting_guest_migrates_and_keeps_counting() {
     sh(
         &mut agent,
         &a,
-        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done </dev/null >/dev/null 2>&1 &",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 1; done \
+         </dev/null >/dev/null 2>&1 &",
     );
     let c0 = counts_past(&mut agent, &a, 0);
     assert_eq!(status(&a)["state"], "None");
@@ -269,6 +243,7 @@ fn a_counting_guest_migrates_and_keeps_counting() {
     assert_eq!(r.status, 204, "{r:?}");
     let s = wait_done(&c, Duration::from_secs(120));
     assert_eq!(s["state"], "Failed", "{s}");
+    assert!(s["error"].as_str().unwrap().contains("refused"), "{s}");
     let t = wait_done(&d, Duration::from_secs(60));
     assert_eq!(t["state"], "Failed", "{t}");
     assert!(t["error"].as_str().unwrap().contains("checksum"), "{t}");

@@ -140,6 +140,13 @@ impl Controller {
             .map(VmmData::Json)
             .map_err(|e| VmmActionError::Internal(e.to_string())),
             CancelMigration => self.cancel_migration(),
+            SwitchOverMigration(p) => match &self.migration {
+                Some(m) if m.switch_over(p.drive_overrides) => Ok(VmmData::Empty),
+                _ => Err(VmmActionError::NotAllowed(
+                    "no migration is waiting for a switch-over (send it with \"switch_over\": \"Manual\")"
+                        .into(),
+                )),
+            },
             InstanceStart => {
                 self.refuse_while_migrating("InstanceStart")?;
                 self.start(em)

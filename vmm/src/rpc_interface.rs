@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::vmm_config::{
     BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, LoadSnapshotParams, MachineConfig,
     MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, ReceiveMigrationParams,
-    SendMigrationParams, VsockConfig,
+    SendMigrationParams, SwitchOverParams, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,8 @@ pub enum VmmAction {
     GetMigration,
     /// `PUT /migrate/cancel`.
     CancelMigration,
+    /// `PUT /migrate/switch-over`: a manual switch-over may go on.
+    SwitchOverMigration(SwitchOverParams),
 }
 
 /// Firecracker's `GET /` body.

@@ -181,8 +181,33 @@ impl Vmm {
 
     /// Turns KVM's dirty log on for every memory slot (live migration needs
     /// it whether or not the VM was booted with `track_dirty_pages`).
-    pub(crate) fn enable_dirty_log(&self) -> Result<(), crate::vstate::vm::VmError> {
-        self.vm.register_memory(&self.guest_memory, true)
+    pub(crate) fn enable_dirty_log(&self) -> Result<(), String> {
+        if self.resources.machine_config.track_dirty_pages {
+            return Ok(());
+        }
+        if !crate::arch::x86_64::nested::is_pvm_host() {
+            return self
+                .vm
+                .register_memory(&self.guest_memory, true)
+                .map_err(|e| e.to_string());
+        }
+        // kvm_pvm does not write-protect pages already mapped when the flag
+        // is turned on, so their writes never reach the log (measured:
+        // migrated guests hung). There the slots are removed and added
+        // again, with the vCPUs out of the guest for that moment.
+        let running = self.state == VmState::Running;
+        if running {
+            for v in &self.vcpus {
+                v.pause().map_err(|e| e.to_string())?;
+            }
+        }
+        let r = self.vm.reregister_memory(&self.guest_memory, true);
+        if running {
+            for v in &self.vcpus {
+                v.resume().map_err(|e| e.to_string())?;
+            }
+        }
+        r.map_err(|e| e.to_string())
     }
 
     /// Back to what the VM was configured with (after a cancelled migration).

@@ -42,6 +42,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("GET", ["migrate"], None) => Ok(VmmAction::GetMigration),
         // Cancel needs no body; `{}` is accepted too.
         ("PUT", ["migrate", "cancel"], _) => Ok(VmmAction::CancelMigration),
+        ("PUT", ["migrate", "switch-over"], b) => migration::parse_put_switch_over(b),
         ("GET", _, Some(_)) => Err(ParseError::bad_request("GET request cannot have a body.")),
 
         ("PUT", ["actions"], Some(b)) => actions::parse_put(b),

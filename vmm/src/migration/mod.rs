@@ -20,11 +20,13 @@ pub(crate) mod vmm_side;
 mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::snapshot::memory::GuestMemoryState;
+use crate::vmm_config::snapshot::DriveOverride;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// The source's side, as the migration thread sees it.
@@ -63,6 +65,9 @@ pub trait TargetVm: Send {
     /// received memory.
     fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String>;
     fn resume(&mut self) -> Result<(), String>;
+    /// Drive overrides the source sent at the switch-over, over those the
+    /// destination was started with.
+    fn add_overrides(&mut self, overrides: Vec<DriveOverride>);
     /// Drops a VM loaded but never resumed (the source kept it).
     fn discard(&mut self);
 }
@@ -86,6 +91,10 @@ pub enum Phase {
     PreCopy,
     /// The source is paused; the rest and the state go.
     StopAndCopy,
+    /// `switch_over: "Manual"`: the source is paused and all memory is at
+    /// the destination; `PUT /migrate/switch-over` (with drive overrides,
+    /// e.g. a volume's new attachment) lets the destination load the VM.
+    AwaitingSwitchOver,
     /// The destination has loaded the VM; it is being resumed.
     SwitchOver,
     /// The destination runs the VM.
@@ -132,7 +141,11 @@ impl MigrationStatus {
     pub fn is_active(&self) -> bool {
         matches!(
             self.state,
-            Phase::Listening | Phase::PreCopy | Phase::StopAndCopy | Phase::SwitchOver
+            Phase::Listening
+                | Phase::PreCopy
+                | Phase::StopAndCopy
+                | Phase::AwaitingSwitchOver
+                | Phase::SwitchOver
         )
     }
 }
@@ -144,6 +157,8 @@ pub struct Progress {
     cancel: Arc<AtomicBool>,
     /// The stream, so a cancel can wake a thread blocked on it.
     stream: Arc<Mutex<Option<transport::Stream>>>,
+    /// A manual switch-over's go-ahead (with its drive overrides).
+    go: Arc<(Mutex<Option<Vec<DriveOverride>>>, Condvar)>,
 }
 
 impl Progress {
@@ -201,6 +216,48 @@ impl Progress {
         }
         s.state = Phase::SwitchOver;
         true
+    }
+
+    /// `PUT /migrate/switch-over`: lets a source waiting in
+    /// [`Phase::AwaitingSwitchOver`] go on; false in any other state.
+    pub fn switch_over(&self, overrides: Vec<DriveOverride>) -> bool {
+        if self.status().state != Phase::AwaitingSwitchOver {
+            return false;
+        }
+        let (lock, cv) = &*self.go;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(overrides);
+        cv.notify_all();
+        true
+    }
+
+    /// Waits for [`Progress::switch_over`]; None on a cancel or after
+    /// `timeout` (the destination gives up on a silent source too).
+    pub(crate) fn wait_switch_over(&self, timeout: Duration) -> Option<Vec<DriveOverride>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let (lock, cv) = &*self.go;
+        let mut go = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(o) = go.take() {
+                return Some(o);
+            }
+            let now = std::time::Instant::now();
+            if self.cancelled() || now >= deadline {
+                return None;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            go = cv
+                .wait_timeout(go, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Ends the stream for good (the migration is over either way), so the
+    /// peer sees it close even though a copy was kept here for cancels.
+    pub(crate) fn end_stream(&self) {
+        if let Some(st) = self.stream.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            st.shutdown();
+        }
     }
 
     pub(crate) fn set_stream(&self, s: &transport::Stream) {

@@ -1,7 +1,8 @@
 //! The migration stream: a preamble (magic and version), then messages,
 //! each `kind: u8, len: u32 (LE), payload, crc64(kind, len, payload)`.
-//! Source to destination: `Hello`, `Pages`..., `State`, `Resume` (or
-//! `Abort`); destination to source: `Loaded` or `Refused`, then `Resumed`.
+//! Source to destination: `Hello`, `Pages`..., `Overrides` (optional),
+//! `State`, `Resume` (or `Abort`); destination to source: `Loaded` or
+//! `Refused`, then `Resumed`.
 //! Every message is checked on arrival, so a corrupt or truncated stream
 //! is refused before anything from it runs.
 
@@ -33,12 +34,16 @@ pub enum Kind {
     Loaded = 6,
     Refused = 7,
     Resumed = 8,
+    /// Drive overrides the source adds at the switch-over (JSON).
+    Overrides = 9,
 }
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
-        [Hello, Pages, State, Resume, Abort, Loaded, Refused, Resumed]
+        [
+            Hello, Pages, State, Resume, Abort, Loaded, Refused, Resumed, Overrides,
+        ]
             .into_iter()
             .find(|k| *k as u8 == b)
     }

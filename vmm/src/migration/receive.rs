@@ -48,6 +48,7 @@ pub fn run(target: &mut dyn TargetVm, listener: Listener, progress: &Progress) {
         progress.set_stream(&stream);
         receive(target, stream, progress)
     })();
+    progress.end_stream();
     let total_ms = start.elapsed().as_millis() as u64;
     match r {
         Ok(()) => {
@@ -154,6 +155,10 @@ fn receive(
                 }
                 protocol::write_message(&mut reply, Kind::Loaded, b"")?;
                 break;
+            }
+            Kind::Overrides => {
+                let o = msg.json().map_err(|e| refuse(&mut reply, e.to_string()))?;
+                target.add_overrides(o);
             }
             Kind::Abort => return Err(ReceiveError::Aborted(msg.text())),
             other => {

@@ -9,7 +9,7 @@ use super::protocol::{self, Hello, Kind, PagesBuilder, StreamError};
 use super::transport::Stream;
 use super::{FinalCopy, Phase, Progress, SourceVm};
 use crate::snapshot::memory::{describe, dirty_runs, PAGE_SIZE};
-use crate::vmm_config::migration::SendMigrationParams;
+use crate::vmm_config::migration::{SendMigrationParams, SwitchOver};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// How long the destination may take to load the VM (it reconnects
@@ -51,7 +51,20 @@ pub fn run(
 ) {
     let start = Instant::now();
     let mut paused = false;
-    let r = migrate(vm, stream, params, progress, &mut paused);
+    let refusal = stream.try_clone().ok();
+    let mut r = migrate(vm, stream, params, progress, &mut paused);
+    // A destination that refuses mid-stream says why before it hangs up;
+    // the source, busy writing, sees only the broken pipe.
+    if let (Err(SendError::Stream(StreamError::Io(_))), Some(mut rd)) = (&r, refusal) {
+        if !progress.cancelled() && rd.set_read_timeout(Some(Duration::from_secs(2))).is_ok() {
+            if let Ok(m) = protocol::read_message(&mut rd) {
+                if m.kind == Kind::Refused {
+                    r = Err(SendError::Refused(m.text()));
+                }
+            }
+        }
+    }
+    progress.end_stream();
     let total_ms = start.elapsed().as_millis() as u64;
     match r {
         Ok(()) => {
@@ -186,6 +199,25 @@ fn migrate(
         s.final_pages = pages.iter().map(|(_, d)| (d.len() / PAGE) as u64).sum();
         s.pages += s.final_pages;
     });
+    if params.switch_over == SwitchOver::Manual {
+        out.flush()?;
+        progress.update(|s| s.state = Phase::AwaitingSwitchOver);
+        let timeout = Duration::from_millis(params.switch_over_timeout_ms);
+        match progress.wait_switch_over(timeout) {
+            Some(overrides) => {
+                if !overrides.is_empty() {
+                    protocol::write_json(&mut out, Kind::Overrides, &overrides)?;
+                }
+                progress.update(|s| s.state = Phase::StopAndCopy);
+            }
+            None if progress.cancelled() => return Err(SendError::Cancelled),
+            None => {
+                return Err(SendError::Vm(format!(
+                    "no PUT /migrate/switch-over within {timeout:?}"
+                )))
+            }
+        }
+    }
     protocol::write_message(&mut out, Kind::State, &state)?;
     out.flush()?;
 

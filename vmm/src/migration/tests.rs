@@ -11,6 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::transport::Endpoint;
 use super::*;
 use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
+use crate::vmm_config::migration::SwitchOver;
+use crate::vmm_config::snapshot::DriveOverride;
 use crate::vmm_config::SendMigrationParams;
 use crate::vstate::memory::{create_anonymous, create_anonymous_regions};
 
@@ -66,6 +68,7 @@ impl SourceVm for FakeSource {
 
 #[derive(Default)]
 struct TargetLog {
+    overrides: Vec<DriveOverride>,
     loaded: Option<GuestMemoryMmap>,
     resumed: bool,
     discarded: bool,
@@ -98,6 +101,9 @@ impl TargetVm for FakeTarget {
     fn resume(&mut self) -> Result<(), String> {
         self.log.lock().unwrap().resumed = true;
         Ok(())
+    }
+    fn add_overrides(&mut self, overrides: Vec<DriveOverride>) {
+        self.log.lock().unwrap().overrides.extend(overrides);
     }
     fn discard(&mut self) {
         self.log.lock().unwrap().discarded = true;
@@ -145,6 +151,7 @@ fn migrate(
     fail_capture: bool,
     refuse_load: bool,
     tamper: Option<usize>,
+    go_ahead: Option<Vec<DriveOverride>>,
 ) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("m.sock");
@@ -215,6 +222,19 @@ fn migrate(
         })
     };
     let source = Progress::new(Role::Source, "test".into());
+    if let Some(o) = go_ahead {
+        // The caller of a manual switch-over: waits for the pause, then lets go.
+        let p = source.clone();
+        std::thread::spawn(move || {
+            while p.status().state != Phase::AwaitingSwitchOver {
+                if !p.status().is_active() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(p.switch_over(o));
+        });
+    }
     let resumed = Arc::new(AtomicU64::new(0));
     let handed_over = Arc::new(AtomicBool::new(false));
     let mut sv = FakeSource {
@@ -248,12 +268,14 @@ fn params(downtime_ms: u64, max_rounds: u32) -> SendMigrationParams {
         destination_uri: "unix:///unused".into(),
         downtime_ms,
         max_rounds,
+        switch_over: Default::default(),
+        switch_over_timeout_ms: 30_000,
     }
 }
 
 #[test]
 fn memory_arrives_identical_while_the_guest_writes() {
-    let r = migrate(20, params(50, 10), false, false, None);
+    let r = migrate(20, params(50, 10), false, false, None, None);
     let s = r.source.status();
     assert_eq!(s.state, Phase::Completed, "{s:?}");
     assert!(s.rounds >= 1 && s.rounds <= 10, "{s:?}");
@@ -272,7 +294,7 @@ fn memory_arrives_identical_while_the_guest_writes() {
 
 #[test]
 fn an_idle_guest_goes_in_one_round_without_its_zero_pages() {
-    let r = migrate(0, params(50, 10), false, false, None);
+    let r = migrate(0, params(50, 10), false, false, None, None);
     let s = r.source.status();
     assert_eq!(s.state, Phase::Completed, "{s:?}");
     assert_eq!((s.rounds, s.final_pages), (1, 0), "{s:?}");
@@ -289,7 +311,7 @@ fn an_idle_guest_goes_in_one_round_without_its_zero_pages() {
 
 #[test]
 fn a_dirty_rate_that_never_converges_stops_at_the_round_limit() {
-    let r = migrate(400, params(1, 3), false, false, None);
+    let r = migrate(400, params(1, 3), false, false, None, None);
     let s = r.source.status();
     assert_eq!(s.state, Phase::Completed, "{s:?}");
     assert_eq!(s.rounds, 3, "{s:?}");
@@ -302,7 +324,7 @@ fn a_dirty_rate_that_never_converges_stops_at_the_round_limit() {
 
 #[test]
 fn a_refused_load_resumes_the_source() {
-    let r = migrate(5, params(50, 5), false, true, None);
+    let r = migrate(5, params(50, 5), false, true, None, None);
     let s = r.source.status();
     assert_eq!(s.state, Phase::Failed, "{s:?}");
     assert!(s.error.as_deref().unwrap().contains("no tap here"), "{s:?}");
@@ -315,7 +337,7 @@ fn a_refused_load_resumes_the_source() {
 
 #[test]
 fn a_failed_capture_leaves_the_source_running() {
-    let r = migrate(5, params(50, 5), true, false, None);
+    let r = migrate(5, params(50, 5), true, false, None, None);
     let s = r.source.status();
     assert_eq!(s.state, Phase::Failed, "{s:?}");
     assert!(!r.handed_over.load(Ordering::SeqCst));
@@ -327,12 +349,13 @@ fn a_failed_capture_leaves_the_source_running() {
 #[test]
 fn a_corrupt_stream_is_refused_and_the_source_resumes() {
     // A byte deep inside the first round's page data.
-    let r = migrate(5, params(50, 5), false, false, Some(3 * MIB));
+    let r = migrate(5, params(50, 5), false, false, Some(3 * MIB), None);
     let t = r.target.status();
     assert_eq!(t.state, Phase::Failed, "{t:?}");
     assert!(t.error.as_deref().unwrap().contains("checksum"), "{t:?}");
     let s = r.source.status();
     assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("refused"), "{s:?}");
     assert!(!r.handed_over.load(Ordering::SeqCst));
     let log = r.log.lock().unwrap();
     assert!(log.loaded.is_none() && log.discarded);
@@ -410,4 +433,36 @@ fn a_destination_that_is_not_ember_is_refused() {
     assert_eq!(st.state, Phase::Failed);
     assert!(st.error.unwrap().contains("not an Ember migration stream"));
     assert!(log.lock().unwrap().loaded.is_none());
+}
+
+#[test]
+fn a_manual_switch_over_waits_for_its_go_ahead_and_passes_overrides_on() {
+    let mut p = params(50, 5);
+    p.switch_over = SwitchOver::Manual;
+    let o = vec![DriveOverride {
+        drive_id: "data".into(),
+        path_on_host: "nbd://h:10809/vol@2".into(),
+    }];
+    let r = migrate(5, p, false, false, None, Some(o.clone()));
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let log = r.log.lock().unwrap();
+    assert_eq!(log.overrides, o);
+    assert!(log.resumed);
+    assert!(same(&r.src_mem, log.loaded.as_ref().unwrap()));
+}
+
+#[test]
+fn a_manual_switch_over_that_never_comes_resumes_the_source() {
+    let mut p = params(50, 5);
+    p.switch_over = SwitchOver::Manual;
+    p.switch_over_timeout_ms = 300;
+    let r = migrate(5, p, false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("switch-over"), "{s:?}");
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let log = r.log.lock().unwrap();
+    assert!(log.loaded.is_none() && log.discarded);
 }

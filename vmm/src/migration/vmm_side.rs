@@ -27,7 +27,7 @@ impl SourceVm for VmmSource {
     fn start_dirty_tracking(&mut self) -> Result<(), String> {
         self.tasks.run(|c, _| {
             let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            vmm.enable_dirty_log().map_err(|e| e.to_string())?;
+            vmm.enable_dirty_log()?;
             // Forget what was dirty before: round 1 sends everything.
             vmm.take_dirty_pages()
                 .map(|_| ())
@@ -162,6 +162,13 @@ impl TargetVm for VmmTarget {
                 .resume()
                 .map_err(|e| e.to_string())
         })?
+    }
+
+    fn add_overrides(&mut self, overrides: Vec<crate::vmm_config::snapshot::DriveOverride>) {
+        for o in overrides {
+            self.params.drive_overrides.retain(|d| d.drive_id != o.drive_id);
+            self.params.drive_overrides.push(o);
+        }
     }
 
     fn discard(&mut self) {

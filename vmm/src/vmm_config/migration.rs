@@ -15,6 +15,15 @@ fn default_max_rounds() -> u32 {
     30
 }
 
+/// Who ends the pause: the VMM at once, or its caller (after moving what
+/// the VM uses, e.g. a volume's attachment) with `PUT /migrate/switch-over`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum SwitchOver {
+    #[default]
+    Auto,
+    Manual,
+}
+
 /// `PUT /migrate/send`: move this running VM to a VMM waiting in
 /// `PUT /migrate/receive`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -29,6 +38,25 @@ pub struct SendMigrationParams {
     /// Pre-copy rounds before stopping whatever is still dirty.
     #[serde(default = "default_max_rounds")]
     pub max_rounds: u32,
+    #[serde(default)]
+    pub switch_over: SwitchOver,
+    /// With `Manual`: how long the source waits, paused, for
+    /// `PUT /migrate/switch-over` before it gives up and resumes.
+    #[serde(default = "default_switch_over_timeout_ms")]
+    pub switch_over_timeout_ms: u64,
+}
+
+fn default_switch_over_timeout_ms() -> u64 {
+    30_000
+}
+
+/// `PUT /migrate/switch-over`: drive overrides for the destination (the
+/// volume's new attachment URI, say), applied over those it listens with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchOverParams {
+    #[serde(default)]
+    pub drive_overrides: Vec<DriveOverride>,
 }
 
 impl SendMigrationParams {
@@ -37,6 +65,12 @@ impl SendMigrationParams {
             return Err(format!(
                 "downtime_ms must be 1 to 60000, got {}",
                 self.downtime_ms
+            ));
+        }
+        if !(1..=110_000).contains(&self.switch_over_timeout_ms) {
+            return Err(format!(
+                "switch_over_timeout_ms must be 1 to 110000 (the destination waits 120 s), got {}",
+                self.switch_over_timeout_ms
             ));
         }
         if !(1..=1000).contains(&self.max_rounds) {

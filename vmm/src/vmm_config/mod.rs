@@ -16,7 +16,7 @@ pub use boot_source::BootSourceConfig;
 pub use drive::BlockDeviceConfig;
 pub use machine_config::MachineConfig;
 pub use metrics::MetricsConfig;
-pub use migration::{ReceiveMigrationParams, SendMigrationParams};
+pub use migration::{ReceiveMigrationParams, SendMigrationParams, SwitchOverParams};
 pub use net::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 pub use vsock::VsockConfig;

@@ -3,7 +3,7 @@
 
 use crate::api::parsed_request::{parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
-use crate::vmm_config::{ReceiveMigrationParams, SendMigrationParams};
+use crate::vmm_config::{ReceiveMigrationParams, SendMigrationParams, SwitchOverParams};
 
 pub fn parse_put_send(body: &[u8]) -> Result<VmmAction, ParseError> {
     let p: SendMigrationParams = parse_json(body)?;
@@ -15,6 +15,15 @@ pub fn parse_put_receive(body: &[u8]) -> Result<VmmAction, ParseError> {
     let p: ReceiveMigrationParams = parse_json(body)?;
     p.validate().map_err(ParseError::bad_request)?;
     Ok(VmmAction::ReceiveMigration(p))
+}
+
+/// The body is optional: no overrides.
+pub fn parse_put_switch_over(body: Option<&[u8]>) -> Result<VmmAction, ParseError> {
+    let p: SwitchOverParams = match body {
+        Some(b) => parse_json(b)?,
+        None => SwitchOverParams::default(),
+    };
+    Ok(VmmAction::SwitchOverMigration(p))
 }
 
 #[cfg(test)]
@@ -55,6 +64,30 @@ mod tests {
             parse_request("PUT", "/migrate/cancel", b"").unwrap(),
             VmmAction::CancelMigration
         );
+        match parse_request(
+            "PUT",
+            "/migrate/switch-over",
+            br#"{"drive_overrides": [{"drive_id": "data", "path_on_host": "nbd://h:1/v@2"}]}"#,
+        ) {
+            Ok(VmmAction::SwitchOverMigration(p)) => {
+                assert_eq!(p.drive_overrides[0].path_on_host, "nbd://h:1/v@2")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_request("PUT", "/migrate/switch-over", b""),
+            Ok(VmmAction::SwitchOverMigration(_))
+        ));
+        match parse_request(
+            "PUT",
+            "/migrate/send",
+            br#"{"destination_uri": "tcp://h:1", "switch_over": "Manual"}"#,
+        ) {
+            Ok(VmmAction::SendMigration(p)) => {
+                assert_eq!(p.switch_over, crate::vmm_config::migration::SwitchOver::Manual)
+            }
+            other => panic!("{other:?}"),
+        }
         for (path, body, needle) in [
             (
                 "/migrate/send",
