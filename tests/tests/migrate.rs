@@ -40,7 +40,10 @@ fn count(agent: &mut AgentClient, vmm: &VmmProcess) -> u64 {
             vmm.logs()
         );
     }
-    String::from_utf8_lossy(&r.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&r.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// Waits for the guest's counter to pass `above`, so it is known to run.

@@ -44,8 +44,8 @@ impl Kind {
         [
             Hello, Pages, State, Resume, Abort, Loaded, Refused, Resumed, Overrides,
         ]
-            .into_iter()
-            .find(|k| *k as u8 == b)
+        .into_iter()
+        .find(|k| *k as u8 == b)
     }
 }
 

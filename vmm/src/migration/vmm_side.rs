@@ -166,7 +166,9 @@ impl TargetVm for VmmTarget {
 
     fn add_overrides(&mut self, overrides: Vec<crate::vmm_config::snapshot::DriveOverride>) {
         for o in overrides {
-            self.params.drive_overrides.retain(|d| d.drive_id != o.drive_id);
+            self.params
+                .drive_overrides
+                .retain(|d| d.drive_id != o.drive_id);
             self.params.drive_overrides.push(o);
         }
     }

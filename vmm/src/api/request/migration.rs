@@ -84,7 +84,10 @@ mod tests {
             br#"{"destination_uri": "tcp://h:1", "switch_over": "Manual"}"#,
         ) {
             Ok(VmmAction::SendMigration(p)) => {
-                assert_eq!(p.switch_over, crate::vmm_config::migration::SwitchOver::Manual)
+                assert_eq!(
+                    p.switch_over,
+                    crate::vmm_config::migration::SwitchOver::Manual
+                )
             }
             other => panic!("{other:?}"),
         }
