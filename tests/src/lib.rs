@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 pub mod emberd;
+pub mod migration;
 pub mod snapshots;
 pub mod vmm_process;
 pub mod volumed;

@@ -455,6 +455,30 @@ pub fn restore_from_snapshot(
             (mem, Some(uffd))
         }
     };
+    restore_from_state(params, state, mem, uffd, em, exit, serial_out)
+}
+
+/// Builds a microVM from saved `state` and guest memory `mem` already
+/// holding the guest's pages (mapped from a snapshot's memory file, served
+/// by userfaultfd, or received in a migration), with the overrides of
+/// `params`.
+pub fn restore_from_state(
+    params: &LoadSnapshotParams,
+    state: MicrovmState,
+    mem: GuestMemoryMmap,
+    uffd: Option<snapshot::uffd::UffdBackend>,
+    em: &mut EventMgr,
+    exit: VmExitNotifier,
+    serial_out: SerialOut,
+) -> Result<Vmm, RestoreError> {
+    let mc = &state.resources.machine_config;
+    if state.vcpus.len() != usize::from(mc.vcpu_count) || state.vcpus.is_empty() {
+        return Err(RestoreError::Invalid(format!(
+            "snapshot has {} vCPU states for vcpu_count {}",
+            state.vcpus.len(),
+            mc.vcpu_count
+        )));
+    }
     let vm = Vm::new().map_err(StartError::from)?;
     vm.register_memory(&mem, mc.track_dirty_pages || params.enable_diff_snapshots)
         .map_err(StartError::from)?;

@@ -21,6 +21,12 @@ pub struct Controller {
     vmm: Option<Vmm>,
     exit: VmExitNotifier,
     serial_out: SerialOutFactory,
+    /// How another thread of the VMM gets work done on this one.
+    tasks: Option<crate::event_loop::TaskSender>,
+    /// The last (or running) live migration, either way.
+    migration: Option<crate::migration::Progress>,
+    /// This VM was migrated away: the destination runs it now.
+    migrated_away: bool,
 }
 
 fn not_allowed(what: &str) -> VmmActionError {
@@ -42,6 +48,9 @@ impl Controller {
             vmm: None,
             exit,
             serial_out,
+            tasks: None,
+            migration: None,
+            migrated_away: false,
         }
     }
 
@@ -82,7 +91,6 @@ impl Controller {
             GetVmConfig => serde_json::to_value(&self.resources)
                 .map(VmmData::Json)
                 .map_err(|e| VmmActionError::Internal(e.to_string())),
-            InstanceStart => self.start(em),
             FlushMetrics => crate::metrics::flush()
                 .map(|_| VmmData::Empty)
                 .map_err(|e| VmmActionError::Internal(format!("cannot write metrics: {e}"))),
@@ -101,6 +109,7 @@ impl Controller {
                 )),
             },
             CreateSnapshot(params) => {
+                self.refuse_while_migrating("PUT /snapshot/create")?;
                 let vmm = self.vmm.as_ref().ok_or_else(|| {
                     VmmActionError::NotAllowed("the microVM is not started".into())
                 })?;
@@ -113,15 +122,50 @@ impl Controller {
                         _ => VmmActionError::InvalidInput(format!("cannot create snapshot: {e}")),
                     })
             }
-            LoadSnapshot(params) => self.load_snapshot(&params, em),
+            LoadSnapshot(params) => {
+                self.refuse_while_migrating("PUT /snapshot/load")?;
+                self.load_snapshot(&params, em)
+            }
             PatchNetworkInterface(update) => self.patch_net(&update),
             Pause => self.set_paused(true),
             Resume => self.set_paused(false),
-            other => self.configure(other),
+            SendMigration(params) => self.send_migration(&params),
+            ReceiveMigration(params) => self.receive_migration(&params),
+            GetMigration => serde_json::to_value(
+                self.migration
+                    .as_ref()
+                    .map(|m| m.status())
+                    .unwrap_or_default(),
+            )
+            .map(VmmData::Json)
+            .map_err(|e| VmmActionError::Internal(e.to_string())),
+            CancelMigration => self.cancel_migration(),
+            SwitchOverMigration(p) => match &self.migration {
+                Some(m) if m.switch_over(p.drive_overrides) => Ok(VmmData::Empty),
+                _ => Err(VmmActionError::NotAllowed(
+                    "no migration is waiting for a switch-over (send it with \"switch_over\": \"Manual\")"
+                        .into(),
+                )),
+            },
+            InstanceStart => {
+                self.refuse_while_migrating("InstanceStart")?;
+                self.start(em)
+            }
+            other => {
+                self.refuse_while_migrating("configuration")?;
+                self.configure(other)
+            }
         }
     }
 
     fn set_paused(&mut self, paused: bool) -> VmmResponse {
+        self.refuse_while_migrating("PATCH /vm")?;
+        if self.migrated_away && !paused {
+            return Err(VmmActionError::NotAllowed(
+                "the microVM migrated to another VMM, which runs it now; it cannot resume here"
+                    .into(),
+            ));
+        }
         let vmm = self
             .vmm
             .as_mut()
@@ -129,6 +173,165 @@ impl Controller {
         let r = if paused { vmm.pause() } else { vmm.resume() };
         r.map(|_| VmmData::Empty)
             .map_err(|e| VmmActionError::Internal(e.to_string()))
+    }
+
+    fn refuse_while_migrating(&self, what: &str) -> Result<(), VmmActionError> {
+        match &self.migration {
+            Some(m) if m.status().is_active() => Err(VmmActionError::NotAllowed(format!(
+                "{what} is not allowed while a migration is in progress (GET /migrate)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn set_task_sender(&mut self, tasks: crate::event_loop::TaskSender) {
+        self.tasks = Some(tasks);
+    }
+
+    pub(crate) fn vmm_mut(&mut self) -> Option<&mut Vmm> {
+        self.vmm.as_mut()
+    }
+
+    pub(crate) fn set_migrated_away(&mut self) {
+        self.migrated_away = true;
+    }
+
+    /// Drops a VM received but never resumed; the VMM is unconfigured again.
+    pub(crate) fn discard_vm(&mut self) {
+        if self.vmm.take().is_some() {
+            log::info!("dropped the VM of a failed incoming migration");
+        }
+        self.resources = VmResources::default();
+    }
+
+    fn tasks(&self) -> Result<crate::event_loop::TaskSender, VmmActionError> {
+        self.tasks
+            .clone()
+            .ok_or_else(|| VmmActionError::Internal("no VMM task channel".into()))
+    }
+
+    /// `PUT /migrate/send`: connects to the destination, then migrates on
+    /// a thread of its own while this one keeps running the VM.
+    fn send_migration(&mut self, params: &crate::vmm_config::SendMigrationParams) -> VmmResponse {
+        use crate::migration::{send, vmm_side::VmmSource, Progress, Role};
+        let endpoint = params.validate().map_err(VmmActionError::InvalidInput)?;
+        self.refuse_while_migrating("PUT /migrate/send")?;
+        let vmm = self
+            .vmm
+            .as_ref()
+            .ok_or_else(|| VmmActionError::NotAllowed("the microVM is not started".into()))?;
+        if self.migrated_away {
+            return Err(VmmActionError::NotAllowed(
+                "the microVM has already migrated away".into(),
+            ));
+        }
+        if vmm.state() != VmState::Running {
+            return Err(VmmActionError::NotAllowed(
+                "only a running microVM migrates (PATCH /vm {\"state\": \"Resumed\"})".into(),
+            ));
+        }
+        if self.resources.drives.iter().any(|d| d.socket.is_some()) {
+            return Err(VmmActionError::NotAllowed(
+                "a microVM with vhost-user drives cannot migrate: their backends write guest \
+                 memory behind the dirty log"
+                    .into(),
+            ));
+        }
+        let stream = endpoint
+            .connect(std::time::Duration::from_secs(3))
+            .map_err(|e| {
+                VmmActionError::InvalidInput(format!(
+                    "cannot reach the destination {endpoint}: {e}"
+                ))
+            })?;
+        let progress = Progress::new(Role::Source, endpoint.to_string());
+        progress.set_stream(&stream);
+        let mut source = VmmSource {
+            tasks: self.tasks()?,
+            mem: vmm.guest_memory().clone(),
+        };
+        let (p, params) = (progress.clone(), params.clone());
+        progress.update(|s| s.state = crate::migration::Phase::PreCopy);
+        std::thread::Builder::new()
+            .name("ember-migrate".into())
+            .spawn(move || send::run(&mut source, stream, &params, &p))
+            .map_err(|e| VmmActionError::Internal(format!("migration thread: {e}")))?;
+        log::info!("migration to {endpoint} started");
+        self.migration = Some(progress);
+        Ok(VmmData::Empty)
+    }
+
+    /// `PUT /migrate/receive`: listens, then receives on a thread of its own.
+    fn receive_migration(
+        &mut self,
+        params: &crate::vmm_config::ReceiveMigrationParams,
+    ) -> VmmResponse {
+        use crate::migration::{receive, vmm_side::VmmTarget, Phase, Progress, Role};
+        let endpoint = params.validate().map_err(VmmActionError::InvalidInput)?;
+        self.refuse_while_migrating("PUT /migrate/receive")?;
+        if self.vmm.is_some() || self.resources != VmResources::default() {
+            return Err(VmmActionError::NotAllowed(
+                "a migration is received only before any other configuration".into(),
+            ));
+        }
+        let listener = endpoint.listen().map_err(|e| {
+            VmmActionError::InvalidInput(format!("cannot listen on {endpoint}: {e}"))
+        })?;
+        let progress = Progress::new(Role::Destination, listener.local_uri());
+        progress.update(|s| s.state = Phase::Listening);
+        let mut target = VmmTarget::new(self.tasks()?, params.load_params());
+        let p = progress.clone();
+        std::thread::Builder::new()
+            .name("ember-migrate".into())
+            .spawn(move || receive::run(&mut target, listener, &p))
+            .map_err(|e| VmmActionError::Internal(format!("migration thread: {e}")))?;
+        log::info!("waiting for a migration on {endpoint}");
+        self.migration = Some(progress);
+        Ok(VmmData::Empty)
+    }
+
+    fn cancel_migration(&mut self) -> VmmResponse {
+        match &self.migration {
+            Some(m) if m.cancel() => Ok(VmmData::Empty),
+            Some(m) if m.status().is_active() => Err(VmmActionError::NotAllowed(
+                "the switch-over has begun; the migration can no longer be cancelled".into(),
+            )),
+            _ => Err(VmmActionError::NotAllowed(
+                "no migration is in progress".into(),
+            )),
+        }
+    }
+
+    /// The restored guest's console: `path`, else the VMM's own output.
+    fn open_serial_out(&mut self, path: Option<&str>) -> Result<SerialOut, String> {
+        match path {
+            Some(p) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(|f| Box::new(f) as SerialOut)
+                .map_err(|e| format!("serial_out_path {p}: {e}")),
+            None => (self.serial_out)().map_err(|e| format!("serial output: {e}")),
+        }
+    }
+
+    /// Builds the VM a migration brought, paused.
+    pub(crate) fn load_migrated(
+        &mut self,
+        state: crate::snapshot::MicrovmState,
+        mem: crate::vstate::memory::GuestMemoryMmap,
+        params: &LoadSnapshotParams,
+        em: &mut EventMgr,
+    ) -> Result<(), String> {
+        if self.vmm.is_some() {
+            return Err("this VMM already runs a microVM".into());
+        }
+        let out = self.open_serial_out(params.serial_out_path.as_deref())?;
+        let vmm = builder::restore_from_state(params, state, mem, None, em, self.exit.clone(), out)
+            .map_err(|e| format!("cannot build the received microVM: {e}"))?;
+        self.resources = vmm.resources().clone();
+        self.vmm = Some(vmm);
+        Ok(())
     }
 
     /// New rate limiters: on the device of a started VM, else in the
@@ -267,19 +470,9 @@ impl Controller {
                 "snapshot load is only allowed before any other configuration".into(),
             ));
         }
-        let out: SerialOut = match &params.serial_out_path {
-            Some(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| {
-                        VmmActionError::InvalidInput(format!("serial_out_path {p}: {e}"))
-                    })?,
-            ),
-            None => (self.serial_out)()
-                .map_err(|e| VmmActionError::InvalidInput(format!("serial output: {e}")))?,
-        };
+        let out = self
+            .open_serial_out(params.serial_out_path.as_deref())
+            .map_err(VmmActionError::InvalidInput)?;
         let vmm = builder::restore_from_snapshot(params, em, self.exit.clone(), out).map_err(
             |e| match e {
                 builder::RestoreError::Start(builder::StartError::Vm(_))

@@ -22,19 +22,54 @@ pub struct ApiReceiver {
     pub evt: EventFd,
 }
 
+/// Work another thread of the VMM (live migration) needs done on the VMM
+/// thread, where the VM and its devices live.
+pub type VmmTask = Box<dyn FnOnce(&mut Controller, &mut EventMgr) + Send>;
+
+/// Hands [`VmmTask`]s to the VMM thread and waits for their results.
+#[derive(Clone)]
+pub struct TaskSender {
+    tx: Sender<VmmTask>,
+    evt: Arc<EventFd>,
+}
+
+impl TaskSender {
+    /// Runs `f` on the VMM thread and returns what it returned; an error
+    /// if the VMM thread is gone.
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Controller, &mut EventMgr) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let task: VmmTask = Box::new(move |c, em| {
+            let _ = tx.send(f(c, em));
+        });
+        self.tx
+            .send(task)
+            .map_err(|_| "the VMM thread is gone".to_string())?;
+        self.evt
+            .write(1)
+            .map_err(|e| format!("waking the VMM thread: {e}"))?;
+        rx.recv().map_err(|_| "the VMM thread is gone".to_string())
+    }
+}
+
 /// Records which control events fired; the loop acts on them outside the
 /// event manager, where it may add device subscribers.
 struct Wakeups {
     api: Option<EventFd>,
     exit: EventFd,
+    tasks: EventFd,
     api_pending: bool,
     exit_pending: bool,
+    tasks_pending: bool,
 }
 
 const API: u32 = 1;
 /// How often metrics are written without a FlushMetrics.
 const METRICS_PERIOD_MS: i32 = 60_000;
 const EXIT: u32 = 2;
+const TASKS: u32 = 3;
 
 impl MutEventSubscriber for Wakeups {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -49,6 +84,10 @@ impl MutEventSubscriber for Wakeups {
                 let _ = self.exit.read();
                 self.exit_pending = true;
             }
+            TASKS => {
+                let _ = self.tasks.read();
+                self.tasks_pending = true;
+            }
             _ => {}
         }
     }
@@ -61,6 +100,9 @@ impl MutEventSubscriber for Wakeups {
         }
         if let Err(err) = ops.add(Events::with_data(&self.exit, EXIT, EventSet::IN)) {
             log::error!("cannot watch the exit eventfd: {err}");
+        }
+        if let Err(err) = ops.add(Events::with_data(&self.tasks, TASKS, EventSet::IN)) {
+            log::error!("cannot watch the task eventfd: {err}");
         }
     }
 }
@@ -75,13 +117,21 @@ pub fn run(
 ) -> Result<i32, String> {
     let mut em = EventMgr::new().map_err(|e| format!("cannot create event loop: {e}"))?;
     let dup = |e: &EventFd| e.try_clone().map_err(|e| format!("eventfd: {e}"));
+    let task_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let (task_tx, task_rx) = std::sync::mpsc::channel::<VmmTask>();
     let wakeups = Arc::new(Mutex::new(Wakeups {
         api: api.as_ref().map(|a| dup(&a.evt)).transpose()?,
         exit: dup(exit.evt())?,
+        tasks: dup(&task_evt)?,
         api_pending: false,
         exit_pending: false,
+        tasks_pending: false,
     }));
     em.add_subscriber(wakeups.clone());
+    controller.set_task_sender(TaskSender {
+        tx: task_tx,
+        evt: Arc::new(task_evt),
+    });
 
     if start_now {
         controller
@@ -100,13 +150,19 @@ pub fn run(
                 log::warn!("cannot write metrics: {e}");
             }
         }
-        let (api_pending, exit_pending) = {
+        let (api_pending, exit_pending, tasks_pending) = {
             let mut w = lock(&wakeups);
-            let r = (w.api_pending, w.exit_pending);
+            let r = (w.api_pending, w.exit_pending, w.tasks_pending);
             w.api_pending = false;
             w.exit_pending = false;
+            w.tasks_pending = false;
             r
         };
+        if tasks_pending {
+            while let Ok(task) = task_rx.try_recv() {
+                task(&mut controller, &mut em);
+            }
+        }
         if api_pending {
             if let Some(api) = &api {
                 while let Ok(action) = api.requests.try_recv() {

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod devices;
 pub mod event_loop;
 pub mod metrics;
+pub mod migration;
 pub mod rate_limiter;
 pub mod rpc_interface;
 pub mod seccomp;

@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::vmm_config::{
     BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, LoadSnapshotParams, MachineConfig,
-    MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, ReceiveMigrationParams,
+    SendMigrationParams, SwitchOverParams, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +38,16 @@ pub enum VmmAction {
     LoadSnapshot(LoadSnapshotParams),
     SendCtrlAltDel,
     FlushMetrics,
+    /// `PUT /migrate/send`: live-migrate this running VM.
+    SendMigration(SendMigrationParams),
+    /// `PUT /migrate/receive`: wait for a migrating VM (unconfigured VMM).
+    ReceiveMigration(ReceiveMigrationParams),
+    /// `GET /migrate`.
+    GetMigration,
+    /// `PUT /migrate/cancel`.
+    CancelMigration,
+    /// `PUT /migrate/switch-over`: a manual switch-over may go on.
+    SwitchOverMigration(SwitchOverParams),
 }
 
 /// Firecracker's `GET /` body.

@@ -116,18 +116,6 @@ impl Vmm {
                     .into(),
             ));
         }
-        let vcpus = self
-            .vcpus
-            .iter()
-            .map(|v| v.save_state(self.vm.msr_indices()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let vm = VmStateSaved::save(self.vm.fd())?;
-        let virtio = save_virtio(&self.virtio.slots);
-        let devices = DevicesState {
-            serial: lock(&self.serial).state(),
-            i8042: lock(&self.i8042).state(),
-            virtio,
-        };
         // Taken before memory is written, so a write after it is in the
         // next Diff (a Full one just restarts tracking).
         let dirty = if tracking {
@@ -141,14 +129,7 @@ impl Vmm {
                 Some(d) if diff => snapshot::memory::dump_dirty(&self.guest_memory, d, mem_path)?,
                 _ => snapshot::memory::dump(&self.guest_memory, mem_path)?,
             };
-            let state = MicrovmState {
-                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-                resources: self.resources.clone(),
-                memory,
-                vm,
-                vcpus,
-                devices,
-            };
+            let state = self.capture_state(memory)?;
             snapshot::format::write(Path::new(&params.snapshot_path), &state)?;
             Ok(())
         })();
@@ -166,9 +147,78 @@ impl Vmm {
         Ok(())
     }
 
+    /// The state of every component of the paused VM but guest memory,
+    /// whose layout is `memory`: what a snapshot file and a migration
+    /// stream both carry.
+    pub(crate) fn capture_state(
+        &self,
+        memory: snapshot::memory::GuestMemoryState,
+    ) -> Result<MicrovmState, SnapshotError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save_state(self.vm.msr_indices()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmStateSaved::save(self.vm.fd())?;
+        let devices = DevicesState {
+            serial: lock(&self.serial).state(),
+            i8042: lock(&self.i8042).state(),
+            virtio: save_virtio(&self.virtio.slots),
+        };
+        Ok(MicrovmState {
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            resources: self.resources.clone(),
+            memory,
+            vm,
+            vcpus,
+            devices,
+        })
+    }
+
+    pub(crate) fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    /// Turns KVM's dirty log on for every memory slot (live migration needs
+    /// it whether or not the VM was booted with `track_dirty_pages`).
+    pub(crate) fn enable_dirty_log(&self) -> Result<(), String> {
+        if self.resources.machine_config.track_dirty_pages {
+            return Ok(());
+        }
+        if !crate::arch::x86_64::nested::is_pvm_host() {
+            return self
+                .vm
+                .register_memory(&self.guest_memory, true)
+                .map_err(|e| e.to_string());
+        }
+        // kvm_pvm does not write-protect pages already mapped when the flag
+        // is turned on, so their writes never reach the log (measured:
+        // migrated guests hung). There the slots are removed and added
+        // again, with the vCPUs out of the guest for that moment.
+        let running = self.state == VmState::Running;
+        if running {
+            for v in &self.vcpus {
+                v.pause().map_err(|e| e.to_string())?;
+            }
+        }
+        let r = self.vm.reregister_memory(&self.guest_memory, true);
+        if running {
+            for v in &self.vcpus {
+                v.resume().map_err(|e| e.to_string())?;
+            }
+        }
+        r.map_err(|e| e.to_string())
+    }
+
+    /// Back to what the VM was configured with (after a cancelled migration).
+    pub(crate) fn restore_dirty_log_setting(&self) -> Result<(), crate::vstate::vm::VmError> {
+        let on = self.resources.machine_config.track_dirty_pages;
+        self.vm.register_memory(&self.guest_memory, on)
+    }
+
     /// The pages written since the last call (KVM's dirty log of each slot
     /// OR'd with vm-memory's bitmap of the VMM's own writes), clearing both.
-    fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, SnapshotError> {
+    pub(crate) fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, SnapshotError> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let mut logs = Vec::new();
         for (slot, region) in self.guest_memory.iter().enumerate() {

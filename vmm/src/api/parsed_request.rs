@@ -4,7 +4,7 @@
 use serde::de::DeserializeOwned;
 
 use super::request::{
-    actions, boot_source, drive, machine_config, metrics, net, snapshot, vm, vsock,
+    actions, boot_source, drive, machine_config, metrics, migration, net, snapshot, vm, vsock,
 };
 use crate::rpc_interface::VmmAction;
 
@@ -39,6 +39,10 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("GET", [], None) => Ok(VmmAction::GetInstanceInfo),
         ("GET", ["machine-config"], None) => Ok(VmmAction::GetMachineConfig),
         ("GET", ["vm", "config"], None) => Ok(VmmAction::GetVmConfig),
+        ("GET", ["migrate"], None) => Ok(VmmAction::GetMigration),
+        // Cancel needs no body; `{}` is accepted too.
+        ("PUT", ["migrate", "cancel"], _) => Ok(VmmAction::CancelMigration),
+        ("PUT", ["migrate", "switch-over"], b) => migration::parse_put_switch_over(b),
         ("GET", _, Some(_)) => Err(ParseError::bad_request("GET request cannot have a body.")),
 
         ("PUT", ["actions"], Some(b)) => actions::parse_put(b),
@@ -51,6 +55,8 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("PUT", ["network-interfaces", id], Some(b)) => net::parse_put(b, id),
         ("PUT", ["snapshot", "create"], Some(b)) => snapshot::parse_put_create(b),
         ("PUT", ["snapshot", "load"], Some(b)) => snapshot::parse_put_load(b),
+        ("PUT", ["migrate", "send"], Some(b)) => migration::parse_put_send(b),
+        ("PUT", ["migrate", "receive"], Some(b)) => migration::parse_put_receive(b),
         ("PUT", _, None) if is_known_put(&tokens) => {
             Err(ParseError::bad_request("Empty PUT request."))
         }
@@ -80,6 +86,7 @@ fn is_known_put(tokens: &[&str]) -> bool {
             | ["metrics"]
             | ["network-interfaces", _]
             | ["snapshot", "create" | "load"]
+            | ["migrate", "send" | "receive"]
     )
 }
 

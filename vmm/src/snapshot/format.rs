@@ -45,14 +45,21 @@ pub fn write<T: Serialize>(path: &Path, value: &T) -> Result<(), FormatError> {
         path: path.display().to_string(),
         err: e,
     };
-    let payload = serde_json::to_vec(value).map_err(|e| err(e.to_string()))?;
+    let bytes = encode(value).map_err(err)?;
+    write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+}
+
+/// The snapshot file's bytes for `value` (header and payload); a migration
+/// stream carries the same bytes, so it is checked the same way.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    let payload = serde_json::to_vec(value).map_err(|e| e.to_string())?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
     bytes.extend_from_slice(&payload);
-    write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+    Ok(bytes)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs, and renames.
@@ -84,6 +91,13 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
         path: p.clone(),
         err: e.to_string(),
     })?;
+    decode(&bytes, &p)
+}
+
+/// Checks `bytes` as written by [`encode`] (named `p` in errors), then
+/// deserializes the payload.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], p: &str) -> Result<T, FormatError> {
+    let p = p.to_string();
     if bytes.len() < MAGIC.len() || bytes[..8] != MAGIC {
         return Err(FormatError::BadMagic { path: p });
     }

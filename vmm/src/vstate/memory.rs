@@ -23,12 +23,18 @@ pub const GUEST_MEMORY_VMA_NAME: &str = "ember-guest-memory";
 
 /// Anonymous guest memory of `mem_size_mib` MiB.
 pub fn create_anonymous(mem_size_mib: usize) -> Result<GuestMemoryMmap, MemoryError> {
-    let size = (mem_size_mib as u64) << 20;
-    let mem = GuestMemoryMmap::from_ranges(&arch_memory_regions(size)).map_err(|e| {
-        MemoryError::Create {
-            mib: mem_size_mib,
-            err: e.to_string(),
-        }
+    create_anonymous_regions(&arch_memory_regions((mem_size_mib as u64) << 20))
+}
+
+/// Anonymous guest memory with the given regions (a migration destination
+/// takes the source's layout).
+pub fn create_anonymous_regions(
+    regions: &[(vm_memory::GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let size: u64 = regions.iter().map(|r| r.1 as u64).sum();
+    let mem = GuestMemoryMmap::from_ranges(regions).map_err(|e| MemoryError::Create {
+        mib: (size >> 20) as usize,
+        err: e.to_string(),
     })?;
     name_regions(&mem);
     Ok(mem)

@@ -117,6 +117,28 @@ impl Vm {
         Ok(())
     }
 
+    /// Removes every slot of `mem` and adds it again, so KVM maps each page
+    /// anew (with `track_dirty`, write-protected: every later write is in
+    /// the log). The vCPUs must be out of KVM_RUN meanwhile.
+    pub fn reregister_memory(
+        &self,
+        mem: &GuestMemoryMmap,
+        track_dirty: bool,
+    ) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let gone = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: 0,
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: a zero size deletes the slot; no memory is handed over.
+            unsafe { self.fd.set_user_memory_region(gone) }.map_err(VmError::MemoryRegion)?;
+        }
+        self.register_memory(mem, track_dirty)
+    }
+
     /// Takes (and clears) KVM's dirty log of memory slot `slot` of `size`
     /// bytes, registered with tracking on: one bit per page.
     pub fn take_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {

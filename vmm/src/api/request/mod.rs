@@ -5,6 +5,7 @@ pub mod boot_source;
 pub mod drive;
 pub mod machine_config;
 pub mod metrics;
+pub mod migration;
 pub mod net;
 pub mod snapshot;
 pub mod vm;

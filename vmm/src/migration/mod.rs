@@ -1,0 +1,266 @@
+//! Live migration, pre-copy: guest memory goes to the destination VMM in
+//! rounds while the guest runs (KVM's dirty log says what to send again),
+//! then the source pauses, sends what is still dirty with the state of
+//! every component (the snapshot state code, `Vmm::capture_state`), and
+//! the destination resumes.
+//!
+//! The stream is worked on by a thread of its own, so the VMM thread keeps
+//! running devices and the API meanwhile; what must touch the VM (dirty
+//! log, pause, state, resume, building the destination VM) it asks of the
+//! VMM thread through [`SourceVm`] and [`TargetVm`], which tests implement
+//! over plain memory.
+
+pub mod protocol;
+pub mod receive;
+pub mod send;
+pub mod transport;
+pub(crate) mod vmm_side;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::snapshot::memory::GuestMemoryState;
+use crate::vmm_config::snapshot::DriveOverride;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// The source's side, as the migration thread sees it.
+pub trait SourceVm: Send {
+    /// Guest memory (the thread reads it while the guest runs).
+    fn memory(&self) -> GuestMemoryMmap;
+    /// Starts dirty tracking and forgets what was dirty before: the first
+    /// round sends everything.
+    fn start_dirty_tracking(&mut self) -> Result<(), String>;
+    /// Pages written since the last call, a bitmap per memory region.
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String>;
+    /// Pauses the VM and, in one step on the VMM thread (so no device can
+    /// write in between), copies out the pages in `pending` and those
+    /// dirtied since the last `take_dirty`, and saves the state of every
+    /// component (snapshot format bytes).
+    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String>;
+    /// Lets the VM run again here (the migration failed or was cancelled).
+    fn resume(&mut self) -> Result<(), String>;
+    /// The destination runs the VM now: it must never run here again.
+    fn handed_over(&mut self);
+}
+
+/// What the source sends once paused.
+pub struct FinalCopy {
+    /// (guest address, bytes) of every page still dirty.
+    pub pages: Vec<(u64, Vec<u8>)>,
+    /// The microVM state in the snapshot file format.
+    pub state: Vec<u8>,
+}
+
+/// The destination's side.
+pub trait TargetVm: Send {
+    /// Fresh guest memory laid out as the source's.
+    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String>;
+    /// Builds the VM, paused, from `state` (snapshot format bytes) and the
+    /// received memory.
+    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), String>;
+    /// Drive overrides the source sent at the switch-over, over those the
+    /// destination was started with.
+    fn add_overrides(&mut self, overrides: Vec<DriveOverride>);
+    /// Drops a VM loaded but never resumed (the source kept it).
+    fn discard(&mut self);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum Role {
+    #[default]
+    None,
+    Source,
+    Destination,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum Phase {
+    /// No migration has run.
+    #[default]
+    None,
+    /// Destination: waiting for the source to connect.
+    Listening,
+    /// Memory goes while the guest runs.
+    PreCopy,
+    /// The source is paused; the rest and the state go.
+    StopAndCopy,
+    /// `switch_over: "Manual"`: the source is paused and all memory is at
+    /// the destination; `PUT /migrate/switch-over` (with drive overrides,
+    /// e.g. a volume's new attachment) lets the destination load the VM.
+    AwaitingSwitchOver,
+    /// The destination has loaded the VM; it is being resumed.
+    SwitchOver,
+    /// The destination runs the VM.
+    Completed,
+    /// Ended without moving the VM (the source still runs it), or, on a
+    /// destination, nothing was loaded.
+    Failed,
+    /// Cancelled before the switch-over; the source still runs the VM.
+    Cancelled,
+}
+
+/// `GET /migrate`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct MigrationStatus {
+    pub role: Role,
+    pub state: Phase,
+    /// The other VMM (destination URI, or the listen URI).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Pre-copy rounds done (round 1 sends all non-zero memory).
+    pub rounds: u32,
+    /// Bytes of the stream sent (source) or received (destination).
+    pub bytes: u64,
+    /// Pages carried, zero pages included.
+    pub pages: u64,
+    /// Dirty pages found at the end of the last pre-copy round.
+    pub last_dirty_pages: u64,
+    /// Stream bandwidth measured in the last round, MiB/s.
+    pub bandwidth_mib_s: f64,
+    /// Pages sent after the pause.
+    pub final_pages: u64,
+    /// From the pause on the source to the destination's "resumed".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl MigrationStatus {
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.state,
+            Phase::Listening
+                | Phase::PreCopy
+                | Phase::StopAndCopy
+                | Phase::AwaitingSwitchOver
+                | Phase::SwitchOver
+        )
+    }
+}
+
+/// Shared between the migration thread, the VMM thread and the API.
+#[derive(Clone, Default)]
+pub struct Progress {
+    status: Arc<Mutex<MigrationStatus>>,
+    cancel: Arc<AtomicBool>,
+    /// The stream, so a cancel can wake a thread blocked on it.
+    stream: Arc<Mutex<Option<transport::Stream>>>,
+    /// A manual switch-over's go-ahead (with its drive overrides).
+    go: Arc<(Mutex<Option<Vec<DriveOverride>>>, Condvar)>,
+}
+
+impl Progress {
+    pub fn new(role: Role, peer: String) -> Progress {
+        let p = Progress::default();
+        p.update(|s| {
+            s.role = role;
+            s.peer = Some(peer);
+        });
+        p
+    }
+
+    pub fn status(&self) -> MigrationStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    /// Asks the migration to stop; false once the switch-over has begun
+    /// (the destination may already run the VM). Decided under the status
+    /// lock, as [`Progress::begin_switch_over`] is, so exactly one wins.
+    pub fn cancel(&self) -> bool {
+        {
+            let s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            if !s.is_active() || s.state == Phase::SwitchOver {
+                return false;
+            }
+            self.cancel.store(true, Ordering::Release);
+        }
+        if let Some(st) = self
+            .stream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            st.shutdown();
+        }
+        true
+    }
+
+    /// Enters the switch-over unless a cancel came first.
+    pub(crate) fn begin_switch_over(&self) -> bool {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cancelled() {
+            return false;
+        }
+        s.state = Phase::SwitchOver;
+        true
+    }
+
+    /// `PUT /migrate/switch-over`: lets a source waiting in
+    /// [`Phase::AwaitingSwitchOver`] go on; false in any other state.
+    pub fn switch_over(&self, overrides: Vec<DriveOverride>) -> bool {
+        if self.status().state != Phase::AwaitingSwitchOver {
+            return false;
+        }
+        let (lock, cv) = &*self.go;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(overrides);
+        cv.notify_all();
+        true
+    }
+
+    /// Waits for [`Progress::switch_over`]; None on a cancel or after
+    /// `timeout` (the destination gives up on a silent source too).
+    pub(crate) fn wait_switch_over(&self, timeout: Duration) -> Option<Vec<DriveOverride>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let (lock, cv) = &*self.go;
+        let mut go = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(o) = go.take() {
+                return Some(o);
+            }
+            let now = std::time::Instant::now();
+            if self.cancelled() || now >= deadline {
+                return None;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            go = cv
+                .wait_timeout(go, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Ends the stream for good (the migration is over either way), so the
+    /// peer sees it close even though a copy was kept here for cancels.
+    pub(crate) fn end_stream(&self) {
+        if let Some(st) = self.stream.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            st.shutdown();
+        }
+    }
+
+    pub(crate) fn set_stream(&self, s: &transport::Stream) {
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = s.try_clone().ok();
+    }
+}

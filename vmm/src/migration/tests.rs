@@ -1,0 +1,468 @@
+//! The send and receive loops against each other over real sockets, with
+//! plain guest memory behind [`SourceVm`] and [`TargetVm`] (a writer thread
+//! plays the guest). Whole VMs migrating are tested in tests/tests/migrate.rs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::transport::Endpoint;
+use super::*;
+use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
+use crate::vmm_config::migration::SwitchOver;
+use crate::vmm_config::snapshot::DriveOverride;
+use crate::vmm_config::SendMigrationParams;
+use crate::vstate::memory::{create_anonymous, create_anonymous_regions};
+
+const MIB: usize = 1 << 20;
+
+/// A "VM" that is only memory; a background writer dirties pages (through
+/// vm-memory, so its bitmap sees them) until paused.
+struct FakeSource {
+    mem: GuestMemoryMmap,
+    paused: Arc<AtomicBool>,
+    resumed: Arc<AtomicU64>,
+    handed_over: Arc<AtomicBool>,
+    fail_capture: bool,
+}
+
+impl SourceVm for FakeSource {
+    fn memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+    fn start_dirty_tracking(&mut self) -> Result<(), String> {
+        take_dirty_pages(&self.mem, &[]);
+        Ok(())
+    }
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String> {
+        Ok(take_dirty_pages(&self.mem, &[]))
+    }
+    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
+        if self.fail_capture {
+            return Err("capture failed on purpose".into());
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        // The writer may be mid-write; let it see the pause.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut dirty = take_dirty_pages(&self.mem, &[]);
+        for (d, p) in dirty.iter_mut().zip(&pending) {
+            for (w, pw) in d.iter_mut().zip(p) {
+                *w |= pw;
+            }
+        }
+        let pages = super::vmm_side::copy_pages(&self.mem, &dirty)?;
+        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
+        Ok(FinalCopy { pages, state })
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.paused.store(false, Ordering::SeqCst);
+        self.resumed.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn handed_over(&mut self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(Default)]
+struct TargetLog {
+    overrides: Vec<DriveOverride>,
+    loaded: Option<GuestMemoryMmap>,
+    resumed: bool,
+    discarded: bool,
+}
+
+struct FakeTarget {
+    log: Arc<Mutex<TargetLog>>,
+    refuse_load: bool,
+}
+
+impl TargetVm for FakeTarget {
+    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String> {
+        let r: Vec<_> = layout
+            .regions
+            .iter()
+            .map(|r| (GuestAddress(r.base_address), r.size as usize))
+            .collect();
+        create_anonymous_regions(&r).map_err(|e| e.to_string())
+    }
+    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String> {
+        let layout: GuestMemoryState =
+            crate::snapshot::format::decode(state, "stream").map_err(|e| e.to_string())?;
+        assert_eq!(layout, describe(&memory));
+        if self.refuse_load {
+            return Err("no tap here".into());
+        }
+        self.log.lock().unwrap().loaded = Some(memory);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.log.lock().unwrap().resumed = true;
+        Ok(())
+    }
+    fn add_overrides(&mut self, overrides: Vec<DriveOverride>) {
+        self.log.lock().unwrap().overrides.extend(overrides);
+    }
+    fn discard(&mut self) {
+        self.log.lock().unwrap().discarded = true;
+    }
+}
+
+/// Memory with a pattern in part of it (the rest stays zero).
+fn guest(mib: usize) -> GuestMemoryMmap {
+    let mem = create_anonymous(mib).unwrap();
+    for i in 0..(mib * MIB / 2 / 4096) as u64 {
+        mem.write_obj(i * 7 + 1, GuestAddress(i * 4096 * 2))
+            .unwrap();
+    }
+    mem
+}
+
+fn same(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
+    a.iter().zip(b.iter()).all(|(x, y)| {
+        use vm_memory::GuestMemoryRegion;
+        // SAFETY: both are live mappings of the regions' lengths, read only.
+        let (x, y) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr(), x.len() as usize),
+                std::slice::from_raw_parts(y.as_ptr(), y.len() as usize),
+            )
+        };
+        x == y
+    })
+}
+
+struct Run {
+    source: Progress,
+    target: Progress,
+    log: Arc<Mutex<TargetLog>>,
+    resumed: Arc<AtomicU64>,
+    handed_over: Arc<AtomicBool>,
+    src_mem: GuestMemoryMmap,
+}
+
+/// Migrates a 32 MiB fake guest whose writer keeps dirtying `dirty_per_ms`
+/// pages per millisecond; `tamper` may damage the stream in between.
+fn migrate(
+    dirty_per_ms: u64,
+    params: SendMigrationParams,
+    fail_capture: bool,
+    refuse_load: bool,
+    tamper: Option<usize>,
+    go_ahead: Option<Vec<DriveOverride>>,
+) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("m.sock");
+    let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
+    let target = Progress::new(Role::Destination, "test".into());
+    target.update(|s| s.state = Phase::Listening);
+    let log = Arc::new(Mutex::new(TargetLog::default()));
+    let (t, l) = (target.clone(), log.clone());
+    let rx = std::thread::spawn(move || {
+        let mut tv = FakeTarget {
+            log: l,
+            refuse_load,
+        };
+        receive::run(&mut tv, listener, &t);
+    });
+    // A proxy that flips one byte at offset `at` of the source's stream.
+    let connect_to = match tamper {
+        None => sock.clone(),
+        Some(at) => {
+            let proxy = dir.path().join("proxy.sock");
+            let pl = std::os::unix::net::UnixListener::bind(&proxy).unwrap();
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let (mut a, _) = pl.accept().unwrap();
+                let mut b = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+                let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut b2, &mut a2);
+                });
+                let mut buf = vec![0u8; 65536];
+                let mut seen = 0usize;
+                loop {
+                    let n = match a.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if (seen..seen + n).contains(&at) {
+                        buf[at - seen] ^= 0x40;
+                    }
+                    seen += n;
+                    if b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            proxy
+        }
+    };
+    let src_mem = guest(32);
+    let paused = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mem, paused, stop) = (src_mem.clone(), paused.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                if !paused.load(Ordering::SeqCst) {
+                    for _ in 0..dirty_per_ms {
+                        n += 1;
+                        let page = (n * 2654435761) % (32 * MIB as u64 / 4096);
+                        mem.write_obj(n, GuestAddress(page * 4096 + 8)).unwrap();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let source = Progress::new(Role::Source, "test".into());
+    if let Some(o) = go_ahead {
+        // The caller of a manual switch-over: waits for the pause, then lets go.
+        let p = source.clone();
+        std::thread::spawn(move || {
+            while p.status().state != Phase::AwaitingSwitchOver {
+                if !p.status().is_active() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(p.switch_over(o));
+        });
+    }
+    let resumed = Arc::new(AtomicU64::new(0));
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let mut sv = FakeSource {
+        mem: src_mem.clone(),
+        paused,
+        resumed: resumed.clone(),
+        handed_over: handed_over.clone(),
+        fail_capture,
+    };
+    let stream = Endpoint::Unix(connect_to)
+        .connect(Duration::from_secs(5))
+        .unwrap();
+    source.set_stream(&stream);
+    source.update(|s| s.state = Phase::PreCopy);
+    send::run(&mut sv, stream, &params, &source);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    rx.join().unwrap();
+    Run {
+        source,
+        target,
+        log,
+        resumed,
+        handed_over,
+        src_mem,
+    }
+}
+
+fn params(downtime_ms: u64, max_rounds: u32) -> SendMigrationParams {
+    SendMigrationParams {
+        destination_uri: "unix:///unused".into(),
+        downtime_ms,
+        max_rounds,
+        switch_over: Default::default(),
+        switch_over_timeout_ms: 30_000,
+    }
+}
+
+#[test]
+fn memory_arrives_identical_while_the_guest_writes() {
+    let r = migrate(20, params(50, 10), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert!(s.rounds >= 1 && s.rounds <= 10, "{s:?}");
+    assert!(s.downtime_ms.is_some());
+    assert!(r.handed_over.load(Ordering::SeqCst));
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    let log = r.log.lock().unwrap();
+    assert!(log.resumed && !log.discarded);
+    assert!(
+        same(&r.src_mem, log.loaded.as_ref().unwrap()),
+        "destination memory differs from the source's at the pause"
+    );
+}
+
+#[test]
+fn an_idle_guest_goes_in_one_round_without_its_zero_pages() {
+    let r = migrate(0, params(50, 10), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.rounds, s.final_pages), (1, 0), "{s:?}");
+    // Half of the 32 MiB is zero and stays home.
+    assert!(
+        s.bytes < 17 * MIB as u64 && s.bytes > 16 * MIB as u64,
+        "{s:?}"
+    );
+    assert!(same(
+        &r.src_mem,
+        r.log.lock().unwrap().loaded.as_ref().unwrap()
+    ));
+}
+
+#[test]
+fn a_dirty_rate_that_never_converges_stops_at_the_round_limit() {
+    let r = migrate(400, params(1, 3), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!(s.rounds, 3, "{s:?}");
+    assert!(s.final_pages > 0, "{s:?}");
+    assert!(same(
+        &r.src_mem,
+        r.log.lock().unwrap().loaded.as_ref().unwrap()
+    ));
+}
+
+#[test]
+fn a_refused_load_resumes_the_source() {
+    let r = migrate(5, params(50, 5), false, true, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("no tap here"), "{s:?}");
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    assert!(r.log.lock().unwrap().discarded);
+}
+
+#[test]
+fn a_failed_capture_leaves_the_source_running() {
+    let r = migrate(5, params(50, 5), true, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    // The capture failed before any pause: nothing to resume.
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    assert!(r.log.lock().unwrap().discarded);
+}
+
+#[test]
+fn a_corrupt_stream_is_refused_and_the_source_resumes() {
+    // A byte deep inside the first round's page data.
+    let r = migrate(5, params(50, 5), false, false, Some(3 * MIB), None);
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    assert!(t.error.as_deref().unwrap().contains("checksum"), "{t:?}");
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("refused"), "{s:?}");
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let log = r.log.lock().unwrap();
+    assert!(log.loaded.is_none() && log.discarded);
+}
+
+#[test]
+fn cancel_before_the_switch_over_keeps_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("m.sock");
+    let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
+    // A destination that accepts and then reads slowly.
+    let slow = std::thread::spawn(move || {
+        use std::io::Read;
+        let s = listener.accept(&|| false).unwrap();
+        let mut s = match s {
+            transport::Stream::Unix(u) => u,
+            _ => unreachable!(),
+        };
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let source = Progress::new(Role::Source, "test".into());
+    source.update(|s| s.state = Phase::PreCopy);
+    let stream = Endpoint::Unix(sock)
+        .connect(Duration::from_secs(5))
+        .unwrap();
+    source.set_stream(&stream);
+    let resumed = Arc::new(AtomicU64::new(0));
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let mut sv = FakeSource {
+        mem: guest(32),
+        paused: Arc::new(AtomicBool::new(false)),
+        resumed: resumed.clone(),
+        handed_over: handed_over.clone(),
+        fail_capture: false,
+    };
+    let p = source.clone();
+    let sender = std::thread::spawn(move || send::run(&mut sv, stream, &params(50, 5), &p));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(source.cancel(), "{:?}", source.status());
+    sender.join().unwrap();
+    slow.join().unwrap();
+    let s = source.status();
+    assert_eq!(s.state, Phase::Cancelled, "{s:?}");
+    assert!(!handed_over.load(Ordering::SeqCst));
+    // A second cancel has nothing to cancel.
+    assert!(!source.cancel());
+}
+
+#[test]
+fn a_destination_that_is_not_ember_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("m.sock");
+    let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
+    let target = Progress::new(Role::Destination, "test".into());
+    target.update(|s| s.state = Phase::Listening);
+    let log = Arc::new(Mutex::new(TargetLog::default()));
+    let (t, l) = (target.clone(), log.clone());
+    let rx = std::thread::spawn(move || {
+        let mut tv = FakeTarget {
+            log: l,
+            refuse_load: false,
+        };
+        receive::run(&mut tv, listener, &t);
+    });
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    rx.join().unwrap();
+    let st = target.status();
+    assert_eq!(st.state, Phase::Failed);
+    assert!(st.error.unwrap().contains("not an Ember migration stream"));
+    assert!(log.lock().unwrap().loaded.is_none());
+}
+
+#[test]
+fn a_manual_switch_over_waits_for_its_go_ahead_and_passes_overrides_on() {
+    let mut p = params(50, 5);
+    p.switch_over = SwitchOver::Manual;
+    let o = vec![DriveOverride {
+        drive_id: "data".into(),
+        path_on_host: "nbd://h:10809/vol@2".into(),
+    }];
+    let r = migrate(5, p, false, false, None, Some(o.clone()));
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let log = r.log.lock().unwrap();
+    assert_eq!(log.overrides, o);
+    assert!(log.resumed);
+    assert!(same(&r.src_mem, log.loaded.as_ref().unwrap()));
+}
+
+#[test]
+fn a_manual_switch_over_that_never_comes_resumes_the_source() {
+    let mut p = params(50, 5);
+    p.switch_over = SwitchOver::Manual;
+    p.switch_over_timeout_ms = 300;
+    let r = migrate(5, p, false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("switch-over"), "{s:?}");
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let log = r.log.lock().unwrap();
+    assert!(log.loaded.is_none() && log.discarded);
+}

@@ -1,0 +1,181 @@
+//! [`SourceVm`] and [`TargetVm`] over the real VMM: each step that touches
+//! the VM runs on the VMM thread as a task.
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{FinalCopy, SourceVm, TargetVm};
+use crate::event_loop::TaskSender;
+use crate::snapshot::memory::{describe, dirty_runs, GuestMemoryState, PAGE_SIZE};
+use crate::snapshot::MicrovmState;
+use crate::vmm_config::LoadSnapshotParams;
+use crate::vstate::memory::GuestMemoryMmap;
+
+fn no_vm() -> String {
+    "the microVM is gone".to_string()
+}
+
+pub(crate) struct VmmSource {
+    pub tasks: TaskSender,
+    pub mem: GuestMemoryMmap,
+}
+
+impl SourceVm for VmmSource {
+    fn memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    fn start_dirty_tracking(&mut self) -> Result<(), String> {
+        self.tasks.run(|c, _| {
+            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+            vmm.enable_dirty_log()?;
+            // Forget what was dirty before: round 1 sends everything.
+            vmm.take_dirty_pages()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })?
+    }
+
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String> {
+        self.tasks.run(|c, _| {
+            c.vmm_mut()
+                .ok_or_else(no_vm)?
+                .take_dirty_pages()
+                .map_err(|e| e.to_string())
+        })?
+    }
+
+    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
+        self.tasks.run(move |c, _| {
+            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+            vmm.pause().map_err(|e| e.to_string())?;
+            let r = (|| {
+                let mut dirty = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
+                for (d, p) in dirty.iter_mut().zip(&pending) {
+                    for (w, pw) in d.iter_mut().zip(p) {
+                        *w |= pw;
+                    }
+                }
+                let mem = vmm.guest_memory();
+                let pages = copy_pages(mem, &dirty)?;
+                let state = vmm
+                    .capture_state(describe(mem))
+                    .map_err(|e| e.to_string())?;
+                let state = crate::snapshot::format::encode(&state)?;
+                Ok(FinalCopy { pages, state })
+            })();
+            if r.is_err() {
+                // Nothing left here: the VM runs on.
+                if let Err(e) = vmm.resume() {
+                    log::error!("migration: cannot resume after a failed capture: {e}");
+                }
+            }
+            r
+        })?
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.tasks.run(|c, _| {
+            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+            if let Err(e) = vmm.restore_dirty_log_setting() {
+                log::warn!("migration: cannot restore the dirty log setting: {e}");
+            }
+            if vmm.state() == crate::vmm::VmState::Paused {
+                vmm.resume().map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })?
+    }
+
+    fn handed_over(&mut self) {
+        if self.tasks.run(|c, _| c.set_migrated_away()).is_err() {
+            log::warn!("migration: the VMM thread is gone");
+        }
+    }
+}
+
+/// Copies out the pages `dirty` marks, in runs.
+pub(crate) fn copy_pages(
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    for (region, bits) in mem.iter().zip(dirty) {
+        let npages = (region.len() / PAGE_SIZE) as usize;
+        for (first, count) in dirty_runs(bits, npages) {
+            let gpa = region.start_addr().raw_value() + first as u64 * PAGE_SIZE;
+            let mut data = vec![0u8; count * PAGE_SIZE as usize];
+            mem.read_slice(&mut data, GuestAddress(gpa))
+                .map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
+            out.push((gpa, data));
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) struct VmmTarget {
+    pub tasks: TaskSender,
+    pub params: LoadSnapshotParams,
+    layout: Option<GuestMemoryState>,
+}
+
+impl VmmTarget {
+    pub fn new(tasks: TaskSender, params: LoadSnapshotParams) -> VmmTarget {
+        VmmTarget {
+            tasks,
+            params,
+            layout: None,
+        }
+    }
+}
+
+impl TargetVm for VmmTarget {
+    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String> {
+        let regions: Vec<_> = layout
+            .regions
+            .iter()
+            .map(|r| (GuestAddress(r.base_address), r.size as usize))
+            .collect();
+        let mem =
+            crate::vstate::memory::create_anonymous_regions(&regions).map_err(|e| e.to_string())?;
+        self.layout = Some(layout.clone());
+        Ok(mem)
+    }
+
+    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String> {
+        let state: MicrovmState = crate::snapshot::format::decode(state, "the migration stream")
+            .map_err(|e| e.to_string())?;
+        if self.layout.as_ref() != Some(&state.memory) {
+            return Err(format!(
+                "the state's memory layout {:?} differs from the stream's {:?}",
+                state.memory, self.layout
+            ));
+        }
+        let params = self.params.clone();
+        self.tasks
+            .run(move |c, em| c.load_migrated(state, memory, &params, em))?
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.tasks.run(|c, _| {
+            c.vmm_mut()
+                .ok_or_else(no_vm)?
+                .resume()
+                .map_err(|e| e.to_string())
+        })?
+    }
+
+    fn add_overrides(&mut self, overrides: Vec<crate::vmm_config::snapshot::DriveOverride>) {
+        for o in overrides {
+            self.params
+                .drive_overrides
+                .retain(|d| d.drive_id != o.drive_id);
+            self.params.drive_overrides.push(o);
+        }
+    }
+
+    fn discard(&mut self) {
+        if self.tasks.run(|c, _| c.discard_vm()).is_err() {
+            log::warn!("migration: the VMM thread is gone");
+        }
+    }
+}
