@@ -422,14 +422,8 @@ pub fn restore_from_snapshot(
 ) -> Result<Vmm, RestoreError> {
     let backend = params.backend().map_err(RestoreError::Invalid)?;
     let state: MicrovmState = snapshot::format::read(std::path::Path::new(&params.snapshot_path))?;
-    let mc = &state.resources.machine_config;
-    if state.vcpus.len() != usize::from(mc.vcpu_count) || state.vcpus.is_empty() {
-        return Err(RestoreError::Invalid(format!(
-            "snapshot has {} vCPU states for vcpu_count {}",
-            state.vcpus.len(),
-            mc.vcpu_count
-        )));
-    }
+    // Before any memory is mapped for it.
+    check_vcpu_states(&state)?;
     let backend_path = std::path::Path::new(&backend.backend_path);
     let vhost_user = state.resources.drives.iter().any(|d| d.socket.is_some());
     let (mem, uffd) = match backend.backend_type {
@@ -458,6 +452,17 @@ pub fn restore_from_snapshot(
     restore_from_state(params, state, mem, uffd, em, exit, serial_out)
 }
 
+fn check_vcpu_states(state: &MicrovmState) -> Result<(), RestoreError> {
+    let n = state.resources.machine_config.vcpu_count;
+    if state.vcpus.len() != usize::from(n) || state.vcpus.is_empty() {
+        return Err(RestoreError::Invalid(format!(
+            "snapshot has {} vCPU states for vcpu_count {n}",
+            state.vcpus.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Builds a microVM from saved `state` and guest memory `mem` already
 /// holding the guest's pages (mapped from a snapshot's memory file, served
 /// by userfaultfd, or received in a migration), with the overrides of
@@ -471,14 +476,8 @@ pub fn restore_from_state(
     exit: VmExitNotifier,
     serial_out: SerialOut,
 ) -> Result<Vmm, RestoreError> {
+    check_vcpu_states(&state)?;
     let mc = &state.resources.machine_config;
-    if state.vcpus.len() != usize::from(mc.vcpu_count) || state.vcpus.is_empty() {
-        return Err(RestoreError::Invalid(format!(
-            "snapshot has {} vCPU states for vcpu_count {}",
-            state.vcpus.len(),
-            mc.vcpu_count
-        )));
-    }
     let vm = Vm::new().map_err(StartError::from)?;
     vm.register_memory(&mem, mc.track_dirty_pages || params.enable_diff_snapshots)
         .map_err(StartError::from)?;
