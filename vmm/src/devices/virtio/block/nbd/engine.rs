@@ -14,8 +14,8 @@
 //!   up to `MAX_ATTEMPTS` times, and otherwise fail.
 //! - Writes acknowledged since the last flush are kept (up to `JOURNAL_MAX`
 //!   bytes) and written again first on a new connection, because a
-//!   restarted server may have lost them. A FLUSH is sent only when no such
-//!   replay is outstanding, and it retires only the writes acknowledged
+//!   restarted server may have lost them; nothing else is sent until the
+//!   server acknowledged them. A FLUSH retires only the writes acknowledged
 //!   before it was sent. When the journal overflowed before a reconnect,
 //!   the next flush fails so the guest learns of the possible loss.
 //! - Server errors (an errno in the reply) are final and not retried.
@@ -414,7 +414,12 @@ fn split(st: &State, op: &Op, offset: u64, durability: Durability) -> Vec<Piece>
                 Command::WriteZeroes
             };
             for at in (0..*len).step_by(MAX_RANGE as usize) {
-                out.push(piece(cmd, 0, offset + at, (*len - at).min(MAX_RANGE) as u32));
+                out.push(piece(
+                    cmd,
+                    0,
+                    offset + at,
+                    (*len - at).min(MAX_RANGE) as u32,
+                ));
             }
         }
     }
@@ -435,7 +440,9 @@ fn finish(shared: &Shared, generation: u64, cookie: u64, result: Result<Vec<u8>,
     let error = match result {
         Ok(data) => {
             buf = data;
-            on_acked(&mut st, &p, shared.durability).err().map(|e| e.to_string())
+            on_acked(&mut st, &p, shared.durability)
+                .err()
+                .map(|e| e.to_string())
         }
         Err(errno) => {
             if p.parent.is_none() {
@@ -447,7 +454,7 @@ fn finish(shared: &Shared, generation: u64, cookie: u64, result: Result<Vec<u8>,
         }
     };
     let Some(id) = p.parent else {
-        // A held FLUSH may go once no replay is unanswered.
+        // Held requests may go once no replay is unanswered.
         let _ = shared.kick.send(Msg::Kick);
         return;
     };
@@ -484,7 +491,11 @@ fn on_acked(st: &mut State, p: &Piece, durability: Durability) -> io::Result<()>
             journal(st, Journaled::Zeroes(p.offset, p.len), 0);
         }
         Command::Flush => {
-            while st.journal.front().is_some_and(|(seq, _)| *seq < p.flush_mark) {
+            while st
+                .journal
+                .front()
+                .is_some_and(|(seq, _)| *seq < p.flush_mark)
+            {
                 if let Some((_, Journaled::Data(_, d))) = st.journal.pop_front() {
                     st.journal_bytes -= d.len();
                 }
@@ -702,8 +713,10 @@ impl Worker {
         }
     }
 
-    /// Writes every piece not yet on the current connection, in order. A
-    /// FLUSH waits while journal replays are unanswered.
+    /// Writes every piece not yet on the current connection, in order.
+    /// While journal replays are unanswered only replays go out: the
+    /// server may run requests in any order, and a read or a flush must
+    /// not overtake the writes they are meant to see.
     fn send_unsent(&mut self) {
         let Some(w) = self.writer.as_mut() else {
             return;
@@ -718,7 +731,7 @@ impl Worker {
             let Some((&cookie, p)) = st
                 .pieces
                 .iter_mut()
-                .find(|(_, p)| p.sent.is_none() && !(p.cmd == Command::Flush && replaying))
+                .find(|(_, p)| p.sent.is_none() && !(replaying && p.parent.is_some()))
             else {
                 return;
             };
@@ -762,11 +775,7 @@ impl Worker {
 
 /// The reply reader of one connection: runs until the connection fails or
 /// is shut down, then tells the worker.
-fn read_replies(
-    shared: &Shared,
-    mut r: std::io::BufReader<Stream>,
-    generation: u64,
-) {
+fn read_replies(shared: &Shared, mut r: std::io::BufReader<Stream>, generation: u64) {
     // Structured replies to reads in progress: their buffer and progress.
     let mut partial: HashMap<u64, (Vec<u8>, ChunkProgress)> = HashMap::new();
     let err = loop {

@@ -254,7 +254,10 @@ pub fn encode_request(cmd: Command, flags: u16, cookie: u64, offset: u64, len: u
 /// The start of one reply: a simple reply, or one structured chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple { cookie: u64, errno: u32 },
+    Simple {
+        cookie: u64,
+        errno: u32,
+    },
     Chunk {
         cookie: u64,
         flags: u16,
