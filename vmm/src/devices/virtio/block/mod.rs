@@ -12,7 +12,7 @@ mod tests;
 pub use device::Block;
 pub use disk::CacheType;
 pub use persist::BlockState;
-pub use scheduler::IoSchedulerConfig;
+pub use scheduler::{IoSchedulerConfig, WriteScheduler};
 
 /// Queue size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;

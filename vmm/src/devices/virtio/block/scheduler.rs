@@ -39,7 +39,7 @@ impl IoSchedulerConfig {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct WriteScheduler {
+pub struct WriteScheduler {
     config: Option<IoSchedulerConfig>,
     outstanding: u32,
     /// Average write latency in microseconds (weight 1/8 per sample).
@@ -47,21 +47,21 @@ pub(crate) struct WriteScheduler {
 }
 
 impl WriteScheduler {
-    pub(crate) fn new(config: Option<IoSchedulerConfig>) -> WriteScheduler {
+    pub fn new(config: Option<IoSchedulerConfig>) -> WriteScheduler {
         WriteScheduler {
             config,
             ..Default::default()
         }
     }
 
-    pub(crate) fn set_config(&mut self, config: Option<IoSchedulerConfig>) {
+    pub fn set_config(&mut self, config: Option<IoSchedulerConfig>) {
         self.config = config;
     }
 
     /// Whether a write may go to the backend now. With none outstanding it
     /// always may: the latency can only be learned from a write, and a
     /// held write must not wait forever.
-    pub(crate) fn may_send_write(&self) -> bool {
+    pub fn may_send_write(&self) -> bool {
         let Some(c) = self.config else {
             return true;
         };
@@ -75,11 +75,11 @@ impl WriteScheduler {
         !too_many && !too_slow
     }
 
-    pub(crate) fn write_sent(&mut self) {
+    pub fn write_sent(&mut self) {
         self.outstanding += 1;
     }
 
-    pub(crate) fn write_done(&mut self, latency: Duration) {
+    pub fn write_done(&mut self, latency: Duration) {
         self.outstanding = self.outstanding.saturating_sub(1);
         let sample = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency_us = if self.latency_us == 0 {
@@ -90,7 +90,7 @@ impl WriteScheduler {
     }
 
     /// Forgets outstanding writes (device reset: their answers are dropped).
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.outstanding = 0;
     }
 }
