@@ -1,42 +1,49 @@
-//! `bash benches/run.sh --bench block`: the NBD backend next to the file
-//! backend, on the host (no guest): 4 KiB random reads and writes (IOPS)
-//! and 1 MiB sequential reads and writes (MB/s), one request at a time as
-//! the device issues them, against the same file served by qemu-nbd on a
-//! unix socket. Prints numbers and NBD/file ratios; asserts nothing. Says
-//! why when qemu-nbd is missing.
+//! `bash benches/run.sh --bench block`: the VMM's block backends on the
+//! host (no guest), driven as the virtio-blk device drives them: the file
+//! backend (pread/pwrite on the VMM thread, one request at a time) and the
+//! NBD engine (the device's per-drive I/O threads) to qemu-nbd and to
+//! Ember's volume service (`ember-volumed`), both on unix sockets, at
+//! queue depth 1 and 16. 4 KiB random reads and writes (IOPS, and p50/p99
+//! latency at depth 1) and 1 MiB sequential reads and writes (MB/s), as
+//! ratios to the file backend. Then 4 KiB read latency under a flood of
+//! 64 KiB writes (64 wanted in flight) through the device's write
+//! scheduler, off and on. Prints numbers; asserts nothing. Says why when
+//! a server is missing.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_vmm::devices::virtio::block::nbd::{Durability, NbdClient, NbdUri};
+use ember_benches::percentile;
+use ember_tests::artifacts::workspace_bin;
+use ember_vmm::devices::virtio::block::nbd::{Durability, NbdEngine, NbdUri, Op};
+use ember_vmm::devices::virtio::block::{IoSchedulerConfig, WriteScheduler};
 
 const DISK: u64 = 256 << 20;
 const RUN: Duration = Duration::from_secs(2);
 
-trait Backend {
-    fn read(&mut self, buf: &mut [u8], offset: u64);
-    fn write(&mut self, buf: &[u8], offset: u64);
-}
+struct Proc(Child);
 
-impl Backend for File {
-    fn read(&mut self, buf: &mut [u8], offset: u64) {
-        self.read_exact_at(buf, offset).unwrap();
-    }
-    fn write(&mut self, buf: &[u8], offset: u64) {
-        self.write_all_at(buf, offset).unwrap();
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-impl Backend for NbdClient {
-    fn read(&mut self, buf: &mut [u8], offset: u64) {
-        self.read_at(buf, offset).unwrap();
+fn wait_for(p: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    fn write(&mut self, buf: &[u8], offset: u64) {
-        self.write_at(buf, offset).unwrap();
-    }
+    true
 }
 
 /// xorshift64: reproducible offsets without a dependency.
@@ -47,32 +54,152 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-/// Operations per second of `len`-byte requests for `RUN`; random or
-/// sequential offsets.
-fn ops_per_sec(b: &mut dyn Backend, write: bool, len: usize, random: bool) -> f64 {
-    let mut buf = vec![0x5au8; len];
-    let blocks = DISK / len as u64;
-    let (mut seed, mut n, t) = (0x9e37_79b9_7f4a_7c15u64, 0u64, Instant::now());
-    while t.elapsed() < RUN {
-        for _ in 0..16 {
-            let block = if random {
-                next(&mut seed) % blocks
-            } else {
-                n % blocks
-            };
-            let offset = block * len as u64;
-            if write {
-                b.write(&buf, offset);
-            } else {
-                b.read(&mut buf, offset);
-            }
-            n += 1;
-        }
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+struct Case {
+    write: bool,
+    len: usize,
+    random: bool,
 }
 
-fn qemu_nbd(image: &Path, sock: &Path) -> Option<Child> {
+struct Offsets {
+    seed: u64,
+    n: u64,
+    len: u64,
+    random: bool,
+}
+
+impl Offsets {
+    fn new(len: usize, random: bool) -> Offsets {
+        Offsets {
+            seed: 0x9e37_79b9_7f4a_7c15,
+            n: 0,
+            len: len as u64,
+            random,
+        }
+    }
+    fn next(&mut self) -> u64 {
+        let blocks = DISK / self.len;
+        self.n += 1;
+        let b = if self.random {
+            next(&mut self.seed) % blocks
+        } else {
+            self.n % blocks
+        };
+        b * self.len
+    }
+}
+
+/// Operations per second and per-operation latencies on the file.
+fn file_run(f: &File, c: &Case) -> (f64, Vec<Duration>) {
+    let mut buf = vec![0x5au8; c.len];
+    let mut at = Offsets::new(c.len, c.random);
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < RUN {
+        let s = Instant::now();
+        let off = at.next();
+        if c.write {
+            f.write_all_at(&buf, off).unwrap();
+        } else {
+            f.read_exact_at(&mut buf, off).unwrap();
+        }
+        lat.push(s.elapsed());
+    }
+    (lat.len() as f64 / t.elapsed().as_secs_f64(), lat)
+}
+
+/// Waits until the engine has completions (or 10 ms).
+fn wait_completions(e: &NbdEngine) {
+    let mut pfd = libc::pollfd {
+        fd: e.completion_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 10) };
+}
+
+/// The same through the NBD engine with `depth` operations kept in flight.
+fn nbd_run(e: &NbdEngine, c: &Case, depth: usize) -> (f64, Vec<Duration>) {
+    let data = vec![0x5au8; c.len];
+    let mut at = Offsets::new(c.len, c.random);
+    let mut started: HashMap<u64, Instant> = HashMap::new();
+    let mut lat = Vec::new();
+    let mut id = 0u64;
+    let t = Instant::now();
+    loop {
+        let running = t.elapsed() < RUN;
+        while running && started.len() < depth {
+            id += 1;
+            let op = if c.write {
+                Op::Write(data.clone())
+            } else {
+                Op::Read(c.len)
+            };
+            started.insert(id, Instant::now());
+            e.submit(id, op, at.next());
+        }
+        if started.is_empty() {
+            break;
+        }
+        wait_completions(e);
+        for done in e.take_completions() {
+            done.result.expect("NBD I/O");
+            if let Some(s) = started.remove(&done.id) {
+                lat.push(s.elapsed());
+            }
+        }
+    }
+    (lat.len() as f64 / t.elapsed().as_secs_f64(), lat)
+}
+
+/// Read latencies (p50, p99) and write MB/s while a writer wants 64
+/// writes of 64 KiB in flight and a reader keeps one 4 KiB read in flight;
+/// writes go out only when `scheduler` lets them, as in the device.
+fn flood(e: &NbdEngine, config: Option<IoSchedulerConfig>) -> (Duration, Duration, f64) {
+    let mut sched = WriteScheduler::new(config);
+    let data = vec![0xc3u8; 64 * 1024];
+    let mut reads = Offsets::new(4096, true);
+    let mut writes = Offsets::new(data.len(), true);
+    let mut started: HashMap<u64, (bool, Instant)> = HashMap::new();
+    let (mut id, mut read_out, mut writes_out, mut written) = (0u64, false, 0usize, 0u64);
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < RUN * 2 || !started.is_empty() {
+        let running = t.elapsed() < RUN * 2;
+        if running && !read_out {
+            id += 1;
+            started.insert(id, (false, Instant::now()));
+            e.submit(id, Op::Read(4096), reads.next());
+            read_out = true;
+        }
+        while running && writes_out < 64 && sched.may_send_write() {
+            id += 1;
+            started.insert(id, (true, Instant::now()));
+            sched.write_sent();
+            e.submit(id, Op::Write(data.clone()), writes.next());
+            writes_out += 1;
+        }
+        wait_completions(e);
+        for done in e.take_completions() {
+            done.result.expect("NBD I/O");
+            let Some((write, s)) = started.remove(&done.id) else {
+                continue;
+            };
+            if write {
+                sched.write_done(s.elapsed());
+                writes_out -= 1;
+                written += data.len() as u64;
+            } else {
+                lat.push(s.elapsed());
+                read_out = false;
+            }
+        }
+    }
+    let mbps = written as f64 / 1e6 / t.elapsed().as_secs_f64();
+    (percentile(&lat, 50.0), percentile(&lat, 99.0), mbps)
+}
+
+fn qemu_nbd(image: &Path, sock: &Path) -> Option<Proc> {
     let child = Command::new("qemu-nbd")
         .args([
             "-f",
@@ -84,14 +211,73 @@ fn qemu_nbd(image: &Path, sock: &Path) -> Option<Child> {
         ])
         .arg(sock)
         .arg(image)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    let p = Proc(child);
+    wait_for(sock).then_some(p)
+}
+
+/// ember-volumed with one attached volume; returns it and the export's URI.
+fn volumed(dir: &Path) -> Result<(Proc, String), String> {
+    let api = dir.join("volumed-api.sock");
+    let sock = dir.join("volumed-nbd.sock");
+    let child = Command::new(workspace_bin("ember-volumed"))
+        .arg("--data-dir")
+        .arg(dir.join("volumes"))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--nbd-socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("ember-volumed: {e}"))?;
+    let p = Proc(child);
+    if !wait_for(&api) || !wait_for(&sock) {
+        return Err("ember-volumed did not listen".into());
     }
-    Some(child)
+    let call = |method: &str, path: &str, body: &str| -> Result<(), String> {
+        let o = Command::new("curl")
+            .args(["-sS", "-f", "-X", method, "--unix-socket"])
+            .arg(&api)
+            .args(["-d", body])
+            .arg(format!("http://v{path}"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    };
+    call(
+        "POST",
+        "/v1/volumes",
+        &format!(r#"{{"Name":"bench","SizeBytes":{DISK}}}"#),
+    )?;
+    call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
+    Ok((p, format!("nbd+unix:///bench@1?socket={}", sock.display())))
+}
+
+fn engine(uri: &str) -> NbdEngine {
+    let uri = NbdUri::parse(uri).unwrap();
+    NbdEngine::connect(uri, Duration::from_secs(30), Durability::OnFlush).unwrap()
+}
+
+/// Fills an export so reads hit data, not holes.
+fn fill(e: &NbdEngine) {
+    let chunk = vec![0xa5u8; 1 << 20];
+    for i in 0..DISK / chunk.len() as u64 {
+        e.submit(i, Op::Write(chunk.clone()), i * chunk.len() as u64);
+    }
+    e.wait_idle(Duration::from_secs(120));
+    e.take_completions();
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
 fn main() {
@@ -104,41 +290,94 @@ fn main() {
         .truncate(true)
         .open(&image)
         .unwrap();
-    // Written out so reads hit data, not holes.
     let chunk = vec![0xa5u8; 1 << 20];
     for i in 0..DISK / chunk.len() as u64 {
         file.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
     }
     let sock = dir.path().join("nbd.sock");
-    let Some(mut server) = qemu_nbd(&image, &sock) else {
+    let Some(_qemu) = qemu_nbd(&image, &sock) else {
         println!("block: SKIPPED: qemu-nbd is not installed (apt install qemu-utils)");
         return;
     };
-    let uri = NbdUri::parse(&format!("nbd+unix:///?socket={}", sock.display())).unwrap();
-    let mut nbd = NbdClient::connect(uri, Duration::from_secs(30), Durability::OnFlush).unwrap();
-    let mut file = file;
-    let cases: [(&str, bool, usize, bool, &str); 4] = [
+    let mut targets: Vec<(String, NbdEngine)> = vec![(
+        "qemu-nbd".into(),
+        engine(&format!("nbd+unix:///?socket={}", sock.display())),
+    )];
+    let _volumed = match volumed(dir.path()) {
+        Ok((p, uri)) => {
+            let e = engine(&uri);
+            fill(&e);
+            targets.push(("ember-volumed".into(), e));
+            Some(p)
+        }
+        Err(e) => {
+            println!("block: ember-volumed SKIPPED: {e} (cargo build --release --bins)");
+            None
+        }
+    };
+    let cases = [
         ("4k random read", false, 4096, true, "IOPS"),
         ("4k random write", true, 4096, true, "IOPS"),
         ("1M sequential read", false, 1 << 20, false, "MB/s"),
         ("1M sequential write", true, 1 << 20, false, "MB/s"),
     ];
-    println!("block backend, queue depth 1, {DISK} byte disk, host page cache");
+    println!("block backends on the host, {DISK} byte disk in the page cache, unix sockets");
     for (name, write, len, random, unit) in cases {
+        let c = Case { write, len, random };
         let scale = if unit == "MB/s" {
             len as f64 / 1e6
         } else {
             1.0
         };
-        let f = ops_per_sec(&mut file, write, len, random) * scale;
-        let n = ops_per_sec(&mut nbd, write, len, random) * scale;
+        let (f, flat) = file_run(&file, &c);
+        let mut line = format!("{name:>20}: file {:>8.0} {unit}", f * scale);
+        if unit == "IOPS" {
+            line += &format!(
+                " (p50 {}, p99 {})",
+                ms(percentile(&flat, 50.0)),
+                ms(percentile(&flat, 99.0))
+            );
+        }
+        println!("{line}");
+        for (server, e) in &targets {
+            for depth in [1, 16] {
+                let (n, lat) = nbd_run(e, &c, depth);
+                let mut line = format!(
+                    "{:>20}  nbd to {server:<13} QD{depth:<2} {:>8.0} {unit}, /file {:.3}",
+                    "",
+                    n * scale,
+                    n / f
+                );
+                if unit == "IOPS" && depth == 1 {
+                    line += &format!(
+                        " (p50 {}, p99 {})",
+                        ms(percentile(&lat, 50.0)),
+                        ms(percentile(&lat, 99.0))
+                    );
+                }
+                println!("{line}");
+            }
+        }
+    }
+    let on = IoSchedulerConfig {
+        max_outstanding_writes: Some(4),
+        max_write_latency_us: Some(2000),
+    };
+    println!(
+        "4k read latency under a 64 KiB write flood (64 wanted in flight); scheduler on = \
+         max_outstanding_writes 4, max_write_latency_us 2000"
+    );
+    for (server, e) in &targets {
+        let (p50_off, p99_off, w_off) = flood(e, None);
+        let (p50_on, p99_on, w_on) = flood(e, Some(on));
         println!(
-            "{name:>20}: file {f:>10.0} {unit}, nbd (qemu-nbd, unix socket) {n:>10.0} {unit}, nbd/file {:.3}",
-            n / f
+            "{server:>14}: scheduler off: read p50 {}, p99 {}, writes {w_off:.0} MB/s; \
+             on: read p50 {}, p99 {}, writes {w_on:.0} MB/s; read p99 on/off {:.3}",
+            ms(p50_off),
+            ms(p99_off),
+            ms(p50_on),
+            ms(p99_on),
+            p99_on.as_secs_f64() / p99_off.as_secs_f64().max(1e-9)
         );
     }
-    nbd.flush().unwrap();
-    drop(nbd);
-    let _ = server.kill();
-    let _ = server.wait();
 }

@@ -126,6 +126,10 @@ impl VmmProcess {
         self.request("PUT", path, Some(&body.to_string()))
     }
 
+    pub fn patch(&self, path: &str, body: &serde_json::Value) -> ApiReply {
+        self.request("PATCH", path, Some(&body.to_string()))
+    }
+
     /// Configures and boots a guest with the project's kernel and rootfs,
     /// a vsock device at `vsock.sock` in the test dir, and `vcpus` vCPUs.
     pub fn boot(&self, kernel: &Path, rootfs: &Path, vcpus: u8, mem_mib: u32) {

@@ -279,6 +279,15 @@ impl VirtioDevices {
         })
     }
 
+    pub fn block(&self, drive_id: &str) -> Option<&Arc<Mutex<Block>>> {
+        self.slots.iter().find_map(|(d, _)| match d {
+            VirtioDeviceHandle::Block(b) if crate::devices::bus::lock(b).id() == drive_id => {
+                Some(b)
+            }
+            _ => None,
+        })
+    }
+
     pub fn net(&self, iface_id: &str) -> Option<&Arc<Mutex<Net>>> {
         self.slots.iter().find_map(|(d, _)| match d {
             VirtioDeviceHandle::Net(n) if crate::devices::bus::lock(n).id() == iface_id => Some(n),

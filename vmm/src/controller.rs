@@ -9,7 +9,7 @@ use crate::rpc_interface::{InstanceInfo, VmmAction, VmmActionError, VmmData, Vmm
 use crate::vmm::{SnapshotError, VmState, Vmm};
 use crate::vmm_config::net::parse_mac;
 use crate::vmm_config::VmResources;
-use crate::vmm_config::{LoadSnapshotParams, NetworkInterfaceUpdate};
+use crate::vmm_config::{BlockDeviceUpdate, LoadSnapshotParams, NetworkInterfaceUpdate};
 use crate::vstate::vcpu::VmExitNotifier;
 
 /// Opens the serial console's output when the VM is built.
@@ -127,6 +127,7 @@ impl Controller {
                 self.load_snapshot(&params, em)
             }
             PatchNetworkInterface(update) => self.patch_net(&update),
+            PatchDrive(update) => self.patch_drive(&update),
             Pause => self.set_paused(true),
             Resume => self.set_paused(false),
             SendMigration(params) => self.send_migration(&params),
@@ -354,6 +355,31 @@ impl Controller {
                 VmmActionError::InvalidInput(format!("no network interface {:?}", update.iface_id))
             })?;
         update.apply_to(cfg);
+        Ok(VmmData::Empty)
+    }
+
+    /// A drive's backend, size or limits: on the device of a started VM,
+    /// else in the pre-boot configuration.
+    fn patch_drive(&mut self, update: &BlockDeviceUpdate) -> VmmResponse {
+        update.validate().map_err(VmmActionError::InvalidInput)?;
+        if let Some(vmm) = self.vmm.as_mut() {
+            vmm.update_drive(update)
+                .map_err(VmmActionError::InvalidInput)?;
+            self.resources = vmm.resources().clone();
+            return Ok(VmmData::Empty);
+        }
+        let cfg = self
+            .resources
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == update.drive_id)
+            .ok_or_else(|| {
+                VmmActionError::InvalidInput(format!("no drive {:?}", update.drive_id))
+            })?;
+        let mut new = cfg.clone();
+        update.apply_to(&mut new);
+        new.validate().map_err(VmmActionError::InvalidInput)?;
+        *cfg = new;
         Ok(VmmData::Empty)
     }
 

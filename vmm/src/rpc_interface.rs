@@ -5,9 +5,10 @@
 use serde::Serialize;
 
 use crate::vmm_config::{
-    BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, LoadSnapshotParams, MachineConfig,
-    MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, ReceiveMigrationParams,
-    SendMigrationParams, SwitchOverParams, VsockConfig,
+    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
+    LoadSnapshotParams, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, ReceiveMigrationParams, SendMigrationParams, SwitchOverParams,
+    VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,9 @@ pub enum VmmAction {
     /// `PATCH /machine-config`: merge the given fields over the current config.
     PatchMachineConfig(crate::api::MachineConfigUpdate),
     PutDrive(BlockDeviceConfig),
+    /// `PATCH /drives/{drive_id}`: new backend location (size re-read),
+    /// rate limiter or scheduler thresholds.
+    PatchDrive(BlockDeviceUpdate),
     PutVsock(VsockConfig),
     /// `PUT /network-interfaces/{iface_id}` (pre-boot).
     PutNetworkInterface(NetworkInterfaceConfig),

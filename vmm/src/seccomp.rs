@@ -5,7 +5,10 @@
 //!
 //! Threads inherit their creator's filter: the API thread is started
 //! before the VMM thread installs its own, and vCPU threads (started by the
-//! VMM thread) stack their narrower filter on the VMM's.
+//! VMM thread) stack their narrower filter on the VMM's. An NBD drive's I/O
+//! threads (started by the VMM thread when it opens the drive) keep the
+//! VMM's filter: they connect, read and write sockets, wait on futexes and
+//! start the next connection's reply reader (clone3), all in `VMM`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -268,6 +268,34 @@ impl Vmm {
         Ok(())
     }
 
+    /// `PATCH /drives/{id}` on a running (or paused) VM: the device reopens
+    /// its backend or takes new limits, and the configuration saved in
+    /// snapshots follows.
+    pub fn update_drive(
+        &mut self,
+        update: &crate::vmm_config::BlockDeviceUpdate,
+    ) -> Result<(), String> {
+        let block = self.virtio.block(&update.drive_id).ok_or_else(|| {
+            format!(
+                "no drive {:?} served by the VMM (vhost-user drives cannot be changed)",
+                update.drive_id
+            )
+        })?;
+        let mut dev = lock(block);
+        dev.update(update).map_err(|e| e.to_string())?;
+        let cfg = dev.config().clone();
+        drop(dev);
+        if let Some(d) = self
+            .resources
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == update.drive_id)
+        {
+            *d = cfg;
+        }
+        Ok(())
+    }
+
     pub fn resources(&self) -> &VmResources {
         &self.resources
     }

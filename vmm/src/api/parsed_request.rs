@@ -64,9 +64,12 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("PATCH", ["machine-config"], Some(b)) => machine_config::parse_patch(b),
         ("PATCH", ["vm"], Some(b)) => vm::parse_patch(b),
         ("PATCH", ["network-interfaces", id], Some(b)) => net::parse_patch(b, id),
-        ("PATCH", ["machine-config"] | ["vm"] | ["network-interfaces", _], None) => {
-            Err(ParseError::bad_request("Empty PATCH request."))
-        }
+        ("PATCH", ["drives", id], Some(b)) => drive::parse_patch(b, id),
+        (
+            "PATCH",
+            ["machine-config"] | ["vm"] | ["network-interfaces", _] | ["drives", _],
+            None,
+        ) => Err(ParseError::bad_request("Empty PATCH request.")),
 
         _ => Err(ParseError::bad_request(format!(
             "Invalid request method and/or path: {method} {path}."

@@ -1,5 +1,8 @@
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::block::IoSchedulerConfig;
+use crate::rate_limiter::RateLimiterConfig;
+
 /// `PUT /drives/{drive_id}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +34,74 @@ pub struct BlockDeviceConfig {
     /// snapshots taken before vhost-user support, hence the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// Firecracker's `rate_limiter`: bandwidth (bytes) and ops buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// Write-aware scheduling thresholds (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_scheduler: Option<IoSchedulerConfig>,
+}
+
+/// `PATCH /drives/{drive_id}` at run time (Firecracker's partial drive):
+/// a new backing file or NBD URI (its size is read again: a grown volume
+/// is seen by the guest), new limits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDeviceUpdate {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_scheduler: Option<IoSchedulerConfig>,
+}
+
+impl BlockDeviceUpdate {
+    /// Shape checks that need no device.
+    pub fn validate(&self) -> Result<(), String> {
+        let id = &self.drive_id;
+        if self.path_on_host.is_some() && self.nbd_uri.is_some() {
+            return Err(format!(
+                "drive {id}: give path_on_host or nbd_uri, not both"
+            ));
+        }
+        if let Some(uri) = &self.nbd_uri {
+            crate::devices::virtio::block::nbd::NbdUri::parse(uri)
+                .map_err(|e| format!("drive {id}: bad nbd_uri: {e}"))?;
+        }
+        if let Some(rl) = &self.rate_limiter {
+            rl.validate()
+                .map_err(|e| format!("drive {id}: rate_limiter: {e}"))?;
+        }
+        if let Some(s) = &self.io_scheduler {
+            s.validate().map_err(|e| format!("drive {id}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the fields given into `cfg` (the drive's configuration).
+    pub fn apply_to(&self, cfg: &mut BlockDeviceConfig) {
+        if let Some(p) = &self.path_on_host {
+            cfg.path_on_host = p.clone();
+        }
+        if let Some(u) = &self.nbd_uri {
+            cfg.nbd_uri = Some(u.clone());
+        }
+        if let Some(rl) = self.rate_limiter {
+            cfg.rate_limiter = Some(rl);
+        }
+        if let Some(s) = self.io_scheduler {
+            cfg.io_scheduler = Some(s);
+        }
+    }
+
+    /// Whether the backend must be reopened (and its size read again).
+    pub fn reopens(&self) -> bool {
+        self.path_on_host.is_some() || self.nbd_uri.is_some()
+    }
 }
 
 impl BlockDeviceConfig {
@@ -39,7 +110,22 @@ impl BlockDeviceConfig {
         if self.drive_id.is_empty() {
             return Err("drive_id must not be empty".into());
         }
+        if let Some(rl) = &self.rate_limiter {
+            rl.validate()
+                .map_err(|e| format!("drive {}: rate_limiter: {e}", self.drive_id))?;
+        }
+        if let Some(s) = &self.io_scheduler {
+            s.validate()
+                .map_err(|e| format!("drive {}: {e}", self.drive_id))?;
+        }
         if self.socket.is_some() {
+            if self.rate_limiter.is_some() || self.io_scheduler.is_some() {
+                return Err(format!(
+                    "drive {}: rate_limiter and io_scheduler apply to file and NBD drives, \
+                     not vhost-user (the backend reads the queue itself)",
+                    self.drive_id
+                ));
+            }
             // The controller checks the socket itself.
             if self.nbd_uri.is_some() || !self.path_on_host.is_empty() {
                 return Err(format!(

@@ -13,7 +13,7 @@ pub mod snapshot;
 pub mod vsock;
 
 pub use boot_source::BootSourceConfig;
-pub use drive::BlockDeviceConfig;
+pub use drive::{BlockDeviceConfig, BlockDeviceUpdate};
 pub use machine_config::MachineConfig;
 pub use metrics::MetricsConfig;
 pub use migration::{ReceiveMigrationParams, SendMigrationParams, SwitchOverParams};

@@ -1,8 +1,21 @@
-//! `PUT /drives/{drive_id}`.
+//! `PUT /drives/{drive_id}` (before boot) and `PATCH /drives/{drive_id}`
+//! (backend, size and limits at run time).
 
 use crate::api::parsed_request::{checked_id, parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
-use crate::vmm_config::BlockDeviceConfig;
+use crate::vmm_config::{BlockDeviceConfig, BlockDeviceUpdate};
+
+pub fn parse_patch(body: &[u8], id_from_path: &str) -> Result<VmmAction, ParseError> {
+    let id = checked_id(id_from_path)?;
+    let upd: BlockDeviceUpdate = parse_json(body)?;
+    if upd.drive_id != id {
+        return Err(ParseError::bad_request(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    upd.validate().map_err(ParseError::bad_request)?;
+    Ok(VmmAction::PatchDrive(upd))
+}
 
 pub fn parse_put(body: &[u8], id_from_path: &str) -> Result<VmmAction, ParseError> {
     let id = checked_id(id_from_path)?;
@@ -59,6 +72,44 @@ mod tests {
     }
 
     #[test]
+    fn patch() {
+        let r = parse_request(
+            "PATCH",
+            "/drives/data",
+            br#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}},
+                 "io_scheduler": {"max_outstanding_writes": 4}}"#,
+        );
+        let Ok(VmmAction::PatchDrive(u)) = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!(u.rate_limiter.unwrap().ops.unwrap().size, 100);
+        assert_eq!(u.io_scheduler.unwrap().max_outstanding_writes, Some(4));
+        let bad = [
+            (r#"{"drive_id": "x"}"#, "does not match"),
+            (
+                r#"{"drive_id": "data", "nbd_uri": "http://h/e"}"#,
+                "bad nbd_uri",
+            ),
+            (
+                r#"{"drive_id": "data", "nbd_uri": "nbd://h/e", "path_on_host": "/f"}"#,
+                "not both",
+            ),
+            (
+                r#"{"drive_id": "data", "io_scheduler": {"max_outstanding_writes": 0}}"#,
+                "must be > 0",
+            ),
+            (
+                r#"{"drive_id": "data", "is_read_only": true}"#,
+                "unknown field",
+            ),
+        ];
+        for (body, want) in bad {
+            let e = parse_request("PATCH", "/drives/data", body.as_bytes()).unwrap_err();
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn id_mismatch() {
         let e = put("/drives/other", ROOTFS).unwrap_err();
         assert_eq!(e.status, 400);
@@ -86,11 +137,11 @@ mod tests {
         );
         let e = put(
             "/drives/d",
-            r#"{"drive_id": "d", "is_root_device": false, "rate_limiter": {}}"#,
+            r#"{"drive_id": "d", "is_root_device": false, "rate_limit": {}}"#,
         )
         .unwrap_err();
         assert!(
-            e.message.contains("unknown field `rate_limiter`"),
+            e.message.contains("unknown field `rate_limit`"),
             "{}",
             e.message
         );

@@ -1,19 +1,34 @@
 //! The virtio-blk device: config space, features, queue processing.
+//!
+//! Requests are popped and parsed on the VMM thread, wait for the rate
+//! limiter and the write scheduler, and go to the backend: a file answers
+//! at once, an NBD export later through its engine's completion eventfd.
+//! Either way a request is completed into the used ring only with the
+//! backend's answer.
 
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
-use super::{request, BlockError, CacheType, QUEUE_SIZE};
-use crate::devices::virtio::queue::{drain, notify};
+use super::nbd::Completion;
+use super::request::{self, Request, Work, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use super::scheduler::WriteScheduler;
+use super::{BlockError, CacheType, QUEUE_SIZE};
+use crate::devices::virtio::queue::{notify, pop};
 use crate::devices::virtio::{
     new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::rate_limiter::RateLimiter;
 use crate::vmm_config::drive::BlockDeviceConfig;
+use crate::vmm_config::drive::BlockDeviceUpdate;
 
 const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
@@ -33,13 +48,26 @@ const CONFIG_LEN: usize = 60;
 /// and every request costs guest kernel time and a VM exit.
 const SEG_MAX: u32 = 128;
 
-/// Bounce buffer for moving data between guest memory and the file.
-const BOUNCE_LEN: usize = 128 * 1024;
+/// Event ids of the device's subscriptions.
+const EV_QUEUE: u32 = 0;
+const EV_COMPLETION: u32 = 1;
+const EV_LIMITER: u32 = 2;
 
 struct Active {
     mem: Mem,
     interrupt: Arc<Interrupt>,
     queue: Queue,
+}
+
+/// The backend's answer to a request: the completion, whether it was a
+/// write, and when it was sent.
+type Answer = (Completion, bool, Instant);
+
+/// A request at the backend.
+struct InFlight {
+    req: Request,
+    write: bool,
+    sent: Instant,
 }
 
 pub struct Block {
@@ -55,7 +83,12 @@ pub struct Block {
     active: Option<Active>,
     /// The driver broke the queue protocol; nothing is processed until reset.
     broken: bool,
-    bounce: Vec<u8>,
+    /// Parsed, waiting for the rate limiter or the write scheduler.
+    waiting: VecDeque<Request>,
+    in_flight: HashMap<u64, InFlight>,
+    next_id: u64,
+    limiter: RateLimiter,
+    scheduler: WriteScheduler,
 }
 
 impl Block {
@@ -77,10 +110,12 @@ impl Block {
         if !disk.read_only && disk.can_write_zeroes() {
             avail_features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let queue_evts = new_queue_events(1).map_err(|source| BlockError::EventFd {
+        let fd_err = |source| BlockError::EventFd {
             drive_id: config.drive_id.clone(),
             source,
-        })?;
+        };
+        let queue_evts = new_queue_events(1).map_err(fd_err)?;
+        let limiter = RateLimiter::new(&config.rate_limiter.unwrap_or_default()).map_err(fd_err)?;
         let mut config_space = [0u8; CONFIG_LEN];
         config_space[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
@@ -100,7 +135,11 @@ impl Block {
             queue_evts,
             active: None,
             broken: false,
-            bounce: vec![0; BOUNCE_LEN],
+            waiting: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_id: 0,
+            limiter,
+            scheduler: WriteScheduler::new(config.io_scheduler),
         })
     }
 
@@ -127,7 +166,13 @@ impl Block {
         self.disk.sectors()
     }
 
-    /// Runs every pending request and interrupts the guest if it asked to be.
+    /// Requests at the backend, not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Pops and parses every available request, sends what the limiter and
+    /// scheduler allow, and completes what the backend answered.
     pub fn process_queue(&mut self) {
         if self.broken {
             return;
@@ -135,23 +180,197 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let (disk, bounce) = (&mut self.disk, &mut self.bounce);
         let mem = &active.mem;
-        let res = drain(&mut active.queue, mem, |chain| {
-            request::execute(disk, chain, mem, bounce)
-        });
-        match res {
-            Ok(true) => notify(&mut active.queue, mem, &active.interrupt),
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!(
-                    "virtio-blk {}: queue error, device needs reset: {e}",
-                    self.config.drive_id
-                );
-                self.broken = true;
-                active.interrupt.signal_needs_reset();
+        let res: Result<(), virtio_queue::Error> = (|| loop {
+            active.queue.disable_notification(mem)?;
+            while let Some(chain) = pop(&mut active.queue, mem)? {
+                self.waiting
+                    .push_back(request::parse(&self.disk, chain, mem));
+            }
+            if !active.queue.enable_notification(mem)? {
+                return Ok(());
+            }
+        })();
+        if let Err(e) = res {
+            log::warn!(
+                "virtio-blk {}: queue error, device needs reset: {e}",
+                self.config.drive_id
+            );
+            self.broken = true;
+            active.interrupt.signal_needs_reset();
+            return;
+        }
+        self.dispatch(false);
+    }
+
+    /// Sends waiting requests to the backend in order, except that writes
+    /// held by the scheduler let later requests pass; stops when the rate
+    /// limiter says wait. `all` ignores both (draining for a pause).
+    fn dispatch(&mut self, all: bool) {
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let req = &self.waiting[i];
+            let io = matches!(req.work, Work::Io { .. });
+            if io && !all {
+                if req.is_write() && !self.scheduler.may_send_write() {
+                    i += 1;
+                    continue;
+                }
+                if !self.limiter.consume(req.bytes()) {
+                    break;
+                }
+            }
+            let Some(mut req) = self.waiting.remove(i) else {
+                break;
+            };
+            if !io {
+                // Answered without the backend.
+                done.push((req, None));
+                continue;
+            }
+            let Work::Io { op, offset } =
+                std::mem::replace(&mut req.work, Work::Done(VIRTIO_BLK_S_OK, Vec::new()))
+            else {
+                continue;
+            };
+            self.next_id += 1;
+            let id = self.next_id;
+            let write = op.is_write();
+            if write {
+                self.scheduler.write_sent();
+            }
+            let sent = Instant::now();
+            self.in_flight.insert(id, InFlight { req, write, sent });
+            if let Some(c) = self.disk.submit(id, op, offset) {
+                if let Some(f) = self.in_flight.remove(&c.id) {
+                    done.push((f.req, Some((c, f.write, f.sent))));
+                }
             }
         }
+        self.finish(done);
+    }
+
+    /// Completes requests into the used ring and interrupts the guest.
+    fn finish(&mut self, done: Vec<(Request, Option<Answer>)>) {
+        if done.is_empty() {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        for (req, answer) in done {
+            let len = match (&req.work, answer) {
+                (_, Some((c, write, sent))) => {
+                    if write {
+                        self.scheduler.write_done(sent.elapsed());
+                    }
+                    match c.result {
+                        Ok(data) => request::complete(mem, &req, VIRTIO_BLK_S_OK, &data),
+                        Err(e) => {
+                            log::warn!("virtio-blk {}: I/O failed: {e}", self.config.drive_id);
+                            request::complete(mem, &req, VIRTIO_BLK_S_IOERR, &[])
+                        }
+                    }
+                }
+                (Work::Done(status, data), None) => request::complete(mem, &req, *status, data),
+                (Work::Io { .. }, None) => request::complete(mem, &req, VIRTIO_BLK_S_IOERR, &[]),
+            };
+            if let Err(e) = active.queue.add_used(mem, req.head, len) {
+                log::warn!("virtio-blk {}: cannot add used: {e}", self.config.drive_id);
+            }
+        }
+        notify(&mut active.queue, mem, &active.interrupt);
+    }
+
+    /// The backend answered: complete those requests, then send what the
+    /// scheduler held back for them.
+    fn on_completions(&mut self) {
+        let done: Vec<_> = self
+            .disk
+            .take_completions()
+            .into_iter()
+            .filter_map(|c| {
+                let f = self.in_flight.remove(&c.id)?;
+                Some((f.req, Some((c, f.write, f.sent))))
+            })
+            .collect();
+        self.finish(done);
+        self.dispatch(false);
+    }
+
+    /// Sends everything waiting and completes everything in flight (up to
+    /// the backend's timeout and its retries), so that the queue's saved
+    /// state holds no request popped but unanswered.
+    pub fn drain_in_flight(&mut self) {
+        self.dispatch(true);
+        let bound = self.disk.timeout() * 5 + Duration::from_secs(1);
+        let deadline = Instant::now() + bound;
+        while !self.in_flight.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let idle = self.disk.wait_idle(left.min(Duration::from_millis(100)));
+            self.on_completions();
+            if !idle && left.is_zero() {
+                log::error!(
+                    "virtio-blk {}: {} requests still unanswered after {bound:?}",
+                    self.config.drive_id,
+                    self.in_flight.len()
+                );
+                break;
+            }
+        }
+    }
+
+    /// `PATCH /drives/{id}`: new limits, or the backend reopened where the
+    /// configuration now points and its size read again; a changed
+    /// capacity is announced to the guest with a config-change interrupt.
+    pub fn update(&mut self, update: &BlockDeviceUpdate) -> Result<(), BlockError> {
+        let mut config = self.config.clone();
+        update.apply_to(&mut config);
+        if update.reopens() {
+            if !self.disk.is_nbd() {
+                // A file is replaced whole; nothing may be in flight on it.
+                self.drain_in_flight();
+            }
+            let sectors = self.disk.reopen(&config)?;
+            if sectors != self.capacity_in_config() {
+                self.config_space[..8].copy_from_slice(&sectors.to_le_bytes());
+                log::info!(
+                    "virtio-blk {}: capacity now {sectors} sectors",
+                    self.config.drive_id
+                );
+                if let Some(a) = &self.active {
+                    a.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
+                }
+            }
+        }
+        if let Some(rl) = &update.rate_limiter {
+            self.limiter.update(rl);
+        }
+        if update.io_scheduler.is_some() {
+            self.scheduler.set_config(update.io_scheduler);
+        }
+        self.config = config;
+        self.dispatch(false);
+        Ok(())
+    }
+
+    /// The rate limiter's timer fired: send what it now allows.
+    pub(crate) fn on_limiter_event(&mut self) {
+        self.limiter.event_handler();
+        self.dispatch(false);
+    }
+
+    /// Parsed requests held by the rate limiter or the scheduler.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    fn capacity_in_config(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.config_space[..8]);
+        u64::from_le_bytes(b)
     }
 }
 
@@ -225,36 +444,56 @@ impl VirtioDevice for Block {
         self.active.iter().map(|a| a.queue.state()).collect()
     }
 
+    /// Drains requests in flight so the saved queue is consistent.
+    fn on_pause(&mut self) {
+        self.drain_in_flight();
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
         self.broken = false;
+        // Answers still to come belong to the old queue: dropped.
+        self.waiting.clear();
+        self.in_flight.clear();
+        self.scheduler.reset();
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        let evt = &self.queue_evts[0];
-        if let Err(e) = ops.add(Events::new(evt.as_ref(), EventSet::IN)) {
-            log::error!(
-                "virtio-blk {}: cannot register queue event: {e:?}",
-                self.config.drive_id
-            );
+        let id = self.config.drive_id.clone();
+        let mut add = |fd: i32, data: u32| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                log::error!("virtio-blk {id}: cannot register event {data}: {e:?}");
+            }
+        };
+        add(self.queue_evts[0].as_raw_fd(), EV_QUEUE);
+        if let Some(fd) = self.disk.completion_fd() {
+            add(fd.as_raw_fd(), EV_COMPLETION);
         }
+        add(self.limiter.as_raw_fd(), EV_LIMITER);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        // Drain the eventfd first so a notification that races with
-        // processing re-arms it instead of being lost.
-        if let Err(e) = self.queue_evts[0].read() {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                log::warn!("virtio-blk: queue event read failed: {e}");
-            }
-        }
         if !events.event_set().contains(EventSet::IN) {
             log::warn!("virtio-blk: unexpected event set {:?}", events.event_set());
             return;
         }
-        self.process_queue();
+        match events.data() {
+            EV_QUEUE => {
+                // Drain the eventfd first so a notification that races with
+                // processing re-arms it instead of being lost.
+                if let Err(e) = self.queue_evts[0].read() {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        log::warn!("virtio-blk: queue event read failed: {e}");
+                    }
+                }
+                self.process_queue();
+            }
+            EV_COMPLETION => self.on_completions(),
+            EV_LIMITER => self.on_limiter_event(),
+            other => log::warn!("virtio-blk: unknown event {other}"),
+        }
     }
 }

@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::nbd::{Durability, NbdClient, NbdUri, DEFAULT_TIMEOUT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::nbd::{
+    probe, Completion, Durability, NbdEngine, NbdUri, Op, DEFAULT_TIMEOUT, TF_READ_ONLY,
+    TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
+};
 use super::{BlockError, SECTOR_SIZE};
 use crate::vmm_config::drive::BlockDeviceConfig;
 
@@ -38,7 +43,7 @@ impl CacheType {
 
 enum Backend {
     File(File),
-    Nbd(Box<NbdClient>),
+    Nbd(Box<NbdEngine>),
 }
 
 pub(crate) struct Disk {
@@ -57,29 +62,35 @@ impl Disk {
         let cache_type = CacheType::parse(drive_id, config.cache_type.as_deref())?;
         let (backend, file_size) = match &config.nbd_uri {
             Some(uri) => {
-                let client = open_nbd(config, uri, cache_type)?;
-                let size = client.size();
-                (Backend::Nbd(Box::new(client)), size)
+                let engine = open_nbd(config, uri, cache_type)?;
+                let size = engine.info().size;
+                (Backend::Nbd(Box::new(engine)), size)
             }
             None => open_file(config)?,
         };
-        if !file_size.is_multiple_of(SECTOR_SIZE) {
-            log::warn!(
-                "drive {drive_id}: size {file_size} is not a multiple of \
-                 {SECTOR_SIZE}; the last partial sector is not accessible"
-            );
-        }
         let serial = config.serial.as_deref().unwrap_or(drive_id);
         let mut id = [0u8; 20];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        Ok(Disk {
+        let mut disk = Disk {
             backend,
-            size: file_size - file_size % SECTOR_SIZE,
+            size: 0,
             read_only: config.is_read_only,
             cache_type,
             id,
-        })
+        };
+        disk.set_size(drive_id, file_size);
+        Ok(disk)
+    }
+
+    fn set_size(&mut self, drive_id: &str, bytes: u64) {
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "drive {drive_id}: size {bytes} is not a multiple of \
+                 {SECTOR_SIZE}; the last partial sector is not accessible"
+            );
+        }
+        self.size = bytes - bytes % SECTOR_SIZE;
     }
 
     /// Capacity in 512-byte sectors.
@@ -95,62 +106,143 @@ impl Disk {
             .is_some_and(|end| end <= self.size)
     }
 
-    pub(crate) fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let m = &crate::metrics::METRICS.block;
-        m.read_ops.inc();
-        m.read_bytes.add(buf.len() as u64);
-        match &mut self.backend {
-            Backend::File(f) => f.read_exact_at(buf, offset),
-            Backend::Nbd(c) => c.read_at(buf, offset),
-        }
-        .inspect_err(|_| m.io_errors.inc())
-    }
-
-    pub(crate) fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let m = &crate::metrics::METRICS.block;
-        m.write_ops.inc();
-        m.write_bytes.add(buf.len() as u64);
-        match &mut self.backend {
-            Backend::File(f) => f.write_all_at(buf, offset),
-            Backend::Nbd(c) => c.write_at(buf, offset),
-        }
-        .inspect_err(|_| m.io_errors.inc())
-    }
-
     /// The backend can discard ranges (NBD TRIM).
     pub(crate) fn can_discard(&self) -> bool {
-        matches!(&self.backend, Backend::Nbd(c) if c.can_trim())
+        matches!(&self.backend, Backend::Nbd(e) if e.info().has(TF_SEND_TRIM))
     }
 
     /// The backend can zero ranges without data (NBD WRITE_ZEROES).
     pub(crate) fn can_write_zeroes(&self) -> bool {
-        matches!(&self.backend, Backend::Nbd(c) if c.can_write_zeroes())
+        matches!(&self.backend, Backend::Nbd(e) if e.info().has(TF_SEND_WRITE_ZEROES))
     }
 
-    pub(crate) fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+    pub(crate) fn is_nbd(&self) -> bool {
+        matches!(self.backend, Backend::Nbd(_))
+    }
+
+    /// Starts `op`. A file answers at once (the completion is returned); an
+    /// NBD export later, through `take_completions`.
+    pub(crate) fn submit(&mut self, id: u64, op: Op, offset: u64) -> Option<Completion> {
+        let m = &crate::metrics::METRICS.block;
+        match &op {
+            Op::Read(n) => {
+                m.read_ops.inc();
+                m.read_bytes.add(*n as u64);
+            }
+            Op::Write(d) => {
+                m.write_ops.inc();
+                m.write_bytes.add(d.len() as u64);
+            }
+            Op::WriteZeroes(_) => m.write_ops.inc(),
+            Op::Flush => m.flush_ops.inc(),
+            Op::Trim(_) => {}
+        }
+        if matches!(op, Op::Flush) && self.cache_type == CacheType::Unsafe {
+            return Some(Completion {
+                id,
+                result: Ok(Vec::new()),
+            });
+        }
         match &mut self.backend {
-            Backend::Nbd(c) => c.trim(offset, len),
-            Backend::File(_) => Err(std::io::ErrorKind::Unsupported.into()),
+            Backend::File(f) => {
+                let result = match op {
+                    Op::Read(n) => {
+                        let mut buf = vec![0; n];
+                        f.read_exact_at(&mut buf, offset).map(|()| buf)
+                    }
+                    Op::Write(d) => f.write_all_at(&d, offset).map(|()| Vec::new()),
+                    Op::Flush => f.sync_data().map(|()| Vec::new()),
+                    Op::Trim(_) | Op::WriteZeroes(_) => Err(std::io::ErrorKind::Unsupported.into()),
+                };
+                if result.is_err() {
+                    m.io_errors.inc();
+                }
+                Some(Completion { id, result })
+            }
+            Backend::Nbd(e) => {
+                e.submit(id, op, offset);
+                None
+            }
         }
     }
 
-    pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        crate::metrics::METRICS.block.write_ops.inc();
-        match &mut self.backend {
-            Backend::Nbd(c) => c.write_zeroes(offset, len),
-            Backend::File(_) => Err(std::io::ErrorKind::Unsupported.into()),
+    /// Readable when NBD completions are waiting.
+    pub(crate) fn completion_fd(&self) -> Option<&EventFd> {
+        match &self.backend {
+            Backend::Nbd(e) => Some(e.completion_fd()),
+            Backend::File(_) => None,
         }
     }
 
-    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
-        crate::metrics::METRICS.block.flush_ops.inc();
-        match self.cache_type {
-            CacheType::Unsafe => Ok(()),
-            CacheType::Writeback => match &mut self.backend {
-                Backend::File(f) => f.sync_data(),
-                Backend::Nbd(c) => c.flush(),
-            },
+    pub(crate) fn take_completions(&self) -> Vec<Completion> {
+        match &self.backend {
+            Backend::Nbd(e) => {
+                let done = e.take_completions();
+                let errors = done.iter().filter(|c| c.result.is_err()).count();
+                crate::metrics::METRICS.block.io_errors.add(errors as u64);
+                done
+            }
+            Backend::File(_) => Vec::new(),
         }
+    }
+
+    /// Waits up to `for_` for every NBD operation to complete.
+    pub(crate) fn wait_idle(&self, for_: Duration) -> bool {
+        match &self.backend {
+            Backend::Nbd(e) => e.wait_idle(for_),
+            Backend::File(_) => true,
+        }
+    }
+
+    /// The per-request timeout of an NBD drive.
+    pub(crate) fn timeout(&self) -> Duration {
+        match &self.backend {
+            Backend::Nbd(e) => e.timeout(),
+            Backend::File(_) => Duration::ZERO,
+        }
+    }
+
+    /// `PATCH /drives`: reopens `config`'s backend where it now points (a
+    /// file re-read, an NBD export probed again, possibly on another
+    /// server) and takes its current size. Returns the new capacity in
+    /// sectors. An NBD export may grow, never shrink.
+    pub(crate) fn reopen(&mut self, config: &BlockDeviceConfig) -> Result<u64, BlockError> {
+        let drive_id = &config.drive_id;
+        match (&mut self.backend, &config.nbd_uri) {
+            (Backend::Nbd(engine), Some(uri)) => {
+                let nbd_err = |reason: String| BlockError::Nbd {
+                    drive_id: drive_id.clone(),
+                    uri: uri.clone(),
+                    reason,
+                };
+                let parsed = NbdUri::parse(uri).map_err(nbd_err)?;
+                let info = probe(&parsed, engine.timeout()).map_err(|e| nbd_err(e.to_string()))?;
+                if info.size < self.size {
+                    return Err(nbd_err(format!(
+                        "the export has {} bytes, fewer than the drive's {}: volumes only grow",
+                        info.size, self.size
+                    )));
+                }
+                if info.has(TF_READ_ONLY) && !self.read_only {
+                    return Err(nbd_err("the export is read-only".into()));
+                }
+                engine.reattach(parsed, info);
+                self.set_size(drive_id, info.size);
+            }
+            (Backend::File(_), None) => {
+                let (backend, size) = open_file(config)?;
+                self.backend = backend;
+                self.set_size(drive_id, size);
+            }
+            _ => {
+                return Err(BlockError::Nbd {
+                    drive_id: drive_id.clone(),
+                    uri: config.nbd_uri.clone().unwrap_or_default(),
+                    reason: "a drive cannot change between a file and an NBD export".into(),
+                })
+            }
+        }
+        Ok(self.sectors())
     }
 }
 
@@ -187,7 +279,7 @@ pub(crate) fn open_nbd(
     config: &BlockDeviceConfig,
     uri: &str,
     cache_type: CacheType,
-) -> Result<NbdClient, BlockError> {
+) -> Result<NbdEngine, BlockError> {
     let drive_id = &config.drive_id;
     let nbd_err = |reason: String| BlockError::Nbd {
         drive_id: drive_id.clone(),
@@ -202,12 +294,12 @@ pub(crate) fn open_nbd(
         CacheType::Unsafe => Durability::None,
         CacheType::Writeback => Durability::OnFlush,
     };
-    let client =
-        NbdClient::connect(parsed, timeout, durability).map_err(|e| nbd_err(e.to_string()))?;
-    if client.read_only() && !config.is_read_only {
+    let engine =
+        NbdEngine::connect(parsed, timeout, durability).map_err(|e| nbd_err(e.to_string()))?;
+    if engine.info().has(TF_READ_ONLY) && !config.is_read_only {
         return Err(nbd_err(
             "the export is read-only; set is_read_only to attach it".into(),
         ));
     }
-    Ok(client)
+    Ok(engine)
 }

@@ -5,12 +5,14 @@ mod disk;
 pub mod nbd;
 mod persist;
 mod request;
+mod scheduler;
 #[cfg(test)]
 mod tests;
 
 pub use device::Block;
 pub use disk::CacheType;
 pub use persist::BlockState;
+pub use scheduler::{IoSchedulerConfig, WriteScheduler};
 
 /// Queue size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;

@@ -1,16 +1,20 @@
-//! Parsing and executing one virtio-blk request (virtio 1.1 section 5.2.6).
+//! Parsing a virtio-blk request (virtio 1.1 section 5.2.6) into an
+//! operation on the backend, and completing it into guest memory later.
 //!
 //! A request is a descriptor chain: a 16-byte header (device-readable), data
 //! (readable for OUT, writable for IN/GET_ID) and a final device-writable
-//! status byte. Framing across descriptors is not assumed: the readable and
-//! writable parts are each treated as one byte stream.
+//! status byte. Framing across descriptors is not assumed: the readable part
+//! is read as one byte stream, and the writable descriptors are remembered
+//! as guest ranges, filled when the backend answers (possibly much later,
+//! with other requests completed meanwhile).
 
-use std::io::{Read, Write};
+use std::io::Read;
 
-use virtio_queue::{Reader, Writer};
-use vm_memory::bitmap::BitmapSlice;
+use virtio_queue::Reader;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::Disk;
+use super::nbd::Op;
 use super::SECTOR_SIZE;
 use crate::devices::virtio::queue::Chain;
 use crate::devices::virtio::Mem;
@@ -68,82 +72,143 @@ impl RequestHeader {
     }
 }
 
-/// Executes the request in `chain`; returns the number of bytes written to
-/// the chain (data + status), for the used ring. Never panics on bad input:
-/// a malformed request gets VIRTIO_BLK_S_IOERR when there is somewhere to put
-/// the status, and is otherwise returned with length 0.
-pub(crate) fn execute(disk: &mut Disk, chain: Chain<'_>, mem: &Mem, bounce: &mut [u8]) -> u32 {
-    let reader = Reader::new(mem, chain.clone());
-    let mut writer = match Writer::new(mem, chain) {
-        Ok(w) => w,
-        Err(e) => {
-            log::warn!("virtio-blk: unusable writable descriptors: {e}");
-            return 0;
+/// What a request asks of the backend.
+#[derive(Debug)]
+pub(crate) enum Work {
+    /// Answered without the backend: the status and any data (GET_ID).
+    Done(u8, Vec<u8>),
+    Io {
+        op: Op,
+        offset: u64,
+    },
+}
+
+/// A parsed request waiting for its answer.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) head: u16,
+    /// Device-writable guest ranges before the status byte.
+    regions: Vec<(GuestAddress, usize)>,
+    status: Option<GuestAddress>,
+    pub(crate) work: Work,
+}
+
+impl Request {
+    /// Bytes the rate limiter charges (data moved).
+    pub(crate) fn bytes(&self) -> u64 {
+        match &self.work {
+            Work::Io {
+                op: Op::Read(n), ..
+            } => *n as u64,
+            Work::Io {
+                op: Op::Write(d), ..
+            } => d.len() as u64,
+            _ => 0,
         }
-    };
-    let Some(status_at) = writer.available_bytes().checked_sub(1) else {
-        log::warn!("virtio-blk: request without a status byte");
-        return 0;
-    };
-    let mut status_writer = match writer.split_at(status_at) {
-        Ok(w) => w,
-        Err(e) => {
-            log::warn!("virtio-blk: cannot locate the status byte: {e}");
-            return 0;
-        }
-    };
-    let status = match reader {
-        Ok(mut reader) => handle(disk, &mut reader, &mut writer, bounce),
-        Err(e) => {
-            log::warn!("virtio-blk: unusable readable descriptors: {e}");
-            VIRTIO_BLK_S_IOERR
-        }
-    };
-    let data_len = writer.bytes_written();
-    match status_writer.write_all(&[status]) {
-        Ok(()) => u32::try_from(data_len + 1).unwrap_or(u32::MAX),
-        Err(e) => {
-            log::warn!("virtio-blk: cannot write status: {e}");
-            u32::try_from(data_len).unwrap_or(u32::MAX)
-        }
+    }
+
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(&self.work, Work::Io { op, .. } if op.is_write())
     }
 }
 
-fn handle<B: BitmapSlice>(
-    disk: &mut Disk,
+/// Parses the request in `chain`. Never panics on bad input: a malformed
+/// request is answered with VIRTIO_BLK_S_IOERR when there is somewhere to
+/// put the status, and is otherwise returned with length 0.
+pub(crate) fn parse(disk: &Disk, chain: Chain<'_>, mem: &Mem) -> Request {
+    let head = chain.head_index();
+    let mut regions = Vec::new();
+    for d in chain.clone() {
+        if d.is_write_only() && d.len() > 0 {
+            regions.push((d.addr(), d.len() as usize));
+        }
+    }
+    // The status byte is the last writable byte.
+    let status = regions.last_mut().and_then(|(addr, len)| {
+        *len -= 1;
+        addr.0.checked_add(*len as u64).map(GuestAddress)
+    });
+    if regions.last().is_some_and(|r| r.1 == 0) {
+        regions.pop();
+    }
+    let mut req = Request {
+        head,
+        regions,
+        status,
+        work: Work::Done(VIRTIO_BLK_S_IOERR, Vec::new()),
+    };
+    if req.status.is_none() {
+        log::warn!("virtio-blk: request without a status byte");
+        return req;
+    }
+    let data_len: usize = req.regions.iter().map(|r| r.1).sum();
+    req.work = match Reader::new(mem, chain) {
+        Ok(mut reader) => work(disk, &mut reader, data_len),
+        Err(e) => {
+            log::warn!("virtio-blk: unusable readable descriptors: {e}");
+            Work::Done(VIRTIO_BLK_S_IOERR, Vec::new())
+        }
+    };
+    req
+}
+
+fn ioerr() -> Work {
+    Work::Done(VIRTIO_BLK_S_IOERR, Vec::new())
+}
+
+fn work<B: vm_memory::bitmap::BitmapSlice>(
+    disk: &Disk,
     reader: &mut Reader<'_, B>,
-    data: &mut Writer<'_, B>,
-    bounce: &mut [u8],
-) -> u8 {
+    data_len: usize,
+) -> Work {
     let mut hdr = [0u8; HEADER_LEN];
     if reader.read_exact(&mut hdr).is_err() {
         log::warn!("virtio-blk: request header shorter than {HEADER_LEN} bytes");
-        return VIRTIO_BLK_S_IOERR;
+        return ioerr();
     }
     let hdr = RequestHeader::parse(&hdr);
     match hdr.request_type {
-        RequestType::In => read(disk, hdr.sector, data, bounce),
-        RequestType::Out => write(disk, hdr.sector, reader, bounce),
-        RequestType::Flush => match disk.flush() {
-            Ok(()) => VIRTIO_BLK_S_OK,
-            Err(e) => {
-                log::warn!("virtio-blk: flush failed: {e}");
-                VIRTIO_BLK_S_IOERR
-            }
+        RequestType::In => match check_transfer(disk, hdr.sector, data_len) {
+            Some(offset) => Work::Io {
+                op: Op::Read(data_len),
+                offset,
+            },
+            None => ioerr(),
         },
-        RequestType::GetId => {
-            let n = disk.id.len().min(data.available_bytes());
-            match data.write_all(&disk.id[..n]) {
-                Ok(()) => VIRTIO_BLK_S_OK,
-                Err(_) => VIRTIO_BLK_S_IOERR,
+        RequestType::Out => {
+            if disk.read_only {
+                log::debug!("virtio-blk: write to a read-only drive refused");
+                return ioerr();
+            }
+            let len = reader.available_bytes();
+            let Some(offset) = check_transfer(disk, hdr.sector, len) else {
+                return ioerr();
+            };
+            let mut data = vec![0; len];
+            if reader.read_exact(&mut data).is_err() {
+                return ioerr();
+            }
+            Work::Io {
+                op: Op::Write(data),
+                offset,
             }
         }
-        RequestType::Discard if disk.can_discard() => ranges(disk, reader, false),
-        RequestType::WriteZeroes if disk.can_write_zeroes() => ranges(disk, reader, true),
-        RequestType::Discard | RequestType::WriteZeroes => VIRTIO_BLK_S_UNSUPP,
+        RequestType::Flush => Work::Io {
+            op: Op::Flush,
+            offset: 0,
+        },
+        RequestType::GetId => {
+            let n = disk.id.len().min(data_len);
+            Work::Done(VIRTIO_BLK_S_OK, disk.id[..n].to_vec())
+        }
+        RequestType::Discard if disk.can_discard() => range(disk, reader, false),
+        RequestType::WriteZeroes if disk.can_write_zeroes() => range(disk, reader, true),
+        RequestType::Discard | RequestType::WriteZeroes => {
+            Work::Done(VIRTIO_BLK_S_UNSUPP, Vec::new())
+        }
         RequestType::Unsupported(t) => {
             log::debug!("virtio-blk: unsupported request type {t}");
-            VIRTIO_BLK_S_UNSUPP
+            Work::Done(VIRTIO_BLK_S_UNSUPP, Vec::new())
         }
     }
 }
@@ -162,98 +227,74 @@ fn check_transfer(disk: &Disk, sector: u64, len: usize) -> Option<u64> {
     Some(sector * SECTOR_SIZE)
 }
 
-fn read<B: BitmapSlice>(
-    disk: &mut Disk,
-    sector: u64,
-    data: &mut Writer<'_, B>,
-    bounce: &mut [u8],
-) -> u8 {
-    let Some(mut offset) = check_transfer(disk, sector, data.available_bytes()) else {
-        return VIRTIO_BLK_S_IOERR;
-    };
-    while data.available_bytes() > 0 {
-        let n = data.available_bytes().min(bounce.len());
-        let buf = &mut bounce[..n];
-        if let Err(e) = disk.read_at(buf, offset) {
-            log::warn!("virtio-blk: read at {offset} failed: {e}");
-            return VIRTIO_BLK_S_IOERR;
-        }
-        if data.write_all(buf).is_err() {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        offset += n as u64;
-    }
-    VIRTIO_BLK_S_OK
-}
-
-fn write<B: BitmapSlice>(
-    disk: &mut Disk,
-    sector: u64,
-    data: &mut Reader<'_, B>,
-    bounce: &mut [u8],
-) -> u8 {
+/// DISCARD or WRITE_ZEROES: one 16-byte segment (`struct
+/// virtio_blk_discard_write_zeroes`: sector, num_sectors, flags), as
+/// max_discard_seg and max_write_zeroes_seg say.
+fn range<B: vm_memory::bitmap::BitmapSlice>(
+    disk: &Disk,
+    reader: &mut Reader<'_, B>,
+    zero: bool,
+) -> Work {
     if disk.read_only {
-        log::debug!("virtio-blk: write to a read-only drive refused");
-        return VIRTIO_BLK_S_IOERR;
-    }
-    let Some(mut offset) = check_transfer(disk, sector, data.available_bytes()) else {
-        return VIRTIO_BLK_S_IOERR;
-    };
-    while data.available_bytes() > 0 {
-        let n = data.available_bytes().min(bounce.len());
-        let buf = &mut bounce[..n];
-        if data.read_exact(buf).is_err() {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        if let Err(e) = disk.write_at(buf, offset) {
-            log::warn!("virtio-blk: write at {offset} failed: {e}");
-            return VIRTIO_BLK_S_IOERR;
-        }
-        offset += n as u64;
-    }
-    VIRTIO_BLK_S_OK
-}
-
-/// DISCARD or WRITE_ZEROES: the data is a list of 16-byte segments
-/// (`struct virtio_blk_discard_write_zeroes`: sector, num_sectors, flags).
-fn ranges<B: BitmapSlice>(disk: &mut Disk, reader: &mut Reader<'_, B>, zero: bool) -> u8 {
-    if disk.read_only {
-        return VIRTIO_BLK_S_IOERR;
+        return ioerr();
     }
     let n = reader.available_bytes();
-    if n == 0 || !n.is_multiple_of(16) {
-        log::warn!("virtio-blk: {n}-byte discard/write-zeroes payload");
-        return VIRTIO_BLK_S_IOERR;
+    if n != 16 {
+        log::warn!("virtio-blk: {n}-byte discard/write-zeroes payload (one segment expected)");
+        return ioerr();
     }
-    while reader.available_bytes() > 0 {
-        let mut seg = [0u8; 16];
-        if reader.read_exact(&mut seg).is_err() {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        let mut sector = [0u8; 8];
-        sector.copy_from_slice(&seg[..8]);
-        let sector = u64::from_le_bytes(sector);
-        let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
-        let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
-        // Only the unmap flag (bit 0, write-zeroes only) is defined.
-        if flags & !1 != 0 || (!zero && flags != 0) {
-            return VIRTIO_BLK_S_UNSUPP;
-        }
-        let len = u64::from(sectors) * SECTOR_SIZE;
-        if !disk.in_range(sector, len) {
-            log::warn!("virtio-blk: range of {sectors} sectors at {sector} is out of range");
-            return VIRTIO_BLK_S_IOERR;
-        }
-        let offset = sector * SECTOR_SIZE;
-        let res = if zero {
-            disk.write_zeroes(offset, len)
-        } else {
-            disk.discard(offset, len)
-        };
-        if let Err(e) = res {
-            log::warn!("virtio-blk: discard/write-zeroes at {offset} failed: {e}");
-            return VIRTIO_BLK_S_IOERR;
-        }
+    let mut seg = [0u8; 16];
+    if reader.read_exact(&mut seg).is_err() {
+        return ioerr();
     }
-    VIRTIO_BLK_S_OK
+    let mut sector = [0u8; 8];
+    sector.copy_from_slice(&seg[..8]);
+    let sector = u64::from_le_bytes(sector);
+    let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+    // Only the unmap flag (bit 0, write-zeroes only) is defined.
+    if flags & !1 != 0 || (!zero && flags != 0) {
+        return Work::Done(VIRTIO_BLK_S_UNSUPP, Vec::new());
+    }
+    let len = u64::from(sectors) * SECTOR_SIZE;
+    if !disk.in_range(sector, len) {
+        log::warn!("virtio-blk: range of {sectors} sectors at {sector} is out of range");
+        return ioerr();
+    }
+    let offset = sector * SECTOR_SIZE;
+    let op = if zero {
+        Op::WriteZeroes(len)
+    } else {
+        Op::Trim(len)
+    };
+    Work::Io { op, offset }
+}
+
+/// Writes `data` (what the device returns) and `status` into the request's
+/// buffers; returns the used length for the used ring.
+pub(crate) fn complete(mem: &Mem, req: &Request, mut status: u8, data: &[u8]) -> u32 {
+    let Some(status_at) = req.status else {
+        return 0;
+    };
+    let mut written = 0usize;
+    for &(addr, len) in &req.regions {
+        let n = len.min(data.len() - written);
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = mem.write_slice(&data[written..written + n], addr) {
+            log::warn!("virtio-blk: cannot write data to guest memory: {e}");
+            status = VIRTIO_BLK_S_IOERR;
+            break;
+        }
+        written += n;
+    }
+    let used = match mem.write_obj(status, status_at) {
+        Ok(()) => written + 1,
+        Err(e) => {
+            log::warn!("virtio-blk: cannot write status: {e}");
+            written
+        }
+    };
+    u32::try_from(used).unwrap_or(u32::MAX)
 }

@@ -251,64 +251,143 @@ pub fn encode_request(cmd: Command, flags: u16, cookie: u64, offset: u64, len: u
     b
 }
 
-/// Reads the whole reply to request `cookie`. For a read of `buf.len()`
-/// bytes at `offset`, the data lands in `buf` (holes read as zeroes).
-/// `Ok(Err(errno))` is a server-side error for this request; the stream is
-/// still in sync. `Err` means the stream cannot be trusted any more.
+/// The start of one reply: a simple reply, or one structured chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    Simple {
+        cookie: u64,
+        errno: u32,
+    },
+    Chunk {
+        cookie: u64,
+        flags: u16,
+        typ: u16,
+        len: u32,
+    },
+}
+
+impl ReplyHeader {
+    pub fn cookie(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. } => cookie,
+        }
+    }
+}
+
+/// Reads the header of the next reply or chunk, of whichever request: with
+/// several requests in flight the server answers in any order (and may
+/// interleave structured chunks of different requests).
+pub fn read_reply_header<R: Read>(r: &mut R) -> Result<ReplyHeader, NbdError> {
+    match read_u32(r)? {
+        SIMPLE_REPLY_MAGIC => {
+            let errno = read_u32(r)?;
+            let cookie = read_u64(r)?;
+            Ok(ReplyHeader::Simple { cookie, errno })
+        }
+        STRUCTURED_REPLY_MAGIC => {
+            let flags = read_u16(r)?;
+            let typ = read_u16(r)?;
+            let cookie = read_u64(r)?;
+            let len = read_u32(r)?;
+            Ok(ReplyHeader::Chunk {
+                cookie,
+                flags,
+                typ,
+                len,
+            })
+        }
+        m => Err(proto(format!("bad reply magic {m:#x}"))),
+    }
+}
+
+/// What a structured reply to one request has delivered so far.
+#[derive(Debug, Default)]
+pub struct ChunkProgress {
+    /// Bytes of the read filled by data and hole chunks, which the spec
+    /// forbids to overlap: a short total would hand the guest whatever the
+    /// buffer held before.
+    covered: u64,
+    errno: Option<u32>,
+}
+
+impl ChunkProgress {
+    /// Reads the payload of one chunk (its header already read) into `buf`
+    /// (a read of `buf.len()` bytes at `offset`). Returns the request's
+    /// outcome once the chunk is the last one: `Some(Ok(()))`, or
+    /// `Some(Err(errno))` for a server-side error.
+    pub fn chunk<R: Read>(
+        &mut self,
+        r: &mut R,
+        hdr: ReplyHeader,
+        offset: u64,
+        buf: Option<&mut [u8]>,
+    ) -> Result<Option<Result<(), u32>>, NbdError> {
+        let ReplyHeader::Chunk {
+            flags, typ, len, ..
+        } = hdr
+        else {
+            return Err(proto("simple reply mid structured reply"));
+        };
+        let want = buf.as_ref().map_or(0, |b| b.len() as u64);
+        match read_chunk(r, typ, len, offset, buf)? {
+            Ok(n) => self.covered += n,
+            Err(errno) => self.errno = Some(errno),
+        }
+        if flags & REPLY_FLAG_DONE == 0 {
+            return Ok(None);
+        }
+        if let Some(errno) = self.errno {
+            return Ok(Some(Err(errno)));
+        }
+        if self.covered != want {
+            return Err(proto(format!(
+                "read reply covered {} of {want} bytes",
+                self.covered
+            )));
+        }
+        Ok(Some(Ok(())))
+    }
+}
+
+/// Reads the rest of a simple reply: the data of a successful read.
+pub fn read_simple_data<R: Read>(r: &mut R, errno: u32, buf: Option<&mut [u8]>) -> io::Result<()> {
+    match buf {
+        Some(buf) if errno == 0 => r.read_exact(buf),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+/// Reads the whole reply to request `cookie`, the only one in flight. For a
+/// read of `buf.len()` bytes at `offset`, the data lands in `buf` (holes
+/// read as zeroes). `Ok(Err(errno))` is a server-side error for this
+/// request; the stream is still in sync. `Err` means the stream cannot be
+/// trusted any more.
 pub fn read_reply<R: Read>(
     r: &mut R,
     cookie: u64,
     offset: u64,
     mut buf: Option<&mut [u8]>,
 ) -> Result<Result<(), u32>, NbdError> {
-    let magic = read_u32(r)?;
-    match magic {
-        SIMPLE_REPLY_MAGIC => {
-            let errno = read_u32(r)?;
-            check_cookie(read_u64(r)?, cookie)?;
-            if errno != 0 {
-                return Ok(Err(errno));
+    let mut progress = ChunkProgress::default();
+    loop {
+        let hdr = read_reply_header(r)?;
+        check_cookie(hdr.cookie(), cookie)?;
+        match hdr {
+            ReplyHeader::Simple { errno, .. } => {
+                read_simple_data(r, errno, buf)?;
+                return Ok(if errno == 0 { Ok(()) } else { Err(errno) });
             }
-            if let Some(buf) = buf {
-                r.read_exact(buf)?;
-            }
-            Ok(Ok(()))
-        }
-        STRUCTURED_REPLY_MAGIC => {
-            let mut result = Ok(());
-            let mut magic = magic;
-            // Bytes of the read filled by data and hole chunks, which the
-            // spec forbids to overlap: a short total would hand the guest
-            // whatever the buffer held before.
-            let mut covered = 0u64;
-            loop {
-                if magic != STRUCTURED_REPLY_MAGIC {
-                    return Err(proto(format!("bad reply magic {magic:#x} mid-reply")));
+            ReplyHeader::Chunk { .. } => {
+                if let Some(res) = progress.chunk(r, hdr, offset, buf.as_deref_mut())? {
+                    return Ok(res);
                 }
-                let flags = read_u16(r)?;
-                let typ = read_u16(r)?;
-                check_cookie(read_u64(r)?, cookie)?;
-                let len = read_u32(r)?;
-                match read_chunk(r, typ, len, offset, buf.as_deref_mut())? {
-                    Ok(n) => covered += n,
-                    Err(errno) => result = Err(errno),
-                }
-                if flags & REPLY_FLAG_DONE != 0 {
-                    let want = buf.as_ref().map_or(0, |b| b.len() as u64);
-                    if result.is_ok() && covered != want {
-                        return Err(proto(format!(
-                            "read reply covered {covered} of {want} bytes"
-                        )));
-                    }
-                    return Ok(result);
-                }
-                magic = read_u32(r)?;
             }
         }
-        m => Err(proto(format!("bad reply magic {m:#x}"))),
     }
 }
 
+#[cfg(test)]
 fn check_cookie(got: u64, want: u64) -> Result<(), NbdError> {
     if got == want {
         Ok(())

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Durability, NbdClient, NbdError, NbdUri};
+use super::{Durability, NbdClient, NbdEngine, NbdError, NbdUri, Op, MAX_REQUEST};
 
 const SIZE: u64 = 4 << 20;
 
@@ -383,4 +383,179 @@ fn trim_and_write_zeroes() {
         }
         c.flush().unwrap();
     }
+}
+
+/// Waits for every operation submitted to `e`; returns the completions by id.
+fn wait_all(e: &NbdEngine, n: usize) -> std::collections::HashMap<u64, std::io::Result<Vec<u8>>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = std::collections::HashMap::new();
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n} completed", out.len());
+        e.wait_idle(Duration::from_millis(100));
+        for c in e.take_completions() {
+            out.insert(c.id, c.result);
+        }
+    }
+    out
+}
+
+fn engine(server: &Server, timeout: Duration) -> NbdEngine {
+    NbdEngine::connect(server.uri(), timeout, Durability::OnFlush).unwrap()
+}
+
+/// Many operations at once, some split into several NBD requests: every
+/// reply reaches its own request, whatever order the server answers in.
+#[test]
+fn many_in_flight_against_each_server() {
+    for kind in ALL {
+        if !installed(kind) {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(kind, dir.path(), &[]);
+        let e = engine(&server, Duration::from_secs(10));
+        let len = 8192;
+        for i in 0..48u64 {
+            e.submit(i, Op::Write(pattern(i as u8, len)), i * len as u64);
+        }
+        // Larger than one NBD request: three pieces in flight.
+        let big = pattern(99, 2 * MAX_REQUEST + 4096);
+        e.submit(100, Op::Write(big.clone()), 1 << 20);
+        for (id, r) in wait_all(&e, 49) {
+            r.unwrap_or_else(|err| panic!("{kind:?}: write {id}: {err}"));
+        }
+        e.submit(200, Op::Flush, 0);
+        wait_all(&e, 1)[&200].as_ref().unwrap();
+        for i in 0..48u64 {
+            e.submit(i, Op::Read(len), i * len as u64);
+        }
+        e.submit(100, Op::Read(big.len()), 1 << 20);
+        let reads = wait_all(&e, 49);
+        for i in 0..48u64 {
+            let got = reads[&i].as_ref().unwrap();
+            assert!(*got == pattern(i as u8, len), "{kind:?}: read {i} differs");
+        }
+        assert!(*reads[&100].as_ref().unwrap() == big, "{kind:?}: big read");
+        assert!(server.file_bytes(1 << 20, big.len()) == big, "{kind:?}");
+    }
+}
+
+/// nbdkit's log filter (outermost) records each request as it arrives and
+/// the pause filter holds them: all of them are on the server at once.
+#[test]
+fn requests_are_on_the_wire_together() {
+    if !installed(Kind::Nbdkit) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("requests.log");
+    let control = dir.path().join("pause.sock");
+    let server = Server::start(
+        Kind::Nbdkit,
+        dir.path(),
+        &[
+            "log",
+            "pause",
+            &format!("logfile={}", log.display()),
+            &format!("pause-control={}", control.display()),
+        ],
+    );
+    let e = engine(&server, Duration::from_secs(30));
+    let mut ctl = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    let mut answer = [0u8; 1];
+    ctl.write_all(b"p").unwrap();
+    ctl.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"P");
+    for i in 0..8u64 {
+        e.submit(i, Op::Read(4096), i * 65536);
+    }
+    let arrived = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" Read id=") && l.ends_with("..."))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while arrived() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 8 reads reached the server",
+            arrived()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(e.in_flight(), 8, "held by the paused server");
+    assert!(e.take_completions().is_empty());
+    ctl.write_all(b"r").unwrap();
+    ctl.read_exact(&mut answer).unwrap();
+    for (id, r) in wait_all(&e, 8) {
+        assert_eq!(r.unwrap().len(), 4096, "read {id}");
+    }
+}
+
+/// The server is killed with requests in flight and comes back: they are
+/// sent again and complete, and flushed data is on the server.
+#[test]
+fn server_restart_with_requests_in_flight() {
+    for kind in ALL {
+        if !installed(kind) {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server::start(kind, dir.path(), &[]);
+        let e = engine(&server, Duration::from_secs(20));
+        let len = 64 * 1024;
+        for i in 0..32u64 {
+            e.submit(i, Op::Write(pattern(i as u8 ^ 0x55, len)), i * len as u64);
+        }
+        server.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        server.spawn();
+        for (id, r) in wait_all(&e, 32) {
+            r.unwrap_or_else(|err| panic!("{kind:?}: write {id}: {err}"));
+        }
+        e.submit(99, Op::Flush, 0);
+        wait_all(&e, 1)[&99]
+            .as_ref()
+            .unwrap_or_else(|err| panic!("{kind:?}: flush: {err}"));
+        for i in 0..32u64 {
+            assert!(
+                server.file_bytes(i * len as u64, len) == pattern(i as u8 ^ 0x55, len),
+                "{kind:?}: write {i} missing after restart"
+            );
+        }
+        for i in 0..32u64 {
+            e.submit(i, Op::Read(len), i * len as u64);
+        }
+        for (id, r) in wait_all(&e, 32) {
+            assert!(r.unwrap() == pattern(id as u8 ^ 0x55, len), "{kind:?}");
+        }
+    }
+}
+
+/// A server that fails every write (nbdkit's error filter): each write in
+/// flight fails on its own, none is retried, reads keep working.
+#[test]
+fn server_errors_fail_each_request_in_flight() {
+    if !installed(Kind::Nbdkit) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        Kind::Nbdkit,
+        dir.path(),
+        &["error", "error-pwrite-rate=100%", "error=ENOSPC"],
+    );
+    let e = engine(&server, Duration::from_secs(10));
+    for i in 0..8u64 {
+        e.submit(i, Op::Write(vec![1; 4096]), i * 4096);
+    }
+    e.submit(8, Op::Read(4096), 0);
+    let done = wait_all(&e, 9);
+    for i in 0..8u64 {
+        let err = done[&i].as_ref().unwrap_err().to_string();
+        assert!(err.contains("server error 28"), "{err}");
+    }
+    assert!(done[&8].is_ok());
 }
