@@ -364,16 +364,19 @@ mod tests {
 
     #[test]
     fn limiter_blocks_then_timer_releases() {
+        // Refills slow enough that a loaded machine pausing this thread
+        // between two calls adds no token (the bytes refill at one per
+        // second), yet the ops timer fires well within the poll below.
         let cfg = RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig {
                 size: 1000,
                 one_time_burst: None,
-                refill_time: 20,
+                refill_time: 1_000_000,
             }),
             ops: Some(TokenBucketConfig {
                 size: 2,
                 one_time_burst: None,
-                refill_time: 20,
+                refill_time: 400,
             }),
         };
         let mut rl = RateLimiter::new(&cfg).unwrap();
@@ -392,7 +395,7 @@ mod tests {
             revents: 0,
         };
         // SAFETY: one valid pollfd, a bounded timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
         assert_eq!(n, 1);
         rl.event_handler();
         assert!(!rl.is_blocked());
