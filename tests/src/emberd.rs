@@ -84,6 +84,13 @@ impl Emberd {
     /// Starts emberd in a fresh directory with both runtimes. Jailed when
     /// run as root, else `--no-jail`.
     pub fn start(extra: &[&str]) -> Emberd {
+        Emberd::start_with(extra, |_| {})
+    }
+
+    /// Like [`start`](Self::start); `setup` runs with the name of emberd's
+    /// network namespace (as root) before emberd starts in it, e.g. to link
+    /// it to the machine's namespace.
+    pub fn start_with(extra: &[&str], setup: impl FnOnce(&str)) -> Emberd {
         let dir = tempfile::Builder::new()
             .prefix("emberd-test-")
             .tempdir()
@@ -119,6 +126,7 @@ impl Emberd {
                 "dev",
                 "lo"
             ]));
+            setup(&name);
         }
         d.spawn();
         d
@@ -449,6 +457,34 @@ pub fn zip_dir(dir: &Path) -> String {
         .output()
         .expect("base64");
     String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// A `provided` function's `bootstrap` in AWS's custom-runtime pattern:
+/// bash and curl against the Runtime API. It answers
+/// `{"tag", "version", "event"}`, or a function error when the event
+/// contains "fail".
+pub fn provided_bootstrap(tag: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+set -uo pipefail
+API="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
+echo "bootstrap {tag} initialising"
+while true; do
+  EVENT=$(curl -sS -D /tmp/headers "$API/invocation/next")
+  ID=""
+  while IFS=: read -r k v; do
+    if [[ "${{k,,}}" == "lambda-runtime-aws-request-id" ]]; then ID="${{v//[[:space:]]/}}"; fi
+  done < /tmp/headers
+  echo "handling $ID"
+  if [[ "$EVENT" == *fail* ]]; then
+    curl -sS -o /dev/null -H "Lambda-Runtime-Function-Error-Type: Custom.Failure" \
+      -d '{{"errorMessage":"bootstrap asked to fail","errorType":"Custom.Failure"}}' "$API/invocation/$ID/error"
+  else
+    curl -sS -o /dev/null -d "{{\"tag\":\"{tag}\",\"version\":\"$AWS_LAMBDA_FUNCTION_VERSION\",\"event\":$EVENT}}" "$API/invocation/$ID/response"
+  fi
+done
+"#
+    )
 }
 
 pub fn write_file(path: &Path, content: &str, mode: u32) {
