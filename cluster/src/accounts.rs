@@ -173,7 +173,10 @@ mod tests {
         assert!(valid_account(&a), "{a}");
         assert_eq!(account_named(&store, "team-a").await.unwrap(), a);
         assert_ne!(account_named(&store, "team-b").await.unwrap(), a);
-        assert_eq!(account_named(&store, "111122223333").await.unwrap(), "111122223333");
+        assert_eq!(
+            account_named(&store, "111122223333").await.unwrap(),
+            "111122223333"
+        );
         assert!(matches!(
             account_named(&store, "a/b").await,
             Err(AccountError::Name(_))

@@ -88,7 +88,14 @@ mod tests {
         let store = Store::open(&[], dir.path()).await.unwrap();
         let zip: Vec<u8> = (0..(2 * CHUNK + 17)).map(|i| (i * 7 % 251) as u8).collect();
         let sha = put(&store, &zip).await.unwrap();
-        assert_eq!(store.list(&format!("{CODE_PREFIX}{sha}/")).await.unwrap().len(), 4);
+        assert_eq!(
+            store
+                .list(&format!("{CODE_PREFIX}{sha}/"))
+                .await
+                .unwrap()
+                .len(),
+            4
+        );
         assert_eq!(get(&store, &sha).await.unwrap().as_deref(), Some(&zip[..]));
         // Stored once.
         assert_eq!(put(&store, &zip).await.unwrap(), sha);

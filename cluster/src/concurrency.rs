@@ -25,7 +25,10 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let (c, key, version) = (
-            self.cluster.clone(), std::mem::take(&mut self.key), self.version);
+            self.cluster.clone(),
+            std::mem::take(&mut self.key),
+            self.version,
+        );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = release(&c.store, &key, version).await;
@@ -35,7 +38,9 @@ impl Drop for Slot {
 }
 
 async fn release(store: &Store, key: &str, version: i64) -> Result<bool, ember_store::StoreError> {
-    store.compare_and_delete(key, Expect::Version(version)).await
+    store
+        .compare_and_delete(key, Expect::Version(version))
+        .await
 }
 
 /// A slot for one invocation of `rec`, or `None` when it has no reserved
@@ -68,7 +73,12 @@ pub async fn acquire(c: &Arc<Cluster>, rec: &FunctionRecord) -> Result<Option<Sl
         );
         let taken = c
             .store
-            .compare_and_swap(&key, Expect::Absent, c.cfg.replica_id.as_bytes(), Some(lease))
+            .compare_and_swap(
+                &key,
+                Expect::Absent,
+                c.cfg.replica_id.as_bytes(),
+                Some(lease),
+            )
             .await
             .map_err(|e| ApiError::service(format!("cluster store: {e}")))?;
         if let Some(version) = taken {

@@ -150,23 +150,28 @@ pub enum BuildState {
 pub async fn build_state(c: &Cluster, endpoint: &str, name: &str) -> Option<BuildState> {
     let r = c
         .hosts
-        .get(endpoint, &format!("/2015-03-31/functions/{name}/configuration"))
+        .get(
+            endpoint,
+            &format!("/2015-03-31/functions/{name}/configuration"),
+        )
         .await
         .ok()?;
     if r.status == StatusCode::NOT_FOUND {
         return Some(BuildState::Missing);
     }
     let v = r.json()?;
-    Some(match (v["State"].as_str(), v["LastUpdateStatus"].as_str()) {
-        (_, Some("InProgress")) | (Some("Pending"), _) => BuildState::InProgress,
-        (Some("Active"), _) => BuildState::Active,
-        _ => BuildState::Failed(
-            v["StateReason"]
-                .as_str()
-                .unwrap_or("the snapshot build failed")
-                .to_string(),
-        ),
-    })
+    Some(
+        match (v["State"].as_str(), v["LastUpdateStatus"].as_str()) {
+            (_, Some("InProgress")) | (Some("Pending"), _) => BuildState::InProgress,
+            (Some("Active"), _) => BuildState::Active,
+            _ => BuildState::Failed(
+                v["StateReason"]
+                    .as_str()
+                    .unwrap_or("the snapshot build failed")
+                    .to_string(),
+            ),
+        },
+    )
 }
 
 /// Waits for the host's snapshot of the deployment.

@@ -202,9 +202,10 @@ pub async fn delete(store: &Store, account: &str, name: &str) -> Result<Function
     loop {
         let cur = store.get(&k).await.map_err(store_err)?;
         let Some(cur) = cur else {
-            return Err(get(store, account, name).await.err().unwrap_or_else(|| {
-                ApiError::not_found(format!("Function not found: {name}"))
-            }));
+            return Err(get(store, account, name)
+                .await
+                .err()
+                .unwrap_or_else(|| ApiError::not_found(format!("Function not found: {name}"))));
         };
         let rec: FunctionRecord = serde_json::from_slice(&cur.value)
             .map_err(|e| ApiError::service(format!("unreadable record {k}: {e}")))?;
@@ -322,9 +323,15 @@ mod tests {
         .unwrap();
         assert_eq!((rec.next_version, n), (4, 4));
         assert_eq!(get(&store, &r.account, "f").await.unwrap().next_version, 4);
-        assert_eq!(get(&store, "444455556666", "f").await.unwrap_err().status, 404);
+        assert_eq!(
+            get(&store, "444455556666", "f").await.unwrap_err().status,
+            404
+        );
         assert_eq!(list(&store, Some(&r.account)).await.unwrap().len(), 1);
         delete(&store, &r.account, "f").await.unwrap();
-        assert_eq!(delete(&store, &r.account, "f").await.unwrap_err().status, 404);
+        assert_eq!(
+            delete(&store, &r.account, "f").await.unwrap_err().status,
+            404
+        );
     }
 }

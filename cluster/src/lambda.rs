@@ -164,4 +164,3 @@ pub fn validate_settings(
     }
     Ok(())
 }
-

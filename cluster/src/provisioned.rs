@@ -61,7 +61,10 @@ pub async fn reconcile(c: &Arc<Cluster>) {
             .filter(|d| hosts.iter().any(|h| h.id == d.host))
             .collect();
         if live.iter().any(|d| d.provisioned == n)
-            || !PLACING.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone())
+            || !PLACING
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone())
         {
             continue;
         }
@@ -109,22 +112,30 @@ pub async fn reconcile(c: &Arc<Cluster>) {
 }
 
 async fn set_on_host(c: &Cluster, host: &crate::hosts::HostReport, name: &str, n: u32) {
-            if deploy::wait_built(c, &host.endpoint, name).await != Some(BuildState::Active) {
-                return;
+    if deploy::wait_built(c, &host.endpoint, name).await != Some(BuildState::Active) {
+        return;
+    }
+    let path = format!("/2019-09-30/functions/{name}/provisioned-concurrency?Qualifier=%24LATEST");
+    let body = json!({"ProvisionedConcurrentExecutions": n});
+    match c
+        .hosts
+        .json(&host.endpoint, Method::PUT, &path, &body)
+        .await
+    {
+        Ok(r) if r.status == StatusCode::ACCEPTED || r.status == StatusCode::OK => {
+            let d = Deployment {
+                host: host.id.clone(),
+                provisioned: n,
+            };
+            if let Err(e) = deploy::record(&c.store, name, &d).await {
+                log::warn!("recording provisioned concurrency of {name}: {e}");
             }
-            let path = format!("/2019-09-30/functions/{name}/provisioned-concurrency?Qualifier=%24LATEST");
-            let body = json!({"ProvisionedConcurrentExecutions": n});
-            match c.hosts.json(&host.endpoint, Method::PUT, &path, &body).await {
-                Ok(r) if r.status == StatusCode::ACCEPTED || r.status == StatusCode::OK => {
-                    let d = Deployment {
-                        host: host.id.clone(),
-                        provisioned: n,
-                    };
-                    if let Err(e) = deploy::record(&c.store, name, &d).await {
-                        log::warn!("recording provisioned concurrency of {name}: {e}");
-                    }
-                }
-                Ok(r) => log::warn!("provisioned concurrency of {name} on {}: {}", host.id, deploy::host_error(&r)),
-                Err(e) => log::warn!("provisioned concurrency of {name} on {}: {e}", host.id),
-            }
+        }
+        Ok(r) => log::warn!(
+            "provisioned concurrency of {name} on {}: {}",
+            host.id,
+            deploy::host_error(&r)
+        ),
+        Err(e) => log::warn!("provisioned concurrency of {name} on {}: {e}", host.id),
+    }
 }

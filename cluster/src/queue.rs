@@ -205,7 +205,10 @@ async fn deliver(c: &Arc<Cluster>, mut inv: AsyncInvocation, version: i64) {
     match done {
         Ok(_) => {
             let k = queued_key(&inv.account, &inv.request_id);
-            let _ = c.store.compare_and_delete(&k, Expect::Version(version)).await;
+            let _ = c
+                .store
+                .compare_and_delete(&k, Expect::Version(version))
+                .await;
         }
         Err(e) => log::warn!("async {}: {e}", inv.request_id),
     }

@@ -174,7 +174,7 @@ try:
         r = {}
     else:
         r = getattr(c, spec["op"])(**args)
-    r.pop("ResponseMetadata", None)
+    r["RequestId"] = r.pop("ResponseMetadata", {}).get("RequestId")
     if "Payload" in r:
         r["Payload"] = r["Payload"].read().decode()
     if "LogResult" in r:
@@ -200,12 +200,8 @@ pub fn boto3(url: &str, key: &Key, op: &str, args: Value) -> Value {
         "boto3 {op}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "boto3 {op}: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("boto3 {op}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 const RAW_CALL: &str = r#"
@@ -253,7 +249,14 @@ pub fn aws_lambda(aws: &Path, url: &str, key: &Key, args: &[&str]) -> (i32, Stri
     let out = Command::new(aws)
         .arg("lambda")
         .args(args)
-        .args(["--endpoint-url", url, "--cli-read-timeout", "900", "--output", "json"])
+        .args([
+            "--endpoint-url",
+            url,
+            "--cli-read-timeout",
+            "900",
+            "--output",
+            "json",
+        ])
         .env("AWS_ACCESS_KEY_ID", &key.id)
         .env("AWS_SECRET_ACCESS_KEY", &key.secret)
         .env("AWS_DEFAULT_REGION", "us-east-1")

@@ -78,24 +78,43 @@ fn lambda_control_plane_with_boto3() {
     assert_eq!((code.as_str(), status), ("ResourceConflictException", 409));
 
     // Configuration, publish (unchanged twice → one version), aliases.
-    let got = ok(call(&alpha, "get_function", json!({"FunctionName": "greet"})));
+    let got = ok(call(
+        &alpha,
+        "get_function",
+        json!({"FunctionName": "greet"}),
+    ));
     assert_eq!(got["Configuration"]["Timeout"], 30);
     let upd = ok(call(
         &alpha,
         "update_function_configuration",
         json!({"FunctionName": "greet", "Timeout": 10, "Description": "d"}),
     ));
-    assert_eq!((upd["Timeout"].as_u64(), upd["Description"].as_str()), (Some(10), Some("d")));
-    let v1 = ok(call(&alpha, "publish_version", json!({"FunctionName": "greet"})));
+    assert_eq!(
+        (upd["Timeout"].as_u64(), upd["Description"].as_str()),
+        (Some(10), Some("d"))
+    );
+    let v1 = ok(call(
+        &alpha,
+        "publish_version",
+        json!({"FunctionName": "greet"}),
+    ));
     assert_eq!(v1["Version"], "1");
-    let again = ok(call(&alpha, "publish_version", json!({"FunctionName": "greet"})));
+    let again = ok(call(
+        &alpha,
+        "publish_version",
+        json!({"FunctionName": "greet"}),
+    ));
     assert_eq!(again["Version"], "1", "nothing changed since version 1");
     ok(call(
         &alpha,
         "update_function_code",
         json!({"FunctionName": "greet", "ZipFileB64": zip_b64(), "Publish": true}),
     ));
-    let versions = ok(call(&alpha, "list_versions_by_function", json!({"FunctionName": "greet"})));
+    let versions = ok(call(
+        &alpha,
+        "list_versions_by_function",
+        json!({"FunctionName": "greet"}),
+    ));
     let names: Vec<&str> = versions["Versions"]
         .as_array()
         .unwrap()
@@ -108,14 +127,21 @@ fn lambda_control_plane_with_boto3() {
         "create_alias",
         json!({"FunctionName": "greet", "Name": "live", "FunctionVersion": "1"}),
     ));
-    assert!(a["AliasArn"].as_str().unwrap().ends_with(":function:greet:live"));
+    assert!(a["AliasArn"]
+        .as_str()
+        .unwrap()
+        .ends_with(":function:greet:live"));
     ok(call(
         &alpha,
         "update_function_configuration",
         json!({"FunctionName": "greet", "Timeout": 11}),
     ));
     assert_eq!(
-        ok(call(&alpha, "publish_version", json!({"FunctionName": "greet"})))["Version"],
+        ok(call(
+            &alpha,
+            "publish_version",
+            json!({"FunctionName": "greet"})
+        ))["Version"],
         "2"
     );
     let a = ok(call(
@@ -125,7 +151,11 @@ fn lambda_control_plane_with_boto3() {
                "RoutingConfig": {"AdditionalVersionWeights": {"2": 0.25}}}),
     ));
     assert_eq!(a["RoutingConfig"]["AdditionalVersionWeights"]["2"], 0.25);
-    let a = ok(call(&alpha, "get_alias", json!({"FunctionName": "greet", "Name": "live"})));
+    let a = ok(call(
+        &alpha,
+        "get_alias",
+        json!({"FunctionName": "greet", "Name": "live"}),
+    ));
     assert_eq!(a["FunctionVersion"], "1");
     let (code, _) = err(&call(
         &alpha,
@@ -134,7 +164,11 @@ fn lambda_control_plane_with_boto3() {
                "RoutingConfig": {"AdditionalVersionWeights": {"9": 0.5}}}),
     ));
     assert_eq!(code, "InvalidParameterValueException");
-    let (code, status) = err(&call(&alpha, "get_alias", json!({"FunctionName": "greet", "Name": "nope"})));
+    let (code, status) = err(&call(
+        &alpha,
+        "get_alias",
+        json!({"FunctionName": "greet", "Name": "nope"}),
+    ));
     assert_eq!((code.as_str(), status), ("ResourceNotFoundException", 404));
 
     // Concurrency settings.
@@ -147,7 +181,11 @@ fn lambda_control_plane_with_boto3() {
     // Reserved 0: throttled before any host is asked.
     let (code, status) = err(&call(&alpha, "invoke", json!({"FunctionName": "greet"})));
     assert_eq!((code.as_str(), status), ("TooManyRequestsException", 429));
-    ok(call(&alpha, "delete_function_concurrency", json!({"FunctionName": "greet"})));
+    ok(call(
+        &alpha,
+        "delete_function_concurrency",
+        json!({"FunctionName": "greet"}),
+    ));
     let r = ok(call(
         &alpha,
         "put_provisioned_concurrency_config",
@@ -180,12 +218,23 @@ fn lambda_control_plane_with_boto3() {
     // Another account sees nothing of alpha's.
     let listed = ok(call(&beta, "list_functions", json!({})));
     assert_eq!(listed["Functions"], json!([]));
-    let (code, status) = err(&call(&beta, "get_function", json!({"FunctionName": "greet"})));
+    let (code, status) = err(&call(
+        &beta,
+        "get_function",
+        json!({"FunctionName": "greet"}),
+    ));
     assert_eq!((code.as_str(), status), ("ResourceNotFoundException", 404));
-    let arn = format!("arn:aws:lambda:us-east-1:{}:function:greet", alpha.account_id);
+    let arn = format!(
+        "arn:aws:lambda:us-east-1:{}:function:greet",
+        alpha.account_id
+    );
     let (code, status) = err(&call(&beta, "invoke", json!({"FunctionName": arn})));
     assert_eq!((code.as_str(), status), ("AccessDeniedException", 403));
-    let (code, _) = err(&call(&beta, "delete_function", json!({"FunctionName": "greet"})));
+    let (code, _) = err(&call(
+        &beta,
+        "delete_function",
+        json!({"FunctionName": "greet"}),
+    ));
     assert_eq!(code, "ResourceNotFoundException");
     // beta's own "greet" is another function.
     ok(call(
@@ -209,35 +258,125 @@ fn lambda_control_plane_with_boto3() {
         ..alpha.clone()
     };
     let (code, status) = err(&call(&unknown, "list_functions", json!({})));
-    assert_eq!((code.as_str(), status), ("UnrecognizedClientException", 403));
+    assert_eq!(
+        (code.as_str(), status),
+        ("UnrecognizedClientException", 403)
+    );
     let r = signed_request(url, None, "GET", "/2015-03-31/functions/", "");
     assert_eq!(r["Status"], 403);
-    assert_eq!(r["Headers"]["x-amzn-errortype"], "MissingAuthenticationTokenException");
+    assert_eq!(
+        r["Headers"]["x-amzn-errortype"],
+        "MissingAuthenticationTokenException"
+    );
 
     // Malformed requests: Lambda's status, x-amzn-ErrorType and body.
     for (method, path, body, want, status) in [
-        ("POST", "/2015-03-31/functions", "{not json", "InvalidRequestContentException", 400),
-        ("POST", "/2015-03-31/functions", r#"{"FunctionName":"bad/name","Runtime":"provided","Code":{"ZipFile":"UEsFBg=="}}"#, "InvalidParameterValueException", 400),
-        ("POST", "/2015-03-31/functions", r#"{"FunctionName":"f2","Runtime":"cobol","Code":{"ZipFile":"UEsFBg=="}}"#, "InvalidParameterValueException", 400),
-        ("POST", "/2015-03-31/functions", r#"{"FunctionName":"f2","Runtime":"provided","MemorySize":1,"Code":{"ZipFile":"UEsFBg=="}}"#, "InvalidParameterValueException", 400),
-        ("POST", "/2015-03-31/functions", r#"{"FunctionName":"f2","Runtime":"provided","Code":{"ZipFile":"%%%"}}"#, "InvalidParameterValueException", 400),
-        ("POST", "/2015-03-31/functions/greet/invocations", "{nope", "InvalidRequestContentException", 400),
-        ("POST", "/2015-03-31/functions/nosuch/invocations", "{}", "ResourceNotFoundException", 404),
-        ("PUT", "/2017-10-31/functions/greet/concurrency", r#"{"ReservedConcurrentExecutions":-1}"#, "InvalidParameterValueException", 400),
-        ("GET", "/2015-03-31/functions/greet/configuration?Qualifier=77", "", "ResourceNotFoundException", 404),
-        ("GET", "/2099-01-01/nothing", "", "UnknownOperationException", 404),
+        (
+            "POST",
+            "/2015-03-31/functions",
+            "{not json",
+            "InvalidRequestContentException",
+            400,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions",
+            r#"{"FunctionName":"bad/name","Runtime":"provided","Code":{"ZipFile":"UEsFBg=="}}"#,
+            "InvalidParameterValueException",
+            400,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions",
+            r#"{"FunctionName":"f2","Runtime":"cobol","Code":{"ZipFile":"UEsFBg=="}}"#,
+            "InvalidParameterValueException",
+            400,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions",
+            r#"{"FunctionName":"f2","Runtime":"provided","MemorySize":1,"Code":{"ZipFile":"UEsFBg=="}}"#,
+            "InvalidParameterValueException",
+            400,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions",
+            r#"{"FunctionName":"f2","Runtime":"provided","Code":{"ZipFile":"%%%"}}"#,
+            "InvalidParameterValueException",
+            400,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions/greet/invocations",
+            "{nope",
+            "InvalidRequestContentException",
+            400,
+        ),
+        (
+            "POST",
+            "/2015-03-31/functions/nosuch/invocations",
+            "{}",
+            "ResourceNotFoundException",
+            404,
+        ),
+        (
+            "PUT",
+            "/2017-10-31/functions/greet/concurrency",
+            r#"{"ReservedConcurrentExecutions":-1}"#,
+            "InvalidParameterValueException",
+            400,
+        ),
+        (
+            "GET",
+            "/2015-03-31/functions/greet/configuration?Qualifier=77",
+            "",
+            "ResourceNotFoundException",
+            404,
+        ),
+        (
+            "GET",
+            "/2099-01-01/nothing",
+            "",
+            "UnknownOperationException",
+            404,
+        ),
     ] {
         let r = signed_request(url, Some(&alpha), method, path, body);
         assert_eq!(r["Status"], status, "{method} {path}: {r}");
-        assert_eq!(r["Headers"]["x-amzn-errortype"], want, "{method} {path}: {r}");
+        assert_eq!(
+            r["Headers"]["x-amzn-errortype"], want,
+            "{method} {path}: {r}"
+        );
         let b: Value = serde_json::from_str(r["Body"].as_str().unwrap()).unwrap();
         assert!(b["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
     }
 
-    ok(call(&alpha, "delete_alias", json!({"FunctionName": "greet", "Name": "live"})));
-    ok(call(&alpha, "delete_function", json!({"FunctionName": "greet", "Qualifier": "1"})));
-    ok(call(&alpha, "delete_function", json!({"FunctionName": "greet"})));
-    let (code, _) = err(&call(&alpha, "get_function", json!({"FunctionName": "greet"})));
+    ok(call(
+        &alpha,
+        "delete_alias",
+        json!({"FunctionName": "greet", "Name": "live"}),
+    ));
+    ok(call(
+        &alpha,
+        "delete_function",
+        json!({"FunctionName": "greet", "Qualifier": "1"}),
+    ));
+    ok(call(
+        &alpha,
+        "delete_function",
+        json!({"FunctionName": "greet"}),
+    ));
+    let (code, _) = err(&call(
+        &alpha,
+        "get_function",
+        json!({"FunctionName": "greet"}),
+    ));
     assert_eq!(code, "ResourceNotFoundException");
-    assert!(ok(call(&beta, "get_function", json!({"FunctionName": "greet"})))["Configuration"].is_object());
+    assert!(ok(call(
+        &beta,
+        "get_function",
+        json!({"FunctionName": "greet"})
+    ))["Configuration"]
+        .is_object());
 }

@@ -19,7 +19,9 @@ use super::shapes::*;
 use super::{function_ref, parse, Caller};
 use crate::deploy::{self, BuildState};
 use crate::error::ApiError;
-use crate::functions::{self as records, deployment_name, Alias, FunctionRecord, Spec, Version, LATEST};
+use crate::functions::{
+    self as records, deployment_name, Alias, FunctionRecord, Spec, Version, LATEST,
+};
 use crate::hosts::live_hosts;
 use crate::lambda::{validate_alias_name, validate_function_name, validate_settings};
 use crate::service::Cluster;
@@ -68,10 +70,7 @@ fn check(spec: &Spec) -> Result<(), ApiError> {
 }
 
 fn not_found(c: &Cluster, rec: &FunctionRecord, q: Option<&str>) -> ApiError {
-    ApiError::not_found(format!(
-        "Function not found: {}",
-        rec.arn(&c.cfg.region, q)
-    ))
+    ApiError::not_found(format!("Function not found: {}", rec.arn(&c.cfg.region, q)))
 }
 
 /// The state of `v`'s build, from a live host that has it.
@@ -482,7 +481,11 @@ pub async fn list_versions(
 
 /// Checks an alias's target and routing against the record.
 fn check_alias(rec: &FunctionRecord, a: &Alias) -> Result<(), ApiError> {
-    let exists = |v: &str| v == LATEST || v.parse::<u64>().is_ok_and(|n| rec.versions.contains_key(&n));
+    let exists = |v: &str| {
+        v == LATEST
+            || v.parse::<u64>()
+                .is_ok_and(|n| rec.versions.contains_key(&n))
+    };
     if !exists(&a.function_version) {
         return Err(ApiError::not_found(format!(
             "Function not found: {}:{}",
@@ -522,7 +525,9 @@ pub async fn create_alias(
 ) -> Result<Response, ApiError> {
     let req: AliasIn = parse(&body)?;
     let (name, _) = function_ref(&who, &name)?;
-    let alias_name = req.name.ok_or_else(|| ApiError::invalid("Name is required"))?;
+    let alias_name = req
+        .name
+        .ok_or_else(|| ApiError::invalid("Name is required"))?;
     validate_alias_name(&alias_name)?;
     let a = Alias {
         name: alias_name.clone(),

@@ -49,7 +49,9 @@ pub async fn invoke(
         )));
     }
     if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(&body).is_err() {
-        return Err(ApiError::bad_request("Could not parse request body into json"));
+        return Err(ApiError::bad_request(
+            "Could not parse request body into json",
+        ));
     }
     let payload = if body.is_empty() {
         Bytes::from_static(b"{}")
