@@ -15,7 +15,7 @@ pub struct ClusterApi {
     child: Option<Child>,
     pub url: String,
     pub log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 /// An access key of an account, as `ember-cluster account create` prints it.
@@ -59,7 +59,7 @@ impl ClusterApi {
             child: Some(child),
             url: format!("http://127.0.0.1:{port}"),
             log,
-            _dir: dir,
+            dir: Some(dir),
         };
         let start = Instant::now();
         while c.health().is_none() {
@@ -105,10 +105,17 @@ impl ClusterApi {
 
 impl Drop for ClusterApi {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("ember-cluster log {}:\n{}", self.url, self.logs());
-        }
         self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "ember-cluster log {} ({}):\n{}",
+                self.url,
+                self.log.display(),
+                self.logs()
+            );
+            // Kept for a look after the test.
+            let _ = self.dir.take().map(tempfile::TempDir::keep);
+        }
     }
 }
 
