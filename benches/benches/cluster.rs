@@ -24,7 +24,7 @@ use ember_benches::{http_exchange, percentile, Resp};
 use ember_cluster::sigv4;
 use ember_store::testing::{free_port, EtcdProcess};
 use ember_tests::cluster::{create_account, ClusterApi, Key};
-use ember_tests::emberd::{provided_bootstrap, write_file, zip_dir, Emberd};
+use ember_tests::emberd::{provided_bootstrap_bash, write_file, zip_dir, Emberd};
 use ember_tests::kvm_available;
 use serde_json::{json, Value};
 
@@ -147,7 +147,7 @@ fn zip() -> String {
     let dir = tempfile::tempdir().unwrap();
     write_file(
         &dir.path().join("bootstrap"),
-        &provided_bootstrap("bench"),
+        &provided_bootstrap_bash("bench"),
         0o755,
     );
     zip_dir(dir.path())

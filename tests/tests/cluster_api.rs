@@ -11,7 +11,7 @@ fn zip_b64() -> String {
     let dir = tempfile::tempdir().unwrap();
     ember_tests::emberd::write_file(
         &dir.path().join("bootstrap"),
-        &ember_tests::emberd::provided_bootstrap("v1"),
+        &ember_tests::emberd::provided_bootstrap_bash("v1"),
         0o755,
     );
     ember_tests::emberd::zip_dir(dir.path())
