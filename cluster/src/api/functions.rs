@@ -173,7 +173,8 @@ async fn latest_reply(c: &Cluster, rec: &FunctionRecord, status: StatusCode) -> 
 fn publish_in(rec: &mut FunctionRecord, description: Option<String>) -> Version {
     // Unchanged since the last publish: that version, as Lambda does.
     if let Some(last) = rec.versions.values().next_back() {
-        if last.spec == rec.latest.spec && description.is_none() {
+        let description = description.as_ref().unwrap_or(&rec.latest.description);
+        if last.spec == rec.latest.spec && last.description == *description {
             return last.clone();
         }
     }
