@@ -5,6 +5,8 @@
 //!    proxied) against straight to emberd's TCP API (bearer token), the
 //!    same warm instances behind both: p50/p99 at concurrency 1, and
 //!    invocations per second at concurrency 1 and 4, with the ratios.
+//!    Also the proxy hop without a guest: GetFunctionConfiguration
+//!    straight to emberd against through the cluster.
 //! 2. Control-plane operations per second (GetFunction, a read;
 //!    PutFunctionConcurrency, a compare-and-swap write) at concurrency 4
 //!    through ember-cluster on etcd against ember-cluster on the embedded
@@ -239,6 +241,45 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
         addr: haddr,
         function,
     };
+
+    // The hop alone, without a guest: GetFunctionConfiguration straight
+    // to the host against through the cluster (which verifies SigV4, reads
+    // the record and asks that host for the build state: one proxied call).
+    let cfg_path = |t: &Target| match t {
+        Target::Host { function, .. } => format!("/2015-03-31/functions/{function}/configuration"),
+        Target::Cluster { .. } => "/2015-03-31/functions/echo/configuration".to_string(),
+    };
+    let mut hop = Vec::new();
+    for t in [&host, &cluster] {
+        let mut v = Vec::new();
+        for _ in 0..200 {
+            let start = Instant::now();
+            let r = request(t, "GET", &cfg_path(t), b"")?;
+            if r.status != 200 {
+                return Err(format!("configuration: {} {}", r.status, r.text()));
+            }
+            v.push(start.elapsed());
+        }
+        hop.push(v);
+    }
+    println!("\nGetFunctionConfiguration, no guest involved (200 each):");
+    println!("{:<28} {:>10} {:>10}", "", "p50", "p99");
+    for (name, v) in [
+        ("emberd (TCP, bearer)", &hop[0]),
+        ("ember-cluster (SigV4)", &hop[1]),
+    ] {
+        println!(
+            "{name:<28} {:>10} {:>10}",
+            ms(percentile(v, 50.0)),
+            ms(percentile(v, 99.0))
+        );
+    }
+    println!(
+        "{:<28} {:>10.2} {:>10.2}",
+        "ratio cluster/emberd",
+        percentile(&hop[1], 50.0).as_secs_f64() / percentile(&hop[0], 50.0).as_secs_f64(),
+        percentile(&hop[1], 99.0).as_secs_f64() / percentile(&hop[0], 99.0).as_secs_f64()
+    );
 
     let direct = latency(&host)?;
     let through = latency(&cluster)?;
