@@ -6,7 +6,8 @@
 # virtio-net throughput and TCP latency with and without connection
 # tracking (Debian's iperf3 in the guest and on the host); block I/O with
 # the in-VMM file backend against vhost-user to qemu-storage-daemon and to
-# ember-volumed.
+# ember-volumed; invoke latency and throughput through ember-cluster against
+# straight to emberd; live migration downtime and bytes sent.
 # Arguments go to `cargo bench`: `bash benches/run.sh --bench hostd` runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ EMBER_ROOTFS_PYTHON3="$(bash rootfs/build.sh python3)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
 EMBER_ROOTFS_BENCH="$(bash rootfs/build.sh bench)"
 export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_BENCH
-# The host's end of the network benchmark, and protoc for etcd-client.
-bash tests/ensure-packages.sh iperf3:iperf3 protoc:protobuf-compiler
+# The host's end of the network benchmark, protoc for etcd-client, and
+# etcd for the cluster benchmark.
+bash tests/ensure-packages.sh iperf3:iperf3 protoc:protobuf-compiler etcd:etcd-server
 cargo build --release --workspace --bins
 cargo bench -p ember-benches "$@"

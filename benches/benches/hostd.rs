@@ -23,7 +23,6 @@
 //! and the others still run. Prints numbers; asserts nothing.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -32,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_benches::{percentile, smaps_rollup};
+use ember_benches::{http_exchange, percentile, smaps_rollup, Resp};
 use ember_tests::artifacts::workspace_bin;
 use ember_tests::emberd::{write_file, Emberd};
 use ember_tests::kvm_available;
@@ -49,21 +48,6 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 
 // ---------------------------------------------------------------- HTTP
 
-struct Resp {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
 /// One HTTP/1.1 request on a fresh unix-socket connection (Connection: close).
 fn http(
     sock: &Path,
@@ -72,74 +56,9 @@ fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<Resp, String> {
-    let mut s = UnixStream::connect(sock).map_err(|e| format!("connect: {e}"))?;
+    let s = UnixStream::connect(sock).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(900))).ok();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut buf = req.into_bytes();
-    buf.extend_from_slice(body);
-    s.write_all(&buf).map_err(|e| format!("write: {e}"))?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
-    let end = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no header end in {:?}", String::from_utf8_lossy(&out)))?;
-    let head = String::from_utf8_lossy(&out[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let mut hdrs = BTreeMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            hdrs.insert(k.trim().to_lowercase(), v.trim().to_string());
-        }
-    }
-    let mut body = out[end + 4..].to_vec();
-    if hdrs
-        .get("transfer-encoding")
-        .is_some_and(|t| t.contains("chunked"))
-    {
-        body = dechunk(&body);
-    }
-    Ok(Resp {
-        status,
-        headers: hdrs,
-        body,
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(
-            String::from_utf8_lossy(&b[..i])
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim(),
-            16,
-        )
-        .unwrap_or(0);
-        if n == 0 || b.len() < i + 2 + n {
-            break;
-        }
-        out.extend_from_slice(&b[i + 2..i + 2 + n]);
-        b = &b[(i + 4 + n).min(b.len())..];
-    }
-    out
+    http_exchange(s, "localhost", method, path, headers, body)
 }
 
 fn b64_decode(s: &str) -> Vec<u8> {

@@ -6,6 +6,8 @@ use ember_store::{Expect, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 pub const KEYS_PREFIX: &str = "/ember/accounts/keys/";
+/// Account names (what an operator calls them) → 12-digit ids.
+pub const NAMES_PREFIX: &str = "/ember/accounts/names/";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -20,6 +22,8 @@ pub struct AccessKey {
 pub enum AccountError {
     #[error("invalid account {0:?}: want 12 digits")]
     Account(String),
+    #[error("invalid account name {0:?}: use 1 to 64 letters, digits, hyphens or underscores")]
+    Name(String),
     #[error("access key {0} already exists")]
     Exists(String),
     #[error(transparent)]
@@ -79,6 +83,42 @@ pub async fn new_key(store: &Store, account: &str) -> Result<AccessKey, AccountE
     Ok(key)
 }
 
+/// The id of the account called `name`, created (a random 12-digit id)
+/// if there is none yet.
+pub async fn account_named(store: &Store, name: &str) -> Result<String, AccountError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(AccountError::Name(name.to_string()));
+    }
+    let k = format!("{NAMES_PREFIX}{name}");
+    loop {
+        if let Some(v) = store.get(&k).await? {
+            return Ok(String::from_utf8_lossy(&v.value).into_owned());
+        }
+        let id = if valid_account(name) {
+            name.to_string()
+        } else {
+            let raw = random_key(name).map_err(StoreError::Io)?;
+            raw.secret_access_key
+                .bytes()
+                .take(12)
+                .map(|b| char::from(b'0' + b % 10))
+                .collect()
+        };
+        if store
+            .compare_and_swap(&k, Expect::Absent, id.as_bytes(), None)
+            .await?
+            .is_some()
+        {
+            return Ok(id);
+        }
+    }
+}
+
 /// The key with this id, if any (what SigV4 verification looks up).
 pub async fn find_key(store: &Store, access_key_id: &str) -> Result<Option<AccessKey>, StoreError> {
     let Some(v) = store.get(&format!("{KEYS_PREFIX}{access_key_id}")).await? else {
@@ -123,5 +163,23 @@ mod tests {
         assert!(delete_key(&store, &k.access_key_id).await.unwrap());
         assert_eq!(find_key(&store, &k.access_key_id).await.unwrap(), None);
         assert!(!delete_key(&store, &k.access_key_id).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn names_map_to_stable_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&[], dir.path()).await.unwrap();
+        let a = account_named(&store, "team-a").await.unwrap();
+        assert!(valid_account(&a), "{a}");
+        assert_eq!(account_named(&store, "team-a").await.unwrap(), a);
+        assert_ne!(account_named(&store, "team-b").await.unwrap(), a);
+        assert_eq!(
+            account_named(&store, "111122223333").await.unwrap(),
+            "111122223333"
+        );
+        assert!(matches!(
+            account_named(&store, "a/b").await,
+            Err(AccountError::Name(_))
+        ));
     }
 }

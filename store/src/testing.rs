@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 pub struct EtcdProcess {
     child: Child,
     pub url: String,
+    pub port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -27,17 +28,24 @@ pub fn free_port() -> std::io::Result<u16> {
 impl EtcdProcess {
     /// None when `etcd` is not installed; waits until it answers.
     pub fn start() -> Option<EtcdProcess> {
+        EtcdProcess::start_on("127.0.0.1")
+    }
+
+    /// The same, listening for clients on `ip` (e.g. `0.0.0.0`, for hosts
+    /// in other network namespaces); `url` stays on 127.0.0.1.
+    pub fn start_on(ip: &str) -> Option<EtcdProcess> {
         Command::new("etcd").arg("--version").output().ok()?;
         let dir = tempfile::tempdir().ok()?;
         let (client, peer) = (free_port().ok()?, free_port().ok()?);
         let url = format!("http://127.0.0.1:{client}");
+        let listen = format!("http://{ip}:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")
             .arg("--data-dir")
             .arg(dir.path())
             .args([
                 "--listen-client-urls",
-                &url,
+                &listen,
                 "--advertise-client-urls",
                 &url,
             ])
@@ -51,6 +59,7 @@ impl EtcdProcess {
         let e = EtcdProcess {
             child,
             url,
+            port: client,
             _dir: dir,
         };
         let start = Instant::now();

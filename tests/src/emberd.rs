@@ -84,6 +84,13 @@ impl Emberd {
     /// Starts emberd in a fresh directory with both runtimes. Jailed when
     /// run as root, else `--no-jail`.
     pub fn start(extra: &[&str]) -> Emberd {
+        Emberd::start_with(extra, |_| {})
+    }
+
+    /// Like [`start`](Self::start); `setup` runs with the name of emberd's
+    /// network namespace (as root) before emberd starts in it, e.g. to link
+    /// it to the machine's namespace.
+    pub fn start_with(extra: &[&str], setup: impl FnOnce(&str)) -> Emberd {
         let dir = tempfile::Builder::new()
             .prefix("emberd-test-")
             .tempdir()
@@ -119,6 +126,7 @@ impl Emberd {
                 "dev",
                 "lo"
             ]));
+            setup(&name);
         }
         d.spawn();
         d
@@ -450,6 +458,83 @@ pub fn zip_dir(dir: &Path) -> String {
         .expect("base64");
     String::from_utf8(out.stdout).expect("utf8")
 }
+
+/// A `provided` function's `bootstrap` in AWS's custom-runtime pattern:
+/// bash and curl against the Runtime API. It answers
+/// `{"tag", "version", "event"}`, or a function error when the event
+/// contains "fail".
+pub fn provided_bootstrap(tag: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+set -uo pipefail
+API="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
+echo "bootstrap {tag} initialising"
+while true; do
+  EVENT=$(curl -sS -D /tmp/headers "$API/invocation/next")
+  ID=""
+  while IFS=: read -r k v; do
+    if [[ "${{k,,}}" == "lambda-runtime-aws-request-id" ]]; then ID="${{v//[[:space:]]/}}"; fi
+  done < /tmp/headers
+  echo "handling $ID"
+  if [[ "$EVENT" == *fail* ]]; then
+    curl -sS -o /dev/null -H "Lambda-Runtime-Function-Error-Type: Custom.Failure" \
+      -d '{{"errorMessage":"bootstrap asked to fail","errorType":"Custom.Failure"}}' "$API/invocation/$ID/error"
+  else
+    curl -sS -o /dev/null -d "{{\"tag\":\"{tag}\",\"version\":\"$AWS_LAMBDA_FUNCTION_VERSION\",\"event\":$EVENT}}" "$API/invocation/$ID/response"
+  fi
+done
+"#
+    )
+}
+
+/// The same function in bash alone: HTTP to the Runtime API over bash's
+/// `/dev/tcp`, no process per request. On nested KVM, where every guest
+/// syscall is slow, an invocation takes a fraction of the curl version's
+/// time (curl's start-up alone is thousands of syscalls).
+pub fn provided_bootstrap_bash(tag: &str) -> String {
+    BASH_BOOTSTRAP.replace("@TAG@", tag)
+}
+
+const BASH_BOOTSTRAP: &str = r#"#!/bin/bash
+export LC_ALL=C
+HP="$AWS_LAMBDA_RUNTIME_API"
+API=/2018-06-01/runtime
+echo "bootstrap @TAG@ initialising"
+# call METHOD PATH BODY [HEADER]: the answer's request id in RID, body in BODY.
+call() {
+  exec 3<>"/dev/tcp/${HP%:*}/${HP##*:}" || return 1
+  local hdr="" line len=0
+  [[ -n "${4:-}" ]] && hdr="$4"$'\r\n'
+  printf '%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nContent-Length: %s\r\n%s\r\n%s' \
+    "$1" "$2" "$HP" "${#3}" "$hdr" "$3" >&3
+  RID=""
+  IFS= read -r line <&3
+  while IFS= read -r line <&3; do
+    line=${line%$'\r'}
+    [[ -z "$line" ]] && break
+    case "${line,,}" in
+      content-length:*) len="${line#*:}"; len="${len//[[:space:]]/}" ;;
+      lambda-runtime-aws-request-id:*) RID="${line#*:}"; RID="${RID//[[:space:]]/}" ;;
+    esac
+  done
+  BODY=""
+  if (( len > 0 )); then IFS= read -r -N "$len" BODY <&3; fi
+  exec 3<&-
+}
+while true; do
+  call GET "$API/invocation/next" "" || { sleep 1; continue; }
+  [[ -n "$RID" ]] || { sleep 1; continue; }
+  ID="$RID"; EVENT="$BODY"
+  echo "handling $ID"
+  if [[ "$EVENT" == *fail* ]]; then
+    call POST "$API/invocation/$ID/error" '{"errorMessage":"bootstrap asked to fail","errorType":"Custom.Failure"}' \
+      "Lambda-Runtime-Function-Error-Type: Custom.Failure"
+  else
+    call POST "$API/invocation/$ID/response" \
+      "{\"tag\":\"@TAG@\",\"version\":\"$AWS_LAMBDA_FUNCTION_VERSION\",\"event\":$EVENT}"
+  fi
+done
+"#;
 
 pub fn write_file(path: &Path, content: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;

@@ -3,6 +3,7 @@
 //! calls made with curl, an HTTP client Ember did not write.
 
 pub mod artifacts;
+pub mod cluster;
 pub mod emberd;
 pub mod migration;
 pub mod snapshots;

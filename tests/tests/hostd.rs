@@ -38,29 +38,8 @@ def handler(event, context):
     }
 "#;
 
-/// AWS's custom-runtime pattern: bash and curl against the Runtime API.
 fn bootstrap(tag: &str) -> String {
-    format!(
-        r#"#!/bin/bash
-set -uo pipefail
-API="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
-echo "bootstrap {tag} initialising"
-while true; do
-  EVENT=$(curl -sS -D /tmp/headers "$API/invocation/next")
-  ID=""
-  while IFS=: read -r k v; do
-    if [[ "${{k,,}}" == "lambda-runtime-aws-request-id" ]]; then ID="${{v//[[:space:]]/}}"; fi
-  done < /tmp/headers
-  echo "handling $ID"
-  if [[ "$EVENT" == *fail* ]]; then
-    curl -sS -o /dev/null -H "Lambda-Runtime-Function-Error-Type: Custom.Failure" \
-      -d '{{"errorMessage":"bootstrap asked to fail","errorType":"Custom.Failure"}}' "$API/invocation/$ID/error"
-  else
-    curl -sS -o /dev/null -d "{{\"tag\":\"{tag}\",\"version\":\"$AWS_LAMBDA_FUNCTION_VERSION\",\"event\":$EVENT}}" "$API/invocation/$ID/response"
-  fi
-done
-"#
-    )
+    ember_tests::emberd::provided_bootstrap(tag)
 }
 
 struct Ctx {

@@ -1,0 +1,133 @@
+//! Invoke: `RequestResponse` proxied to a host, `Event` kept in the
+//! cluster's queue and delivered by the leader, `DryRun` checked only.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::functions::QualifierQuery;
+use super::{function_ref, Caller};
+use crate::error::ApiError;
+use crate::functions as records;
+use crate::queue::{self, AsyncInvocation, Status, MAX_ASYNC_PAYLOAD};
+use crate::service::Cluster;
+
+/// Lambda's synchronous payload limit (request and response), 6 MB.
+pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub async fn invoke(
+    State(c): State<Arc<Cluster>>,
+    Extension(who): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (name, from_path) = function_ref(&who, &name)?;
+    let qualifier = q.qualifier.or(from_path);
+    let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
+    let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
+        "Tail" => true,
+        "None" => false,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "LogType {other:?} is not Tail or None"
+            )))
+        }
+    };
+    if !["RequestResponse", "Event", "DryRun"].contains(&kind) {
+        return Err(ApiError::invalid(format!(
+            "InvocationType {kind:?} is not RequestResponse, Event or DryRun"
+        )));
+    }
+    if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+        return Err(ApiError::bad_request(
+            "Could not parse request body into json",
+        ));
+    }
+    let payload = if body.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        body
+    };
+    let rec = records::get(&c.store, &who.account, &name).await?;
+    let v = rec
+        .route(qualifier.as_deref(), crate::invoke::roll())
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "Function not found: {}",
+                rec.arn(&c.cfg.region, qualifier.as_deref())
+            ))
+        })?;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let rid = HeaderValue::from_str(&request_id).map_err(|e| ApiError::service(e.to_string()))?;
+    match kind {
+        "Event" => {
+            if payload.len() > MAX_ASYNC_PAYLOAD {
+                return Err(ApiError::too_large(format!(
+                    "Request must be smaller than {MAX_ASYNC_PAYLOAD} bytes for the InvokeAsync operation"
+                )));
+            }
+            let inv = AsyncInvocation {
+                request_id,
+                account: who.account.clone(),
+                function_name: name,
+                qualifier,
+                payload: String::from_utf8_lossy(&payload).into_owned(),
+                status: Status::Queued,
+                attempts: 0,
+                not_before_ms: 0,
+                executed_version: None,
+                function_error: None,
+                response: None,
+            };
+            queue::enqueue(&c.store, &inv).await?;
+            let mut resp = StatusCode::ACCEPTED.into_response();
+            resp.headers_mut().insert("x-amzn-RequestId", rid);
+            Ok(resp)
+        }
+        "DryRun" => Ok(StatusCode::NO_CONTENT.into_response()),
+        _ => {
+            if payload.len() > MAX_SYNC_PAYLOAD {
+                return Err(ApiError::too_large(format!(
+                    "Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation"
+                )));
+            }
+            let r = crate::invoke::run(&c, &rec, &v, payload, tail).await?;
+            if !r.status.is_success() {
+                return Err(crate::deploy::host_error(&r));
+            }
+            let mut resp = (r.status, r.body.clone()).into_response();
+            let h = resp.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/json"));
+            h.insert("x-amzn-RequestId", rid);
+            if let Ok(ver) = HeaderValue::from_str(&v.version) {
+                h.insert("X-Amz-Executed-Version", ver);
+            }
+            for name in ["x-amz-function-error", "x-amz-log-result"] {
+                if let Some(val) = r.headers.get(name) {
+                    h.insert(name, val.clone());
+                }
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// Ember: an async invocation's outcome and attempts.
+pub async fn get_async(
+    State(c): State<Arc<Cluster>>,
+    Extension(who): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<AsyncInvocation>, ApiError> {
+    Ok(Json(queue::get(&c.store, &who.account, &id).await?))
+}

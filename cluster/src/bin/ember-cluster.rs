@@ -1,0 +1,181 @@
+//! `ember-cluster`: the cluster API. `serve` runs one replica (any number
+//! may run against one etcd); `account create NAME` makes an access key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ember_cluster::hostapi::HostClient;
+use ember_cluster::service::{Cluster, Config};
+use ember_store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ember-cluster",
+    version,
+    about = "Ember's cluster API: Lambda's REST API over many emberd hosts"
+)]
+struct Args {
+    /// The cluster store: etcd at these endpoints (comma-separated); the
+    /// embedded store in --state-dir without.
+    #[arg(long, env = "EMBER_CLUSTER_ETCD", value_delimiter = ',', global = true)]
+    etcd: Vec<String>,
+    /// Where the embedded store keeps its file (without --etcd).
+    #[arg(
+        long,
+        env = "EMBER_CLUSTER_STATE_DIR",
+        default_value = "/var/lib/ember-cluster",
+        global = true
+    )]
+    state_dir: PathBuf,
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (one replica).
+    Serve {
+        /// TCP address of the Lambda API.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// The token hosts' APIs want (their --api-token-file).
+        #[arg(long)]
+        host_token_file: PathBuf,
+        /// This replica's id (default: hostname and port).
+        #[arg(long)]
+        replica_id: Option<String>,
+        /// Region in ARNs.
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// Seconds a replica's leadership and lease last unrenewed.
+        #[arg(long, default_value_t = 6)]
+        leader_ttl_secs: u64,
+        /// Delay before the first retry of a failed async invocation, in
+        /// milliseconds (doubles for the second).
+        #[arg(long, default_value_t = 60_000)]
+        async_retry_delay_ms: u64,
+    },
+    /// Accounts and their access keys.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Creates the account NAME if new, and a new access key for it;
+    /// prints both as JSON.
+    Create { name: String },
+}
+
+fn fail(msg: String) -> ! {
+    log::error!("{msg}");
+    eprintln!("ember-cluster: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .parse_filters(&args.log_level)
+        .format_timestamp_millis()
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => fail(format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let store = match Store::open(&args.etcd, &args.state_dir).await {
+        Ok(s) => s,
+        Err(e) => fail(format!("cluster store: {e}")),
+    };
+    match args.command {
+        Command::Account {
+            command: AccountCommand::Create { name },
+        } => {
+            let made = async {
+                let id = ember_cluster::accounts::account_named(&store, &name).await?;
+                ember_cluster::accounts::new_key(&store, &id).await
+            }
+            .await;
+            match made {
+                Ok(k) => println!(
+                    "{}",
+                    serde_json::json!({
+                        "Account": name,
+                        "AccountId": k.account,
+                        "AccessKeyId": k.access_key_id,
+                        "SecretAccessKey": k.secret_access_key,
+                    })
+                ),
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Command::Serve {
+            listen,
+            host_token_file,
+            replica_id,
+            region,
+            leader_ttl_secs,
+            async_retry_delay_ms,
+        } => {
+            let token = std::fs::read_to_string(&host_token_file)
+                .unwrap_or_else(|e| fail(format!("{}: {e}", host_token_file.display())));
+            let replica_id = replica_id.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "ember-cluster".into());
+                format!("{host}:{}", listen.port())
+            });
+            let cfg = Config {
+                replica_id,
+                region,
+                leader_ttl: Duration::from_secs(leader_ttl_secs.max(2)),
+                async_retry_delay: Duration::from_millis(async_retry_delay_ms),
+            };
+            serve(store, HostClient::new(&token), cfg, listen).await
+        }
+    }
+}
+
+async fn serve(store: Store, hosts: HostClient, cfg: Config, listen: std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .unwrap_or_else(|e| fail(format!("cannot listen on {listen}: {e}")));
+    log::info!(
+        "ember-cluster {} (replica {}) serving on {listen}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.replica_id
+    );
+    let c = Cluster::new(store, hosts, cfg);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(c.clone().run_background(stop_rx));
+    let app = ember_cluster::api::router(c);
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => fail(format!("cannot watch SIGTERM: {e}")),
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        log::info!("shutting down");
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        log::error!("server: {e}");
+    }
+    let _ = stop_tx.send(true);
+    let _ = background.await;
+}
