@@ -27,6 +27,10 @@ pub struct VolumeRecord {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<Attachment>,
+    /// Set once the volume moved to another service: this copy is stale
+    /// and is never attached again (it may be deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 pub type State = BTreeMap<String, VolumeRecord>;

@@ -186,6 +186,9 @@ fn transmission(
             buf.resize(req.length as usize, 0);
             r.read_exact(&mut buf)?;
         }
+        // Shared gate from the check until the effect is on the image: a
+        // fence waits for this request, or this request sees the fence.
+        let gate = reg.gate_shared();
         let error = match reg.check(&o.name, o.token) {
             Err(e) => {
                 log::warn!("nbd {}: request refused: {e}", o.name);
@@ -193,6 +196,10 @@ fn transmission(
             }
             Ok(rec) => execute(&o, rec.size_bytes, &req, &mut buf),
         };
+        if error == 0 && matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+            reg.mark_dirty(&o.name, req.offset, u64::from(req.length));
+        }
+        drop(gate);
         w.write_all(&simple_reply(error, req.cookie))?;
         if req.kind == CMD_READ && error == 0 {
             w.write_all(&buf)?;
