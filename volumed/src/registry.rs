@@ -224,6 +224,7 @@ impl Registry {
                 generation: 0,
                 attachment: None,
                 moved_to: None,
+                disconnect_fenced: false,
             };
             s.insert(name.into(), rec.clone());
             Ok(rec)
@@ -352,7 +353,12 @@ impl Registry {
     /// attachment (if any) ends with a new generation and the volume is
     /// marked moved, so every later request here is refused. Returns the
     /// host it was attached to.
-    pub fn fence_moved(&self, name: &str, target: &str) -> Result<Option<String>, RegistryError> {
+    pub fn fence_moved(
+        &self,
+        name: &str,
+        target: &str,
+        disconnect: bool,
+    ) -> Result<Option<String>, RegistryError> {
         let _gate = self.gate_exclusive();
         self.change(|s| {
             let rec = s
@@ -360,6 +366,7 @@ impl Registry {
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
             rec.generation += 1;
             rec.moved_to = Some(target.to_string());
+            rec.disconnect_fenced = disconnect;
             Ok(rec.attachment.take().map(|a| a.host))
         })
     }
@@ -376,6 +383,7 @@ impl Registry {
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
             rec.moved_to = None;
+            rec.disconnect_fenced = false;
             Ok(host.map(|h| grant(rec, h)))
         })
     }
@@ -400,6 +408,7 @@ impl Registry {
                 generation: 0,
                 attachment: None,
                 moved_to: None,
+                disconnect_fenced: false,
             };
             s.insert(name.into(), rec.clone());
             Ok(rec)

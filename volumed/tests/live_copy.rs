@@ -18,6 +18,8 @@ use ember_volumed::nbd::client::Client;
 use ember_volumed::nbd::proto::EPERM;
 
 const BLOCK: u64 = 4096;
+/// The writer's outcome when the server ended its connection.
+const LOST: u32 = u32::MAX;
 const SIZE: u64 = 16 << 20;
 
 /// Block `b` as written with sequence number `seq`.
@@ -72,9 +74,11 @@ impl Writer {
                 let b = (x >> 33) % blocks;
                 seq += 1;
                 se.store(seq, Ordering::SeqCst);
-                let r = c.write(b * BLOCK, &pattern(b, seq)).expect("NBD write");
-                if r.error != 0 {
-                    return (seq, r.error);
+                match c.write(b * BLOCK, &pattern(b, seq)) {
+                    Ok(r) if r.error != 0 => return (seq, r.error),
+                    Ok(_) => {}
+                    // The server ended the connection.
+                    Err(_) => return (seq, LOST),
                 }
                 ack.lock().unwrap().insert(b, seq);
             }
@@ -127,6 +131,17 @@ fn fill(v: &Volumed, export: &str, blocks: u64, seq0: u64) {
 
 #[test]
 fn a_volume_moves_to_another_service_while_written() {
+    move_while_written(None, EPERM);
+}
+
+/// `"Fence": "Disconnect"`: the old connection ends instead (a client that
+/// re-sends on a new connection, as Ember's VMM does, loses nothing).
+#[test]
+fn a_move_can_end_the_old_connections_instead() {
+    move_while_written(Some("Disconnect"), LOST);
+}
+
+fn move_while_written(fence: Option<&str>, fenced_with: u32) {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (Volumed::start(d1.path()), Volumed::start(d2.path()));
     let blocks = SIZE / BLOCK;
@@ -135,7 +150,10 @@ fn a_volume_moves_to_another_service_while_written() {
     assert_eq!(g["Generation"], 1);
     fill(&a, "mv@1", blocks / 2, 1);
     let target = b.api.display().to_string();
-    let body = format!(r#"{{"Target":"{target}"}}"#);
+    let body = match fence {
+        None => format!(r#"{{"Target":"{target}"}}"#),
+        Some(f) => format!(r#"{{"Target":"{target}","Fence":"{f}"}}"#),
+    };
 
     // Bad input and failed moves leave the source as it was.
     assert_eq!(
@@ -149,6 +167,12 @@ fn a_volume_moves_to_another_service_while_written() {
             Some(r#"{"Target":""}"#)
         )
         .0,
+        400
+    );
+    let bad_fence = format!(r#"{{"Target":"{target}","Fence":"Sometimes"}}"#);
+    assert_eq!(
+        a.call("POST", "/v1/volumes/mv/move-to-server", Some(&bad_fence))
+            .0,
         400
     );
     assert_eq!(
@@ -183,7 +207,7 @@ fn a_volume_moves_to_another_service_while_written() {
     let (acked, last, err) = w.finish();
     // The writer ran into the fence: its last write was refused.
     assert_eq!(
-        err, EPERM,
+        err, fenced_with,
         "the old server must refuse writes after the fence"
     );
     eprintln!(

@@ -26,6 +26,18 @@ const COPIER: &str = "ember-volumed-move";
 struct MoveInput {
     /// The other service's API socket.
     target: String,
+    /// What the old attachment's open NBD connections get after the fence.
+    #[serde(default)]
+    fence: FenceMode,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq, Clone, Copy)]
+enum FenceMode {
+    /// Every request is answered EPERM and never applied.
+    #[default]
+    Refuse,
+    /// The connection ends at its next request, unanswered and unapplied.
+    Disconnect,
 }
 
 #[derive(Deserialize)]
@@ -194,7 +206,8 @@ pub async fn move_to_server(
     };
     // The fence: from here every request of the old attachment is refused.
     let (reg, n, t) = (s.registry.clone(), name.clone(), i.target.clone());
-    let fenced = blocking(move || Ok(reg.fence_moved(&n, &t)?)).await;
+    let disconnect = i.fence == FenceMode::Disconnect;
+    let fenced = blocking(move || Ok(reg.fence_moved(&n, &t, disconnect)?)).await;
     let host = match fenced {
         Ok(h) => h,
         Err(e) => {

@@ -191,6 +191,12 @@ fn transmission(
         let gate = reg.gate_shared();
         let error = match reg.check(&o.name, o.token) {
             Err(e) => {
+                if reg.get(&o.name).is_ok_and(|r| r.disconnect_fenced) {
+                    // Nothing applied, nothing answered: the client sends
+                    // it again wherever the volume went.
+                    log::info!("nbd {}: moved away; ending the connection: {e}", o.name);
+                    return Ok(());
+                }
                 log::warn!("nbd {}: request refused: {e}", o.name);
                 EPERM
             }
