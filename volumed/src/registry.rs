@@ -364,6 +364,13 @@ impl Registry {
             let rec = s
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            if let Some(t) = &rec.moved_to {
+                // Another move got there first.
+                return Err(RegistryError::Moved {
+                    name: name.into(),
+                    target: t.clone(),
+                });
+            }
             rec.generation += 1;
             rec.moved_to = Some(target.to_string());
             rec.disconnect_fenced = disconnect;
@@ -536,6 +543,31 @@ mod tests {
             r.attach("nope", "h"),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_moved_volume_stays_fenced_until_unfenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        r.create("v", 4096).unwrap();
+        r.attach("v", "h").unwrap();
+        assert_eq!(
+            r.fence_moved("v", "/b.sock", false).unwrap(),
+            Some("h".into())
+        );
+        assert!(matches!(r.check("v", 1), Err(RegistryError::Fenced { .. })));
+        assert!(matches!(
+            r.attach("v", "h"),
+            Err(RegistryError::Moved { .. })
+        ));
+        // A second move finds the first one's mark.
+        assert!(matches!(
+            r.fence_moved("v", "/c.sock", false),
+            Err(RegistryError::Moved { .. })
+        ));
+        let a = r.unfence("v", Some("h")).unwrap().unwrap();
+        assert_eq!(a.generation, 3, "never a generation handed out before");
+        r.check("v", 3).unwrap();
     }
 
     #[test]
