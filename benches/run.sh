@@ -6,7 +6,7 @@
 # virtio-net throughput and TCP latency with and without connection
 # tracking (Debian's iperf3 in the guest and on the host); block I/O with
 # the in-VMM file backend against vhost-user to qemu-storage-daemon and to
-# ember-volumed.
+# ember-volumed; live volume copies (move, split) between two ember-volumeds.
 # Arguments go to `cargo bench`: `bash benches/run.sh --bench hostd` runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
