@@ -7,7 +7,8 @@
 # tracking (Debian's iperf3 in the guest and on the host); block I/O with
 # the in-VMM file backend against vhost-user to qemu-storage-daemon and to
 # ember-volumed; invoke latency and throughput through ember-cluster against
-# straight to emberd; live migration downtime and bytes sent.
+# straight to emberd; live migration downtime and bytes sent; live volume
+# copies (move, split) between two ember-volumeds.
 # Arguments go to `cargo bench`: `bash benches/run.sh --bench hostd` runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

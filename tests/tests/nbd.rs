@@ -229,6 +229,7 @@ fn guest_on_nbd() {
     assert_eq!(vol.split_whitespace().next(), Some(guest_md5.as_str()));
 
     volume_grows_under_the_guest(&vmm2, &mut agent, &volumed, &moved_uri);
+    volume_moves_under_the_guest(&vmm2, &mut agent, &volumed, dir.path(), &guest_md5);
     rate_limit_holds(&vmm2, &mut agent);
     moved_drive_keeps_requests_in_flight(&vmm2, &mut agent, dir.path(), &image);
     drop(agent);
@@ -285,6 +286,79 @@ fn volume_grows_under_the_guest(
     assert_eq!(r.status, 400, "{r:?}");
     let r = vmm.patch("/drives/nope", &json!({"drive_id": "nope"}));
     assert_eq!(r.status, 400, "{r:?}");
+}
+
+/// The volume moves to a second ember-volumed while the guest uses it
+/// (`"Fence": "Disconnect"`): a write the guest makes after the fence waits
+/// in the VMM until `PATCH /drives` names the new server, then lands there,
+/// not on the old one; what was flushed before is there too.
+fn volume_moves_under_the_guest(
+    vmm: &VmmProcess,
+    agent: &mut AgentClient,
+    volumed: &Volumed,
+    dir: &Path,
+    md5: &str,
+) {
+    sh(
+        agent,
+        "dd if=/tmp/p of=/dev/vdc bs=65536 seek=16 conv=fsync 2>/dev/null",
+    );
+    let bdir = dir.join("volumed-b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let b = Volumed::start(&bdir);
+    let (st, m) = volumed.call(
+        "POST",
+        "/v1/volumes/vol/move-to-server",
+        Some(&format!(
+            r#"{{"Target":"{}","Fence":"Disconnect"}}"#,
+            b.api.display()
+        )),
+    );
+    assert_eq!(st, 200, "{m}");
+    let uri = m["Attachment"]["UnixUri"].as_str().unwrap().to_string();
+    let old_image = std::fs::read(volumed.image("vol")).unwrap();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(5));
+            let r = vmm.patch("/drives/vol", &json!({"drive_id": "vol", "nbd_uri": uri}));
+            assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+        });
+        sh(
+            agent,
+            "dd if=/tmp/p of=/dev/vdc bs=65536 seek=32 conv=fsync 2>/dev/null && echo ok",
+        );
+    });
+    eprintln!("the write across the move took {:?}", t.elapsed());
+    let new_image = std::fs::read(b.image("vol")).unwrap();
+    let p = &old_image[1 << 20..(1 << 20) + 256 * 1024];
+    assert!(
+        new_image[1 << 20..(1 << 20) + 256 * 1024] == *p,
+        "the write flushed before the move is not on the new server"
+    );
+    assert!(
+        new_image[2 << 20..(2 << 20) + 256 * 1024] == *p,
+        "the write made across the move is not on the new server"
+    );
+    assert_eq!(
+        std::fs::read(volumed.image("vol")).unwrap(),
+        old_image,
+        "the old server applied a write after the fence"
+    );
+    let back = sh(
+        agent,
+        "dd if=/dev/vdc bs=65536 skip=32 count=4 iflag=direct 2>/dev/null | md5sum",
+    );
+    assert_eq!(back.split_whitespace().next(), Some(md5));
+    // The drive goes on working on the new server.
+    let r = agent
+        .exec(&ExecRequest::new([
+            "/bin/sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/vdc bs=4096 seek=1000 count=1 oflag=direct",
+        ]))
+        .unwrap();
+    assert_eq!(r.exit_code, Some(0), "{r:?}; {}", vmm.logs());
 }
 
 /// An ops limit of 1 per second set at run time: 30 direct 4 KiB reads

@@ -7,10 +7,15 @@
 //! * [`nbd`]: the NBD server, which checks the token on every request.
 //! * [`vhost_user`]: a vhost-user-blk socket per attachment, fenced alike.
 //! * [`image`]: the image file operations both servers share.
-//! * [`api`]: the HTTP API (create, attach, move, detach, resize).
+//! * [`copy`]: live copies of volume ranges (move, split, combine).
+//! * [`remote`]: calls to another volume service's API (a move's target).
+//! * [`api`]: the HTTP API (create, attach, move, detach, resize, and
+//!   move-to-server, split, combine).
 pub mod api;
+pub mod copy;
 pub mod image;
 pub mod nbd;
 pub mod registry;
+pub mod remote;
 pub mod store;
 pub mod vhost_user;

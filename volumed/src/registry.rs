@@ -2,9 +2,17 @@
 //! the volume's generation when it was granted. Attaching to another host,
 //! moving or detaching bumps the generation, so every connection holding
 //! an older one is refused from then on, on its next request.
+//!
+//! Live copies (move to another service, split, combine) need two more
+//! things from here: the *I/O gate*, held shared by every request from its
+//! token check until its effect is on the image and exclusively by a fence
+//! or a final copy pass, so no request checked before a fence lands after
+//! it; and *dirty trackers*, which collect the ranges written while a copy
+//! runs.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::store::{Attachment, State, StateStore, VolumeRecord};
 
@@ -33,14 +41,56 @@ pub enum RegistryError {
         token: u64,
         current: String,
     },
+    #[error("volume {name} moved to {target}: this copy is stale (delete it)")]
+    Moved { name: String, target: String },
     #[error("storage: {0}")]
     Io(String),
 }
+
+/// Ranges (offset, length) written to a volume since a copy began.
+pub type DirtyLog = Arc<Mutex<Vec<(u64, u64)>>>;
 
 pub struct Registry {
     data_dir: PathBuf,
     store: Box<dyn StateStore>,
     state: Mutex<State>,
+    gate: RwLock<()>,
+    trackers: Mutex<HashMap<String, Vec<DirtyLog>>>,
+}
+
+/// A dirty log registered for a volume; unregistered when dropped.
+pub struct Tracker {
+    reg: Arc<Registry>,
+    name: String,
+    pub log: DirtyLog,
+}
+
+impl Tracker {
+    /// The ranges written since the last call, sorted and merged.
+    pub fn take(&self) -> Vec<(u64, u64)> {
+        let mut v = std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()));
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (off, len) in v {
+            match out.last_mut() {
+                Some((o, l)) if off <= *o + *l => *l = (*l).max(off + len - *o),
+                _ => out.push((off, len)),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let mut t = self.reg.trackers_lock();
+        if let Some(v) = t.get_mut(&self.name) {
+            v.retain(|l| !Arc::ptr_eq(l, &self.log));
+            if v.is_empty() {
+                t.remove(&self.name);
+            }
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -50,7 +100,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn valid_size(size_bytes: u64) -> Result<(), RegistryError> {
+pub fn valid_size(size_bytes: u64) -> Result<(), RegistryError> {
     if size_bytes == 0 || size_bytes > MAX_SIZE || !size_bytes.is_multiple_of(512) {
         return Err(RegistryError::Size(size_bytes));
     }
@@ -69,11 +119,56 @@ impl Registry {
             data_dir: data_dir.to_path_buf(),
             store,
             state: Mutex::new(state),
+            gate: RwLock::new(()),
+            trackers: Mutex::new(HashMap::new()),
         }))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn trackers_lock(&self) -> MutexGuard<'_, HashMap<String, Vec<DirtyLog>>> {
+        self.trackers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Held by a request from its token check until its write is applied.
+    pub fn gate_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Held by a fence or a final copy pass: no request is between its
+    /// check and its effect meanwhile.
+    pub fn gate_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts collecting the ranges written to `name`.
+    pub fn track(self: &Arc<Self>, name: &str) -> Tracker {
+        let log = DirtyLog::default();
+        self.trackers_lock()
+            .entry(name.to_string())
+            .or_default()
+            .push(log.clone());
+        Tracker {
+            reg: self.clone(),
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    /// Records a write (or zeroing, or discard) that was applied to `name`.
+    pub fn mark_dirty(&self, name: &str, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(v) = self.trackers_lock().get(name) {
+            for l in v {
+                l.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((offset, len));
+            }
+        }
     }
 
     pub fn image_path(&self, name: &str) -> PathBuf {
@@ -128,6 +223,8 @@ impl Registry {
                 size_bytes,
                 generation: 0,
                 attachment: None,
+                moved_to: None,
+                disconnect_fenced: false,
             };
             s.insert(name.into(), rec.clone());
             Ok(rec)
@@ -186,6 +283,12 @@ impl Registry {
             let rec = s
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            if let Some(target) = &rec.moved_to {
+                return Err(RegistryError::Moved {
+                    name: name.into(),
+                    target: target.clone(),
+                });
+            }
             match &rec.attachment {
                 Some(a) if a.host == host => Ok(a.clone()),
                 Some(a) => Err(RegistryError::Attached {
@@ -237,12 +340,97 @@ impl Registry {
             other => Err(RegistryError::Fenced {
                 name: name.into(),
                 token,
-                current: other
-                    .as_ref()
-                    .map(|a| format!("generation {} on {}", a.generation, a.host))
-                    .unwrap_or_else(|| "detached".into()),
+                current: match (other, &rec.moved_to) {
+                    (_, Some(t)) => format!("moved to {t}"),
+                    (Some(a), None) => format!("generation {} on {}", a.generation, a.host),
+                    (None, None) => "detached".into(),
+                },
             }),
         }
+    }
+
+    /// The end of a move to another service: under the I/O gate, the
+    /// attachment (if any) ends with a new generation and the volume is
+    /// marked moved, so every later request here is refused. Returns the
+    /// host it was attached to.
+    pub fn fence_moved(
+        &self,
+        name: &str,
+        target: &str,
+        disconnect: bool,
+    ) -> Result<Option<String>, RegistryError> {
+        let _gate = self.gate_exclusive();
+        self.change(|s| {
+            let rec = s
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            if let Some(t) = &rec.moved_to {
+                // Another move got there first.
+                return Err(RegistryError::Moved {
+                    name: name.into(),
+                    target: t.clone(),
+                });
+            }
+            rec.generation += 1;
+            rec.moved_to = Some(target.to_string());
+            rec.disconnect_fenced = disconnect;
+            Ok(rec.attachment.take().map(|a| a.host))
+        })
+    }
+
+    /// Undoes [`Registry::fence_moved`] when the move failed after it: the
+    /// volume is served here again, to `host` with a new generation.
+    pub fn unfence(
+        &self,
+        name: &str,
+        host: Option<&str>,
+    ) -> Result<Option<Attachment>, RegistryError> {
+        self.change(|s| {
+            let rec = s
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            rec.moved_to = None;
+            rec.disconnect_fenced = false;
+            Ok(host.map(|h| grant(rec, h)))
+        })
+    }
+
+    /// Registers a volume whose image was written at `tmp` (a copy): the
+    /// file takes the volume's place only if the name is still free.
+    pub fn adopt(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        tmp: &Path,
+    ) -> Result<VolumeRecord, RegistryError> {
+        let path = self.image_path(name);
+        self.change(|s| {
+            if s.contains_key(name) {
+                return Err(RegistryError::Exists(name.into()));
+            }
+            std::fs::rename(tmp, &path).map_err(io_err)?;
+            let rec = VolumeRecord {
+                name: name.into(),
+                size_bytes,
+                generation: 0,
+                attachment: None,
+                moved_to: None,
+                disconnect_fenced: false,
+            };
+            s.insert(name.into(), rec.clone());
+            Ok(rec)
+        })
+    }
+
+    /// Checks a name for a new volume: valid and not taken.
+    pub fn check_new_name(&self, name: &str) -> Result<(), RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::Name(name.into()));
+        }
+        if self.lock().contains_key(name) {
+            return Err(RegistryError::Exists(name.into()));
+        }
+        Ok(())
     }
 }
 
@@ -355,6 +543,31 @@ mod tests {
             r.attach("nope", "h"),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_moved_volume_stays_fenced_until_unfenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        r.create("v", 4096).unwrap();
+        r.attach("v", "h").unwrap();
+        assert_eq!(
+            r.fence_moved("v", "/b.sock", false).unwrap(),
+            Some("h".into())
+        );
+        assert!(matches!(r.check("v", 1), Err(RegistryError::Fenced { .. })));
+        assert!(matches!(
+            r.attach("v", "h"),
+            Err(RegistryError::Moved { .. })
+        ));
+        // A second move finds the first one's mark.
+        assert!(matches!(
+            r.fence_moved("v", "/c.sock", false),
+            Err(RegistryError::Moved { .. })
+        ));
+        let a = r.unfence("v", Some("h")).unwrap().unwrap();
+        assert_eq!(a.generation, 3, "never a generation handed out before");
+        r.check("v", 3).unwrap();
     }
 
     #[test]

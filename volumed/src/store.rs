@@ -27,6 +27,16 @@ pub struct VolumeRecord {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<Attachment>,
+    /// Set once the volume moved to another service: this copy is stale
+    /// and is never attached again (it may be deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    /// How a move fenced the old attachment's open connections: `false`,
+    /// each request is answered EPERM; `true`, the connection is ended
+    /// without an answer, so a client that reconnects and sends its
+    /// requests again (Ember's VMM) sends them to the new server once told.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disconnect_fenced: bool,
 }
 
 pub type State = BTreeMap<String, VolumeRecord>;

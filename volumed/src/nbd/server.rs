@@ -186,13 +186,26 @@ fn transmission(
             buf.resize(req.length as usize, 0);
             r.read_exact(&mut buf)?;
         }
+        // Shared gate from the check until the effect is on the image: a
+        // fence waits for this request, or this request sees the fence.
+        let gate = reg.gate_shared();
         let error = match reg.check(&o.name, o.token) {
             Err(e) => {
+                if reg.get(&o.name).is_ok_and(|r| r.disconnect_fenced) {
+                    // Nothing applied, nothing answered: the client sends
+                    // it again wherever the volume went.
+                    log::info!("nbd {}: moved away; ending the connection: {e}", o.name);
+                    return Ok(());
+                }
                 log::warn!("nbd {}: request refused: {e}", o.name);
                 EPERM
             }
             Ok(rec) => execute(&o, rec.size_bytes, &req, &mut buf),
         };
+        if error == 0 && matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+            reg.mark_dirty(&o.name, req.offset, u64::from(req.length));
+        }
+        drop(gate);
         w.write_all(&simple_reply(error, req.cookie))?;
         if req.kind == CMD_READ && error == 0 {
             w.write_all(&buf)?;

@@ -89,16 +89,22 @@ impl BlkBackend {
             .iter(mem.clone())
             .map_err(|e| io::Error::other(format!("queue: {e}")))?
             .collect();
+        let written = |off: u64, len: u64| self.reg.mark_dirty(&self.name, off, len);
         let disk = Disk {
             file: &self.file,
             size: self.size.load(Ordering::Relaxed),
             id: &self.id,
+            written: &written,
         };
         let mut used = false;
         for chain in chains {
             let head = chain.head_index();
+            // The gate from the token check until the effect is on the
+            // image, as in the NBD server.
+            let gate = self.reg.gate_shared();
             // A malformed chain is still given back, with nothing written.
             let len = request::handle(&disk, chain, &mem, || self.allowed()).unwrap_or(0);
+            drop(gate);
             vring
                 .add_used(head, len)
                 .map_err(|e| io::Error::other(format!("used ring: {e}")))?;

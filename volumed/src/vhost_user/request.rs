@@ -49,6 +49,8 @@ pub struct Disk<'a> {
     pub file: &'a File,
     pub size: u64,
     pub id: &'a str,
+    /// Called with each range written (for live copies' dirty logs).
+    pub written: &'a dyn Fn(u64, u64),
 }
 
 type Mem = GuestMemoryMmap<()>;
@@ -111,7 +113,10 @@ fn run(disk: &Disk, hdr: OutHdr, r: &mut Reader, w: &mut Writer, data_len: usize
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             match disk.file.write_all_at(&buf, offset) {
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Ok(()) => {
+                    (disk.written)(offset, len as u64);
+                    (VIRTIO_BLK_S_OK, 0)
+                }
                 Err(e) => io_error(disk, "write", e),
             }
         }
@@ -167,6 +172,8 @@ fn segments(disk: &Disk, discard: bool, r: &mut Reader) -> u32 {
         } else {
             image::write_zeroes(disk.file, offset, len, unmap)
         };
+        // Even a failed one may have changed part of the range.
+        (disk.written)(offset, len);
         if let Err(e) = done {
             // A discard is a hint: a filesystem that cannot is not an error.
             if discard && e.raw_os_error() == Some(libc::EOPNOTSUPP) {

@@ -18,6 +18,8 @@ use crate::registry::{export_name, Registry, RegistryError};
 use crate::store::{Attachment, VolumeRecord};
 use crate::vhost_user::VhostUserServer;
 
+mod live;
+
 /// What the API needs besides the registry: where clients reach the
 /// NBD server, for the URIs it hands out.
 pub struct Service {
@@ -32,6 +34,12 @@ pub struct Service {
 
 pub struct ApiError(StatusCode, String, String);
 
+impl ApiError {
+    fn new(status: StatusCode, kind: &str, msg: impl Into<String>) -> ApiError {
+        ApiError(status, kind.into(), msg.into())
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let (status, kind) = match &e {
@@ -39,9 +47,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::Exists(_) | RegistryError::Attached { .. } => {
                 (StatusCode::CONFLICT, "Conflict")
             }
-            RegistryError::Fenced { .. } | RegistryError::NotAttached(_) => {
-                (StatusCode::CONFLICT, "Conflict")
-            }
+            RegistryError::Fenced { .. }
+            | RegistryError::NotAttached(_)
+            | RegistryError::Moved { .. } => (StatusCode::CONFLICT, "Conflict"),
             RegistryError::Name(_) | RegistryError::Size(_) | RegistryError::Shrink { .. } => {
                 (StatusCode::BAD_REQUEST, "InvalidParameter")
             }
@@ -79,6 +87,12 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach))
         .route("/v1/volumes/{name}/move", post(move_to))
         .route("/v1/volumes/{name}/detach", post(detach))
+        .route(
+            "/v1/volumes/{name}/move-to-server",
+            post(live::move_to_server),
+        )
+        .route("/v1/volumes/{name}/split", post(live::split))
+        .route("/v1/volumes/combine", post(live::combine))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -109,7 +123,7 @@ struct HostInput {
 }
 
 /// An attachment as clients use it: the token and the URIs to open.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Grant {
     pub volume: String,
@@ -127,7 +141,7 @@ pub struct Grant {
 
 impl Service {
     /// After a change to `volume`'s attachment: its vhost-user sockets follow.
-    fn sync(&self, volume: &str) -> Result<(), ApiError> {
+    pub(crate) fn sync(&self, volume: &str) -> Result<(), ApiError> {
         match &self.vhost_user {
             Some(v) => v.sync(volume).map_err(|m| {
                 ApiError(
@@ -140,7 +154,7 @@ impl Service {
         }
     }
 
-    fn grant(&self, volume: &str, a: Attachment) -> Grant {
+    pub(crate) fn grant(&self, volume: &str, a: Attachment) -> Grant {
         let export = export_name(volume, a.generation);
         Grant {
             volume: volume.into(),
