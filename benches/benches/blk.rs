@@ -1,8 +1,9 @@
 //! `cargo bench -p ember-benches --bench blk`: the in-VMM file backend
 //! against vhost-user to qemu-storage-daemon and to ember-volumed's own
-//! vhost-user-blk backend, on one guest holding all three drives
-//! (/dev/vdb: a file, /dev/vdc: qemu-storage-daemon, /dev/vdd:
-//! ember-volumed). A Python loop in the guest does O_DIRECT 4 KiB random
+//! vhost-user-blk backend, and the VMM's NBD backend to qemu-nbd and to
+//! ember-volumed, on one guest holding all five drives (/dev/vdb: a file,
+//! /dev/vdc: qemu-storage-daemon, /dev/vdd: ember-volumed vhost-user,
+//! /dev/vde: qemu-nbd, /dev/vdf: ember-volumed NBD). A Python loop in the guest does O_DIRECT 4 KiB random
 //! reads and writes and 1 MiB sequential ones for a fixed time; the host
 //! reads the CPU time that the VMM's own threads (not the vCPUs) and each
 //! backend process spent meanwhile. Prints IOPS / bandwidth, CPU per I/O,
@@ -121,7 +122,8 @@ fn main() {
     let mut vmm = VmmProcess::spawn(&[]);
     let file_img = vmm.path("file.raw");
     let vu_img = vmm.path("vu.raw");
-    for p in [&file_img, &vu_img] {
+    let nbd_img = vmm.path("nbd.raw");
+    for p in [&file_img, &vu_img, &nbd_img] {
         std::fs::File::create(p)
             .unwrap()
             .set_len(DISK_MIB << 20)
@@ -138,6 +140,18 @@ fn main() {
     let (st, grant) = volumed.call("POST", "/v1/volumes/bench/attach", Some(r#"{"Host":"h"}"#));
     assert_eq!(st, 200, "{grant}");
     let ember_sock = grant["VhostUserSocket"].as_str().unwrap().to_string();
+    // The NBD backend: qemu-nbd, and a second ember-volumed volume.
+    let nbd_sock = vmm.path("nbd.sock");
+    let qnbd = KillOnDrop(start_qemu_nbd(&nbd_img, &nbd_sock));
+    let body = format!(r#"{{"Name":"bench-nbd","SizeBytes":{}}}"#, DISK_MIB << 20);
+    assert_eq!(volumed.call("POST", "/v1/volumes", Some(&body)).0, 201);
+    let (st, grant) = volumed.call(
+        "POST",
+        "/v1/volumes/bench-nbd/attach",
+        Some(r#"{"Host":"h"}"#),
+    );
+    assert_eq!(st, 200, "{grant}");
+    let ember_nbd = grant["UnixUri"].as_str().unwrap().to_string();
     let vsock = vmm.path("vsock.sock");
     let ready = bind_ready_listener(&vsock).unwrap();
     vmm.boot_with_drives(
@@ -149,6 +163,9 @@ fn main() {
             json!({"drive_id": "file", "path_on_host": file_img, "is_root_device": false}),
             json!({"drive_id": "vu", "socket": sock, "is_root_device": false}),
             json!({"drive_id": "ember", "socket": ember_sock, "is_root_device": false}),
+            json!({"drive_id": "qnbd", "is_root_device": false,
+                   "nbd_uri": format!("nbd+unix:///?socket={}", nbd_sock.display())}),
+            json!({"drive_id": "enbd", "nbd_uri": ember_nbd, "is_root_device": false}),
         ],
     );
     vmm.wait_agent_ready(&ready, Duration::from_secs(900));
@@ -163,6 +180,8 @@ fn main() {
         let f = run(&mut agent, &vmm, 0, "/dev/vdb", mode);
         let q = run(&mut agent, &vmm, qsd.0.id(), "/dev/vdc", mode);
         let e = run(&mut agent, &vmm, volumed.pid(), "/dev/vdd", mode);
+        let qn = run(&mut agent, &vmm, qnbd.0.id(), "/dev/vde", mode);
+        let en = run(&mut agent, &vmm, volumed.pid(), "/dev/vdf", mode);
         let unit = if mode.starts_with("rand") {
             "IOPS (4 KiB)"
         } else {
@@ -184,6 +203,39 @@ fn main() {
             ratio(&q),
             ratio(&e),
         );
+        println!(
+            "blk {mode} NBD: qemu-nbd {:.1} {unit}, vmm {:.0} us/io, qemu-nbd {:.0} us/io | \
+             ember-volumed {:.1}, vmm {:.0} us/io, volumed {:.0} us/io | ratio to file: \
+             qemu-nbd {:.2}, ember-volumed {:.2}",
+            qn.rate(),
+            qn.vmm_us_per_io,
+            qn.backend_us_per_io,
+            en.rate(),
+            en.vmm_us_per_io,
+            en.backend_us_per_io,
+            ratio(&qn),
+            ratio(&en),
+        );
+    }
+}
+
+fn start_qemu_nbd(image: &Path, sock: &Path) -> std::process::Child {
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "--shared=0", "-k"])
+        .arg(sock)
+        .arg(image)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (package qemu-utils)");
+    wait_socket(sock);
+    child
+}
+
+/// A backend started: its socket appears (or 20 s pass).
+fn wait_socket(sock: &Path) {
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -212,9 +264,6 @@ fn start_qsd(image: &Path, sock: &Path) -> std::process::Child {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-storage-daemon (package qemu-utils)");
-    let t = Instant::now();
-    while !sock.exists() && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_socket(sock);
     child
 }
