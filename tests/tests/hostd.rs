@@ -185,7 +185,8 @@ fn python_invoke(c: &Ctx) {
         r.header("x-amzn-requestid")
     );
     let remaining = p["remaining_ms"].as_u64().unwrap();
-    assert!(remaining > 0 && remaining <= 20_000, "{remaining}");
+    // The deadline is the host's clock; the guest's may lag it by a few ms.
+    assert!(remaining > 0 && remaining <= 20_000 + 1_000, "{remaining}");
     let log = r.log_tail();
     assert!(log.contains("got event {\"n\": 1}"), "{log}");
     assert!(log.contains("a line on stderr"), "{log}");
