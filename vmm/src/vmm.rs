@@ -116,6 +116,9 @@ impl Vmm {
                     .into(),
             ));
         }
+        // The components' state first, then memory, as before migration
+        // shared this code (the layout is filled in once memory is written).
+        let mut state = self.capture_state(snapshot::memory::describe(&self.guest_memory))?;
         // Taken before memory is written, so a write after it is in the
         // next Diff (a Full one just restarts tracking).
         let dirty = if tracking {
@@ -129,7 +132,7 @@ impl Vmm {
                 Some(d) if diff => snapshot::memory::dump_dirty(&self.guest_memory, d, mem_path)?,
                 _ => snapshot::memory::dump(&self.guest_memory, mem_path)?,
             };
-            let state = self.capture_state(memory)?;
+            state.memory = memory;
             snapshot::format::write(Path::new(&params.snapshot_path), &state)?;
             Ok(())
         })();

@@ -49,17 +49,17 @@ impl SourceVm for VmmSource {
             let vmm = c.vmm_mut().ok_or_else(no_vm)?;
             vmm.pause().map_err(|e| e.to_string())?;
             let r = (|| {
+                // The components' state, then memory, as a snapshot does.
+                let state = vmm
+                    .capture_state(describe(vmm.guest_memory()))
+                    .map_err(|e| e.to_string())?;
                 let mut dirty = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
                 for (d, p) in dirty.iter_mut().zip(&pending) {
                     for (w, pw) in d.iter_mut().zip(p) {
                         *w |= pw;
                     }
                 }
-                let mem = vmm.guest_memory();
-                let pages = copy_pages(mem, &dirty)?;
-                let state = vmm
-                    .capture_state(describe(mem))
-                    .map_err(|e| e.to_string())?;
+                let pages = copy_pages(vmm.guest_memory(), &dirty)?;
                 let state = crate::snapshot::format::encode(&state)?;
                 Ok(FinalCopy { pages, state })
             })();
