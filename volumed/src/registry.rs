@@ -218,14 +218,7 @@ impl Registry {
                 .open(&path)
                 .map_err(io_err)?;
             f.set_len(size_bytes).map_err(io_err)?;
-            let rec = VolumeRecord {
-                name: name.into(),
-                size_bytes,
-                generation: 0,
-                attachment: None,
-                moved_to: None,
-                disconnect_fenced: false,
-            };
+            let rec = VolumeRecord::new(name, size_bytes);
             s.insert(name.into(), rec.clone());
             Ok(rec)
         })
@@ -409,14 +402,7 @@ impl Registry {
                 return Err(RegistryError::Exists(name.into()));
             }
             std::fs::rename(tmp, &path).map_err(io_err)?;
-            let rec = VolumeRecord {
-                name: name.into(),
-                size_bytes,
-                generation: 0,
-                attachment: None,
-                moved_to: None,
-                disconnect_fenced: false,
-            };
+            let rec = VolumeRecord::new(name, size_bytes);
             s.insert(name.into(), rec.clone());
             Ok(rec)
         })

@@ -39,6 +39,20 @@ pub struct VolumeRecord {
     pub disconnect_fenced: bool,
 }
 
+impl VolumeRecord {
+    /// A volume just made: never attached, never moved.
+    pub fn new(name: &str, size_bytes: u64) -> VolumeRecord {
+        VolumeRecord {
+            name: name.into(),
+            size_bytes,
+            generation: 0,
+            attachment: None,
+            moved_to: None,
+            disconnect_fenced: false,
+        }
+    }
+}
+
 pub type State = BTreeMap<String, VolumeRecord>;
 
 pub trait StateStore: Send + Sync {
