@@ -170,6 +170,26 @@ async fn latest_reply(c: &Cluster, rec: &FunctionRecord, status: StatusCode) -> 
         .into_response()
 }
 
+/// Changes `$LATEST` of `name` with `f` (compare-and-swap), retires the
+/// deployments the change left unused, and answers its configuration.
+async fn change_latest(
+    c: &Arc<Cluster>,
+    account: &str,
+    name: &str,
+    mut f: impl FnMut(&mut FunctionRecord) -> Result<(), ApiError>,
+) -> Result<Response, ApiError> {
+    let mut old = None;
+    let (rec, ()) = records::modify(&c.store, account, name, |rec| {
+        old = Some(rec.clone());
+        f(rec)
+    })
+    .await?;
+    if let Some(old) = old {
+        retire_unused(c, Some(&rec), &old);
+    }
+    Ok(latest_reply(c, &rec, StatusCode::OK).await)
+}
+
 fn publish_in(rec: &mut FunctionRecord, description: Option<String>) -> Version {
     // Unchanged since the last publish: that version, as Lambda does.
     if let Some(last) = rec.versions.values().next_back() {
@@ -325,9 +345,7 @@ pub async fn update_configuration(
 ) -> Result<Response, ApiError> {
     let req: UpdateConfiguration = parse(&body)?;
     let (name, _) = function_ref(&who, &name)?;
-    let mut old = None;
-    let (rec, ()) = records::modify(&c.store, &who.account, &name, |rec| {
-        old = Some(rec.clone());
+    change_latest(&c, &who.account, &name, |rec| {
         let l = &mut rec.latest;
         let mut spec = l.spec.clone();
         if let Some(r) = &req.runtime {
@@ -354,11 +372,7 @@ pub async fn update_configuration(
         l.revision_id = revision();
         Ok(())
     })
-    .await?;
-    if let Some(old) = old {
-        retire_unused(&c, Some(&rec), &old);
-    }
-    Ok(latest_reply(&c, &rec, StatusCode::OK).await)
+    .await
 }
 
 pub async fn update_code(
@@ -375,9 +389,7 @@ pub async fn update_code(
     let sha = crate::code::put(&c.store, &zip)
         .await
         .map_err(|e| ApiError::service(format!("storing the code: {e}")))?;
-    let mut old = None;
-    let (rec, ()) = records::modify(&c.store, &who.account, &name, |rec| {
-        old = Some(rec.clone());
+    change_latest(&c, &who.account, &name, |rec| {
         rec.latest.spec.code_sha256 = sha.clone();
         rec.latest.spec.code_size = zip.len() as u64;
         rec.latest.last_modified = now();
@@ -387,11 +399,7 @@ pub async fn update_code(
         }
         Ok(())
     })
-    .await?;
-    if let Some(old) = old {
-        retire_unused(&c, Some(&rec), &old);
-    }
-    Ok(latest_reply(&c, &rec, StatusCode::OK).await)
+    .await
 }
 
 pub async fn delete(
