@@ -164,3 +164,46 @@ pub fn validate_settings(
     }
     Ok(())
 }
+
+/// Request shapes both APIs take as Lambda defines them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EnvironmentIn {
+    #[serde(default)]
+    pub variables: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CodeIn {
+    /// Base64 of the zip.
+    pub zip_file: Option<String>,
+}
+
+/// UpdateFunctionConfiguration's request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateConfiguration {
+    pub runtime: Option<String>,
+    pub handler: Option<String>,
+    pub memory_size: Option<u32>,
+    pub timeout: Option<u32>,
+    pub environment: Option<EnvironmentIn>,
+    pub description: Option<String>,
+}
+
+/// UpdateFunctionCode's request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateCode {
+    pub zip_file: Option<String>,
+    #[serde(default)]
+    pub publish: bool,
+}
+
+/// Lambda's `CodeSha256`: the base64 of the digest kept as hex.
+pub fn code_sha256_b64(hex_digest: &str) -> String {
+    use base64::Engine;
+    let bytes = hex::decode(hex_digest).unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

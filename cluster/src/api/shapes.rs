@@ -2,24 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::functions::{Alias, FunctionRecord, Version, LATEST};
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct EnvironmentIn {
-    #[serde(default)]
-    pub variables: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct CodeIn {
-    pub zip_file: Option<String>,
-}
+pub use crate::lambda::{code_sha256_b64, CodeIn, EnvironmentIn, UpdateCode, UpdateConfiguration};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -32,25 +19,6 @@ pub struct CreateFunction {
     pub timeout: Option<u32>,
     pub environment: Option<EnvironmentIn>,
     pub description: Option<String>,
-    #[serde(default)]
-    pub publish: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct UpdateConfiguration {
-    pub runtime: Option<String>,
-    pub handler: Option<String>,
-    pub memory_size: Option<u32>,
-    pub timeout: Option<u32>,
-    pub environment: Option<EnvironmentIn>,
-    pub description: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct UpdateCode {
-    pub zip_file: Option<String>,
     #[serde(default)]
     pub publish: bool,
 }
@@ -109,11 +77,6 @@ impl BuildStatus {
     }
 }
 
-fn hex_to_b64(hex: &str) -> String {
-    let bytes = hex::decode(hex).unwrap_or_default();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 /// Lambda's `FunctionConfiguration`.
 pub fn configuration(rec: &FunctionRecord, region: &str, v: &Version, st: &BuildStatus) -> Value {
     let q = (v.version != LATEST).then_some(v.version.as_str());
@@ -124,7 +87,7 @@ pub fn configuration(rec: &FunctionRecord, region: &str, v: &Version, st: &Build
         "Role": format!("arn:aws:iam::{}:role/ember", rec.account),
         "Handler": v.spec.handler,
         "CodeSize": v.spec.code_size,
-        "CodeSha256": hex_to_b64(&v.spec.code_sha256),
+        "CodeSha256": code_sha256_b64(&v.spec.code_sha256),
         "Description": v.description,
         "Timeout": v.spec.timeout,
         "MemorySize": v.spec.memory_size,

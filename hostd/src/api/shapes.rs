@@ -6,20 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::Daemon;
 use crate::model::{AliasRecord, State, VersionRecord};
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct EnvironmentIn {
-    #[serde(default)]
-    pub variables: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct CodeIn {
-    /// Base64 of the zip.
-    pub zip_file: Option<String>,
-}
+pub use ember_cluster::lambda::{
+    code_sha256_b64, CodeIn, EnvironmentIn, UpdateCode, UpdateConfiguration,
+};
 
 /// CreateFunction's request.
 #[derive(Debug, Deserialize)]
@@ -38,27 +27,6 @@ pub struct CreateFunction {
     /// Accepted and ignored (no IAM here).
     #[allow(dead_code)]
     pub role: Option<String>,
-}
-
-/// UpdateFunctionConfiguration's request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct UpdateConfiguration {
-    pub runtime: Option<String>,
-    pub handler: Option<String>,
-    pub memory_size: Option<u32>,
-    pub timeout: Option<u32>,
-    pub environment: Option<EnvironmentIn>,
-    pub description: Option<String>,
-}
-
-/// UpdateFunctionCode's request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct UpdateCode {
-    pub zip_file: Option<String>,
-    #[serde(default)]
-    pub publish: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,7 +74,7 @@ pub struct FunctionConfiguration {
 }
 
 pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfiguration {
-    let sha_b64 = hex_to_b64(&v.spec.code_sha256);
+    let sha_b64 = code_sha256_b64(&v.spec.code_sha256);
     let last_update_status = if v.update_in_progress || v.state == State::Pending {
         "InProgress"
     } else if v.state_reason_code.is_some() {
@@ -159,12 +127,4 @@ pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration 
         description: a.description.clone(),
         revision_id: a.revision_id.clone(),
     }
-}
-
-fn hex_to_b64(hex: &str) -> String {
-    use base64::Engine;
-    let bytes: Vec<u8> = (0..hex.len() / 2)
-        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
