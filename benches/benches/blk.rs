@@ -19,6 +19,7 @@ use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use ember_benches::cpu_time;
 use ember_tests::artifacts::runtime_rootfs_path;
+use ember_tests::nbd::qemu_nbd;
 use ember_tests::volumed::Volumed;
 use ember_tests::{kernel_path, VmmProcess};
 use serde_json::json;
@@ -142,7 +143,7 @@ fn main() {
     let ember_sock = grant["VhostUserSocket"].as_str().unwrap().to_string();
     // The NBD backend: qemu-nbd, and a second ember-volumed volume.
     let nbd_sock = vmm.path("nbd.sock");
-    let qnbd = KillOnDrop(start_qemu_nbd(&nbd_img, &nbd_sock));
+    let qnbd = KillOnDrop(qemu_nbd(&nbd_img, &nbd_sock));
     let body = format!(r#"{{"Name":"bench-nbd","SizeBytes":{}}}"#, DISK_MIB << 20);
     assert_eq!(volumed.call("POST", "/v1/volumes", Some(&body)).0, 201);
     let (st, grant) = volumed.call(
@@ -219,26 +220,6 @@ fn main() {
     }
 }
 
-fn start_qemu_nbd(image: &Path, sock: &Path) -> std::process::Child {
-    let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "--persistent", "--shared=0", "-k"])
-        .arg(sock)
-        .arg(image)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd (package qemu-utils)");
-    wait_socket(sock);
-    child
-}
-
-/// A backend started: its socket appears (or 20 s pass).
-fn wait_socket(sock: &Path) {
-    let t = Instant::now();
-    while !sock.exists() && t.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Ends the backend even when a measurement panics.
 struct KillOnDrop(std::process::Child);
 
@@ -264,6 +245,9 @@ fn start_qsd(image: &Path, sock: &Path) -> std::process::Child {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-storage-daemon (package qemu-utils)");
-    wait_socket(sock);
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     child
 }

@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod cluster;
 pub mod emberd;
 pub mod migration;
+pub mod nbd;
 pub mod snapshots;
 pub mod vmm_process;
 pub mod volumed;

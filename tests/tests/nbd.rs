@@ -17,29 +17,13 @@ use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use ember_tests::guest_sh as sh;
+use ember_tests::nbd::qemu_nbd;
 use ember_tests::snapshots;
 use ember_tests::volumed::Volumed;
 use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
 const DISK_SIZE: u64 = 16 << 20;
-
-fn qemu_nbd(image: &Path, sock: &Path) -> Child {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "--persistent", "--shared=0", "-k"])
-        .arg(sock)
-        .arg(image)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd (tests/run.sh installs qemu-utils)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
 
 fn stop(mut c: Child) {
     let _ = c.kill();
