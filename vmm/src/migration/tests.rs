@@ -222,6 +222,8 @@ fn migrate(
         })
     };
     let source = Progress::new(Role::Source, "test".into());
+    // Active before the caller below looks, as the controller makes it.
+    source.update(|s| s.state = Phase::PreCopy);
     if let Some(o) = go_ahead {
         // The caller of a manual switch-over: waits for the pause, then lets go.
         let p = source.clone();
@@ -248,7 +250,6 @@ fn migrate(
         .connect(Duration::from_secs(5))
         .unwrap();
     source.set_stream(&stream);
-    source.update(|s| s.state = Phase::PreCopy);
     send::run(&mut sv, stream, &params, &source);
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
