@@ -251,14 +251,12 @@ impl Controller {
             tasks: self.tasks()?,
             mem: vmm.guest_memory().clone(),
         };
-        let (p, params) = (progress.clone(), params.clone());
+        let params = params.clone();
         progress.update(|s| s.state = crate::migration::Phase::PreCopy);
-        std::thread::Builder::new()
-            .name("ember-migrate".into())
-            .spawn(move || send::run(&mut source, stream, &params, &p))
-            .map_err(|e| VmmActionError::Internal(format!("migration thread: {e}")))?;
+        self.run_migration(progress, move |p| {
+            send::run(&mut source, stream, &params, p)
+        })?;
         log::info!("migration to {endpoint} started");
-        self.migration = Some(progress);
         Ok(VmmData::Empty)
     }
 
@@ -281,14 +279,25 @@ impl Controller {
         let progress = Progress::new(Role::Destination, listener.local_uri());
         progress.update(|s| s.state = Phase::Listening);
         let mut target = VmmTarget::new(self.tasks()?, params.load_params());
+        self.run_migration(progress, move |p| receive::run(&mut target, listener, p))?;
+        log::info!("waiting for a migration on {endpoint}");
+        Ok(VmmData::Empty)
+    }
+
+    /// Runs `work` on a migration thread of its own and keeps its progress
+    /// for `GET /migrate`.
+    fn run_migration(
+        &mut self,
+        progress: crate::migration::Progress,
+        work: impl FnOnce(&crate::migration::Progress) + Send + 'static,
+    ) -> Result<(), VmmActionError> {
         let p = progress.clone();
         std::thread::Builder::new()
             .name("ember-migrate".into())
-            .spawn(move || receive::run(&mut target, listener, &p))
+            .spawn(move || work(&p))
             .map_err(|e| VmmActionError::Internal(format!("migration thread: {e}")))?;
-        log::info!("waiting for a migration on {endpoint}");
         self.migration = Some(progress);
-        Ok(VmmData::Empty)
+        Ok(())
     }
 
     fn cancel_migration(&mut self) -> VmmResponse {
