@@ -48,6 +48,9 @@ pub struct Config {
     pub network: Option<Arc<crate::net::NetManager>>,
     /// The volume service attachments are asked of.
     pub volumes: Option<crate::api::volumes::VolumeService>,
+    /// How this host reaches its peers and they reach it, for migrations
+    /// (None: no TCP API, so no migrations).
+    pub peers: Option<crate::migrate::PeerConfig>,
 }
 
 pub struct Daemon {
@@ -61,6 +64,10 @@ pub struct Daemon {
     pub queue: AsyncQueue,
     /// Logical addresses reserved per account.
     pub(crate) reservations: Mutex<BTreeMap<String, crate::net::LogicalNet>>,
+    /// Set by a drain: no instances are restored to fill warm pools.
+    draining: std::sync::atomic::AtomicBool,
+    /// Migrations to this host.
+    pub incoming: crate::migrate::Incoming,
 }
 
 /// Input of create and update-configuration (all optional for updates).
@@ -121,6 +128,8 @@ impl Daemon {
             functions: Mutex::new(functions),
             building: Mutex::new(HashSet::new()),
             queue,
+            draining: Default::default(),
+            incoming: Default::default(),
         }))
     }
 
@@ -148,6 +157,15 @@ impl Daemon {
         }
         crate::pool::start_maintainer(self.clone());
         crate::queue::start_workers(self.clone());
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FunctionRecord>> {

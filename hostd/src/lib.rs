@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod error;
 pub mod invoke;
 pub mod jail;
+pub mod migrate;
 pub mod model;
 pub mod net;
 pub mod network;

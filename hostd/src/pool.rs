@@ -3,7 +3,7 @@
 //! concurrency up to a limit; idle ones past their time-to-live are
 //! reclaimed; dead ones are replaced.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,12 @@ struct Pool {
     starting: u32,
     /// Restores under way to fill the warm pool.
     warming: u32,
+    /// Instances on their way to another host (out of service meanwhile).
+    migrating: Vec<Arc<Instance>>,
+    /// Busy instances to migrate once their invocation ends.
+    leaving: HashSet<String>,
+    /// Ones of those that ended it: in `migrating`, not yet taken.
+    left: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -98,6 +104,7 @@ pub struct PoolStats {
     pub busy: Vec<InstanceInfo>,
     pub starting: u32,
     pub warming: u32,
+    pub migrating: Vec<InstanceInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -211,7 +218,10 @@ impl Pools {
             return;
         };
         pool.busy.retain(|i| !Arc::ptr_eq(i, &lease.inst));
-        if reusable && lease.inst.is_alive() && lease.generation == pool.generation {
+        if pool.leaving.remove(&lease.inst.id) && reusable && lease.inst.is_alive() {
+            pool.left.insert(lease.inst.id.clone());
+            pool.migrating.push(lease.inst);
+        } else if reusable && lease.inst.is_alive() && lease.generation == pool.generation {
             pool.idle.push_back(Idle {
                 inst: lease.inst,
                 since: Instant::now(),
@@ -244,6 +254,100 @@ impl Pools {
         }
     }
 
+    /// Takes instance `id` out of service to migrate it: at once if idle
+    /// (`Taken`); if busy, once its invocation ends (`Busy` now; `Taken`
+    /// when asked again after that).
+    pub fn take_for_migration(&self, id: &str) -> Taking {
+        let mut pools = self.lock();
+        for ((f, v), pool) in pools.iter_mut() {
+            let key = (f.clone(), v.clone());
+            if let Some(i) = pool.migrating.iter().find(|i| i.id == id) {
+                return if pool.left.remove(id) {
+                    Taking::Taken(key, i.clone())
+                } else {
+                    Taking::InProgress
+                };
+            }
+            if let Some(pos) = pool.idle.iter().position(|i| i.inst.id == id) {
+                let Some(idle) = pool.idle.remove(pos) else {
+                    continue;
+                };
+                pool.migrating.push(idle.inst.clone());
+                return Taking::Taken(key, idle.inst);
+            }
+            if pool.busy.iter().any(|i| i.id == id) {
+                pool.leaving.insert(id.to_string());
+                return Taking::Busy;
+            }
+        }
+        Taking::Gone
+    }
+
+    /// A caller stops waiting for busy instance `id`: it stays here.
+    pub fn abandon(&self, id: &str) {
+        let left = {
+            let mut pools = self.lock();
+            pools
+                .values_mut()
+                .any(|p| p.leaving.remove(id) | p.left.remove(id))
+        };
+        if left {
+            self.migration_ended(id, false);
+        }
+    }
+
+    /// The migration of `id` ended: `Some(inst)` (the VM moved away; the
+    /// caller destroys it) or, with `moved` false, back to the idle list.
+    pub fn migration_ended(&self, id: &str, moved: bool) -> Option<Arc<Instance>> {
+        let mut pools = self.lock();
+        for pool in pools.values_mut() {
+            let Some(pos) = pool.migrating.iter().position(|i| i.id == id) else {
+                continue;
+            };
+            let inst = pool.migrating.remove(pos);
+            if moved || !inst.is_alive() {
+                return Some(inst);
+            }
+            pool.idle.push_back(Idle {
+                inst,
+                since: Instant::now(),
+            });
+            return None;
+        }
+        None
+    }
+
+    /// An instance migrated here joins the idle list of its version.
+    pub fn adopt(&self, function: &str, version: &str, generation: u64, inst: Instance) {
+        let mut pools = self.lock();
+        let pool = pools
+            .entry((function.to_string(), version.to_string()))
+            .or_default();
+        if pool.generation == 0 {
+            pool.generation = generation;
+        }
+        pool.idle.push_back(Idle {
+            inst: Arc::new(inst),
+            since: Instant::now(),
+        });
+    }
+
+    /// Ids of every instance of every pool (idle, busy and migrating).
+    pub fn instance_ids(&self) -> Vec<String> {
+        let pools = self.lock();
+        pools
+            .values()
+            .flat_map(|p| {
+                p.idle
+                    .iter()
+                    .map(|i| i.inst.id.clone())
+                    .chain(p.busy.iter().map(|i| i.id.clone()))
+                    .chain(p.migrating.iter().map(|i| i.id.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     pub fn stats(&self) -> Vec<PoolStats> {
         let pools = self.lock();
         let mut out: Vec<PoolStats> = pools
@@ -256,6 +360,7 @@ impl Pools {
                 busy: p.busy.iter().map(|i| info(i)).collect(),
                 starting: p.starting,
                 warming: p.warming,
+                migrating: p.migrating.iter().map(|i| info(i)).collect(),
             })
             .collect();
         out.sort_by(|a, b| (&a.function_name, &a.version).cmp(&(&b.function_name, &b.version)));
@@ -273,6 +378,7 @@ impl Pools {
                         .into_iter()
                         .map(|i| i.inst)
                         .chain(p.busy)
+                        .chain(p.migrating)
                         .collect::<Vec<_>>()
                 })
                 .collect()
@@ -322,7 +428,10 @@ impl Pools {
         pool.idle = kept;
         // As with Lambda's provisioned concurrency, busy instances count:
         // the warm count is how many are initialised, not how many idle.
-        let have = pool.idle.len() as u32 + pool.warming + pool.busy.len() as u32;
+        let have = pool.idle.len() as u32
+            + pool.warming
+            + pool.busy.len() as u32
+            + pool.migrating.len() as u32;
         let need = warm.saturating_sub(have);
         pool.warming += need;
         need
@@ -346,6 +455,16 @@ impl Pools {
     }
 }
 
+/// What [`Pools::take_for_migration`] found.
+pub enum Taking {
+    Taken(Key, Arc<Instance>),
+    /// Running an invocation; taken when it ends.
+    Busy,
+    /// Another migration has it.
+    InProgress,
+    Gone,
+}
+
 /// Every second: keep each active version's pool at its warm count and
 /// reclaim what is idle too long.
 pub fn start_maintainer(d: Arc<Daemon>) {
@@ -360,6 +479,10 @@ pub fn start_maintainer(d: Arc<Daemon>) {
 }
 
 fn maintain_all(d: &Arc<Daemon>) {
+    if d.is_draining() {
+        // Instances are leaving this host: restore none to replace them.
+        return;
+    }
     for f in d.list() {
         for v in f.versions.values() {
             if v.state != State::Active {

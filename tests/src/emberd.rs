@@ -536,6 +536,21 @@ while true; do
 done
 "#;
 
+/// [`provided_bootstrap_bash`] that also counts its invocations in the
+/// runtime's memory (`"count"` in the answer: 1, 2, ... per instance) and
+/// sleeps for `{"sleep": N}`: a warm instance's state, made visible.
+pub fn provided_bootstrap_counting(tag: &str) -> String {
+    provided_bootstrap_bash(tag)
+        .replace(
+            r#""{\"tag\":"#,
+            r#""{\"count\":$((++N)),\"tag\":"#,
+        )
+        .replace(
+            r#"  echo "handling $ID""#,
+            "  echo \"handling $ID\"\n  if [[ \"$EVENT\" =~ \\\"sleep\\\":([0-9]+) ]]; then sleep \"${BASH_REMATCH[1]}\"; fi",
+        )
+}
+
 pub fn write_file(path: &Path, content: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     if let Some(p) = path.parent() {

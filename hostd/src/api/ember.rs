@@ -21,6 +21,7 @@ pub async fn health(State(d): D) -> Json<serde_json::Value> {
         "Version": env!("CARGO_PKG_VERSION"),
         "Functions": d.list().len(),
         "Jailed": d.cfg.launch.jail.is_some(),
+        "Draining": d.is_draining(),
     }))
 }
 

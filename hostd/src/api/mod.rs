@@ -5,6 +5,7 @@
 mod ember;
 mod functions;
 mod invoke;
+mod migrate;
 mod network;
 pub mod shapes;
 pub mod volumes;
@@ -85,6 +86,21 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/ember/v1/volumes/{name}/attach", post(volumes::attach))
         .route("/ember/v1/volumes/{name}/detach", post(volumes::detach))
         .route("/ember/v1/volumes/{name}/move", post(volumes::move_to))
+        .route("/ember/v1/instances/{id}/migrate", post(migrate::migrate))
+        .route(
+            "/ember/v1/drain",
+            post(migrate::drain)
+                .get(migrate::draining)
+                .delete(migrate::undrain),
+        )
+        .route(
+            "/ember/v1/migrations",
+            post(migrate::prepare).get(migrate::list),
+        )
+        .route(
+            "/ember/v1/migrations/{id}",
+            get(migrate::get).delete(migrate::abort),
+        )
         .route(
             "/ember/v1/functions/{name}/egress",
             get(network::get_egress).put(network::put_egress),

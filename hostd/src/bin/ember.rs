@@ -165,6 +165,28 @@ enum Cmd {
         #[arg(long, conflicts_with = "address")]
         clear: bool,
     },
+    /// Migrate a running instance (see `ember pools`) to another host.
+    Migrate {
+        instance: String,
+        /// The destination host's API, http://HOST:PORT (its --listen-tcp).
+        #[arg(long)]
+        to: String,
+        /// The pause the guest may see.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+    },
+    /// Drain this host: migrate every instance to another host and warm
+    /// no more here (`--stop` ends draining; neither shows whether it is).
+    Drain {
+        #[arg(long, conflicts_with = "stop")]
+        to: Option<String>,
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Show the migrations to this host.
+    Migrations,
     /// Check the daemon.
     Health,
 }
@@ -563,6 +585,39 @@ fn main() {
                 _ => print(&c.json("GET", &uri, None)),
             }
         }
+        Cmd::Migrate {
+            instance,
+            to,
+            downtime_ms,
+        } => print(&c.json(
+            "POST",
+            &format!("/ember/v1/instances/{instance}/migrate"),
+            Some(migrate_input(to, downtime_ms)),
+        )),
+        Cmd::Drain {
+            to,
+            downtime_ms,
+            stop,
+        } => match (to, stop) {
+            (_, true) => {
+                c.json("DELETE", "/ember/v1/drain", None);
+            }
+            (Some(to), false) => print(&c.json(
+                "POST",
+                "/ember/v1/drain",
+                Some(migrate_input(to, downtime_ms)),
+            )),
+            (None, false) => print(&c.json("GET", "/ember/v1/drain", None)),
+        },
+        Cmd::Migrations => print(&c.json("GET", "/ember/v1/migrations", None)),
         Cmd::Health => print(&c.json("GET", "/ember/v1/health", None)),
     }
+}
+
+fn migrate_input(to: String, downtime_ms: Option<u64>) -> Value {
+    let mut v = json!({"Destination": to});
+    if let Some(ms) = downtime_ms {
+        v["DowntimeMs"] = json!(ms);
+    }
+    v
 }

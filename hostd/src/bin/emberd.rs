@@ -245,6 +245,26 @@ async fn run(mut args: Args) {
                 socket,
                 host_id: host_id.clone(),
             });
+    // The TCP API's token, shared by the hosts of a cluster: peers check
+    // it, and this host sends it to them (migrations).
+    let token = args.api_token_file.as_ref().map(|f| {
+        let token =
+            std::fs::read_to_string(f).unwrap_or_else(|e| fail(format!("{}: {e}", f.display())));
+        if token.trim().len() < 16 {
+            fail(format!(
+                "{}: the token must be at least 16 characters",
+                f.display()
+            ));
+        }
+        token.trim().to_string()
+    });
+    let peers = match (args.listen_tcp, &token) {
+        (Some(addr), Some(token)) => Some(ember_hostd::migrate::PeerConfig {
+            token: token.clone(),
+            stream_ip: addr.ip(),
+        }),
+        _ => None,
+    };
     let cfg = Config {
         state_dir: args.state_dir,
         launch: LaunchConfig {
@@ -267,6 +287,7 @@ async fn run(mut args: Args) {
         async_retry_delay: Duration::from_millis(args.async_retry_delay_ms),
         network,
         volumes,
+        peers,
     };
     if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
         fail(format!("cannot prepare {}: {e}", args.run_dir.display()));
@@ -297,22 +318,14 @@ async fn run(mut args: Args) {
     );
     let app = ember_hostd::api::router(d.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let tcp = match (args.listen_tcp, &args.api_token_file) {
+    let tcp = match (args.listen_tcp, &token) {
         (None, _) => None,
         (Some(_), None) => fail("--listen-tcp needs --api-token-file".into()),
-        (Some(addr), Some(f)) => {
-            let token = std::fs::read_to_string(f)
-                .unwrap_or_else(|e| fail(format!("{}: {e}", f.display())));
-            if token.trim().len() < 16 {
-                fail(format!(
-                    "{}: the token must be at least 16 characters",
-                    f.display()
-                ));
-            }
+        (Some(addr), Some(token)) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
-            let hash = std::sync::Arc::new(ember_hostd::cluster::token_hash(&token));
+            let hash = std::sync::Arc::new(ember_hostd::cluster::token_hash(token));
             let app = app.clone().layer(axum::middleware::from_fn_with_state(
                 hash,
                 ember_hostd::cluster::require_token,

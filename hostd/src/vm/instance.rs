@@ -77,6 +77,10 @@ mod vm_paths {
     pub const VSOCK: &str = "/run/v.sock";
     pub const SERIAL: &str = "/run/serial.log";
     pub const OUT: &str = "/out";
+    /// A destination VMM listens here for the migration stream.
+    pub const MIGRATE_IN: &str = "/run/migrate-in.sock";
+    /// hostd listens here for a source VMM's migration stream.
+    pub const MIGRATE_OUT: &str = "/run/migrate-out.sock";
 }
 
 /// A running VMM process.
@@ -536,6 +540,98 @@ impl Instance {
                 Err(e)
             }
         }
+    }
+
+    /// Starts a VMM that waits, on [`Instance::migration_in_socket`], for
+    /// a migration stream of a VM made of `files` (bound where the source
+    /// had them in its jail; passed as overrides when unjailed).
+    pub async fn receive(
+        cfg: &LaunchConfig,
+        files: &VmFiles,
+        mem_mib: u32,
+        vcpus: u32,
+        net: Option<&NetRequest>,
+    ) -> Result<Instance, InstanceError> {
+        let inputs = [
+            (vm_paths::ROOTFS, files.rootfs.as_path()),
+            (vm_paths::CODE, files.code.as_path()),
+        ];
+        let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus, net).await?;
+        let mut body = json!({
+            "listen_uri": format!("unix://{}", inst.vm(vm_paths::MIGRATE_IN).display()),
+            "serial_out_path": inst.vm(vm_paths::SERIAL),
+        });
+        if !inst.jailed {
+            body["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
+            body["drive_overrides"] = json!([
+                {"drive_id": "rootfs", "path_on_host": files.rootfs},
+                {"drive_id": "code", "path_on_host": files.code},
+            ]);
+        }
+        match api_client::put(&inst.api(), "/migrate/receive", body).await {
+            Ok(_) => Ok(inst),
+            Err(e) => {
+                inst.destroy().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Host path of the socket a receiving VMM listens on.
+    pub fn migration_in_socket(&self) -> PathBuf {
+        self.host(vm_paths::MIGRATE_IN)
+    }
+
+    /// Listens where this (source) VMM will send its migration stream,
+    /// reachable by the jailed VMM's uid.
+    pub fn migration_out_listener(&self) -> std::io::Result<tokio::net::UnixListener> {
+        let path = self.host(vm_paths::MIGRATE_OUT);
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path)?;
+        if let Some((uid, gid)) = self.jail_owner {
+            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))
+                .map_err(std::io::Error::from)?;
+        }
+        Ok(l)
+    }
+
+    /// `PUT /migrate/send` to the socket of [`Instance::migration_out_listener`].
+    pub async fn send_migration(&self, downtime_ms: u64) -> Result<(), InstanceError> {
+        let uri = format!("unix://{}", self.vm(vm_paths::MIGRATE_OUT).display());
+        api_client::put(
+            &self.api(),
+            "/migrate/send",
+            json!({"destination_uri": uri, "downtime_ms": downtime_ms}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `PUT /migrate/cancel` (a migration past its switch-over refuses).
+    pub async fn cancel_migration(&self) -> Result<(), InstanceError> {
+        api_client::put(&self.api(), "/migrate/cancel", json!({})).await?;
+        Ok(())
+    }
+
+    /// The VMM's `GET /migrate`.
+    pub async fn migration_status(&self) -> Result<serde_json::Value, InstanceError> {
+        let body = api_client::call(&self.api(), "GET", "/migrate", None).await?;
+        serde_json::from_str(&body)
+            .map_err(|e| InstanceError::Spawn(format!("GET /migrate answered non-JSON: {e}")))
+    }
+
+    /// After a migration here: connects to the agent and refreshes the
+    /// guest's entropy and clock, as after a restore.
+    pub async fn adopt_migrated(&self) -> Result<(), InstanceError> {
+        self.connect_agent(Duration::from_secs(30)).await?;
+        self.with_agent(|a| a.refresh()).await??;
+        Ok(())
+    }
+
+    /// Connects to the agent again (a migration away failed and the VM
+    /// runs here still).
+    pub async fn reconnect_agent(&self) -> Result<(), InstanceError> {
+        self.connect_agent(Duration::from_secs(30)).await
     }
 
     /// Connects to the agent. After a restore the guest drops connections

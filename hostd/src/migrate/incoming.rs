@@ -1,0 +1,280 @@
+//! The destination's side: `POST /ember/v1/migrations` prepares a VMM in
+//! receive mode and a one-use port for the stream; a task then carries
+//! the stream, waits for the VM to run here, connects to its agent and
+//! puts the instance into the version's pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::stream::{new_ticket, serve_incoming};
+use super::{ended, MIGRATION_TIMEOUT};
+use crate::daemon::Daemon;
+use crate::error::ApiError;
+use crate::model::State;
+use crate::net::LogicalNet;
+use crate::pool::Source;
+use crate::vm::Instance;
+
+/// What the source asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct IncomingRequest {
+    pub function_name: String,
+    pub version: String,
+    /// The source's code digest of that version: the destination's must
+    /// be the same, or the VM would find other code on its drive.
+    pub code_sha256: String,
+    /// The guest's logical network as the source set it up (the guest
+    /// keeps its address; only the physical one changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical: Option<LogicalNet>,
+}
+
+/// The answer: where to send the stream, and the ticket to open it with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct IncomingAnswer {
+    pub migration_id: String,
+    pub instance_id: String,
+    pub port: u16,
+    pub ticket: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Waiting for the stream, or receiving it.
+    Receiving,
+    /// The VM runs here and the instance is in the pool.
+    Running,
+    /// Nothing runs here (see `Error`).
+    Failed,
+}
+
+/// `GET /ember/v1/migrations/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct IncomingStatus {
+    pub migration_id: String,
+    pub function_name: String,
+    pub version: String,
+    pub instance_id: String,
+    pub state: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Migrations to this host, by id (kept after they end, for the source
+/// and the operator to read).
+#[derive(Default)]
+pub struct Incoming {
+    inner: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    status: IncomingStatus,
+    /// Aborts a migration still receiving (the source gave up).
+    abort: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Incoming {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<IncomingStatus> {
+        self.lock().get(id).map(|e| e.status.clone())
+    }
+
+    pub fn list(&self) -> Vec<IncomingStatus> {
+        let mut v: Vec<_> = self.lock().values().map(|e| e.status.clone()).collect();
+        v.sort_by(|a, b| a.migration_id.cmp(&b.migration_id));
+        v
+    }
+
+    /// Ends a migration still receiving; false if none is.
+    pub fn abort(&self, id: &str) -> bool {
+        let tx = self.lock().get_mut(id).and_then(|e| e.abort.take());
+        tx.map(|t| t.send(()).is_ok()).unwrap_or(false)
+    }
+
+    fn set(&self, id: &str, state: Phase, error: Option<String>) {
+        if let Some(e) = self.lock().get_mut(id) {
+            e.status.state = state;
+            e.status.error = error;
+            e.abort = None;
+        }
+    }
+}
+
+/// Prepares to receive an instance of `req.function_name:req.version`.
+pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAnswer, ApiError> {
+    let peers = d
+        .cfg
+        .peers
+        .clone()
+        .ok_or_else(|| ApiError::invalid("this host takes no migrations (no --listen-tcp)"))?;
+    let f = d.get(&req.function_name)?;
+    let v = f.versions.get(&req.version).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}:{} on this host",
+            req.function_name, req.version
+        ))
+    })?;
+    if v.state != State::Active {
+        return Err(ApiError::conflict(format!(
+            "{}:{} is {:?} on this host, not Active",
+            req.function_name, req.version, v.state
+        )));
+    }
+    if v.spec.code_sha256 != req.code_sha256 {
+        return Err(ApiError::conflict(format!(
+            "{}:{} has other code on this host (CodeSha256 {} here, {} at the source)",
+            req.function_name, req.version, v.spec.code_sha256, req.code_sha256
+        )));
+    }
+    let mut source = Source::of(d, &f, v)?;
+    if let (Some(net), Some(logical)) = (source.network.as_mut(), req.logical) {
+        net.logical = logical;
+    }
+    let generation = v.snapshot.as_ref().map(|s| s.generation).unwrap_or(0);
+    let listener = tokio::net::TcpListener::bind((peers.stream_ip, 0))
+        .await
+        .map_err(|e| ApiError::service(format!("cannot open a migration port: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| ApiError::service(format!("migration port: {e}")))?
+        .port();
+    let inst = Instance::receive(
+        &d.cfg.launch,
+        &source.files,
+        source.mem_mib,
+        source.vcpus,
+        source.network.as_ref(),
+    )
+    .await
+    .map_err(|e| ApiError::service(format!("cannot start a receiving microVM: {e}")))?;
+    let migration_id = format!("mig-{}", &new_ticket()[..16]);
+    let ticket = new_ticket();
+    let answer = IncomingAnswer {
+        migration_id: migration_id.clone(),
+        instance_id: inst.id.clone(),
+        port,
+        ticket: ticket.clone(),
+    };
+    let (abort_tx, abort_rx) = tokio::sync::oneshot::channel();
+    d.incoming.lock().insert(
+        migration_id.clone(),
+        Entry {
+            status: IncomingStatus {
+                migration_id: migration_id.clone(),
+                function_name: req.function_name.clone(),
+                version: req.version.clone(),
+                instance_id: inst.id.clone(),
+                state: Phase::Receiving,
+                error: None,
+            },
+            abort: Some(abort_tx),
+        },
+    );
+    log::info!(
+        "migration {migration_id}: receiving {}:{} as {} on port {port}",
+        req.function_name,
+        req.version,
+        inst.id
+    );
+    let d = d.clone();
+    tokio::spawn(async move {
+        let outcome = receive(&inst, listener, ticket, abort_rx).await;
+        let outcome = match outcome {
+            Ok(()) => inst
+                .adopt_migrated()
+                .await
+                .map_err(|e| format!("the VM runs here but its agent did not answer: {e}")),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                log::info!("migration {migration_id}: {} runs here", inst.id);
+                d.pools
+                    .adopt(&req.function_name, &req.version, generation, inst);
+                d.incoming.set(&migration_id, Phase::Running, None);
+            }
+            Err(e) => {
+                log::warn!("migration {migration_id} failed: {e}");
+                inst.destroy().await;
+                d.incoming.set(&migration_id, Phase::Failed, Some(e));
+            }
+        }
+    });
+    Ok(answer)
+}
+
+/// Carries the stream to the VMM until the VM runs here (Ok) or the
+/// migration ends without it.
+async fn receive(
+    inst: &Instance,
+    listener: tokio::net::TcpListener,
+    ticket: String,
+    mut abort: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), String> {
+    let mut stream = tokio::spawn(serve_incoming(
+        listener,
+        ticket,
+        inst.migration_in_socket(),
+        Duration::from_secs(60),
+    ));
+    let start = Instant::now();
+    let mut stream_end: Option<Instant> = None;
+    loop {
+        let status = inst
+            .migration_status()
+            .await
+            .map_err(|e| format!("the receiving VMM: {e}"))?;
+        match ended(&status) {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                return Err(status["error"]
+                    .as_str()
+                    .unwrap_or("the receiving VMM failed")
+                    .to_string())
+            }
+            None => {}
+        }
+        if let Some(at) = stream_end {
+            // The stream is over: the VMM settles at once or never.
+            if at.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "the stream ended but the VMM is still {}",
+                    status["state"]
+                ));
+            }
+        }
+        if start.elapsed() > MIGRATION_TIMEOUT {
+            return Err(format!("no migration within {MIGRATION_TIMEOUT:?}"));
+        }
+        tokio::select! {
+            r = &mut stream, if stream_end.is_none() => {
+                stream_end = Some(Instant::now());
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // Nothing loaded yet unless the VMM says so.
+                        let status = inst.migration_status().await.ok();
+                        if status.as_ref().and_then(ended) != Some(true) {
+                            return Err(e);
+                        }
+                    }
+                    Err(e) => return Err(format!("stream task: {e}")),
+                }
+            }
+            _ = &mut abort => {
+                stream.abort();
+                return Err("the source gave the migration up".into());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}

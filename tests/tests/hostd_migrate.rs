@@ -1,0 +1,252 @@
+//! Live migration between two hosts: two emberds, each in a network
+//! namespace of its own joined by a veth pair, each with its TCP API.
+//! A function's warm instance counts its invocations in memory; the count
+//! goes on across a migration (a fresh instance would start again at 1),
+//! an invocation running when its host is drained completes, and a
+//! destination that cannot be reached leaves the instance where it was.
+//!
+//! Each host builds the function's snapshot once (a guest boot each);
+//! every instance after that is restored or migrated.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ember_tests::emberd::{provided_bootstrap_counting, write_file, zip_dir, Emberd, Reply};
+use ember_tests::kvm_available;
+use serde_json::json;
+
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
+/// The instances of `function` on `d` in pool list `which` (Idle, Busy).
+fn instances(d: &Emberd, function: &str, which: &str) -> Vec<String> {
+    d.pools()["Pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["FunctionName"] == function)
+        .flat_map(|p| p[which].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i["Id"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn count(r: &Reply) -> u64 {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(r.header("x-amz-function-error").is_none(), "{v}");
+    v["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no count in {v}"))
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn migrate(d: &Emberd, id: &str, dest: &str) -> Reply {
+    d.post_json(
+        &format!("/ember/v1/instances/{id}/migrate"),
+        &json!({"Destination": dest}),
+    )
+}
+
+#[test]
+fn instances_migrate_between_hosts_and_a_host_drains() {
+    if !is_root() || !kvm_available() {
+        eprintln!("SKIPPED: needs root (network namespaces, jails) and /dev/kvm");
+        return;
+    }
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "migration-test-token-0123456789").unwrap();
+    let token_path = token.path().display().to_string();
+    let pid = std::process::id();
+    let net = format!("10.214.{}", (pid % 60) * 4);
+    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
+    let (a_dev, b_dev) = (format!("emA{pid}"), format!("emB{pid}"));
+    let args = |ip: &str| {
+        vec![
+            "--listen-tcp".to_string(),
+            format!("{ip}:8600"),
+            "--api-token-file".into(),
+            token_path.clone(),
+            "--warm-instances".into(),
+            "0".into(),
+            "--host-id".into(),
+            format!("host-{ip}"),
+            "--idle-ttl-secs".into(),
+            "1800".into(),
+        ]
+    };
+    let a_args = args(&a_ip);
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    // A's end of the link goes into A's namespace; B's waits here for B's.
+    let a = Emberd::start_with(&a_args, |ns| {
+        ip(&[
+            "link", "add", &a_dev, "type", "veth", "peer", "name", &b_dev,
+        ]);
+        ip(&["link", "set", &a_dev, "netns", ns]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{a_ip}/30"),
+            "dev",
+            &a_dev,
+        ]);
+        ip(&["-n", ns, "link", "set", &a_dev, "up"]);
+    });
+    let b_args = args(&b_ip);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mut b = Emberd::start_with(&b_args, |ns| {
+        ip(&["link", "set", &b_dev, "netns", ns]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{b_ip}/30"),
+            "dev",
+            &b_dev,
+        ]);
+        ip(&["-n", ns, "link", "set", &b_dev, "up"]);
+    });
+    let (a_url, b_url) = (format!("http://{a_ip}:8600"), format!("http://{b_ip}:8600"));
+
+    let code = tempfile::tempdir().unwrap();
+    write_file(
+        &code.path().join("bootstrap"),
+        &provided_bootstrap_counting("mig"),
+        0o755,
+    );
+    assert!(!zip_dir(code.path()).is_empty());
+    let t = Instant::now();
+    for d in [&a, &b] {
+        d.create_function("counter", "provided.al2023", "unused", code.path(), 60, &[]);
+    }
+    for d in [&a, &b] {
+        d.wait_active("counter", "$LATEST", BUILD_TIMEOUT);
+    }
+    eprintln!(
+        "both hosts snapshotted after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // A warm instance on A counts 1, 2.
+    assert_eq!(count(&a.invoke("counter", &json!({}))), 1);
+    assert_eq!(count(&a.invoke("counter", &json!({}))), 2);
+    let ids = instances(&a, "counter", "Idle");
+    assert_eq!(ids.len(), 1, "{}", a.pools());
+    let id = ids[0].clone();
+
+    // Bad requests change nothing.
+    let r = migrate(&a, "vm-nosuchinstance", &b_url);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = migrate(&a, &id, "ftp://elsewhere");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = a.post_json(
+        &format!("/ember/v1/instances/{id}/migrate"),
+        &json!({"Destination": b_url, "Bogus": 1}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    // A destination that cannot be reached: the instance stays, counting.
+    let r = migrate(&a, &id, &format!("http://{b_ip}:9"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("runs here still") || r.text().contains("destination"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(instances(&a, "counter", "Idle"), vec![id.clone()]);
+    assert_eq!(count(&a.invoke("counter", &json!({}))), 3);
+    // A wrong token at the destination's API is refused there.
+    let r = b.in_netns(|| {
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args(["-H", "Authorization: Bearer wrong-token-0123456789"])
+            .args(["-d", "{}", &format!("{b_url}/ember/v1/migrations")])
+            .output()
+            .expect("curl")
+    });
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "401");
+
+    // A → B: the count goes on on B; nothing of it is left on A.
+    let r = migrate(&a, &id, &b_url);
+    assert_eq!(
+        r.status,
+        200,
+        "{}\nA:\n{}\nB:\n{}",
+        r.text(),
+        a.logs(),
+        b.logs()
+    );
+    let rep = r.json();
+    eprintln!("A -> B: {rep}");
+    assert_eq!(rep["InstanceId"], id.as_str());
+    assert!(rep["DowntimeMs"].as_u64().is_some(), "{rep}");
+    assert!(rep["Bytes"].as_u64().unwrap_or(0) > 0, "{rep}");
+    assert!(instances(&a, "counter", "Idle").is_empty(), "{}", a.pools());
+    assert!(
+        instances(&a, "counter", "Migrating").is_empty(),
+        "{}",
+        a.pools()
+    );
+    let moved = rep["DestinationInstanceId"].as_str().unwrap().to_string();
+    assert_eq!(instances(&b, "counter", "Idle"), vec![moved.clone()]);
+    let m = b.get("/ember/v1/migrations").json();
+    assert_eq!(m["Migrations"][0]["State"], "Running", "{m}");
+    assert_eq!(count(&b.invoke("counter", &json!({}))), 4);
+
+    // Drain B while an invocation runs there: it completes on B, then its
+    // instance moves to A, and the count goes on there.
+    let inflight = std::thread::scope(|s| {
+        let call = s.spawn(|| b.invoke("counter", &json!({"sleep": 6})));
+        wait_until("the invocation to run", Duration::from_secs(60), || {
+            instances(&b, "counter", "Busy").first().cloned()
+        });
+        let r = b.post_json("/ember/v1/drain", &json!({"Destination": a_url}));
+        assert_eq!(r.status, 200, "{}\nB:\n{}", r.text(), b.logs());
+        let rep = r.json();
+        eprintln!("drain B: {rep}");
+        assert_eq!(rep["Migrated"].as_array().map(Vec::len), Some(1), "{rep}");
+        assert_eq!(rep["Failed"], json!([]), "{rep}");
+        assert_eq!(rep["Remaining"], 0, "{rep}");
+        assert!(
+            rep["Migrated"][0]["WaitedForInvocationMs"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        );
+        call.join().expect("invoke")
+    });
+    assert_eq!(count(&inflight), 5);
+    assert_eq!(b.get("/ember/v1/health").json()["Draining"], true);
+    assert_eq!(instances(&a, "counter", "Idle").len(), 1, "{}", a.pools());
+    assert_eq!(count(&a.invoke("counter", &json!({}))), 6);
+    let r = b.request("DELETE", "/ember/v1/drain", &[], None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(b.get("/ember/v1/health").json()["Draining"], false);
+
+    // The destination host gone: the migration fails, A keeps the instance.
+    b.stop();
+    let id = instances(&a, "counter", "Idle")[0].clone();
+    let r = migrate(&a, &id, &b_url);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(count(&a.invoke("counter", &json!({}))), 7);
+}
