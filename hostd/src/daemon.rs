@@ -73,6 +73,8 @@ pub struct Daemon {
 /// Input of create and update-configuration (all optional for updates).
 #[derive(Debug, Clone, Default)]
 pub struct SpecInput {
+    /// CreateFunction only.
+    pub file_system: Option<crate::model::FileSystem>,
     pub runtime: Option<String>,
     pub handler: Option<String>,
     pub memory_mib: Option<u32>,
@@ -254,8 +256,17 @@ impl Daemon {
             description: input.description.unwrap_or_default(),
             code_sha256: String::new(),
             code_size: 0,
+            file_system: input.file_system,
         };
         validate_spec(&spec)?;
+        if let Some(fs) = &spec.file_system {
+            crate::volume::validate(fs)?;
+            if self.cfg.volumes.is_none() {
+                return Err(ApiError::invalid(
+                    "FileSystemConfigs need a volume service (emberd --volume-service)",
+                ));
+            }
+        }
         self.check_runtime_available(&spec)?;
         if self.lock().contains_key(name) {
             return Err(ApiError::conflict(format!(
@@ -718,9 +729,32 @@ impl Daemon {
         // A jailed VMM runs as its own uid and must write here.
         set_mode(dir, 0o777).map_err(|e| fail("InternalError", e.to_string()))?;
         let (vcpus, mem) = machine_for(v.spec.memory_mib);
-        let inst = Instance::boot(&self.cfg.launch, &files, mem, vcpus, dir, network)
-            .await
-            .map_err(|e| fail("InternalError", format!("booting the microVM: {e}")))?;
+        let volume_bytes = match (&v.spec.file_system, &self.cfg.volumes) {
+            (Some(fs), Some(vs)) => Some(vs.size(&fs.volume).await.map_err(|e| {
+                fail(
+                    "InvalidConfiguration",
+                    format!("the function's volume {}: {}", fs.volume, e.message),
+                )
+            })?),
+            (Some(_), None) => {
+                return Err(fail(
+                    "InvalidConfiguration",
+                    "the function has a volume but this host no volume service".into(),
+                ))
+            }
+            _ => None,
+        };
+        let inst = Instance::boot(
+            &self.cfg.launch,
+            &files,
+            mem,
+            vcpus,
+            dir,
+            network,
+            volume_bytes,
+        )
+        .await
+        .map_err(|e| fail("InternalError", format!("booting the microVM: {e}")))?;
         let mut spec = self.runtime_spec(name, v);
         spec.network = network.map(|n| n.logical.guest());
         let result = async {

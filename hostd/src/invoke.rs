@@ -79,6 +79,12 @@ pub async fn invoke(
     let limit = rec
         .reserved_concurrency
         .unwrap_or(d.cfg.default_concurrency);
+    // A volume has one writer.
+    let limit = if v.spec.file_system.is_some() {
+        limit.min(1)
+    } else {
+        limit
+    };
     if limit == 0 {
         return Err(ApiError::throttled(
             "Rate Exceeded: the function's reserved concurrency is 0",

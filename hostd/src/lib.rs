@@ -17,3 +17,4 @@ pub mod pool;
 pub mod queue;
 pub mod store;
 pub mod vm;
+pub mod volume;

@@ -33,6 +33,18 @@ pub struct FunctionSpec {
     /// Hex SHA-256 of the code zip (names the code files in the store).
     pub code_sha256: String,
     pub code_size: u64,
+    /// The volume the function mounts, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_system: Option<FileSystem>,
+}
+
+/// Lambda's `FileSystemConfig` with an Ember volume in place of an EFS
+/// access point: mounted at `mount_path` in every instance. A volume has
+/// one writer, so such a function runs one instance at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSystem {
+    pub volume: String,
+    pub mount_path: String,
 }
 
 impl FunctionSpec {
@@ -167,6 +179,7 @@ mod tests {
             description: String::new(),
             code_sha256: "00".into(),
             code_size: 1,
+            file_system: None,
         }
     }
 

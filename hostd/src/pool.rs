@@ -60,6 +60,8 @@ pub struct Source {
     pub mem_mib: u32,
     pub vcpus: u32,
     pub network: Option<crate::net::NetRequest>,
+    /// The volume each instance mounts.
+    pub file_system: Option<crate::model::FileSystem>,
 }
 
 impl Source {
@@ -75,22 +77,50 @@ impl Source {
             mem_mib,
             vcpus,
             network: d.clone_network(f, v),
+            file_system: v.spec.file_system.clone(),
         })
     }
 }
 
 impl Source {
     /// A running clone of this version.
+    /// A clone with a volume attaches it to this host first (refused
+    /// while another host holds it) and mounts it before it serves.
     pub async fn restore(&self, d: &Daemon) -> Result<Instance, crate::vm::InstanceError> {
-        Instance::restore(
+        use crate::vm::InstanceError;
+        let grant = match (&self.file_system, &d.cfg.volumes) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(InstanceError::Spawn(
+                    "the function has a volume but this host no volume service".into(),
+                ))
+            }
+            (Some(fs), Some(vs)) => Some(vs.attach(&fs.volume).await.map_err(|e| {
+                InstanceError::Spawn(format!("volume {}: {}", fs.volume, e.message))
+            })?),
+        };
+        let inst = Instance::restore(
             &d.cfg.launch,
             &self.files,
             &self.snapshot.dir,
             self.mem_mib,
             self.vcpus,
             self.network.as_ref(),
+            grant.as_ref(),
         )
-        .await
+        .await?;
+        if let Some(fs) = &self.file_system {
+            let script = crate::volume::mount_script(
+                &fs.mount_path,
+                crate::daemon::FUNCTION_UID,
+                crate::daemon::FUNCTION_GID,
+            );
+            if let Err(e) = inst.run_in_guest(script).await {
+                inst.destroy().await;
+                return Err(e);
+            }
+        }
+        Ok(inst)
     }
 }
 
@@ -187,6 +217,19 @@ impl Pools {
                 destroy_later(idle.inst);
             }
             pool.starting += 1;
+        }
+        if source.file_system.is_some() {
+            // One instance at a time mounts a volume: idle ones of other
+            // versions go before this one mounts it.
+            let others: Vec<Arc<Instance>> = self
+                .lock()
+                .iter_mut()
+                .filter(|(k, _)| k.0 == function)
+                .flat_map(|(_, p)| p.idle.drain(..).map(|i| i.inst).collect::<Vec<_>>())
+                .collect();
+            for i in others {
+                i.destroy().await;
+            }
         }
         let restored = source.restore(d).await;
         let mut pools = self.lock();
@@ -318,7 +361,7 @@ impl Pools {
     }
 
     /// An instance migrated here joins the idle list of its version.
-    pub fn adopt(&self, function: &str, version: &str, generation: u64, inst: Instance) {
+    pub fn adopt(&self, function: &str, version: &str, generation: u64, inst: Arc<Instance>) {
         let mut pools = self.lock();
         let pool = pools
             .entry((function.to_string(), version.to_string()))
@@ -327,7 +370,7 @@ impl Pools {
             pool.generation = generation;
         }
         pool.idle.push_back(Idle {
-            inst: Arc::new(inst),
+            inst,
             since: Instant::now(),
         });
     }
@@ -501,6 +544,13 @@ fn maintain_all(d: &Arc<Daemon>) {
                         .find_map(|a| f.provisioned.get(&a.name).copied())
                 })
                 .unwrap_or(d.cfg.default_warm);
+            // A volume's function keeps the one instance it restores on
+            // demand, no more (one writer).
+            let warm = if v.spec.file_system.is_some() {
+                0
+            } else {
+                warm
+            };
             let key = (f.name.clone(), v.version.clone());
             let need = d
                 .pools

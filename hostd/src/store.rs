@@ -167,6 +167,7 @@ mod tests {
             description: String::new(),
             code_sha256: "ab".into(),
             code_size: 3,
+            file_system: None,
         };
         let f = FunctionRecord {
             name: "f1".into(),

@@ -551,6 +551,23 @@ pub fn provided_bootstrap_counting(tag: &str) -> String {
         )
 }
 
+/// [`provided_bootstrap_counting`] that also appends a line per
+/// invocation to `FILE` (on a volume) and answers the file's line count
+/// as `"lines"` (0 while `FILE` cannot be written).
+pub fn provided_bootstrap_counting_into(tag: &str, file: &str) -> String {
+    provided_bootstrap_counting(tag)
+        .replace(
+            "  echo \"handling $ID\"\n",
+            &format!(
+                "  echo \"handling $ID\"\n  F=0; if echo \"$ID\" >> '{file}'; then mapfile -t L < '{file}'; F=${{#L[@]}}; fi\n"
+            ),
+        )
+        .replace(
+            r#""{\"count\":"#,
+            r#""{\"lines\":$F,\"count\":"#,
+        )
+}
+
 pub fn write_file(path: &Path, content: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     if let Some(p) = path.parent() {

@@ -5,14 +5,24 @@
 //! an invocation running when its host is drained completes, and a
 //! destination that cannot be reached leaves the instance where it was.
 //!
-//! Each host builds the function's snapshot once (a guest boot each);
+//! A second function mounts a volume (an ext4 volume of the volume
+//! service, in `FileSystemConfigs`) and appends a line to a file on it
+//! per invocation: across a migration both its memory (the count) and its
+//! volume (the lines) go on, the attachment moves to the destination with
+//! a new generation, and the source's old attachment can write no more.
+//!
+//! Each host builds each function's snapshot once (a guest boot each);
 //! every instance after that is restored or migrated.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ember_tests::emberd::{provided_bootstrap_counting, write_file, zip_dir, Emberd, Reply};
+use ember_tests::emberd::{
+    provided_bootstrap_counting, provided_bootstrap_counting_into, write_file, zip_dir, Emberd,
+    Reply,
+};
 use ember_tests::kvm_available;
+use ember_tests::volumed::Volumed;
 use serde_json::json;
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -75,6 +85,15 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "migration-test-token-0123456789").unwrap();
     let token_path = token.path().display().to_string();
+    let vol_dir = tempfile::tempdir().unwrap();
+    let vol = Volumed::start(vol_dir.path());
+    let (st, v) = vol.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name": "data", "SizeBytes": 67108864, "Filesystem": "ext4"}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let vol_api = vol.api.display().to_string();
     let pid = std::process::id();
     let net = format!("10.214.{}", (pid % 60) * 4);
     let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
@@ -91,6 +110,8 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
             format!("host-{ip}"),
             "--idle-ttl-secs".into(),
             "1800".into(),
+            "--volume-service".into(),
+            vol_api.clone(),
         ]
     };
     let a_args = args(&a_ip);
@@ -136,12 +157,41 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         0o755,
     );
     assert!(!zip_dir(code.path()).is_empty());
+    let keeper = tempfile::tempdir().unwrap();
+    write_file(
+        &keeper.path().join("bootstrap"),
+        &provided_bootstrap_counting_into("keep", "/mnt/data/log"),
+        0o755,
+    );
     let t = Instant::now();
     for d in [&a, &b] {
         d.create_function("counter", "provided.al2023", "unused", code.path(), 60, &[]);
+        let r = d.post_json(
+            "/2015-03-31/functions",
+            &json!({"FunctionName": "keeper", "Runtime": "provided.al2023", "Handler": "x",
+                    "Code": {"ZipFile": zip_dir(keeper.path())}, "Timeout": 60, "MemorySize": 128,
+                    "FileSystemConfigs": [{"Arn": "arn:aws:ember:us-east-1:000000000000:volume/data",
+                                           "LocalMountPath": "/mnt/data"}]}),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(
+            r.json()["FileSystemConfigs"][0]["LocalMountPath"],
+            "/mnt/data",
+            "{}",
+            r.text()
+        );
     }
+    let r = a.post_json(
+        "/2015-03-31/functions",
+        &json!({"FunctionName": "badfs", "Runtime": "provided.al2023", "Handler": "x",
+                "Code": {"ZipFile": zip_dir(keeper.path())},
+                "FileSystemConfigs": [{"Arn": "arn:aws:elasticfilesystem:us-east-1:000000000000:access-point/fsap-1",
+                                       "LocalMountPath": "/mnt/data"}]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
     for d in [&a, &b] {
         d.wait_active("counter", "$LATEST", BUILD_TIMEOUT);
+        d.wait_active("keeper", "$LATEST", BUILD_TIMEOUT);
     }
     eprintln!(
         "both hosts snapshotted after {:.1} s",
@@ -242,6 +292,58 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let r = b.request("DELETE", "/ember/v1/drain", &[], None);
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(b.get("/ember/v1/health").json()["Draining"], false);
+
+    // The volume's function: memory and volume both go on across hosts.
+    let lines_and_count = |r: &Reply| {
+        let c = count(r);
+        (r.json()["lines"].as_u64().unwrap(), c)
+    };
+    assert_eq!(lines_and_count(&a.invoke("keeper", &json!({}))), (1, 1));
+    assert_eq!(lines_and_count(&a.invoke("keeper", &json!({}))), (2, 2));
+    let attached = |host: &str| {
+        let (st, v) = vol.call("GET", "/v1/volumes/data", None);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["Attachment"]["Host"], host, "{v}");
+        v["Attachment"]["Generation"].as_u64().unwrap_or(0)
+    };
+    let gen_a = attached(&format!("host-{a_ip}"));
+    // While A holds the volume, B cannot start an instance with it.
+    let r = b.invoke("keeper", &json!({}));
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("attached"), "{}", r.text());
+    let id = instances(&a, "keeper", "Idle")[0].clone();
+    let r = migrate(&a, &id, &b_url);
+    assert_eq!(
+        r.status,
+        200,
+        "{}\nA:\n{}\nB:\n{}",
+        r.text(),
+        a.logs(),
+        b.logs()
+    );
+    eprintln!("keeper A -> B: {}", r.json());
+    let gen_b = attached(&format!("host-{b_ip}"));
+    assert!(gen_b > gen_a, "{gen_a} -> {gen_b}");
+    assert_eq!(lines_and_count(&b.invoke("keeper", &json!({}))), (3, 3));
+    // The source's attachment is fenced: a write with its token is refused.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4096"])
+        .arg(format!(
+            "nbd+unix:///data@{gen_a}?socket={}",
+            vol.nbd.display()
+        ))
+        .output()
+        .expect("qemu-io");
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || said.contains("failed") || said.contains("error"),
+        "a write with the old token went through: {said}"
+    );
+    // And A may not start it again while B holds the volume.
+    let r = a.invoke("keeper", &json!({}));
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert_eq!(lines_and_count(&b.invoke("keeper", &json!({}))), (4, 4));
 
     // The destination host gone: the migration fails, A keeps the instance.
     b.stop();

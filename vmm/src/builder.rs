@@ -559,7 +559,11 @@ pub fn restore_from_state(
     // The configuration reported by the API follows the overrides.
     for d in &mut resources.drives {
         if let Some(p) = overrides.drive_paths.get(&d.drive_id) {
-            d.path_on_host = p.clone();
+            if d.nbd_uri.is_some() || crate::devices::virtio::block::is_nbd_uri(p) {
+                d.nbd_uri = Some(p.clone());
+            } else {
+                d.path_on_host = p.clone();
+            }
         }
         if let Some(s) = overrides.vhost_user_sockets.get(&d.drive_id) {
             d.socket = Some(s.clone());

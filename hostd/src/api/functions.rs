@@ -40,6 +40,7 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateFunction = parse(&body)?;
     let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
     let input = SpecInput {
+        file_system: super::shapes::file_system(req.file_system_configs)?,
         runtime: req.runtime,
         handler: req.handler,
         memory_mib: req.memory_size,
@@ -113,6 +114,7 @@ pub async fn update_configuration(
     let req: UpdateConfiguration = parse(&body)?;
     let (name, _) = function_ref(&name);
     let input = SpecInput {
+        file_system: None,
         runtime: req.runtime,
         handler: req.handler,
         memory_mib: req.memory_size,

@@ -55,6 +55,13 @@ pub async fn prepare(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     Ok((StatusCode::CREATED, Json(a)).into_response())
 }
 
+/// `POST /ember/v1/migrations/{id}/switch-over`: the source paused the VM
+/// and moved its volume here; answers the URI for the VM's drive.
+pub async fn switch_over(State(d): D, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let a = incoming::switch_over(&d, &id).await?;
+    Ok(Json(a).into_response())
+}
+
 /// `GET /ember/v1/migrations`.
 pub async fn list(State(d): D) -> Json<serde_json::Value> {
     Json(json!({"Migrations": d.incoming.list()}))

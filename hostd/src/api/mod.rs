@@ -102,6 +102,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(migrate::get).delete(migrate::abort),
         )
         .route(
+            "/ember/v1/migrations/{id}/switch-over",
+            post(migrate::switch_over),
+        )
+        .route(
             "/ember/v1/functions/{name}/egress",
             get(network::get_egress).put(network::put_egress),
         )

@@ -24,9 +24,58 @@ pub struct CreateFunction {
     pub description: Option<String>,
     #[serde(default)]
     pub publish: bool,
+    /// At most one, naming an Ember volume (see [`volume_arn`]).
+    #[serde(default)]
+    pub file_system_configs: Option<Vec<FileSystemConfig>>,
     /// Accepted and ignored (no IAM here).
     #[allow(dead_code)]
     pub role: Option<String>,
+}
+
+/// Lambda's `FileSystemConfig`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct FileSystemConfig {
+    pub arn: String,
+    pub local_mount_path: String,
+}
+
+/// An Ember volume's ARN, in the place of an EFS access point's.
+pub fn volume_arn(d: &Daemon, volume: &str) -> String {
+    format!(
+        "arn:aws:ember:{}:{}:volume/{volume}",
+        d.cfg.region, d.cfg.account
+    )
+}
+
+/// The file system of CreateFunction's `FileSystemConfigs`.
+pub fn file_system(
+    configs: Option<Vec<FileSystemConfig>>,
+) -> Result<Option<crate::model::FileSystem>, crate::error::ApiError> {
+    let configs = configs.unwrap_or_default();
+    if configs.len() > 1 {
+        return Err(crate::error::ApiError::invalid(
+            "FileSystemConfigs: at most one file system per function",
+        ));
+    }
+    let Some(c) = configs.into_iter().next() else {
+        return Ok(None);
+    };
+    let volume = c
+        .arn
+        .strip_prefix("arn:aws:ember:")
+        .and_then(|r| r.split_once(":volume/"))
+        .map(|(_, v)| v.to_string())
+        .ok_or_else(|| {
+            crate::error::ApiError::invalid(format!(
+                "FileSystemConfigs: {:?} is not an Ember volume ARN (arn:aws:ember:REGION:ACCOUNT:volume/NAME)",
+                c.arn
+            ))
+        })?;
+    Ok(Some(crate::model::FileSystem {
+        volume,
+        mount_path: c.local_mount_path,
+    }))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +120,8 @@ pub struct FunctionConfiguration {
     /// Ember: how long the runtime took to initialize before its snapshot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_system_configs: Option<Vec<FileSystemConfig>>,
 }
 
 pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfiguration {
@@ -106,6 +157,12 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
         package_type: "Zip",
         architectures: ["x86_64"],
         init_duration_ms: v.snapshot.as_ref().map(|s| s.init_duration_ms),
+        file_system_configs: v.spec.file_system.as_ref().map(|fs| {
+            vec![FileSystemConfig {
+                arn: volume_arn(d, &fs.volume),
+                local_mount_path: fs.mount_path.clone(),
+            }]
+        }),
     }
 }
 

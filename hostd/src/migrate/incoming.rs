@@ -41,6 +41,18 @@ pub struct IncomingAnswer {
     pub instance_id: String,
     pub port: u16,
     pub ticket: String,
+    /// This host's id to the volume service (where a volume's attachment
+    /// moves at the switch-over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_host: Option<String>,
+}
+
+/// `POST /ember/v1/migrations/{id}/switch-over`'s answer: the URI the
+/// VM's volume drive opens here (the attachment has moved to this host).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SwitchOverAnswer {
+    pub volume_uri: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +87,9 @@ pub struct Incoming {
 
 struct Entry {
     status: IncomingStatus,
+    /// The receiving instance, until the migration ends.
+    inst: Option<Arc<Instance>>,
+    volume: Option<String>,
     /// Aborts a migration still receiving (the source gave up).
     abort: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -105,6 +120,7 @@ impl Incoming {
             e.status.state = state;
             e.status.error = error;
             e.abort = None;
+            e.inst = None;
         }
     }
 }
@@ -140,6 +156,17 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         net.logical = logical;
     }
     let generation = v.snapshot.as_ref().map(|s| s.generation).unwrap_or(0);
+    let volume = v.spec.file_system.as_ref().map(|fs| fs.volume.clone());
+    let volume_host = match (&volume, &d.cfg.volumes) {
+        (None, _) => None,
+        (Some(_), Some(vs)) => Some(vs.host_id.clone()),
+        (Some(name), None) => {
+            return Err(ApiError::conflict(format!(
+                "{}:{} mounts volume {name}, and this host has no volume service",
+                req.function_name, req.version
+            )))
+        }
+    };
     let listener = tokio::net::TcpListener::bind((peers.stream_ip, 0))
         .await
         .map_err(|e| ApiError::service(format!("cannot open a migration port: {e}")))?;
@@ -153,9 +180,11 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         source.mem_mib,
         source.vcpus,
         source.network.as_ref(),
+        None,
     )
     .await
     .map_err(|e| ApiError::service(format!("cannot start a receiving microVM: {e}")))?;
+    let inst = Arc::new(inst);
     let migration_id = format!("mig-{}", &new_ticket()[..16]);
     let ticket = new_ticket();
     let answer = IncomingAnswer {
@@ -163,6 +192,7 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         instance_id: inst.id.clone(),
         port,
         ticket: ticket.clone(),
+        volume_host,
     };
     let (abort_tx, abort_rx) = tokio::sync::oneshot::channel();
     d.incoming.lock().insert(
@@ -177,6 +207,8 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
                 error: None,
             },
             abort: Some(abort_tx),
+            inst: Some(inst.clone()),
+            volume,
         },
     );
     log::info!(
@@ -210,6 +242,45 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         }
     });
     Ok(answer)
+}
+
+/// The source has paused the VM and moved its volume's attachment here:
+/// the drive's path to the volume service is made ready, and its URI
+/// answered for the source's switch-over.
+pub async fn switch_over(d: &Arc<Daemon>, id: &str) -> Result<SwitchOverAnswer, ApiError> {
+    let (inst, volume) = {
+        let map = d.incoming.lock();
+        let e = map
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no migration {id} to this host")))?;
+        match (&e.inst, &e.volume) {
+            (Some(i), Some(v)) => (i.clone(), v.clone()),
+            (None, _) => {
+                return Err(ApiError::conflict(format!(
+                    "migration {id} is {:?}, no longer receiving",
+                    e.status.state
+                )))
+            }
+            (_, None) => {
+                return Err(ApiError::invalid(format!(
+                    "migration {id} has no volume to switch over"
+                )))
+            }
+        }
+    };
+    let vs = d
+        .cfg
+        .volumes
+        .as_ref()
+        .ok_or_else(|| ApiError::conflict("this host has no volume service"))?;
+    let grant = vs.attach(&volume).await?;
+    let target = grant.target()?;
+    let sock = inst
+        .start_nbd_path(target)
+        .map_err(|e| ApiError::service(format!("the volume's NBD path: {e}")))?;
+    Ok(SwitchOverAnswer {
+        volume_uri: grant.uri_via(&sock),
+    })
 }
 
 /// Carries the stream to the VMM until the VM runs here (Ok) or the

@@ -9,7 +9,7 @@ use ember_cluster::hostapi::HostClient;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
-use super::incoming::{IncomingAnswer, IncomingRequest, IncomingStatus, Phase};
+use super::incoming::{IncomingAnswer, IncomingRequest, IncomingStatus, Phase, SwitchOverAnswer};
 use super::stream::serve_outgoing;
 use super::{ended, MIGRATION_TIMEOUT};
 use crate::daemon::Daemon;
@@ -211,11 +211,14 @@ async fn send(
     // A fresh agent connection is made on whichever host runs the VM.
     inst.close_agent().await;
     let downtime = input.downtime_ms.unwrap_or(300);
+    let volume = v.spec.file_system.as_ref().map(|fs| fs.volume.clone());
+    let mut moved_volume = false;
     let outcome = async {
-        inst.send_migration(downtime)
+        inst.send_migration(downtime, volume.is_some())
             .await
             .map_err(|e| format!("the VMM refused to migrate: {e}"))?;
         let start = Instant::now();
+        let mut switched = false;
         loop {
             let st = inst
                 .migration_status()
@@ -233,11 +236,28 @@ async fn send(
                     let _ = inst.cancel_migration().await;
                     return Err(format!("no switch-over within {MIGRATION_TIMEOUT:?}"));
                 }
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
+                None if !switched && st["state"] == "AwaitingSwitchOver" => {
+                    switched = true;
+                    let r = switch_volume(d, &peer, dest, &answer, inst, volume.as_deref()).await;
+                    moved_volume = r.moved;
+                    if let Err(e) = r.result {
+                        let _ = inst.cancel_migration().await;
+                        return Err(e);
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
     }
     .await;
+    if outcome.is_err() && moved_volume {
+        if let Err(e) = volume_back(d, inst, volume.as_deref()).await {
+            log::error!(
+                "instance {}: the volume did not come back after a failed migration: {e}",
+                inst.id
+            );
+        }
+    }
     let status = match outcome {
         Ok(s) => s,
         Err(e) => {
@@ -287,6 +307,84 @@ async fn send(
         rounds: num("rounds").unwrap_or(0),
         bytes: num("bytes").unwrap_or(0),
     })
+}
+
+struct Switched {
+    /// The attachment left this host (undo with [`volume_back`]).
+    moved: bool,
+    result: Result<(), String>,
+}
+
+/// The source is paused with every page at the destination: the volume's
+/// attachment moves there (a new generation, so this host's requests are
+/// refused from now on; each request checked before the move lands before
+/// it, under the volume service's I/O gate), the destination readies its
+/// path to it, and the destination VMM opens it and resumes.
+async fn switch_volume(
+    d: &Daemon,
+    peer: &HostClient,
+    dest: &str,
+    answer: &IncomingAnswer,
+    inst: &Instance,
+    volume: Option<&str>,
+) -> Switched {
+    let Some(volume) = volume else {
+        return Switched {
+            moved: false,
+            result: Err("a manual switch-over without a volume".into()),
+        };
+    };
+    let (Some(vs), Some(host)) = (&d.cfg.volumes, &answer.volume_host) else {
+        return Switched {
+            moved: false,
+            result: Err("the volume service or the destination's volume host is missing".into()),
+        };
+    };
+    if let Err(e) = vs.move_to(volume, host).await {
+        return Switched {
+            moved: false,
+            result: Err(format!("moving volume {volume} to {host}: {}", e.message)),
+        };
+    }
+    let path = format!("/ember/v1/migrations/{}/switch-over", answer.migration_id);
+    let result = async {
+        let r = peer
+            .json(dest, Method::POST, &path, &serde_json::json!({}))
+            .await
+            .map_err(|e| format!("destination {dest}: {e}"))?;
+        if !r.status.is_success() {
+            return Err(format!(
+                "destination {dest} could not open the volume ({}): {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ));
+        }
+        let a: SwitchOverAnswer = serde_json::from_slice(&r.body)
+            .map_err(|e| format!("destination {dest} answered oddly: {e}"))?;
+        inst.switch_over(crate::volume::DRIVE_ID, &a.volume_uri)
+            .await
+            .map_err(|e| format!("the switch-over: {e}"))
+    }
+    .await;
+    Switched {
+        moved: true,
+        result,
+    }
+}
+
+/// After a failed switch-over: the attachment comes back to this host
+/// (again a new generation) and the source VMM, running again, reopens it.
+async fn volume_back(d: &Daemon, inst: &Instance, volume: Option<&str>) -> Result<(), String> {
+    let (Some(volume), Some(vs)) = (volume, &d.cfg.volumes) else {
+        return Ok(());
+    };
+    let g = vs
+        .move_to(volume, &vs.host_id)
+        .await
+        .map_err(|e| e.message)?;
+    inst.reopen_nbd(crate::volume::DRIVE_ID, &g.uri_via(&inst.nbd_socket()))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// What a drain did.

@@ -81,6 +81,10 @@ mod vm_paths {
     pub const MIGRATE_IN: &str = "/run/migrate-in.sock";
     /// hostd listens here for a source VMM's migration stream.
     pub const MIGRATE_OUT: &str = "/run/migrate-out.sock";
+    /// hostd joins NBD connections made here to the volume service.
+    pub const NBD: &str = "/run/nbd.sock";
+    /// A volume's placeholder while a snapshot is built (in `/out`).
+    pub const VOLUME_PLACEHOLDER: &str = "/out/volume.img";
 }
 
 /// A running VMM process.
@@ -103,6 +107,8 @@ pub struct Instance {
     net: Mutex<Option<(Arc<NetManager>, InstanceNet)>>,
     /// Its physical address, if it has a network.
     pub physical_address: Option<std::net::Ipv4Addr>,
+    /// Tasks serving it (the NBD path to its volume), ended with it.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Host paths a jailed VMM needs besides its own files: the shared
@@ -369,6 +375,7 @@ impl Instance {
             started: Instant::now(),
             net: Mutex::new(None),
             physical_address: None,
+            tasks: Mutex::new(Vec::new()),
         };
         let api = inst.api();
         let ready = api_client::wait_ready(&api, Duration::from_secs(10));
@@ -381,6 +388,10 @@ impl Instance {
 
     /// Boots a fresh VM from `files` and waits for its agent's hello.
     /// The VMM may write into `out` (seen as `/out`), for a snapshot.
+    /// With `volume_bytes`, the VM gets a read-write drive of that size
+    /// for a volume, on a sparse placeholder in `out`: restores open the
+    /// volume in its place (see [`Instance::restore`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn boot(
         cfg: &LaunchConfig,
         files: &VmFiles,
@@ -388,6 +399,7 @@ impl Instance {
         vcpus: u32,
         out: &Path,
         net: Option<&NetRequest>,
+        volume_bytes: Option<u64>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
             (vm_paths::KERNEL, files.kernel.as_path()),
@@ -395,7 +407,32 @@ impl Instance {
             (vm_paths::CODE, files.code.as_path()),
         ];
         let inst = Instance::spawn(cfg, &inputs, Some(out), mem_mib, vcpus, net).await?;
-        let result = inst.configure_and_start(cfg, files, mem_mib, vcpus).await;
+        let placeholder = match volume_bytes {
+            None => None,
+            Some(size) => {
+                let host = out.join("volume.img");
+                let made = std::fs::File::create(&host).and_then(|f| {
+                    f.set_len(size)?;
+                    if let Some((uid, gid)) = inst.jail_owner {
+                        nix::unistd::chown(&host, Some(uid.into()), Some(gid.into()))
+                            .map_err(std::io::Error::from)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = made {
+                    inst.destroy().await;
+                    return Err(e.into());
+                }
+                Some(if inst.jailed {
+                    PathBuf::from(vm_paths::VOLUME_PLACEHOLDER)
+                } else {
+                    host
+                })
+            }
+        };
+        let result = inst
+            .configure_and_start(cfg, files, mem_mib, vcpus, placeholder)
+            .await;
         match result {
             Ok(()) => Ok(inst),
             Err(e) => {
@@ -411,6 +448,7 @@ impl Instance {
         files: &VmFiles,
         mem_mib: u32,
         vcpus: u32,
+        volume_placeholder: Option<PathBuf>,
     ) -> Result<(), InstanceError> {
         let api = self.api();
         let mut boot = json!({"kernel_image_path": self.input(vm_paths::KERNEL, &files.kernel)});
@@ -438,6 +476,16 @@ impl Instance {
                    "is_root_device": false, "is_read_only": true}),
         )
         .await?;
+        if let Some(p) = volume_placeholder {
+            let path = format!("/drives/{}", crate::volume::DRIVE_ID);
+            api_client::put(
+                &api,
+                &path,
+                json!({"drive_id": crate::volume::DRIVE_ID, "path_on_host": p,
+                       "is_root_device": false, "is_read_only": false}),
+            )
+            .await?;
+        }
         let iface = self
             .net
             .lock()
@@ -488,6 +536,9 @@ impl Instance {
 
     /// Restores a clone from the snapshot in `snapshot_dir` (running) and
     /// connects to its agent, refreshing its entropy and clock.
+    /// With `volume`, the snapshot's volume drive opens that attachment
+    /// (through [`Instance::start_nbd_path`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn restore(
         cfg: &LaunchConfig,
         files: &VmFiles,
@@ -495,6 +546,7 @@ impl Instance {
         mem_mib: u32,
         vcpus: u32,
         net: Option<&NetRequest>,
+        volume: Option<&crate::volume::Grant>,
     ) -> Result<Instance, InstanceError> {
         let snap = snapshot_dir.join("vm.snap");
         let mem = snapshot_dir.join("mem");
@@ -516,6 +568,22 @@ impl Instance {
             // Every clone's vsock socket must differ; in a jail the path
             // recorded in the snapshot is already private to the clone.
             load["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
+        }
+        if let Some(g) = volume {
+            let started = g
+                .target()
+                .map_err(|e| InstanceError::Spawn(e.message))
+                .and_then(|t| inst.start_nbd_path(t).map_err(InstanceError::from));
+            match started {
+                Ok(sock) => {
+                    load["drive_overrides"] = json!([{"drive_id": crate::volume::DRIVE_ID,
+                                                      "path_on_host": g.uri_via(&sock)}]);
+                }
+                Err(e) => {
+                    inst.destroy().await;
+                    return Err(e);
+                }
+            }
         }
         let t = Instant::now();
         let result = async {
@@ -545,12 +613,15 @@ impl Instance {
     /// Starts a VMM that waits, on [`Instance::migration_in_socket`], for
     /// a migration stream of a VM made of `files` (bound where the source
     /// had them in its jail; passed as overrides when unjailed).
+    /// With `volume`, hostd's NBD path to the volume service is ready in
+    /// the jail for the drive override the switch-over brings.
     pub async fn receive(
         cfg: &LaunchConfig,
         files: &VmFiles,
         mem_mib: u32,
         vcpus: u32,
         net: Option<&NetRequest>,
+        volume: Option<crate::volume::NbdTarget>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
             (vm_paths::ROOTFS, files.rootfs.as_path()),
@@ -568,12 +639,62 @@ impl Instance {
                 {"drive_id": "code", "path_on_host": files.code},
             ]);
         }
+        if let Some(t) = volume {
+            if let Err(e) = inst.start_nbd_path(t) {
+                inst.destroy().await;
+                return Err(e.into());
+            }
+        }
         match api_client::put(&inst.api(), "/migrate/receive", body).await {
             Ok(_) => Ok(inst),
             Err(e) => {
                 inst.destroy().await;
                 Err(e.into())
             }
+        }
+    }
+
+    /// Listens in the jail for the VMM's NBD connections to a volume and
+    /// joins each to `target`; answers the socket's path as the VMM sees it.
+    pub fn start_nbd_path(&self, target: crate::volume::NbdTarget) -> std::io::Result<PathBuf> {
+        let host = self.host(vm_paths::NBD);
+        let _ = std::fs::remove_file(&host);
+        let l = tokio::net::UnixListener::bind(&host)?;
+        if let Some((uid, gid)) = self.jail_owner {
+            nix::unistd::chown(&host, Some(uid.into()), Some(gid.into()))
+                .map_err(std::io::Error::from)?;
+        }
+        let task = tokio::spawn(crate::volume::forward_nbd(l, target));
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+        Ok(self.vm(vm_paths::NBD))
+    }
+
+    /// Where a receiving VMM's volume drive reaches the volume service (as
+    /// the VMM sees it; the source names it in the switch-over's URI).
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.vm(vm_paths::NBD)
+    }
+
+    /// Runs `script` with `sh` as root in the guest; an error unless it
+    /// exits 0.
+    pub async fn run_in_guest(&self, script: String) -> Result<(), InstanceError> {
+        let req = ember_agent::protocol::ExecRequest {
+            timeout_ms: Some(60_000),
+            ..ember_agent::protocol::ExecRequest::new(["/bin/sh", "-c", &script])
+        };
+        let r = self.with_agent(move |a| a.exec(&req)).await??;
+        if r.exit_code == Some(0) {
+            Ok(())
+        } else {
+            Err(InstanceError::Spawn(format!(
+                "in the guest, {script:?} ended with {:?}/{:?}: {}",
+                r.exit_code,
+                r.signal,
+                String::from_utf8_lossy(&r.stderr).trim()
+            )))
         }
     }
 
@@ -596,12 +717,43 @@ impl Instance {
     }
 
     /// `PUT /migrate/send` to the socket of [`Instance::migration_out_listener`].
-    pub async fn send_migration(&self, downtime_ms: u64) -> Result<(), InstanceError> {
+    /// With `manual`, the source waits paused after the last page for
+    /// [`Instance::switch_over`].
+    pub async fn send_migration(
+        &self,
+        downtime_ms: u64,
+        manual: bool,
+    ) -> Result<(), InstanceError> {
         let uri = format!("unix://{}", self.vm(vm_paths::MIGRATE_OUT).display());
+        let switch_over = if manual { "Manual" } else { "Auto" };
         api_client::put(
             &self.api(),
             "/migrate/send",
-            json!({"destination_uri": uri, "downtime_ms": downtime_ms}),
+            json!({"destination_uri": uri, "downtime_ms": downtime_ms,
+                   "switch_over": switch_over}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `PUT /migrate/switch-over`: the destination opens `drive_id` at
+    /// `uri` and resumes.
+    pub async fn switch_over(&self, drive_id: &str, uri: &str) -> Result<(), InstanceError> {
+        api_client::put(
+            &self.api(),
+            "/migrate/switch-over",
+            json!({"drive_overrides": [{"drive_id": drive_id, "path_on_host": uri}]}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `PATCH /drives/{id}` to another NBD URI (a volume moved back here).
+    pub async fn reopen_nbd(&self, drive_id: &str, uri: &str) -> Result<(), InstanceError> {
+        api_client::patch(
+            &self.api(),
+            &format!("/drives/{drive_id}"),
+            json!({"drive_id": drive_id, "nbd_uri": uri}),
         )
         .await?;
         Ok(())
@@ -751,6 +903,14 @@ impl Instance {
     pub fn kill(&self) {
         if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = tx.send(());
+        }
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
         }
     }
 

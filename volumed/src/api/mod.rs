@@ -108,6 +108,10 @@ pub fn router(svc: Arc<Service>) -> Router {
 struct CreateInput {
     name: String,
     size_bytes: u64,
+    /// `"ext4"`: the new volume holds an empty ext4 filesystem (for a
+    /// function's `FileSystemConfigs`), made with the host's `mkfs.ext4`.
+    #[serde(default)]
+    filesystem: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -180,8 +184,54 @@ async fn list(State(s): S) -> Json<serde_json::Value> {
 
 async fn create(State(s): S, body: Bytes) -> Result<(StatusCode, Json<VolumeRecord>), ApiError> {
     let i: CreateInput = parse(&body)?;
+    match i.filesystem.as_deref() {
+        None | Some("ext4") => {}
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "InvalidInput",
+                format!("Filesystem {other:?}: only \"ext4\" is made"),
+            ))
+        }
+    }
     let rec = s.registry.create(&i.name, i.size_bytes)?;
+    if i.filesystem.is_some() {
+        let image = s.registry.image_path(&i.name);
+        let made = tokio::task::spawn_blocking(move || make_ext4(&image))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = made {
+            let _ = s.registry.delete(&i.name);
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "FilesystemError",
+                format!("making ext4 on {}: {e}", i.name),
+            ));
+        }
+    }
     Ok((StatusCode::CREATED, Json(rec)))
+}
+
+/// An empty ext4 filesystem on `image` (journal on, no reserved blocks,
+/// inode tables left for the kernel to initialise: the file stays sparse).
+fn make_ext4(image: &std::path::Path) -> Result<(), String> {
+    let out = std::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ])
+        .arg(image)
+        .output()
+        .map_err(|e| format!("mkfs.ext4: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
 }
 
 async fn get_one(State(s): S, Path(name): Path<String>) -> Result<Json<VolumeRecord>, ApiError> {

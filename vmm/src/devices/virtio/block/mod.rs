@@ -70,3 +70,8 @@ pub enum BlockError {
         source: std::io::Error,
     },
 }
+
+/// An `nbd://` or `nbd+unix://` URI rather than a path.
+pub fn is_nbd_uri(s: &str) -> bool {
+    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+}

@@ -34,7 +34,9 @@ impl Block {
     pub fn restore(state: &BlockState, path_override: Option<&str>) -> Result<Block, BlockError> {
         let mut config = state.config.clone();
         if let Some(path) = path_override {
-            if config.nbd_uri.is_some() {
+            // A URI opens the export in place of the saved file (hostd
+            // snapshots a volume's drive on a placeholder of its size).
+            if config.nbd_uri.is_some() || super::is_nbd_uri(path) {
                 config.nbd_uri = Some(path.to_string());
             } else {
                 config.path_on_host = path.to_string();
