@@ -60,6 +60,14 @@ enum Cmd {
         /// Return at once instead of waiting for the snapshot.
         #[arg(long)]
         no_wait: bool,
+        /// Mount this volume (of the host's volume service) in every
+        /// instance, at --mount-path; the function then runs one instance
+        /// at a time.
+        #[arg(long, requires = "mount_path")]
+        volume: Option<String>,
+        /// /mnt/NAME.
+        #[arg(long, requires = "volume")]
+        mount_path: Option<String>,
     },
     /// Update the code and/or configuration of $LATEST.
     Update {
@@ -347,9 +355,18 @@ fn main() {
             spec,
             publish,
             no_wait,
+            volume,
+            mount_path,
         } => {
             let mut body = spec_json(&spec);
             body["FunctionName"] = json!(name);
+            if let (Some(v), Some(p)) = (volume, mount_path) {
+                // The region and account are the host's; any pass here.
+                body["FileSystemConfigs"] = json!([{
+                    "Arn": format!("arn:aws:ember:::volume/{v}"),
+                    "LocalMountPath": p,
+                }]);
+            }
             body["Code"] = json!({"ZipFile": read_code(&code)});
             body["Publish"] = json!(publish);
             let mut out = c.json("POST", "/2015-03-31/functions", Some(body));
