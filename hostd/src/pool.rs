@@ -326,6 +326,13 @@ impl Pools {
         Taking::Gone
     }
 
+    /// Instance `id` if it is being migrated away.
+    pub fn migrating(&self, id: &str) -> Option<Arc<Instance>> {
+        self.lock()
+            .values()
+            .find_map(|p| p.migrating.iter().find(|i| i.id == id).cloned())
+    }
+
     /// A caller stops waiting for busy instance `id`: it stays here.
     pub fn abandon(&self, id: &str) {
         let left = {

@@ -215,6 +215,13 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         &json!({"Destination": b_url, "Bogus": 1}),
     );
     assert_eq!(r.status, 400, "{}", r.text());
+    let r = a.request(
+        "DELETE",
+        &format!("/ember/v1/instances/{id}/migrate"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 404, "not migrating: {}", r.text());
     // A destination that cannot be reached: the instance stays, counting.
     let r = migrate(&a, &id, &format!("http://{b_ip}:9"));
     assert_eq!(r.status, 502, "{}", r.text());

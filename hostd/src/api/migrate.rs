@@ -30,6 +30,22 @@ pub async fn migrate(
     Ok(Json(r).into_response())
 }
 
+/// `DELETE /ember/v1/instances/{id}/migrate`: cancels a migration before
+/// its switch-over; the instance runs on here (the migration's caller
+/// gets its error).
+pub async fn cancel(State(d): D, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let inst = d
+        .pools
+        .migrating(&id)
+        .ok_or_else(|| ApiError::not_found(format!("instance {id} is not migrating")))?;
+    inst.cancel_migration().await.map_err(|e| {
+        ApiError::conflict(format!(
+            "the migration of {id} cannot be cancelled (past its switch-over?): {e}"
+        ))
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `POST /ember/v1/drain {"Destination", "DowntimeMs"}`.
 pub async fn drain(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     let input: MigrateInput = parse(&body)?;

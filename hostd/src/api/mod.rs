@@ -86,7 +86,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/ember/v1/volumes/{name}/attach", post(volumes::attach))
         .route("/ember/v1/volumes/{name}/detach", post(volumes::detach))
         .route("/ember/v1/volumes/{name}/move", post(volumes::move_to))
-        .route("/ember/v1/instances/{id}/migrate", post(migrate::migrate))
+        .route(
+            "/ember/v1/instances/{id}/migrate",
+            post(migrate::migrate).delete(migrate::cancel),
+        )
         .route(
             "/ember/v1/drain",
             post(migrate::drain)

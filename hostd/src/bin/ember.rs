@@ -177,8 +177,11 @@ enum Cmd {
     Migrate {
         instance: String,
         /// The destination host's API, http://HOST:PORT (its --listen-tcp).
-        #[arg(long)]
-        to: String,
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Cancel the instance's migration (before its switch-over).
+        #[arg(long, conflicts_with = "to")]
+        cancel: bool,
         /// The pause the guest may see.
         #[arg(long)]
         downtime_ms: Option<u64>,
@@ -605,12 +608,19 @@ fn main() {
         Cmd::Migrate {
             instance,
             to,
+            cancel,
             downtime_ms,
-        } => print(&c.json(
-            "POST",
-            &format!("/ember/v1/instances/{instance}/migrate"),
-            Some(migrate_input(to, downtime_ms)),
-        )),
+        } => {
+            let uri = format!("/ember/v1/instances/{instance}/migrate");
+            match to {
+                Some(to) if !cancel => {
+                    print(&c.json("POST", &uri, Some(migrate_input(to, downtime_ms))))
+                }
+                _ => {
+                    c.json("DELETE", &uri, None);
+                }
+            }
+        }
         Cmd::Drain {
             to,
             downtime_ms,
