@@ -23,6 +23,21 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
+/// True when run as root (network namespaces, jails).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `ip ARGS...` (iproute2); panics unless it succeeds.
+pub fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
 /// Runs `script` with `/bin/sh -c` in the guest and returns its stdout;
 /// panics with its output unless it exits 0.
 pub fn guest_sh(agent: &mut ember_agent::AgentClient, script: &str) -> String {

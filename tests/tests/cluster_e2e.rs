@@ -8,7 +8,6 @@
 //! guests (`provided` functions, bash + curl), so each version's first
 //! build on a host boots one. Needs root, /dev/kvm, etcd and boto3.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_cluster::hosts::{live_hosts, HostReport};
@@ -18,21 +17,11 @@ use ember_tests::cluster::{
     aws_cli, aws_lambda, boto3, create_account, have_boto3, signed_request, ClusterApi, Key,
 };
 use ember_tests::emberd::{provided_bootstrap_bash, write_file, zip_dir, Emberd};
-use ember_tests::kvm_available;
+use ember_tests::{ip, is_root, kvm_available};
 use serde_json::{json, Value};
 
 const HOSTS: usize = 3;
 const BUILD: Duration = Duration::from_secs(900);
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("ip");
-    assert!(st.success(), "ip {args:?}");
-}
 
 fn hosts(etcd: &str) -> Vec<HostReport> {
     let rt = tokio::runtime::Builder::new_current_thread()

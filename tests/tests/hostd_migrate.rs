@@ -21,21 +21,11 @@ use ember_tests::emberd::{
     provided_bootstrap_counting, provided_bootstrap_counting_into, write_file, zip_dir, Emberd,
     Reply,
 };
-use ember_tests::kvm_available;
 use ember_tests::volumed::Volumed;
+use ember_tests::{ip, is_root, kvm_available};
 use serde_json::json;
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("ip");
-    assert!(st.success(), "ip {args:?}");
-}
 
 /// The instances of `function` on `d` in pool list `which` (Idle, Busy).
 fn instances(d: &Emberd, function: &str, which: &str) -> Vec<String> {
@@ -67,6 +57,21 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Migrates `id` from `from` to `to` (at `to_url`) and answers the report;
+/// panics with both hosts' logs unless it succeeds.
+fn migrate_ok(from: &Emberd, to: &Emberd, id: &str, to_url: &str) -> serde_json::Value {
+    let r = migrate(from, id, to_url);
+    assert_eq!(
+        r.status,
+        200,
+        "{}\nsource:\n{}\ndestination:\n{}",
+        r.text(),
+        from.logs(),
+        to.logs()
+    );
+    r.json()
 }
 
 fn migrate(d: &Emberd, id: &str, dest: &str) -> Reply {
@@ -244,16 +249,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     assert_eq!(String::from_utf8_lossy(&r.stdout), "401");
 
     // A → B: the count goes on on B; nothing of it is left on A.
-    let r = migrate(&a, &id, &b_url);
-    assert_eq!(
-        r.status,
-        200,
-        "{}\nA:\n{}\nB:\n{}",
-        r.text(),
-        a.logs(),
-        b.logs()
-    );
-    let rep = r.json();
+    let rep = migrate_ok(&a, &b, &id, &b_url);
     eprintln!("A -> B: {rep}");
     assert_eq!(rep["InstanceId"], id.as_str());
     assert!(rep["DowntimeMs"].as_u64().is_some(), "{rep}");
@@ -319,16 +315,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     assert_ne!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("attached"), "{}", r.text());
     let id = instances(&a, "keeper", "Idle")[0].clone();
-    let r = migrate(&a, &id, &b_url);
-    assert_eq!(
-        r.status,
-        200,
-        "{}\nA:\n{}\nB:\n{}",
-        r.text(),
-        a.logs(),
-        b.logs()
-    );
-    eprintln!("keeper A -> B: {}", r.json());
+    eprintln!("keeper A -> B: {}", migrate_ok(&a, &b, &id, &b_url));
     let gen_b = attached(&format!("host-{b_ip}"));
     assert!(gen_b > gen_a, "{gen_a} -> {gen_b}");
     assert_eq!(lines_and_count(&b.invoke("keeper", &json!({}))), (3, 3));
