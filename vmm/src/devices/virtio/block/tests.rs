@@ -450,10 +450,10 @@ fn nbd_backend_through_the_queue() {
 
     // A snapshot's state reconnects at restore, to an overriding URI too.
     let state = h.block.state();
-    let restored = Block::restore(&state, None).unwrap();
+    let restored = Block::restore(&state, None, None).unwrap();
     assert_eq!(restored.capacity(), 128);
     assert_eq!(restored.config().nbd_uri, cfg.nbd_uri);
-    let bad = Block::restore(&state, Some("nbd+unix:///?socket=/nonexistent.sock"))
+    let bad = Block::restore(&state, Some("nbd+unix:///?socket=/nonexistent.sock"), None)
         .err()
         .unwrap();
     assert!(bad.to_string().contains("NBD export"), "{bad}");
