@@ -761,6 +761,14 @@ fn a_filling_drive_serves_the_guest_and_a_snapshot_keeps_its_map() {
     let other = dir.path().join("other.img");
     let e = Block::restore(&state, other.to_str(), None).err().unwrap();
     assert!(e.to_string().contains("in that file only"), "{e}");
+    let moved = dir.path().join("moved.img");
+    std::fs::rename(&local, &moved).unwrap();
+    let e = Block::restore(&state, None, None).err().unwrap();
+    assert!(
+        e.to_string().contains("No such file"),
+        "a continued fill needs its file: {e}"
+    );
+    std::fs::rename(&moved, &local).unwrap();
     let again = Block::restore(&state, None, None).unwrap();
     let local_now = again.fill_status().unwrap().chunks_local;
     let saved_chunks: u64 = saved.present.iter().map(|r| r[1]).sum();

@@ -110,8 +110,8 @@ pub struct Fill {
 impl Fill {
     /// Opens (or creates, sparse, at the source's size) the local file at
     /// `path` and connects to the source. `saved` continues a fill a
-    /// snapshot interrupted. A local file of another size is refused,
-    /// except an empty one, which is grown.
+    /// snapshot interrupted, in that file, which must exist. A local file
+    /// of another size is refused, except an empty one, which is grown.
     pub fn open(path: &str, from: &FillFrom, saved: Option<&FillState>) -> Result<Fill, String> {
         let uri = NbdUri::parse(&from.nbd_uri).map_err(|e| format!("bad nbd_uri: {e}"))?;
         let timeout = from
@@ -121,10 +121,12 @@ impl Fill {
         let client = NbdClient::connect(uri, timeout, Durability::None)
             .map_err(|e| format!("fill source {}: {e}", from.nbd_uri))?;
         let size = client.size();
+        // A continued fill needs the file its map describes; only a new
+        // one may start from a file created here.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(saved.is_none())
             .truncate(false)
             .open(path)
             .map_err(|e| format!("{path}: {e}"))?;
