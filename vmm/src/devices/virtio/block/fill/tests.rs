@@ -198,12 +198,29 @@ fn a_lost_source_fails_missing_reads_only_and_a_restarted_one_serves_again() {
         want[(40 * CS) as usize..(40 * CS + 4096) as usize]
     );
 
-    let _server = Killed(ember_tests::nbd::qemu_nbd(&img, &sock));
-    let (_, r) = run(&mut f, 4, Op::Read(4096), 30 * CS);
-    assert_eq!(
-        r.unwrap(),
-        want[(30 * CS) as usize..(30 * CS + 4096) as usize]
+    // Within the backoff after a failure, requests fail at once.
+    let t = Instant::now();
+    let (_, r) = run(&mut f, 4, Op::Read(4096), 31 * CS);
+    let e = r.expect_err("still down");
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
     );
+
+    let _server = Killed(ember_tests::nbd::qemu_nbd(&img, &sock));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 5;
+    let data = loop {
+        match run(&mut f, id, Op::Read(4096), 30 * CS).1 {
+            Ok(d) => break d,
+            Err(e) => assert!(Instant::now() < deadline, "the source stays unused: {e}"),
+        }
+        id += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(data, want[(30 * CS) as usize..(30 * CS + 4096) as usize]);
     assert!(f.status("d").error.is_none(), "{:?}", f.status("d"));
 }
 

@@ -31,6 +31,10 @@ struct Worker {
     rx: Receiver<Job>,
     source: String,
     retry: Duration,
+    /// The last failed fetch: within `retry` of it, guest requests that
+    /// need the source fail at once rather than each waiting out a
+    /// reconnect (the background copy keeps probing).
+    failed_at: Option<Instant>,
     /// `background_bytes_per_sec`, and when the next batch may start.
     rate: Option<u64>,
     next_batch: Instant,
@@ -52,6 +56,7 @@ pub(super) fn start(
         rx,
         source: from.nbd_uri.clone(),
         retry: RETRY_START,
+        failed_at: None,
         rate: from.background_bytes_per_sec,
         next_batch: Instant::now(),
     };
@@ -136,6 +141,11 @@ impl Worker {
                 .collect()
         };
         let fetch: Vec<u64> = missing.iter().copied().filter(|&c| !whole(c)).collect();
+        if !fetch.is_empty() && self.failed_at.is_some_and(|t| t.elapsed() < self.retry) {
+            let why = lock(&self.shared).error.clone().unwrap_or_default();
+            let msg = format!("fill source {} unreachable: {why}", self.source);
+            return self.complete(job.id, Err(io::Error::other(msg)));
+        }
         for run in runs(&fetch) {
             if let Err(e) = self.fetch(run, true) {
                 self.failed(&e);
@@ -197,10 +207,12 @@ impl Worker {
             log::info!("fill from {}: the source answers again", self.source);
         }
         self.retry = RETRY_START;
+        self.failed_at = None;
         Ok(())
     }
 
-    fn failed(&self, e: &io::Error) {
+    fn failed(&mut self, e: &io::Error) {
+        self.failed_at = Some(Instant::now());
         let msg = e.to_string();
         let mut inner = lock(&self.shared);
         if inner.error.as_deref() != Some(msg.as_str()) {
