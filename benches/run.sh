@@ -8,7 +8,8 @@
 # the in-VMM file backend against vhost-user to qemu-storage-daemon and to
 # ember-volumed; invoke latency and throughput through ember-cluster against
 # straight to emberd; live migration downtime and bytes sent; live volume
-# copies (move, split) between two ember-volumeds.
+# copies (move, split) between two ember-volumeds; a fill_from drive
+# filling from ember-export (background copy, on-demand reads).
 # Arguments go to `cargo bench`: `bash benches/run.sh --bench hostd` runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

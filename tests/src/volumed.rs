@@ -102,3 +102,49 @@ impl Drop for Volumed {
         let _ = self.child.wait();
     }
 }
+
+/// An `ember-export` child process: one file served read-only over NBD on
+/// a unix socket (the export a migration's destination fills from).
+pub struct Export {
+    child: Child,
+    pub sock: PathBuf,
+}
+
+impl Export {
+    /// Serves `file` as `disk` on `sock`; returns once it listens.
+    pub fn start(file: &Path, sock: &Path) -> Export {
+        let _ = std::fs::remove_file(sock);
+        let child = Command::new(workspace_bin("ember-export"))
+            .arg("--file")
+            .arg(file)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ember-export");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ember-export did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Export {
+            child,
+            sock: sock.to_path_buf(),
+        }
+    }
+
+    /// `nbd+unix:///disk?socket=...`
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///disk?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,5 +1,6 @@
 //! Snapshots with a real guest: boot once, pause, snapshot, then restore
-//! clones in fresh VMM processes and check each runs on its own.
+//! clones in fresh VMM processes and check each runs on its own; one
+//! clone's root disk fills from an export of the golden's while it runs.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use ember_agent::AGENT_PORT;
 use ember_tests::artifacts::workspace_bin;
 use ember_tests::guest_sh as sh;
 use ember_tests::snapshots::{self, boot_and_snapshot, connect_restored, Golden};
+use ember_tests::volumed::Export;
 use ember_tests::VmmProcess;
 use serde_json::json;
 
@@ -336,4 +338,77 @@ fn vm_stops_with_an_error_when_its_page_fault_handler_dies() {
         "{}",
         vmm.logs()
     );
+}
+
+#[test]
+fn a_clone_fills_its_root_disk_from_an_export_while_it_runs() {
+    let g = golden();
+    // The golden's root disk, served as a migration's source host would.
+    let vmm = VmmProcess::spawn(&[]);
+    let rootfs = ember_tests::rootfs_path();
+    let export = Export::start(&rootfs, &vmm.path("export.sock"));
+    let local = vmm.path("local-rootfs.ext4");
+    // Capped (the 64 MiB take 32 s) so the guest reads while the last
+    // chunks are still missing.
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                "vsock_override": {"uds_path": vmm.path("vsock.sock")},
+                "drive_overrides": [{"drive_id": "rootfs", "path_on_host": local}],
+                "fill_overrides": [{"drive_id": "rootfs", "fill_from":
+                    {"nbd_uri": export.uri(), "background_bytes_per_sec": 2 << 20}}],
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let fill = || vmm.request("GET", "/drives/rootfs/fill", None).json();
+    let first = fill();
+    assert_eq!(first["state"], "Filling", "{first}");
+    assert_eq!(first["chunks_total"], 1024, "{first}");
+    let mut agent = connect_restored(&vmm);
+    // The disk's last 256 KiB read raw (chunks 1020-1023), and two files
+    // read through ext4 with the page cache dropped first.
+    let reads = "echo 3 > /proc/sys/vm/drop_caches; \
+                 dd if=/dev/vda bs=65536 skip=1020 count=4 2>/dev/null | md5sum; \
+                 md5sum /bin/busybox /sbin/init";
+    let tail = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "dd if={} bs=65536 skip=1020 count=4 2>/dev/null | md5sum",
+            rootfs.display()
+        ))
+        .output()
+        .unwrap();
+    let tail = String::from_utf8_lossy(&tail.stdout).into_owned();
+    let before = fill()["chunks_local"].as_u64().unwrap();
+    let during = sh(&mut agent, reads);
+    let mid = fill();
+    eprintln!("{before} chunks local before the guest's reads; after: {mid}");
+    assert_eq!(during.lines().next(), tail.lines().next(), "{during}");
+    assert!(during.contains(" /bin/busybox"), "{during}");
+    if before < 1020 {
+        assert!(mid["bytes_on_demand"].as_u64().unwrap() > 0, "{mid}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while fill()["state"] != "Complete" {
+        assert!(std::time::Instant::now() < deadline, "{}", fill());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let done = fill();
+    assert_eq!(done["chunks_local"], 1024, "{done}");
+    assert!(done["error"].is_null(), "{done}");
+    assert_eq!(
+        sh(&mut agent, reads),
+        during,
+        "read back the same after the fill"
+    );
+    assert!(
+        std::fs::read(&local).unwrap() == std::fs::read(&rootfs).unwrap(),
+        "the local disk is the golden's"
+    );
+    // The source is let go: the export can end under a running guest.
+    drop(export);
+    assert_eq!(sh(&mut agent, "cat /tmp/marker").trim(), "golden");
+    let r = vmm.request("GET", "/drives/nope/fill", None);
+    assert_eq!(r.status, 400, "{r:?}");
 }

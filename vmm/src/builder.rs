@@ -525,7 +525,27 @@ pub fn restore_from_state(
             .iter()
             .map(|o| (o.drive_id.clone(), o.socket.clone()))
             .collect(),
+        drive_fills: params
+            .fill_overrides
+            .iter()
+            .map(|o| (o.drive_id.clone(), o.fill_from.clone()))
+            .collect(),
     };
+    for o in &params.fill_overrides {
+        if let Err(e) = o.fill_from.validate(&o.drive_id) {
+            return Err(RestoreError::Invalid(format!("fill_overrides: {e}")));
+        }
+        if !resources
+            .drives
+            .iter()
+            .any(|d| d.drive_id == o.drive_id && d.socket.is_none() && d.nbd_uri.is_none())
+        {
+            return Err(RestoreError::Invalid(format!(
+                "fill_overrides: the snapshot has no file drive {:?}",
+                o.drive_id
+            )));
+        }
+    }
     for o in &params.vhost_user_overrides {
         if !resources
             .drives
@@ -567,6 +587,9 @@ pub fn restore_from_state(
         }
         if let Some(s) = overrides.vhost_user_sockets.get(&d.drive_id) {
             d.socket = Some(s.clone());
+        }
+        if let Some(f) = overrides.drive_fills.get(&d.drive_id) {
+            d.fill_from = Some(f.clone());
         }
     }
     for n in &mut resources.network_interfaces {

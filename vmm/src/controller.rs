@@ -141,6 +141,17 @@ impl Controller {
             .map(VmmData::Json)
             .map_err(|e| VmmActionError::Internal(e.to_string())),
             CancelMigration => self.cancel_migration(),
+            GetDriveFill(id) => {
+                let vmm = self.vmm.as_ref().ok_or_else(|| {
+                    VmmActionError::NotAllowed("the microVM is not started".into())
+                })?;
+                let status = vmm
+                    .drive_fill_status(&id)
+                    .map_err(VmmActionError::InvalidInput)?;
+                serde_json::to_value(status)
+                    .map(VmmData::Json)
+                    .map_err(|e| VmmActionError::Internal(e.to_string()))
+            }
             SwitchOverMigration(p) => match &self.migration {
                 Some(m) if m.switch_over(p.drive_overrides) => Ok(VmmData::Empty),
                 _ => Err(VmmActionError::NotAllowed(
@@ -423,7 +434,7 @@ impl Controller {
                 if let Some(sock) = &d.socket {
                     check_vhost_user_socket(&d.drive_id, &d.path_on_host, sock)?;
                 }
-                if d.nbd_uri.is_some() {
+                if d.nbd_uri.is_some() || d.fill_from.is_some() {
                     // Catch unreachable or non-NBD servers now, as a 400,
                     // rather than at InstanceStart.
                     crate::devices::virtio::block::Block::probe(&d)

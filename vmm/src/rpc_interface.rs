@@ -48,6 +48,8 @@ pub enum VmmAction {
     ReceiveMigration(ReceiveMigrationParams),
     /// `GET /migrate`.
     GetMigration,
+    /// `GET /drives/{drive_id}/fill`: a `fill_from` drive's progress.
+    GetDriveFill(String),
     /// `PUT /migrate/cancel`.
     CancelMigration,
     /// `PUT /migrate/switch-over`: a manual switch-over may go on.

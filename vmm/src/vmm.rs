@@ -299,6 +299,20 @@ impl Vmm {
         Ok(())
     }
 
+    /// `GET /drives/{id}/fill`.
+    pub fn drive_fill_status(
+        &self,
+        drive_id: &str,
+    ) -> Result<crate::devices::virtio::block::FillStatus, String> {
+        let block = self
+            .virtio
+            .block(drive_id)
+            .ok_or_else(|| format!("no drive {drive_id:?} served by the VMM"))?;
+        let status = lock(block).fill_status();
+        status
+            .ok_or_else(|| format!("drive {drive_id} is not filling from a source (no fill_from)"))
+    }
+
     pub fn resources(&self) -> &VmResources {
         &self.resources
     }

@@ -40,6 +40,9 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("GET", ["machine-config"], None) => Ok(VmmAction::GetMachineConfig),
         ("GET", ["vm", "config"], None) => Ok(VmmAction::GetVmConfig),
         ("GET", ["migrate"], None) => Ok(VmmAction::GetMigration),
+        ("GET", ["drives", id, "fill"], None) => {
+            Ok(VmmAction::GetDriveFill(checked_id(id)?.to_string()))
+        }
         // Cancel needs no body; `{}` is accepted too.
         ("PUT", ["migrate", "cancel"], _) => Ok(VmmAction::CancelMigration),
         ("PUT", ["migrate", "switch-over"], b) => migration::parse_put_switch_over(b),

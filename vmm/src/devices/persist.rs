@@ -52,6 +52,8 @@ pub struct RestoreOverrides {
     pub net_tap_names: HashMap<String, String>,
     /// drive_id -> socket of its vhost-user backend.
     pub vhost_user_sockets: HashMap<String, String>,
+    /// drive_id -> the source its (local) file fills from.
+    pub drive_fills: HashMap<String, crate::vmm_config::drive::FillFrom>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +144,8 @@ pub fn restore_virtio(
     let (restored, device): (_, Arc<Mutex<dyn VirtioDevice>>) = match &state.device {
         VirtioDeviceState::Block(b) => {
             let path = overrides.drive_paths.get(&b.config.drive_id);
-            let dev = Block::restore(b, path.map(String::as_str))
+            let fill = overrides.drive_fills.get(&b.config.drive_id);
+            let dev = Block::restore(b, path.map(String::as_str), fill)
                 .map_err(|source| DevicePersistError::Block { slot, source })?;
             let dev = Arc::new(Mutex::new(dev));
             (VirtioDeviceHandle::Block(dev.clone()), dev)

@@ -40,6 +40,44 @@ pub struct BlockDeviceConfig {
     /// Write-aware scheduling thresholds (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_scheduler: Option<IoSchedulerConfig>,
+    /// Fill `path_on_host` from this NBD export while the guest runs
+    /// (a local disk after a live migration): missing chunks are fetched
+    /// on demand, the rest in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_from: Option<FillFrom>,
+}
+
+/// `fill_from`: where a drive's local file is copied from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FillFrom {
+    /// `nbd://host:port/export` or `nbd+unix:///export?socket=PATH`.
+    pub nbd_uri: String,
+    /// Bound on one fetch's round trip and on a reconnect (default 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_timeout_ms: Option<u64>,
+    /// Caps the background copy (on-demand fetches are not held back);
+    /// unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background_bytes_per_sec: Option<u64>,
+}
+
+impl FillFrom {
+    pub fn validate(&self, drive_id: &str) -> Result<(), String> {
+        crate::devices::virtio::block::nbd::NbdUri::parse(&self.nbd_uri)
+            .map_err(|e| format!("drive {drive_id}: bad fill_from.nbd_uri: {e}"))?;
+        if self.nbd_timeout_ms == Some(0) {
+            return Err(format!(
+                "drive {drive_id}: fill_from.nbd_timeout_ms must be > 0"
+            ));
+        }
+        if self.background_bytes_per_sec == Some(0) {
+            return Err(format!(
+                "drive {drive_id}: fill_from.background_bytes_per_sec must be > 0"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `PATCH /drives/{drive_id}` at run time (Firecracker's partial drive):
@@ -127,9 +165,10 @@ impl BlockDeviceConfig {
                 ));
             }
             // The controller checks the socket itself.
-            if self.nbd_uri.is_some() || !self.path_on_host.is_empty() {
+            if self.nbd_uri.is_some() || !self.path_on_host.is_empty() || self.fill_from.is_some() {
                 return Err(format!(
-                    "drive {}: path_on_host, nbd_uri and socket are mutually exclusive",
+                    "drive {}: path_on_host (and fill_from), nbd_uri and socket are mutually \
+                     exclusive",
                     self.drive_id
                 ));
             }
@@ -137,6 +176,12 @@ impl BlockDeviceConfig {
         }
         match &self.nbd_uri {
             Some(uri) => {
+                if self.fill_from.is_some() {
+                    return Err(format!(
+                        "drive {}: fill_from fills a local path_on_host, not an nbd_uri drive",
+                        self.drive_id
+                    ));
+                }
                 if !self.path_on_host.is_empty() {
                     return Err(format!(
                         "drive {}: give path_on_host or nbd_uri, not both",
@@ -158,6 +203,16 @@ impl BlockDeviceConfig {
                         "drive {}: nbd_timeout_ms needs nbd_uri",
                         self.drive_id
                     ));
+                }
+                if let Some(fill) = &self.fill_from {
+                    // The file is created (sparse, the source's size) if absent.
+                    if self.path_on_host.is_empty() {
+                        return Err(format!(
+                            "drive {}: fill_from needs path_on_host, the local file to fill",
+                            self.drive_id
+                        ));
+                    }
+                    return fill.validate(&self.drive_id);
                 }
                 if !std::path::Path::new(&self.path_on_host).exists() {
                     return Err(format!(

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::{
-    DriveOverride, LoadSnapshotParams, NetworkOverride, VhostUserOverride, VsockOverride,
+    DriveOverride, FillOverride, LoadSnapshotParams, NetworkOverride, VhostUserOverride,
+    VsockOverride,
 };
 use crate::migration::transport::Endpoint;
 
@@ -98,6 +99,8 @@ pub struct ReceiveMigrationParams {
     pub network_overrides: Vec<NetworkOverride>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vhost_user_overrides: Vec<VhostUserOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fill_overrides: Vec<FillOverride>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,
 }
@@ -120,6 +123,7 @@ impl ReceiveMigrationParams {
             drive_overrides: self.drive_overrides.clone(),
             network_overrides: self.network_overrides.clone(),
             vhost_user_overrides: self.vhost_user_overrides.clone(),
+            fill_overrides: self.fill_overrides.clone(),
             serial_out_path: self.serial_out_path.clone(),
         }
     }

@@ -43,6 +43,15 @@ pub struct DriveOverride {
     pub path_on_host: String,
 }
 
+/// A file drive made to fill from a source at load time (a migration's
+/// destination: the source host exports the disk with `ember-export`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FillOverride {
+    pub drive_id: String,
+    pub fill_from: crate::vmm_config::drive::FillFrom,
+}
+
 /// A vhost-user drive's backend socket, changed at load time.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +97,10 @@ pub struct LoadSnapshotParams {
     pub network_overrides: Vec<NetworkOverride>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vhost_user_overrides: Vec<VhostUserOverride>,
+    /// Drives whose (overridden) file fills from a source while the guest
+    /// runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fill_overrides: Vec<FillOverride>,
     /// Where the restored guest's serial console goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,

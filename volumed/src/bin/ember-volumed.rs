@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use ember_volumed::api::{router, Service};
+use ember_volumed::nbd::Exports;
 use ember_volumed::registry::Registry;
 use ember_volumed::store::KvStore;
 use ember_volumed::vhost_user::VhostUserServer;
@@ -74,14 +75,14 @@ fn main() {
         let l = std::net::TcpListener::bind(addr)
             .unwrap_or_else(|e| fail(format!("NBD listen {addr}: {e}")));
         let reg = registry.clone();
-        std::thread::spawn(move || ember_volumed::nbd::serve_tcp(l, reg));
+        std::thread::spawn(move || ember_volumed::nbd::serve_tcp(l, Exports::Volumes(reg)));
     }
     if let Some(p) = &args.nbd_socket {
         let _ = std::fs::remove_file(p);
         let l = std::os::unix::net::UnixListener::bind(p)
             .unwrap_or_else(|e| fail(format!("NBD socket {}: {e}", p.display())));
         let reg = registry.clone();
-        std::thread::spawn(move || ember_volumed::nbd::serve_unix(l, reg));
+        std::thread::spawn(move || ember_volumed::nbd::serve_unix(l, Exports::Volumes(reg)));
     }
     let vhost_user = args.vhost_user_dir.as_ref().map(|d| {
         VhostUserServer::start(d, registry.clone())

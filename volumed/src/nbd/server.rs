@@ -1,8 +1,9 @@
 //! One NBD connection: the fixed newstyle handshake (`NBD_OPT_GO`,
 //! `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`), then requests answered with
-//! simple replies. The export name is `<volume>@<generation>`: the
+//! simple replies. A volume's export name is `<volume>@<generation>`: the
 //! attachment's fencing token, checked at the handshake and before every
 //! request, so a host whose attachment moved away is refused, never served.
+//! A file export (`ember-export`) serves one file read-only, unfenced.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -13,35 +14,80 @@ use super::proto::*;
 use crate::image;
 use crate::registry::{parse_export_name, Registry, RegistryError};
 
-/// The volume a connection opened, with its token.
+/// What a server hands out.
+#[derive(Clone)]
+pub enum Exports {
+    /// Volumes, each by its attachment's fencing token.
+    Volumes(Arc<Registry>),
+    /// One file, read-only: a local disk served to the host a VM migrates
+    /// to, which fills its own copy from it.
+    File(Arc<FileExport>),
+}
+
+/// A file served read-only under one name (and the default name `""`).
+pub struct FileExport {
+    pub name: String,
+    pub file: File,
+    pub size: u64,
+}
+
+/// The export a connection opened: a volume with its token, or a file.
 struct Opened {
     name: String,
-    token: u64,
+    /// `None` for a file export (unfenced, read-only).
+    token: Option<u64>,
     file: File,
     size: u64,
 }
 
-const TRANSMISSION_FLAGS: u16 =
+impl Opened {
+    fn flags(&self) -> u16 {
+        match self.token {
+            Some(_) => VOLUME_FLAGS,
+            None => TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH,
+        }
+    }
+}
+
+const VOLUME_FLAGS: u16 =
     TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
 
 /// Serves one client until it disconnects (or breaks the protocol).
 /// `r` and `w` are the two halves of one connection.
-pub fn serve(r: impl Read, w: impl Write, reg: Arc<Registry>, peer: &str) -> io::Result<()> {
+pub fn serve(r: impl Read, w: impl Write, exports: &Exports, peer: &str) -> io::Result<()> {
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
-    let Some(opened) = handshake(&mut r, &mut w, &reg)? else {
+    let Some(opened) = handshake(&mut r, &mut w, exports)? else {
         return Ok(());
     };
     log::info!(
         "nbd {peer}: serving {}@{} ({} bytes)",
         opened.name,
-        opened.token,
+        opened.token.map_or("file".to_string(), |t| t.to_string()),
         opened.size
     );
-    transmission(&mut r, &mut w, &reg, opened)
+    transmission(&mut r, &mut w, exports, opened)
 }
 
-fn open_export(reg: &Registry, export: &str) -> Result<Opened, (u32, String)> {
+fn open_export(exports: &Exports, export: &str) -> Result<Opened, (u32, String)> {
+    let reg = match exports {
+        Exports::Volumes(reg) => reg,
+        Exports::File(f) => {
+            if !export.is_empty() && export != f.name {
+                return Err((REP_ERR_UNKNOWN, format!("no export {export:?}")));
+            }
+            let file = f
+                .file
+                .try_clone()
+                .map_err(|e| (REP_ERR_UNKNOWN, format!("export {export:?}: {e}")))?;
+            return Ok(Opened {
+                name: f.name.clone(),
+                token: None,
+                file,
+                size: f.size,
+            });
+        }
+    };
     let Some((name, token)) = parse_export_name(export) else {
         return Err((
             REP_ERR_UNKNOWN,
@@ -56,14 +102,18 @@ fn open_export(reg: &Registry, export: &str) -> Result<Opened, (u32, String)> {
         image::open(reg, name).map_err(|e| (REP_ERR_UNKNOWN, format!("volume {name}: {e}")))?;
     Ok(Opened {
         name: name.to_string(),
-        token,
+        token: Some(token),
         file,
         size: rec.size_bytes,
     })
 }
 
 /// Returns the opened export, or None if the client ended the handshake.
-fn handshake(r: &mut impl Read, w: &mut impl Write, reg: &Registry) -> io::Result<Option<Opened>> {
+fn handshake(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    exports: &Exports,
+) -> io::Result<Option<Opened>> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -88,7 +138,7 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, reg: &Registry) -> io::Resul
             OPT_EXPORT_NAME => {
                 let export = String::from_utf8_lossy(&data).into_owned();
                 // No error reply exists for this option: refusal is a close.
-                let opened = match open_export(reg, &export) {
+                let opened = match open_export(exports, &export) {
                     Ok(o) => o,
                     Err((_, msg)) => {
                         log::warn!("nbd: refused {export:?}: {msg}");
@@ -96,7 +146,7 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, reg: &Registry) -> io::Resul
                     }
                 };
                 w.write_all(&opened.size.to_be_bytes())?;
-                w.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
+                w.write_all(&opened.flags().to_be_bytes())?;
                 if !no_zeroes {
                     w.write_all(&[0u8; 124])?;
                 }
@@ -109,9 +159,9 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, reg: &Registry) -> io::Resul
                     w.flush()?;
                     continue;
                 };
-                match open_export(reg, &export) {
+                match open_export(exports, &export) {
                     Ok(opened) => {
-                        let info = info_export(opened.size, TRANSMISSION_FLAGS);
+                        let info = info_export(opened.size, opened.flags());
                         write_option_reply(w, option, REP_INFO, &info)?;
                         let bs = info_block_size(1, 4096, MAX_PAYLOAD);
                         write_option_reply(w, option, REP_INFO, &bs)?;
@@ -134,9 +184,19 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, reg: &Registry) -> io::Resul
                 return Ok(None);
             }
             OPT_LIST => {
-                // Volumes are not listed: names alone are useless without
-                // a token, and listing them would leak other tenants'.
-                write_option_error(w, option, REP_ERR_POLICY, "listing is not offered")?;
+                match exports {
+                    Exports::File(f) => {
+                        let mut d = (f.name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(f.name.as_bytes());
+                        write_option_reply(w, option, REP_SERVER, &d)?;
+                        write_option_reply(w, option, REP_ACK, &[])?;
+                    }
+                    // Volumes are not listed: names alone are useless without
+                    // a token, and listing them would leak other tenants'.
+                    Exports::Volumes(_) => {
+                        write_option_error(w, option, REP_ERR_POLICY, "listing is not offered")?
+                    }
+                }
                 w.flush()?;
             }
             _ => {
@@ -165,9 +225,13 @@ fn invalid(msg: &str) -> io::Error {
 fn transmission(
     r: &mut impl Read,
     w: &mut impl Write,
-    reg: &Registry,
+    exports: &Exports,
     o: Opened,
 ) -> io::Result<()> {
+    let (reg, token) = match (exports, o.token) {
+        (Exports::Volumes(reg), Some(token)) => (reg, token),
+        _ => return transmission_read_only(r, w, &o),
+    };
     let mut buf = Vec::new();
     loop {
         let req = match Request::read(r) {
@@ -189,7 +253,7 @@ fn transmission(
         // Shared gate from the check until the effect is on the image: a
         // fence waits for this request, or this request sees the fence.
         let gate = reg.gate_shared();
-        let error = match reg.check(&o.name, o.token) {
+        let error = match reg.check(&o.name, token) {
             Err(e) => {
                 if reg.get(&o.name).is_ok_and(|r| r.disconnect_fenced) {
                     // Nothing applied, nothing answered: the client sends
@@ -206,6 +270,39 @@ fn transmission(
             reg.mark_dirty(&o.name, req.offset, u64::from(req.length));
         }
         drop(gate);
+        w.write_all(&simple_reply(error, req.cookie))?;
+        if req.kind == CMD_READ && error == 0 {
+            w.write_all(&buf)?;
+        }
+        w.flush()?;
+    }
+}
+
+/// A file export's requests: reads and flushes; writes are refused with
+/// EPERM, as the protocol asks of a read-only export.
+fn transmission_read_only(r: &mut impl Read, w: &mut impl Write, o: &Opened) -> io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let req = match Request::read(r) {
+            Ok(q) => q,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if req.kind == CMD_DISC {
+            return Ok(());
+        }
+        if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
+            return Err(invalid("request too large"));
+        }
+        if req.kind == CMD_WRITE {
+            buf.resize(req.length as usize, 0);
+            r.read_exact(&mut buf)?;
+        }
+        let error = match req.kind {
+            CMD_READ | CMD_FLUSH => execute(o, o.size, &req, &mut buf),
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => EPERM,
+            _ => EINVAL,
+        };
         w.write_all(&simple_reply(error, req.cookie))?;
         if req.kind == CMD_READ && error == 0 {
             w.write_all(&buf)?;

@@ -110,6 +110,32 @@ mod tests {
     }
 
     #[test]
+    fn fill_from_and_its_progress() {
+        let r = put(
+            "/drives/data",
+            r#"{"drive_id": "data", "path_on_host": "/local.img", "is_root_device": false,
+                "fill_from": {"nbd_uri": "nbd://src:10809/disk", "background_bytes_per_sec": 1000}}"#,
+        );
+        let Ok(VmmAction::PutDrive(cfg)) = r else {
+            panic!("{r:?}");
+        };
+        let f = cfg.fill_from.unwrap();
+        assert_eq!(f.nbd_uri, "nbd://src:10809/disk");
+        assert_eq!(f.background_bytes_per_sec, Some(1000));
+        let e = put(
+            "/drives/data",
+            r#"{"drive_id": "data", "is_root_device": false, "fill_from": {"uri": "x"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("unknown field `uri`"), "{}", e.message);
+        assert_eq!(
+            parse_request("GET", "/drives/data/fill", b""),
+            Ok(VmmAction::GetDriveFill("data".into()))
+        );
+        assert!(parse_request("GET", "/drives/a.b/fill", b"").is_err());
+    }
+
+    #[test]
     fn id_mismatch() {
         let e = put("/drives/other", ROOTFS).unwrap_err();
         assert_eq!(e.status, 400);

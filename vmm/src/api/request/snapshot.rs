@@ -42,10 +42,12 @@ mod tests {
             br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"},
                  "resume_vm": true, "vsock_override": {"uds_path": "/v"},
                  "drive_overrides": [{"drive_id": "root", "path_on_host": "/r"}],
-                 "vhost_user_overrides": [{"drive_id": "data", "socket": "/vu"}]}"#,
+                 "vhost_user_overrides": [{"drive_id": "data", "socket": "/vu"}],
+                 "fill_overrides": [{"drive_id": "root", "fill_from": {"nbd_uri": "nbd://h:1/disk"}}]}"#,
         );
         match r {
             Ok(VmmAction::LoadSnapshot(p)) => {
+                assert_eq!(p.fill_overrides[0].fill_from.nbd_uri, "nbd://h:1/disk");
                 assert_eq!(p.backend().unwrap().backend_type, MemBackendType::Uffd);
                 assert!(p.resume_vm);
                 assert_eq!(p.vsock_override.unwrap().uds_path, "/v");

@@ -176,7 +176,7 @@ fn block_with_a_different_capacity_is_refused() {
     let block = Block::new(&block_config(file.as_path().to_str().unwrap())).unwrap();
     let state = json(&block.state());
     let small = disk(8);
-    let err = Block::restore(&state, small.as_path().to_str())
+    let err = Block::restore(&state, small.as_path().to_str(), None)
         .err()
         .unwrap();
     let msg = err.to_string();
@@ -185,7 +185,7 @@ fn block_with_a_different_capacity_is_refused() {
     assert!(msg.contains("16 sectors (8192 bytes)"), "{msg}");
     assert!(msg.contains(small.as_path().to_str().unwrap()), "{msg}");
     // The same file restores fine, inactive until the transport activates it.
-    let b = Block::restore(&state, None).unwrap();
+    let b = Block::restore(&state, None, None).unwrap();
     assert_eq!(b.state(), state);
     assert!(!b.is_activated());
     drop(mem);

@@ -19,7 +19,7 @@ use super::disk::Disk;
 use super::nbd::Completion;
 use super::request::{self, Request, Work, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use super::scheduler::WriteScheduler;
-use super::{BlockError, CacheType, QUEUE_SIZE};
+use super::{BlockError, CacheType, FillState, FillStatus, QUEUE_SIZE};
 use crate::devices::virtio::queue::{notify, pop};
 use crate::devices::virtio::{
     new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_BLOCK,
@@ -93,7 +93,15 @@ pub struct Block {
 
 impl Block {
     pub fn new(config: &BlockDeviceConfig) -> Result<Block, BlockError> {
-        let disk = Disk::open(config)?;
+        Block::open(config, None)
+    }
+
+    /// `fill` continues a fill a snapshot interrupted.
+    pub(super) fn open(
+        config: &BlockDeviceConfig,
+        fill: Option<&FillState>,
+    ) -> Result<Block, BlockError> {
+        let disk = Disk::open(config, fill)?;
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -150,7 +158,28 @@ impl Block {
             let cache_type = CacheType::parse(&config.drive_id, config.cache_type.as_deref())?;
             super::disk::open_nbd(config, uri, cache_type)?;
         }
+        if let Some(from) = &config.fill_from {
+            let err = |reason: String| BlockError::Fill {
+                drive_id: config.drive_id.clone(),
+                reason,
+            };
+            let uri = super::nbd::NbdUri::parse(&from.nbd_uri).map_err(err)?;
+            let timeout = from
+                .nbd_timeout_ms
+                .map_or(super::nbd::DEFAULT_TIMEOUT, Duration::from_millis);
+            super::nbd::probe(&uri, timeout)
+                .map_err(|e| err(format!("source {}: {e}", from.nbd_uri)))?;
+        }
         Ok(())
+    }
+
+    /// `GET /drives/{id}/fill`: `None` unless the drive has `fill_from`.
+    pub fn fill_status(&self) -> Option<FillStatus> {
+        self.disk.fill_status(&self.config.drive_id)
+    }
+
+    pub(super) fn fill_state(&self) -> Option<FillState> {
+        self.disk.fill_state()
     }
 
     pub fn id(&self) -> &str {

@@ -1,4 +1,5 @@
-//! What backs a block device: a host file or an NBD export.
+//! What backs a block device: a host file, an NBD export, or a host file
+//! being filled from an NBD export.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fill::{Fill, FillState, FillStatus};
 use super::nbd::{
     probe, Completion, Durability, NbdEngine, NbdUri, Op, DEFAULT_TIMEOUT, TF_READ_ONLY,
     TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
@@ -44,6 +46,7 @@ impl CacheType {
 enum Backend {
     File(File),
     Nbd(Box<NbdEngine>),
+    Fill(Box<Fill>),
 }
 
 pub(crate) struct Disk {
@@ -57,16 +60,31 @@ pub(crate) struct Disk {
 }
 
 impl Disk {
-    pub(crate) fn open(config: &BlockDeviceConfig) -> Result<Disk, BlockError> {
+    /// Opens the backend `config` names; `fill` continues a fill that a
+    /// snapshot interrupted.
+    pub(crate) fn open(
+        config: &BlockDeviceConfig,
+        fill: Option<&FillState>,
+    ) -> Result<Disk, BlockError> {
         let drive_id = &config.drive_id;
         let cache_type = CacheType::parse(drive_id, config.cache_type.as_deref())?;
-        let (backend, file_size) = match &config.nbd_uri {
-            Some(uri) => {
+        let (backend, file_size) = match (&config.nbd_uri, &config.fill_from) {
+            (Some(uri), _) => {
                 let engine = open_nbd(config, uri, cache_type)?;
                 let size = engine.info().size;
                 (Backend::Nbd(Box::new(engine)), size)
             }
-            None => open_file(config)?,
+            (None, Some(from)) => {
+                let f = Fill::open(&config.path_on_host, from, fill).map_err(|reason| {
+                    BlockError::Fill {
+                        drive_id: drive_id.clone(),
+                        reason,
+                    }
+                })?;
+                let size = f.size();
+                (Backend::Fill(Box::new(f)), size)
+            }
+            (None, None) => open_file(config)?,
         };
         let serial = config.serial.as_deref().unwrap_or(drive_id);
         let mut id = [0u8; 20];
@@ -144,6 +162,13 @@ impl Disk {
             });
         }
         match &mut self.backend {
+            Backend::Fill(f) => {
+                let c = f.submit(id, op, offset);
+                if c.as_ref().is_some_and(|c| c.result.is_err()) {
+                    m.io_errors.inc();
+                }
+                c
+            }
             Backend::File(f) => {
                 let result = match op {
                     Op::Read(n) => {
@@ -170,26 +195,27 @@ impl Disk {
     pub(crate) fn completion_fd(&self) -> Option<&EventFd> {
         match &self.backend {
             Backend::Nbd(e) => Some(e.completion_fd()),
+            Backend::Fill(f) => Some(f.completion_fd()),
             Backend::File(_) => None,
         }
     }
 
     pub(crate) fn take_completions(&self) -> Vec<Completion> {
-        match &self.backend {
-            Backend::Nbd(e) => {
-                let done = e.take_completions();
-                let errors = done.iter().filter(|c| c.result.is_err()).count();
-                crate::metrics::METRICS.block.io_errors.add(errors as u64);
-                done
-            }
+        let done = match &self.backend {
+            Backend::Nbd(e) => e.take_completions(),
+            Backend::Fill(f) => f.take_completions(),
             Backend::File(_) => Vec::new(),
-        }
+        };
+        let errors = done.iter().filter(|c| c.result.is_err()).count();
+        crate::metrics::METRICS.block.io_errors.add(errors as u64);
+        done
     }
 
     /// Waits up to `for_` for every NBD operation to complete.
     pub(crate) fn wait_idle(&self, for_: Duration) -> bool {
         match &self.backend {
             Backend::Nbd(e) => e.wait_idle(for_),
+            Backend::Fill(f) => f.wait_idle(for_),
             Backend::File(_) => true,
         }
     }
@@ -198,7 +224,24 @@ impl Disk {
     pub(crate) fn timeout(&self) -> Duration {
         match &self.backend {
             Backend::Nbd(e) => e.timeout(),
+            Backend::Fill(f) => f.timeout(),
             Backend::File(_) => Duration::ZERO,
+        }
+    }
+
+    /// A filling drive's progress; `None` for other drives.
+    pub(crate) fn fill_status(&self, drive_id: &str) -> Option<FillStatus> {
+        match &self.backend {
+            Backend::Fill(f) => Some(f.status(drive_id)),
+            _ => None,
+        }
+    }
+
+    /// What a snapshot keeps of a fill in progress (`None` when none is).
+    pub(crate) fn fill_state(&self) -> Option<FillState> {
+        match &self.backend {
+            Backend::Fill(f) => f.state(),
+            _ => None,
         }
     }
 
@@ -229,7 +272,16 @@ impl Disk {
                 engine.reattach(parsed, info);
                 self.set_size(drive_id, info.size);
             }
-            (Backend::File(_), None) => {
+            (Backend::Fill(f), None) if !f.is_complete() => {
+                return Err(BlockError::Fill {
+                    drive_id: drive_id.clone(),
+                    reason: "its file cannot change until the fill completes \
+                             (GET /drives/{id}/fill)"
+                        .into(),
+                });
+            }
+            (Backend::File(_) | Backend::Fill(_), None) => {
+                // A completed fill is a plain file from here on.
                 let (backend, size) = open_file(config)?;
                 self.backend = backend;
                 self.set_size(drive_id, size);

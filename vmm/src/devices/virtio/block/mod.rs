@@ -2,6 +2,7 @@
 
 mod device;
 mod disk;
+pub mod fill;
 pub mod nbd;
 mod persist;
 mod request;
@@ -11,6 +12,7 @@ mod tests;
 
 pub use device::Block;
 pub use disk::CacheType;
+pub use fill::{FillState, FillStatus};
 pub use persist::BlockState;
 pub use scheduler::{IoSchedulerConfig, WriteScheduler};
 
@@ -64,6 +66,8 @@ pub enum BlockError {
         uri: String,
         reason: String,
     },
+    #[error("drive {drive_id}: fill_from: {reason}")]
+    Fill { drive_id: String, reason: String },
     #[error("drive {drive_id}: cannot create eventfd: {source}")]
     EventFd {
         drive_id: String,

@@ -450,10 +450,10 @@ fn nbd_backend_through_the_queue() {
 
     // A snapshot's state reconnects at restore, to an overriding URI too.
     let state = h.block.state();
-    let restored = Block::restore(&state, None).unwrap();
+    let restored = Block::restore(&state, None, None).unwrap();
     assert_eq!(restored.capacity(), 128);
     assert_eq!(restored.config().nbd_uri, cfg.nbd_uri);
-    let bad = Block::restore(&state, Some("nbd+unix:///?socket=/nonexistent.sock"))
+    let bad = Block::restore(&state, Some("nbd+unix:///?socket=/nonexistent.sock"), None)
         .err()
         .unwrap();
     assert!(bad.to_string().contains("NBD export"), "{bad}");
@@ -718,4 +718,106 @@ fn resize_updates_config_space_and_interrupts() {
         ..Default::default()
     };
     assert!(h.block.update(&bad).is_err());
+}
+
+#[test]
+fn a_filling_drive_serves_the_guest_and_a_snapshot_keeps_its_map() {
+    use crate::vmm_config::drive::FillFrom;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i / 512) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let sock = dir.path().join("export.sock");
+    ember_volumed::nbd::export_file(&src, "disk", &format!("unix:{}", sock.display())).unwrap();
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let local = dir.path().join("local.img");
+    let mut cfg = config(local.to_str().unwrap());
+    // Slow background: chunk 40 is still missing when the guest reads it.
+    cfg.fill_from = Some(FillFrom {
+        nbd_uri: uri.clone(),
+        background_bytes_per_sec: Some(64 << 10),
+        ..Default::default()
+    });
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, &cfg);
+    assert_eq!(h.block.capacity(), 8192, "the source's size");
+    assert_eq!(h.block.avail_features() & (1 << 13), 0, "no DISCARD");
+    let sector = 40 * 128 + 3;
+    h.header(VIRTIO_BLK_T_IN, sector);
+    let (status, _) = h.submit(&[rd(HDR, 16), wr(DATA, 1024), wr(STATUS, 1)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    let at = (sector * 512) as usize;
+    assert_eq!(read_bytes(&mem, DATA, 1024), data[at..at + 1024]);
+    let st = h.block.fill_status().unwrap();
+    assert_eq!((st.state, st.bytes_on_demand), ("Filling", 65536));
+
+    // The snapshot state keeps the source and the map (JSON, as saved).
+    let state = h.block.state();
+    let saved = state.fill.clone().expect("filling");
+    assert!(state.config.fill_from.is_some());
+    let json = serde_json::to_string(&state).unwrap();
+    assert_eq!(serde_json::from_str::<BlockState>(&json).unwrap(), state);
+    drop(h);
+    let other = dir.path().join("other.img");
+    let e = Block::restore(&state, other.to_str(), None).err().unwrap();
+    assert!(e.to_string().contains("in that file only"), "{e}");
+    let moved = dir.path().join("moved.img");
+    std::fs::rename(&local, &moved).unwrap();
+    let e = Block::restore(&state, None, None).err().unwrap();
+    assert!(
+        e.to_string().contains("No such file"),
+        "a continued fill needs its file: {e}"
+    );
+    std::fs::rename(&moved, &local).unwrap();
+    let again = Block::restore(&state, None, None).unwrap();
+    let local_now = again.fill_status().unwrap().chunks_local;
+    let saved_chunks: u64 = saved.present.iter().map(|r| r[1]).sum();
+    assert!(local_now >= saved_chunks, "{local_now} < {saved_chunks}");
+    drop(again);
+
+    // A fill override starts another file from nothing, uncapped.
+    let fresh = FillFrom {
+        nbd_uri: uri,
+        ..Default::default()
+    };
+    let b = Block::restore(&state, other.to_str(), Some(&fresh)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while b.fill_status().unwrap().state != "Complete" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            b.fill_status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(&other).unwrap(), data);
+    let done = b.state();
+    assert!(
+        done.fill.is_none() && done.config.fill_from.is_none(),
+        "{done:?}"
+    );
+}
+
+#[test]
+fn fill_config_errors() {
+    use crate::vmm_config::drive::FillFrom;
+    let mut cfg = config("/some/new/file");
+    cfg.fill_from = Some(FillFrom {
+        nbd_uri: "http://h/e".into(),
+        ..Default::default()
+    });
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .contains("bad fill_from.nbd_uri"));
+    cfg.fill_from.as_mut().unwrap().nbd_uri = "nbd://h:1/disk".into();
+    assert_eq!(cfg.validate(), Ok(()), "the local file need not exist yet");
+    cfg.fill_from.as_mut().unwrap().background_bytes_per_sec = Some(0);
+    assert!(cfg.validate().unwrap_err().contains("must be > 0"));
+    cfg.fill_from.as_mut().unwrap().background_bytes_per_sec = None;
+    cfg.nbd_uri = Some("nbd://h:1/v".into());
+    assert!(cfg.validate().unwrap_err().contains("not an nbd_uri drive"));
+    cfg.nbd_uri = None;
+    cfg.path_on_host.clear();
+    assert!(cfg.validate().unwrap_err().contains("needs path_on_host"));
 }
