@@ -51,6 +51,8 @@ pub struct Config {
     /// How this host reaches its peers and they reach it, for migrations
     /// (None: no TCP API, so no migrations).
     pub peers: Option<crate::migrate::PeerConfig>,
+    /// `ember-export`, which serves a migrating instance's disk.
+    pub export_bin: PathBuf,
 }
 
 pub struct Daemon {
@@ -75,6 +77,8 @@ pub struct Daemon {
 pub struct SpecInput {
     /// CreateFunction only.
     pub file_system: Option<crate::model::FileSystem>,
+    /// CreateFunction only.
+    pub ephemeral_mib: Option<u32>,
     pub runtime: Option<String>,
     pub handler: Option<String>,
     pub memory_mib: Option<u32>,
@@ -257,7 +261,15 @@ impl Daemon {
             code_sha256: String::new(),
             code_size: 0,
             file_system: input.file_system,
+            ephemeral_mib: input.ephemeral_mib,
         };
+        if let Some(mb) = spec.ephemeral_mib {
+            if !(512..=10240).contains(&mb) {
+                return Err(ApiError::invalid(format!(
+                    "EphemeralStorage.Size {mb}: must be 512 to 10240 MB"
+                )));
+            }
+        }
         validate_spec(&spec)?;
         if let Some(fs) = &spec.file_system {
             crate::volume::validate(fs)?;
@@ -752,12 +764,21 @@ impl Daemon {
             dir,
             network,
             volume_bytes,
+            v.spec.ephemeral_mib,
         )
         .await
         .map_err(|e| fail("InternalError", format!("booting the microVM: {e}")))?;
         let mut spec = self.runtime_spec(name, v);
         spec.network = network.map(|n| n.logical.guest());
+        let with_tmp_disk = v.spec.ephemeral_mib.is_some();
         let result = async {
+            if with_tmp_disk {
+                // /tmp on its disk before the runtime (and its init) runs.
+                let script = crate::ephemeral::mount_script(crate::ephemeral::GUEST_DEVICE);
+                inst.run_in_guest(script)
+                    .await
+                    .map_err(|e| fail("InternalError", format!("mounting /tmp: {e}")))?;
+            }
             let ready = inst
                 .with_agent(move |a| a.start_runtime(&spec))
                 .await

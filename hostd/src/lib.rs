@@ -6,6 +6,7 @@ pub mod api;
 pub mod cluster;
 pub mod code;
 pub mod daemon;
+pub mod ephemeral;
 pub mod error;
 pub mod invoke;
 pub mod jail;

@@ -36,6 +36,10 @@ pub struct FunctionSpec {
     /// The volume the function mounts, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_system: Option<FileSystem>,
+    /// Lambda's `EphemeralStorage.Size` in MB, when given: `/tmp` is then a
+    /// local disk of that size per instance (else a tmpfs, in memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_mib: Option<u32>,
 }
 
 /// Lambda's `FileSystemConfig` with an Ember volume in place of an EFS
@@ -180,6 +184,7 @@ mod tests {
             code_sha256: "00".into(),
             code_size: 1,
             file_system: None,
+            ephemeral_mib: None,
         }
     }
 

@@ -62,6 +62,8 @@ pub struct Source {
     pub network: Option<crate::net::NetRequest>,
     /// The volume each instance mounts.
     pub file_system: Option<crate::model::FileSystem>,
+    /// Each instance's `/tmp` disk is a copy of the snapshot's.
+    pub tmp_disk: bool,
 }
 
 impl Source {
@@ -78,6 +80,7 @@ impl Source {
             vcpus,
             network: d.clone_network(f, v),
             file_system: v.spec.file_system.clone(),
+            tmp_disk: v.spec.ephemeral_mib.is_some(),
         })
     }
 }
@@ -107,10 +110,14 @@ impl Source {
             self.vcpus,
             self.network.as_ref(),
             grant.as_ref(),
+            self.tmp_disk
+                .then(|| self.snapshot.dir.join(crate::ephemeral::FILE))
+                .as_deref(),
         )
         .await?;
         if let Some(fs) = &self.file_system {
             let script = crate::volume::mount_script(
+                crate::volume::guest_device(self.tmp_disk),
                 &fs.mount_path,
                 crate::daemon::FUNCTION_UID,
                 crate::daemon::FUNCTION_GID,

@@ -168,6 +168,7 @@ mod tests {
             code_sha256: "ab".into(),
             code_size: 3,
             file_system: None,
+            ephemeral_mib: None,
         };
         let f = FunctionRecord {
             name: "f1".into(),

@@ -14,9 +14,15 @@ use crate::api::volumes::VolumeService;
 use crate::error::ApiError;
 use crate::vm::api_client::raw_request;
 
-/// The guest device of a function's volume: the third drive, after the
-/// root filesystem and the code.
-pub const GUEST_DEVICE: &str = "/dev/vdc";
+/// The guest device of a function's volume: the drive after the root
+/// filesystem, the code and, if the function has one, its `/tmp` disk.
+pub fn guest_device(with_tmp_disk: bool) -> &'static str {
+    if with_tmp_disk {
+        "/dev/vdd"
+    } else {
+        "/dev/vdc"
+    }
+}
 /// The VMM's drive id for it.
 pub const DRIVE_ID: &str = "volume";
 
@@ -207,12 +213,12 @@ pub fn validate(fs: &crate::model::FileSystem) -> Result<(), ApiError> {
 /// The guest commands that mount the volume at `path` (under `/mnt`, a
 /// tmpfs made for it since the root filesystem is read-only), owned by
 /// the function's user.
-pub fn mount_script(path: &str, uid: u32, gid: u32) -> String {
+pub fn mount_script(device: &str, path: &str, uid: u32, gid: u32) -> String {
     format!(
         "set -e\n\
          grep -q ' /mnt ' /proc/mounts || mount -t tmpfs -o mode=0755 tmpfs /mnt\n\
          mkdir -p '{path}'\n\
-         mount -t ext4 -o noatime,sync {GUEST_DEVICE} '{path}'\n\
+         mount -t ext4 -o noatime,sync {device} '{path}'\n\
          chown {uid}:{gid} '{path}'\n"
     )
 }

@@ -552,19 +552,20 @@ pub fn provided_bootstrap_counting(tag: &str) -> String {
 }
 
 /// [`provided_bootstrap_counting`] that also appends a line per
-/// invocation to `FILE` (on a volume) and answers the file's line count
-/// as `"lines"` (0 while `FILE` cannot be written).
+/// invocation to `FILE` (on a volume or the `/tmp` disk) and answers the
+/// file's line count as `"lines"` (0 while `FILE` cannot be written), and
+/// the filesystem type of `/tmp` as `"tmp_fs"`.
 pub fn provided_bootstrap_counting_into(tag: &str, file: &str) -> String {
     provided_bootstrap_counting(tag)
         .replace(
             "  echo \"handling $ID\"\n",
             &format!(
-                "  echo \"handling $ID\"\n  F=0; if echo \"$ID\" >> '{file}'; then mapfile -t L < '{file}'; F=${{#L[@]}}; fi\n"
+                "  echo \"handling $ID\"\n  F=0; if echo \"$ID\" >> '{file}'; then mapfile -t L < '{file}'; F=${{#L[@]}}; fi\n  TFS=; while read -r _ m t _; do [[ $m == /tmp ]] && TFS=$t; done < /proc/mounts\n"
             ),
         )
         .replace(
             r#""{\"count\":"#,
-            r#""{\"lines\":$F,\"count\":"#,
+            r#""{\"tmp_fs\":\"$TFS\",\"lines\":$F,\"count\":"#,
         )
 }
 

@@ -17,10 +17,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ember_tests::emberd::{
-    provided_bootstrap_counting, provided_bootstrap_counting_into, write_file, zip_dir, Emberd,
-    Reply,
-};
+use ember_tests::emberd::{provided_bootstrap_counting_into, write_file, zip_dir, Emberd, Reply};
 use ember_tests::volumed::Volumed;
 use ember_tests::{ip, is_root, kvm_available};
 use serde_json::json;
@@ -158,7 +155,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let code = tempfile::tempdir().unwrap();
     write_file(
         &code.path().join("bootstrap"),
-        &provided_bootstrap_counting("mig"),
+        &provided_bootstrap_counting_into("mig", "/tmp/log"),
         0o755,
     );
     assert!(!zip_dir(code.path()).is_empty());
@@ -170,7 +167,16 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     );
     let t = Instant::now();
     for d in [&a, &b] {
-        d.create_function("counter", "provided.al2023", "unused", code.path(), 60, &[]);
+        // /tmp on a local disk of its own (EphemeralStorage), which
+        // migrations copy on demand after the switch.
+        let r = d.post_json(
+            "/2015-03-31/functions",
+            &json!({"FunctionName": "counter", "Runtime": "provided.al2023", "Handler": "x",
+                    "Code": {"ZipFile": zip_dir(code.path())}, "Timeout": 60, "MemorySize": 128,
+                    "EphemeralStorage": {"Size": 512}}),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(r.json()["EphemeralStorage"]["Size"], 512);
         let r = d.post_json(
             "/2015-03-31/functions",
             &json!({"FunctionName": "keeper", "Runtime": "provided.al2023", "Handler": "x",
@@ -203,8 +209,12 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         t.elapsed().as_secs_f64()
     );
 
-    // A warm instance on A counts 1, 2.
-    assert_eq!(count(&a.invoke("counter", &json!({}))), 1);
+    // A warm instance on A counts 1, 2, in memory and in /tmp/log on its
+    // /tmp disk.
+    let r = a.invoke("counter", &json!({}));
+    assert_eq!(count(&r), 1);
+    assert_eq!(r.json()["tmp_fs"], "ext4", "{}", r.text());
+    assert_eq!(r.json()["lines"], 1, "{}", r.text());
     assert_eq!(count(&a.invoke("counter", &json!({}))), 2);
     let ids = instances(&a, "counter", "Idle");
     assert_eq!(ids.len(), 1, "{}", a.pools());
@@ -264,7 +274,30 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     assert_eq!(instances(&b, "counter", "Idle"), vec![moved.clone()]);
     let m = b.get("/ember/v1/migrations").json();
     assert_eq!(m["Migrations"][0]["State"], "Running", "{m}");
-    assert_eq!(count(&b.invoke("counter", &json!({}))), 4);
+    // The /tmp disk came along: read on demand while it fills there.
+    let r = b.invoke("counter", &json!({}));
+    assert_eq!(count(&r), 4);
+    assert_eq!(r.json()["lines"], 4, "{}", r.text());
+    let mid = rep["MigrationId"].as_str().unwrap().to_string();
+    wait_until(
+        "B's copy of the /tmp disk",
+        Duration::from_secs(120),
+        || {
+            let m = b.get(&format!("/ember/v1/migrations/{mid}")).json();
+            (m["DiskFilled"] == true).then_some(())
+        },
+    );
+    // The source lets its copy go once the destination has it all.
+    wait_until(
+        "A to drop its copy of the disk",
+        Duration::from_secs(30),
+        || {
+            let left = std::fs::read_dir(a.dir.join("run/disks"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            (left == 0).then_some(())
+        },
+    );
 
     // Drain B while an invocation runs there: it completes on B, then its
     // instance moves to A, and the count goes on there.

@@ -41,6 +41,7 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
     let input = SpecInput {
         file_system: super::shapes::file_system(req.file_system_configs)?,
+        ephemeral_mib: req.ephemeral_storage.map(|e| e.size),
         runtime: req.runtime,
         handler: req.handler,
         memory_mib: req.memory_size,
@@ -115,6 +116,7 @@ pub async fn update_configuration(
     let (name, _) = function_ref(&name);
     let input = SpecInput {
         file_system: None,
+        ephemeral_mib: None,
         runtime: req.runtime,
         handler: req.handler,
         memory_mib: req.memory_size,

@@ -24,12 +24,20 @@ pub struct CreateFunction {
     pub description: Option<String>,
     #[serde(default)]
     pub publish: bool,
+    pub ephemeral_storage: Option<EphemeralStorage>,
     /// At most one, naming an Ember volume (see [`volume_arn`]).
     #[serde(default)]
     pub file_system_configs: Option<Vec<FileSystemConfig>>,
     /// Accepted and ignored (no IAM here).
     #[allow(dead_code)]
     pub role: Option<String>,
+}
+
+/// Lambda's `EphemeralStorage` (`/tmp`), in MB.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EphemeralStorage {
+    pub size: u32,
 }
 
 /// Lambda's `FileSystemConfig`.
@@ -122,6 +130,7 @@ pub struct FunctionConfiguration {
     pub init_duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_system_configs: Option<Vec<FileSystemConfig>>,
+    pub ephemeral_storage: EphemeralStorage,
 }
 
 pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfiguration {
@@ -157,6 +166,9 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
         package_type: "Zip",
         architectures: ["x86_64"],
         init_duration_ms: v.snapshot.as_ref().map(|s| s.init_duration_ms),
+        ephemeral_storage: EphemeralStorage {
+            size: v.spec.ephemeral_mib.unwrap_or(512),
+        },
         file_system_configs: v.spec.file_system.as_ref().map(|fs| {
             vec![FileSystemConfig {
                 arn: volume_arn(d, &fs.volume),

@@ -39,6 +39,10 @@ struct Args {
     /// The VMM binary (default: `ember-vmm` beside this program).
     #[arg(long, env = "EMBER_VMM_BIN")]
     vmm_bin: Option<PathBuf>,
+    /// `ember-export`, which serves a migrating instance's `/tmp` disk
+    /// (default: beside this program).
+    #[arg(long, env = "EMBER_EXPORT_BIN")]
+    export_bin: Option<PathBuf>,
     /// The jailer binary (default: `ember-jailer` beside this program).
     #[arg(long, env = "EMBER_JAILER_BIN")]
     jailer_bin: Option<PathBuf>,
@@ -288,6 +292,11 @@ async fn run(mut args: Args) {
         network,
         volumes,
         peers,
+        export_bin: absolute(
+            args.export_bin
+                .clone()
+                .unwrap_or_else(|| beside_me("ember-export")),
+        ),
     };
     if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
         fail(format!("cannot prepare {}: {e}", args.run_dir.display()));

@@ -31,6 +31,10 @@ pub struct IncomingRequest {
     /// keeps its address; only the physical one changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logical: Option<LogicalNet>,
+    /// `HOST:PORT` where the source serves the instance's `/tmp` disk
+    /// (read-only NBD) for this host's copy to fill from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_source: Option<String>,
 }
 
 /// The answer: where to send the stream, and the ticket to open it with.
@@ -76,6 +80,10 @@ pub struct IncomingStatus {
     pub state: Phase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For an instance with a `/tmp` disk: true once its copy here is
+    /// whole (the source may then let its copy go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_filled: Option<bool>,
 }
 
 /// Migrations to this host, by id (kept after they end, for the source
@@ -113,6 +121,12 @@ impl Incoming {
     pub fn abort(&self, id: &str) -> bool {
         let tx = self.lock().get_mut(id).and_then(|e| e.abort.take());
         tx.map(|t| t.send(()).is_ok()).unwrap_or(false)
+    }
+
+    fn set_disk_filled(&self, id: &str) {
+        if let Some(e) = self.lock().get_mut(id) {
+            e.status.disk_filled = Some(true);
+        }
     }
 
     fn set(&self, id: &str, state: Phase, error: Option<String>) {
@@ -167,6 +181,17 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
             )))
         }
     };
+    let with_tmp_disk = v.spec.ephemeral_mib.is_some();
+    let fill_from = match (with_tmp_disk, &req.disk_source) {
+        (false, _) => None,
+        (true, Some(addr)) => Some(crate::volume::NbdTarget::Tcp(addr.clone())),
+        (true, None) => {
+            return Err(ApiError::invalid(format!(
+                "{}:{} has a /tmp disk: DiskSource must say where the source serves it",
+                req.function_name, req.version
+            )))
+        }
+    };
     let listener = tokio::net::TcpListener::bind((peers.stream_ip, 0))
         .await
         .map_err(|e| ApiError::service(format!("cannot open a migration port: {e}")))?;
@@ -181,6 +206,7 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         source.vcpus,
         source.network.as_ref(),
         None,
+        fill_from,
     )
     .await
     .map_err(|e| ApiError::service(format!("cannot start a receiving microVM: {e}")))?;
@@ -205,6 +231,7 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
                 instance_id: inst.id.clone(),
                 state: Phase::Receiving,
                 error: None,
+                disk_filled: with_tmp_disk.then_some(false),
             },
             abort: Some(abort_tx),
             inst: Some(inst.clone()),
@@ -231,8 +258,11 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
             Ok(()) => {
                 log::info!("migration {migration_id}: {} runs here", inst.id);
                 d.pools
-                    .adopt(&req.function_name, &req.version, generation, inst);
+                    .adopt(&req.function_name, &req.version, generation, inst.clone());
                 d.incoming.set(&migration_id, Phase::Running, None);
+                if with_tmp_disk {
+                    watch_fill(&d, &migration_id, &inst).await;
+                }
             }
             Err(e) => {
                 log::warn!("migration {migration_id} failed: {e}");
@@ -281,6 +311,47 @@ pub async fn switch_over(d: &Arc<Daemon>, id: &str) -> Result<SwitchOverAnswer, 
     Ok(SwitchOverAnswer {
         volume_uri: grant.uri_via(&sock),
     })
+}
+
+/// Follows the filling of a migrated instance's /tmp disk until it is
+/// whole here (or the instance is gone).
+async fn watch_fill(d: &Daemon, migration_id: &str, inst: &Instance) {
+    let start = Instant::now();
+    let mut last_error = None;
+    while inst.is_alive() {
+        match inst.tmp_fill_status().await {
+            Ok(st) if st["state"] == "Complete" => {
+                log::info!(
+                    "migration {migration_id}: /tmp disk whole after {:?} ({} bytes on demand, {} in the background)",
+                    start.elapsed(),
+                    st["bytes_on_demand"],
+                    st["bytes_background"]
+                );
+                d.incoming.set_disk_filled(migration_id);
+                return;
+            }
+            Ok(st) => {
+                let e = st["error"].as_str().map(str::to_string);
+                if e.is_some() && e != last_error {
+                    log::warn!(
+                        "migration {migration_id}: /tmp disk: {}",
+                        e.as_deref().unwrap_or("")
+                    );
+                }
+                last_error = e;
+            }
+            // A drive no longer filling answers 400: it completed.
+            Err(crate::vm::InstanceError::Api(crate::vm::api_client::ApiError::Status {
+                status: 400,
+                ..
+            })) => {
+                d.incoming.set_disk_filled(migration_id);
+                return;
+            }
+            Err(e) => log::warn!("migration {migration_id}: /tmp disk: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Carries the stream to the VMM until the VM runs here (Ok) or the

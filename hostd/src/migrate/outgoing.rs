@@ -155,11 +155,18 @@ async fn send(
         .versions
         .get(&key.1)
         .ok_or_else(|| ApiError::not_found(format!("{}:{} is gone", key.0, key.1)))?;
+    // An instance's own /tmp disk is served from here while the
+    // destination's copy fills (after the switch-over).
+    let mut disk = match inst.disk_dir() {
+        Some(dir) => Some(serve_disk(d, &dir).await?),
+        None => None,
+    };
     let req = IncomingRequest {
         function_name: key.0.clone(),
         version: key.1.clone(),
         code_sha256: v.spec.code_sha256.clone(),
         logical: v.snapshot.as_ref().and_then(|s| s.network),
+        disk_source: disk.as_ref().map(|s| s.addr.clone()),
     };
     let peer = HostClient::new(token);
     let dest = input.destination.trim_end_matches('/');
@@ -293,6 +300,17 @@ async fn send(
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+    if let Some(mut served) = disk.take() {
+        // The VM is there; its disk stays here until the copy there is
+        // whole.
+        inst.take_disk_dir();
+        served.export.own_dir();
+        let (peer, dest, path) = (peer.clone(), dest.to_string(), path.clone());
+        tokio::spawn(async move {
+            release_when_filled(&peer, &dest, &path).await;
+            drop(served);
+        });
+    }
     let num = |k: &str| status[k].as_u64();
     Ok(MigrationReport {
         instance_id: inst.id.clone(),
@@ -307,6 +325,63 @@ async fn send(
         rounds: num("rounds").unwrap_or(0),
         bytes: num("bytes").unwrap_or(0),
     })
+}
+
+/// A migrating instance's disk, served to the destination over TCP.
+struct ServedDisk {
+    export: crate::ephemeral::Export,
+    task: tokio::task::JoinHandle<()>,
+    /// `HOST:PORT` for the destination.
+    addr: String,
+}
+
+impl Drop for ServedDisk {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, ApiError> {
+    let ip = d
+        .cfg
+        .peers
+        .as_ref()
+        .map(|p| p.stream_ip)
+        .ok_or_else(|| ApiError::invalid("migrations need --listen-tcp"))?;
+    let export = crate::ephemeral::Export::start(&d.cfg.export_bin, dir)
+        .await
+        .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
+    let listener = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .map_err(|e| ApiError::service(format!("a port for the instance's disk: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ApiError::service(e.to_string()))?
+        .to_string();
+    let task = tokio::spawn(crate::ephemeral::forward_tcp(
+        listener,
+        export.socket.clone(),
+    ));
+    Ok(ServedDisk { export, task, addr })
+}
+
+/// Waits (up to half an hour) for the destination to say its copy of the
+/// disk is whole.
+async fn release_when_filled(peer: &HostClient, dest: &str, path: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1800) {
+        let st = peer
+            .get(dest, path)
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_slice::<IncomingStatus>(&r.body).ok());
+        match st {
+            Some(s) if s.disk_filled == Some(true) => return,
+            Some(s) if s.state == Phase::Failed => return,
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    log::warn!("{dest}{path}: the disk copy did not complete; no longer served");
 }
 
 struct Switched {

@@ -85,6 +85,11 @@ mod vm_paths {
     pub const NBD: &str = "/run/nbd.sock";
     /// A volume's placeholder while a snapshot is built (in `/out`).
     pub const VOLUME_PLACEHOLDER: &str = "/out/volume.img";
+    /// The instance's `/tmp` disk (its disk directory is `/out`).
+    pub const TMP_DISK: &str = "/out/tmp.img";
+    /// hostd joins a filling disk's NBD connections made here to the
+    /// source host's export.
+    pub const FILL: &str = "/run/fill.sock";
 }
 
 /// A running VMM process.
@@ -109,6 +114,8 @@ pub struct Instance {
     pub physical_address: Option<std::net::Ipv4Addr>,
     /// Tasks serving it (the NBD path to its volume), ended with it.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its own disks (`/tmp`), removed with it unless taken.
+    disk_dir: Mutex<Option<PathBuf>>,
 }
 
 /// Host paths a jailed VMM needs besides its own files: the shared
@@ -147,6 +154,15 @@ fn host_support_binds(vmm_bin: &Path) -> Vec<crate::jail::Bind> {
 }
 
 static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory for an instance's own disks, under the run dir.
+fn new_disk_dir(cfg: &LaunchConfig) -> std::io::Result<PathBuf> {
+    let dir = cfg.run_dir.join("disks").join(new_id());
+    std::fs::create_dir_all(&dir)?;
+    // A jailed VMM (another uid) writes its disk there.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    Ok(dir)
+}
 
 fn new_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
@@ -376,6 +392,7 @@ impl Instance {
             net: Mutex::new(None),
             physical_address: None,
             tasks: Mutex::new(Vec::new()),
+            disk_dir: Mutex::new(None),
         };
         let api = inst.api();
         let ready = api_client::wait_ready(&api, Duration::from_secs(10));
@@ -400,6 +417,7 @@ impl Instance {
         out: &Path,
         net: Option<&NetRequest>,
         volume_bytes: Option<u64>,
+        tmp_mib: Option<u32>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
             (vm_paths::KERNEL, files.kernel.as_path()),
@@ -430,8 +448,30 @@ impl Instance {
                 })
             }
         };
+        let tmp_disk = match tmp_mib {
+            None => None,
+            Some(mib) => {
+                let host = out.join(crate::ephemeral::FILE);
+                let made = crate::ephemeral::make_image(&host, mib).and_then(|()| {
+                    if let Some((uid, gid)) = inst.jail_owner {
+                        nix::unistd::chown(&host, Some(uid.into()), Some(gid.into()))
+                            .map_err(std::io::Error::from)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = made {
+                    inst.destroy().await;
+                    return Err(e.into());
+                }
+                Some(if inst.jailed {
+                    PathBuf::from(vm_paths::TMP_DISK)
+                } else {
+                    host
+                })
+            }
+        };
         let result = inst
-            .configure_and_start(cfg, files, mem_mib, vcpus, placeholder)
+            .configure_and_start(cfg, files, mem_mib, vcpus, tmp_disk, placeholder)
             .await;
         match result {
             Ok(()) => Ok(inst),
@@ -448,6 +488,7 @@ impl Instance {
         files: &VmFiles,
         mem_mib: u32,
         vcpus: u32,
+        tmp_disk: Option<PathBuf>,
         volume_placeholder: Option<PathBuf>,
     ) -> Result<(), InstanceError> {
         let api = self.api();
@@ -476,6 +517,17 @@ impl Instance {
                    "is_root_device": false, "is_read_only": true}),
         )
         .await?;
+        // Drive order is guest device order: /tmp's disk, then a volume.
+        if let Some(p) = tmp_disk {
+            let path = format!("/drives/{}", crate::ephemeral::DRIVE_ID);
+            api_client::put(
+                &api,
+                &path,
+                json!({"drive_id": crate::ephemeral::DRIVE_ID, "path_on_host": p,
+                       "is_root_device": false, "is_read_only": false}),
+            )
+            .await?;
+        }
         if let Some(p) = volume_placeholder {
             let path = format!("/drives/{}", crate::volume::DRIVE_ID);
             api_client::put(
@@ -547,8 +599,23 @@ impl Instance {
         vcpus: u32,
         net: Option<&NetRequest>,
         volume: Option<&crate::volume::Grant>,
+        tmp_golden: Option<&Path>,
     ) -> Result<Instance, InstanceError> {
         let snap = snapshot_dir.join("vm.snap");
+        // The clone's own /tmp disk: a copy of the snapshot's.
+        let disk_dir = match tmp_golden {
+            None => None,
+            Some(golden) => {
+                let dir = new_disk_dir(cfg)?;
+                if let Err(e) =
+                    crate::ephemeral::copy_image(golden, &dir.join(crate::ephemeral::FILE))
+                {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e.into());
+                }
+                Some(dir)
+            }
+        };
         let mem = snapshot_dir.join("mem");
         let inputs = [
             (vm_paths::SNAPSHOT, snap.as_path()),
@@ -556,7 +623,24 @@ impl Instance {
             (vm_paths::ROOTFS, files.rootfs.as_path()),
             (vm_paths::CODE, files.code.as_path()),
         ];
-        let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus, net).await?;
+        let inst =
+            match Instance::spawn(cfg, &inputs, disk_dir.as_deref(), mem_mib, vcpus, net).await {
+                Ok(i) => i,
+                Err(e) => {
+                    if let Some(d) = &disk_dir {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                    return Err(e);
+                }
+            };
+        inst.own_disks(disk_dir.clone());
+        if let (Some(d), Some((uid, gid))) = (&disk_dir, inst.jail_owner) {
+            let p = d.join(crate::ephemeral::FILE);
+            if let Err(e) = nix::unistd::chown(&p, Some(uid.into()), Some(gid.into())) {
+                inst.destroy().await;
+                return Err(std::io::Error::from(e).into());
+            }
+        }
         let mut load = json!({
             "snapshot_path": inst.input(vm_paths::SNAPSHOT, &snap),
             "mem_backend": {"backend_type": "File",
@@ -569,6 +653,11 @@ impl Instance {
             // recorded in the snapshot is already private to the clone.
             load["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
         }
+        let mut overrides = Vec::new();
+        if let (Some(d), false) = (&disk_dir, inst.jailed) {
+            overrides.push(json!({"drive_id": crate::ephemeral::DRIVE_ID,
+                                  "path_on_host": d.join(crate::ephemeral::FILE)}));
+        }
         if let Some(g) = volume {
             let started = g
                 .target()
@@ -576,14 +665,17 @@ impl Instance {
                 .and_then(|t| inst.start_nbd_path(t).map_err(InstanceError::from));
             match started {
                 Ok(sock) => {
-                    load["drive_overrides"] = json!([{"drive_id": crate::volume::DRIVE_ID,
-                                                      "path_on_host": g.uri_via(&sock)}]);
+                    overrides.push(json!({"drive_id": crate::volume::DRIVE_ID,
+                                          "path_on_host": g.uri_via(&sock)}));
                 }
                 Err(e) => {
                     inst.destroy().await;
                     return Err(e);
                 }
             }
+        }
+        if !overrides.is_empty() {
+            load["drive_overrides"] = json!(overrides);
         }
         let t = Instant::now();
         let result = async {
@@ -622,12 +714,28 @@ impl Instance {
         vcpus: u32,
         net: Option<&NetRequest>,
         volume: Option<crate::volume::NbdTarget>,
+        fill_tmp_from: Option<crate::volume::NbdTarget>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
             (vm_paths::ROOTFS, files.rootfs.as_path()),
             (vm_paths::CODE, files.code.as_path()),
         ];
-        let inst = Instance::spawn(cfg, &inputs, None, mem_mib, vcpus, net).await?;
+        // A /tmp disk arriving: an empty file the VMM fills from the source.
+        let disk_dir = match fill_tmp_from {
+            Some(_) => Some(new_disk_dir(cfg)?),
+            None => None,
+        };
+        let inst =
+            match Instance::spawn(cfg, &inputs, disk_dir.as_deref(), mem_mib, vcpus, net).await {
+                Ok(i) => i,
+                Err(e) => {
+                    if let Some(d) = &disk_dir {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                    return Err(e);
+                }
+            };
+        inst.own_disks(disk_dir.clone());
         let mut body = json!({
             "listen_uri": format!("unix://{}", inst.vm(vm_paths::MIGRATE_IN).display()),
             "serial_out_path": inst.vm(vm_paths::SERIAL),
@@ -645,6 +753,26 @@ impl Instance {
                 return Err(e.into());
             }
         }
+        if let (Some(t), Some(dir)) = (fill_tmp_from, &disk_dir) {
+            let sock = match inst.start_forwarder(vm_paths::FILL, t) {
+                Ok(s) => s,
+                Err(e) => {
+                    inst.destroy().await;
+                    return Err(e.into());
+                }
+            };
+            body["fill_overrides"] = json!([{"drive_id": crate::ephemeral::DRIVE_ID,
+                "fill_from": {"nbd_uri": format!("nbd+unix:///disk?socket={}", sock.display())}}]);
+            if !inst.jailed {
+                let mut o = body["drive_overrides"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                o.push(json!({"drive_id": crate::ephemeral::DRIVE_ID,
+                              "path_on_host": dir.join(crate::ephemeral::FILE)}));
+                body["drive_overrides"] = json!(o);
+            }
+        }
         match api_client::put(&inst.api(), "/migrate/receive", body).await {
             Ok(_) => Ok(inst),
             Err(e) => {
@@ -657,7 +785,16 @@ impl Instance {
     /// Listens in the jail for the VMM's NBD connections to a volume and
     /// joins each to `target`; answers the socket's path as the VMM sees it.
     pub fn start_nbd_path(&self, target: crate::volume::NbdTarget) -> std::io::Result<PathBuf> {
-        let host = self.host(vm_paths::NBD);
+        self.start_forwarder(vm_paths::NBD, target)
+    }
+
+    /// Listens at `vm_path` in the jail and joins each connection to `target`.
+    fn start_forwarder(
+        &self,
+        vm_path: &str,
+        target: crate::volume::NbdTarget,
+    ) -> std::io::Result<PathBuf> {
+        let host = self.host(vm_path);
         let _ = std::fs::remove_file(&host);
         let l = tokio::net::UnixListener::bind(&host)?;
         if let Some((uid, gid)) = self.jail_owner {
@@ -669,7 +806,36 @@ impl Instance {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(task);
-        Ok(self.vm(vm_paths::NBD))
+        Ok(self.vm(vm_path))
+    }
+
+    fn own_disks(&self, dir: Option<PathBuf>) {
+        *self.disk_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
+    }
+
+    /// Its disk directory (host path), if it has disks of its own.
+    pub fn disk_dir(&self) -> Option<PathBuf> {
+        self.disk_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes its disk directory, which then outlives it (a migrated
+    /// instance's disk, served until the destination has it all).
+    pub fn take_disk_dir(&self) -> Option<PathBuf> {
+        self.disk_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// `GET /drives/tmp/fill` of a VM whose /tmp disk is filling.
+    pub async fn tmp_fill_status(&self) -> Result<serde_json::Value, InstanceError> {
+        let path = format!("/drives/{}/fill", crate::ephemeral::DRIVE_ID);
+        let body = api_client::call(&self.api(), "GET", &path, None).await?;
+        serde_json::from_str(&body)
+            .map_err(|e| InstanceError::Spawn(format!("{path} answered non-JSON: {e}")))
     }
 
     /// Where a receiving VMM's volume drive reaches the volume service (as
@@ -926,6 +1092,9 @@ impl Instance {
         let net = self.net.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((m, n)) = net {
             let _ = tokio::task::spawn_blocking(move || m.teardown(&n)).await;
+        }
+        if let Some(d) = self.take_disk_dir() {
+            let _ = std::fs::remove_dir_all(d);
         }
         if self.jailed {
             if let Some(base) = &self.chroot_base {
