@@ -363,6 +363,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         .expect("qemu-io");
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("a write with the old token: {}", said.trim());
     assert!(
         !out.status.success() || said.contains("failed") || said.contains("error"),
         "a write with the old token went through: {said}"
