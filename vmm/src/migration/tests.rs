@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::transport::Endpoint;
 use super::*;
 use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
-use crate::vmm_config::migration::SwitchOver;
+use crate::vmm_config::migration::{MigrationMode, SwitchOver};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vmm_config::SendMigrationParams;
 use crate::vstate::memory::{create_anonymous, create_anonymous_regions};
@@ -56,6 +56,27 @@ impl SourceVm for FakeSource {
         let state = crate::snapshot::format::encode(&describe(&self.mem))?;
         Ok(FinalCopy { pages, state })
     }
+    fn pause_for_postcopy(
+        &mut self,
+        pending: Option<Vec<Vec<u64>>>,
+    ) -> Result<PostCopyPause, String> {
+        self.paused.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        let needed = match pending {
+            None => super::vmm_side::all_pages(&self.mem),
+            Some(p) => {
+                let mut dirty = take_dirty_pages(&self.mem, &[]);
+                for (d, p) in dirty.iter_mut().zip(&p) {
+                    for (w, pw) in d.iter_mut().zip(p) {
+                        *w |= pw;
+                    }
+                }
+                dirty
+            }
+        };
+        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
+        Ok(PostCopyPause { needed, state })
+    }
     fn resume(&mut self) -> Result<(), String> {
         self.paused.store(false, Ordering::SeqCst);
         self.resumed.fetch_add(1, Ordering::SeqCst);
@@ -70,13 +91,53 @@ impl SourceVm for FakeSource {
 struct TargetLog {
     overrides: Vec<DriveOverride>,
     loaded: Option<GuestMemoryMmap>,
+    /// Post-copy: the guest thread, and pages touched before it started.
+    guest: Option<std::thread::JoinHandle<Result<u64, String>>>,
     resumed: bool,
     discarded: bool,
+    failed: Option<String>,
 }
 
 struct FakeTarget {
     log: Arc<Mutex<TargetLog>>,
     refuse_load: bool,
+    /// Post-copy: the source's memory (paused, so it holds still), which
+    /// a "guest" started at the resume checks each page against.
+    guest_checks: Option<GuestMemoryMmap>,
+}
+
+/// Page `i` of `n` in a scattered order (a permutation: `n` is a power of
+/// two and the factor odd).
+fn scattered(i: u64, n: u64) -> u64 {
+    (i.wrapping_mul(2654435761) + 12345) % n
+}
+
+/// Where the "guest" leaves its mark in the pages it writes (away from the
+/// writer's word at offset 8 and the pattern at 0).
+const MARK_AT: u64 = 2048;
+
+/// Plays the guest on the destination: touches every page in a scattered
+/// order (each first touch faults), checks it against the source, and
+/// writes a mark into every third page, which no later push may undo.
+fn run_guest(dst: GuestMemoryMmap, src: GuestMemoryMmap) -> Result<u64, String> {
+    use vm_memory::GuestMemoryRegion;
+    let n: u64 = dst.iter().map(|r| r.len() / 4096).sum();
+    let mut page = vec![0u8; 4096];
+    let mut want = vec![0u8; 4096];
+    for i in 0..n {
+        let p = scattered(i, n);
+        let at = GuestAddress(p * 4096);
+        dst.read_slice(&mut page, at).map_err(|e| e.to_string())?;
+        src.read_slice(&mut want, at).map_err(|e| e.to_string())?;
+        if page != want {
+            return Err(format!("page {p} differs from the source's"));
+        }
+        if p.is_multiple_of(3) {
+            dst.write_obj(0xfeed_0000_0000 + p, GuestAddress(p * 4096 + MARK_AT))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(n)
 }
 
 impl TargetVm for FakeTarget {
@@ -99,7 +160,11 @@ impl TargetVm for FakeTarget {
         Ok(())
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.log.lock().unwrap().resumed = true;
+        let mut log = self.log.lock().unwrap();
+        log.resumed = true;
+        if let (Some(src), Some(dst)) = (self.guest_checks.clone(), log.loaded.clone()) {
+            log.guest = Some(std::thread::spawn(move || run_guest(dst, src)));
+        }
         Ok(())
     }
     fn add_overrides(&mut self, overrides: Vec<DriveOverride>) {
@@ -107,6 +172,9 @@ impl TargetVm for FakeTarget {
     }
     fn discard(&mut self) {
         self.log.lock().unwrap().discarded = true;
+    }
+    fn fail(&mut self, why: &str) {
+        self.log.lock().unwrap().failed = Some(why.to_string());
     }
 }
 
@@ -143,6 +211,15 @@ struct Run {
     src_mem: GuestMemoryMmap,
 }
 
+/// Damage done to the source's stream on its way.
+#[derive(Clone, Copy)]
+enum Tamper {
+    /// One byte flipped at this offset.
+    Flip(usize),
+    /// Both directions cut after this many bytes (the source "dies").
+    Cut(usize),
+}
+
 /// Migrates a 32 MiB fake guest whose writer keeps dirtying `dirty_per_ms`
 /// pages per millisecond; `tamper` may damage the stream in between.
 fn migrate(
@@ -150,9 +227,11 @@ fn migrate(
     params: SendMigrationParams,
     fail_capture: bool,
     refuse_load: bool,
-    tamper: Option<usize>,
+    tamper: Option<Tamper>,
     go_ahead: Option<Vec<DriveOverride>>,
 ) -> Run {
+    let src_mem = guest(32);
+    let guest_checks = (params.mode == MigrationMode::PostCopy).then(|| src_mem.clone());
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("m.sock");
     let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
@@ -164,13 +243,14 @@ fn migrate(
         let mut tv = FakeTarget {
             log: l,
             refuse_load,
+            guest_checks,
         };
         receive::run(&mut tv, listener, &t);
     });
     // A proxy that flips one byte at offset `at` of the source's stream.
     let connect_to = match tamper {
         None => sock.clone(),
-        Some(at) => {
+        Some(tamper) => {
             let proxy = dir.path().join("proxy.sock");
             let pl = std::os::unix::net::UnixListener::bind(&proxy).unwrap();
             let sock = sock.clone();
@@ -189,8 +269,20 @@ fn migrate(
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if (seen..seen + n).contains(&at) {
-                        buf[at - seen] ^= 0x40;
+                    let n = match tamper {
+                        Tamper::Flip(at) => {
+                            if (seen..seen + n).contains(&at) {
+                                buf[at - seen] ^= 0x40;
+                            }
+                            n
+                        }
+                        Tamper::Cut(at) => n.min(at.saturating_sub(seen)),
+                    };
+                    if n == 0 {
+                        // The source is gone, both ways.
+                        let _ = a.shutdown(std::net::Shutdown::Both);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                        break;
                     }
                     seen += n;
                     if b.write_all(&buf[..n]).is_err() {
@@ -202,7 +294,6 @@ fn migrate(
             proxy
         }
     };
-    let src_mem = guest(32);
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -271,6 +362,8 @@ fn params(downtime_ms: u64, max_rounds: u32) -> SendMigrationParams {
         max_rounds,
         switch_over: Default::default(),
         switch_over_timeout_ms: 30_000,
+        mode: Default::default(),
+        postcopy_after_rounds: None,
     }
 }
 
@@ -350,7 +443,14 @@ fn a_failed_capture_leaves_the_source_running() {
 #[test]
 fn a_corrupt_stream_is_refused_and_the_source_resumes() {
     // A byte deep inside the first round's page data.
-    let r = migrate(5, params(50, 5), false, false, Some(3 * MIB), None);
+    let r = migrate(
+        5,
+        params(50, 5),
+        false,
+        false,
+        Some(Tamper::Flip(3 * MIB)),
+        None,
+    );
     let t = r.target.status();
     assert_eq!(t.state, Phase::Failed, "{t:?}");
     assert!(t.error.as_deref().unwrap().contains("checksum"), "{t:?}");
@@ -424,6 +524,7 @@ fn a_destination_that_is_not_ember_is_refused() {
         let mut tv = FakeTarget {
             log: l,
             refuse_load: false,
+            guest_checks: None,
         };
         receive::run(&mut tv, listener, &t);
     });
@@ -466,4 +567,166 @@ fn a_manual_switch_over_that_never_comes_resumes_the_source() {
     assert!(!r.handed_over.load(Ordering::SeqCst));
     let log = r.log.lock().unwrap();
     assert!(log.loaded.is_none() && log.discarded);
+}
+
+fn postcopy(after_rounds: Option<u32>) -> SendMigrationParams {
+    SendMigrationParams {
+        mode: MigrationMode::PostCopy,
+        postcopy_after_rounds: after_rounds,
+        ..params(1, 10)
+    }
+}
+
+/// The destination's memory at the end: the source's, but for the marks
+/// its guest wrote (which must all be there).
+fn check_postcopy_memory(r: &Run) {
+    let mut log = r.log.lock().unwrap();
+    let touched = log
+        .guest
+        .take()
+        .expect("the guest ran")
+        .join()
+        .unwrap()
+        .expect("the guest saw the source's memory");
+    assert_eq!(touched, 8192);
+    let dst = log.loaded.clone().unwrap();
+    for p in 0..8192u64 {
+        let at = GuestAddress(p * 4096);
+        let mut got = vec![0u8; 4096];
+        let mut want = vec![0u8; 4096];
+        dst.read_slice(&mut got, at).unwrap();
+        r.src_mem.read_slice(&mut want, at).unwrap();
+        if p.is_multiple_of(3) {
+            let mark: u64 = dst.read_obj(GuestAddress(p * 4096 + MARK_AT)).unwrap();
+            assert_eq!(
+                mark,
+                0xfeed_0000_0000 + p,
+                "page {p} lost the guest's write"
+            );
+            want[MARK_AT as usize..MARK_AT as usize + 8].copy_from_slice(&mark.to_ne_bytes());
+        }
+        assert!(got == want, "page {p} differs at the end");
+    }
+}
+
+#[test]
+fn postcopy_resumes_at_once_and_pages_come_on_fault_and_by_push() {
+    let r = migrate(20, postcopy(None), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 0), "{s:?}");
+    assert!(r.handed_over.load(Ordering::SeqCst));
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    assert_eq!(t.mode, MigrationMode::PostCopy);
+    // Every page went, once, or twice when asked for while on its way
+    // (the push skips those already asked for).
+    let sent = s.postcopy_pages_on_demand + s.postcopy_pages_pushed;
+    assert!(
+        (8192..8192 + s.postcopy_pages_on_demand).contains(&sent),
+        "{s:?}"
+    );
+    assert!(t.postcopy_pages_on_demand > 0, "{t:?}");
+    assert_eq!(
+        t.postcopy_pages_on_demand + t.postcopy_pages_pushed,
+        8192,
+        "{t:?}"
+    );
+    assert!(
+        t.postcopy_ms.is_some() && s.downtime_ms.is_some(),
+        "{t:?} {s:?}"
+    );
+    check_postcopy_memory(&r);
+}
+
+#[test]
+fn postcopy_after_rounds_sends_only_what_the_rounds_left_dirty() {
+    // Slow enough that the two rounds leave part of memory dirty.
+    let r = migrate(5, postcopy(Some(2)), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 2), "{s:?}");
+    let after = s.postcopy_pages_on_demand + s.postcopy_pages_pushed;
+    assert!(after > 0 && after < 8192, "{s:?}");
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    check_postcopy_memory(&r);
+}
+
+#[test]
+fn a_postcopy_request_that_converges_in_its_rounds_ends_as_precopy() {
+    let mut p = postcopy(Some(3));
+    p.downtime_ms = 50;
+    let r = migrate(0, p, false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.mode, s.rounds), (MigrationMode::PreCopy, 1), "{s:?}");
+    let t = r.target.status();
+    assert_eq!(
+        (t.state, t.mode),
+        (Phase::Completed, MigrationMode::PreCopy)
+    );
+    assert_eq!(t.postcopy_pages_on_demand, 0);
+    check_postcopy_memory(&r);
+}
+
+#[test]
+fn a_source_lost_in_postcopy_stops_the_destination_and_never_resumes() {
+    // 4 MiB into the stream: well after the state, mid-push.
+    let r = migrate(
+        5,
+        postcopy(None),
+        false,
+        false,
+        Some(Tamper::Cut(4 * MIB)),
+        None,
+    );
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let e = t.error.as_deref().unwrap();
+    assert!(e.contains("lost the source during post-copy"), "{t:?}");
+    assert!(e.contains("cannot continue"), "{t:?}");
+    let mut log = r.log.lock().unwrap();
+    assert!(
+        log.resumed && log.failed.is_some(),
+        "the VM was not stopped"
+    );
+    // Its guest was woken when the memory was unregistered (it finds zero
+    // pages then, which is why the VM had to stop first).
+    let _ = log.guest.take().unwrap().join().unwrap();
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("post-copy"), "{s:?}");
+    // Neither side may run the VM on half its memory.
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+}
+
+#[test]
+fn cancel_is_refused_once_postcopy_runs() {
+    let p = Progress::new(Role::Source, "test".into());
+    p.update(|s| s.state = Phase::PostCopy);
+    assert!(p.status().is_active());
+    assert!(!p.cancel());
+    assert!(!p.cancelled());
+}
+
+#[test]
+fn postcopy_parameters_are_checked() {
+    let mut p = params(50, 5);
+    p.postcopy_after_rounds = Some(2);
+    assert!(p.validate().unwrap_err().contains("PostCopy"));
+    let mut p = postcopy(Some(11));
+    p.max_rounds = 10;
+    assert!(p.validate().unwrap_err().contains("max_rounds"));
+    let p: SendMigrationParams = serde_json::from_str(
+        r#"{"destination_uri": "unix:///m", "mode": "PostCopy", "postcopy_after_rounds": 2}"#,
+    )
+    .unwrap();
+    assert_eq!(p.precopy_rounds(), 2);
+    assert!(serde_json::from_str::<SendMigrationParams>(
+        r#"{"destination_uri": "unix:///m", "mode": "Lazy"}"#
+    )
+    .is_err());
 }
