@@ -16,6 +16,7 @@
 //! VMM thread through [`SourceVm`] and [`TargetVm`], which tests implement
 //! over plain memory.
 
+pub mod plain;
 pub mod postcopy;
 pub mod protocol;
 pub mod receive;

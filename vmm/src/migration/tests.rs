@@ -8,103 +8,15 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::plain::{PlainSource, PlainTarget, TargetLog};
 use super::transport::Endpoint;
 use super::*;
-use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
 use crate::vmm_config::migration::{MigrationMode, SwitchOver};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vmm_config::SendMigrationParams;
-use crate::vstate::memory::{create_anonymous, create_anonymous_regions};
+use crate::vstate::memory::create_anonymous;
 
 const MIB: usize = 1 << 20;
-
-/// A "VM" that is only memory; a background writer dirties pages (through
-/// vm-memory, so its bitmap sees them) until paused.
-struct FakeSource {
-    mem: GuestMemoryMmap,
-    paused: Arc<AtomicBool>,
-    resumed: Arc<AtomicU64>,
-    handed_over: Arc<AtomicBool>,
-    fail_capture: bool,
-}
-
-impl SourceVm for FakeSource {
-    fn memory(&self) -> GuestMemoryMmap {
-        self.mem.clone()
-    }
-    fn start_dirty_tracking(&mut self) -> Result<(), String> {
-        take_dirty_pages(&self.mem, &[]);
-        Ok(())
-    }
-    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String> {
-        Ok(take_dirty_pages(&self.mem, &[]))
-    }
-    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
-        if self.fail_capture {
-            return Err("capture failed on purpose".into());
-        }
-        self.paused.store(true, Ordering::SeqCst);
-        // The writer may be mid-write; let it see the pause.
-        std::thread::sleep(Duration::from_millis(20));
-        let mut dirty = take_dirty_pages(&self.mem, &[]);
-        for (d, p) in dirty.iter_mut().zip(&pending) {
-            for (w, pw) in d.iter_mut().zip(p) {
-                *w |= pw;
-            }
-        }
-        let pages = super::vmm_side::copy_pages(&self.mem, &dirty)?;
-        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
-        Ok(FinalCopy { pages, state })
-    }
-    fn pause_for_postcopy(
-        &mut self,
-        pending: Option<Vec<Vec<u64>>>,
-    ) -> Result<PostCopyPause, String> {
-        self.paused.store(true, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(20));
-        let needed = match pending {
-            None => super::vmm_side::all_pages(&self.mem),
-            Some(p) => {
-                let mut dirty = take_dirty_pages(&self.mem, &[]);
-                for (d, p) in dirty.iter_mut().zip(&p) {
-                    for (w, pw) in d.iter_mut().zip(p) {
-                        *w |= pw;
-                    }
-                }
-                dirty
-            }
-        };
-        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
-        Ok(PostCopyPause { needed, state })
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.paused.store(false, Ordering::SeqCst);
-        self.resumed.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn handed_over(&mut self) {
-        self.handed_over.store(true, Ordering::SeqCst);
-    }
-}
-
-#[derive(Default)]
-struct TargetLog {
-    overrides: Vec<DriveOverride>,
-    loaded: Option<GuestMemoryMmap>,
-    /// Post-copy: the guest thread, and pages touched before it started.
-    guest: Option<std::thread::JoinHandle<Result<u64, String>>>,
-    resumed: bool,
-    discarded: bool,
-    failed: Option<String>,
-}
-
-struct FakeTarget {
-    log: Arc<Mutex<TargetLog>>,
-    refuse_load: bool,
-    /// Post-copy: the source's memory (paused, so it holds still), which
-    /// a "guest" started at the resume checks each page against.
-    guest_checks: Option<GuestMemoryMmap>,
-}
 
 /// Page `i` of `n` in a scattered order (a permutation: `n` is a power of
 /// two and the factor odd).
@@ -140,44 +52,6 @@ fn run_guest(dst: GuestMemoryMmap, src: GuestMemoryMmap) -> Result<u64, String> 
     Ok(n)
 }
 
-impl TargetVm for FakeTarget {
-    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String> {
-        let r: Vec<_> = layout
-            .regions
-            .iter()
-            .map(|r| (GuestAddress(r.base_address), r.size as usize))
-            .collect();
-        create_anonymous_regions(&r).map_err(|e| e.to_string())
-    }
-    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String> {
-        let layout: GuestMemoryState =
-            crate::snapshot::format::decode(state, "stream").map_err(|e| e.to_string())?;
-        assert_eq!(layout, describe(&memory));
-        if self.refuse_load {
-            return Err("no tap here".into());
-        }
-        self.log.lock().unwrap().loaded = Some(memory);
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        let mut log = self.log.lock().unwrap();
-        log.resumed = true;
-        if let (Some(src), Some(dst)) = (self.guest_checks.clone(), log.loaded.clone()) {
-            log.guest = Some(std::thread::spawn(move || run_guest(dst, src)));
-        }
-        Ok(())
-    }
-    fn add_overrides(&mut self, overrides: Vec<DriveOverride>) {
-        self.log.lock().unwrap().overrides.extend(overrides);
-    }
-    fn discard(&mut self) {
-        self.log.lock().unwrap().discarded = true;
-    }
-    fn fail(&mut self, why: &str) {
-        self.log.lock().unwrap().failed = Some(why.to_string());
-    }
-}
-
 /// Memory with a pattern in part of it (the rest stays zero).
 fn guest(mib: usize) -> GuestMemoryMmap {
     let mem = create_anonymous(mib).unwrap();
@@ -209,7 +83,11 @@ struct Run {
     resumed: Arc<AtomicU64>,
     handed_over: Arc<AtomicBool>,
     src_mem: GuestMemoryMmap,
+    /// Post-copy: the destination's guest thread.
+    guest: GuestThread,
 }
+
+type GuestThread = Arc<Mutex<Option<std::thread::JoinHandle<Result<u64, String>>>>>;
 
 /// Damage done to the source's stream on its way.
 #[derive(Clone, Copy)]
@@ -232,18 +110,24 @@ fn migrate(
 ) -> Run {
     let src_mem = guest(32);
     let guest_checks = (params.mode == MigrationMode::PostCopy).then(|| src_mem.clone());
+    let guest_thread: GuestThread = Arc::default();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("m.sock");
     let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
     let target = Progress::new(Role::Destination, "test".into());
     target.update(|s| s.state = Phase::Listening);
     let log = Arc::new(Mutex::new(TargetLog::default()));
-    let (t, l) = (target.clone(), log.clone());
+    let (t, l, g) = (target.clone(), log.clone(), guest_thread.clone());
     let rx = std::thread::spawn(move || {
-        let mut tv = FakeTarget {
+        let mut tv = PlainTarget {
             log: l,
             refuse_load,
-            guest_checks,
+            on_resume: guest_checks.map(|src| {
+                Box::new(move |dst: &GuestMemoryMmap| {
+                    let (src, dst) = (src.clone(), dst.clone());
+                    *g.lock().unwrap() = Some(std::thread::spawn(move || run_guest(dst, src)));
+                }) as super::plain::OnResume
+            }),
         };
         receive::run(&mut tv, listener, &t);
     });
@@ -296,22 +180,13 @@ fn migrate(
     };
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (mem, paused, stop) = (src_mem.clone(), paused.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                if !paused.load(Ordering::SeqCst) {
-                    for _ in 0..dirty_per_ms {
-                        n += 1;
-                        let page = (n * 2654435761) % (32 * MIB as u64 / 4096);
-                        mem.write_obj(n, GuestAddress(page * 4096 + 8)).unwrap();
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
+    let writer = super::plain::dirty(
+        src_mem.clone(),
+        paused.clone(),
+        stop.clone(),
+        Some(dirty_per_ms),
+        32 * MIB as u64 / 4096,
+    );
     let source = Progress::new(Role::Source, "test".into());
     // Active before the caller below looks, as the controller makes it.
     source.update(|s| s.state = Phase::PreCopy);
@@ -330,7 +205,7 @@ fn migrate(
     }
     let resumed = Arc::new(AtomicU64::new(0));
     let handed_over = Arc::new(AtomicBool::new(false));
-    let mut sv = FakeSource {
+    let mut sv = PlainSource {
         mem: src_mem.clone(),
         paused,
         resumed: resumed.clone(),
@@ -352,6 +227,7 @@ fn migrate(
         resumed,
         handed_over,
         src_mem,
+        guest: guest_thread,
     }
 }
 
@@ -491,7 +367,7 @@ fn cancel_before_the_switch_over_keeps_the_source() {
     source.set_stream(&stream);
     let resumed = Arc::new(AtomicU64::new(0));
     let handed_over = Arc::new(AtomicBool::new(false));
-    let mut sv = FakeSource {
+    let mut sv = PlainSource {
         mem: guest(32),
         paused: Arc::new(AtomicBool::new(false)),
         resumed: resumed.clone(),
@@ -521,10 +397,10 @@ fn a_destination_that_is_not_ember_is_refused() {
     let log = Arc::new(Mutex::new(TargetLog::default()));
     let (t, l) = (target.clone(), log.clone());
     let rx = std::thread::spawn(move || {
-        let mut tv = FakeTarget {
+        let mut tv = PlainTarget {
             log: l,
             refuse_load: false,
-            guest_checks: None,
+            on_resume: None,
         };
         receive::run(&mut tv, listener, &t);
     });
@@ -580,9 +456,11 @@ fn postcopy(after_rounds: Option<u32>) -> SendMigrationParams {
 /// The destination's memory at the end: the source's, but for the marks
 /// its guest wrote (which must all be there).
 fn check_postcopy_memory(r: &Run) {
-    let mut log = r.log.lock().unwrap();
-    let touched = log
+    let log = r.log.lock().unwrap();
+    let touched = r
         .guest
+        .lock()
+        .unwrap()
         .take()
         .expect("the guest ran")
         .join()
@@ -687,14 +565,14 @@ fn a_source_lost_in_postcopy_stops_the_destination_and_never_resumes() {
     let e = t.error.as_deref().unwrap();
     assert!(e.contains("lost the source during post-copy"), "{t:?}");
     assert!(e.contains("cannot continue"), "{t:?}");
-    let mut log = r.log.lock().unwrap();
+    let log = r.log.lock().unwrap();
     assert!(
         log.resumed && log.failed.is_some(),
         "the VM was not stopped"
     );
     // Its guest was woken when the memory was unregistered (it finds zero
     // pages then, which is why the VM had to stop first).
-    let _ = log.guest.take().unwrap().join().unwrap();
+    let _ = r.guest.lock().unwrap().take().unwrap().join().unwrap();
     let s = r.source.status();
     assert_eq!(s.state, Phase::Failed, "{s:?}");
     assert!(s.error.as_deref().unwrap().contains("post-copy"), "{s:?}");
