@@ -180,6 +180,17 @@ impl TargetVm for PlainTarget {
     }
 }
 
+/// `mib` MiB of guest memory with a word in every other page (the rest
+/// stays zero, as much of an idle guest's memory is).
+pub fn patterned_memory(mib: usize) -> Result<GuestMemoryMmap, String> {
+    let mem = crate::vstate::memory::create_anonymous(mib).map_err(|e| e.to_string())?;
+    for i in 0..(mib << 20) as u64 / 4096 / 2 {
+        mem.write_obj(i * 7 + 1, GuestAddress(i * 4096 * 2))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(mem)
+}
+
 /// The guest's writes on the source until `stop`, holding still while
 /// `paused`: `per_ms` pages a millisecond scattered over the first `span`
 /// pages, or (`per_ms` None) one word of every page of `span`, over and

@@ -14,7 +14,6 @@ use super::*;
 use crate::vmm_config::migration::{MigrationMode, SwitchOver};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vmm_config::SendMigrationParams;
-use crate::vstate::memory::create_anonymous;
 
 const MIB: usize = 1 << 20;
 
@@ -52,14 +51,8 @@ fn run_guest(dst: GuestMemoryMmap, src: GuestMemoryMmap) -> Result<u64, String> 
     Ok(n)
 }
 
-/// Memory with a pattern in part of it (the rest stays zero).
 fn guest(mib: usize) -> GuestMemoryMmap {
-    let mem = create_anonymous(mib).unwrap();
-    for i in 0..(mib * MIB / 2 / 4096) as u64 {
-        mem.write_obj(i * 7 + 1, GuestAddress(i * 4096 * 2))
-            .unwrap();
-    }
-    mem
+    super::plain::patterned_memory(mib).unwrap()
 }
 
 fn same(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
