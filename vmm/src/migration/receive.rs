@@ -301,11 +301,23 @@ impl Input {
 
     /// Post-copy, after the resume: until every page is here.
     fn wait_complete(&mut self, d: &postcopy::Dest) -> Result<(), String> {
-        let Input::Thread { rx, complete, .. } = self else {
+        let Input::Thread {
+            rx,
+            complete,
+            bytes,
+        } = self
+        else {
             return Err("post-copy without its reader".into());
         };
-        let deadline = Instant::now() + READ_TIMEOUT;
+        // A source silent for READ_TIMEOUT is gone; a slow one is not.
+        let mut deadline = Instant::now() + READ_TIMEOUT;
+        let mut seen = bytes.load(Ordering::Relaxed);
         while !*complete {
+            let now = bytes.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                deadline = Instant::now() + READ_TIMEOUT;
+            }
             if let Some(e) = d.fault_error() {
                 return Err(e);
             }
