@@ -59,6 +59,11 @@ pub trait SourceVm: Send {
         &mut self,
         pending: Option<Vec<Vec<u64>>>,
     ) -> Result<PostCopyPause, String>;
+    /// Post-copy: pages written since `pause_for_postcopy` through the
+    /// VMM's own mapping (a device delivering into guest memory while the
+    /// VM is paused: net or vsock receive). Those would reach the
+    /// destination out of step with the state saved at the pause.
+    fn written_since_pause(&mut self) -> u64;
     /// Lets the VM run again here (the migration failed or was cancelled).
     fn resume(&mut self) -> Result<(), String>;
     /// The destination runs the VM now: it must never run here again.

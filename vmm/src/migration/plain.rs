@@ -23,6 +23,8 @@ pub struct PlainSource {
     pub handed_over: Arc<AtomicBool>,
     /// The capture fails (before any pause).
     pub fail_capture: bool,
+    /// Post-copy: a "device" writes a page after the pause.
+    pub device_writes_after_pause: bool,
 }
 
 impl PlainSource {
@@ -33,6 +35,7 @@ impl PlainSource {
             resumed: Arc::default(),
             handed_over: Arc::default(),
             fail_capture: false,
+            device_writes_after_pause: false,
         }
     }
 
@@ -87,8 +90,17 @@ impl SourceVm for PlainSource {
             None => super::vmm_side::all_pages(&self.mem),
             Some(p) => self.dirty_with(&p),
         };
+        take_dirty_pages(&self.mem, &[]);
+        if self.device_writes_after_pause {
+            self.mem
+                .write_obj(0xdead_u64, GuestAddress(0x5000))
+                .map_err(|e| e.to_string())?;
+        }
         let state = crate::snapshot::format::encode(&describe(&self.mem))?;
         Ok(PostCopyPause { needed, state })
+    }
+    fn written_since_pause(&mut self) -> u64 {
+        crate::snapshot::memory::count_written(&self.mem)
     }
     fn resume(&mut self) -> Result<(), String> {
         self.paused.store(false, Ordering::SeqCst);

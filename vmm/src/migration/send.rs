@@ -350,6 +350,20 @@ fn post_copy<W: Write>(
             .into())
         }
     }
+    // The pause does not hold back devices that deliver into guest memory
+    // (net, vsock receive); what they wrote since the state was saved would
+    // reach the destination out of step with it. Before the switch-over
+    // that is still a failure the source survives.
+    let written = vm.written_since_pause();
+    if written > 0 {
+        let why = format!(
+            "devices wrote {written} pages of guest memory after the pause (network or vsock \
+             traffic for the guest); post-copy cannot carry them consistently"
+        );
+        let _ = protocol::write_message(&mut out, Kind::Abort, why.as_bytes());
+        let _ = out.flush();
+        return Err(SendError::Vm(why));
+    }
     if !progress.begin_switch_over() {
         let _ = protocol::write_message(&mut out, Kind::Abort, b"cancelled");
         let _ = out.flush();
@@ -385,6 +399,14 @@ fn post_copy<W: Write>(
         s.postcopy_ms = Some(ms);
     });
     r.map_err(|e| SendError::Split(e.to_string()))?;
+    let late = vm.written_since_pause();
+    if late > 0 {
+        // Past the switch-over nothing can be done but say so.
+        log::error!(
+            "migration: devices wrote {late} pages of guest memory here during post-copy; those \
+             the destination had not got yet went to it out of step with the saved device state"
+        );
+    }
     log::info!("migration: post-copy done in {ms} ms ({d} pages on demand, {p} pushed)");
     Ok(())
 }

@@ -101,6 +101,27 @@ fn migrate(
     tamper: Option<Tamper>,
     go_ahead: Option<Vec<DriveOverride>>,
 ) -> Run {
+    migrate_tweaked(
+        dirty_per_ms,
+        params,
+        fail_capture,
+        refuse_load,
+        tamper,
+        go_ahead,
+        |_| {},
+    )
+}
+
+/// [`migrate`], with `tweak` applied to the source first.
+fn migrate_tweaked(
+    dirty_per_ms: u64,
+    params: SendMigrationParams,
+    fail_capture: bool,
+    refuse_load: bool,
+    tamper: Option<Tamper>,
+    go_ahead: Option<Vec<DriveOverride>>,
+    tweak: fn(&mut PlainSource),
+) -> Run {
     let src_mem = guest(32);
     let guest_checks = (params.mode == MigrationMode::PostCopy).then(|| src_mem.clone());
     let guest_thread: GuestThread = Arc::default();
@@ -204,7 +225,9 @@ fn migrate(
         resumed: resumed.clone(),
         handed_over: handed_over.clone(),
         fail_capture,
+        device_writes_after_pause: false,
     };
+    tweak(&mut sv);
     let stream = Endpoint::Unix(connect_to)
         .connect(Duration::from_secs(5))
         .unwrap();
@@ -366,6 +389,7 @@ fn cancel_before_the_switch_over_keeps_the_source() {
         resumed: resumed.clone(),
         handed_over: handed_over.clone(),
         fail_capture: false,
+        device_writes_after_pause: false,
     };
     let p = source.clone();
     let sender = std::thread::spawn(move || send::run(&mut sv, stream, &params(50, 5), &p));
@@ -600,4 +624,27 @@ fn postcopy_parameters_are_checked() {
         r#"{"destination_uri": "unix:///m", "mode": "Lazy"}"#
     )
     .is_err());
+}
+
+#[test]
+fn a_device_write_after_the_postcopy_pause_keeps_the_vm_on_the_source() {
+    let r = migrate_tweaked(0, postcopy(None), false, false, None, None, |s| {
+        s.device_writes_after_pause = true
+    });
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap()
+            .contains("devices wrote 1 pages"),
+        "{s:?}"
+    );
+    // Before the switch-over: the source runs the VM on.
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let log = r.log.lock().unwrap();
+    assert!(!log.resumed && log.discarded);
 }

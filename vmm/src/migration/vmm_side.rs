@@ -98,6 +98,9 @@ impl SourceVm for VmmSource {
                     }
                 };
                 let state = crate::snapshot::format::encode(&state)?;
+                // From here on the VMM's own writes show in the vm-memory
+                // bitmap (`written_since_pause`).
+                crate::snapshot::memory::take_dirty_pages(vmm.guest_memory(), &[]);
                 Ok(PostCopyPause { needed, state })
             })();
             if r.is_err() {
@@ -107,6 +110,10 @@ impl SourceVm for VmmSource {
             }
             r
         })?
+    }
+
+    fn written_since_pause(&mut self) -> u64 {
+        crate::snapshot::memory::count_written(&self.mem)
     }
 
     fn resume(&mut self) -> Result<(), String> {
