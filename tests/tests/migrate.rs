@@ -261,12 +261,18 @@ fn a_counting_guest_migrates_and_keeps_counting() {
 
 #[test]
 fn a_counting_guest_migrates_post_copy_and_keeps_counting() {
-    if Path::new("/sys/module/kvm_pvm").exists() {
+    // EMBER_POSTCOPY_GUEST_ON_PVM=1 runs it there anyway.
+    if Path::new("/sys/module/kvm_pvm").exists()
+        && std::env::var_os("EMBER_POSTCOPY_GUEST_ON_PVM").is_none()
+    {
         eprintln!(
-            "SKIPPED a_counting_guest_migrates_post_copy_and_keeps_counting: on kvm_pvm hosts a \
-             guest cannot run on userfaultfd-served memory (KVM_EXIT_INTERNAL_ERROR; see \
-             NESTED-KVM.md), which post-copy's destination is. Its protocol, fault serving, push \
-             and failure handling are tested without a guest in vmm/src/migration/tests.rs."
+            "SKIPPED a_counting_guest_migrates_post_copy_and_keeps_counting: on kvm_pvm hosts guest \
+             memory installed through userfaultfd is unreliable (NESTED-KVM.md: Firecracker's Uffd \
+             backend and Cloud Hypervisor's post-copy stop with KVM_EXIT_INTERNAL_ERROR); run here \
+             on 2026-12-02 this test failed 4 times in 27 (processes started after the migration \
+             segfaulted), also with every page installed before the first vCPU entry. Post-copy's \
+             protocol, fault serving, push and failure handling are tested without a guest in \
+             vmm/src/migration/tests.rs; EMBER_POSTCOPY_GUEST_ON_PVM=1 runs this anyway."
         );
         return;
     }
