@@ -19,7 +19,15 @@ pub fn wait_done(vmm: &VmmProcess, timeout: Duration) -> Value {
     loop {
         let s = status(vmm);
         let state = s["state"].as_str().unwrap_or_default().to_string();
-        if !["Listening", "PreCopy", "StopAndCopy", "SwitchOver"].contains(&state.as_str()) {
+        if ![
+            "Listening",
+            "PreCopy",
+            "StopAndCopy",
+            "SwitchOver",
+            "PostCopy",
+        ]
+        .contains(&state.as_str())
+        {
             return s;
         }
         assert!(
@@ -52,10 +60,17 @@ pub fn migrate(
     downtime_ms: u64,
     max_rounds: u32,
 ) -> Value {
-    let r = from.put(
-        "/migrate/send",
+    migrate_with(
+        from,
+        to,
         &json!({"destination_uri": uri, "downtime_ms": downtime_ms, "max_rounds": max_rounds}),
-    );
+    )
+}
+
+/// Migrates `from` to `to` with `body` as the `PUT /migrate/send` request
+/// and returns the source's final status once both ends report Completed.
+pub fn migrate_with(from: &VmmProcess, to: &VmmProcess, body: &Value) -> Value {
+    let r = from.put("/migrate/send", body);
     assert_eq!(r.status, 204, "{r:?}; {}", from.logs());
     let s = wait_done(from, Duration::from_secs(1200));
     assert_eq!(s["state"], "Completed", "{s}; {}", from.logs());

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -16,10 +16,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ember_vmm::snapshot::uffd::{sys, GuestRegionUffdMapping};
+use ember_vmm::snapshot::uffd::{self, sys, GuestRegionUffdMapping};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 #[derive(Parser, Debug)]
@@ -340,64 +339,17 @@ impl Handler {
     }
 
     /// Fills `w`; returns what is left when the kernel says to retry later.
-    fn fill(&self, mut w: Work) -> Result<Option<Work>, String> {
+    fn fill(&self, w: Work) -> Result<Option<Work>, String> {
         let Some(m) = self.mapping_of(w.dst) else {
             return Ok(None); // The region went away meanwhile.
         };
-        let page = m.page_bytes();
-        while w.len > 0 {
-            let (r, done) = if w.zero {
-                let mut z = sys::UffdioZeropage {
-                    range: sys::UffdioRange {
-                        start: w.dst,
-                        len: w.len,
-                    },
-                    ..Default::default()
-                };
-                // SAFETY: UFFDIO_ZEROPAGE reads and writes one struct we own.
-                let r = unsafe { ioctl_with_mut_ref(&self.uffd, sys::UFFDIO_ZEROPAGE(), &mut z) };
-                (r, z.zeropage)
-            } else {
-                let mut c = sys::UffdioCopy {
-                    dst: w.dst,
-                    src: self.src_base + m.offset + (w.dst - m.base_host_virt_addr),
-                    len: w.len,
-                    ..Default::default()
-                };
-                // SAFETY: UFFDIO_COPY reads and writes one struct we own; src
-                // lies in our mapping of the memory file (checked against its
-                // size), and dst in the VMM's registered memory.
-                let r = unsafe { ioctl_with_mut_ref(&self.uffd, sys::UFFDIO_COPY(), &mut c) };
-                (r, c.copy)
-            };
-            if r == 0 {
-                return Ok(None);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) if done > 0 => {
-                    w.dst += done as u64;
-                    w.len -= (done as u64).min(w.len);
-                }
-                Some(libc::EAGAIN) => return Ok(Some(w)),
-                Some(libc::EEXIST) => {
-                    // Already there (a racing fault or the prefault): make
-                    // sure its waiters run, and go on with the next page.
-                    self.wake(w.dst, page);
-                    w.dst += page;
-                    w.len -= page.min(w.len);
-                }
-                // The VMM's mapping or the VMM itself is gone.
-                Some(libc::ENOENT | libc::ESRCH) => return Ok(None),
-                _ => return Err(format!("cannot fill guest page {:#x}: {e}", w.dst)),
-            }
+        // The source lies in our mapping of the memory file (checked
+        // against its size).
+        let src = (!w.zero).then(|| self.src_base + m.offset + (w.dst - m.base_host_virt_addr));
+        match uffd::fill(self.uffd.as_fd(), w.dst, src, w.len, m.page_bytes()) {
+            Ok(uffd::Filled::Done | uffd::Filled::Gone) => Ok(None),
+            Ok(uffd::Filled::Retry { dst, len }) => Ok(Some(Work { dst, len, ..w })),
+            Err(e) => Err(format!("cannot fill guest page {:#x}: {e}", w.dst)),
         }
-        Ok(None)
-    }
-
-    fn wake(&self, start: u64, len: u64) {
-        let mut range = sys::UffdioRange { start, len };
-        // SAFETY: UFFDIO_WAKE reads one UffdioRange we own.
-        unsafe { ioctl_with_mut_ref(&self.uffd, sys::UFFDIO_WAKE(), &mut range) };
     }
 }

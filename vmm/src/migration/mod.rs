@@ -4,12 +4,20 @@
 //! every component (the snapshot state code, `Vmm::capture_state`), and
 //! the destination resumes.
 //!
+//! Post-copy ([`postcopy`]): the source pauses at once (or after some
+//! pre-copy rounds) and sends only the state and which pages the
+//! destination still lacks; the destination resumes on userfaultfd-
+//! registered memory, fetches a missing page from the source when it is
+//! touched, and the source pushes the rest meanwhile.
+//!
 //! The stream is worked on by a thread of its own, so the VMM thread keeps
 //! running devices and the API meanwhile; what must touch the VM (dirty
 //! log, pause, state, resume, building the destination VM) it asks of the
 //! VMM thread through [`SourceVm`] and [`TargetVm`], which tests implement
 //! over plain memory.
 
+pub mod plain;
+pub mod postcopy;
 pub mod protocol;
 pub mod receive;
 pub mod send;
@@ -43,6 +51,19 @@ pub trait SourceVm: Send {
     /// dirtied since the last `take_dirty`, and saves the state of every
     /// component (snapshot format bytes).
     fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String>;
+    /// Post-copy's pause: pauses the VM and saves the state, as
+    /// `pause_and_capture` does, but copies no pages; returns the pages the
+    /// destination lacks (those in `pending` and dirtied since the last
+    /// `take_dirty`; every page when `pending` is None: nothing was sent).
+    fn pause_for_postcopy(
+        &mut self,
+        pending: Option<Vec<Vec<u64>>>,
+    ) -> Result<PostCopyPause, String>;
+    /// Post-copy: pages written since `pause_for_postcopy` through the
+    /// VMM's own mapping (a device delivering into guest memory while the
+    /// VM is paused: net or vsock receive). Those would reach the
+    /// destination out of step with the state saved at the pause.
+    fn written_since_pause(&mut self) -> u64;
     /// Lets the VM run again here (the migration failed or was cancelled).
     fn resume(&mut self) -> Result<(), String>;
     /// The destination runs the VM now: it must never run here again.
@@ -53,6 +74,14 @@ pub trait SourceVm: Send {
 pub struct FinalCopy {
     /// (guest address, bytes) of every page still dirty.
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// The microVM state in the snapshot file format.
+    pub state: Vec<u8>,
+}
+
+/// What the source sends once paused for post-copy.
+pub struct PostCopyPause {
+    /// A bitmap per memory region of the pages the destination must get.
+    pub needed: Vec<Vec<u64>>,
     /// The microVM state in the snapshot file format.
     pub state: Vec<u8>,
 }
@@ -70,7 +99,12 @@ pub trait TargetVm: Send {
     fn add_overrides(&mut self, overrides: Vec<DriveOverride>);
     /// Drops a VM loaded but never resumed (the source kept it).
     fn discard(&mut self);
+    /// Post-copy lost the source after the resume: part of the guest's
+    /// memory is gone, so the VM must stop here, for good.
+    fn fail(&mut self, why: &str);
 }
+
+pub use crate::vmm_config::migration::MigrationMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 pub enum Role {
@@ -97,6 +131,10 @@ pub enum Phase {
     AwaitingSwitchOver,
     /// The destination has loaded the VM; it is being resumed.
     SwitchOver,
+    /// Post-copy: the destination runs the VM while the pages it lacks
+    /// still come from the source (on fault and pushed). Neither side can
+    /// go on alone: no cancel.
+    PostCopy,
     /// The destination runs the VM.
     Completed,
     /// Ended without moving the VM (the source still runs it), or, on a
@@ -128,6 +166,16 @@ pub struct MigrationStatus {
     pub bandwidth_mib_s: f64,
     /// Pages sent after the pause.
     pub final_pages: u64,
+    /// `PreCopy` or `PostCopy`: how the memory went (a post-copy request
+    /// that converged within its pre-copy rounds ends as `PreCopy`).
+    pub mode: MigrationMode,
+    /// Post-copy: pages the destination faulted on and asked for.
+    pub postcopy_pages_on_demand: u64,
+    /// Post-copy: pages the source pushed in the background.
+    pub postcopy_pages_pushed: u64,
+    /// Post-copy: from the destination's resume until it had every page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_ms: Option<u64>,
     /// From the pause on the source to the destination's "resumed".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
@@ -146,6 +194,7 @@ impl MigrationStatus {
                 | Phase::StopAndCopy
                 | Phase::AwaitingSwitchOver
                 | Phase::SwitchOver
+                | Phase::PostCopy
         )
     }
 }
@@ -192,7 +241,7 @@ impl Progress {
     pub fn cancel(&self) -> bool {
         {
             let s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-            if !s.is_active() || s.state == Phase::SwitchOver {
+            if !s.is_active() || matches!(s.state, Phase::SwitchOver | Phase::PostCopy) {
                 return false;
             }
             self.cancel.store(true, Ordering::Release);

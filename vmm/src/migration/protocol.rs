@@ -3,6 +3,12 @@
 //! Source to destination: `Hello`, `Pages`..., `Overrides` (optional),
 //! `State`, `Resume` (or `Abort`); destination to source: `Loaded` or
 //! `Refused`, then `Resumed`.
+//! Post-copy adds, from the source, `PostCopy` (which pages the
+//! destination lacks) before `State`, and after `Resumed` more `Pages`
+//! (pushed, or answering requests); from the destination, `PageRequest`s
+//! (from `PostCopy` on, interleaved with the replies above) and finally
+//! `PostCopyDone`. A VMM that predates them refuses the stream at
+//! `PostCopy`, before the switch-over, so the source keeps the VM.
 //! Every message is checked on arrival, so a corrupt or truncated stream
 //! is refused before anything from it runs.
 
@@ -36,13 +42,30 @@ pub enum Kind {
     Resumed = 8,
     /// Drive overrides the source adds at the switch-over (JSON).
     Overrides = 9,
+    /// Post-copy begins: [`PostCopyStart`] (JSON).
+    PostCopy = 10,
+    /// Pages the destination faulted on: [`encode_page_request`].
+    PageRequest = 11,
+    /// The destination has every page; the source may let go.
+    PostCopyDone = 12,
 }
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, Pages, State, Resume, Abort, Loaded, Refused, Resumed, Overrides,
+            Hello,
+            Pages,
+            State,
+            Resume,
+            Abort,
+            Loaded,
+            Refused,
+            Resumed,
+            Overrides,
+            PostCopy,
+            PageRequest,
+            PostCopyDone,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -74,6 +97,59 @@ pub enum StreamError {
 pub struct Hello {
     pub vmm_version: String,
     pub memory: GuestMemoryState,
+}
+
+/// Version of the post-copy messages' payloads ([`PostCopyStart`] and
+/// `PageRequest`), checked on arrival.
+pub const POSTCOPY_VERSION: u8 = 1;
+
+/// `PostCopy`: the pages the destination must get from the source, a
+/// bitmap per memory region (bit `p` of word `p / 64`: page `p`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PostCopyStart {
+    pub version: u8,
+    pub needed: Vec<Vec<u64>>,
+}
+
+/// A `PageRequest` payload: the version byte, then each page's guest
+/// address (u64 LE).
+pub fn encode_page_request(gpas: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(1 + gpas.len() * 8);
+    b.push(POSTCOPY_VERSION);
+    for g in gpas {
+        b.extend_from_slice(&g.to_le_bytes());
+    }
+    b
+}
+
+pub fn parse_page_request(payload: &[u8], page_size: usize) -> Result<Vec<u64>, StreamError> {
+    let bad = |why: String| StreamError::Malformed {
+        kind: Kind::PageRequest,
+        why,
+    };
+    match payload.first() {
+        Some(&POSTCOPY_VERSION) => {}
+        Some(v) => {
+            return Err(bad(format!(
+                "version {v}; this VMM speaks {POSTCOPY_VERSION}"
+            )))
+        }
+        None => return Err(bad("empty".into())),
+    }
+    let body = &payload[1..];
+    if body.is_empty() || !body.len().is_multiple_of(8) {
+        return Err(bad(format!("{} address bytes", body.len())));
+    }
+    body.chunks_exact(8)
+        .map(|c| {
+            let g = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            if g.is_multiple_of(page_size as u64) {
+                Ok(g)
+            } else {
+                Err(bad(format!("address {g:#x} is not page-aligned")))
+            }
+        })
+        .collect()
 }
 
 /// One message as read off the stream.
@@ -309,6 +385,29 @@ mod tests {
         assert!(matches!(
             read_message(&mut &[2u8, 0xff, 0xff, 0xff, 0xff][..]),
             Err(StreamError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn page_requests_round_trip_and_bad_ones_are_refused() {
+        let p = encode_page_request(&[0x1000, 0x7000]);
+        assert_eq!(parse_page_request(&p, 4096).unwrap(), vec![0x1000, 0x7000]);
+        let mut other = p.clone();
+        other[0] = 9;
+        for bad in [&b""[..], &p[..1], &p[..5], &other[..]] {
+            assert!(parse_page_request(bad, 4096).is_err(), "{bad:?}");
+        }
+        let misaligned = encode_page_request(&[0x1001]);
+        assert!(parse_page_request(&misaligned, 4096).is_err());
+        // Through the stream, CRC and all.
+        let mut buf = Vec::new();
+        write_message(&mut buf, Kind::PageRequest, &p).unwrap();
+        let m = read_message(&mut &buf[..]).unwrap();
+        assert_eq!(m.kind, Kind::PageRequest);
+        buf[7] ^= 1;
+        assert!(matches!(
+            read_message(&mut &buf[..]),
+            Err(StreamError::Checksum(Kind::PageRequest))
         ));
     }
 

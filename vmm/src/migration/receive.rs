@@ -1,14 +1,18 @@
 //! The destination: memory into fresh guest memory, then the state, then
-//! resume when the source says so.
+//! resume when the source says so; in post-copy, the rest of the memory
+//! after the resume ([`super::postcopy::Dest`]).
 
-use std::io::BufReader;
+use std::io::{self, BufReader};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::protocol::{self, Hello, Kind, StreamError};
+use super::postcopy::{self, SharedWriter};
+use super::protocol::{self, Hello, Kind, Message, PostCopyStart, StreamError};
 use super::transport::{Listener, Stream};
-use super::{Phase, Progress, TargetVm};
+use super::{MigrationMode, Phase, Progress, TargetVm};
 use crate::snapshot::memory::{check_layout, PAGE_SIZE};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -25,6 +29,11 @@ pub enum ReceiveError {
     Aborted(String),
     #[error("cancelled")]
     Cancelled,
+    #[error(
+        "lost the source during post-copy ({why}); {missing} pages of the VM's memory never \
+         arrived, so it cannot continue and was stopped"
+    )]
+    SourceLost { why: String, missing: u64 },
 }
 
 impl From<std::io::Error> for ReceiveError {
@@ -81,37 +90,40 @@ fn receive(
     progress: &Progress,
 ) -> Result<(), ReceiveError> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
-    let mut reply = stream.try_clone()?;
-    let mut input = Counting {
+    // Shared: in post-copy the fault thread sends on it too.
+    let reply = SharedWriter::new(stream.try_clone()?);
+    let mut input = Input::Direct(Counting {
         inner: BufReader::with_capacity(1 << 20, stream),
         bytes: 0,
+    });
+    let Input::Direct(direct) = &mut input else {
+        unreachable!()
     };
-    protocol::read_preamble(&mut input)?;
-    let hello: Hello = protocol::read_message(&mut input)?
-        .expect(Kind::Hello, "Hello")?
-        .json()?;
-    let refuse = |reply: &mut Stream, why: String| {
-        let _ = protocol::write_message(reply, Kind::Refused, why.as_bytes());
+    protocol::read_preamble(direct)?;
+    let hello: Hello = input.next()?.expect(Kind::Hello, "Hello")?.json()?;
+    let refuse = |reply: &SharedWriter, why: String| {
+        let _ = reply.send(Kind::Refused, why.as_bytes());
         ReceiveError::Refused(why)
     };
     if let Err(e) = check_layout(&hello.memory) {
-        return Err(refuse(&mut reply, e.to_string()));
+        return Err(refuse(&reply, e.to_string()));
     }
     let mem = match target.create_memory(&hello.memory) {
         Ok(m) => m,
-        Err(e) => return Err(refuse(&mut reply, e)),
+        Err(e) => return Err(refuse(&reply, e)),
     };
     progress.update(|s| {
         s.state = Phase::PreCopy;
         s.memory_bytes = hello.memory.total_size();
     });
     let zeros = vec![0u8; protocol::MAX_PAGES_BYTES];
+    let mut pc: Option<Arc<postcopy::Dest>> = None;
     loop {
-        let msg = match protocol::read_message(&mut input) {
+        let msg = match input.next() {
             Ok(m) => m,
             // Tell the source why before giving up (it resumes the VM).
             Err(e @ (StreamError::Checksum(_) | StreamError::UnknownKind(_))) => {
-                return Err(refuse(&mut reply, e.to_string()))
+                return Err(refuse(&reply, e.to_string()))
             }
             Err(e) => return Err(e.into()),
         };
@@ -119,16 +131,39 @@ fn receive(
             return Err(ReceiveError::Cancelled);
         }
         match msg.kind {
+            Kind::PostCopy if pc.is_none() => {
+                let start: PostCopyStart = msg.json().map_err(|e| refuse(&reply, e.to_string()))?;
+                if start.version != protocol::POSTCOPY_VERSION {
+                    return Err(refuse(
+                        &reply,
+                        format!(
+                            "post-copy version {}; this VMM speaks {}",
+                            start.version,
+                            protocol::POSTCOPY_VERSION
+                        ),
+                    ));
+                }
+                // Registered, with its fault thread running, before the VM
+                // is loaded: device restore touches guest memory too, on
+                // another thread, so the stream is read on a thread of its
+                // own from now on (it installs the pages that come).
+                let d = postcopy::Dest::start(&mem, start.needed, reply.clone())
+                    .map_err(|e| refuse(&reply, e))?;
+                let d = Arc::new(d);
+                input = input.into_thread(d.clone(), progress.clone())?;
+                pc = Some(d);
+                progress.update(|s| s.mode = MigrationMode::PostCopy);
+            }
             Kind::Pages => {
                 let runs = protocol::parse_pages(&msg.payload, PAGE)
-                    .map_err(|e| refuse(&mut reply, e.to_string()))?;
+                    .map_err(|e| refuse(&reply, e.to_string()))?;
                 let mut pages = 0u64;
                 for run in runs {
                     let len = run.npages as usize * PAGE;
                     let at = GuestAddress(run.gpa);
                     if !mem.check_range(at, len, vm_memory::Permissions::Write) {
                         return Err(refuse(
-                            &mut reply,
+                            &reply,
                             format!("pages at {:#x}+{len:#x} are outside guest memory", run.gpa),
                         ));
                     }
@@ -139,10 +174,10 @@ fn receive(
                             mem.write_slice(&zeros[..n], GuestAddress(run.gpa + o as u64))
                         }),
                     };
-                    r.map_err(|e| refuse(&mut reply, format!("writing guest memory: {e}")))?;
+                    r.map_err(|e| refuse(&reply, format!("writing guest memory: {e}")))?;
                     pages += u64::from(run.npages);
                 }
-                let bytes = input.bytes;
+                let bytes = input.bytes();
                 progress.update(|s| {
                     s.pages += pages;
                     s.bytes = bytes;
@@ -151,36 +186,67 @@ fn receive(
             Kind::State => {
                 progress.update(|s| s.state = Phase::StopAndCopy);
                 if let Err(e) = target.load(&msg.payload, mem.clone()) {
-                    return Err(refuse(&mut reply, e));
+                    return Err(refuse(&reply, e));
                 }
-                protocol::write_message(&mut reply, Kind::Loaded, b"")?;
+                reply.send(Kind::Loaded, b"")?;
                 break;
             }
             Kind::Overrides => {
-                let o = msg.json().map_err(|e| refuse(&mut reply, e.to_string()))?;
+                let o = msg.json().map_err(|e| refuse(&reply, e.to_string()))?;
                 target.add_overrides(o);
             }
             Kind::Abort => return Err(ReceiveError::Aborted(msg.text())),
             other => {
                 return Err(refuse(
-                    &mut reply,
+                    &reply,
                     format!("unexpected {other:?} message during the memory copy"),
                 ))
             }
         }
     }
     // Loaded and paused: run it once the source has let go.
-    let msg = protocol::read_message(&mut input)?;
+    let msg = input.next()?;
     match msg.kind {
         Kind::Resume => {
             progress.update(|s| s.state = Phase::SwitchOver);
             target.resume().map_err(ReceiveError::Refused)?;
             // The VM runs here now, whether or not the source hears it.
-            if let Err(e) = protocol::write_message(&mut reply, Kind::Resumed, b"") {
+            if let Err(e) = reply.send(Kind::Resumed, b"") {
                 log::warn!("migration: the source did not get \"resumed\": {e}");
             }
-            let bytes = input.bytes;
-            progress.update(|s| s.bytes = bytes);
+            if let Some(d) = pc {
+                d.resumed();
+                progress.update(|s| s.state = Phase::PostCopy);
+                let r = input.wait_complete(&d);
+                let (on_demand, pushed) = d.counts();
+                let ms = d.elapsed_ms();
+                progress.update(|s| {
+                    s.postcopy_pages_on_demand = on_demand;
+                    s.postcopy_pages_pushed = pushed;
+                    s.pages += on_demand + pushed;
+                    s.postcopy_ms = Some(ms);
+                });
+                if let Err(why) = r {
+                    let missing = d.remaining();
+                    // Stopped while the memory is still registered, so no
+                    // vCPU ever runs on a page that did not come.
+                    target.fail(&why);
+                    d.finish();
+                    return Err(ReceiveError::SourceLost { why, missing });
+                }
+                // Every page is here: the fault thread ends and the memory
+                // is unregistered.
+                d.finish();
+                if let Err(e) = reply.send(Kind::PostCopyDone, b"") {
+                    log::warn!("migration: the source did not get \"post-copy done\": {e}");
+                }
+                log::info!(
+                    "migration: post-copy done in {ms} ms ({on_demand} pages on demand, \
+                     {pushed} pushed)"
+                );
+            }
+            let bytes = input.bytes();
+            progress.update(|s| s.bytes = s.bytes.max(bytes));
             Ok(())
         }
         Kind::Abort => Err(ReceiveError::Aborted(msg.text())),
@@ -189,6 +255,138 @@ fn receive(
             got: other,
         }
         .into()),
+    }
+}
+
+/// What the post-copy reader thread passes on.
+enum Incoming {
+    Message(Message),
+    /// Every page the destination lacked is here.
+    Complete,
+    Failed(String),
+}
+
+/// The stream's read side: read here, or (post-copy) on a thread that
+/// installs pages and passes the other messages on.
+enum Input {
+    Direct(Counting<BufReader<Stream>>),
+    Thread {
+        rx: mpsc::Receiver<Incoming>,
+        complete: bool,
+        bytes: Arc<AtomicU64>,
+    },
+}
+
+impl Input {
+    fn bytes(&self) -> u64 {
+        match self {
+            Input::Direct(c) => c.bytes,
+            Input::Thread { bytes, .. } => bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn next(&mut self) -> Result<Message, StreamError> {
+        match self {
+            Input::Direct(c) => protocol::read_message(c),
+            Input::Thread { rx, complete, .. } => loop {
+                match rx.recv_timeout(READ_TIMEOUT) {
+                    Ok(Incoming::Message(m)) => return Ok(m),
+                    Ok(Incoming::Complete) => *complete = true,
+                    Ok(Incoming::Failed(e)) => return Err(io::Error::other(e).into()),
+                    Err(_) => return Err(io::Error::from(io::ErrorKind::TimedOut).into()),
+                }
+            },
+        }
+    }
+
+    /// Post-copy, after the resume: until every page is here.
+    fn wait_complete(&mut self, d: &postcopy::Dest) -> Result<(), String> {
+        let Input::Thread {
+            rx,
+            complete,
+            bytes,
+        } = self
+        else {
+            return Err("post-copy without its reader".into());
+        };
+        // A source silent for READ_TIMEOUT is gone; a slow one is not.
+        let mut deadline = Instant::now() + READ_TIMEOUT;
+        let mut seen = bytes.load(Ordering::Relaxed);
+        while !*complete {
+            let now = bytes.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                deadline = Instant::now() + READ_TIMEOUT;
+            }
+            if let Some(e) = d.fault_error() {
+                return Err(e);
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Incoming::Complete) => *complete = true,
+                Ok(Incoming::Failed(e)) => return Err(e),
+                Ok(Incoming::Message(m)) if m.kind == Kind::Abort => {
+                    return Err(format!("the source aborted: {}", m.text()))
+                }
+                Ok(Incoming::Message(m)) => {
+                    return Err(format!("unexpected {:?} message during post-copy", m.kind))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => return Err(format!("no pages from the source for {READ_TIMEOUT:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn into_thread(self, d: Arc<postcopy::Dest>, progress: Progress) -> io::Result<Input> {
+        let Input::Direct(mut c) = self else {
+            return Ok(self);
+        };
+        let (tx, rx) = mpsc::channel();
+        let complete = d.complete();
+        let bytes = Arc::new(AtomicU64::new(c.bytes));
+        let b = bytes.clone();
+        std::thread::Builder::new()
+            .name("ember-postcopy-rx".into())
+            .spawn(move || {
+                let mut told = false;
+                let out = loop {
+                    let msg = match protocol::read_message(&mut c) {
+                        Ok(m) => m,
+                        Err(e) => break Incoming::Failed(e.to_string()),
+                    };
+                    if msg.kind != Kind::Pages {
+                        if tx.send(Incoming::Message(msg)).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let r = protocol::parse_pages(&msg.payload, PAGE)
+                        .map_err(|e| e.to_string())
+                        .and_then(|runs| d.install(&runs));
+                    if let Err(e) = r {
+                        break Incoming::Failed(e);
+                    }
+                    b.store(c.bytes, Ordering::Relaxed);
+                    let (on_demand, pushed) = d.counts();
+                    progress.update(|s| {
+                        s.bytes = c.bytes;
+                        s.postcopy_pages_on_demand = on_demand;
+                        s.postcopy_pages_pushed = pushed;
+                    });
+                    if !told && d.complete() {
+                        told = true;
+                        if tx.send(Incoming::Complete).is_err() {
+                            return;
+                        }
+                    }
+                };
+                let _ = tx.send(out);
+            })?;
+        Ok(Input::Thread {
+            rx,
+            complete,
+            bytes,
+        })
     }
 }
 

@@ -1,13 +1,16 @@
-//! The source: pre-copy rounds, then stop-and-copy and the switch-over.
+//! The source: pre-copy rounds, then stop-and-copy and the switch-over;
+//! or, in post-copy, the pause (after the rounds asked for), the
+//! switch-over and then the rest of the memory.
 
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::protocol::{self, Hello, Kind, PagesBuilder, StreamError};
+use super::postcopy::{self, SourceError};
+use super::protocol::{self, Hello, Kind, PagesBuilder, PostCopyStart, StreamError};
 use super::transport::Stream;
-use super::{FinalCopy, Phase, Progress, SourceVm};
+use super::{FinalCopy, MigrationMode, Phase, PostCopyPause, Progress, SourceVm};
 use crate::snapshot::memory::{describe, dirty_runs, PAGE_SIZE};
 use crate::vmm_config::migration::{SendMigrationParams, SwitchOver};
 
@@ -18,6 +21,9 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// A destination that takes nothing for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Post-copy: how long the destination may take to say it has every page
+/// once the last one has gone.
+const DONE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -33,6 +39,22 @@ pub enum SendError {
     /// may run the VM, so the source must not.
     #[error("lost the destination during the switch-over ({0}); the VM stays paused here")]
     InDoubt(String),
+    /// Post-copy after the resume: the VM's memory is split between the
+    /// hosts, so neither can run it alone.
+    #[error(
+        "lost the destination during post-copy ({0}); the VM ran there on memory partly \
+         still here, so it cannot run on either host; it stays paused here"
+    )]
+    Split(String),
+}
+
+impl From<SourceError> for SendError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Stream(e) => SendError::Stream(e),
+            e => SendError::Vm(e.to_string()),
+        }
+    }
 }
 
 impl From<std::io::Error> for SendError {
@@ -75,8 +97,8 @@ pub fn run(
             });
             log::info!("migration completed in {total_ms} ms");
         }
-        Err(SendError::InDoubt(why)) => {
-            let e = SendError::InDoubt(why).to_string();
+        Err(e @ (SendError::InDoubt(_) | SendError::Split(_))) => {
+            let e = e.to_string();
             log::error!("migration: {e}");
             progress.update(|s| {
                 s.state = Phase::Failed;
@@ -135,11 +157,15 @@ fn migrate(
         },
     )?;
 
-    vm.start_dirty_tracking().map_err(SendError::Vm)?;
     let budget = Duration::from_millis(params.downtime_ms);
+    let rounds = params.precopy_rounds();
+    let mut postcopy = params.mode == MigrationMode::PostCopy;
     let mut round = 0u32;
     let mut dirty: Option<Vec<Vec<u64>>> = None;
-    loop {
+    if rounds > 0 {
+        vm.start_dirty_tracking().map_err(SendError::Vm)?;
+    }
+    while round < rounds {
         if progress.cancelled() {
             return Err(SendError::Cancelled);
         }
@@ -171,9 +197,17 @@ fn migrate(
         );
         let eta = Duration::from_secs_f64((left * PAGE_SIZE) as f64 / rate.max(1.0));
         dirty = Some(next);
-        if eta <= budget || round >= params.max_rounds {
+        if eta <= budget {
+            // Converged: the rest goes in the pause, as pre-copy.
+            postcopy = false;
             break;
         }
+        if round >= rounds {
+            break;
+        }
+    }
+    if postcopy {
+        return post_copy(vm, out, reader, params, progress, paused, dirty);
     }
 
     // Stop-and-copy.
@@ -200,23 +234,7 @@ fn migrate(
         s.pages += s.final_pages;
     });
     if params.switch_over == SwitchOver::Manual {
-        out.flush()?;
-        progress.update(|s| s.state = Phase::AwaitingSwitchOver);
-        let timeout = Duration::from_millis(params.switch_over_timeout_ms);
-        match progress.wait_switch_over(timeout) {
-            Some(overrides) => {
-                if !overrides.is_empty() {
-                    protocol::write_json(&mut out, Kind::Overrides, &overrides)?;
-                }
-                progress.update(|s| s.state = Phase::StopAndCopy);
-            }
-            None if progress.cancelled() => return Err(SendError::Cancelled),
-            None => {
-                return Err(SendError::Vm(format!(
-                    "no PUT /migrate/switch-over within {timeout:?}"
-                )))
-            }
-        }
+        manual_switch_over(&mut out, params, progress)?;
     }
     protocol::write_message(&mut out, Kind::State, &state)?;
     out.flush()?;
@@ -258,6 +276,138 @@ fn migrate(
     let downtime = paused_at.elapsed().as_millis() as u64;
     progress.update(|s| s.downtime_ms = Some(downtime));
     log::info!("migration: destination resumed; downtime {downtime} ms");
+    Ok(())
+}
+
+/// `switch_over: "Manual"`: waits, paused, for `PUT /migrate/switch-over`
+/// and passes its drive overrides on.
+fn manual_switch_over(
+    out: &mut impl Write,
+    params: &SendMigrationParams,
+    progress: &Progress,
+) -> Result<(), SendError> {
+    out.flush()?;
+    progress.update(|s| s.state = Phase::AwaitingSwitchOver);
+    let timeout = Duration::from_millis(params.switch_over_timeout_ms);
+    match progress.wait_switch_over(timeout) {
+        Some(overrides) => {
+            if !overrides.is_empty() {
+                protocol::write_json(out, Kind::Overrides, &overrides)?;
+            }
+            progress.update(|s| s.state = Phase::StopAndCopy);
+            Ok(())
+        }
+        None if progress.cancelled() => Err(SendError::Cancelled),
+        None => Err(SendError::Vm(format!(
+            "no PUT /migrate/switch-over within {timeout:?}"
+        ))),
+    }
+}
+
+/// Post-copy from the pause on: the state and which pages the destination
+/// lacks, the switch-over (answering the destination's page requests
+/// meanwhile: loading the VM touches guest memory), then the rest of the
+/// memory, pushed, while the destination runs the VM.
+fn post_copy<W: Write>(
+    vm: &mut dyn SourceVm,
+    mut out: Counting<'_, W>,
+    reader: Stream,
+    params: &SendMigrationParams,
+    progress: &Progress,
+    paused: &mut bool,
+    dirty: Option<Vec<Vec<u64>>>,
+) -> Result<(), SendError> {
+    progress.update(|s| {
+        s.state = Phase::StopAndCopy;
+        s.mode = MigrationMode::PostCopy;
+    });
+    let paused_at = Instant::now();
+    let PostCopyPause { needed, state } = vm.pause_for_postcopy(dirty).map_err(SendError::Vm)?;
+    *paused = true;
+    protocol::write_json(
+        &mut out,
+        Kind::PostCopy,
+        &PostCopyStart {
+            version: protocol::POSTCOPY_VERSION,
+            needed: needed.clone(),
+        },
+    )?;
+    let mut pc = postcopy::Source::new(vm.memory(), needed, postcopy::spawn_reader(reader)?);
+    if params.switch_over == SwitchOver::Manual {
+        manual_switch_over(&mut out, params, progress)?;
+    }
+    protocol::write_message(&mut out, Kind::State, &state)?;
+    out.flush()?;
+    let reply = pc.wait(&mut out, LOAD_TIMEOUT)?;
+    match reply.kind {
+        Kind::Loaded => {}
+        Kind::Refused => return Err(SendError::Refused(reply.text())),
+        other => {
+            return Err(StreamError::Unexpected {
+                expected: "Loaded or Refused",
+                got: other,
+            }
+            .into())
+        }
+    }
+    // The pause does not hold back devices that deliver into guest memory
+    // (net, vsock receive); what they wrote since the state was saved would
+    // reach the destination out of step with it. Before the switch-over
+    // that is still a failure the source survives.
+    let written = vm.written_since_pause();
+    if written > 0 {
+        let why = format!(
+            "devices wrote {written} pages of guest memory after the pause (network or vsock \
+             traffic for the guest); post-copy cannot carry them consistently"
+        );
+        let _ = protocol::write_message(&mut out, Kind::Abort, why.as_bytes());
+        let _ = out.flush();
+        return Err(SendError::Vm(why));
+    }
+    if !progress.begin_switch_over() {
+        let _ = protocol::write_message(&mut out, Kind::Abort, b"cancelled");
+        let _ = out.flush();
+        return Err(SendError::Cancelled);
+    }
+    let in_doubt = |e: &dyn std::fmt::Display| SendError::InDoubt(e.to_string());
+    protocol::write_message(&mut out, Kind::Resume, b"")
+        .and_then(|()| out.flush())
+        .map_err(|e| in_doubt(&e))?;
+    let reply = pc
+        .wait(&mut out, RESUME_TIMEOUT)
+        .map_err(|e| in_doubt(&e))?;
+    if reply.kind != Kind::Resumed {
+        return Err(in_doubt(&format!(
+            "expected Resumed, got {:?} {}",
+            reply.kind,
+            reply.text()
+        )));
+    }
+    let downtime = paused_at.elapsed().as_millis() as u64;
+    progress.update(|s| {
+        s.downtime_ms = Some(downtime);
+        s.state = Phase::PostCopy;
+    });
+    log::info!("migration: destination resumed (post-copy); downtime {downtime} ms");
+    let t0 = Instant::now();
+    let r = pc.push_all(&mut out, progress, DONE_TIMEOUT);
+    let (d, p, ms) = (pc.on_demand, pc.pushed, t0.elapsed().as_millis() as u64);
+    progress.update(|s| {
+        s.postcopy_pages_on_demand = d;
+        s.postcopy_pages_pushed = p;
+        s.pages += d + p;
+        s.postcopy_ms = Some(ms);
+    });
+    r.map_err(|e| SendError::Split(e.to_string()))?;
+    let late = vm.written_since_pause();
+    if late > 0 {
+        // Past the switch-over nothing can be done but say so.
+        log::error!(
+            "migration: devices wrote {late} pages of guest memory here during post-copy; those \
+             the destination had not got yet went to it out of step with the saved device state"
+        );
+    }
+    log::info!("migration: post-copy done in {ms} ms ({d} pages on demand, {p} pushed)");
     Ok(())
 }
 

@@ -8,116 +8,51 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::plain::{PlainSource, PlainTarget, TargetLog};
 use super::transport::Endpoint;
 use super::*;
-use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
-use crate::vmm_config::migration::SwitchOver;
+use crate::vmm_config::migration::{MigrationMode, SwitchOver};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vmm_config::SendMigrationParams;
-use crate::vstate::memory::{create_anonymous, create_anonymous_regions};
 
 const MIB: usize = 1 << 20;
 
-/// A "VM" that is only memory; a background writer dirties pages (through
-/// vm-memory, so its bitmap sees them) until paused.
-struct FakeSource {
-    mem: GuestMemoryMmap,
-    paused: Arc<AtomicBool>,
-    resumed: Arc<AtomicU64>,
-    handed_over: Arc<AtomicBool>,
-    fail_capture: bool,
+/// Page `i` of `n` in a scattered order (a permutation: `n` is a power of
+/// two and the factor odd).
+fn scattered(i: u64, n: u64) -> u64 {
+    (i.wrapping_mul(2654435761) + 12345) % n
 }
 
-impl SourceVm for FakeSource {
-    fn memory(&self) -> GuestMemoryMmap {
-        self.mem.clone()
-    }
-    fn start_dirty_tracking(&mut self) -> Result<(), String> {
-        take_dirty_pages(&self.mem, &[]);
-        Ok(())
-    }
-    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String> {
-        Ok(take_dirty_pages(&self.mem, &[]))
-    }
-    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
-        if self.fail_capture {
-            return Err("capture failed on purpose".into());
+/// Where the "guest" leaves its mark in the pages it writes (away from the
+/// writer's word at offset 8 and the pattern at 0).
+const MARK_AT: u64 = 2048;
+
+/// Plays the guest on the destination: touches every page in a scattered
+/// order (each first touch faults), checks it against the source, and
+/// writes a mark into every third page, which no later push may undo.
+fn run_guest(dst: GuestMemoryMmap, src: GuestMemoryMmap) -> Result<u64, String> {
+    use vm_memory::GuestMemoryRegion;
+    let n: u64 = dst.iter().map(|r| r.len() / 4096).sum();
+    let mut page = vec![0u8; 4096];
+    let mut want = vec![0u8; 4096];
+    for i in 0..n {
+        let p = scattered(i, n);
+        let at = GuestAddress(p * 4096);
+        dst.read_slice(&mut page, at).map_err(|e| e.to_string())?;
+        src.read_slice(&mut want, at).map_err(|e| e.to_string())?;
+        if page != want {
+            return Err(format!("page {p} differs from the source's"));
         }
-        self.paused.store(true, Ordering::SeqCst);
-        // The writer may be mid-write; let it see the pause.
-        std::thread::sleep(Duration::from_millis(20));
-        let mut dirty = take_dirty_pages(&self.mem, &[]);
-        for (d, p) in dirty.iter_mut().zip(&pending) {
-            for (w, pw) in d.iter_mut().zip(p) {
-                *w |= pw;
-            }
+        if p.is_multiple_of(3) {
+            dst.write_obj(0xfeed_0000_0000 + p, GuestAddress(p * 4096 + MARK_AT))
+                .map_err(|e| e.to_string())?;
         }
-        let pages = super::vmm_side::copy_pages(&self.mem, &dirty)?;
-        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
-        Ok(FinalCopy { pages, state })
     }
-    fn resume(&mut self) -> Result<(), String> {
-        self.paused.store(false, Ordering::SeqCst);
-        self.resumed.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn handed_over(&mut self) {
-        self.handed_over.store(true, Ordering::SeqCst);
-    }
+    Ok(n)
 }
 
-#[derive(Default)]
-struct TargetLog {
-    overrides: Vec<DriveOverride>,
-    loaded: Option<GuestMemoryMmap>,
-    resumed: bool,
-    discarded: bool,
-}
-
-struct FakeTarget {
-    log: Arc<Mutex<TargetLog>>,
-    refuse_load: bool,
-}
-
-impl TargetVm for FakeTarget {
-    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String> {
-        let r: Vec<_> = layout
-            .regions
-            .iter()
-            .map(|r| (GuestAddress(r.base_address), r.size as usize))
-            .collect();
-        create_anonymous_regions(&r).map_err(|e| e.to_string())
-    }
-    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String> {
-        let layout: GuestMemoryState =
-            crate::snapshot::format::decode(state, "stream").map_err(|e| e.to_string())?;
-        assert_eq!(layout, describe(&memory));
-        if self.refuse_load {
-            return Err("no tap here".into());
-        }
-        self.log.lock().unwrap().loaded = Some(memory);
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.log.lock().unwrap().resumed = true;
-        Ok(())
-    }
-    fn add_overrides(&mut self, overrides: Vec<DriveOverride>) {
-        self.log.lock().unwrap().overrides.extend(overrides);
-    }
-    fn discard(&mut self) {
-        self.log.lock().unwrap().discarded = true;
-    }
-}
-
-/// Memory with a pattern in part of it (the rest stays zero).
 fn guest(mib: usize) -> GuestMemoryMmap {
-    let mem = create_anonymous(mib).unwrap();
-    for i in 0..(mib * MIB / 2 / 4096) as u64 {
-        mem.write_obj(i * 7 + 1, GuestAddress(i * 4096 * 2))
-            .unwrap();
-    }
-    mem
+    super::plain::patterned_memory(mib).unwrap()
 }
 
 fn same(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
@@ -141,6 +76,19 @@ struct Run {
     resumed: Arc<AtomicU64>,
     handed_over: Arc<AtomicBool>,
     src_mem: GuestMemoryMmap,
+    /// Post-copy: the destination's guest thread.
+    guest: GuestThread,
+}
+
+type GuestThread = Arc<Mutex<Option<std::thread::JoinHandle<Result<u64, String>>>>>;
+
+/// Damage done to the source's stream on its way.
+#[derive(Clone, Copy)]
+enum Tamper {
+    /// One byte flipped at this offset.
+    Flip(usize),
+    /// Both directions cut after this many bytes (the source "dies").
+    Cut(usize),
 }
 
 /// Migrates a 32 MiB fake guest whose writer keeps dirtying `dirty_per_ms`
@@ -150,27 +98,57 @@ fn migrate(
     params: SendMigrationParams,
     fail_capture: bool,
     refuse_load: bool,
-    tamper: Option<usize>,
+    tamper: Option<Tamper>,
     go_ahead: Option<Vec<DriveOverride>>,
 ) -> Run {
+    migrate_tweaked(
+        dirty_per_ms,
+        params,
+        fail_capture,
+        refuse_load,
+        tamper,
+        go_ahead,
+        |_| {},
+    )
+}
+
+/// [`migrate`], with `tweak` applied to the source first.
+fn migrate_tweaked(
+    dirty_per_ms: u64,
+    params: SendMigrationParams,
+    fail_capture: bool,
+    refuse_load: bool,
+    tamper: Option<Tamper>,
+    go_ahead: Option<Vec<DriveOverride>>,
+    tweak: fn(&mut PlainSource),
+) -> Run {
+    let src_mem = guest(32);
+    let guest_checks = (params.mode == MigrationMode::PostCopy).then(|| src_mem.clone());
+    let guest_thread: GuestThread = Arc::default();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("m.sock");
     let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
     let target = Progress::new(Role::Destination, "test".into());
     target.update(|s| s.state = Phase::Listening);
     let log = Arc::new(Mutex::new(TargetLog::default()));
-    let (t, l) = (target.clone(), log.clone());
+    let (t, l, g) = (target.clone(), log.clone(), guest_thread.clone());
     let rx = std::thread::spawn(move || {
-        let mut tv = FakeTarget {
+        let mut tv = PlainTarget {
             log: l,
             refuse_load,
+            on_resume: guest_checks.map(|src| {
+                Box::new(move |dst: &GuestMemoryMmap| {
+                    let (src, dst) = (src.clone(), dst.clone());
+                    *g.lock().unwrap() = Some(std::thread::spawn(move || run_guest(dst, src)));
+                }) as super::plain::OnResume
+            }),
         };
         receive::run(&mut tv, listener, &t);
     });
     // A proxy that flips one byte at offset `at` of the source's stream.
     let connect_to = match tamper {
         None => sock.clone(),
-        Some(at) => {
+        Some(tamper) => {
             let proxy = dir.path().join("proxy.sock");
             let pl = std::os::unix::net::UnixListener::bind(&proxy).unwrap();
             let sock = sock.clone();
@@ -189,8 +167,20 @@ fn migrate(
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if (seen..seen + n).contains(&at) {
-                        buf[at - seen] ^= 0x40;
+                    let n = match tamper {
+                        Tamper::Flip(at) => {
+                            if (seen..seen + n).contains(&at) {
+                                buf[at - seen] ^= 0x40;
+                            }
+                            n
+                        }
+                        Tamper::Cut(at) => n.min(at.saturating_sub(seen)),
+                    };
+                    if n == 0 {
+                        // The source is gone, both ways.
+                        let _ = a.shutdown(std::net::Shutdown::Both);
+                        let _ = b.shutdown(std::net::Shutdown::Both);
+                        break;
                     }
                     seen += n;
                     if b.write_all(&buf[..n]).is_err() {
@@ -202,25 +192,15 @@ fn migrate(
             proxy
         }
     };
-    let src_mem = guest(32);
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (mem, paused, stop) = (src_mem.clone(), paused.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                if !paused.load(Ordering::SeqCst) {
-                    for _ in 0..dirty_per_ms {
-                        n += 1;
-                        let page = (n * 2654435761) % (32 * MIB as u64 / 4096);
-                        mem.write_obj(n, GuestAddress(page * 4096 + 8)).unwrap();
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
+    let writer = super::plain::dirty(
+        src_mem.clone(),
+        paused.clone(),
+        stop.clone(),
+        Some(dirty_per_ms),
+        32 * MIB as u64 / 4096,
+    );
     let source = Progress::new(Role::Source, "test".into());
     // Active before the caller below looks, as the controller makes it.
     source.update(|s| s.state = Phase::PreCopy);
@@ -239,13 +219,15 @@ fn migrate(
     }
     let resumed = Arc::new(AtomicU64::new(0));
     let handed_over = Arc::new(AtomicBool::new(false));
-    let mut sv = FakeSource {
+    let mut sv = PlainSource {
         mem: src_mem.clone(),
         paused,
         resumed: resumed.clone(),
         handed_over: handed_over.clone(),
         fail_capture,
+        device_writes_after_pause: false,
     };
+    tweak(&mut sv);
     let stream = Endpoint::Unix(connect_to)
         .connect(Duration::from_secs(5))
         .unwrap();
@@ -261,6 +243,7 @@ fn migrate(
         resumed,
         handed_over,
         src_mem,
+        guest: guest_thread,
     }
 }
 
@@ -271,6 +254,8 @@ fn params(downtime_ms: u64, max_rounds: u32) -> SendMigrationParams {
         max_rounds,
         switch_over: Default::default(),
         switch_over_timeout_ms: 30_000,
+        mode: Default::default(),
+        postcopy_after_rounds: None,
     }
 }
 
@@ -350,7 +335,14 @@ fn a_failed_capture_leaves_the_source_running() {
 #[test]
 fn a_corrupt_stream_is_refused_and_the_source_resumes() {
     // A byte deep inside the first round's page data.
-    let r = migrate(5, params(50, 5), false, false, Some(3 * MIB), None);
+    let r = migrate(
+        5,
+        params(50, 5),
+        false,
+        false,
+        Some(Tamper::Flip(3 * MIB)),
+        None,
+    );
     let t = r.target.status();
     assert_eq!(t.state, Phase::Failed, "{t:?}");
     assert!(t.error.as_deref().unwrap().contains("checksum"), "{t:?}");
@@ -391,12 +383,13 @@ fn cancel_before_the_switch_over_keeps_the_source() {
     source.set_stream(&stream);
     let resumed = Arc::new(AtomicU64::new(0));
     let handed_over = Arc::new(AtomicBool::new(false));
-    let mut sv = FakeSource {
+    let mut sv = PlainSource {
         mem: guest(32),
         paused: Arc::new(AtomicBool::new(false)),
         resumed: resumed.clone(),
         handed_over: handed_over.clone(),
         fail_capture: false,
+        device_writes_after_pause: false,
     };
     let p = source.clone();
     let sender = std::thread::spawn(move || send::run(&mut sv, stream, &params(50, 5), &p));
@@ -421,9 +414,10 @@ fn a_destination_that_is_not_ember_is_refused() {
     let log = Arc::new(Mutex::new(TargetLog::default()));
     let (t, l) = (target.clone(), log.clone());
     let rx = std::thread::spawn(move || {
-        let mut tv = FakeTarget {
+        let mut tv = PlainTarget {
             log: l,
             refuse_load: false,
+            on_resume: None,
         };
         receive::run(&mut tv, listener, &t);
     });
@@ -466,4 +460,191 @@ fn a_manual_switch_over_that_never_comes_resumes_the_source() {
     assert!(!r.handed_over.load(Ordering::SeqCst));
     let log = r.log.lock().unwrap();
     assert!(log.loaded.is_none() && log.discarded);
+}
+
+fn postcopy(after_rounds: Option<u32>) -> SendMigrationParams {
+    SendMigrationParams {
+        mode: MigrationMode::PostCopy,
+        postcopy_after_rounds: after_rounds,
+        ..params(1, 10)
+    }
+}
+
+/// The destination's memory at the end: the source's, but for the marks
+/// its guest wrote (which must all be there).
+fn check_postcopy_memory(r: &Run) {
+    let log = r.log.lock().unwrap();
+    let touched = r
+        .guest
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the guest ran")
+        .join()
+        .unwrap()
+        .expect("the guest saw the source's memory");
+    assert_eq!(touched, 8192);
+    let dst = log.loaded.clone().unwrap();
+    for p in 0..8192u64 {
+        let at = GuestAddress(p * 4096);
+        let mut got = vec![0u8; 4096];
+        let mut want = vec![0u8; 4096];
+        dst.read_slice(&mut got, at).unwrap();
+        r.src_mem.read_slice(&mut want, at).unwrap();
+        if p.is_multiple_of(3) {
+            let mark: u64 = dst.read_obj(GuestAddress(p * 4096 + MARK_AT)).unwrap();
+            assert_eq!(
+                mark,
+                0xfeed_0000_0000 + p,
+                "page {p} lost the guest's write"
+            );
+            want[MARK_AT as usize..MARK_AT as usize + 8].copy_from_slice(&mark.to_ne_bytes());
+        }
+        assert!(got == want, "page {p} differs at the end");
+    }
+}
+
+#[test]
+fn postcopy_resumes_at_once_and_pages_come_on_fault_and_by_push() {
+    let r = migrate(20, postcopy(None), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 0), "{s:?}");
+    assert!(r.handed_over.load(Ordering::SeqCst));
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    assert_eq!(t.mode, MigrationMode::PostCopy);
+    // Every page went, once, or twice when asked for while on its way
+    // (the push skips those already asked for).
+    let sent = s.postcopy_pages_on_demand + s.postcopy_pages_pushed;
+    assert!(
+        (8192..8192 + s.postcopy_pages_on_demand).contains(&sent),
+        "{s:?}"
+    );
+    assert!(t.postcopy_pages_on_demand > 0, "{t:?}");
+    assert_eq!(
+        t.postcopy_pages_on_demand + t.postcopy_pages_pushed,
+        8192,
+        "{t:?}"
+    );
+    assert!(
+        t.postcopy_ms.is_some() && s.downtime_ms.is_some(),
+        "{t:?} {s:?}"
+    );
+    check_postcopy_memory(&r);
+}
+
+#[test]
+fn postcopy_after_rounds_sends_only_what_the_rounds_left_dirty() {
+    // Slow enough that the two rounds leave part of memory dirty.
+    let r = migrate(5, postcopy(Some(2)), false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 2), "{s:?}");
+    let after = s.postcopy_pages_on_demand + s.postcopy_pages_pushed;
+    assert!(after > 0 && after < 8192, "{s:?}");
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    check_postcopy_memory(&r);
+}
+
+#[test]
+fn a_postcopy_request_that_converges_in_its_rounds_ends_as_precopy() {
+    let mut p = postcopy(Some(3));
+    p.downtime_ms = 50;
+    let r = migrate(0, p, false, false, None, None);
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    assert_eq!((s.mode, s.rounds), (MigrationMode::PreCopy, 1), "{s:?}");
+    let t = r.target.status();
+    assert_eq!(
+        (t.state, t.mode),
+        (Phase::Completed, MigrationMode::PreCopy)
+    );
+    assert_eq!(t.postcopy_pages_on_demand, 0);
+    check_postcopy_memory(&r);
+}
+
+#[test]
+fn a_source_lost_in_postcopy_stops_the_destination_and_never_resumes() {
+    // 4 MiB into the stream: well after the state, mid-push.
+    let r = migrate(
+        5,
+        postcopy(None),
+        false,
+        false,
+        Some(Tamper::Cut(4 * MIB)),
+        None,
+    );
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let e = t.error.as_deref().unwrap();
+    assert!(e.contains("lost the source during post-copy"), "{t:?}");
+    assert!(e.contains("cannot continue"), "{t:?}");
+    let log = r.log.lock().unwrap();
+    assert!(
+        log.resumed && log.failed.is_some(),
+        "the VM was not stopped"
+    );
+    // Its guest was woken when the memory was unregistered (it finds zero
+    // pages then, which is why the VM had to stop first).
+    let _ = r.guest.lock().unwrap().take().unwrap().join().unwrap();
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("post-copy"), "{s:?}");
+    // Neither side may run the VM on half its memory.
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+}
+
+#[test]
+fn cancel_is_refused_once_postcopy_runs() {
+    let p = Progress::new(Role::Source, "test".into());
+    p.update(|s| s.state = Phase::PostCopy);
+    assert!(p.status().is_active());
+    assert!(!p.cancel());
+    assert!(!p.cancelled());
+}
+
+#[test]
+fn postcopy_parameters_are_checked() {
+    let mut p = params(50, 5);
+    p.postcopy_after_rounds = Some(2);
+    assert!(p.validate().unwrap_err().contains("PostCopy"));
+    let mut p = postcopy(Some(11));
+    p.max_rounds = 10;
+    assert!(p.validate().unwrap_err().contains("max_rounds"));
+    let p: SendMigrationParams = serde_json::from_str(
+        r#"{"destination_uri": "unix:///m", "mode": "PostCopy", "postcopy_after_rounds": 2}"#,
+    )
+    .unwrap();
+    assert_eq!(p.precopy_rounds(), 2);
+    assert!(serde_json::from_str::<SendMigrationParams>(
+        r#"{"destination_uri": "unix:///m", "mode": "Lazy"}"#
+    )
+    .is_err());
+}
+
+#[test]
+fn a_device_write_after_the_postcopy_pause_keeps_the_vm_on_the_source() {
+    let r = migrate_tweaked(0, postcopy(None), false, false, None, None, |s| {
+        s.device_writes_after_pause = true
+    });
+    let s = r.source.status();
+    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap()
+            .contains("devices wrote 1 pages"),
+        "{s:?}"
+    );
+    // Before the switch-over: the source runs the VM on.
+    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
+    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let t = r.target.status();
+    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let log = r.log.lock().unwrap();
+    assert!(!log.resumed && log.discarded);
 }

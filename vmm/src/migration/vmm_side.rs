@@ -3,7 +3,7 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{FinalCopy, SourceVm, TargetVm};
+use super::{FinalCopy, PostCopyPause, SourceVm, TargetVm};
 use crate::event_loop::TaskSender;
 use crate::snapshot::memory::{describe, dirty_runs, GuestMemoryState, PAGE_SIZE};
 use crate::snapshot::MicrovmState;
@@ -73,6 +73,49 @@ impl SourceVm for VmmSource {
         })?
     }
 
+    fn pause_for_postcopy(
+        &mut self,
+        pending: Option<Vec<Vec<u64>>>,
+    ) -> Result<PostCopyPause, String> {
+        self.tasks.run(move |c, _| {
+            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+            vmm.pause().map_err(|e| e.to_string())?;
+            let r = (|| {
+                let state = vmm
+                    .capture_state(describe(vmm.guest_memory()))
+                    .map_err(|e| e.to_string())?;
+                let needed = match pending {
+                    // Nothing was sent: every page.
+                    None => all_pages(vmm.guest_memory()),
+                    Some(p) => {
+                        let mut d = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
+                        for (d, p) in d.iter_mut().zip(&p) {
+                            for (w, pw) in d.iter_mut().zip(p) {
+                                *w |= pw;
+                            }
+                        }
+                        d
+                    }
+                };
+                let state = crate::snapshot::format::encode(&state)?;
+                // From here on the VMM's own writes show in the vm-memory
+                // bitmap (`written_since_pause`).
+                crate::snapshot::memory::take_dirty_pages(vmm.guest_memory(), &[]);
+                Ok(PostCopyPause { needed, state })
+            })();
+            if r.is_err() {
+                if let Err(e) = vmm.resume() {
+                    log::error!("migration: cannot resume after a failed capture: {e}");
+                }
+            }
+            r
+        })?
+    }
+
+    fn written_since_pause(&mut self) -> u64 {
+        crate::snapshot::memory::count_written(&self.mem)
+    }
+
     fn resume(&mut self) -> Result<(), String> {
         self.tasks.run(|c, _| {
             let vmm = c.vmm_mut().ok_or_else(no_vm)?;
@@ -91,6 +134,20 @@ impl SourceVm for VmmSource {
             log::warn!("migration: the VMM thread is gone");
         }
     }
+}
+
+/// A bitmap per region with every page set.
+pub(crate) fn all_pages(mem: &GuestMemoryMmap) -> Vec<Vec<u64>> {
+    mem.iter()
+        .map(|r| {
+            let pages = (r.len() / PAGE_SIZE) as usize;
+            let mut bits = vec![u64::MAX; pages.div_ceil(64)];
+            if !pages.is_multiple_of(64) {
+                bits[pages / 64] = (1u64 << (pages % 64)) - 1;
+            }
+            bits
+        })
+        .collect()
 }
 
 /// Copies out the pages `dirty` marks, in runs.
@@ -175,6 +232,21 @@ impl TargetVm for VmmTarget {
 
     fn discard(&mut self) {
         if self.tasks.run(|c, _| c.discard_vm()).is_err() {
+            log::warn!("migration: the VMM thread is gone");
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        log::error!("migration: post-copy failed ({why}); stopping the VM");
+        // The vCPUs are kicked out of KVM_RUN (a fault waiting on the
+        // userfaultfd is interrupted by the kick) and end; the VM is
+        // dropped by `discard` after.
+        let r = self.tasks.run(|c, _| {
+            if let Some(vmm) = c.vmm_mut() {
+                vmm.stop();
+            }
+        });
+        if r.is_err() {
             log::warn!("migration: the VMM thread is gone");
         }
     }

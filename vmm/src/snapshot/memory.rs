@@ -215,6 +215,18 @@ pub fn take_dirty_pages(mem: &GuestMemoryMmap, kvm_logs: &[Vec<u64>]) -> Vec<Vec
         .collect()
 }
 
+/// How many pages the VMM wrote through `mem` since the vm-memory bitmaps
+/// were last reset (without resetting them).
+pub fn count_written(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .map(|region| {
+            let mmap: &MmapRegion<AtomicBitmap> = region;
+            let pages = region.len().div_ceil(PAGE_SIZE) as usize;
+            (0..pages).filter(|&p| mmap.bitmap().is_bit_set(p)).count() as u64
+        })
+        .sum()
+}
+
 /// Marks `dirty` (as [`take_dirty_pages`] returned it) dirty again in the
 /// vm-memory bitmaps: for a snapshot that failed after taking the pages,
 /// so the next Diff still includes them.

@@ -115,6 +115,7 @@ pub mod sys {
     ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
     ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
     ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+    ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
     ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
     ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
     ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
@@ -210,13 +211,11 @@ pub fn create_uffd_memory(
     let mem =
         GuestMemoryMmap::from_regions(regions).map_err(|e| UffdError::Memory(e.to_string()))?;
 
-    let uffd = new_userfaultfd()?;
-    api_handshake(&uffd)?;
+    let uffd = register_memory(&mem)?;
     let page_size = page_size();
     let mut mappings = Vec::new();
     for (region, r) in mem.iter().zip(&state.regions) {
         let addr = region.as_ptr() as u64;
-        register(&uffd, addr, region.len())?;
         mappings.push(GuestRegionUffdMapping {
             base_host_virt_addr: addr,
             size: region.len(),
@@ -244,6 +243,113 @@ pub fn create_uffd_memory(
             mappings,
         },
     ))
+}
+
+/// A new userfaultfd with every region of `mem` registered for missing
+/// pages: from now on the first touch of a page not yet present waits
+/// until someone fills it (UFFDIO_COPY / UFFDIO_ZEROPAGE, [`fill`]).
+/// Closing the userfaultfd unregisters the memory.
+pub fn register_memory(mem: &GuestMemoryMmap) -> Result<OwnedFd, UffdError> {
+    let uffd = new_userfaultfd()?;
+    api_handshake(&uffd)?;
+    for region in mem.iter() {
+        register(&uffd, region.as_ptr() as u64, region.len())?;
+    }
+    Ok(uffd)
+}
+
+/// Unregisters every region of `mem` (faults on pages still missing then
+/// wake and get zero pages, as plain anonymous memory does).
+pub fn unregister_memory(uffd: BorrowedFd<'_>, mem_ranges: &[(u64, u64)]) -> io::Result<()> {
+    for &(start, len) in mem_ranges {
+        let mut range = sys::UffdioRange { start, len };
+        // SAFETY: UFFDIO_UNREGISTER reads one UffdioRange we own.
+        let r = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, sys::UFFDIO_UNREGISTER(), &mut range)
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// How [`fill`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// Every page of the range is present now (some may have been already:
+    /// those were left as they were).
+    Done,
+    /// The kernel asked to retry (EAGAIN: the address space is changing;
+    /// its events must be read first): `dst`, `len` is what is left.
+    Retry { dst: u64, len: u64 },
+    /// The range is no longer mapped (the VMM is going away).
+    Gone,
+}
+
+/// Fills `len` bytes of registered memory at host address `dst`, with a
+/// copy of `src` (a host address, `len` readable bytes) or with zeroes.
+/// A page already present (EEXIST: a racing fault, or the guest wrote it
+/// after an earlier fill) is kept, its waiters woken, and the rest filled.
+pub fn fill(
+    uffd: BorrowedFd<'_>,
+    mut dst: u64,
+    mut src: Option<u64>,
+    mut len: u64,
+    page: u64,
+) -> io::Result<Filled> {
+    use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+    while len > 0 {
+        let (r, done) = match src {
+            None => {
+                let mut z = sys::UffdioZeropage {
+                    range: sys::UffdioRange { start: dst, len },
+                    ..Default::default()
+                };
+                // SAFETY: UFFDIO_ZEROPAGE reads and writes one struct we own.
+                let r = unsafe { ioctl_with_mut_ref(&uffd, sys::UFFDIO_ZEROPAGE(), &mut z) };
+                (r, z.zeropage)
+            }
+            Some(s) => {
+                let mut c = sys::UffdioCopy {
+                    dst,
+                    src: s,
+                    len,
+                    ..Default::default()
+                };
+                // SAFETY: UFFDIO_COPY reads and writes one struct we own; the
+                // caller vouches that src..src+len is readable memory; the
+                // kernel checks dst against the registered ranges.
+                let r = unsafe { ioctl_with_mut_ref(&uffd, sys::UFFDIO_COPY(), &mut c) };
+                (r, c.copy)
+            }
+        };
+        if r == 0 {
+            return Ok(Filled::Done);
+        }
+        let e = io::Error::last_os_error();
+        let step = match e.raw_os_error() {
+            Some(libc::EAGAIN) if done > 0 => (done as u64).min(len),
+            Some(libc::EAGAIN) => return Ok(Filled::Retry { dst, len }),
+            Some(libc::EEXIST) => {
+                wake(uffd, dst, page);
+                page.min(len)
+            }
+            Some(libc::ENOENT | libc::ESRCH) => return Ok(Filled::Gone),
+            _ => return Err(e),
+        };
+        dst += step;
+        len -= step;
+        src = src.map(|s| s + step);
+    }
+    Ok(Filled::Done)
+}
+
+/// Wakes the threads waiting on faults in `start..start+len`.
+pub fn wake(uffd: BorrowedFd<'_>, start: u64, len: u64) {
+    let mut range = sys::UffdioRange { start, len };
+    // SAFETY: UFFDIO_WAKE reads one UffdioRange we own.
+    unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&uffd, sys::UFFDIO_WAKE(), &mut range) };
 }
 
 fn page_size() -> u64 {

@@ -25,6 +25,17 @@ pub enum SwitchOver {
     Manual,
 }
 
+/// How the memory goes: all before the destination resumes (`PreCopy`),
+/// or the destination resumes at once and pulls the rest on fault while
+/// the source pushes it (`PostCopy`, for guests whose dirty rate never
+/// converges).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum MigrationMode {
+    #[default]
+    PreCopy,
+    PostCopy,
+}
+
 /// `PUT /migrate/send`: move this running VM to a VMM waiting in
 /// `PUT /migrate/receive`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -45,6 +56,13 @@ pub struct SendMigrationParams {
     /// `PUT /migrate/switch-over` before it gives up and resumes.
     #[serde(default = "default_switch_over_timeout_ms")]
     pub switch_over_timeout_ms: u64,
+    #[serde(default)]
+    pub mode: MigrationMode,
+    /// With `PostCopy`: pre-copy rounds first (0, the default: pause at
+    /// once). A pre-copy that converges within `downtime_ms` in these
+    /// rounds ends as pre-copy; one that does not switches to post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_rounds: Option<u32>,
 }
 
 fn default_switch_over_timeout_ms() -> u64 {
@@ -80,7 +98,28 @@ impl SendMigrationParams {
                 self.max_rounds
             ));
         }
+        match (self.mode, self.postcopy_after_rounds) {
+            (MigrationMode::PreCopy, Some(_)) => {
+                return Err("postcopy_after_rounds needs \"mode\": \"PostCopy\"".into())
+            }
+            (MigrationMode::PostCopy, Some(n)) if n > self.max_rounds => {
+                return Err(format!(
+                    "postcopy_after_rounds ({n}) exceeds max_rounds ({})",
+                    self.max_rounds
+                ))
+            }
+            _ => {}
+        }
         Endpoint::parse(&self.destination_uri).map_err(|e| format!("destination_uri {e}"))
+    }
+
+    /// Pre-copy rounds before the pause: `postcopy_after_rounds` in
+    /// post-copy (0 pauses at once), `max_rounds` in pre-copy.
+    pub fn precopy_rounds(&self) -> u32 {
+        match self.mode {
+            MigrationMode::PreCopy => self.max_rounds,
+            MigrationMode::PostCopy => self.postcopy_after_rounds.unwrap_or(0),
+        }
     }
 }
 
