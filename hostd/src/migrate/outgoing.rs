@@ -158,7 +158,19 @@ async fn send(
     // An instance's own /tmp disk is served from here while the
     // destination's copy fills (after the switch-over).
     let mut disk = match inst.disk_dir() {
-        Some(dir) => Some(serve_disk(d, &dir).await?),
+        Some(dir) => {
+            // A disk still arriving here is not whole here to be served.
+            if let Ok(st) = inst.tmp_fill_status().await {
+                if st["state"] == "Filling" {
+                    return Err(ApiError::conflict(format!(
+                        "instance {} is still receiving its /tmp disk from its last host; \
+                         migrate it once that completes",
+                        inst.id
+                    )));
+                }
+            }
+            Some(serve_disk(d, &dir).await?)
+        }
         None => None,
     };
     let req = IncomingRequest {
