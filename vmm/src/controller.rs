@@ -182,13 +182,7 @@ impl Controller {
             .vmm
             .as_mut()
             .ok_or_else(|| VmmActionError::NotAllowed("the microVM is not started".into()))?;
-        // A pause is often followed by a snapshot: caught at rest where
-        // that matters (see `Vmm::pause_at_rest`).
-        let r = if paused {
-            vmm.pause_at_rest()
-        } else {
-            vmm.resume()
-        };
+        let r = if paused { vmm.pause() } else { vmm.resume() };
         r.map(|_| VmmData::Empty)
             .map_err(|e| VmmActionError::Internal(e.to_string()))
     }

@@ -340,8 +340,7 @@ impl Vmm {
         Ok(())
     }
 
-    /// [`Vmm::pause`] for a capture that another VMM may resume (a
-    /// snapshot, a migration). On kvm_pvm
+    /// [`Vmm::pause`] for a capture that another VMM will resume. On kvm_pvm
     /// hosts a vCPU saved while running guest kernel code restores there
     /// with broken state now and then (processes started afterwards fault
     /// on their TLS; see the README's nested-virtualization notes), while
