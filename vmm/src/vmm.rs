@@ -336,51 +336,11 @@ impl Vmm {
         for v in &self.vcpus {
             v.pause()?;
         }
-        self.paused_devices();
-        Ok(())
-    }
-
-    /// [`Vmm::pause`] for a capture that another VMM will resume. On kvm_pvm
-    /// hosts a vCPU saved while running guest kernel code restores there
-    /// with broken state now and then (processes started afterwards fault
-    /// on their TLS; see the README's nested-virtualization notes), while
-    /// one saved halted does not: so there the vCPUs are paused and let run
-    /// again, a few ms at a time, until all are caught halted (at most
-    /// `PVM_REST_TRIES` times; a guest that never idles is taken as it is).
-    pub fn pause_at_rest(&mut self) -> Result<(), crate::vstate::vcpu::VcpuError> {
-        const PVM_REST_TRIES: u32 = 100;
-        if !crate::arch::x86_64::nested::is_pvm_host() {
-            return self.pause();
-        }
-        let mut tries = 0;
-        loop {
-            for v in &self.vcpus {
-                v.pause()?;
-            }
-            tries += 1;
-            let halted = self.vcpus.iter().all(|v| v.is_halted().unwrap_or(true));
-            if halted || tries >= PVM_REST_TRIES {
-                if !halted {
-                    log::warn!("kvm_pvm: no vCPU rest in {tries} tries; capturing a running vCPU");
-                } else if tries > 1 {
-                    log::info!("kvm_pvm: vCPUs caught halted after {tries} tries");
-                }
-                break;
-            }
-            for v in &self.vcpus {
-                v.resume()?;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(3));
-        }
-        self.paused_devices();
-        Ok(())
-    }
-
-    fn paused_devices(&mut self) {
         self.state = VmState::Paused;
         for (dev, _) in &self.virtio.slots {
             dev.with_device(|d| d.on_pause());
         }
+        Ok(())
     }
 
     pub fn resume(&mut self) -> Result<(), crate::vstate::vcpu::VcpuError> {

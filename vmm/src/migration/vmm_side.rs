@@ -47,7 +47,7 @@ impl SourceVm for VmmSource {
     fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
         self.tasks.run(move |c, _| {
             let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            vmm.pause_at_rest().map_err(|e| e.to_string())?;
+            vmm.pause().map_err(|e| e.to_string())?;
             let r = (|| {
                 // The components' state, then memory, as a snapshot does.
                 let state = vmm
@@ -79,7 +79,7 @@ impl SourceVm for VmmSource {
     ) -> Result<PostCopyPause, String> {
         self.tasks.run(move |c, _| {
             let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            vmm.pause_at_rest().map_err(|e| e.to_string())?;
+            vmm.pause().map_err(|e| e.to_string())?;
             let r = (|| {
                 let state = vmm
                     .capture_state(describe(vmm.guest_memory()))

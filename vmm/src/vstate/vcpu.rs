@@ -419,12 +419,6 @@ impl VcpuHandle {
         }
     }
 
-    /// Whether a paused vCPU is halted (waiting for an interrupt).
-    pub fn is_halted(&self) -> Result<bool, VcpuError> {
-        let s = self.save_state(&[])?;
-        Ok(s.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED)
-    }
-
     /// Stops the thread and joins it.
     pub fn exit(mut self) -> Result<(), VcpuError> {
         let r = self.send(VcpuRequest::Exit, VcpuResponse::Exited);
