@@ -427,48 +427,21 @@ impl Instance {
         let inst = Instance::spawn(cfg, &inputs, Some(out), mem_mib, vcpus, net).await?;
         let placeholder = match volume_bytes {
             None => None,
-            Some(size) => {
-                let host = out.join("volume.img");
-                let made = std::fs::File::create(&host).and_then(|f| {
-                    f.set_len(size)?;
-                    if let Some((uid, gid)) = inst.jail_owner {
-                        nix::unistd::chown(&host, Some(uid.into()), Some(gid.into()))
-                            .map_err(std::io::Error::from)?;
-                    }
-                    Ok(())
-                });
-                if let Err(e) = made {
-                    inst.destroy().await;
-                    return Err(e.into());
-                }
-                Some(if inst.jailed {
-                    PathBuf::from(vm_paths::VOLUME_PLACEHOLDER)
-                } else {
-                    host
+            Some(size) => Some(
+                inst.make_out_file(out, vm_paths::VOLUME_PLACEHOLDER, |p| {
+                    std::fs::File::create(p)?.set_len(size)
                 })
-            }
+                .await?,
+            ),
         };
         let tmp_disk = match tmp_mib {
             None => None,
-            Some(mib) => {
-                let host = out.join(crate::ephemeral::FILE);
-                let made = crate::ephemeral::make_image(&host, mib).and_then(|()| {
-                    if let Some((uid, gid)) = inst.jail_owner {
-                        nix::unistd::chown(&host, Some(uid.into()), Some(gid.into()))
-                            .map_err(std::io::Error::from)?;
-                    }
-                    Ok(())
-                });
-                if let Err(e) = made {
-                    inst.destroy().await;
-                    return Err(e.into());
-                }
-                Some(if inst.jailed {
-                    PathBuf::from(vm_paths::TMP_DISK)
-                } else {
-                    host
+            Some(mib) => Some(
+                inst.make_out_file(out, vm_paths::TMP_DISK, |p| {
+                    crate::ephemeral::make_image(p, mib)
                 })
-            }
+                .await?,
+            ),
         };
         let result = inst
             .configure_and_start(cfg, files, mem_mib, vcpus, tmp_disk, placeholder)
@@ -564,12 +537,8 @@ impl Instance {
         .await?;
         // The hello arrives on <uds>_53; listen before the guest starts.
         let listener = ember_agent::bind_ready_listener(self.vsock_path())?;
-        if let Some((uid, gid)) = self.jail_owner {
-            // The jailed VMM (another uid) must be able to connect.
-            let p = ember_agent::host_port_socket_path(self.vsock_path(), 53);
-            nix::unistd::chown(&p, Some(uid.into()), Some(gid.into()))
-                .map_err(std::io::Error::from)?;
-        }
+        // The jailed VMM (another uid) must be able to connect.
+        self.give_to_vmm(&ember_agent::host_port_socket_path(self.vsock_path(), 53))?;
         api_client::put(&api, "/actions", json!({"action_type": "InstanceStart"})).await?;
         let timeout = cfg.boot_timeout;
         let hello =
@@ -634,11 +603,10 @@ impl Instance {
                 }
             };
         inst.own_disks(disk_dir.clone());
-        if let (Some(d), Some((uid, gid))) = (&disk_dir, inst.jail_owner) {
-            let p = d.join(crate::ephemeral::FILE);
-            if let Err(e) = nix::unistd::chown(&p, Some(uid.into()), Some(gid.into())) {
+        if let Some(d) = &disk_dir {
+            if let Err(e) = inst.give_to_vmm(&d.join(crate::ephemeral::FILE)) {
                 inst.destroy().await;
-                return Err(std::io::Error::from(e).into());
+                return Err(e.into());
             }
         }
         let mut load = json!({
@@ -794,13 +762,7 @@ impl Instance {
         vm_path: &str,
         target: crate::volume::NbdTarget,
     ) -> std::io::Result<PathBuf> {
-        let host = self.host(vm_path);
-        let _ = std::fs::remove_file(&host);
-        let l = tokio::net::UnixListener::bind(&host)?;
-        if let Some((uid, gid)) = self.jail_owner {
-            nix::unistd::chown(&host, Some(uid.into()), Some(gid.into()))
-                .map_err(std::io::Error::from)?;
-        }
+        let l = self.listen_for_vmm(vm_path)?;
         let task = tokio::spawn(crate::volume::forward_nbd(l, target));
         self.tasks
             .lock()
@@ -872,14 +834,49 @@ impl Instance {
     /// Listens where this (source) VMM will send its migration stream,
     /// reachable by the jailed VMM's uid.
     pub fn migration_out_listener(&self) -> std::io::Result<tokio::net::UnixListener> {
-        let path = self.host(vm_paths::MIGRATE_OUT);
-        let _ = std::fs::remove_file(&path);
-        let l = tokio::net::UnixListener::bind(&path)?;
+        self.listen_for_vmm(vm_paths::MIGRATE_OUT)
+    }
+
+    /// A unix socket at `vm_path` (as the VMM sees it) that the VMM may
+    /// connect to.
+    fn listen_for_vmm(&self, vm_path: &str) -> std::io::Result<tokio::net::UnixListener> {
+        let host = self.host(vm_path);
+        let _ = std::fs::remove_file(&host);
+        let l = tokio::net::UnixListener::bind(&host)?;
+        self.give_to_vmm(&host)?;
+        Ok(l)
+    }
+
+    /// Makes a host file this (jailed: other-uid) VMM may open read-write.
+    fn give_to_vmm(&self, host: &Path) -> std::io::Result<()> {
         if let Some((uid, gid)) = self.jail_owner {
-            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))
+            nix::unistd::chown(host, Some(uid.into()), Some(gid.into()))
                 .map_err(std::io::Error::from)?;
         }
-        Ok(l)
+        Ok(())
+    }
+
+    /// Makes the file `vm_path` (under `/out`) in the host directory `out`
+    /// with `make`, for the VMM to open read-write; answers the path to
+    /// hand the VMM. On failure the instance is destroyed.
+    async fn make_out_file(
+        &self,
+        out: &Path,
+        vm_path: &str,
+        make: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<PathBuf, InstanceError> {
+        let rel = Path::new(vm_path)
+            .strip_prefix(vm_paths::OUT)
+            .unwrap_or(Path::new(vm_path));
+        let host = out.join(rel);
+        match make(&host).and_then(|()| self.give_to_vmm(&host)) {
+            Ok(()) if self.jailed => Ok(PathBuf::from(vm_path)),
+            Ok(()) => Ok(host),
+            Err(e) => {
+                self.destroy().await;
+                Err(e.into())
+            }
+        }
     }
 
     /// `PUT /migrate/send` to the socket of [`Instance::migration_out_listener`].
