@@ -135,23 +135,10 @@ impl Emberd {
     /// Runs `f` on a thread inside emberd's network namespace (or here,
     /// when it has none): sockets it makes are on emberd's side.
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let Some(ns) = &self.netns else {
-            return f();
-        };
-        let path = format!("/run/netns/{ns}");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(&path).expect("netns");
-                // SAFETY: setns on an fd we own moves only this thread.
-                let rc = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                };
-                assert_eq!(rc, 0, "setns {path}");
-                f()
-            })
-            .join()
-            .expect("netns thread")
-        })
+        match &self.netns {
+            Some(ns) => crate::in_named_netns(ns, f),
+            None => f(),
+        }
     }
 
     fn spawn(&mut self) {

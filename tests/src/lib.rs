@@ -38,6 +38,24 @@ pub fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?}");
 }
 
+/// Runs `f` on a thread inside the named network namespace
+/// (`/run/netns/NAME`): sockets it makes are that namespace's.
+pub fn in_named_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).expect("netns");
+            // SAFETY: setns on an fd we own moves only this thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
 /// Runs `script` with `/bin/sh -c` in the guest and returns its stdout;
 /// panics with its output unless it exits 0.
 pub fn guest_sh(agent: &mut ember_agent::AgentClient, script: &str) -> String {

@@ -25,6 +25,8 @@ pub async fn table(State(d): D) -> Json<serde_json::Value> {
         "Enabled": true,
         "PhysicalNetwork": m.config().physical_net,
         "TerminateConnectionsOnPause": m.config().terminate_connections,
+        "HostServicesOpenToGuests": m.config().host_services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "DeniedNetworks": m.config().denied,
         "DefaultLogicalNetwork": LogicalNet::default_net(),
         "Reservations": d.reservations(),
         "Instances": m.table(),

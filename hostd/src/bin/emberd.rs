@@ -99,6 +99,17 @@ struct Args {
     /// the VMM resets them both ways, so neither end hangs).
     #[arg(long)]
     keep_connections_on_pause: bool,
+    /// A service of this host that guests may reach, ADDRESS[/PREFIX]:PORTS
+    /// [/udp] (e.g. 10.0.0.5:8080, 10.0.0.53:53/udp); repeatable. Nothing
+    /// else of this host (any address, any port, Ember's own included) is
+    /// reachable from an instance.
+    #[arg(long, value_name = "ADDRESS:PORTS")]
+    allow_guest_to_host: Vec<ember_hostd::net::HostService>,
+    /// A network no guest may reach whatever its function's egress policy
+    /// says (e.g. the network the hosts and their services share);
+    /// repeatable.
+    #[arg(long, value_name = "CIDR")]
+    deny_guest_net: Vec<ipnet::Ipv4Net>,
     /// Also serve the API over TCP on this address, for the cluster (needs
     /// --api-token-file; requests carry `Authorization: Bearer TOKEN`).
     #[arg(long)]
@@ -231,6 +242,8 @@ async fn run(mut args: Args) {
             physical_net: args.physical_net.trunc(),
             state_dir: args.run_dir.join("net"),
             terminate_connections: !args.keep_connections_on_pause,
+            host_services: args.allow_guest_to_host.clone(),
+            denied: args.deny_guest_net.iter().map(|n| n.trunc()).collect(),
         });
         match net {
             Ok(m) => Some(std::sync::Arc::new(m)),

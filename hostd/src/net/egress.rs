@@ -126,8 +126,7 @@ impl EgressPolicy {
 fn verdict(a: Action) -> &'static str {
     match a {
         Action::Allow => "accept",
-        // An immediate error in the guest (EHOSTUNREACH), not a timeout.
-        Action::Deny => "reject with icmp type admin-prohibited",
+        Action::Deny => super::rules::REJECT,
     }
 }
 

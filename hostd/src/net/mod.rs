@@ -24,6 +24,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use egress::{Action, EgressPolicy, EgressRule, PortRange, Protocol};
+pub use rules::HostService;
 
 /// The tap in every instance namespace, as the VMM (and the snapshot) names it.
 pub const TAP_NAME: &str = "tap0";
@@ -106,6 +107,21 @@ pub struct NetConfig {
     pub state_dir: PathBuf,
     /// Have VMMs end open TCP connections when they pause.
     pub terminate_connections: bool,
+    /// Services of this host that guests may reach (nothing else of the
+    /// host is reachable from an instance).
+    pub host_services: Vec<HostService>,
+    /// Networks no guest may reach, whatever its egress policy says (e.g.
+    /// the hosts' own network).
+    pub denied: Vec<Ipv4Net>,
+}
+
+impl NetConfig {
+    /// What every instance's fence keeps its guest from.
+    fn fenced(&self) -> Vec<Ipv4Net> {
+        std::iter::once(self.physical_net)
+            .chain(self.denied.iter().copied())
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +242,14 @@ impl NetManager {
         }
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+        // Closed before any instance has a link: this namespace (emberd's)
+        // takes nothing new from instances but the services opened to them.
+        netns::run(
+            "nft",
+            &["-f", "-"],
+            Some(&rules::host_ruleset(cfg.physical_net, &cfg.host_services)),
+        )
+        .map_err(|e| format!("closing this host to instances: {e}"))?;
         let m = NetManager {
             cfg,
             inner: Mutex::new(Inner::default()),
@@ -307,7 +331,7 @@ impl NetManager {
         let net = InstanceNet {
             instance_id: instance_id.to_string(),
             netns: format!("ember-{instance_id}"),
-            host_veth: format!("emb{slot}"),
+            host_veth: format!("{}{slot}", rules::HOST_VETH_PREFIX),
             physical,
             logical,
             slot,
@@ -382,7 +406,7 @@ impl NetManager {
             &rules::Addressing {
                 logical: net.logical.ip(),
                 physical: net.physical,
-                physical_net: self.cfg.physical_net,
+                fenced: self.cfg.fenced(),
             },
             egress,
         );
@@ -420,7 +444,7 @@ impl NetManager {
             .filter(|e| e.function_name == function)
             .map(|e| e.netns.clone())
             .collect();
-        let update = rules::egress_update(self.cfg.physical_net, policy);
+        let update = rules::egress_update(&self.cfg.fenced(), policy);
         let mut done = 0;
         for ns in targets {
             let p = netns::path(&ns);
@@ -497,6 +521,8 @@ mod tests {
                 physical_net: "10.200.0.0/24".parse().unwrap(),
                 state_dir: dir.path().into(),
                 terminate_connections: true,
+                host_services: vec![],
+                denied: vec![],
             },
             inner: Mutex::new(Inner::default()),
         };
