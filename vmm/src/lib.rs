@@ -6,6 +6,7 @@ pub mod builder;
 pub mod controller;
 pub mod devices;
 pub mod event_loop;
+pub mod guest_log;
 pub mod metrics;
 pub mod migration;
 pub mod rate_limiter;

@@ -97,7 +97,7 @@ impl I8042 {
     fn raise_irq(&self) {
         if self.ctr & CTR_KBD_INT != 0 && !self.buf.is_empty() {
             if let Err(e) = self.irq.write(1) {
-                log::warn!("i8042: cannot raise IRQ: {e}");
+                crate::guest_warn!("i8042: cannot raise IRQ: {e}");
             }
         }
     }

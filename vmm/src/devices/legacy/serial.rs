@@ -24,6 +24,49 @@ impl Trigger for IrqFdTrigger {
 
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// Most bytes of guest console output one VMM writes: a guest that prints
+/// without end must not fill the host's disk (or its run-dir tmpfs).
+pub const SERIAL_LIMIT_BYTES: u64 = 16 << 20;
+
+/// A console output that takes `limit` bytes, then one line saying so,
+/// then swallows the rest (the guest's writes still succeed).
+struct Capped {
+    out: SerialOut,
+    left: u64,
+    said_so: bool,
+}
+
+impl Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            if !self.said_so {
+                self.said_so = true;
+                let _ = self.out.write_all(
+                    b"\n[ember-vmm: console output limit reached; the rest is dropped]\n",
+                );
+                let _ = self.out.flush();
+            }
+            return Ok(buf.len());
+        }
+        let n = (buf.len() as u64).min(self.left) as usize;
+        let written = self.out.write(&buf[..n])?;
+        self.left -= written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+pub(super) fn capped(out: SerialOut, limit: u64) -> SerialOut {
+    Box::new(Capped {
+        out,
+        left: limit,
+        said_so: false,
+    })
+}
+
 pub struct SerialConsole {
     serial: Serial<IrqFdTrigger, NoEvents, SerialOut>,
 }
@@ -31,7 +74,7 @@ pub struct SerialConsole {
 impl SerialConsole {
     pub fn new(irq: EventFd, out: SerialOut) -> Self {
         SerialConsole {
-            serial: Serial::new(IrqFdTrigger(irq), out),
+            serial: Serial::new(IrqFdTrigger(irq), capped(out, SERIAL_LIMIT_BYTES)),
         }
     }
 
@@ -56,5 +99,41 @@ impl BusDevice for SerialConsole {
                 log::debug!("serial write failed: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A guest that prints for ever fills its console up to the limit and
+    /// one line more; its writes keep succeeding.
+    #[test]
+    fn console_output_stops_at_the_limit() {
+        let sink = Sink::default();
+        let mut out = capped(Box::new(sink.clone()), 1000);
+        for _ in 0..10_000 {
+            out.write_all(b"0123456789abcdef").unwrap();
+        }
+        let got = sink.0.lock().unwrap().clone();
+        assert!(got.starts_with(b"0123456789abcdef"));
+        assert_eq!(got.len(), 1000 + got[1000..].len());
+        let tail = String::from_utf8_lossy(&got[1000..]);
+        assert!(tail.contains("console output limit reached"), "{tail}");
+        assert!(got.len() < 1200, "{}", got.len());
     }
 }

@@ -156,7 +156,7 @@ impl MmioTransport {
             reg::STATUS => self.status(),
             reg::CONFIG_GENERATION => self.regs.config_generation,
             _ => {
-                log::warn!("virtio-mmio: read of unknown register {offset:#x}");
+                crate::guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
             }
         }
@@ -179,13 +179,13 @@ impl MmioTransport {
             | reg::QUEUE_DRIVER_HIGH
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, v),
-            _ => log::warn!("virtio-mmio: write of unknown register {offset:#x}"),
+            _ => crate::guest_warn!("virtio-mmio: write of unknown register {offset:#x}"),
         }
     }
 
     fn write_driver_features(&mut self, v: u32) {
         if !self.has_status(status::DRIVER) || self.has_status(status::FEATURES_OK) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: DriverFeatures written in status {:#x}",
                 self.regs.status
             );
@@ -195,7 +195,7 @@ impl MmioTransport {
         match self.regs.driver_features_sel {
             0 => *f = (*f & !0xffff_ffff) | u64::from(v),
             1 => *f = (*f & 0xffff_ffff) | (u64::from(v) << 32),
-            sel => log::warn!("virtio-mmio: DriverFeatures written with selector {sel}"),
+            sel => crate::guest_warn!("virtio-mmio: DriverFeatures written with selector {sel}"),
         }
     }
 
@@ -203,12 +203,14 @@ impl MmioTransport {
         if !self.queue_config_allowed() {
             // Linux writes QueueReady=0 after a reset while tearing down; harmless.
             if self.has_status(status::DRIVER_OK) {
-                log::warn!("virtio-mmio: queue register {offset:#x} written after DRIVER_OK");
+                crate::guest_warn!(
+                    "virtio-mmio: queue register {offset:#x} written after DRIVER_OK"
+                );
             }
             return;
         }
         let Some(q) = self.queues.get_mut(self.regs.queue_sel as usize) else {
-            log::warn!("virtio-mmio: queue register written for absent queue");
+            crate::guest_warn!("virtio-mmio: queue register written for absent queue");
             return;
         };
         let lo = |old: u64| GuestAddress((old & !0xffff_ffff) | u64::from(v));
@@ -230,7 +232,7 @@ impl MmioTransport {
             _ => Ok(()),
         };
         if let Err(e) = res {
-            log::warn!("virtio-mmio: invalid queue config {offset:#x}={v:#x}: {e}");
+            crate::guest_warn!("virtio-mmio: invalid queue config {offset:#x}={v:#x}: {e}");
             self.queue_config_error = true;
         }
     }
@@ -239,10 +241,10 @@ impl MmioTransport {
         match self.queue_evts.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::warn!("virtio-mmio: failed to signal queue {index}: {e}");
+                    crate::guest_warn!("virtio-mmio: failed to signal queue {index}: {e}");
                 }
             }
-            None => log::warn!("virtio-mmio: notify for absent queue {index}"),
+            None => crate::guest_warn!("virtio-mmio: notify for absent queue {index}"),
         }
     }
 
@@ -253,12 +255,14 @@ impl MmioTransport {
         }
         let old = self.regs.status;
         if new & old != old {
-            log::warn!("virtio-mmio: status {old:#x} -> {new:#x} clears bits without a reset");
+            crate::guest_warn!(
+                "virtio-mmio: status {old:#x} -> {new:#x} clears bits without a reset"
+            );
             return;
         }
         let added = new & !old;
         if added & status::FAILED != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver marked device {} FAILED",
                 self.device_type()
             );
@@ -276,7 +280,7 @@ impl MmioTransport {
                 continue;
             }
             if !self.has_status(needs) || self.has_status(status::FAILED) {
-                log::warn!("virtio-mmio: invalid status transition {old:#x} -> {new:#x}");
+                crate::guest_warn!("virtio-mmio: invalid status transition {old:#x} -> {new:#x}");
                 return;
             }
             match bit {
@@ -298,7 +302,7 @@ impl MmioTransport {
         let features = self.regs.driver_features;
         let unknown = features & !dev.avail_features();
         if unknown != 0 || features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: refusing driver features {features:#x} (unoffered {unknown:#x})"
             );
             return false;
@@ -312,7 +316,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             if self.queue_config_error || !q.is_valid(&self.mem) {
-                log::warn!("virtio-mmio: queue {i} is not valid at DRIVER_OK");
+                crate::guest_warn!("virtio-mmio: queue {i} is not valid at DRIVER_OK");
                 self.interrupt.signal_needs_reset();
                 return;
             }
@@ -322,7 +326,7 @@ impl MmioTransport {
                     queues.push(copy);
                 }
                 Err(e) => {
-                    log::warn!("virtio-mmio: queue {i}: {e}");
+                    crate::guest_warn!("virtio-mmio: queue {i}: {e}");
                     self.interrupt.signal_needs_reset();
                     return;
                 }
@@ -330,7 +334,7 @@ impl MmioTransport {
         }
         let res = lock(&self.device).activate(self.mem.clone(), self.interrupt.clone(), queues);
         if let Err(e) = res {
-            log::warn!("virtio-mmio: activation failed: {e}");
+            crate::guest_warn!("virtio-mmio: activation failed: {e}");
             self.interrupt.signal_needs_reset();
         }
     }
@@ -360,7 +364,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: bad register read at {offset:#x} len {}",
                 data.len()
             );
@@ -377,14 +381,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: bad register write at {offset:#x} len {}",
                 data.len()
             );
             return;
         };
         if !offset.is_multiple_of(4) {
-            log::warn!("virtio-mmio: unaligned register write at {offset:#x}");
+            crate::guest_warn!("virtio-mmio: unaligned register write at {offset:#x}");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

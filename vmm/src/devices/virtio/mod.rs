@@ -104,7 +104,7 @@ impl Interrupt {
     pub fn trigger(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.irq_evt.write(1) {
-            log::warn!("virtio: failed to signal irq eventfd: {e}");
+            crate::guest_warn!("virtio: failed to signal irq eventfd: {e}");
         }
     }
 

@@ -76,15 +76,20 @@ impl SerialConsole {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let serial =
-            Serial::from_state(&s, IrqFdTrigger(irq), NoEvents, out).map_err(|e| match e {
-                vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
-                    SerialRestoreError::Irq(e)
-                }
-                vm_superio::serial::Error::FullFifo => SerialRestoreError::FifoTooLong {
-                    len: state.in_buffer.len(),
-                },
-            })?;
+        let serial = Serial::from_state(
+            &s,
+            IrqFdTrigger(irq),
+            NoEvents,
+            super::capped(out, super::SERIAL_LIMIT_BYTES),
+        )
+        .map_err(|e| match e {
+            vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
+                SerialRestoreError::Irq(e)
+            }
+            vm_superio::serial::Error::FullFifo => SerialRestoreError::FifoTooLong {
+                len: state.in_buffer.len(),
+            },
+        })?;
         Ok(SerialConsole { serial })
     }
 }

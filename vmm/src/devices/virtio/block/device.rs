@@ -30,6 +30,7 @@ use crate::rate_limiter::RateLimiter;
 use crate::vmm_config::drive::BlockDeviceConfig;
 use crate::vmm_config::drive::BlockDeviceUpdate;
 
+const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
 const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
 const VIRTIO_BLK_F_FLUSH: u32 = 9;
@@ -47,6 +48,13 @@ const CONFIG_LEN: usize = 60;
 /// sends one segment per request; more segments mean fewer, larger requests,
 /// and every request costs guest kernel time and a VM exit.
 const SEG_MAX: u32 = 128;
+/// Largest data segment (SIZE_MAX). With SEG_MAX it bounds a request's
+/// data, which the device buffers: a driver that keeps to both never sends
+/// more than [`MAX_DATA_BYTES`], and a larger request is refused before
+/// anything is allocated for it.
+const SIZE_MAX: u32 = 256 << 10;
+/// Most data bytes in one request (32 MiB).
+pub(super) const MAX_DATA_BYTES: usize = SEG_MAX as usize * SIZE_MAX as usize;
 
 /// Event ids of the device's subscriptions.
 const EV_QUEUE: u32 = 0;
@@ -73,8 +81,8 @@ struct InFlight {
 pub struct Block {
     config: BlockDeviceConfig,
     disk: Disk,
-    /// `struct virtio_blk_config`: capacity (le64), size_max (le32, not
-    /// offered), seg_max (le32), then at 36.. the discard and at 48.. the
+    /// `struct virtio_blk_config`: capacity (le64), size_max (le32),
+    /// seg_max (le32), then at 36.. the discard and at 48.. the
     /// write-zeroes limits.
     config_space: [u8; CONFIG_LEN],
     avail_features: u64,
@@ -105,6 +113,7 @@ impl Block {
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX);
         if disk.read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
@@ -126,6 +135,7 @@ impl Block {
         let limiter = RateLimiter::new(&config.rate_limiter.unwrap_or_default()).map_err(fd_err)?;
         let mut config_space = [0u8; CONFIG_LEN];
         config_space[..8].copy_from_slice(&disk.sectors().to_le_bytes());
+        config_space[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         // max_discard_sectors, max_discard_seg, discard_sector_alignment.
         config_space[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
@@ -221,7 +231,7 @@ impl Block {
             }
         })();
         if let Err(e) = res {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-blk {}: queue error, device needs reset: {e}",
                 self.config.drive_id
             );
@@ -298,7 +308,10 @@ impl Block {
                     match c.result {
                         Ok(data) => request::complete(mem, &req, VIRTIO_BLK_S_OK, &data),
                         Err(e) => {
-                            log::warn!("virtio-blk {}: I/O failed: {e}", self.config.drive_id);
+                            crate::guest_warn!(
+                                "virtio-blk {}: I/O failed: {e}",
+                                self.config.drive_id
+                            );
                             request::complete(mem, &req, VIRTIO_BLK_S_IOERR, &[])
                         }
                     }
@@ -307,7 +320,7 @@ impl Block {
                 (Work::Io { .. }, None) => request::complete(mem, &req, VIRTIO_BLK_S_IOERR, &[]),
             };
             if let Err(e) = active.queue.add_used(mem, req.head, len) {
-                log::warn!("virtio-blk {}: cannot add used: {e}", self.config.drive_id);
+                crate::guest_warn!("virtio-blk {}: cannot add used: {e}", self.config.drive_id);
             }
         }
         notify(&mut active.queue, mem, &active.interrupt);
@@ -433,7 +446,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::warn!("virtio-blk: guest write to read-only config space at {offset:#x}");
+        crate::guest_warn!("virtio-blk: guest write to read-only config space at {offset:#x}");
     }
 
     fn activate(
@@ -460,7 +473,7 @@ impl VirtioDevice for Block {
         self.broken = false;
         // Requests queued before DRIVER_OK are picked up on the device thread.
         if let Err(e) = self.queue_evts[0].write(1) {
-            log::warn!("virtio-blk: cannot kick queue after activation: {e}");
+            crate::guest_warn!("virtio-blk: cannot kick queue after activation: {e}");
         }
         Ok(())
     }
@@ -506,7 +519,7 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if !events.event_set().contains(EventSet::IN) {
-            log::warn!("virtio-blk: unexpected event set {:?}", events.event_set());
+            crate::guest_warn!("virtio-blk: unexpected event set {:?}", events.event_set());
             return;
         }
         match events.data() {
@@ -515,14 +528,14 @@ impl MutEventSubscriber for Block {
                 // processing re-arms it instead of being lost.
                 if let Err(e) = self.queue_evts[0].read() {
                     if e.kind() != std::io::ErrorKind::WouldBlock {
-                        log::warn!("virtio-blk: queue event read failed: {e}");
+                        crate::guest_warn!("virtio-blk: queue event read failed: {e}");
                     }
                 }
                 self.process_queue();
             }
             EV_COMPLETION => self.on_completions(),
             EV_LIMITER => self.on_limiter_event(),
-            other => log::warn!("virtio-blk: unknown event {other}"),
+            other => crate::guest_warn!("virtio-blk: unknown event {other}"),
         }
     }
 }

@@ -103,7 +103,7 @@ impl Disk {
 
     fn set_size(&mut self, drive_id: &str, bytes: u64) {
         if !bytes.is_multiple_of(SECTOR_SIZE) {
-            log::warn!(
+            crate::guest_warn!(
                 "drive {drive_id}: size {bytes} is not a multiple of \
                  {SECTOR_SIZE}; the last partial sector is not accessible"
             );

@@ -13,6 +13,7 @@ use std::io::Read;
 use virtio_queue::Reader;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::device::MAX_DATA_BYTES;
 use super::disk::Disk;
 use super::nbd::Op;
 use super::SECTOR_SIZE;
@@ -138,14 +139,19 @@ pub(crate) fn parse(disk: &Disk, chain: Chain<'_>, mem: &Mem) -> Request {
         work: Work::Done(VIRTIO_BLK_S_IOERR, Vec::new()),
     };
     if req.status.is_none() {
-        log::warn!("virtio-blk: request without a status byte");
+        crate::guest_warn!("virtio-blk: request without a status byte");
         return req;
     }
-    let data_len: usize = req.regions.iter().map(|r| r.1).sum();
+    // Summed without overflow: a chain of many large descriptors is refused
+    // below, before anything is allocated for it.
+    let data_len = req
+        .regions
+        .iter()
+        .fold(0usize, |sum, r| sum.saturating_add(r.1));
     req.work = match Reader::new(mem, chain) {
         Ok(mut reader) => work(disk, &mut reader, data_len),
         Err(e) => {
-            log::warn!("virtio-blk: unusable readable descriptors: {e}");
+            crate::guest_warn!("virtio-blk: unusable readable descriptors: {e}");
             Work::Done(VIRTIO_BLK_S_IOERR, Vec::new())
         }
     };
@@ -163,7 +169,7 @@ fn work<B: vm_memory::bitmap::BitmapSlice>(
 ) -> Work {
     let mut hdr = [0u8; HEADER_LEN];
     if reader.read_exact(&mut hdr).is_err() {
-        log::warn!("virtio-blk: request header shorter than {HEADER_LEN} bytes");
+        crate::guest_warn!("virtio-blk: request header shorter than {HEADER_LEN} bytes");
         return ioerr();
     }
     let hdr = RequestHeader::parse(&hdr);
@@ -213,15 +219,24 @@ fn work<B: vm_memory::bitmap::BitmapSlice>(
     }
 }
 
-/// Checks the transfer is whole sectors within the disk; returns its offset.
+/// Checks the transfer is whole sectors within the disk and no larger than
+/// the device buffers; returns its offset.
 fn check_transfer(disk: &Disk, sector: u64, len: usize) -> Option<u64> {
+    if len > MAX_DATA_BYTES {
+        crate::guest_warn!(
+            "virtio-blk: transfer of {len} bytes is over the device's {MAX_DATA_BYTES} (SEG_MAX x SIZE_MAX)"
+        );
+        return None;
+    }
     let len = len as u64;
     if !len.is_multiple_of(SECTOR_SIZE) {
-        log::warn!("virtio-blk: transfer of {len} bytes is not whole sectors");
+        crate::guest_warn!("virtio-blk: transfer of {len} bytes is not whole sectors");
         return None;
     }
     if !disk.in_range(sector, len) {
-        log::warn!("virtio-blk: transfer of {len} bytes at sector {sector} is out of range");
+        crate::guest_warn!(
+            "virtio-blk: transfer of {len} bytes at sector {sector} is out of range"
+        );
         return None;
     }
     Some(sector * SECTOR_SIZE)
@@ -240,7 +255,9 @@ fn range<B: vm_memory::bitmap::BitmapSlice>(
     }
     let n = reader.available_bytes();
     if n != 16 {
-        log::warn!("virtio-blk: {n}-byte discard/write-zeroes payload (one segment expected)");
+        crate::guest_warn!(
+            "virtio-blk: {n}-byte discard/write-zeroes payload (one segment expected)"
+        );
         return ioerr();
     }
     let mut seg = [0u8; 16];
@@ -258,7 +275,7 @@ fn range<B: vm_memory::bitmap::BitmapSlice>(
     }
     let len = u64::from(sectors) * SECTOR_SIZE;
     if !disk.in_range(sector, len) {
-        log::warn!("virtio-blk: range of {sectors} sectors at {sector} is out of range");
+        crate::guest_warn!("virtio-blk: range of {sectors} sectors at {sector} is out of range");
         return ioerr();
     }
     let offset = sector * SECTOR_SIZE;
@@ -283,7 +300,7 @@ pub(crate) fn complete(mem: &Mem, req: &Request, mut status: u8, data: &[u8]) ->
             break;
         }
         if let Err(e) = mem.write_slice(&data[written..written + n], addr) {
-            log::warn!("virtio-blk: cannot write data to guest memory: {e}");
+            crate::guest_warn!("virtio-blk: cannot write data to guest memory: {e}");
             status = VIRTIO_BLK_S_IOERR;
             break;
         }
@@ -292,7 +309,7 @@ pub(crate) fn complete(mem: &Mem, req: &Request, mut status: u8, data: &[u8]) ->
     let used = match mem.write_obj(status, status_at) {
         Ok(()) => written + 1,
         Err(e) => {
-            log::warn!("virtio-blk: cannot write status: {e}");
+            crate::guest_warn!("virtio-blk: cannot write status: {e}");
             written
         }
     };

@@ -186,7 +186,7 @@ impl MmioTransport {
         if bits != 0 {
             // The guest may not have seen these yet; a spurious interrupt is harmless.
             if let Err(e) = t.interrupt.irq_evt().write(1) {
-                log::warn!("virtio-mmio: cannot re-signal interrupt after restore: {e}");
+                crate::guest_warn!("virtio-mmio: cannot re-signal interrupt after restore: {e}");
             }
         }
         Ok(t)

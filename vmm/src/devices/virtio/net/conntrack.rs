@@ -476,7 +476,7 @@ impl ConnTracker {
             return;
         }
         if !self.evict_logged {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-net: more than {} TCP connections; forgetting the least recently \
                  used (they will not be ended at a pause)",
                 self.capacity

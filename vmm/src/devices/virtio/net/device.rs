@@ -216,7 +216,7 @@ impl Net {
         let ended = ct.terminate();
         for t in &ended {
             if let Err(e) = self.tap.write_frame(&t.to_remote) {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-net {}: cannot send the RST for {:?}: {e}",
                     self.config.iface_id,
                     t.key
@@ -254,7 +254,7 @@ impl Net {
     }
 
     fn queue_error(&mut self, what: &str, e: impl std::fmt::Display) {
-        log::warn!(
+        crate::guest_warn!(
             "virtio-net {}: {what} queue error, device needs reset: {e}",
             self.config.iface_id
         );
@@ -311,7 +311,7 @@ impl Net {
                     n as u32
                 }
                 None => {
-                    log::warn!(
+                    crate::guest_warn!(
                         "virtio-net {}: receive buffer too small or unwritable for a \
                          {}-byte frame; dropped",
                         self.config.iface_id,
@@ -358,7 +358,7 @@ impl Net {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        log::warn!("virtio-net {}: tap read: {e}", self.config.iface_id);
+                        crate::guest_warn!("virtio-net {}: tap read: {e}", self.config.iface_id);
                         return false;
                     }
                 }
@@ -453,7 +453,7 @@ impl Net {
                     }
                 },
                 None => {
-                    log::warn!(
+                    crate::guest_warn!(
                         "virtio-net {}: malformed transmit chain; dropped",
                         self.config.iface_id
                     );
@@ -506,7 +506,7 @@ impl Net {
 
     fn kick(&self, index: usize) {
         if let Err(e) = self.queue_evts[index].write(1) {
-            log::warn!("virtio-net: cannot kick queue {index}: {e}");
+            crate::guest_warn!("virtio-net: cannot kick queue {index}: {e}");
         }
     }
 }
@@ -543,7 +543,7 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // Writing the MAC is legacy-only (virtio 1.1 5.1.4.2).
-        log::warn!("virtio-net: guest write to read-only config space at {offset:#x}");
+        crate::guest_warn!("virtio-net: guest write to read-only config space at {offset:#x}");
     }
 
     fn activate(
@@ -564,7 +564,7 @@ impl VirtioDevice for Net {
         let tx = queues.remove(TX_INDEX);
         let rx = queues.remove(RX_INDEX);
         if let Err(e) = self.tap.set_offload(self.offloads()) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-net {}: cannot set tap offloads {:#x}: {e}",
                 self.config.iface_id,
                 self.offloads()
@@ -610,7 +610,7 @@ impl VirtioDevice for Net {
         self.acked_features = 0;
         self.broken = false;
         if let Err(e) = self.tap.set_offload(0) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-net {}: cannot clear tap offloads: {e}",
                 self.config.iface_id
             );
@@ -659,7 +659,7 @@ impl MutEventSubscriber for Net {
             EV_TAP => self.process_rx(),
             EV_RX_LIMITER => self.on_rx_limiter_event(),
             EV_TX_LIMITER => self.on_tx_limiter_event(),
-            other => log::warn!("virtio-net: unexpected event {other}"),
+            other => crate::guest_warn!("virtio-net: unexpected event {other}"),
         }
     }
 }

@@ -139,7 +139,7 @@ impl VhostUserBlock {
         match started {
             Ok(()) => {
                 if let Err(e) = self.queue_evts[0].write(1) {
-                    log::warn!("vhost-user-blk: cannot kick queue: {e}");
+                    crate::guest_warn!("vhost-user-blk: cannot kick queue: {e}");
                 }
             }
             Err(e) => self.on_disconnect(&format!("failed to start the rings ({e})")),
@@ -166,7 +166,7 @@ impl VhostUserBlock {
                 // Everything the backend finished is in the used ring.
                 match q.used_idx(&a.mem, std::sync::atomic::Ordering::Acquire) {
                     Ok(used) => q.set_next_used(used.0),
-                    Err(e) => log::warn!("vhost-user-blk: cannot read used index: {e}"),
+                    Err(e) => crate::guest_warn!("vhost-user-blk: cannot read used index: {e}"),
                 }
             }
             Err(e) => self.on_disconnect(&format!("failed to stop its ring ({e})")),
@@ -224,7 +224,7 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::warn!("vhost-user-blk: guest write to read-only config space at {offset:#x}");
+        crate::guest_warn!("vhost-user-blk: guest write to read-only config space at {offset:#x}");
     }
 
     fn activate(
@@ -308,7 +308,7 @@ impl MutEventSubscriber for VhostUserBlock {
             EV_CALL => {
                 if let Err(e) = self.call_evt.read() {
                     if e.kind() != std::io::ErrorKind::WouldBlock {
-                        log::warn!("vhost-user-blk: call event read failed: {e}");
+                        crate::guest_warn!("vhost-user-blk: call event read failed: {e}");
                     }
                 }
                 // The backend already applied EVENT_IDX suppression.
@@ -321,7 +321,7 @@ impl MutEventSubscriber for VhostUserBlock {
                 let fd = self.watch.as_raw_fd();
                 if let Err(e) = ops.remove(Events::with_data_raw(fd, EV_HANGUP, events.event_set()))
                 {
-                    log::warn!("vhost-user-blk: cannot unregister hang-up watch: {e:?}");
+                    crate::guest_warn!("vhost-user-blk: cannot unregister hang-up watch: {e:?}");
                 }
                 self.on_disconnect("closed the connection");
             }

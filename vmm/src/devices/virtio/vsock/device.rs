@@ -113,7 +113,7 @@ impl Vsock {
         let chain = match pop(queue, mem) {
             Ok(Some(chain)) => chain,
             Ok(None) => {
-                log::warn!("vsock: no event buffer for the transport reset event");
+                crate::guest_warn!("vsock: no event buffer for the transport reset event");
                 return;
             }
             Err(e) => {
@@ -128,7 +128,7 @@ impl Vsock {
                 std::io::Write::write_all(&mut w, &id).map_or(0, |()| id.len() as u32)
             }
             _ => {
-                log::warn!("vsock: unusable event buffer");
+                crate::guest_warn!("vsock: unusable event buffer");
                 0
             }
         };
@@ -145,7 +145,7 @@ impl Vsock {
         notify(queue, mem, &active.interrupt);
         self.reset_pending = Some((avail, Instant::now()));
         if let Err(e) = self.reset_timer.reset(RESET_GRACE, None) {
-            log::warn!("vsock: cannot arm the reset timer: {e}");
+            crate::guest_warn!("vsock: cannot arm the reset timer: {e}");
         }
     }
 
@@ -168,12 +168,12 @@ impl Vsock {
 
     fn kick(&self, queue: usize) {
         if let Err(e) = self.queue_evts[queue].write(1) {
-            log::warn!("vsock: cannot kick queue {queue}: {e}");
+            crate::guest_warn!("vsock: cannot kick queue {queue}: {e}");
         }
     }
 
     fn fail(&mut self, why: &str) {
-        log::warn!("vsock: {why}; device needs reset");
+        crate::guest_warn!("vsock: {why}; device needs reset");
         self.broken = true;
         if let Some(active) = &self.active {
             active.interrupt.signal_needs_reset();
@@ -193,7 +193,7 @@ impl Vsock {
                 .and_then(|mut r| packet::read_tx(&mut r, payload).map_err(|e| e.to_string()));
             match pkt {
                 Ok(hdr) => muxer.handle_tx(&hdr, payload),
-                Err(e) => log::warn!("vsock: dropping malformed TX packet: {e}"),
+                Err(e) => crate::guest_warn!("vsock: dropping malformed TX packet: {e}"),
             }
             0
         });
@@ -234,17 +234,17 @@ impl Vsock {
                     match packet::write_rx(&mut w, &hdr, data) {
                         Ok(n) => n as u32,
                         Err(e) => {
-                            log::warn!("vsock: lost an RX packet: {e}");
+                            crate::guest_warn!("vsock: lost an RX packet: {e}");
                             0
                         }
                     }
                 }
                 Ok(_) => {
-                    log::warn!("vsock: RX buffer smaller than a packet header");
+                    crate::guest_warn!("vsock: RX buffer smaller than a packet header");
                     0
                 }
                 Err(e) => {
-                    log::warn!("vsock: unusable RX buffer: {e}");
+                    crate::guest_warn!("vsock: unusable RX buffer: {e}");
                     0
                 }
             };
@@ -294,7 +294,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::warn!("vsock: guest write to read-only config space at {offset:#x}");
+        crate::guest_warn!("vsock: guest write to read-only config space at {offset:#x}");
     }
 
     fn activate(

@@ -127,16 +127,16 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
+                    crate::guest_warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
                     return;
                 }
             };
             if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
-                log::warn!("vsock: too many connections, refusing a host connection");
+                crate::guest_warn!("vsock: too many connections, refusing a host connection");
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                log::warn!("vsock: cannot make host stream non-blocking: {e}");
+                crate::guest_warn!("vsock: cannot make host stream non-blocking: {e}");
                 continue;
             }
             let fd = stream.as_raw_fd();
@@ -240,7 +240,7 @@ impl Muxer {
 
     fn queue_rst(&mut self, local_port: u32, peer_port: u32) {
         if self.rst_q.len() >= MAX_PENDING_RST {
-            log::warn!("vsock: too many pending RSTs, dropping one");
+            crate::guest_warn!("vsock: too many pending RSTs, dropping one");
             return;
         }
         self.rst_q.push_back(VsockHeader {
@@ -353,7 +353,7 @@ impl Muxer {
     /// The guest connects to host port P: connect to `<uds_path>_P`.
     fn guest_connect(&mut self, hdr: &VsockHeader) {
         if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
-            log::warn!("vsock: too many connections, refusing guest connection");
+            crate::guest_warn!("vsock: too many connections, refusing guest connection");
             self.queue_rst(hdr.dst_port, hdr.src_port);
             return;
         }
@@ -418,7 +418,7 @@ impl Muxer {
                 let fd = h.stream.as_raw_fd();
                 match ops.add(Events::with_data(&h.stream, fd as u32, EventSet::IN)) {
                     Ok(()) => h.registered = true,
-                    Err(e) => log::warn!("vsock: cannot register host stream: {e:?}"),
+                    Err(e) => crate::guest_warn!("vsock: cannot register host stream: {e:?}"),
                 }
             }
         }
@@ -437,7 +437,7 @@ impl Muxer {
             match res {
                 Ok(()) => c.registered = want,
                 Err(e) => {
-                    log::warn!("vsock: epoll update for host stream failed: {e:?}");
+                    crate::guest_warn!("vsock: epoll update for host stream failed: {e:?}");
                     failed.push(*key);
                 }
             }

@@ -228,7 +228,7 @@ impl Fill {
     pub fn take_completions(&self) -> Vec<Completion> {
         if let Err(e) = self.shared.done.read() {
             if e.kind() != io::ErrorKind::WouldBlock {
-                log::warn!("fill: completion eventfd: {e}");
+                crate::guest_warn!("fill: completion eventfd: {e}");
             }
         }
         std::mem::take(&mut lock(&self.shared).completions)

@@ -168,7 +168,7 @@ impl Worker {
         drop(inner);
         self.shared.idle.notify_all();
         if let Err(e) = self.shared.done.write(1) {
-            log::warn!("fill: cannot signal completion: {e}");
+            crate::guest_warn!("fill: cannot signal completion: {e}");
         }
     }
 
@@ -216,7 +216,7 @@ impl Worker {
         let msg = e.to_string();
         let mut inner = lock(&self.shared);
         if inner.error.as_deref() != Some(msg.as_str()) {
-            log::warn!("fill from {}: {msg}", self.source);
+            crate::guest_warn!("fill from {}: {msg}", self.source);
         }
         inner.error = Some(msg);
     }
@@ -224,7 +224,7 @@ impl Worker {
     /// Every chunk is local: make the file durable, then let the source go.
     fn finish(&mut self) {
         if let Err(e) = self.file.sync_data() {
-            log::warn!(
+            crate::guest_warn!(
                 "fill from {}: fdatasync of the local file: {e}",
                 self.source
             );

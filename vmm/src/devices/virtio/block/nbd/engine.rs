@@ -343,7 +343,7 @@ impl Drop for NbdEngine {
 fn announce(shared: &Shared) {
     shared.cv.notify_all();
     if let Err(e) = shared.done.write(1) {
-        log::warn!("nbd: cannot signal completion: {e}");
+        crate::guest_warn!("nbd: cannot signal completion: {e}");
     }
 }
 
@@ -640,7 +640,7 @@ impl Worker {
         let mut st = lock(&self.shared);
         st.generation += 1;
         let uri = st.uri.to_string();
-        log::warn!("nbd {uri}: connection lost ({why}); reconnecting");
+        crate::guest_warn!("nbd {uri}: connection lost ({why}); reconnecting");
         let mut failed = Vec::new();
         st.pieces.retain(|_, p| p.parent.is_some());
         for (cookie, p) in st.pieces.iter_mut() {
@@ -694,7 +694,7 @@ impl Worker {
             };
             if Instant::now() + backoff >= deadline {
                 let why = format!("nbd {uri}: cannot reconnect: {err}");
-                log::warn!("{why}");
+                crate::guest_warn!("{why}");
                 let mut st = lock(&self.shared);
                 let cookies: Vec<u64> = st.pieces.keys().copied().collect();
                 for c in cookies {

@@ -446,7 +446,7 @@ fn read_chunk<R: Read>(
             let errno = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
             let msg_len = usize::from(u16::from_be_bytes([data[4], data[5]]));
             let msg = data.get(6..6 + msg_len).unwrap_or(&[]);
-            log::warn!(
+            crate::guest_warn!(
                 "nbd: server error {errno}: {}",
                 String::from_utf8_lossy(msg)
             );
