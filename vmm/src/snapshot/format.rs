@@ -69,7 +69,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory is.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -86,11 +92,20 @@ pub fn temp_path(path: &Path) -> std::path::PathBuf {
 
 /// Reads and checks a snapshot file, then deserializes its payload.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+    use std::io::Read;
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| FormatError::Read {
+    let read_err = |e: std::io::Error| FormatError::Read {
         path: p.clone(),
         err: e.to_string(),
-    })?;
+    };
+    // Never more than a valid file can hold: a longer one is refused by
+    // `decode` for its length, without reading it all.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(HEADER_LEN as u64 + MAX_PAYLOAD + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     decode(&bytes, &p)
 }
 

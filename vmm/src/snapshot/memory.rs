@@ -36,8 +36,12 @@ pub struct GuestMemoryState {
 }
 
 impl GuestMemoryState {
+    /// The sum of the regions' sizes (saturating: a layout that passes
+    /// `check_layout` is far below the limit).
     pub fn total_size(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
+        self.regions
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.size))
     }
 }
 
@@ -415,23 +419,55 @@ pub fn merge_diff(base: &Path, diff: &Path) -> Result<(), MemoryFileError> {
     base_f.sync_all().map_err(write_err)
 }
 
+/// Most memory regions a layout may have (the x86_64 layout has at most
+/// two: below and above the 32-bit hole).
+const MAX_REGIONS: usize = 16;
+
+/// Checks a layout that came from a file or a peer before anything is
+/// allocated or mapped for it: page-aligned regions, back to back in the
+/// file, at most [`MAX_REGIONS`] of them, disjoint and ascending in the
+/// guest's address space without wrapping it, and no more memory in all
+/// than a microVM may have.
 pub(crate) fn check_layout(state: &GuestMemoryState) -> Result<(), MemoryFileError> {
+    let bad = |why: String| Err(MemoryFileError::Layout(why));
     if state.regions.is_empty() {
-        return Err(MemoryFileError::Layout("no memory regions".into()));
+        return bad("no memory regions".into());
     }
-    let mut offset = 0;
+    if state.regions.len() > MAX_REGIONS {
+        return bad(format!(
+            "{} memory regions (at most {MAX_REGIONS})",
+            state.regions.len()
+        ));
+    }
+    let max_total = (crate::vmm_config::machine_config::MAX_MEM_SIZE_MIB as u64) << 20;
+    let mut offset = 0u64;
+    let mut next_free = 0u64;
     for r in &state.regions {
-        if r.size == 0 || r.size % 4096 != 0 || r.base_address % 4096 != 0 {
-            return Err(MemoryFileError::Layout(format!(
-                "region {r:?} is not page-aligned"
-            )));
+        if r.size == 0 || r.size % PAGE_SIZE != 0 || r.base_address % PAGE_SIZE != 0 {
+            return bad(format!("region {r:?} is not page-aligned"));
         }
         if r.file_offset != offset {
-            return Err(MemoryFileError::Layout(format!(
+            return bad(format!(
                 "region {r:?} does not follow the previous one in the file"
-            )));
+            ));
         }
-        offset += r.size;
+        if r.base_address < next_free {
+            return bad(format!(
+                "region {r:?} overlaps or precedes the previous one"
+            ));
+        }
+        let Some(end) = r.base_address.checked_add(r.size) else {
+            return bad(format!("region {r:?} wraps the address space"));
+        };
+        next_free = end;
+        offset = match offset.checked_add(r.size) {
+            Some(o) if o <= max_total => o,
+            _ => {
+                return bad(format!(
+                    "more guest memory than a microVM may have ({max_total} bytes)"
+                ))
+            }
+        };
     }
     Ok(())
 }
@@ -488,6 +524,60 @@ mod tests {
             map_file(&path, &bad),
             Err(MemoryFileError::Layout(_))
         ));
+    }
+
+    /// Layouts a peer or a file could send that must be refused before
+    /// anything is allocated: overlapping, wrapping, descending, too many
+    /// regions, or more memory than a microVM may have.
+    #[test]
+    fn hostile_layouts_are_refused() {
+        let r = |base: u64, size: u64, file_offset: u64| MemoryRegionState {
+            base_address: base,
+            size,
+            file_offset,
+        };
+        let ok = GuestMemoryState {
+            regions: vec![r(0, 1 << 20, 0), r(4 << 30, 1 << 20, 1 << 20)],
+        };
+        check_layout(&ok).unwrap();
+        let cases = [
+            (
+                "overlap",
+                vec![r(0, 2 << 20, 0), r(1 << 20, 1 << 20, 2 << 20)],
+            ),
+            (
+                "descending",
+                vec![r(4 << 30, 1 << 20, 0), r(0, 1 << 20, 1 << 20)],
+            ),
+            ("wraps", vec![r(u64::MAX - 4095, 8192, 0)]),
+            ("too large", vec![r(0, 65 << 30, 0)]),
+            (
+                "too large in sum",
+                vec![r(0, 40 << 30, 0), r(40 << 30, 40 << 30, 40 << 30)],
+            ),
+            (
+                "offsets overflow",
+                vec![
+                    r(0, 1 << 62, 0),
+                    r(1 << 62, 1 << 62, 1 << 62),
+                    r(2 << 62, 1 << 62, 2 << 62),
+                    r(3 << 62, (1 << 62) - 4096, 3 << 62),
+                ],
+            ),
+            (
+                "too many",
+                (0..17).map(|i| r(i << 20, 1 << 20, i << 20)).collect(),
+            ),
+            ("unaligned", vec![r(0, 1000, 0)]),
+            ("empty", vec![]),
+        ];
+        for (what, regions) in cases {
+            let state = GuestMemoryState { regions };
+            assert!(
+                matches!(check_layout(&state), Err(MemoryFileError::Layout(_))),
+                "{what}: {state:?}"
+            );
+        }
     }
 
     fn two_regions() -> GuestMemoryMmap {

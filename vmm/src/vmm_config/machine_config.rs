@@ -1,6 +1,9 @@
 use serde::{Deserialize, Serialize};
 
 pub const MAX_VCPUS: u8 = 32;
+/// Most guest memory one microVM may have (64 GiB); also the most a
+/// snapshot or a migration may ask a VMM to allocate.
+pub const MAX_MEM_SIZE_MIB: usize = 64 * 1024;
 
 /// `PUT /machine-config`, `GET /machine-config`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -37,9 +40,9 @@ impl MachineConfig {
         if self.smt {
             return Err("smt is not supported".into());
         }
-        if self.mem_size_mib < 16 || self.mem_size_mib > 64 * 1024 {
+        if self.mem_size_mib < 16 || self.mem_size_mib > MAX_MEM_SIZE_MIB {
             return Err(format!(
-                "mem_size_mib must be between 16 and 65536, got {}",
+                "mem_size_mib must be between 16 and {MAX_MEM_SIZE_MIB}, got {}",
                 self.mem_size_mib
             ));
         }
