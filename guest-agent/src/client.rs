@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    read_frame, write_frame, ExecRequest, ExecResult, HealthInfo, InitFailure, InvokeRequest,
-    InvokeResult, ProtocolError, Request, Response, RuntimeReady, RuntimeSpec, READY_PORT,
+    read_frame, read_frame_bytes_limited, write_frame, ExecRequest, ExecResult, HealthInfo,
+    InitFailure, InvokeRequest, InvokeResult, ProtocolError, Request, Response, RuntimeReady,
+    RuntimeSpec, MAX_FRAME_LEN, MAX_INVOKE_FRAME_LEN, READY_PORT,
 };
 
 /// Errors seen by the host.
@@ -273,8 +274,12 @@ impl AgentClient {
             Request::StartRuntime(_) | Request::Invoke(_) => None,
             _ => self.timeout,
         };
+        let max_frame = match req {
+            Request::Invoke(_) => MAX_INVOKE_FRAME_LEN,
+            _ => MAX_FRAME_LEN,
+        };
         self.stream.set_read_timeout(read_timeout)?;
-        let res = call(&mut self.stream, req);
+        let res = call_limited(&mut self.stream, req, max_frame);
         let restore = self.stream.set_read_timeout(self.timeout);
         let resp = res.map_err(|e| match e {
             ClientError::Io(e) => ClientError::from_io(e, read_timeout),
@@ -371,9 +376,18 @@ fn unexpected(resp: Response) -> ClientError {
 /// One request/response exchange on any stream (no handshake, no
 /// timeouts of its own).
 pub fn call<S: Read + Write + ?Sized>(stream: &mut S, req: &Request) -> Result<Response> {
+    call_limited(stream, req, MAX_FRAME_LEN)
+}
+
+/// [`call`], refusing an answer larger than `max` bytes before reading it.
+pub fn call_limited<S: Read + Write + ?Sized>(
+    stream: &mut S,
+    req: &Request,
+    max: usize,
+) -> Result<Response> {
     write_frame(stream, req)?;
-    match read_frame(stream)? {
-        Some(r) => Ok(r),
+    match read_frame_bytes_limited(stream, max)? {
+        Some(body) => Ok(serde_json::from_slice(&body).map_err(ProtocolError::from)?),
         None => Err(ClientError::Closed),
     }
 }
@@ -381,6 +395,44 @@ pub fn call<S: Read + Write + ?Sized>(stream: &mut S, req: &Request) -> Result<R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent's answer over the invoke limit is refused from its header,
+    /// before its body is read; the same size is fine for other requests.
+    #[test]
+    fn oversized_invoke_answers_are_refused_unread() {
+        struct Peer(io::Cursor<Vec<u8>>, Vec<u8>);
+        impl Read for Peer {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.0.read(buf)
+            }
+        }
+        impl Write for Peer {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.1.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let len = (MAX_INVOKE_FRAME_LEN + 1) as u32;
+        let mut peer = Peer(io::Cursor::new(len.to_be_bytes().to_vec()), vec![]);
+        let e = call_limited(&mut peer, &Request::Health, MAX_INVOKE_FRAME_LEN).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Protocol(ProtocolError::FrameTooLarge { .. })
+            ),
+            "{e}"
+        );
+        // Under the general limit it is read (and found short).
+        let mut peer = Peer(io::Cursor::new(len.to_be_bytes().to_vec()), vec![]);
+        let e = call_limited(&mut peer, &Request::Health, MAX_FRAME_LEN).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Protocol(ProtocolError::Truncated { .. })),
+            "{e}"
+        );
+    }
 
     #[test]
     fn host_port_path_appends_port() {

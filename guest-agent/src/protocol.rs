@@ -251,6 +251,12 @@ pub struct InitFailure {
 /// Captured function output returned per invocation is cut to this size.
 pub const MAX_LOG_LEN: usize = 1 << 20;
 
+/// Largest invocation result the host reads: Lambda's 6 MB response and
+/// [`MAX_LOG_LEN`] of log, both in base64, and the JSON around them. An
+/// agent that sends more is broken or not ours; its frame is refused
+/// before it is read.
+pub const MAX_INVOKE_FRAME_LEN: usize = 12 << 20;
+
 /// Parameters of [`Request::Exec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ember_agent::protocol::MAX_LOG_LEN;
 use ember_agent::{InvokeRequest, InvokeStatus};
 
 use crate::daemon::{now_rfc3339, Daemon};
@@ -125,6 +126,21 @@ pub async fn invoke(
     };
     let mut output = Vec::new();
     let reusable = match result {
+        // The agent keeps to Lambda's limits; one that does not is not
+        // trusted with the next invocation either.
+        Ok(Ok(Ok(r))) if r.payload.len() > MAX_SYNC_PAYLOAD || r.log.len() > MAX_LOG_LEN => {
+            log::warn!(
+                "{function}:{version}: the agent answered {request_id} with {} bytes and {} of log, over Lambda's limits",
+                r.payload.len(),
+                r.log.len()
+            );
+            set_error(
+                &mut out,
+                "Function.ResponseSizeTooLarge",
+                &format!("Response payload size exceeded maximum allowed payload size ({MAX_SYNC_PAYLOAD} bytes)."),
+            );
+            false
+        }
         Ok(Ok(Ok(r))) => {
             output = r.log;
             out.duration_ms = r.duration_ms;

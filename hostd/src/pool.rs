@@ -440,9 +440,13 @@ impl Pools {
                 })
                 .collect()
         };
+        // All at once: each waits for its VMM, and a stuck one must not
+        // hold up the others.
+        let mut set = tokio::task::JoinSet::new();
         for i in all {
-            i.destroy().await;
+            set.spawn(async move { i.destroy().await });
         }
+        while set.join_next().await.is_some() {}
     }
 
     /// One maintenance pass over a version's pool: drop dead idle

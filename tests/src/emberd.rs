@@ -210,6 +210,60 @@ impl Emberd {
         }
     }
 
+    /// Sends SIGTERM and waits up to `within` for emberd to exit: how long
+    /// it took, or None (then it is killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<Duration> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill on the pid of our own child, not yet reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(_)) = c.try_wait() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    /// emberd's descendants now (its jailers and VMMs): pid and command.
+    pub fn descendants(&self) -> Vec<(i32, String)> {
+        let mut parent = BTreeMap::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`; comm may hold spaces.
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if let Some(ppid) = ppid {
+                parent.insert(pid, ppid);
+            }
+        }
+        let root = self.pid() as i32;
+        let mut out = vec![];
+        for &pid in parent.keys() {
+            let mut p = pid;
+            while let Some(&pp) = parent.get(&p) {
+                if pp == root {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+                    break;
+                }
+                if pp <= 1 {
+                    break;
+                }
+                p = pp;
+            }
+        }
+        out
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

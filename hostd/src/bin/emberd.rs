@@ -142,8 +142,54 @@ struct Args {
     /// Extra guest kernel arguments (appended to the VMM's defaults).
     #[arg(long)]
     boot_args: Option<String>,
+    /// Seconds an orderly shutdown (SIGTERM) may take before emberd exits
+    /// regardless, its VMMs with it.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout_secs: u64,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
+}
+
+/// Watches SIGTERM and SIGINT on a thread of its own (so that a busy or
+/// stuck runtime cannot delay it). The first starts an orderly shutdown
+/// (the receiver turns true); a second, or `limit` after the first, ends
+/// the process at once. Its VMMs die with it (they are spawned with
+/// PR_SET_PDEATHSIG), and the next start removes what it left.
+fn watch_signals(limit: Duration) -> tokio::sync::watch::Receiver<bool> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .unwrap_or_else(|e| fail(format!("cannot watch SIGTERM: {e}")));
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for (n, signal) in signals.forever().enumerate() {
+                if n > 0 {
+                    log::error!("signal {signal} during the shutdown: exiting now");
+                    std::process::exit(1);
+                }
+                log::info!("shutting down (signal {signal}; at most {limit:?})");
+                let _ = tx.send(true);
+                let timer = std::thread::Builder::new()
+                    .name("shutdown-limit".into())
+                    .spawn(move || {
+                        std::thread::sleep(limit);
+                        log::error!(
+                            "the shutdown took longer than {limit:?}: exiting now, \
+                             killing the VMMs left"
+                        );
+                        std::process::exit(1);
+                    });
+                if let Err(e) = timer {
+                    log::error!("cannot time the shutdown ({e}): exiting now");
+                    std::process::exit(1);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        fail(format!("cannot watch SIGTERM: {e}"));
+    }
+    rx
 }
 
 fn beside_me(name: &str) -> PathBuf {
@@ -311,6 +357,8 @@ async fn run(mut args: Args) {
                 .unwrap_or_else(|| beside_me("ember-export")),
         ),
     };
+    // From here on a SIGTERM is an orderly shutdown, bounded in time.
+    let signalled = watch_signals(Duration::from_secs(args.shutdown_timeout_secs));
     if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
         fail(format!("cannot prepare {}: {e}", args.run_dir.display()));
     }
@@ -387,17 +435,9 @@ async fn run(mut args: Args) {
             stop_rx.clone(),
         )))
     };
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => fail(format!("cannot watch SIGTERM: {e}")),
-            };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-        log::info!("shutting down");
+    let mut signalled = signalled;
+    let shutdown = async move {
+        let _ = signalled.wait_for(|s| *s).await;
     };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

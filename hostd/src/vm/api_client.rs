@@ -29,7 +29,20 @@ pub enum ApiError {
     },
     #[error("the VMM API socket did not appear within {0:?}")]
     NotReady(Duration),
+    #[error("VMM API {method} {uri}: no answer within {timeout:?}")]
+    Timeout {
+        method: String,
+        uri: String,
+        timeout: Duration,
+    },
 }
+
+/// The longest one request may take, answer included: a VMM that stops
+/// answering (hung, or taken over by its guest) costs an instance, never a
+/// task of hostd's. Generous, for snapshots of large guests on slow disks.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// The largest answer read: the API's answers are small JSON documents.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// A raw answer: status, headers, body.
 #[derive(Debug)]
@@ -39,8 +52,38 @@ pub struct RawResponse {
     pub body: Bytes,
 }
 
-/// One HTTP/1.1 request over the unix socket `sock`.
+/// One HTTP/1.1 request over the unix socket `sock`, within
+/// [`REQUEST_TIMEOUT`], its answer at most [`MAX_ANSWER_BYTES`].
 pub async fn raw_request(
+    sock: &Path,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<RawResponse, ApiError> {
+    request_within(REQUEST_TIMEOUT, sock, method, uri, headers, body).await
+}
+
+async fn request_within(
+    timeout: Duration,
+    sock: &Path,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<RawResponse, ApiError> {
+    tokio::time::timeout(timeout, request_unbounded(sock, method, uri, headers, body))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::Timeout {
+                method: method.to_string(),
+                uri: uri.to_string(),
+                timeout,
+            })
+        })
+}
+
+async fn request_unbounded(
     sock: &Path,
     method: &str,
     uri: &str,
@@ -81,11 +124,10 @@ pub async fn raw_request(
         .map_err(|e| http_err(e.to_string()))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
         .collect()
         .await
-        .map_err(|e| http_err(e.to_string()))?
+        .map_err(|e| http_err(format!("reading the answer: {e}")))?
         .to_bytes();
     Ok(RawResponse {
         status,
@@ -140,5 +182,68 @@ pub async fn wait_ready(sock: &Path, timeout: Duration) -> Result<(), ApiError> 
             Err(ApiError::Connect { .. }) => return Err(ApiError::NotReady(timeout)),
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on a unix socket that reads a request and then does `then`.
+    async fn server(
+        dir: &Path,
+        then: impl FnOnce(tokio::net::UnixStream) -> tokio::task::JoinHandle<()> + Send + 'static,
+    ) -> std::path::PathBuf {
+        let sock = dir.join("api.sock");
+        let l = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf).await;
+            let _ = then(c).await;
+        });
+        sock
+    }
+
+    #[tokio::test]
+    async fn a_silent_vmm_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = server(dir.path(), |c| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(c);
+            })
+        })
+        .await;
+        let e = request_within(Duration::from_millis(300), &sock, "GET", "/", &[], vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ApiError::Timeout { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = server(dir.path(), |mut c| {
+            tokio::spawn(async move {
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n";
+                if c.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 << 10];
+                // Stops when the client hangs up.
+                for _ in 0..(1 << 14) {
+                    if c.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .await;
+        let e = request_within(Duration::from_secs(60), &sock, "GET", "/", &[], vec![])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("reading the answer"), "{e}");
     }
 }
