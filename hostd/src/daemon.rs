@@ -691,6 +691,7 @@ impl Daemon {
                 return false;
             };
             let changed = cur.spec != v.spec;
+            let built = outcome.is_ok();
             match outcome {
                 Ok(snap) if !changed => {
                     old_dir = cur.snapshot.replace(snap).map(|s| s.dir);
@@ -711,10 +712,19 @@ impl Daemon {
                 Err(_) => {}
             }
             if let Err(e) = self.store.save_function(&copy) {
-                log::error!("cannot save function {name}: {e}");
+                // Memory stays as the disk has it: the version is still
+                // pending there, and this snapshot is not used.
+                log::error!(
+                    "cannot save function {name} after its build: {e}; the build is discarded"
+                );
+                if built && !changed {
+                    old_dir = Some(dir.clone());
+                }
+                false
+            } else {
+                *rec = copy;
+                changed
             }
-            *rec = copy;
-            changed
         };
         if let Some(old) = old_dir {
             // Running clones keep their mappings of the unlinked files.

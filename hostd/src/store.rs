@@ -141,10 +141,15 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes `path` durably (the directory is synced after); absent is fine.
 pub fn remove_if_exists(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+            _ => Ok(()),
+        },
     }
 }
 

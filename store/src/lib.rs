@@ -44,6 +44,17 @@ pub enum Expect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease(pub i64);
 
+/// Runs the embedded store's disk writes (an fsync each) off the async
+/// worker where the runtime allows it, so that other tasks go on meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 pub enum Store {
     Embedded(EmbeddedStore),
     // Boxed: the gRPC client is large beside the embedded store.
@@ -82,7 +93,7 @@ impl Store {
         lease: Option<Lease>,
     ) -> Result<i64, StoreError> {
         match self {
-            Store::Embedded(s) => s.put(key, value, lease),
+            Store::Embedded(s) => blocking(|| s.put(key, value, lease)),
             Store::Etcd(s) => s.put(key, value, lease).await,
         }
     }
@@ -97,7 +108,7 @@ impl Store {
         lease: Option<Lease>,
     ) -> Result<Option<i64>, StoreError> {
         match self {
-            Store::Embedded(s) => s.compare_and_swap(key, expect, value, lease),
+            Store::Embedded(s) => blocking(|| s.compare_and_swap(key, expect, value, lease)),
             Store::Etcd(s) => s.compare_and_swap(key, expect, value, lease).await,
         }
     }
@@ -105,14 +116,14 @@ impl Store {
     /// Deletes the key if it is as `expect` says; true if it did.
     pub async fn compare_and_delete(&self, key: &str, expect: Expect) -> Result<bool, StoreError> {
         match self {
-            Store::Embedded(s) => s.compare_and_delete(key, expect),
+            Store::Embedded(s) => blocking(|| s.compare_and_delete(key, expect)),
             Store::Etcd(s) => s.compare_and_delete(key, expect).await,
         }
     }
 
     pub async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
         match self {
-            Store::Embedded(s) => Ok(s.grant_lease(ttl)),
+            Store::Embedded(s) => blocking(|| Ok(s.grant_lease(ttl))),
             Store::Etcd(s) => s.grant_lease(ttl).await,
         }
     }
@@ -128,7 +139,7 @@ impl Store {
     /// Ends the lease now; its keys go with it.
     pub async fn revoke(&self, lease: Lease) -> Result<(), StoreError> {
         match self {
-            Store::Embedded(s) => s.revoke(lease),
+            Store::Embedded(s) => blocking(|| s.revoke(lease)),
             Store::Etcd(s) => s.revoke(lease).await,
         }
     }
