@@ -951,20 +951,24 @@ impl Instance {
 
     /// Connects to the agent. After a restore the guest drops connections
     /// made before it handled the vsock reset, so each attempt is short
-    /// and proven with a health check.
+    /// and proven with a health check; a dropped connection fails at once,
+    /// and only a slow answer waits out an attempt, so the attempts grow
+    /// (2, 4, 8, then 10 s) for a guest that is merely slow (a loaded host).
     async fn connect_agent(&self, timeout: Duration) -> Result<(), InstanceError> {
         let uds = self.vsock_path();
         let slot = self.agent.clone();
         let task = tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + timeout;
+            let mut attempt_timeout = Duration::from_secs(2);
             loop {
                 let r = AgentClient::connect_retry(
                     &uds,
                     AGENT_PORT,
                     Duration::from_secs(5),
-                    Duration::from_secs(2),
+                    attempt_timeout,
                 )
                 .and_then(|mut a| a.health().map(|_| a));
+                attempt_timeout = (attempt_timeout * 2).min(Duration::from_secs(10));
                 match r {
                     Ok(a) => {
                         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
