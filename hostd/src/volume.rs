@@ -89,11 +89,7 @@ impl Grant {
     /// The URI a VMM opens through the socket at `vm_socket`: the
     /// volume's name alone (the socket adds the credential).
     pub fn uri_via(&self, vm_socket: &Path) -> String {
-        format!(
-            "nbd+unix:///{}?socket={}",
-            self.volume,
-            vm_socket.display()
-        )
+        format!("nbd+unix:///{}?socket={}", self.volume, vm_socket.display())
     }
 
     /// What a jail's forwarder opens for this grant.
@@ -479,8 +475,8 @@ mod tests {
         use std::os::unix::fs::FileExt;
 
         let dir = tempfile::tempdir().unwrap();
-        let store = ember_volumed::store::KvStore::open(&[], &dir.path().join("store"), "/v")
-            .unwrap();
+        let store =
+            ember_volumed::store::KvStore::open(&[], &dir.path().join("store"), "/v").unwrap();
         let reg = Registry::open(&dir.path().join("data"), Box::new(store)).unwrap();
         let mut creds = Vec::new();
         for (name, byte) in [("mine", 0x4du8), ("theirs", 0x74)] {

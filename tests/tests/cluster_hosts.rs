@@ -168,7 +168,13 @@ fn volume_attachments_through_emberd() {
     for v in ["theirs", "nobodys"] {
         let r = post(&format!("/ember/v1/volumes/{v}/attach"), "{}");
         assert_eq!(r.status, 403, "{v}: {}", r.text());
-        assert_eq!(volumed.call("GET", &format!("/v1/volumes/{v}"), None).1.get("Attachment"), None);
+        assert_eq!(
+            volumed
+                .call("GET", &format!("/v1/volumes/{v}"), None)
+                .1
+                .get("Attachment"),
+            None
+        );
     }
     // Errors from the service come through with its status.
     assert_eq!(post("/ember/v1/volumes/nosuch/attach", "{}").status, 404);

@@ -606,7 +606,10 @@ mod tests {
             r.create("../x", 512, None),
             Err(RegistryError::Name(_))
         ));
-        assert!(matches!(r.create("v", 0, None), Err(RegistryError::Size(_))));
+        assert!(matches!(
+            r.create("v", 0, None),
+            Err(RegistryError::Size(_))
+        ));
         assert!(matches!(
             r.create("v", 513, None),
             Err(RegistryError::Size(_))

@@ -305,10 +305,15 @@ fn guessed_and_replayed_credentials_never_open_a_volume() {
             .output()
     };
     if let Ok(o) = qemu_io(&v1) {
-        let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success() && text.contains("read 4096/4096"), "{text}");
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && text.contains("read 4096/4096"),
+            "{text}"
+        );
         let o = qemu_io(&v1_old).unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
         assert!(!text.contains("read 4096/4096"), "{text}");
         assert!(text.contains("not authorised"), "{text}");
         assert!(!text.contains(&c1) && !text.contains(&c2), "{text}");
@@ -342,7 +347,9 @@ fn guessed_and_replayed_credentials_never_open_a_volume() {
             assert!(!err.contains(&c2), "{err}");
             eprintln!(
                 "nbdinfo with another volume's credential: {} (server: {:?})",
-                err.lines().rfind(|l| l.starts_with("nbdinfo:")).unwrap_or(""),
+                err.lines()
+                    .rfind(|l| l.starts_with("nbdinfo:"))
+                    .unwrap_or(""),
                 said
             );
         }

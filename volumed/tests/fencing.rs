@@ -125,7 +125,10 @@ fn a_moved_attachment_fences_the_old_writer() {
         );
         assert!(!ok, "{out}");
         assert!(out.contains("not authorised"), "{out}");
-        assert!(!out.contains("generation") && !out.contains(&cred_a), "{out}");
+        assert!(
+            !out.contains("generation") && !out.contains(&cred_a),
+            "{out}"
+        );
     }
     let (ok, out) = qemu_io(
         &format!("nbd+unix:///vol1?socket={}", v.nbd.display()),

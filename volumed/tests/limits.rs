@@ -33,7 +33,9 @@ fn socket2_free_connect(source: &str, port: u16) -> TcpStream {
     let src: SocketAddr = format!("{source}:0").parse().unwrap();
     let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let sin = |a: &SocketAddr| {
-        let SocketAddr::V4(a) = a else { panic!("v4 only") };
+        let SocketAddr::V4(a) = a else {
+            panic!("v4 only")
+        };
         libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: a.port().to_be(),
@@ -50,8 +52,14 @@ fn socket2_free_connect(source: &str, port: u16) -> TcpStream {
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0);
-        assert_eq!(libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len), 0);
-        assert_eq!(libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len), 0);
+        assert_eq!(
+            libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        assert_eq!(
+            libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len),
+            0
+        );
         TcpStream::from_raw_fd(fd)
     }
 }
@@ -175,12 +183,17 @@ fn silent_and_broken_clients_end_only_their_own_connection() {
         .unwrap();
     assert!(greeted(&mut silent));
     let mut rest = Vec::new();
-    assert_eq!(silent.read_to_end(&mut rest).unwrap(), 0, "closed, not timed out here");
+    assert_eq!(
+        silent.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed, not timed out here"
+    );
 
     // Dribbles its handshake, a byte every 200 ms: still closed by the
     // deadline, which is for the whole handshake.
     let mut slow = TcpStream::connect(("127.0.0.1", v.port)).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     assert!(greeted(&mut slow));
     let mut sent = 0;
     let mut opt = 1u32.to_be_bytes().to_vec();
@@ -201,13 +214,17 @@ fn silent_and_broken_clients_end_only_their_own_connection() {
     let mut rest = Vec::new();
     let closed = slow.read_to_end(&mut rest).is_ok() || sent < 200;
     println!("a dribbling client was cut off after {sent} bytes");
-    assert!(sent < 100, "the handshake deadline did not end it ({sent} bytes sent)");
+    assert!(
+        sent < 100,
+        "the handshake deadline did not end it ({sent} bytes sent)"
+    );
     assert!(closed);
 
     // Garbage, an oversized option and a bad request magic: each ends
     // only that connection.
     let mut junk = UnixStream::connect(&v.nbd).unwrap();
-    junk.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     assert!(greeted(&mut junk));
     let mut big = 1u32.to_be_bytes().to_vec();
     big.extend(0x4948_4156_454f_5054u64.to_be_bytes());

@@ -243,7 +243,10 @@ mod volume_arn_tests {
         assert_eq!(fs.volume, "data");
         // The CLI's form: this host's region and account.
         assert_eq!(
-            parse("arn:aws:ember:::volume/data").unwrap().unwrap().volume,
+            parse("arn:aws:ember:::volume/data")
+                .unwrap()
+                .unwrap()
+                .volume,
             "data"
         );
         let mut refused = 0;

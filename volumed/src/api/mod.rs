@@ -48,14 +48,13 @@ impl From<RegistryError> for ApiError {
                 (StatusCode::CONFLICT, "Conflict")
             }
             RegistryError::NotAuthorised => (StatusCode::FORBIDDEN, "NotAuthorised"),
-            RegistryError::NotAttached(_)
-            | RegistryError::Moved { .. } => (StatusCode::CONFLICT, "Conflict"),
+            RegistryError::NotAttached(_) | RegistryError::Moved { .. } => {
+                (StatusCode::CONFLICT, "Conflict")
+            }
             RegistryError::Name(_)
             | RegistryError::Size(_)
             | RegistryError::Shrink { .. }
-            | RegistryError::Account(_) => {
-                (StatusCode::BAD_REQUEST, "InvalidParameter")
-            }
+            | RegistryError::Account(_) => (StatusCode::BAD_REQUEST, "InvalidParameter"),
             RegistryError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "StorageError"),
         };
         ApiError(status, kind.into(), e.to_string())

@@ -89,7 +89,9 @@ fn main() {
         std::time::Duration::from_millis(v)
     };
     if args.nbd_max_connections == 0 || args.nbd_max_connections_per_client == 0 {
-        fail("--nbd-max-connections and --nbd-max-connections-per-client must be more than 0".into());
+        fail(
+            "--nbd-max-connections and --nbd-max-connections-per-client must be more than 0".into(),
+        );
     }
     let limits = Limits {
         total: args.nbd_max_connections,
@@ -123,7 +125,9 @@ fn main() {
         let l = std::os::unix::net::UnixListener::bind(p)
             .unwrap_or_else(|e| fail(format!("NBD socket {}: {e}", p.display())));
         let reg = registry.clone();
-        std::thread::spawn(move || ember_volumed::nbd::serve_unix(l, Exports::Volumes(reg), limits));
+        std::thread::spawn(move || {
+            ember_volumed::nbd::serve_unix(l, Exports::Volumes(reg), limits)
+        });
     }
     let vhost_user = args.vhost_user_dir.as_ref().map(|d| {
         VhostUserServer::start(d, registry.clone())

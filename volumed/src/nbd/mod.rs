@@ -33,9 +33,7 @@ impl Default for Limits {
 }
 
 /// A connection whose two directions can be used from one thread each.
-trait Connection:
-    std::io::Read + std::io::Write + SetTimeouts + Send + Sized + 'static
-{
+trait Connection: std::io::Read + std::io::Write + SetTimeouts + Send + Sized + 'static {
     fn try_clone(&self) -> std::io::Result<Self>;
     fn shutdown(&self);
 }

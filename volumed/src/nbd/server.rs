@@ -214,7 +214,10 @@ fn open_export(exports: &Exports, export: &str) -> Result<Opened, (u32, String)>
     let rec = reg.check(name, token).map_err(|_| refused())?;
     let file = image::open(reg, name).map_err(|e| {
         log::warn!("nbd: volume {name}: {e}");
-        (REP_ERR_UNKNOWN, format!("volume {name}: cannot open its image"))
+        (
+            REP_ERR_UNKNOWN,
+            format!("volume {name}: cannot open its image"),
+        )
     })?;
     Ok(Opened {
         name: name.to_string(),
