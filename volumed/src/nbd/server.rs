@@ -97,6 +97,9 @@ impl SetTimeouts for std::os::unix::net::UnixStream {
 struct Deadlined<R> {
     inner: R,
     deadline: Rc<Cell<Option<Instant>>>,
+    /// Whether the socket has no read timeout now (so waiting without a
+    /// deadline needs no system call to say so again).
+    unbounded: bool,
 }
 
 impl<R: Read + SetTimeouts> Read for Deadlined<R> {
@@ -111,7 +114,10 @@ impl<R: Read + SetTimeouts> Read for Deadlined<R> {
                 Some(left)
             }
         };
-        self.inner.set_read_timeout(left)?;
+        if left.is_some() || !self.unbounded {
+            self.inner.set_read_timeout(left)?;
+            self.unbounded = left.is_none();
+        }
         match self.inner.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
@@ -163,6 +169,7 @@ pub fn serve<R: Read + SetTimeouts, W: Write + SetTimeouts>(
     let mut r = BufReader::new(Deadlined {
         inner: r,
         deadline: deadline.clone(),
+        unbounded: false,
     });
     let mut w = BufWriter::new(w);
     let Some(opened) = handshake(&mut r, &mut w, exports, peer)? else {
