@@ -46,6 +46,8 @@ pub enum RegistryError {
     NotAuthorised,
     #[error("invalid account {0:?}: want 1 to 64 characters of [A-Za-z0-9_-]")]
     Account(String),
+    #[error("volume {0} already has an owner account, which is never changed")]
+    Owned(String),
     #[error("volume {name} moved to {target}: this copy is stale (delete it)")]
     Moved { name: String, target: String },
     #[error("storage: {0}")]
@@ -297,6 +299,25 @@ impl Registry {
                 .map_err(io_err)?;
             f.set_len(size_bytes).map_err(io_err)?;
             rec.size_bytes = size_bytes;
+            Ok(rec.clone())
+        })
+    }
+
+    /// Gives a volume of no account the owner `account` (again the same
+    /// one is no change); another owner is never replaced.
+    pub fn set_account(&self, name: &str, account: &str) -> Result<VolumeRecord, RegistryError> {
+        if !valid_name(account) {
+            return Err(RegistryError::Account(account.into()));
+        }
+        self.change(|s| {
+            let rec = s
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            match rec.account.as_deref() {
+                None => rec.account = Some(account.into()),
+                Some(a) if a == account => {}
+                Some(_) => return Err(RegistryError::Owned(name.into())),
+            }
             Ok(rec.clone())
         })
     }
@@ -596,6 +617,18 @@ mod tests {
         );
         r.check("x", &a.credential).unwrap();
         r.move_to("x", "h2", Some("111111111111")).unwrap();
+        // An unowned volume may be given an owner, once.
+        r.set_account("legacy", "111111111111").unwrap();
+        r.set_account("legacy", "111111111111").unwrap();
+        assert_eq!(
+            r.set_account("legacy", "222222222222"),
+            Err(RegistryError::Owned("legacy".into()))
+        );
+        assert_eq!(
+            r.set_account("x", "222222222222"),
+            Err(RegistryError::Owned("x".into()))
+        );
+        r.attach("legacy", "h", Some("111111111111")).unwrap();
     }
 
     #[test]

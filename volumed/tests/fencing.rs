@@ -198,6 +198,37 @@ fn a_moved_attachment_fences_the_old_writer() {
     let (ok, out) = qemu_io(&uri_b, &["write -P 0x22 1536k 4k", "read -P 0x22 1536k 4k"]);
     assert!(ok, "{out}");
 
+    // An owner account: an unowned volume gets one, once; then only that
+    // account's hosts may move it, and the answer says only "not authorised".
+    assert_eq!(v.call("PATCH", "/v1/volumes/vol1", Some("{}")).0, 400);
+    let own = |a: &str| {
+        v.call(
+            "PATCH",
+            "/v1/volumes/vol1",
+            Some(&format!(r#"{{"Account":"{a}"}}"#)),
+        )
+    };
+    let (st, r) = own("111122223333");
+    assert_eq!(
+        (st, r["Account"].as_str()),
+        (200, Some("111122223333")),
+        "{r}"
+    );
+    assert_eq!(own("999988887777").0, 409);
+    assert_eq!(own("../x").0, 400);
+    let (st, r) = v.call(
+        "POST",
+        "/v1/volumes/vol1/move",
+        Some(r#"{"Host":"host-c","Account":"999988887777"}"#),
+    );
+    assert_eq!(
+        (st, r["Message"].as_str()),
+        (403, Some("not authorised")),
+        "{r}"
+    );
+    let (ok, out) = qemu_io(&uri_b, &["read -P 0x22 1536k 4k"]);
+    assert!(ok, "the refused move changed nothing: {out}");
+
     // A client speaking garbage is dropped; the server keeps serving.
     let mut junk = UnixStream::connect(&v.nbd).unwrap();
     junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -44,7 +44,7 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let (status, kind) = match &e {
             RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
-            RegistryError::Exists(_) | RegistryError::Attached { .. } => {
+            RegistryError::Exists(_) | RegistryError::Attached { .. } | RegistryError::Owned(_) => {
                 (StatusCode::CONFLICT, "Conflict")
             }
             RegistryError::NotAuthorised => (StatusCode::FORBIDDEN, "NotAuthorised"),
@@ -122,7 +122,13 @@ struct CreateInput {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 struct ResizeInput {
-    size_bytes: u64,
+    /// Grow to this.
+    #[serde(default)]
+    size_bytes: Option<u64>,
+    /// Give a volume of no account an owner (a volume made before owners
+    /// existed); an owner is never changed.
+    #[serde(default)]
+    account: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -264,7 +270,21 @@ async fn resize(
     body: Bytes,
 ) -> Result<Json<VolumeRecord>, ApiError> {
     let i: ResizeInput = parse(&body)?;
-    Ok(Json(s.registry.resize(&name, i.size_bytes)?.public()))
+    if i.size_bytes.is_none() && i.account.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            "want SizeBytes or Account",
+        ));
+    }
+    if let Some(a) = &i.account {
+        s.registry.set_account(&name, a)?;
+    }
+    let rec = match i.size_bytes {
+        Some(size) => s.registry.resize(&name, size)?,
+        None => s.registry.get(&name)?,
+    };
+    Ok(Json(rec.public()))
 }
 
 async fn attach(
