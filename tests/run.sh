@@ -12,7 +12,7 @@ mkdir -p "$EMBER_CACHE_DIR"
 bash tests/ensure-packages.sh curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs \
     python3:python3 ip:iproute2 nft:nftables qemu-io:qemu-utils qemu-nbd:qemu-utils \
     qemu-storage-daemon:qemu-utils \
-    nbdkit:nbdkit nbd-server:nbd-server etcd:etcd-server protoc:protobuf-compiler
+    nbdkit:nbdkit nbd-server:nbd-server nbdinfo:libnbd-bin etcd:etcd-server protoc:protobuf-compiler
 
 # Unmodified AWS clients (botocore) for the tests that check against them.
 EMBER_TEST_PYTHON="$(bash tests/python-env.sh)"

@@ -238,7 +238,7 @@ fn volumed(dir: &Path) -> Result<(Proc, String), String> {
     if !wait_for(&api) || !wait_for(&sock) {
         return Err("ember-volumed did not listen".into());
     }
-    let call = |method: &str, path: &str, body: &str| -> Result<(), String> {
+    let call = |method: &str, path: &str, body: &str| -> Result<String, String> {
         let o = Command::new("curl")
             .args(["-sS", "-f", "-X", method, "--unix-socket"])
             .arg(&api)
@@ -247,7 +247,7 @@ fn volumed(dir: &Path) -> Result<(Proc, String), String> {
             .output()
             .map_err(|e| e.to_string())?;
         if o.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
         } else {
             Err(String::from_utf8_lossy(&o.stderr).into_owned())
         }
@@ -257,8 +257,10 @@ fn volumed(dir: &Path) -> Result<(Proc, String), String> {
         "/v1/volumes",
         &format!(r#"{{"Name":"bench","SizeBytes":{DISK}}}"#),
     )?;
-    call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
-    Ok((p, format!("nbd+unix:///bench@1?socket={}", sock.display())))
+    let g = call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
+    let g: serde_json::Value = serde_json::from_str(&g).map_err(|e| e.to_string())?;
+    let export = g["ExportName"].as_str().unwrap_or_default();
+    Ok((p, format!("nbd+unix:///{export}?socket={}", sock.display())))
 }
 
 fn engine(uri: &str) -> NbdEngine {

@@ -155,7 +155,7 @@ fn volumed(dir: &Path) -> Result<(Proc, Client), String> {
             .map_err(|e| e.to_string())
             .and_then(|o| {
                 if o.status.success() {
-                    Ok(())
+                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
                 } else {
                     Err(String::from_utf8_lossy(&o.stderr).into_owned())
                 }
@@ -166,8 +166,10 @@ fn volumed(dir: &Path) -> Result<(Proc, Client), String> {
         "/v1/volumes",
         &format!(r#"{{"Name":"bench","SizeBytes":{SIZE}}}"#),
     )?;
-    call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
-    let c = Client::connect_unix(&sock, "bench@1").map_err(|e| e.to_string())?;
+    let g = call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
+    let g: serde_json::Value = serde_json::from_str(&g).map_err(|e| e.to_string())?;
+    let export = g["ExportName"].as_str().unwrap_or_default();
+    let c = Client::connect_unix(&sock, export).map_err(|e| e.to_string())?;
     Ok((p, c))
 }
 

@@ -1,11 +1,17 @@
 //! A function's volume (Lambda's `FileSystemConfigs`, an Ember volume in
 //! place of EFS): the attachment of this host, asked of the volume
-//! service; the NBD path from a jailed VMM to that service (a unix socket
-//! in the jail that hostd joins to the service's NBD socket or port);
-//! the placeholder a snapshot is built on; the mount in the guest.
+//! service in this host's account's name (a volume of another account is
+//! refused); the NBD path from a jailed VMM to that service (a unix socket
+//! in the jail that hostd joins to the service's NBD socket or port,
+//! pinned to the one export granted: the VMM never holds the credential,
+//! and whatever export it names, only the granted one is opened); the
+//! placeholder a snapshot is built on; the mount in the guest.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use serde::Deserialize;
 use serde_json::json;
@@ -27,17 +33,29 @@ pub fn guest_device(with_tmp_disk: bool) -> &'static str {
 pub const DRIVE_ID: &str = "volume";
 
 /// An attachment as the volume service grants it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Grant {
     pub volume: String,
     pub host: String,
     pub generation: u64,
+    /// `<volume>@<credential>`: a secret, kept in hostd (never given to a
+    /// VMM, never logged).
     pub export_name: String,
     #[serde(default)]
     pub uri: Option<String>,
     #[serde(default)]
     pub unix_uri: Option<String>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("volume", &self.volume)
+            .field("host", &self.host)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where NBD connections for a volume go from this host.
@@ -68,14 +86,39 @@ impl Grant {
         )))
     }
 
-    /// The URI a VMM opens through the socket at `vm_socket`.
+    /// The URI a VMM opens through the socket at `vm_socket`: the
+    /// volume's name alone (the socket adds the credential).
     pub fn uri_via(&self, vm_socket: &Path) -> String {
-        format!(
-            "nbd+unix:///{}?socket={}",
-            self.export_name,
-            vm_socket.display()
-        )
+        format!("nbd+unix:///{}?socket={}", self.volume, vm_socket.display())
     }
+
+    /// What a jail's forwarder opens for this grant.
+    pub fn pin(&self) -> Result<Pin, ApiError> {
+        Ok(Pin {
+            target: self.target()?,
+            export: self.export_name.clone(),
+        })
+    }
+}
+
+/// The one export a jail's NBD path opens, and where.
+#[derive(Clone)]
+pub struct Pin {
+    pub target: NbdTarget,
+    /// `<volume>@<credential>`.
+    pub export: String,
+}
+
+/// A jail's pin, replaced when the attachment is granted again (a move
+/// back after a failed migration): connections made after that use it.
+pub type SharedPin = Arc<Mutex<Option<Pin>>>;
+
+fn forbidden(msg: String) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::FORBIDDEN,
+        "AccessDeniedException",
+        msg,
+    )
 }
 
 impl VolumeService {
@@ -103,6 +146,7 @@ impl VolumeService {
             String::from_utf8_lossy(&r.body)
         );
         Err(match r.status {
+            403 => forbidden(msg),
             404 => ApiError::not_found(msg),
             409 => ApiError::conflict(msg),
             400 => ApiError::invalid(msg),
@@ -122,7 +166,7 @@ impl VolumeService {
             .call(
                 "POST",
                 &format!("/v1/volumes/{volume}/attach"),
-                json!({"Host": self.host_id}),
+                json!({"Host": self.host_id, "Account": self.account}),
             )
             .await?;
         Self::grant(&b)
@@ -135,7 +179,7 @@ impl VolumeService {
             .call(
                 "POST",
                 &format!("/v1/volumes/{volume}/move"),
-                json!({"Host": host}),
+                json!({"Host": host, "Account": self.account}),
             )
             .await?;
         Self::grant(&b)
@@ -147,14 +191,173 @@ impl VolumeService {
             .await?;
         let v: serde_json::Value = serde_json::from_slice(&b)
             .map_err(|e| ApiError::service(format!("the volume service: {e}")))?;
+        if v["Account"].as_str() != Some(self.account.as_str()) {
+            return Err(forbidden(format!(
+                "volume {volume}: not authorised (not a volume of account {})",
+                self.account
+            )));
+        }
         v["SizeBytes"].as_u64().ok_or_else(|| {
             ApiError::service(format!("the volume service gave no size for {volume}"))
         })
     }
 }
 
+/// Serves a VMM's NBD connections made on `listener` (in its jail) to the
+/// export pinned in `pin`, until the task is aborted: each connection's
+/// negotiation is relayed option by option, the export name of every
+/// `NBD_OPT_GO`, `NBD_OPT_INFO` or `NBD_OPT_EXPORT_NAME` replaced by the
+/// pinned one and any option that could name another export answered
+/// "unsupported" here; once the export is open, bytes are joined both
+/// ways.
+pub async fn forward_pinned(listener: tokio::net::UnixListener, pin: SharedPin) {
+    loop {
+        let Ok((vmm, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Some(p) = pin.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = pinned_connection(vmm, &p).await {
+                log::debug!("NBD connection to {:?} ended: {e}", p.target);
+            }
+        });
+    }
+}
+
+/// Any stream to the volume service.
+trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+
+async fn connect(target: &NbdTarget) -> std::io::Result<Box<dyn Upstream>> {
+    Ok(match target {
+        NbdTarget::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+        NbdTarget::Tcp(a) => {
+            let s = tokio::net::TcpStream::connect(a).await?;
+            s.set_nodelay(true).ok();
+            Box::new(s)
+        }
+    })
+}
+
+mod nbd_const {
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_GO: u32 = 7;
+    pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    pub const REP_ACK: u32 = 1;
+    pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+    /// Larger options and replies end the connection.
+    pub const MAX_DATA: u32 = 64 * 1024;
+}
+
+/// The negotiation must be done within this.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn bad(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// `data` of an `NBD_OPT_GO`/`INFO` with the export name replaced.
+fn repin_go(data: &[u8], export: &str) -> std::io::Result<Vec<u8>> {
+    let n = data
+        .get(0..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| bad("short NBD_OPT_GO"))?;
+    let rest = data
+        .get(4usize.saturating_add(n)..)
+        .ok_or_else(|| bad("short NBD_OPT_GO"))?;
+    let mut out = (export.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(export.as_bytes());
+    out.extend_from_slice(rest);
+    Ok(out)
+}
+
+/// One VMM connection through the pin (see [`forward_pinned`]).
+async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::io::Result<()> {
+    use nbd_const::*;
+    let mut up = connect(&pin.target).await?;
+    let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, async {
+        // The server's greeting, then the client's flags.
+        let mut hello = [0u8; 18];
+        up.read_exact(&mut hello).await?;
+        vmm.write_all(&hello).await?;
+        let mut flags = [0u8; 4];
+        vmm.read_exact(&mut flags).await?;
+        up.write_all(&flags).await?;
+        loop {
+            let mut head = [0u8; 16];
+            vmm.read_exact(&mut head).await?;
+            if u64::from_be_bytes(head[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
+                return Err(bad("bad option magic"));
+            }
+            let option = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
+            let len = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
+            if len > MAX_DATA {
+                return Err(bad("option too long"));
+            }
+            let mut data = vec![0u8; len as usize];
+            vmm.read_exact(&mut data).await?;
+            let data = match option {
+                OPT_GO | OPT_INFO => repin_go(&data, &pin.export)?,
+                OPT_EXPORT_NAME => pin.export.as_bytes().to_vec(),
+                OPT_ABORT | OPT_STRUCTURED_REPLY => data,
+                _ => {
+                    // Not passed on: answered "unsupported" here.
+                    let mut r = REPLY_MAGIC.to_be_bytes().to_vec();
+                    r.extend_from_slice(&option.to_be_bytes());
+                    r.extend_from_slice(&REP_ERR_UNSUP.to_be_bytes());
+                    r.extend_from_slice(&0u32.to_be_bytes());
+                    vmm.write_all(&r).await?;
+                    continue;
+                }
+            };
+            let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+            msg.extend_from_slice(&option.to_be_bytes());
+            msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            msg.extend_from_slice(&data);
+            up.write_all(&msg).await?;
+            if matches!(option, OPT_EXPORT_NAME | OPT_ABORT) {
+                // The answer (or a close) and what follows are joined as is.
+                return Ok(());
+            }
+            // The replies to this option, up to its last one.
+            loop {
+                let mut rh = [0u8; 20];
+                up.read_exact(&mut rh).await?;
+                let typ = u32::from_be_bytes(rh[12..16].try_into().unwrap_or_default());
+                let rlen = u32::from_be_bytes(rh[16..20].try_into().unwrap_or_default());
+                if rlen > MAX_DATA {
+                    return Err(bad("option reply too long"));
+                }
+                let mut rd = vec![0u8; rlen as usize];
+                up.read_exact(&mut rd).await?;
+                vmm.write_all(&rh).await?;
+                vmm.write_all(&rd).await?;
+                if typ == REP_ACK && option == OPT_GO {
+                    return Ok(());
+                }
+                if typ == REP_ACK || typ & 0x8000_0000 != 0 {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "NBD negotiation timed out"))?;
+    negotiated?;
+    tokio::io::copy_bidirectional(&mut vmm, &mut up).await?;
+    Ok(())
+}
+
 /// Serves NBD connections made on `listener` (in a VMM's jail) by joining
-/// each to `target`, until the task is aborted.
+/// each to `target`, until the task is aborted (a file export, which
+/// takes no credential).
 pub async fn forward_nbd(listener: tokio::net::UnixListener, target: NbdTarget) {
     loop {
         let Ok((mut vmm, _)) = listener.accept().await else {
@@ -248,9 +451,116 @@ mod tests {
         let g = grant(Some("nbd://10.0.0.1:10809/v@3"), None);
         assert_eq!(g.target().unwrap(), NbdTarget::Tcp("10.0.0.1:10809".into()));
         assert!(grant(None, None).target().is_err());
+        // The VMM's URI names the volume alone: the credential stays here.
         assert_eq!(
             g.uri_via(Path::new("/run/nbd.sock")),
-            "nbd+unix:///v@3?socket=/run/nbd.sock"
+            "nbd+unix:///v?socket=/run/nbd.sock"
         );
+        assert!(!format!("{g:?}").contains("v@3"), "{g:?}");
+    }
+
+    /// The jail's NBD path against a real volume service (its NBD server
+    /// and registry, in this process, on real unix sockets): whatever
+    /// export a VMM names (another volume, that volume's own credential,
+    /// the generation, nothing), it opens the pinned volume and no other;
+    /// options that could name an export otherwise are refused; a new pin
+    /// (a move back) is used by the next connection, and the connection
+    /// on the old credential is fenced.
+    #[test]
+    fn the_jail_path_opens_only_the_pinned_export() {
+        use ember_volumed::nbd::client::Client;
+        use ember_volumed::nbd::{serve_unix, Exports, Limits};
+        use ember_volumed::registry::{export_name, Registry};
+        use std::io::{Read, Write};
+        use std::os::unix::fs::FileExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            ember_volumed::store::KvStore::open(&[], &dir.path().join("store"), "/v").unwrap();
+        let reg = Registry::open(&dir.path().join("data"), Box::new(store)).unwrap();
+        let mut creds = Vec::new();
+        for (name, byte) in [("mine", 0x4du8), ("theirs", 0x74)] {
+            reg.create(name, 1 << 20, None).unwrap();
+            let a = reg.attach(name, "h", None).unwrap();
+            creds.push(a.credential);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(reg.image_path(name))
+                .unwrap();
+            f.write_all_at(&[byte; 512], 0).unwrap();
+        }
+        let nbd = dir.path().join("nbd.sock");
+        let l = std::os::unix::net::UnixListener::bind(&nbd).unwrap();
+        let exports = Exports::Volumes(reg.clone());
+        std::thread::spawn(move || serve_unix(l, exports, Limits::default()));
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let jail = dir.path().join("jail-nbd.sock");
+        let pin: SharedPin = Arc::new(Mutex::new(Some(Pin {
+            target: NbdTarget::Unix(nbd.clone()),
+            export: export_name("mine", &creds[0]),
+        })));
+        {
+            let _g = rt.enter();
+            let l = tokio::net::UnixListener::bind(&jail).unwrap();
+            rt.spawn(forward_pinned(l, pin.clone()));
+        }
+        let asks = [
+            "mine".to_string(),
+            String::new(),
+            "theirs".to_string(),
+            export_name("theirs", &creds[1]),
+            "theirs@1".into(),
+            "mine@1".into(),
+            "../x@y".into(),
+        ];
+        let mut other = 0;
+        for ask in &asks {
+            let mut c = Client::connect_unix(&jail, ask).unwrap();
+            let r = c.read(0, 512).unwrap();
+            assert_eq!(r.error, 0);
+            if r.data != vec![0x4d; 512] {
+                other += 1;
+            }
+        }
+        println!(
+            "jail NBD path: {} export names asked, {other} opened anything but the pinned one",
+            asks.len()
+        );
+        assert_eq!(other, 0);
+
+        // NBD_OPT_LIST (and any option but GO/INFO/EXPORT_NAME) is
+        // answered "unsupported" by the forwarder itself.
+        let mut s = std::os::unix::net::UnixStream::connect(&jail).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = nbd_const::IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend(3u32.to_be_bytes());
+        opt.extend(0u32.to_be_bytes());
+        s.write_all(&opt).unwrap();
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(reply[12..16].try_into().unwrap()),
+            nbd_const::REP_ERR_UNSUP
+        );
+
+        // A move (away and back, as after a failed migration): the open
+        // connection is fenced, the next one opens the new grant.
+        let mut held = Client::connect_unix(&jail, "mine").unwrap();
+        reg.move_to("mine", "h2", None).unwrap();
+        let back = reg.move_to("mine", "h", None).unwrap();
+        assert_ne!(held.read(0, 512).unwrap().error, 0, "fenced");
+        // Still the old pin: refused.
+        assert!(Client::connect_unix(&jail, "mine").is_err());
+        *pin.lock().unwrap() = Some(Pin {
+            target: NbdTarget::Unix(nbd.clone()),
+            export: export_name("mine", &back.credential),
+        });
+        let mut c = Client::connect_unix(&jail, "mine").unwrap();
+        assert_eq!(c.read(0, 512).unwrap().data, vec![0x4d; 512]);
+        drop(rt);
     }
 }

@@ -15,6 +15,8 @@ pub struct Volumed {
     /// The NBD TCP port on 127.0.0.1.
     pub port: u16,
     pub data_dir: PathBuf,
+    /// Its log (stderr), appended to by every start on the same directory.
+    pub log: PathBuf,
 }
 
 impl Volumed {
@@ -28,6 +30,12 @@ impl Volumed {
         let api = dir.join("volumed.sock");
         let nbd = dir.join("volumed-nbd.sock");
         let data_dir = dir.join("volumed-data");
+        let log = dir.join("volumed.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("volumed.log");
         // The wait below is for a fresh socket.
         let _ = std::fs::remove_file(&api);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -44,7 +52,8 @@ impl Volumed {
             .arg(&api)
             .arg("--nbd-socket")
             .arg(&nbd)
-            .stderr(Stdio::null())
+            .env("RUST_LOG", "info,ember_volumed=debug")
+            .stderr(Stdio::from(log_file))
             .spawn()
             .expect("spawn ember-volumed");
         let start = Instant::now();
@@ -61,6 +70,7 @@ impl Volumed {
             nbd,
             port,
             data_dir,
+            log,
         }
     }
 

@@ -132,9 +132,16 @@ fn volume_attachments_through_emberd() {
     let (st, _) = volumed.call(
         "POST",
         "/v1/volumes",
-        Some(r#"{"Name":"data1","SizeBytes":1048576}"#),
+        Some(r#"{"Name":"data1","SizeBytes":1048576,"Account":"000000000000"}"#),
     );
     assert_eq!(st, 201);
+    // Another account's volume, and one of no account.
+    for body in [
+        r#"{"Name":"theirs","SizeBytes":1048576,"Account":"999988887777"}"#,
+        r#"{"Name":"nobodys","SizeBytes":1048576}"#,
+    ] {
+        assert_eq!(volumed.call("POST", "/v1/volumes", Some(body)).0, 201);
+    }
     let api = volumed.api.clone();
     let api_arg = api.display().to_string();
     let d = Emberd::start(&[
@@ -153,7 +160,22 @@ fn volume_attachments_through_emberd() {
         (Some("host-a"), Some(1)),
         "{g}"
     );
-    assert!(g["UnixUri"].as_str().unwrap().contains("data1@1"), "{g}");
+    // The grant's export name carries a credential, not the generation.
+    let export = g["ExportName"].as_str().unwrap();
+    assert_eq!(export.strip_prefix("data1@").map(str::len), Some(64), "{g}");
+    assert!(g["UnixUri"].as_str().unwrap().contains(export), "{g}");
+    // This host (account 000000000000) may not attach the others'.
+    for v in ["theirs", "nobodys"] {
+        let r = post(&format!("/ember/v1/volumes/{v}/attach"), "{}");
+        assert_eq!(r.status, 403, "{v}: {}", r.text());
+        assert_eq!(
+            volumed
+                .call("GET", &format!("/v1/volumes/{v}"), None)
+                .1
+                .get("Attachment"),
+            None
+        );
+    }
     // Errors from the service come through with its status.
     assert_eq!(post("/ember/v1/volumes/nosuch/attach", "{}").status, 404);
     assert_eq!(

@@ -92,7 +92,17 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let (st, v) = vol.call(
         "POST",
         "/v1/volumes",
-        Some(r#"{"Name": "data", "SizeBytes": 67108864, "Filesystem": "ext4"}"#),
+        Some(
+            r#"{"Name": "data", "SizeBytes": 67108864, "Filesystem": "ext4", "Account": "000000000000"}"#,
+        ),
+    );
+    assert_eq!(st, 201, "{v}");
+    // A volume of another account, which these hosts (account
+    // 000000000000, the default) may not mount.
+    let (st, v) = vol.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name": "theirs", "SizeBytes": 1048576, "Account": "999988887777"}"#),
     );
     assert_eq!(st, 201, "{v}");
     let vol_api = vol.api.display().to_string();
@@ -200,6 +210,26 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
                                        "LocalMountPath": "/mnt/data"}]}),
     );
     assert_eq!(r.status, 400, "{}", r.text());
+    // Another account's volume: by its ARN, or by its name under this
+    // account's ARN, or the ARN's account this one with no such volume
+    // of its own: each a clear 4xx, and no function is made.
+    for (arn, status) in [
+        ("arn:aws:ember:us-east-1:999988887777:volume/theirs", 403),
+        ("arn:aws:ember:us-east-1:999988887777:volume/data", 403),
+        ("arn:aws:ember:us-east-1:000000000000:volume/theirs", 403),
+        ("arn:aws:ember:::volume/theirs", 403),
+        ("arn:aws:ember:us-east-1:000000000000:volume/nosuch", 404),
+    ] {
+        let r = a.post_json(
+            "/2015-03-31/functions",
+            &json!({"FunctionName": "thief", "Runtime": "provided.al2023", "Handler": "x",
+                    "Code": {"ZipFile": zip_dir(keeper.path())},
+                    "FileSystemConfigs": [{"Arn": arn, "LocalMountPath": "/mnt/data"}]}),
+        );
+        eprintln!("CreateFunction with {arn}: {} {}", r.status, r.text());
+        assert_eq!(r.status, status, "{arn}: {}", r.text());
+    }
+    assert_eq!(a.get("/2015-03-31/functions/thief").status, 404);
     for d in [&a, &b] {
         d.wait_active("counter", "$LATEST", BUILD_TIMEOUT);
         d.wait_active("keeper", "$LATEST", BUILD_TIMEOUT);
@@ -352,7 +382,11 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let gen_b = attached(&format!("host-{b_ip}"));
     assert!(gen_b > gen_a, "{gen_a} -> {gen_b}");
     assert_eq!(lines_and_count(&b.invoke("keeper", &json!({}))), (3, 3));
-    // The source's attachment is fenced: a write with its token is refused.
+    // The source's attachment is fenced. Its credential stayed in hostd
+    // (the volume service never shows it); a guess from the generation
+    // is refused like any other.
+    let (_, v) = vol.call("GET", "/v1/volumes/data", None);
+    assert!(v["Attachment"].get("Credential").is_none(), "{v}");
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write 0 4096"])
         .arg(format!(

@@ -243,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&[], &dir.path().join("store"), "/k").unwrap();
         let reg = Registry::open(dir.path(), Box::new(store)).unwrap();
-        reg.create("a", 8 << 20).unwrap();
+        reg.create("a", 8 << 20, None).unwrap();
         let f = image::open(&reg, "a").unwrap();
         f.write_all_at(&[7u8; 4096], 3 << 20).unwrap();
         let out = dir.path().join("out");

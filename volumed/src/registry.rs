@@ -1,7 +1,9 @@
-//! Volumes and their attachments. Each attachment carries a fencing token:
-//! the volume's generation when it was granted. Attaching to another host,
-//! moving or detaching bumps the generation, so every connection holding
-//! an older one is refused from then on, on its next request.
+//! Volumes and their attachments. Each grant (attach, move) issues a new
+//! credential, a random secret that a connection presents in its export
+//! name (`<volume>@<credential>`), and bumps the volume's fencing
+//! generation. Moving or detaching replaces or drops the credential, so
+//! every connection holding an older one is refused from then on, on its
+//! next request. A refusal says only "not authorised".
 //!
 //! Live copies (move to another service, split, combine) need two more
 //! things from here: the *I/O gate*, held shared by every request from its
@@ -13,6 +15,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use subtle::ConstantTimeEq;
 
 use crate::store::{Attachment, State, StateStore, VolumeRecord};
 
@@ -35,12 +39,15 @@ pub enum RegistryError {
     NotAttached(String),
     #[error("volume {name}: a volume cannot shrink ({from} to {to} bytes)")]
     Shrink { name: String, from: u64, to: u64 },
-    #[error("volume {name}: fencing token {token} is stale (the attachment is {current})")]
-    Fenced {
-        name: String,
-        token: u64,
-        current: String,
-    },
+    /// A credential that is not the volume's current one (or a volume
+    /// that does not exist, or belongs to another account): nothing more
+    /// is said.
+    #[error("not authorised")]
+    NotAuthorised,
+    #[error("invalid account {0:?}: want 1 to 64 characters of [A-Za-z0-9_-]")]
+    Account(String),
+    #[error("volume {0} already has an owner account, which is never changed")]
+    Owned(String),
     #[error("volume {name} moved to {target}: this copy is stale (delete it)")]
     Moved { name: String, target: String },
     #[error("storage: {0}")]
@@ -100,6 +107,15 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Whether `account` (when given) may use `rec`: only the owner's hosts
+/// may, and a volume that has no owner is refused to every account.
+fn owned_by(rec: &VolumeRecord, account: Option<&str>) -> Result<(), RegistryError> {
+    match account {
+        Some(a) if rec.account.as_deref() != Some(a) => Err(RegistryError::NotAuthorised),
+        _ => Ok(()),
+    }
+}
+
 pub fn valid_size(size_bytes: u64) -> Result<(), RegistryError> {
     if size_bytes == 0 || size_bytes > MAX_SIZE || !size_bytes.is_multiple_of(512) {
         return Err(RegistryError::Size(size_bytes));
@@ -107,12 +123,23 @@ pub fn valid_size(size_bytes: u64) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Makes `dir` (if missing) and takes every permission of it from the
+/// group and others.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 fn io_err(e: std::io::Error) -> RegistryError {
     RegistryError::Io(e.to_string())
 }
 
 impl Registry {
+    /// The data directory is made private to this service's user (0700):
+    /// it holds the images and, with the embedded store, the credentials.
     pub fn open(data_dir: &Path, store: Box<dyn StateStore>) -> std::io::Result<Arc<Registry>> {
+        private_dir(data_dir)?;
         std::fs::create_dir_all(data_dir.join("volumes"))?;
         let state = store.load()?;
         Ok(Arc::new(Registry {
@@ -200,10 +227,18 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(name.into()))
     }
 
-    /// A new, empty (sparse) volume.
-    pub fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord, RegistryError> {
+    /// A new, empty (sparse) volume, owned by `account` if given.
+    pub fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        account: Option<&str>,
+    ) -> Result<VolumeRecord, RegistryError> {
         if !valid_name(name) {
             return Err(RegistryError::Name(name.into()));
+        }
+        if let Some(a) = account.filter(|a| !valid_name(a)) {
+            return Err(RegistryError::Account(a.into()));
         }
         valid_size(size_bytes)?;
         let path = self.image_path(name);
@@ -218,7 +253,7 @@ impl Registry {
                 .open(&path)
                 .map_err(io_err)?;
             f.set_len(size_bytes).map_err(io_err)?;
-            let rec = VolumeRecord::new(name, size_bytes);
+            let rec = VolumeRecord::new(name, size_bytes, account);
             s.insert(name.into(), rec.clone());
             Ok(rec)
         })
@@ -268,14 +303,41 @@ impl Registry {
         })
     }
 
-    /// Grants `host` write access. Attaching again from the same host
-    /// returns the current attachment; from another host it is refused
-    /// (that is a move, which fences the first host off).
-    pub fn attach(&self, name: &str, host: &str) -> Result<Attachment, RegistryError> {
+    /// Gives a volume of no account the owner `account` (again the same
+    /// one is no change); another owner is never replaced.
+    pub fn set_account(&self, name: &str, account: &str) -> Result<VolumeRecord, RegistryError> {
+        if !valid_name(account) {
+            return Err(RegistryError::Account(account.into()));
+        }
         self.change(|s| {
             let rec = s
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            match rec.account.as_deref() {
+                None => rec.account = Some(account.into()),
+                Some(a) if a == account => {}
+                Some(_) => return Err(RegistryError::Owned(name.into())),
+            }
+            Ok(rec.clone())
+        })
+    }
+
+    /// Grants `host` write access. Attaching again from the same host
+    /// returns the current attachment; from another host it is refused
+    /// (that is a move, which fences the first host off). With `account`,
+    /// the volume must be that account's.
+    pub fn attach(
+        &self,
+        name: &str,
+        host: &str,
+        account: Option<&str>,
+    ) -> Result<Attachment, RegistryError> {
+        let credential = new_credential()?;
+        self.change(|s| {
+            let rec = s
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            owned_by(rec, account)?;
             if let Some(target) = &rec.moved_to {
                 return Err(RegistryError::Moved {
                     name: name.into(),
@@ -283,27 +345,35 @@ impl Registry {
                 });
             }
             match &rec.attachment {
-                Some(a) if a.host == host => Ok(a.clone()),
-                Some(a) => Err(RegistryError::Attached {
+                // (State from before credentials: granted again.)
+                Some(a) if a.host == host && !a.credential.is_empty() => Ok(a.clone()),
+                Some(a) if a.host != host => Err(RegistryError::Attached {
                     name: name.into(),
                     host: a.host.clone(),
                 }),
-                None => Ok(grant(rec, host)),
+                _ => Ok(grant(rec, host, credential)),
             }
         })
     }
 
-    /// Moves the attachment to `host` with a new generation: the previous
-    /// holder's requests are refused from now on.
-    pub fn move_to(&self, name: &str, host: &str) -> Result<Attachment, RegistryError> {
+    /// Moves the attachment to `host` with a new generation and a new
+    /// credential: the previous holder's requests are refused from now on.
+    pub fn move_to(
+        &self,
+        name: &str,
+        host: &str,
+        account: Option<&str>,
+    ) -> Result<Attachment, RegistryError> {
+        let credential = new_credential()?;
         self.change(|s| {
             let rec = s
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            owned_by(rec, account)?;
             if rec.attachment.is_none() {
                 return Err(RegistryError::NotAttached(name.into()));
             }
-            Ok(grant(rec, host))
+            Ok(grant(rec, host, credential))
         })
     }
 
@@ -321,24 +391,23 @@ impl Registry {
         })
     }
 
-    /// Whether `token` is the volume's current attachment: checked when a
-    /// connection opens the volume and before every request it makes.
-    pub fn check(&self, name: &str, token: u64) -> Result<VolumeRecord, RegistryError> {
+    /// Whether `credential` is the volume's current attachment's: checked
+    /// when a connection opens the volume and before every request it
+    /// makes. Compared in constant time; every refusal is the same
+    /// [`RegistryError::NotAuthorised`] (an unknown volume included).
+    pub fn check(&self, name: &str, credential: &str) -> Result<VolumeRecord, RegistryError> {
         let s = self.lock();
-        let rec = s
-            .get(name)
-            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
-        match &rec.attachment {
-            Some(a) if a.generation == token => Ok(rec.clone()),
-            other => Err(RegistryError::Fenced {
-                name: name.into(),
-                token,
-                current: match (other, &rec.moved_to) {
-                    (_, Some(t)) => format!("moved to {t}"),
-                    (Some(a), None) => format!("generation {} on {}", a.generation, a.host),
-                    (None, None) => "detached".into(),
-                },
-            }),
+        let rec = s.get(name).ok_or(RegistryError::NotAuthorised)?;
+        let current = match (&rec.attachment, &rec.moved_to) {
+            (Some(a), None) if !a.credential.is_empty() => a.credential.as_bytes(),
+            _ => return Err(RegistryError::NotAuthorised),
+        };
+        let given = credential.as_bytes();
+        // Lengths are public (every credential has the same one).
+        if given.len() == current.len() && bool::from(given.ct_eq(current)) {
+            Ok(rec.clone())
+        } else {
+            Err(RegistryError::NotAuthorised)
         }
     }
 
@@ -372,19 +441,21 @@ impl Registry {
     }
 
     /// Undoes [`Registry::fence_moved`] when the move failed after it: the
-    /// volume is served here again, to `host` with a new generation.
+    /// volume is served here again, to `host` with a new generation (and
+    /// a new credential).
     pub fn unfence(
         &self,
         name: &str,
         host: Option<&str>,
     ) -> Result<Option<Attachment>, RegistryError> {
+        let credential = new_credential()?;
         self.change(|s| {
             let rec = s
                 .get_mut(name)
                 .ok_or_else(|| RegistryError::NotFound(name.into()))?;
             rec.moved_to = None;
             rec.disconnect_fenced = false;
-            Ok(host.map(|h| grant(rec, h)))
+            Ok(host.map(|h| grant(rec, h, credential)))
         })
     }
 
@@ -394,6 +465,7 @@ impl Registry {
         &self,
         name: &str,
         size_bytes: u64,
+        account: Option<&str>,
         tmp: &Path,
     ) -> Result<VolumeRecord, RegistryError> {
         let path = self.image_path(name);
@@ -402,7 +474,7 @@ impl Registry {
                 return Err(RegistryError::Exists(name.into()));
             }
             std::fs::rename(tmp, &path).map_err(io_err)?;
-            let rec = VolumeRecord::new(name, size_bytes);
+            let rec = VolumeRecord::new(name, size_bytes, account);
             s.insert(name.into(), rec.clone());
             Ok(rec)
         })
@@ -420,25 +492,35 @@ impl Registry {
     }
 }
 
-fn grant(rec: &mut VolumeRecord, host: &str) -> Attachment {
+fn grant(rec: &mut VolumeRecord, host: &str, credential: String) -> Attachment {
     rec.generation += 1;
     let a = Attachment {
         host: host.into(),
         generation: rec.generation,
+        credential,
     };
     rec.attachment = Some(a.clone());
     a
 }
 
-/// The NBD export name of an attachment: `<volume>@<generation>`.
-pub fn export_name(volume: &str, generation: u64) -> String {
-    format!("{volume}@{generation}")
+/// Bytes of randomness in a credential.
+pub const CREDENTIAL_BYTES: usize = 32;
+
+/// A new credential: 256 bits from the kernel's random source, in hex.
+pub fn new_credential() -> Result<String, RegistryError> {
+    let mut b = [0u8; CREDENTIAL_BYTES];
+    getrandom::fill(&mut b).map_err(|e| RegistryError::Io(format!("random bytes: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// Parses an export name into (volume, generation).
-pub fn parse_export_name(s: &str) -> Option<(&str, u64)> {
-    let (name, g) = s.rsplit_once('@')?;
-    Some((name, g.parse().ok()?))
+/// The NBD export name of an attachment: `<volume>@<credential>`.
+pub fn export_name(volume: &str, credential: &str) -> String {
+    format!("{volume}@{credential}")
+}
+
+/// Parses an export name into (volume, credential).
+pub fn parse_export_name(s: &str) -> Option<(&str, &str)> {
+    s.rsplit_once('@')
 }
 
 #[cfg(test)]
@@ -451,82 +533,137 @@ mod tests {
         Registry::open(dir, Box::new(store)).unwrap()
     }
 
+    fn refused(r: &Registry, name: &str, credential: &str) -> bool {
+        matches!(r.check(name, credential), Err(RegistryError::NotAuthorised))
+    }
+
     #[test]
     fn fencing_follows_the_attachment() {
         let dir = tempfile::tempdir().unwrap();
         let r = registry(dir.path());
-        r.create("v1", 1 << 20).unwrap();
-        assert!(matches!(
-            r.check("v1", 0),
-            Err(RegistryError::Fenced { .. })
-        ));
-        let a = r.attach("v1", "host-a").unwrap();
+        r.create("v1", 1 << 20, None).unwrap();
+        assert!(refused(&r, "v1", ""));
+        assert!(refused(&r, "v1", "0"));
+        let a = r.attach("v1", "host-a", None).unwrap();
         assert_eq!(a.generation, 1);
-        assert_eq!(r.attach("v1", "host-a").unwrap(), a, "idempotent");
+        assert_eq!(a.credential.len(), 2 * CREDENTIAL_BYTES);
+        assert_eq!(r.attach("v1", "host-a", None).unwrap(), a, "idempotent");
         assert!(matches!(
-            r.attach("v1", "host-b"),
+            r.attach("v1", "host-b", None),
             Err(RegistryError::Attached { .. })
         ));
-        r.check("v1", 1).unwrap();
-        let b = r.move_to("v1", "host-b").unwrap();
+        r.check("v1", &a.credential).unwrap();
+        // The generation is no credential.
+        assert!(refused(&r, "v1", "1"));
+        assert!(refused(&r, "nosuch", &a.credential));
+        let b = r.move_to("v1", "host-b", None).unwrap();
         assert_eq!(b.generation, 2);
-        assert!(matches!(
-            r.check("v1", 1),
-            Err(RegistryError::Fenced { .. })
-        ));
-        r.check("v1", 2).unwrap();
+        assert_ne!(b.credential, a.credential);
+        assert!(refused(&r, "v1", &a.credential));
+        r.check("v1", &b.credential).unwrap();
         assert!(matches!(
             r.delete("v1"),
             Err(RegistryError::Attached { .. })
         ));
         r.detach("v1").unwrap();
-        assert!(matches!(
-            r.check("v1", 2),
-            Err(RegistryError::Fenced { .. })
-        ));
-        // A new attachment never reuses a generation.
-        assert_eq!(r.attach("v1", "host-a").unwrap().generation, 4);
+        assert!(refused(&r, "v1", &b.credential));
+        // A new attachment never reuses a generation or a credential.
+        let c = r.attach("v1", "host-a", None).unwrap();
+        assert_eq!(c.generation, 4);
+        assert!(c.credential != a.credential && c.credential != b.credential);
     }
 
     #[test]
     fn state_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let (a, b) = {
             let r = registry(dir.path());
-            r.create("v1", 1 << 20).unwrap();
-            r.attach("v1", "h").unwrap();
-            r.move_to("v1", "h2").unwrap();
-        }
+            r.create("v1", 1 << 20, None).unwrap();
+            let a = r.attach("v1", "h", None).unwrap();
+            (a, r.move_to("v1", "h2", None).unwrap())
+        };
         let r = registry(dir.path());
-        assert!(r.check("v1", 1).is_err());
-        r.check("v1", 2).unwrap();
+        assert!(refused(&r, "v1", &a.credential));
+        r.check("v1", &b.credential).unwrap();
         assert_eq!(
             std::fs::metadata(r.image_path("v1")).unwrap().len(),
             1 << 20
         );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the data dir holds credentials: {mode:o}");
+    }
+
+    #[test]
+    fn accounts_own_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        r.create("x", 4096, Some("111111111111")).unwrap();
+        r.create("legacy", 4096, None).unwrap();
+        assert!(matches!(
+            r.create("y", 4096, Some("../a")),
+            Err(RegistryError::Account(_))
+        ));
+        for (name, account) in [("x", "222222222222"), ("legacy", "111111111111")] {
+            assert_eq!(
+                r.attach(name, "h", Some(account)),
+                Err(RegistryError::NotAuthorised)
+            );
+        }
+        let a = r.attach("x", "h", Some("111111111111")).unwrap();
+        assert_eq!(
+            r.move_to("x", "h2", Some("222222222222")),
+            Err(RegistryError::NotAuthorised)
+        );
+        r.check("x", &a.credential).unwrap();
+        r.move_to("x", "h2", Some("111111111111")).unwrap();
+        // An unowned volume may be given an owner, once.
+        r.set_account("legacy", "111111111111").unwrap();
+        r.set_account("legacy", "111111111111").unwrap();
+        assert_eq!(
+            r.set_account("legacy", "222222222222"),
+            Err(RegistryError::Owned("legacy".into()))
+        );
+        assert_eq!(
+            r.set_account("x", "222222222222"),
+            Err(RegistryError::Owned("x".into()))
+        );
+        r.attach("legacy", "h", Some("111111111111")).unwrap();
     }
 
     #[test]
     fn bad_input() {
         let dir = tempfile::tempdir().unwrap();
         let r = registry(dir.path());
-        assert!(matches!(r.create("../x", 512), Err(RegistryError::Name(_))));
-        assert!(matches!(r.create("v", 0), Err(RegistryError::Size(_))));
-        assert!(matches!(r.create("v", 513), Err(RegistryError::Size(_))));
-        r.create("v", 4096).unwrap();
-        assert!(matches!(r.create("v", 4096), Err(RegistryError::Exists(_))));
+        assert!(matches!(
+            r.create("../x", 512, None),
+            Err(RegistryError::Name(_))
+        ));
+        assert!(matches!(
+            r.create("v", 0, None),
+            Err(RegistryError::Size(_))
+        ));
+        assert!(matches!(
+            r.create("v", 513, None),
+            Err(RegistryError::Size(_))
+        ));
+        r.create("v", 4096, None).unwrap();
+        assert!(matches!(
+            r.create("v", 4096, None),
+            Err(RegistryError::Exists(_))
+        ));
         assert!(matches!(
             r.resize("v", 512),
             Err(RegistryError::Shrink { .. })
         ));
         assert_eq!(r.resize("v", 8192).unwrap().size_bytes, 8192);
         assert!(matches!(
-            r.move_to("v", "h"),
+            r.move_to("v", "h", None),
             Err(RegistryError::NotAttached(_))
         ));
         assert!(matches!(r.detach("v"), Err(RegistryError::NotAttached(_))));
         assert!(matches!(
-            r.attach("nope", "h"),
+            r.attach("nope", "h", None),
             Err(RegistryError::NotFound(_))
         ));
     }
@@ -535,15 +672,15 @@ mod tests {
     fn a_moved_volume_stays_fenced_until_unfenced() {
         let dir = tempfile::tempdir().unwrap();
         let r = registry(dir.path());
-        r.create("v", 4096).unwrap();
-        r.attach("v", "h").unwrap();
+        r.create("v", 4096, None).unwrap();
+        let a = r.attach("v", "h", None).unwrap();
         assert_eq!(
             r.fence_moved("v", "/b.sock", false).unwrap(),
             Some("h".into())
         );
-        assert!(matches!(r.check("v", 1), Err(RegistryError::Fenced { .. })));
+        assert!(refused(&r, "v", &a.credential));
         assert!(matches!(
-            r.attach("v", "h"),
+            r.attach("v", "h", None),
             Err(RegistryError::Moved { .. })
         ));
         // A second move finds the first one's mark.
@@ -551,16 +688,16 @@ mod tests {
             r.fence_moved("v", "/c.sock", false),
             Err(RegistryError::Moved { .. })
         ));
-        let a = r.unfence("v", Some("h")).unwrap().unwrap();
-        assert_eq!(a.generation, 3, "never a generation handed out before");
-        r.check("v", 3).unwrap();
+        let b = r.unfence("v", Some("h")).unwrap().unwrap();
+        assert_eq!(b.generation, 3, "never a generation handed out before");
+        assert!(refused(&r, "v", &a.credential));
+        r.check("v", &b.credential).unwrap();
     }
 
     #[test]
     fn export_names() {
-        assert_eq!(export_name("v1", 3), "v1@3");
-        assert_eq!(parse_export_name("v1@3"), Some(("v1", 3)));
+        assert_eq!(export_name("v1", "ab12"), "v1@ab12");
+        assert_eq!(parse_export_name("v1@ab12"), Some(("v1", "ab12")));
         assert_eq!(parse_export_name("v1"), None);
-        assert_eq!(parse_export_name("v1@x"), None);
     }
 }

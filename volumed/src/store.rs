@@ -8,13 +8,29 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Who may write a volume now: one host, with the generation its
-/// connections must present.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Who may write a volume now: one host, with the credential its
+/// connections must present (a random secret issued with the grant) and
+/// the fencing generation it was granted at.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Attachment {
     pub host: String,
     pub generation: u64,
+    /// 256 random bits (hex). Stored with the state, never shown by the
+    /// API's volume listings (see [`VolumeRecord::public`]); empty in state
+    /// written before credentials existed, which no connection matches.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credential: String,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("host", &self.host)
+            .field("generation", &self.generation)
+            .field("credential", &"<secret>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +38,10 @@ pub struct Attachment {
 pub struct VolumeRecord {
     pub name: String,
     pub size_bytes: u64,
+    /// The account that owns the volume, if it was created for one: only
+    /// that account's hosts may attach it (they name it when they do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// The last generation handed out; only ever increases, so a token
     /// once fenced off never becomes valid again.
     pub generation: u64,
@@ -41,15 +61,24 @@ pub struct VolumeRecord {
 
 impl VolumeRecord {
     /// A volume just made: never attached, never moved.
-    pub fn new(name: &str, size_bytes: u64) -> VolumeRecord {
+    pub fn new(name: &str, size_bytes: u64, account: Option<&str>) -> VolumeRecord {
         VolumeRecord {
             name: name.into(),
             size_bytes,
+            account: account.map(str::to_string),
             generation: 0,
             attachment: None,
             moved_to: None,
             disconnect_fenced: false,
         }
+    }
+
+    /// The record as the API shows it: without the attachment's credential.
+    pub fn public(mut self) -> VolumeRecord {
+        if let Some(a) = &mut self.attachment {
+            a.credential.clear();
+        }
+        self
     }
 }
 

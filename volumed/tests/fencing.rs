@@ -90,9 +90,14 @@ fn a_moved_attachment_fences_the_old_writer() {
     assert_eq!(st, 200, "{a}");
     assert_eq!(a["Generation"], 1);
     let uri_a = a["UnixUri"].as_str().unwrap().to_string();
+    let export_a = a["ExportName"].as_str().unwrap().to_string();
+    // The export name carries a credential: 256 random bits, not the
+    // generation.
+    let cred_a = export_a.strip_prefix("vol1@").unwrap().to_string();
+    assert_eq!(cred_a.len(), 64, "{a}");
     assert_eq!(
         uri_a,
-        format!("nbd+unix:///vol1@1?socket={}", v.nbd.display())
+        format!("nbd+unix:///{export_a}?socket={}", v.nbd.display())
     );
     assert_eq!(
         v.call(
@@ -111,12 +116,20 @@ fn a_moved_attachment_fences_the_old_writer() {
         &["write -P 0xab 0 64k", "flush", "read -P 0xab 0 64k"],
     );
     assert!(ok, "{out}");
-    // A wrong token, or none, is refused at the handshake.
-    let (ok, out) = qemu_io(
-        &format!("nbd+unix:///vol1@7?socket={}", v.nbd.display()),
-        &["read 0 4k"],
-    );
-    assert!(!ok, "{out}");
+    // A wrong credential (the generation, a guess), or none, is refused
+    // at the handshake, saying only that.
+    for bad in ["vol1@1", "vol1@7", &format!("vol1@{}", "0".repeat(64))] {
+        let (ok, out) = qemu_io(
+            &format!("nbd+unix:///{bad}?socket={}", v.nbd.display()),
+            &["read 0 4k"],
+        );
+        assert!(!ok, "{out}");
+        assert!(out.contains("not authorised"), "{out}");
+        assert!(
+            !out.contains("generation") && !out.contains(&cred_a),
+            "{out}"
+        );
+    }
     let (ok, out) = qemu_io(
         &format!("nbd+unix:///vol1?socket={}", v.nbd.display()),
         &["read 0 4k"],
@@ -125,7 +138,7 @@ fn a_moved_attachment_fences_the_old_writer() {
 
     // host-a keeps a connection open; it works until the attachment moves.
     // (Our own client: a connection kept open, as a VMM keeps it.)
-    let mut holder = Client::connect_unix(&v.nbd, "vol1@1").unwrap();
+    let mut holder = Client::connect_unix(&v.nbd, &export_a).unwrap();
     assert_eq!(holder.write(65536, &[0x11; 4096]).unwrap().error, 0);
     let (st, b) = v.call(
         "POST",
@@ -145,14 +158,16 @@ fn a_moved_attachment_fences_the_old_writer() {
     );
     assert_eq!(holder.flush().unwrap().error, EPERM);
     assert_eq!(holder.read(0, 4096).unwrap().error, EPERM);
-    let e = Client::connect_unix(&v.nbd, "vol1@1")
+    let e = Client::connect_unix(&v.nbd, &export_a)
         .err()
-        .expect("old token refused");
-    assert!(e.to_string().contains("stale"), "{e}");
+        .expect("old credential refused");
+    assert!(e.to_string().contains("not authorised"), "{e}");
     // The new holder (over TCP this time) sees host-a's writes from before
     // the move, and none from after.
     let uri_b = b["Uri"].as_str().unwrap().to_string();
-    assert_eq!(uri_b, format!("nbd://127.0.0.1:{}/vol1@2", v.port));
+    let export_b = b["ExportName"].as_str().unwrap();
+    assert_ne!(export_b, export_a, "a move issues a new credential");
+    assert_eq!(uri_b, format!("nbd://127.0.0.1:{}/{export_b}", v.port));
     let (ok, out) = qemu_io(&uri_b, &["read -P 0xab 0 64k", "read -P 0x11 64k 4k"]);
     assert!(ok, "{out}");
     // WRITE_ZEROES and TRIM (the image's fallocate paths) read back as zeroes.
@@ -182,6 +197,37 @@ fn a_moved_attachment_fences_the_old_writer() {
     assert_eq!(st, 200, "{r}");
     let (ok, out) = qemu_io(&uri_b, &["write -P 0x22 1536k 4k", "read -P 0x22 1536k 4k"]);
     assert!(ok, "{out}");
+
+    // An owner account: an unowned volume gets one, once; then only that
+    // account's hosts may move it, and the answer says only "not authorised".
+    assert_eq!(v.call("PATCH", "/v1/volumes/vol1", Some("{}")).0, 400);
+    let own = |a: &str| {
+        v.call(
+            "PATCH",
+            "/v1/volumes/vol1",
+            Some(&format!(r#"{{"Account":"{a}"}}"#)),
+        )
+    };
+    let (st, r) = own("111122223333");
+    assert_eq!(
+        (st, r["Account"].as_str()),
+        (200, Some("111122223333")),
+        "{r}"
+    );
+    assert_eq!(own("999988887777").0, 409);
+    assert_eq!(own("../x").0, 400);
+    let (st, r) = v.call(
+        "POST",
+        "/v1/volumes/vol1/move",
+        Some(r#"{"Host":"host-c","Account":"999988887777"}"#),
+    );
+    assert_eq!(
+        (st, r["Message"].as_str()),
+        (403, Some("not authorised")),
+        "{r}"
+    );
+    let (ok, out) = qemu_io(&uri_b, &["read -P 0x22 1536k 4k"]);
+    assert!(ok, "the refused move changed nothing: {out}");
 
     // A client speaking garbage is dropped; the server keeps serving.
     let mut junk = UnixStream::connect(&v.nbd).unwrap();
@@ -228,28 +274,27 @@ fn fencing_state_lives_in_etcd() {
         .0,
         201
     );
-    assert_eq!(
-        v.call("POST", "/v1/volumes/e1/attach", Some(r#"{"Host":"h1"}"#))
-            .0,
-        200
-    );
+    let (st, g) = v.call("POST", "/v1/volumes/e1/attach", Some(r#"{"Host":"h1"}"#));
+    assert_eq!(st, 200, "{g}");
+    let e1 = g["ExportName"].as_str().unwrap().to_string();
     let (ok, out) = qemu_io(
-        &format!("nbd+unix:///e1@1?socket={}", v.nbd.display()),
+        &format!("nbd+unix:///{e1}?socket={}", v.nbd.display()),
         &["write -P 0x5a 0 4k", "flush"],
     );
     assert!(ok, "{out}");
     let (st, m) = v.call("POST", "/v1/volumes/e1/move", Some(r#"{"Host":"h2"}"#));
     assert_eq!((st, m["Generation"].as_u64()), (200, Some(2)), "{m}");
+    let e2 = m["ExportName"].as_str().unwrap().to_string();
     v.kill();
 
-    // Restarted: the state comes back from etcd.
+    // Restarted: the state (credentials included) comes back from etcd.
     let v = Volumed::start_with(dir.path(), &etcd_args);
-    let e = Client::connect_unix(&v.nbd, "e1@1")
+    let e = Client::connect_unix(&v.nbd, &e1)
         .err()
-        .expect("old token refused after restart");
-    assert!(e.to_string().contains("stale"), "{e}");
+        .expect("old credential refused after restart");
+    assert!(e.to_string().contains("not authorised"), "{e}");
     let (ok, out) = qemu_io(
-        &format!("nbd+unix:///e1@2?socket={}", v.nbd.display()),
+        &format!("nbd+unix:///{e2}?socket={}", v.nbd.display()),
         &["read -P 0x5a 0 4k"],
     );
     assert!(ok, "{out}");

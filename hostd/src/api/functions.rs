@@ -40,7 +40,11 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateFunction = parse(&body)?;
     let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
     let input = SpecInput {
-        file_system: super::shapes::file_system(req.file_system_configs)?,
+        file_system: super::shapes::file_system(
+            req.file_system_configs,
+            &d.cfg.region,
+            &d.cfg.account,
+        )?,
         ephemeral_mib: req.ephemeral_storage.map(|e| e.size),
         runtime: req.runtime,
         handler: req.handler,
@@ -49,6 +53,11 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
         environment: req.environment.and_then(|e| e.variables),
         description: req.description,
     };
+    // The volume must be this account's (the volume service says whose).
+    if let (Some(fs), Some(vs)) = (&input.file_system, &d.cfg.volumes) {
+        crate::volume::validate(fs)?;
+        vs.size(&fs.volume).await?;
+    }
     let name = req.function_name;
     let d2 = d.clone();
     // Unzipping and mkfs take a moment: off the async threads.

@@ -56,9 +56,15 @@ pub fn volume_arn(d: &Daemon, volume: &str) -> String {
     )
 }
 
-/// The file system of CreateFunction's `FileSystemConfigs`.
+/// The file system of CreateFunction's `FileSystemConfigs`, for a
+/// function of `account` in `region` (this host's): the ARN's region and
+/// account must be those, or empty (meaning those); a volume of another
+/// account is refused here, and the volume service refuses it again when
+/// it is attached (hostd names its account there).
 pub fn file_system(
     configs: Option<Vec<FileSystemConfig>>,
+    region: &str,
+    account: &str,
 ) -> Result<Option<crate::model::FileSystem>, crate::error::ApiError> {
     let configs = configs.unwrap_or_default();
     if configs.len() > 1 {
@@ -69,17 +75,33 @@ pub fn file_system(
     let Some(c) = configs.into_iter().next() else {
         return Ok(None);
     };
-    let volume = c
+    let (arn_region, arn_account, volume) = c
         .arn
         .strip_prefix("arn:aws:ember:")
         .and_then(|r| r.split_once(":volume/"))
-        .map(|(_, v)| v.to_string())
+        .and_then(|(ra, v)| ra.split_once(':').map(|(r, a)| (r, a, v.to_string())))
         .ok_or_else(|| {
             crate::error::ApiError::invalid(format!(
                 "FileSystemConfigs: {:?} is not an Ember volume ARN (arn:aws:ember:REGION:ACCOUNT:volume/NAME)",
                 c.arn
             ))
         })?;
+    if !arn_account.is_empty() && arn_account != account {
+        return Err(crate::error::ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "AccessDeniedException",
+            format!(
+                "FileSystemConfigs: {:?} is a volume of account {arn_account:?}; a function of account {account} may only mount its own account's volumes",
+                c.arn
+            ),
+        ));
+    }
+    if !arn_region.is_empty() && arn_region != region {
+        return Err(crate::error::ApiError::invalid(format!(
+            "FileSystemConfigs: {:?} is a volume of region {arn_region:?}, not this host's ({region})",
+            c.arn
+        )));
+    }
     Ok(Some(crate::model::FileSystem {
         volume,
         mount_path: c.local_mount_path,
@@ -195,5 +217,60 @@ pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration 
         function_version: a.function_version.clone(),
         description: a.description.clone(),
         revision_id: a.revision_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod volume_arn_tests {
+    use super::*;
+
+    fn parse(arn: &str) -> Result<Option<crate::model::FileSystem>, crate::error::ApiError> {
+        file_system(
+            Some(vec![FileSystemConfig {
+                arn: arn.into(),
+                local_mount_path: "/mnt/data".into(),
+            }]),
+            "us-east-1",
+            "111122223333",
+        )
+    }
+
+    #[test]
+    fn volume_arns_of_another_account_are_refused() {
+        let fs = parse("arn:aws:ember:us-east-1:111122223333:volume/data")
+            .unwrap()
+            .unwrap();
+        assert_eq!(fs.volume, "data");
+        // The CLI's form: this host's region and account.
+        assert_eq!(
+            parse("arn:aws:ember:::volume/data")
+                .unwrap()
+                .unwrap()
+                .volume,
+            "data"
+        );
+        let mut refused = 0;
+        let tries = [
+            "arn:aws:ember:us-east-1:999988887777:volume/data",
+            "arn:aws:ember::999988887777:volume/data",
+            "arn:aws:ember:us-east-1:11112222333:volume/data",
+            "arn:aws:ember:us-east-1:111122223333 :volume/data",
+            "arn:aws:ember:eu-west-1:111122223333:volume/data",
+            "arn:aws:ember:us-east-1:volume/data",
+            "arn:aws:ember:us-east-1:111122223333:999988887777:volume/data",
+        ];
+        for arn in tries {
+            match parse(arn) {
+                Err(e) => {
+                    assert!(e.status.is_client_error(), "{arn}: {e:?}");
+                    refused += 1;
+                }
+                Ok(fs) => panic!("{arn} accepted: {fs:?}"),
+            }
+        }
+        assert_eq!(refused, tries.len());
+        let e = parse("arn:aws:ember:us-east-1:999988887777:volume/data").unwrap_err();
+        assert_eq!(e.status.as_u16(), 403);
+        assert!(e.message.contains("account"), "{}", e.message);
     }
 }

@@ -24,6 +24,9 @@ type D = State<Arc<Daemon>>;
 pub struct VolumeService {
     pub socket: std::path::PathBuf,
     pub host_id: String,
+    /// This host's account: named when it attaches or moves a volume, so
+    /// the volume service refuses a volume of another account.
+    pub account: String,
 }
 
 #[derive(Deserialize)]
@@ -76,7 +79,7 @@ pub async fn attach(State(d): D, Path(name): Path<String>) -> Result<Response, A
     forward(
         vs,
         &format!("/v1/volumes/{name}/attach"),
-        json!({"Host": vs.host_id}),
+        json!({"Host": vs.host_id, "Account": vs.account}),
     )
     .await
 }
@@ -101,7 +104,7 @@ pub async fn move_to(
     forward(
         vs,
         &format!("/v1/volumes/{name}/move"),
-        json!({"Host": m.host}),
+        json!({"Host": m.host, "Account": vs.account}),
     )
     .await
 }

@@ -307,6 +307,7 @@ async fn run(mut args: Args) {
             .map(|socket| ember_hostd::api::volumes::VolumeService {
                 socket,
                 host_id: host_id.clone(),
+                account: args.account.clone(),
             });
     // The TCP API's token, shared by the hosts of a cluster: peers check
     // it, and this host sends it to them (migrations).

@@ -304,9 +304,8 @@ pub async fn switch_over(d: &Arc<Daemon>, id: &str) -> Result<SwitchOverAnswer, 
         .as_ref()
         .ok_or_else(|| ApiError::conflict("this host has no volume service"))?;
     let grant = vs.attach(&volume).await?;
-    let target = grant.target()?;
     let sock = inst
-        .start_nbd_path(target)
+        .start_nbd_path(&grant)
         .map_err(|e| ApiError::service(format!("the volume's NBD path: {e}")))?;
     Ok(SwitchOverAnswer {
         volume_uri: grant.uri_via(&sock),

@@ -469,7 +469,9 @@ async fn volume_back(d: &Daemon, inst: &Instance, volume: Option<&str>) -> Resul
         .move_to(volume, &vs.host_id)
         .await
         .map_err(|e| e.message)?;
-    inst.reopen_nbd(crate::volume::DRIVE_ID, &g.uri_via(&inst.nbd_socket()))
+    // The jail's NBD path opens the new grant from now on.
+    let sock = inst.start_nbd_path(&g).map_err(|e| e.to_string())?;
+    inst.reopen_nbd(crate::volume::DRIVE_ID, &g.uri_via(&sock))
         .await
         .map_err(|e| e.to_string())
 }

@@ -114,6 +114,9 @@ pub struct Instance {
     pub physical_address: Option<std::net::Ipv4Addr>,
     /// Tasks serving it (the NBD path to its volume), ended with it.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The one volume export its NBD path opens (once that path exists).
+    nbd_pin: crate::volume::SharedPin,
+    nbd_listening: std::sync::atomic::AtomicBool,
     /// Its own disks (`/tmp`), removed with it unless taken.
     disk_dir: Mutex<Option<PathBuf>>,
 }
@@ -392,6 +395,8 @@ impl Instance {
             net: Mutex::new(None),
             physical_address: None,
             tasks: Mutex::new(Vec::new()),
+            nbd_pin: Default::default(),
+            nbd_listening: Default::default(),
             disk_dir: Mutex::new(None),
         };
         let api = inst.api();
@@ -627,10 +632,7 @@ impl Instance {
                                   "path_on_host": d.join(crate::ephemeral::FILE)}));
         }
         if let Some(g) = volume {
-            let started = g
-                .target()
-                .map_err(|e| InstanceError::Spawn(e.message))
-                .and_then(|t| inst.start_nbd_path(t).map_err(InstanceError::from));
+            let started = inst.start_nbd_path(g);
             match started {
                 Ok(sock) => {
                     overrides.push(json!({"drive_id": crate::volume::DRIVE_ID,
@@ -681,7 +683,7 @@ impl Instance {
         mem_mib: u32,
         vcpus: u32,
         net: Option<&NetRequest>,
-        volume: Option<crate::volume::NbdTarget>,
+        volume: Option<&crate::volume::Grant>,
         fill_tmp_from: Option<crate::volume::NbdTarget>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
@@ -715,10 +717,10 @@ impl Instance {
                 {"drive_id": "code", "path_on_host": files.code},
             ]);
         }
-        if let Some(t) = volume {
-            if let Err(e) = inst.start_nbd_path(t) {
+        if let Some(g) = volume {
+            if let Err(e) = inst.start_nbd_path(g) {
                 inst.destroy().await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         if let (Some(t), Some(dir)) = (fill_tmp_from, &disk_dir) {
@@ -751,9 +753,29 @@ impl Instance {
     }
 
     /// Listens in the jail for the VMM's NBD connections to a volume and
-    /// joins each to `target`; answers the socket's path as the VMM sees it.
-    pub fn start_nbd_path(&self, target: crate::volume::NbdTarget) -> std::io::Result<PathBuf> {
-        self.start_forwarder(vm_paths::NBD, target)
+    /// joins each to the export `grant` names, whatever export the VMM
+    /// asks for ([`crate::volume::forward_pinned`]); answers the socket's
+    /// path as the VMM sees it. Called again with a new grant (the same
+    /// volume granted again), later connections open the new one.
+    pub fn start_nbd_path(&self, grant: &crate::volume::Grant) -> Result<PathBuf, InstanceError> {
+        use std::sync::atomic::Ordering;
+        let pin = grant.pin().map_err(|e| InstanceError::Spawn(e.message))?;
+        *self.nbd_pin.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin);
+        if !self.nbd_listening.swap(true, Ordering::SeqCst) {
+            let l = match self.listen_for_vmm(vm_paths::NBD) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.nbd_listening.store(false, Ordering::SeqCst);
+                    return Err(e.into());
+                }
+            };
+            let task = tokio::spawn(crate::volume::forward_pinned(l, self.nbd_pin.clone()));
+            self.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+        }
+        Ok(self.vm(vm_paths::NBD))
     }
 
     /// Listens at `vm_path` in the jail and joins each connection to `target`.

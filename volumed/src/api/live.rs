@@ -161,7 +161,7 @@ pub async fn move_to_server(
         &target,
         "POST",
         "/v1/volumes",
-        Some(json!({"Name": name, "SizeBytes": rec.size_bytes})),
+        Some(json!({"Name": name, "SizeBytes": rec.size_bytes, "Account": rec.account})),
     )
     .await?;
     let copier = match target_call(
@@ -281,7 +281,7 @@ pub async fn move_to_server(
                     "{}; the volume stays on this service{}",
                     e.2,
                     grant
-                        .map(|g| format!(", attached again as {}", g.export_name))
+                        .map(|g| format!(", attached again to {}", g.host))
                         .unwrap_or_default()
                 ),
             ))
@@ -297,6 +297,7 @@ async fn copy_into_new(
     s: &Arc<Service>,
     new_name: String,
     size: u64,
+    account: Option<String>,
     parts: Vec<Part>,
 ) -> Result<Value, ApiError> {
     let reg = s.registry.clone();
@@ -323,12 +324,12 @@ async fn copy_into_new(
             Ok((c, size))
         })();
         let rec = made.and_then(|(c, size)| {
-            let rec = reg.adopt(&new_name, size, &tmp)?;
+            let rec = reg.adopt(&new_name, size, account.as_deref(), &tmp)?;
             Ok((c, rec))
         });
         match rec {
             Ok((c, rec)) => Ok(json!({
-                "Volume": rec,
+                "Volume": rec.public(),
                 "Rounds": c.rounds,
                 "BytesCopied": c.bytes,
             })),
@@ -378,7 +379,7 @@ pub async fn split(
         len: i.length,
         dst: 0,
     };
-    let out = copy_into_new(&s, i.new_name, i.length, vec![part]).await?;
+    let out = copy_into_new(&s, i.new_name, i.length, rec.account, vec![part]).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -390,8 +391,16 @@ pub async fn combine(State(s): S, body: Bytes) -> Result<(StatusCode, Json<Value
     }
     let mut parts = Vec::new();
     let mut size = 0u64;
-    for name in &i.sources {
+    let mut account = None;
+    for (n, name) in i.sources.iter().enumerate() {
         let rec = s.registry.get(name)?;
+        if n == 0 {
+            account = rec.account.clone();
+        } else if rec.account != account {
+            return Err(invalid(
+                "Sources: every volume must belong to the same account".into(),
+            ));
+        }
         if let Some(t) = rec.moved_to {
             return Err(RegistryError::Moved {
                 name: name.clone(),
@@ -412,6 +421,6 @@ pub async fn combine(State(s): S, body: Bytes) -> Result<(StatusCode, Json<Value
             "the combined size {size} is over the largest volume ({MAX_SIZE} bytes)"
         )));
     }
-    let out = copy_into_new(&s, i.new_name, size, parts).await?;
+    let out = copy_into_new(&s, i.new_name, size, account, parts).await?;
     Ok((StatusCode::CREATED, Json(out)))
 }

@@ -44,15 +44,17 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let (status, kind) = match &e {
             RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
-            RegistryError::Exists(_) | RegistryError::Attached { .. } => {
+            RegistryError::Exists(_) | RegistryError::Attached { .. } | RegistryError::Owned(_) => {
                 (StatusCode::CONFLICT, "Conflict")
             }
-            RegistryError::Fenced { .. }
-            | RegistryError::NotAttached(_)
-            | RegistryError::Moved { .. } => (StatusCode::CONFLICT, "Conflict"),
-            RegistryError::Name(_) | RegistryError::Size(_) | RegistryError::Shrink { .. } => {
-                (StatusCode::BAD_REQUEST, "InvalidParameter")
+            RegistryError::NotAuthorised => (StatusCode::FORBIDDEN, "NotAuthorised"),
+            RegistryError::NotAttached(_) | RegistryError::Moved { .. } => {
+                (StatusCode::CONFLICT, "Conflict")
             }
+            RegistryError::Name(_)
+            | RegistryError::Size(_)
+            | RegistryError::Shrink { .. }
+            | RegistryError::Account(_) => (StatusCode::BAD_REQUEST, "InvalidParameter"),
             RegistryError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "StorageError"),
         };
         ApiError(status, kind.into(), e.to_string())
@@ -108,6 +110,9 @@ pub fn router(svc: Arc<Service>) -> Router {
 struct CreateInput {
     name: String,
     size_bytes: u64,
+    /// The owner: only hosts that name this account may attach it.
+    #[serde(default)]
+    account: Option<String>,
     /// `"ext4"`: the new volume holds an empty ext4 filesystem (for a
     /// function's `FileSystemConfigs`), made with the host's `mkfs.ext4`.
     #[serde(default)]
@@ -117,22 +122,34 @@ struct CreateInput {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 struct ResizeInput {
-    size_bytes: u64,
+    /// Grow to this.
+    #[serde(default)]
+    size_bytes: Option<u64>,
+    /// Give a volume of no account an owner (a volume made before owners
+    /// existed); an owner is never changed.
+    #[serde(default)]
+    account: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 struct HostInput {
     host: String,
+    /// The account the host acts for: the volume must be that account's.
+    #[serde(default)]
+    account: Option<String>,
 }
 
-/// An attachment as clients use it: the token and the URIs to open.
+/// An attachment as clients use it: the export name (with the
+/// credential) and the URIs to open (with it too). Only the grantee sees
+/// it: attach and move answer it, nothing else does.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Grant {
     pub volume: String,
     pub host: String,
     pub generation: u64,
+    /// `<volume>@<credential>`.
     pub export_name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
@@ -159,7 +176,7 @@ impl Service {
     }
 
     pub(crate) fn grant(&self, volume: &str, a: Attachment) -> Grant {
-        let export = export_name(volume, a.generation);
+        let export = export_name(volume, &a.credential);
         Grant {
             volume: volume.into(),
             host: a.host,
@@ -172,14 +189,15 @@ impl Service {
             vhost_user_socket: self
                 .vhost_user
                 .as_ref()
-                .map(|v| v.socket_path(volume, a.generation).display().to_string()),
+                .map(|v| v.socket_path(&a.credential).display().to_string()),
             export_name: export,
         }
     }
 }
 
 async fn list(State(s): S) -> Json<serde_json::Value> {
-    Json(json!({"Volumes": s.registry.list()}))
+    let v: Vec<VolumeRecord> = s.registry.list().into_iter().map(|r| r.public()).collect();
+    Json(json!({"Volumes": v}))
 }
 
 async fn create(State(s): S, body: Bytes) -> Result<(StatusCode, Json<VolumeRecord>), ApiError> {
@@ -194,7 +212,9 @@ async fn create(State(s): S, body: Bytes) -> Result<(StatusCode, Json<VolumeReco
             ))
         }
     }
-    let rec = s.registry.create(&i.name, i.size_bytes)?;
+    let rec = s
+        .registry
+        .create(&i.name, i.size_bytes, i.account.as_deref())?;
     if i.filesystem.is_some() {
         let image = s.registry.image_path(&i.name);
         let made = tokio::task::spawn_blocking(move || make_ext4(&image))
@@ -209,7 +229,7 @@ async fn create(State(s): S, body: Bytes) -> Result<(StatusCode, Json<VolumeReco
             ));
         }
     }
-    Ok((StatusCode::CREATED, Json(rec)))
+    Ok((StatusCode::CREATED, Json(rec.public())))
 }
 
 /// An empty ext4 filesystem on `image` (journal on, no reserved blocks,
@@ -235,7 +255,7 @@ fn make_ext4(image: &std::path::Path) -> Result<(), String> {
 }
 
 async fn get_one(State(s): S, Path(name): Path<String>) -> Result<Json<VolumeRecord>, ApiError> {
-    Ok(Json(s.registry.get(&name)?))
+    Ok(Json(s.registry.get(&name)?.public()))
 }
 
 async fn delete(State(s): S, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
@@ -250,7 +270,21 @@ async fn resize(
     body: Bytes,
 ) -> Result<Json<VolumeRecord>, ApiError> {
     let i: ResizeInput = parse(&body)?;
-    Ok(Json(s.registry.resize(&name, i.size_bytes)?))
+    if i.size_bytes.is_none() && i.account.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            "want SizeBytes or Account",
+        ));
+    }
+    if let Some(a) = &i.account {
+        s.registry.set_account(&name, a)?;
+    }
+    let rec = match i.size_bytes {
+        Some(size) => s.registry.resize(&name, size)?,
+        None => s.registry.get(&name)?,
+    };
+    Ok(Json(rec.public()))
 }
 
 async fn attach(
@@ -259,7 +293,7 @@ async fn attach(
     body: Bytes,
 ) -> Result<Json<Grant>, ApiError> {
     let i: HostInput = parse(&body)?;
-    let a = s.registry.attach(&name, &i.host)?;
+    let a = s.registry.attach(&name, &i.host, i.account.as_deref())?;
     s.sync(&name)?;
     Ok(Json(s.grant(&name, a)))
 }
@@ -270,7 +304,7 @@ async fn move_to(
     body: Bytes,
 ) -> Result<Json<Grant>, ApiError> {
     let i: HostInput = parse(&body)?;
-    let a = s.registry.move_to(&name, &i.host)?;
+    let a = s.registry.move_to(&name, &i.host, i.account.as_deref())?;
     s.sync(&name)?;
     Ok(Json(s.grant(&name, a)))
 }

@@ -1,5 +1,5 @@
 //! `ember-volumed`: Ember's volume service. Serves volumes over NBD
-//! (`nbd://HOST:PORT/<volume>@<token>`, or a unix socket) and takes its
+//! (`nbd://HOST:PORT/<volume>@<credential>`, or a unix socket) and takes its
 //! HTTP API on a unix socket; with `--vhost-user-dir`, also as vhost-user-blk
 //! on a socket per attachment.
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use ember_volumed::api::{router, Service};
-use ember_volumed::nbd::Exports;
+use ember_volumed::nbd::{Exports, Limits, Timeouts};
 use ember_volumed::registry::Registry;
 use ember_volumed::store::KvStore;
 use ember_volumed::vhost_user::VhostUserServer;
@@ -39,9 +39,28 @@ struct Args {
     /// NBD on a unix socket.
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
-    /// Serve each attachment as vhost-user-blk on `DIR/<volume>@<generation>.sock`.
+    /// Serve each attachment as vhost-user-blk on a socket in DIR whose
+    /// name derives from the attachment's credential (DIR is made 0711:
+    /// only who was told the name can connect).
     #[arg(long, value_name = "DIR")]
     vhost_user_dir: Option<PathBuf>,
+    /// Open NBD connections at most, per listener.
+    #[arg(long, default_value_t = 1024)]
+    nbd_max_connections: usize,
+    /// Open NBD connections at most per client (a TCP peer's address, a
+    /// unix socket peer's uid), per listener.
+    #[arg(long, default_value_t = 256)]
+    nbd_max_connections_per_client: usize,
+    /// A connection must finish the NBD handshake within this (ms).
+    #[arg(long, default_value_t = 10_000)]
+    nbd_handshake_timeout_ms: u64,
+    /// A request's payload must arrive, and an answer be taken, within this (ms).
+    #[arg(long, default_value_t = 60_000)]
+    nbd_io_timeout_ms: u64,
+    /// A connection without a request for this long is closed (ms; 0:
+    /// never, the default, since a VMM's drive may be idle for hours).
+    #[arg(long, default_value_t = 0)]
+    nbd_idle_timeout_ms: u64,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -63,6 +82,30 @@ fn main() {
             "give --nbd-listen ADDR, --nbd-socket PATH or --vhost-user-dir DIR (or several)".into(),
         );
     }
+    let ms = |name: &str, v: u64| {
+        if v == 0 {
+            fail(format!("--{name} must be more than 0"));
+        }
+        std::time::Duration::from_millis(v)
+    };
+    if args.nbd_max_connections == 0 || args.nbd_max_connections_per_client == 0 {
+        fail(
+            "--nbd-max-connections and --nbd-max-connections-per-client must be more than 0".into(),
+        );
+    }
+    let limits = Limits {
+        total: args.nbd_max_connections,
+        per_client: args.nbd_max_connections_per_client,
+        timeouts: Timeouts {
+            handshake: ms("nbd-handshake-timeout-ms", args.nbd_handshake_timeout_ms),
+            io: ms("nbd-io-timeout-ms", args.nbd_io_timeout_ms),
+            idle: (args.nbd_idle_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(args.nbd_idle_timeout_ms)),
+        },
+    };
+    // Private before the store writes its first file there.
+    ember_volumed::registry::private_dir(&args.data_dir)
+        .unwrap_or_else(|e| fail(format!("{}: {e}", args.data_dir.display())));
     let store = KvStore::open(
         &args.etcd_endpoints,
         &args.data_dir.join("store"),
@@ -75,14 +118,16 @@ fn main() {
         let l = std::net::TcpListener::bind(addr)
             .unwrap_or_else(|e| fail(format!("NBD listen {addr}: {e}")));
         let reg = registry.clone();
-        std::thread::spawn(move || ember_volumed::nbd::serve_tcp(l, Exports::Volumes(reg)));
+        std::thread::spawn(move || ember_volumed::nbd::serve_tcp(l, Exports::Volumes(reg), limits));
     }
     if let Some(p) = &args.nbd_socket {
         let _ = std::fs::remove_file(p);
         let l = std::os::unix::net::UnixListener::bind(p)
             .unwrap_or_else(|e| fail(format!("NBD socket {}: {e}", p.display())));
         let reg = registry.clone();
-        std::thread::spawn(move || ember_volumed::nbd::serve_unix(l, Exports::Volumes(reg)));
+        std::thread::spawn(move || {
+            ember_volumed::nbd::serve_unix(l, Exports::Volumes(reg), limits)
+        });
     }
     let vhost_user = args.vhost_user_dir.as_ref().map(|d| {
         VhostUserServer::start(d, registry.clone())

@@ -1,18 +1,28 @@
 //! One NBD connection: the fixed newstyle handshake (`NBD_OPT_GO`,
 //! `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`), then requests answered with
-//! simple replies. A volume's export name is `<volume>@<generation>`: the
-//! attachment's fencing token, checked at the handshake and before every
-//! request, so a host whose attachment moved away is refused, never served.
+//! simple replies. A volume's export name is `<volume>@<credential>`: the
+//! attachment's secret, checked at the handshake and before every request,
+//! so a host whose attachment moved away is refused, never served. Every
+//! refusal of a volume says only "not authorised", and neither a refusal
+//! nor the log ever shows a credential (given or current).
 //! A file export (`ember-export`) serves one file read-only, unfenced.
+//!
+//! Every read has a deadline: the whole handshake must be done within
+//! [`Timeouts::handshake`], a request's payload within [`Timeouts::io`]
+//! of its header, and (if set) the next request must start within
+//! [`Timeouts::idle`]. Writes time out after [`Timeouts::io`].
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::proto::*;
 use crate::image;
-use crate::registry::{parse_export_name, Registry, RegistryError};
+use crate::registry::{parse_export_name, Registry};
 
 /// What a server hands out.
 #[derive(Clone)]
@@ -31,11 +41,104 @@ pub struct FileExport {
     pub size: u64,
 }
 
-/// The export a connection opened: a volume with its token, or a file.
+/// The one answer to a volume export that is not opened, whatever the
+/// reason (unknown volume, wrong or stale credential, malformed name).
+pub const NOT_AUTHORISED: &str = "not authorised";
+
+/// A connection's time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From the connection's start to the end of the handshake.
+    pub handshake: Duration,
+    /// The wait for a request's payload after its header, and for each
+    /// write of an answer.
+    pub io: Duration,
+    /// The wait for the next request; `None`: as long as the client likes
+    /// (a VMM's drive may be idle for hours).
+    pub idle: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            io: Duration::from_secs(60),
+            idle: None,
+        }
+    }
+}
+
+/// What a connection's reads and writes are bounded with.
+pub trait SetTimeouts {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl SetTimeouts for std::net::TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, t)
+    }
+}
+
+impl SetTimeouts for std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_write_timeout(self, t)
+    }
+}
+
+/// A reader whose every read ends by a deadline shared with the
+/// connection's loop (`None`: no deadline).
+struct Deadlined<R> {
+    inner: R,
+    deadline: Rc<Cell<Option<Instant>>>,
+    /// Whether the socket has no read timeout now (so waiting without a
+    /// deadline needs no system call to say so again).
+    unbounded: bool,
+}
+
+impl<R: Read + SetTimeouts> Read for Deadlined<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = match self.deadline.get() {
+            None => None,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+                }
+                Some(left)
+            }
+        };
+        if left.is_some() || !self.unbounded {
+            self.inner.set_read_timeout(left)?;
+            self.unbounded = left.is_none();
+        }
+        match self.inner.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+            }
+            r => r,
+        }
+    }
+}
+
+/// The volume part of an export name, for the log (never the credential).
+fn volume_part(export: &str) -> String {
+    let v = export.split('@').next().unwrap_or_default();
+    let v: String = v.chars().take(64).collect();
+    format!("{v:?}")
+}
+
+/// The export a connection opened: a volume with its credential, or a file.
 struct Opened {
     name: String,
     /// `None` for a file export (unfenced, read-only).
-    token: Option<u64>,
+    token: Option<String>,
     file: File,
     size: u64,
 }
@@ -52,21 +155,45 @@ impl Opened {
 const VOLUME_FLAGS: u16 =
     TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
 
-/// Serves one client until it disconnects (or breaks the protocol).
-/// `r` and `w` are the two halves of one connection.
-pub fn serve(r: impl Read, w: impl Write, exports: &Exports, peer: &str) -> io::Result<()> {
-    let mut r = BufReader::new(r);
+/// Serves one client until it disconnects (or breaks the protocol, or
+/// misses a deadline). `r` and `w` are the two halves of one connection.
+pub fn serve<R: Read + SetTimeouts, W: Write + SetTimeouts>(
+    r: R,
+    w: W,
+    exports: &Exports,
+    peer: &str,
+    timeouts: Timeouts,
+) -> io::Result<()> {
+    w.set_write_timeout(Some(timeouts.io.min(timeouts.handshake)))?;
+    let deadline = Rc::new(Cell::new(Some(Instant::now() + timeouts.handshake)));
+    let mut r = BufReader::new(Deadlined {
+        inner: r,
+        deadline: deadline.clone(),
+        unbounded: false,
+    });
     let mut w = BufWriter::new(w);
-    let Some(opened) = handshake(&mut r, &mut w, exports)? else {
+    let Some(opened) = handshake(&mut r, &mut w, exports, peer)? else {
         return Ok(());
     };
+    w.get_ref().set_write_timeout(Some(timeouts.io))?;
     log::info!(
-        "nbd {peer}: serving {}@{} ({} bytes)",
+        "nbd {peer}: serving {} ({}, {} bytes)",
         opened.name,
-        opened.token.map_or("file".to_string(), |t| t.to_string()),
+        if opened.token.is_some() {
+            "volume"
+        } else {
+            "file"
+        },
         opened.size
     );
-    transmission(&mut r, &mut w, exports, opened)
+    let phase = |header: bool| {
+        deadline.set(if header {
+            timeouts.idle.map(|t| Instant::now() + t)
+        } else {
+            Some(Instant::now() + timeouts.io)
+        })
+    };
+    transmission(&mut r, &mut w, exports, opened, &phase)
 }
 
 fn open_export(exports: &Exports, export: &str) -> Result<Opened, (u32, String)> {
@@ -88,21 +215,20 @@ fn open_export(exports: &Exports, export: &str) -> Result<Opened, (u32, String)>
             });
         }
     };
-    let Some((name, token)) = parse_export_name(export) else {
-        return Err((
+    // Every refusal is the same answer.
+    let refused = || (REP_ERR_POLICY, NOT_AUTHORISED.to_string());
+    let (name, token) = parse_export_name(export).ok_or_else(refused)?;
+    let rec = reg.check(name, token).map_err(|_| refused())?;
+    let file = image::open(reg, name).map_err(|e| {
+        log::warn!("nbd: volume {name}: {e}");
+        (
             REP_ERR_UNKNOWN,
-            format!("export {export:?}: want <volume>@<fencing token>"),
-        ));
-    };
-    let rec = reg.check(name, token).map_err(|e| match e {
-        RegistryError::NotFound(_) => (REP_ERR_UNKNOWN, e.to_string()),
-        _ => (REP_ERR_POLICY, e.to_string()),
+            format!("volume {name}: cannot open its image"),
+        )
     })?;
-    let file =
-        image::open(reg, name).map_err(|e| (REP_ERR_UNKNOWN, format!("volume {name}: {e}")))?;
     Ok(Opened {
         name: name.to_string(),
-        token: Some(token),
+        token: Some(token.to_string()),
         file,
         size: rec.size_bytes,
     })
@@ -113,6 +239,7 @@ fn handshake(
     r: &mut impl Read,
     w: &mut impl Write,
     exports: &Exports,
+    peer: &str,
 ) -> io::Result<Option<Opened>> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
@@ -141,7 +268,7 @@ fn handshake(
                 let opened = match open_export(exports, &export) {
                     Ok(o) => o,
                     Err((_, msg)) => {
-                        log::warn!("nbd: refused {export:?}: {msg}");
+                        log::warn!("nbd {peer}: refused {}: {msg}", volume_part(&export));
                         return Ok(None);
                     }
                 };
@@ -172,7 +299,7 @@ fn handshake(
                         }
                     }
                     Err((code, msg)) => {
-                        log::warn!("nbd: refused {export:?}: {msg}");
+                        log::warn!("nbd {peer}: refused {}: {msg}", volume_part(&export));
                         write_option_error(w, option, code, &msg)?;
                         w.flush()?;
                     }
@@ -222,19 +349,25 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
+/// `phase(true)` before waiting for a request's header, `phase(false)`
+/// once it is read (its payload then has a deadline).
 fn transmission(
     r: &mut impl Read,
     w: &mut impl Write,
     exports: &Exports,
     o: Opened,
+    phase: &dyn Fn(bool),
 ) -> io::Result<()> {
-    let (reg, token) = match (exports, o.token) {
-        (Exports::Volumes(reg), Some(token)) => (reg, token),
-        _ => return transmission_read_only(r, w, &o),
+    let (reg, token) = match (exports, &o.token) {
+        (Exports::Volumes(reg), Some(token)) => (reg, token.clone()),
+        _ => return transmission_read_only(r, w, &o, phase),
     };
     let mut buf = Vec::new();
     loop {
-        let req = match Request::read(r) {
+        phase(true);
+        let req = Request::read(r);
+        phase(false);
+        let req = match req {
             Ok(q) => q,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -253,7 +386,7 @@ fn transmission(
         // Shared gate from the check until the effect is on the image: a
         // fence waits for this request, or this request sees the fence.
         let gate = reg.gate_shared();
-        let error = match reg.check(&o.name, token) {
+        let error = match reg.check(&o.name, &token) {
             Err(e) => {
                 if reg.get(&o.name).is_ok_and(|r| r.disconnect_fenced) {
                     // Nothing applied, nothing answered: the client sends
@@ -280,10 +413,18 @@ fn transmission(
 
 /// A file export's requests: reads and flushes; writes are refused with
 /// EPERM, as the protocol asks of a read-only export.
-fn transmission_read_only(r: &mut impl Read, w: &mut impl Write, o: &Opened) -> io::Result<()> {
+fn transmission_read_only(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    o: &Opened,
+    phase: &dyn Fn(bool),
+) -> io::Result<()> {
     let mut buf = Vec::new();
     loop {
-        let req = match Request::read(r) {
+        phase(true);
+        let req = Request::read(r);
+        phase(false);
+        let req = match req {
             Ok(q) => q,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),

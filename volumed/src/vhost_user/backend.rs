@@ -31,13 +31,14 @@ const QUEUE_SIZE: usize = 1024;
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (and padding).
 pub const CONFIG_LEN: usize = 60;
 
-/// One connection's device: the volume it opened, with the token it was
-/// opened under.
+/// One connection's device: the volume it opened, with the credential it
+/// was opened under.
 pub struct BlkBackend {
     reg: Arc<Registry>,
     name: String,
-    token: u64,
-    /// `<volume>@<token>`, also the GET_ID answer.
+    token: String,
+    /// The volume's name, also the GET_ID answer (never the credential:
+    /// the guest reads it as the disk's serial).
     id: String,
     file: File,
     /// Bytes; read again when the frontend reads the config space, so a
@@ -48,19 +49,19 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    /// Opens the volume if `token` is its current attachment.
+    /// Opens the volume if `token` is its current attachment's credential.
     pub fn open(
         reg: Arc<Registry>,
         name: &str,
-        token: u64,
+        token: &str,
         mem: Mem,
     ) -> Result<BlkBackend, RegistryError> {
         let rec = reg.check(name, token)?;
         let file = image::open(&reg, name).map_err(|e| RegistryError::Io(e.to_string()))?;
         Ok(BlkBackend {
-            id: crate::registry::export_name(name, token),
+            id: name.to_string(),
             name: name.into(),
-            token,
+            token: token.to_string(),
             file,
             size: AtomicU64::new(rec.size_bytes),
             reg,
@@ -71,7 +72,7 @@ impl BlkBackend {
 
     /// Whether the token is still the volume's attachment.
     pub fn allowed(&self) -> bool {
-        match self.reg.check(&self.name, self.token) {
+        match self.reg.check(&self.name, &self.token) {
             Ok(_) => true,
             Err(e) => {
                 log::warn!("vhost-user {}: request refused: {e}", self.id);

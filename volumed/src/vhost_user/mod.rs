@@ -1,6 +1,9 @@
 //! Volumes served as vhost-user-blk to VMMs on the same host. Each
-//! attachment gets its own socket, `<dir>/<volume>@<generation>.sock`,
-//! while it is the volume's current one: a move or detach closes it (new
+//! attachment gets its own socket, `<dir>/<name>.sock`, while it is the
+//! volume's current one. vhost-user has no place for a credential, so the
+//! socket's name is one: 128 bits of a hash of the attachment's credential,
+//! in a directory others may enter but not list (0711), so only the grantee
+//! (told the path in the grant) can connect. The attachment's socket: a move or detach closes it (new
 //! connections are refused), and the connection already open is fenced
 //! request by request (VIRTIO_BLK_S_IOERR, nothing applied), as the NBD
 //! server does. One connection at a time per socket; when it ends, the
@@ -23,18 +26,20 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use backend::{config_space, BlkBackend, CONFIG_LEN};
 
-use crate::registry::{export_name, Registry};
+use sha2::{Digest, Sha256};
+
+use crate::registry::Registry;
 
 /// The attachment sockets of one volume service.
 pub struct VhostUserServer {
     dir: PathBuf,
     reg: Arc<Registry>,
-    /// Per volume: the generation served and its socket's stop flag.
+    /// Per volume: the credential served and its socket's stop flag.
     open: Mutex<HashMap<String, Serving>>,
 }
 
 struct Serving {
-    generation: u64,
+    credential: String,
     path: PathBuf,
     stop: Arc<AtomicBool>,
     wake: UnixListener,
@@ -45,6 +50,10 @@ impl VhostUserServer {
     /// sockets a previous run left there.
     pub fn start(dir: &Path, reg: Arc<Registry>) -> std::io::Result<Arc<VhostUserServer>> {
         std::fs::create_dir_all(dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        }
         for e in std::fs::read_dir(dir)?.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "sock") {
@@ -63,10 +72,14 @@ impl VhostUserServer {
         Ok(s)
     }
 
-    /// Where the attachment `volume@generation` is served.
-    pub fn socket_path(&self, volume: &str, generation: u64) -> PathBuf {
-        self.dir
-            .join(format!("{}.sock", export_name(volume, generation)))
+    /// Where the attachment with `credential` is served.
+    pub fn socket_path(&self, credential: &str) -> PathBuf {
+        let h = Sha256::new()
+            .chain_update(b"ember vhost-user socket\0")
+            .chain_update(credential.as_bytes())
+            .finalize();
+        let name: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{name}.sock"))
     }
 
     /// Makes the sockets follow the registry after a change to `volume`:
@@ -77,22 +90,25 @@ impl VhostUserServer {
             .reg
             .get(volume)
             .ok()
-            .and_then(|r| r.attachment.map(|a| a.generation));
+            .filter(|r| r.moved_to.is_none())
+            .and_then(|r| r.attachment.map(|a| a.credential))
+            .filter(|c| !c.is_empty());
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = open.get(volume) {
-            if Some(s.generation) == want {
+            if Some(&s.credential) == want.as_ref() {
                 return Ok(());
             }
         }
         if let Some(old) = open.remove(volume) {
             old.close();
         }
-        let Some(generation) = want else {
+        let Some(credential) = want else {
             return Ok(());
         };
-        let path = self.socket_path(volume, generation);
+        let path = self.socket_path(&credential);
+        // (The path is a secret: not in errors or the log.)
         let fail = |e: std::io::Error| {
-            let msg = format!("vhost-user socket {}: {e}", path.display());
+            let msg = format!("vhost-user socket for {volume}: {e}");
             log::error!("{msg}");
             msg
         };
@@ -102,21 +118,19 @@ impl VhostUserServer {
         let wake = listener.try_clone().map_err(fail)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (reg, name, flag) = (self.reg.clone(), volume.to_string(), stop.clone());
+        let token = credential.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vu-{volume}"))
-            .spawn(move || serve(Listener::from(listener), reg, &name, generation, &flag));
+            .spawn(move || serve(Listener::from(listener), reg, &name, &token, &flag));
         if let Err(e) = spawned {
             let _ = std::fs::remove_file(&path);
             return Err(fail(e));
         }
-        log::info!(
-            "vhost-user: serving {volume}@{generation} on {}",
-            path.display()
-        );
+        log::info!("vhost-user: serving {volume}");
         open.insert(
             volume.to_string(),
             Serving {
-                generation,
+                credential,
                 path,
                 stop,
                 wake,
@@ -141,8 +155,8 @@ impl Serving {
 
 /// Accepts one client after another on an attachment's socket until the
 /// attachment ends.
-fn serve(mut listener: Listener, reg: Arc<Registry>, name: &str, token: u64, stop: &AtomicBool) {
-    let id = export_name(name, token);
+fn serve(mut listener: Listener, reg: Arc<Registry>, name: &str, token: &str, stop: &AtomicBool) {
+    let id = name.to_string();
     while !stop.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = match BlkBackend::open(reg.clone(), name, token, mem.clone()) {
