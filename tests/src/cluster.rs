@@ -90,6 +90,11 @@ impl ClusterApi {
         self.health().is_some_and(|h| h["Leader"] == true)
     }
 
+    /// The replica's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -249,6 +254,49 @@ pub fn signed_request(url: &str, key: Option<&Key>, method: &str, path: &str, bo
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("reply JSON")
+}
+
+const SIGN_ONLY: &str = r#"
+import json, sys
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+spec = json.loads(sys.argv[1])
+req = AWSRequest(method=spec["method"], url=spec["url"], data=spec["body"].encode(),
+                 headers=spec["headers"])
+SigV4Auth(Credentials(spec["key"], spec["secret"]), "lambda", "us-east-1").add_auth(req)
+print(json.dumps([[k, v] for k, v in req.headers.items()]))
+"#;
+
+/// The headers botocore's SigV4 signer adds to a request (with `headers`
+/// it is given), to send byte for byte with another client.
+pub fn botocore_sign(
+    url: &str,
+    key: &Key,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let hs: serde_json::Map<String, Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect();
+    let spec = json!({
+        "url": format!("{url}{path}"), "method": method, "body": body,
+        "key": key.id, "secret": key.secret, "headers": hs,
+    });
+    let out = Command::new(python())
+        .args(["-c", SIGN_ONLY, &spec.to_string()])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "botocore sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<(String, String)> = serde_json::from_slice(&out.stdout).expect("headers JSON");
+    v
 }
 
 /// `aws lambda ARGS --endpoint-url URL` with `key`: (exit status, stdout, stderr).
