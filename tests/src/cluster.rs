@@ -261,7 +261,7 @@ import json, sys
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-spec = json.loads(sys.argv[1])
+spec = json.load(sys.stdin)
 req = AWSRequest(method=spec["method"], url=spec["url"], data=spec["body"].encode(),
                  headers=spec["headers"])
 SigV4Auth(Credentials(spec["key"], spec["secret"]), "lambda", "us-east-1").add_auth(req)
@@ -286,10 +286,19 @@ pub fn botocore_sign(
         "url": format!("{url}{path}"), "method": method, "body": body,
         "key": key.id, "secret": key.secret, "headers": hs,
     });
-    let out = Command::new(python())
-        .args(["-c", SIGN_ONLY, &spec.to_string()])
-        .output()
+    let mut child = Command::new(python())
+        .args(["-c", SIGN_ONLY])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("python");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(spec.to_string().as_bytes()).expect("spec to python");
+    }
+    let out = child.wait_with_output().expect("python");
     assert!(
         out.status.success(),
         "botocore sign: {}",
