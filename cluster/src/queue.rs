@@ -231,7 +231,7 @@ pub async fn deliver_due(c: &Arc<Cluster>) {
     };
     let now = now_ms();
     // Due events per account, in key order.
-    let mut due: BTreeMap<String, VecDeque<(String, (AsyncInvocation, i64))>> = BTreeMap::new();
+    let mut due: BTreeMap<String, Due<(AsyncInvocation, i64)>> = BTreeMap::new();
     for (key, v) in queued {
         let Ok(inv) = serde_json::from_slice::<AsyncInvocation>(&v.value) else {
             continue;
@@ -259,14 +259,14 @@ pub async fn deliver_due(c: &Arc<Cluster>) {
     }
 }
 
+/// An account's due events: `(queued key, item)`, in key order.
+type Due<T> = VecDeque<(String, T)>;
+
 /// Which of `due` (per account, each `(queued key, item)`) start now,
 /// given the keys `busy` already: round robin across accounts, one of
 /// each in turn, at most [`PARALLEL`] busy in all and
 /// [`PARALLEL_PER_ACCOUNT`] of one account. The chosen go into `busy`.
-fn pick<T>(
-    mut due: BTreeMap<String, VecDeque<(String, T)>>,
-    busy: &mut HashSet<String>,
-) -> Vec<(String, T)> {
+fn pick<T>(mut due: BTreeMap<String, Due<T>>, busy: &mut HashSet<String>) -> Vec<(String, T)> {
     let mut running: HashMap<String, usize> = HashMap::new();
     for k in busy.iter() {
         if let Some(acct) = k
@@ -326,8 +326,9 @@ async fn deliver(c: &Arc<Cluster>, mut inv: AsyncInvocation, version: i64) {
         if inv.status == Status::Queued {
             inv.status = Status::Failed;
             if inv.response.is_none() {
-                inv.response =
-                    Some("the outcome of the last attempt was not recorded; no attempts are left".into());
+                inv.response = Some(
+                    "the outcome of the last attempt was not recorded; no attempts are left".into(),
+                );
             }
         }
         finish(c, inv, version).await;
@@ -381,7 +382,10 @@ async fn deliver(c: &Arc<Cluster>, mut inv: AsyncInvocation, version: i64) {
         // Changed since listed (another leader has it): leave it.
         Ok(None) => return,
         Err(e) => {
-            log::warn!("async {}: cannot count the attempt, not running it: {e}", inv.request_id);
+            log::warn!(
+                "async {}: cannot count the attempt, not running it: {e}",
+                inv.request_id
+            );
             return;
         }
     };
@@ -489,7 +493,7 @@ async fn finish(c: &Arc<Cluster>, mut inv: AsyncInvocation, version: i64) {
 mod tests {
     use super::*;
 
-    fn due(of: &[(&str, usize)]) -> BTreeMap<String, VecDeque<(String, ())>> {
+    fn due(of: &[(&str, usize)]) -> BTreeMap<String, Due<()>> {
         of.iter()
             .map(|(acct, n)| {
                 let list = (0..*n)
@@ -502,7 +506,10 @@ mod tests {
 
     fn of(picked: &[(String, ())], acct: &str) -> usize {
         let prefix = format!("{QUEUED_PREFIX}{acct}/");
-        picked.iter().filter(|(k, _)| k.starts_with(&prefix)).count()
+        picked
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .count()
     }
 
     /// Many events of one account (bad ones, say) take at most their

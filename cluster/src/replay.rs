@@ -39,11 +39,14 @@ pub struct ReplayCache {
     inner: Mutex<Inner>,
 }
 
+/// When an entry goes: (expires, signature, key).
+type Expiry = Reverse<(i64, [u8; 32], Arc<str>)>;
+
 #[derive(Default)]
 struct Inner {
     seen: HashSet<[u8; 32]>,
     /// (expires, signature, key), soonest first.
-    expiry: BinaryHeap<Reverse<(i64, [u8; 32], Arc<str>)>>,
+    expiry: BinaryHeap<Expiry>,
     per_key: HashMap<Arc<str>, usize>,
 }
 
@@ -59,7 +62,11 @@ impl ReplayCache {
 
     /// Signatures held now.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).seen.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -147,7 +154,10 @@ mod tests {
         // Past the window the entry goes (the date refuses it then).
         assert_eq!(c.admit(&sig(2), "k", 3000, 3000), Ok(()));
         assert_eq!(c.len(), 1);
-        assert_eq!(c.admit(&"zz".repeat(32), "k", 3000, 3000), Err(Refusal::Replayed));
+        assert_eq!(
+            c.admit(&"zz".repeat(32), "k", 3000, 3000),
+            Err(Refusal::Replayed)
+        );
     }
 
     #[test]

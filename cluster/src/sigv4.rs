@@ -521,7 +521,14 @@ mod tests {
                 body: b"{}",
             };
             let mut headers = base.clone();
-            headers.extend(sign_request(&req, "AKIDX", SECRET, "us-east-1", "lambda", now));
+            headers.extend(sign_request(
+                &req,
+                "AKIDX",
+                SECRET,
+                "us-east-1",
+                "lambda",
+                now,
+            ));
             let signed = Request {
                 headers: &headers,
                 ..req
@@ -531,7 +538,10 @@ mod tests {
                 Err(AuthError::UnsignedPayload),
                 "{mode}"
             );
-            assert_eq!(AuthError::UnsignedPayload.code(), "InvalidSignatureException");
+            assert_eq!(
+                AuthError::UnsignedPayload.code(),
+                "InvalidSignatureException"
+            );
         }
     }
 
@@ -551,7 +561,14 @@ mod tests {
             body,
         };
         let mut headers = base.clone();
-        headers.extend(sign_request(&req, "AKIDX", SECRET, "us-east-1", "lambda", now));
+        headers.extend(sign_request(
+            &req,
+            "AKIDX",
+            SECRET,
+            "us-east-1",
+            "lambda",
+            now,
+        ));
         let pre = check_headers(&headers, now).unwrap();
         assert_eq!(pre.claimed_hash(), Some(claim.as_str()));
         assert_eq!(pre.access_key(), "AKIDX");

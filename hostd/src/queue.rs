@@ -128,7 +128,9 @@ impl AsyncQueue {
                     Status::Queued
                 };
                 item.updated = now_rfc3339();
-                if let Err(e) = write_json_atomic(&dir.join(format!("{}.json", item.request_id)), &item) {
+                if let Err(e) =
+                    write_json_atomic(&dir.join(format!("{}.json", item.request_id)), &item)
+                {
                     log::error!("async invocation {}: {e}", item.request_id);
                 }
             }

@@ -296,7 +296,9 @@ pub fn botocore_sign(
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(spec.to_string().as_bytes()).expect("spec to python");
+        stdin
+            .write_all(spec.to_string().as_bytes())
+            .expect("spec to python");
     }
     let out = child.wait_with_output().expect("python");
     assert!(

@@ -58,7 +58,9 @@ fn read_response(s: &mut TcpStream) -> Result<(u16, String, String), String> {
         head.lines()
             .find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
             })
             .unwrap_or_default()
     };
@@ -90,7 +92,8 @@ fn flood(addr: &str, head: &str, len: u64, declared: bool, expect: bool) -> Resu
         h += "Expect: 100-continue\r\n";
     }
     h += "\r\n";
-    s.write_all(h.as_bytes()).map_err(|e| format!("write head: {e}"))?;
+    s.write_all(h.as_bytes())
+        .map_err(|e| format!("write head: {e}"))?;
     let done = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let start_body = |s: &TcpStream| {
@@ -147,7 +150,10 @@ fn send(addr: &str, method: &str, path: &str, headers: &[(String, String)], body
     for (k, v) in headers {
         h += &format!("{k}: {v}\r\n");
     }
-    h += &format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    h += &format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     s.write_all(h.as_bytes()).expect("write");
     s.write_all(body).expect("write body");
     let (status, error_type, body) = read_response(&mut s).expect("answer");
@@ -311,7 +317,9 @@ fn the_front_door_holds() {
         };
         *table.entry(k).or_default() += 1;
     }
-    eprintln!("{CONCURRENT} concurrent {BIG}-byte POSTs: peak VmRSS {max_rss} KiB, VmHWM {hwm} KiB");
+    eprintln!(
+        "{CONCURRENT} concurrent {BIG}-byte POSTs: peak VmRSS {max_rss} KiB, VmHWM {hwm} KiB"
+    );
     for (k, n) in &table {
         eprintln!("  {n:4} × {k}");
     }
@@ -367,7 +375,14 @@ fn the_front_door_holds() {
     // A declared 1 GB invoke, of which only the head is sent.
     let huge = 1u64 << 30;
     let invoke_sync = botocore_sign(&url, &alpha, "POST", invoke, "", &[]);
-    let a = flood(&addr, &head_of("POST", invoke, &addr, &invoke_sync), huge, true, true).unwrap();
+    let a = flood(
+        &addr,
+        &head_of("POST", invoke, &addr, &invoke_sync),
+        huge,
+        true,
+        true,
+    )
+    .unwrap();
     assert_eq!(
         (a.status, a.error_type.as_str()),
         (413, "RequestTooLargeException"),
@@ -375,9 +390,19 @@ fn the_front_door_holds() {
     );
     assert_eq!(a.sent, 0, "refused before any of the body: {a:?}");
     // Chunked (no length): read up to the limit, then refused.
-    let a = flood(&addr, &head_of("POST", invoke, &addr, &invoke_sync), huge, false, false).unwrap();
+    let a = flood(
+        &addr,
+        &head_of("POST", invoke, &addr, &invoke_sync),
+        huge,
+        false,
+        false,
+    )
+    .unwrap();
     assert_eq!(a.status, 413, "{a:?}");
-    assert!(a.sent < huge / 4, "refused at the limit, not the end: {a:?}");
+    assert!(
+        a.sent < huge / 4,
+        "refused at the limit, not the end: {a:?}"
+    );
     // An Event payload over 1 MB, signed and sent whole.
     let big_event = format!("[\"{}\"]", "x".repeat(1_100_000));
     let mut h = botocore_sign(&url, &alpha, "POST", invoke, &big_event, &event);
@@ -386,7 +411,10 @@ fn the_front_door_holds() {
     assert_eq!(a.status, 413, "{a:?}");
     // A control call with a 1 MB body.
     let conc = "/2017-10-31/functions/f/concurrency";
-    let big_json = format!("{{\"ReservedConcurrentExecutions\": 1, \"x\": \"{}\"}}", "y".repeat(1 << 20));
+    let big_json = format!(
+        "{{\"ReservedConcurrentExecutions\": 1, \"x\": \"{}\"}}",
+        "y".repeat(1 << 20)
+    );
     let mut h = botocore_sign(&url, &alpha, "PUT", conc, &big_json, &[]);
     h.push(("Host".into(), addr.clone()));
     let a = send(&addr, "PUT", conc, &h, big_json.as_bytes());
@@ -408,7 +436,10 @@ fn the_front_door_holds() {
             "POST",
             invoke,
             body,
-            &[("X-Amz-Invocation-Type", "Event"), ("X-Amz-Content-SHA256", mode)],
+            &[
+                ("X-Amz-Invocation-Type", "Event"),
+                ("X-Amz-Content-SHA256", mode),
+            ],
         );
         h.push(("Host".into(), addr.clone()));
         let a = send(&addr, "POST", invoke, &h, body.as_bytes());
@@ -439,7 +470,11 @@ fn the_front_door_holds() {
     };
     let h = claim(r#"{"n": 3}"#);
     let a = send(&addr, "POST", invoke, &h, br#"{"n": 4}"#);
-    assert_eq!((a.status, a.error_type.as_str()), (403, "InvalidSignatureException"), "{a:?}");
+    assert_eq!(
+        (a.status, a.error_type.as_str()),
+        (403, "InvalidSignatureException"),
+        "{a:?}"
+    );
     let h = claim(r#"{"n": 5}"#);
     let a = send(&addr, "POST", invoke, &h, br#"{"n": 5}"#);
     assert_eq!(a.status, 202, "{a:?}");
@@ -463,8 +498,16 @@ print(json.dumps({"codes": codes, "lists": names}))
         .args(["-c", script, &spec.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["codes"], json!([202, 202, 202, 202, 202, 202, 202, 202]), "{v}");
+    assert_eq!(
+        v["codes"],
+        json!([202, 202, 202, 202, 202, 202, 202, 202]),
+        "{v}"
+    );
     assert_eq!(v["lists"], json!([1, 1, 1, 1]), "{v}");
 }

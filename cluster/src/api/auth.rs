@@ -193,7 +193,8 @@ pub async fn authenticate(State(c): State<Arc<Cluster>>, req: Request, next: Nex
         Ok(_) => return refused(AuthError::UnknownKey),
         Err(e) => {
             log::warn!("access key lookup: {e}");
-            return ApiError::service("the cluster store is unavailable; try again").into_response();
+            return ApiError::service("the cluster store is unavailable; try again")
+                .into_response();
         }
     };
     // Reads change nothing: a replayed GET gains nothing the original's
@@ -233,20 +234,17 @@ pub async fn authenticate(State(c): State<Arc<Cluster>>, req: Request, next: Nex
 
     // 3. Room for it.
     let permits = u32::try_from(expected.min(c.body_budget)).unwrap_or(u32::MAX);
-    let permit = match tokio::time::timeout(
-        BUDGET_WAIT,
-        c.bodies.clone().acquire_many_owned(permits),
-    )
-    .await
-    {
-        Ok(Ok(p)) => p,
-        _ => {
-            return ApiError::throttled(
-                "Rate Exceeded: too many large requests are in progress; try again",
-            )
-            .into_response()
-        }
-    };
+    let permit =
+        match tokio::time::timeout(BUDGET_WAIT, c.bodies.clone().acquire_many_owned(permits)).await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                return ApiError::throttled(
+                    "Rate Exceeded: too many large requests are in progress; try again",
+                )
+                .into_response()
+            }
+        };
 
     // 4. The body, then what depends on it.
     let (body, body_hash) = match read_body(body, limit, expected).await {
@@ -265,9 +263,7 @@ pub async fn authenticate(State(c): State<Arc<Cluster>>, req: Request, next: Nex
         }
         None => {
             let hash = hex::encode(body_hash);
-            if let Err(e) =
-                sigv4::verify_signature(&signed, &pre, &hash, &key.secret_access_key)
-            {
+            if let Err(e) = sigv4::verify_signature(&signed, &pre, &hash, &key.secret_access_key) {
                 return refused(e);
             }
             if let Err(r) = admit() {
@@ -300,20 +296,35 @@ mod tests {
             MAX_CODE_BODY
         );
         assert_eq!(
-            body_limit(&Method::PUT, Some("/2015-03-31/functions/{name}/code"), &none).0,
+            body_limit(
+                &Method::PUT,
+                Some("/2015-03-31/functions/{name}/code"),
+                &none
+            )
+            .0,
             MAX_CODE_BODY
         );
         assert_eq!(body_limit(&post, inv, &none).0, MAX_SYNC_PAYLOAD);
         let (n, e) = body_limit(&post, inv, &event);
         assert_eq!((n, e.status.as_u16()), (MAX_ASYNC_PAYLOAD, 413));
-        let (n, e) = body_limit(&Method::PUT, Some("/2017-10-31/functions/{name}/concurrency"), &none);
-        assert_eq!((n, e.kind), (MAX_CONTROL_BODY, "RequestEntityTooLargeException"));
+        let (n, e) = body_limit(
+            &Method::PUT,
+            Some("/2017-10-31/functions/{name}/concurrency"),
+            &none,
+        );
+        assert_eq!(
+            (n, e.kind),
+            (MAX_CONTROL_BODY, "RequestEntityTooLargeException")
+        );
         assert_eq!(body_limit(&post, None, &none).0, MAX_CONTROL_BODY);
     }
 
     #[test]
     fn routes_with_large_bodies() {
-        assert_eq!(route_of("/2015-03-31/functions/"), Some("/2015-03-31/functions"));
+        assert_eq!(
+            route_of("/2015-03-31/functions/"),
+            Some("/2015-03-31/functions")
+        );
         assert_eq!(
             route_of("/2015-03-31/functions/arn%3Aaws%3Alambda%3Ax/invocations"),
             Some("/2015-03-31/functions/{name}/invocations")
