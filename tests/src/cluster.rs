@@ -164,7 +164,7 @@ pub fn aws_cli() -> Option<PathBuf> {
 }
 
 const BOTO3_CALL: &str = r#"
-import base64, json, sys
+import base64, json, sys, time
 import boto3, botocore.config, botocore.exceptions
 spec = json.loads(sys.argv[1])
 cfg = botocore.config.Config(read_timeout=900, connect_timeout=10,
@@ -179,13 +179,25 @@ if "ZipFileB64" in args:
     args["ZipFile"] = base64.b64decode(args.pop("ZipFileB64"))
 if "Payload" in args:
     args["Payload"] = args["Payload"].encode()
-try:
+def call():
     if spec["op"].startswith("wait:"):
         c.get_waiter(spec["op"][5:]).wait(**args,
             WaiterConfig={"Delay": 2, "MaxAttempts": 450})
-        r = {}
-    else:
-        r = getattr(c, spec["op"])(**args)
+        return {}
+    return getattr(c, spec["op"])(**args)
+try:
+    # Retries are off, to see each error as it is; but the same call made
+    # twice within one second carries the same signature, which the
+    # cluster's replay cache refuses with a throttle that SDKs retry:
+    # retry that one, as botocore's default retries would.
+    for attempt in range(5):
+        try:
+            r = call()
+            break
+        except botocore.exceptions.ClientError as e:
+            if attempt == 4 or "already used" not in e.response["Error"].get("Message", ""):
+                raise
+            time.sleep(0.5)
     r["RequestId"] = r.pop("ResponseMetadata", {}).get("RequestId")
     if "Payload" in r:
         r["Payload"] = r["Payload"].read().decode()
