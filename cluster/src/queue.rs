@@ -566,4 +566,82 @@ mod tests {
         assert!(!small.response_truncated);
         assert_eq!(cut("\u{e9}\u{e9}", 3), "\u{e9}");
     }
+
+    fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
+        let store = embedded_store(dir);
+        Cluster::new(
+            store,
+            crate::hostapi::HostClient::new("t"),
+            crate::service::Config {
+                replica_id: "r".into(),
+                region: "us-east-1".into(),
+                leader_ttl: Duration::from_secs(6),
+                async_retry_delay: Duration::from_millis(10),
+                body_budget: 0,
+                replay_cache_entries: 0,
+            },
+        )
+    }
+
+    fn embedded_store(dir: &std::path::Path) -> Store {
+        Store::Embedded(ember_store::EmbeddedStore::open(dir).unwrap())
+    }
+
+    /// An event whose attempts were all counted but whose last outcome was
+    /// never written (its leader died, or the store refused the write) is
+    /// finished as failed, not run again; and an outcome that was written
+    /// only into the queued record is moved, not run again.
+    #[tokio::test]
+    async fn lost_outcomes_do_not_buy_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        let base = AsyncInvocation {
+            request_id: "spent".into(),
+            account: "111111111111".into(),
+            function_name: "nosuch".into(),
+            qualifier: None,
+            payload: "{}".into(),
+            status: Status::Queued,
+            attempts: MAX_ATTEMPTS,
+            not_before_ms: 0,
+            executed_version: None,
+            function_error: None,
+            response: None,
+            response_truncated: false,
+            response_size: None,
+            payload_stored: false,
+            created_ms: now_ms(),
+        };
+        let mut done = base.clone();
+        done.request_id = "recorded".into();
+        done.attempts = 1;
+        done.status = Status::Succeeded;
+        done.response = Some("{}".into());
+        for inv in [&base, &done] {
+            c.store
+                .put(
+                    &queued_key(&inv.account, &inv.request_id),
+                    &serde_json::to_vec(inv).unwrap(),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        deliver_due(&c).await;
+        for _ in 0..200 {
+            if c.store.list(QUEUED_PREFIX).await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(c.store.list(QUEUED_PREFIX).await.unwrap().is_empty());
+        let spent = get(&c.store, &base.account, "spent").await.unwrap();
+        assert_eq!(
+            (spent.status, spent.attempts),
+            (Status::Failed, MAX_ATTEMPTS)
+        );
+        assert!(spent.response.unwrap().contains("not recorded"));
+        let recorded = get(&c.store, &base.account, "recorded").await.unwrap();
+        assert_eq!((recorded.status, recorded.attempts), (Status::Succeeded, 1));
+    }
 }
