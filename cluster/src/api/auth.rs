@@ -128,6 +128,7 @@ async fn read_body(
     expected: usize,
 ) -> Result<(Bytes, [u8; 32]), Option<String>> {
     let mut body = body;
+    // Sized up front when declared (no copies as it grows); else grown.
     let mut buf = Vec::with_capacity(expected.min(limit));
     let mut hash = Sha256::new();
     let read = async {
@@ -247,7 +248,8 @@ pub async fn authenticate(State(c): State<Arc<Cluster>>, req: Request, next: Nex
         };
 
     // 4. The body, then what depends on it.
-    let (body, body_hash) = match read_body(body, limit, expected).await {
+    let capacity = hint.exact().map_or(64 * 1024, |n| n as usize);
+    let (body, body_hash) = match read_body(body, limit, capacity).await {
         Ok(b) => b,
         Err(None) => return too_large.into_response(),
         Err(Some(e)) => {
