@@ -57,7 +57,20 @@ fn request(t: &Target, method: &str, path: &str, body: &[u8]) -> Result<Resp, St
     match t {
         Target::Host { .. } => headers.push(("Authorization".into(), format!("Bearer {TOKEN}"))),
         Target::Cluster { key, .. } => {
-            let to_sign = vec![("Host".to_string(), addr.clone())];
+            // A signed header unique per request, as AWS SDKs add: the
+            // cluster refuses a signature it has seen (replays), and
+            // identical requests within one second would share one.
+            static SEQ: AtomicUsize = AtomicUsize::new(0);
+            let id = format!(
+                "{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            );
+            headers.push(("amz-sdk-invocation-id".into(), id.clone()));
+            let to_sign = vec![
+                ("Host".to_string(), addr.clone()),
+                ("amz-sdk-invocation-id".to_string(), id),
+            ];
             let req = sigv4::Request {
                 method,
                 path: p,

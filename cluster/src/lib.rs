@@ -3,7 +3,8 @@
 //! is built from:
 //!
 //! * [`sigv4`]: verifying AWS Signature Version 4 on incoming requests,
-//!   so that unmodified AWS SDKs and the AWS CLI can call the cluster.
+//!   so that unmodified AWS SDKs and the AWS CLI can call the cluster;
+//!   [`replay`]: signatures already used, refused again.
 //! * [`accounts`]: accounts and their access keys.
 //! * [`hosts`]: host membership in the cluster store (leases, heartbeats).
 //! * [`leader`]: one leader among the API's replicas, for background work.
@@ -29,5 +30,6 @@ pub mod leader;
 pub mod placement;
 pub mod provisioned;
 pub mod queue;
+pub mod replay;
 pub mod service;
 pub mod sigv4;

@@ -22,6 +22,17 @@ pub struct Config {
     /// Delay before the first retry of a failed async invocation (doubles
     /// for the second).
     pub async_retry_delay: Duration,
+    /// Bytes of request bodies held in memory at once, for all requests
+    /// (at least one largest body, [`crate::api::MAX_CODE_BODY`]).
+    pub body_budget: usize,
+    /// Signatures the replay cache holds at most (0: no cache).
+    pub replay_cache_entries: usize,
+}
+
+impl Config {
+    /// Defaults for what the flags of `ember-cluster serve` leave out.
+    pub const DEFAULT_BODY_BUDGET: usize = 160 << 20;
+    pub const DEFAULT_REPLAY_CACHE_ENTRIES: usize = 400_000;
 }
 
 pub struct Cluster {
@@ -32,11 +43,19 @@ pub struct Cluster {
     /// This replica's lease: what it holds (concurrency slots) goes with it.
     lease: Mutex<Option<Lease>>,
     pub(crate) delivering: Mutex<std::collections::HashSet<String>>,
+    /// Room for request bodies in memory, in bytes ([`Config::body_budget`]).
+    pub(crate) bodies: Arc<tokio::sync::Semaphore>,
+    pub(crate) body_budget: usize,
+    pub(crate) replay: crate::replay::ReplayCache,
 }
 
 impl Cluster {
     pub fn new(store: Store, hosts: HostClient, cfg: Config) -> Arc<Cluster> {
+        let body_budget = cfg.body_budget.max(crate::api::MAX_CODE_BODY);
         Arc::new(Cluster {
+            bodies: Arc::new(tokio::sync::Semaphore::new(body_budget)),
+            body_budget,
+            replay: crate::replay::ReplayCache::new(cfg.replay_cache_entries),
             store,
             hosts,
             cfg,

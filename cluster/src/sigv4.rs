@@ -56,6 +56,10 @@ pub enum AuthError {
     Mismatch,
     #[error("Signature expired: {0} is outside the allowed skew of 15 minutes from {1}")]
     Expired(String, String),
+    /// `UNSIGNED-PAYLOAD`, a `STREAMING-*` mode or anything else that is
+    /// not a SHA-256: Lambda's clients sign the payload, so must everyone.
+    #[error("x-amz-content-sha256 must be the hex SHA-256 of the payload: unsigned and streaming payloads are not accepted")]
+    UnsignedPayload,
 }
 
 impl AuthError {
@@ -65,11 +69,14 @@ impl AuthError {
             AuthError::Missing => "MissingAuthenticationTokenException",
             AuthError::Incomplete(_) => "IncompleteSignatureException",
             AuthError::UnknownKey => "UnrecognizedClientException",
-            AuthError::Mismatch | AuthError::Expired(..) => "InvalidSignatureException",
+            AuthError::Mismatch | AuthError::Expired(..) | AuthError::UnsignedPayload => {
+                "InvalidSignatureException"
+            }
         }
     }
 }
 
+#[derive(Debug)]
 struct Authorization<'a> {
     access_key: &'a str,
     date: &'a str,
@@ -170,12 +177,9 @@ pub fn sign(secret: &str, date: &str, region: &str, service: &str, string_to_sig
     hex::encode(hmac(&k, string_to_sign.as_bytes()))
 }
 
-/// The canonical request of `req` over `signed_headers`, and its payload hash.
-fn canonical_request(req: &Request<'_>, signed_headers: &[&str]) -> String {
-    let payload = match header(req.headers, "x-amz-content-sha256") {
-        Some(h) => h.to_string(),
-        None => hex::encode(Sha256::digest(req.body)),
-    };
+/// The canonical request of `req` over `signed_headers`, ending in
+/// `payload` (the hex SHA-256 of the body, or the hash the client claims).
+fn canonical_request(req: &Request<'_>, signed_headers: &[&str], payload: &str) -> String {
     let path = if req.path.is_empty() { "/" } else { req.path };
     let mut s = String::new();
     s += &req.method.to_ascii_uppercase();
@@ -190,7 +194,7 @@ fn canonical_request(req: &Request<'_>, signed_headers: &[&str]) -> String {
     s += "\n";
     s += &signed_headers.join(";");
     s += "\n";
-    s += &payload;
+    s += payload;
     s
 }
 
@@ -216,12 +220,17 @@ pub fn sign_request(
     signed.sort();
     signed.dedup();
     let signed: Vec<&str> = signed.iter().map(String::as_str).collect();
+    let payload = match header(&headers, "x-amz-content-sha256") {
+        Some(h) => h.to_string(),
+        None => hex::encode(Sha256::digest(req.body)),
+    };
     let canonical = canonical_request(
         &Request {
             headers: &headers,
             ..*req
         },
         &signed,
+        &payload,
     );
     let scope = format!("{date}/{region}/{service}/aws4_request");
     let to_sign = format!(
@@ -241,14 +250,48 @@ pub fn sign_request(
     ]
 }
 
-/// Checks `req`'s signature. `secret_for` gives the secret of an access
-/// key (None: unknown key); `now` is the server's clock.
-pub fn verify(
-    req: &Request<'_>,
+/// What a request's headers alone establish, checked before its body is
+/// read ([`check_headers`]): a well-formed `Authorization`, a date within
+/// the allowed skew, and a payload hash that is a hash if one is claimed.
+#[derive(Debug)]
+pub struct Preverified<'a> {
+    auth: Authorization<'a>,
+    amz_date: &'a str,
+    signed_at: jiff::Timestamp,
+    claimed_hash: Option<&'a str>,
+}
+
+impl Preverified<'_> {
+    /// The access key the request names (not yet known to exist).
+    pub fn access_key(&self) -> &str {
+        self.auth.access_key
+    }
+
+    /// The signature as sent (hex).
+    pub fn signature(&self) -> &str {
+        self.auth.signature
+    }
+
+    /// The time the client signed at (`X-Amz-Date`).
+    pub fn signed_at(&self) -> jiff::Timestamp {
+        self.signed_at
+    }
+
+    /// The payload's SHA-256 as the client declared it
+    /// (`x-amz-content-sha256`), lower-case hex; None when not declared
+    /// (Lambda's SDKs do not send it: the signature then covers the hash
+    /// of the body, known only once it is read).
+    pub fn claimed_hash(&self) -> Option<&str> {
+        self.claimed_hash
+    }
+}
+
+/// Checks everything of a request that needs no body and no secret.
+pub fn check_headers(
+    headers: &[(String, String)],
     now: jiff::Timestamp,
-    secret_for: impl FnOnce(&str) -> Option<String>,
-) -> Result<Signer, AuthError> {
-    let auth = header(req.headers, "authorization").ok_or(AuthError::Missing)?;
+) -> Result<Preverified<'_>, AuthError> {
+    let auth = header(headers, "authorization").ok_or(AuthError::Missing)?;
     let a = parse_authorization(auth)?;
     if !a.signed_headers.contains(&"host") {
         return Err(AuthError::Incomplete(
@@ -266,7 +309,7 @@ pub fn verify(
             "SignedHeaders must be lower-case and sorted".into(),
         ));
     }
-    let amz_date = header(req.headers, "x-amz-date")
+    let amz_date = header(headers, "x-amz-date")
         .ok_or_else(|| AuthError::Incomplete("missing X-Amz-Date".into()))?;
     let when = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", amz_date)
         .ok()
@@ -281,23 +324,38 @@ pub fn verify(
     if (now.as_second() - when.as_second()).abs() > MAX_SKEW_SECS {
         return Err(AuthError::Expired(amz_date.to_string(), now.to_string()));
     }
-    // A declared payload hash must be the body's, or the body could be
-    // swapped under a valid signature.
-    if let Some(h) = header(req.headers, "x-amz-content-sha256") {
-        if h != "UNSIGNED-PAYLOAD"
-            && !h.eq_ignore_ascii_case(&hex::encode(Sha256::digest(req.body)))
-        {
-            return Err(AuthError::Mismatch);
-        }
-    }
-    let secret = secret_for(a.access_key).ok_or(AuthError::UnknownKey)?;
-    let canonical = canonical_request(req, &a.signed_headers);
+    let claimed_hash = match header(headers, "x-amz-content-sha256") {
+        None => None,
+        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Some(h),
+        Some(_) => return Err(AuthError::UnsignedPayload),
+    };
+    Ok(Preverified {
+        auth: a,
+        amz_date,
+        signed_at: when,
+        claimed_hash,
+    })
+}
+
+/// Checks the signature of `req` (headers as in [`check_headers`], the
+/// body unused) over a canonical request ending in `payload_hash`, under
+/// `secret`. With a claimed hash this runs before the body is read; the
+/// body must then be checked against the claim.
+pub fn verify_signature(
+    req: &Request<'_>,
+    pre: &Preverified<'_>,
+    payload_hash: &str,
+    secret: &str,
+) -> Result<Signer, AuthError> {
+    let a = &pre.auth;
+    let canonical = canonical_request(req, &a.signed_headers, payload_hash);
     let scope = format!("{}/{}/{}/aws4_request", a.date, a.region, a.service);
     let to_sign = format!(
-        "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
+        "{ALGORITHM}\n{}\n{scope}\n{}",
+        pre.amz_date,
         hex::encode(Sha256::digest(canonical.as_bytes()))
     );
-    let expected = sign(&secret, a.date, a.region, a.service, &to_sign);
+    let expected = sign(secret, a.date, a.region, a.service, &to_sign);
     if expected.as_bytes().ct_eq(a.signature.as_bytes()).into() {
         Ok(Signer {
             access_key: a.access_key.to_string(),
@@ -307,6 +365,31 @@ pub fn verify(
     } else {
         Err(AuthError::Mismatch)
     }
+}
+
+/// Whether `body` is what `claimed` (hex SHA-256, any case) says.
+pub fn body_matches(claimed: &str, body_sha256: &[u8]) -> bool {
+    hex::decode(claimed).is_ok_and(|c| bool::from(c.as_slice().ct_eq(body_sha256)))
+}
+
+/// Checks `req`'s signature, body included. `secret_for` gives the secret
+/// of an access key (None: unknown key); `now` is the server's clock.
+pub fn verify(
+    req: &Request<'_>,
+    now: jiff::Timestamp,
+    secret_for: impl FnOnce(&str) -> Option<String>,
+) -> Result<Signer, AuthError> {
+    let pre = check_headers(req.headers, now)?;
+    let body_hash = Sha256::digest(req.body);
+    // A declared payload hash must be the body's, or the body could be
+    // swapped under a valid signature.
+    if let Some(h) = pre.claimed_hash() {
+        if !body_matches(h, &body_hash) {
+            return Err(AuthError::Mismatch);
+        }
+    }
+    let secret = secret_for(pre.access_key()).ok_or(AuthError::UnknownKey)?;
+    verify_signature(req, &pre, &hex::encode(body_hash), &secret)
 }
 
 #[cfg(test)]
@@ -414,6 +497,109 @@ mod tests {
             verify(&req, now, |_| Some(SECRET.into())),
             Err(AuthError::Mismatch)
         );
+    }
+
+    /// Lambda's clients sign their payload: `UNSIGNED-PAYLOAD`, streaming
+    /// modes and anything that is not a SHA-256 are refused, even under a
+    /// signature that is otherwise right.
+    #[test]
+    fn unsigned_and_streaming_payloads_are_refused() {
+        let now = jiff::Timestamp::now();
+        for mode in [
+            "UNSIGNED-PAYLOAD",
+            "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+            "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            "abc",
+            &"g".repeat(64),
+        ] {
+            let base = h(&[("Host", "h"), ("X-Amz-Content-Sha256", mode)]);
+            let req = Request {
+                method: "POST",
+                path: "/",
+                query: "",
+                headers: &base,
+                body: b"{}",
+            };
+            let mut headers = base.clone();
+            headers.extend(sign_request(
+                &req,
+                "AKIDX",
+                SECRET,
+                "us-east-1",
+                "lambda",
+                now,
+            ));
+            let signed = Request {
+                headers: &headers,
+                ..req
+            };
+            assert_eq!(
+                verify(&signed, now, |_| Some(SECRET.into())),
+                Err(AuthError::UnsignedPayload),
+                "{mode}"
+            );
+            assert_eq!(
+                AuthError::UnsignedPayload.code(),
+                "InvalidSignatureException"
+            );
+        }
+    }
+
+    /// With a claimed payload hash, the signature is checked from the
+    /// headers alone (before the body), and the body against the claim.
+    #[test]
+    fn a_claimed_hash_is_verified_before_the_body() {
+        let now = jiff::Timestamp::now();
+        let body = b"{\"a\": 1}";
+        let claim = hex::encode(Sha256::digest(body));
+        let base = h(&[("Host", "h"), ("X-Amz-Content-Sha256", &claim)]);
+        let req = Request {
+            method: "POST",
+            path: "/2015-03-31/functions/f/invocations",
+            query: "",
+            headers: &base,
+            body,
+        };
+        let mut headers = base.clone();
+        headers.extend(sign_request(
+            &req,
+            "AKIDX",
+            SECRET,
+            "us-east-1",
+            "lambda",
+            now,
+        ));
+        let pre = check_headers(&headers, now).unwrap();
+        assert_eq!(pre.claimed_hash(), Some(claim.as_str()));
+        assert_eq!(pre.access_key(), "AKIDX");
+        let no_body = Request {
+            headers: &headers,
+            body: b"",
+            ..req
+        };
+        assert!(verify_signature(&no_body, &pre, &claim, SECRET).is_ok());
+        assert_eq!(
+            verify_signature(&no_body, &pre, &claim, "wrong"),
+            Err(AuthError::Mismatch)
+        );
+        assert!(body_matches(&claim, &Sha256::digest(body)));
+        assert!(body_matches(&claim.to_uppercase(), &Sha256::digest(body)));
+        assert!(!body_matches(&claim, &Sha256::digest(b"{}")));
+        // Without a claim, the headers alone do not decide.
+        let plain = h(&[("Host", "h")]);
+        let mut headers = plain.clone();
+        headers.extend(sign_request(
+            &Request {
+                headers: &plain,
+                ..req
+            },
+            "AKIDX",
+            SECRET,
+            "us-east-1",
+            "lambda",
+            now,
+        ));
+        assert_eq!(check_headers(&headers, now).unwrap().claimed_hash(), None);
     }
 
     #[test]

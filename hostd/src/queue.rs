@@ -1,7 +1,12 @@
 //! Asynchronous invocations (`InvocationType: Event`): accepted at once,
 //! stored, run by workers, retried twice on failure (as Lambda does), and
 //! their outcome kept and queryable. Stored on disk so a restart loses
-//! nothing: queued and running items are queued again on start.
+//! nothing: queued items are queued again on start. An item is marked
+//! running on disk before it runs; one still running at a start was cut
+//! short by the restart, and that attempt counts, so no event runs more
+//! than [`MAX_ATTEMPTS`] times however often the daemon restarts. A kept
+//! result is cut to [`MAX_KEPT_RESULT`] bytes (flagged), so that finished
+//! records cannot fill memory.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +25,8 @@ use crate::store::{load_dir, write_json_atomic};
 pub const MAX_ASYNC_PAYLOAD: usize = 256 * 1024;
 /// One try plus two retries.
 pub const MAX_ATTEMPTS: usize = 3;
+/// Of a function's answer, this much is kept in the record.
+pub const MAX_KEPT_RESULT: usize = 256 * 1024;
 /// Finished records kept (oldest dropped beyond this).
 const KEEP_FINISHED: usize = 10_000;
 
@@ -62,6 +69,31 @@ pub struct AsyncInvocation {
     pub result: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executed_version: Option<String>,
+    /// The answer was longer than `result` keeps.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub result_truncated: bool,
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, and whether
+/// it was cut.
+fn cut(mut text: String, max: usize) -> (String, bool) {
+    if text.len() <= max {
+        return (text, false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    (text, true)
+}
+
+/// Attempts that count against [`MAX_ATTEMPTS`] (throttles do not).
+fn counted(item: &AsyncInvocation) -> usize {
+    item.attempts
+        .iter()
+        .filter(|a| a.outcome != "Throttled")
+        .count()
 }
 
 pub struct AsyncQueue {
@@ -81,8 +113,28 @@ impl AsyncQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut map = BTreeMap::new();
         for mut item in items {
-            if matches!(item.status, Status::Queued | Status::Running) {
-                item.status = Status::Queued;
+            if item.status == Status::Running {
+                // Cut short by the restart: it may have run, so it counts.
+                item.attempts.push(Attempt {
+                    started: item.updated.clone(),
+                    duration_ms: 0,
+                    outcome: "Error".into(),
+                    error_type: Some("ServiceException".into()),
+                    error_message: Some("the host restarted during the attempt".into()),
+                });
+                item.status = if counted(&item) >= MAX_ATTEMPTS {
+                    Status::Failed
+                } else {
+                    Status::Queued
+                };
+                item.updated = now_rfc3339();
+                if let Err(e) =
+                    write_json_atomic(&dir.join(format!("{}.json", item.request_id)), &item)
+                {
+                    log::error!("async invocation {}: {e}", item.request_id);
+                }
+            }
+            if item.status == Status::Queued {
                 let _ = tx.send(item.request_id.clone());
             }
             map.insert(item.request_id.clone(), item);
@@ -129,6 +181,7 @@ impl AsyncQueue {
             updated: now,
             result: None,
             executed_version: None,
+            result_truncated: false,
         };
         self.save(&item)?;
         self.lock().insert(request_id.clone(), item.clone());
@@ -147,6 +200,25 @@ impl AsyncQueue {
             .filter(|i| function.is_none_or(|f| i.function_name == f))
             .cloned()
             .collect()
+    }
+
+    /// Marks a queued item running, on disk, before it runs: None (not
+    /// to run now) if it is not queued or that cannot be written.
+    fn start(&self, id: &str) -> Option<AsyncInvocation> {
+        let mut items = self.lock();
+        let item = items.get_mut(id)?;
+        if item.status != Status::Queued {
+            return None;
+        }
+        let mut copy = item.clone();
+        copy.status = Status::Running;
+        copy.updated = now_rfc3339();
+        if let Err(e) = self.save(&copy) {
+            log::error!("async invocation {id} not started: {e}");
+            return None;
+        }
+        *item = copy.clone();
+        Some(copy)
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut AsyncInvocation)) -> Option<AsyncInvocation> {
@@ -204,7 +276,17 @@ pub fn start_workers(d: Arc<Daemon>) {
 }
 
 async fn run_one(d: &Arc<Daemon>, id: &str) {
-    let Some(item) = d.queue.update(id, |i| i.status = Status::Running) else {
+    let Some(item) = d.queue.start(id) else {
+        // Not written as running (the disk): try again later, nothing ran.
+        if d.queue.get(id).is_some_and(|i| i.status == Status::Queued) {
+            let tx = d.queue.tx.clone();
+            let id = id.to_string();
+            let delay = d.cfg.async_retry_delay.max(Duration::from_millis(1));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(id);
+            });
+        }
         return;
     };
     let payload = base64::engine::general_purpose::STANDARD
@@ -270,17 +352,14 @@ async fn run_one(d: &Arc<Daemon>, id: &str) {
     let item = d.queue.update(id, |i| {
         i.attempts.push(attempt);
         i.executed_version = version.or(i.executed_version.take());
-        if result_text.is_some() {
-            i.result = result_text;
+        if let Some(text) = result_text {
+            let (kept, truncated) = cut(text, MAX_KEPT_RESULT);
+            i.result = Some(kept);
+            i.result_truncated = truncated;
         }
-        let counted = i
-            .attempts
-            .iter()
-            .filter(|a| a.outcome != "Throttled")
-            .count();
         i.status = if succeeded {
             Status::Succeeded
-        } else if permanent || counted >= MAX_ATTEMPTS {
+        } else if permanent || counted(i) >= MAX_ATTEMPTS {
             Status::Failed
         } else {
             Status::Queued
@@ -288,11 +367,7 @@ async fn run_one(d: &Arc<Daemon>, id: &str) {
     });
     let Some(item) = item else { return };
     if item.status == Status::Queued {
-        let counted = item
-            .attempts
-            .iter()
-            .filter(|a| a.outcome != "Throttled")
-            .count() as u32;
+        let counted = counted(&item) as u32;
         // Lambda waits 1 then 2 minutes; the base delay is configurable.
         let delay = if throttled {
             d.cfg.async_retry_delay
@@ -318,7 +393,8 @@ mod tests {
         let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
         let a = q.enqueue("f", None, b"{}", "a".into()).unwrap();
         let b = q.enqueue("f", Some("1"), b"{\"x\":1}", "b".into()).unwrap();
-        q.update("b", |i| i.status = Status::Running);
+        assert_eq!(q.start("b").unwrap().status, Status::Running);
+        assert!(q.start("b").is_none(), "running already");
         q.enqueue("g", None, b"{}", "c".into()).unwrap();
         q.update("c", |i| i.status = Status::Succeeded);
         assert!(q
@@ -335,8 +411,47 @@ mod tests {
         assert_eq!(q.get("a").unwrap().payload, a.payload);
         assert_eq!(q.get("b").unwrap().status, Status::Queued);
         assert_eq!(q.get("b").unwrap().qualifier, b.qualifier);
+        assert_eq!(
+            q.get("b").unwrap().attempts.len(),
+            1,
+            "the attempt cut short by the restart counts"
+        );
         assert_eq!(q.get("c").unwrap().status, Status::Succeeded);
         assert_eq!(q.list(Some("f")).len(), 2);
         assert!(q.get("d").is_none());
+    }
+
+    /// A daemon that dies during every attempt (the event crashes it, or
+    /// the host keeps restarting) still runs the event at most
+    /// MAX_ATTEMPTS times: each start is on disk before the run.
+    #[test]
+    fn restarts_during_attempts_use_them_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        q.enqueue("f", None, b"{}", "e".into()).unwrap();
+        drop(q);
+        let mut runs = 0;
+        for _ in 0..10 {
+            let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+            let mut rx = q.rx.lock().unwrap().take().unwrap();
+            while let Ok(id) = rx.try_recv() {
+                if q.start(&id).is_some() {
+                    runs += 1;
+                }
+            }
+            // Killed here, mid-run.
+        }
+        assert_eq!(runs, MAX_ATTEMPTS);
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        let e = q.get("e").unwrap();
+        assert_eq!((e.status, e.attempts.len()), (Status::Failed, MAX_ATTEMPTS));
+    }
+
+    #[test]
+    fn long_results_are_cut_and_flagged() {
+        let (kept, cut_) = cut("é".repeat(10), 5);
+        assert_eq!((kept.as_str(), cut_), ("éé", true));
+        let (kept, cut_) = cut("abc".into(), 5);
+        assert_eq!((kept.as_str(), cut_), ("abc", false));
     }
 }

@@ -90,6 +90,11 @@ impl ClusterApi {
         self.health().is_some_and(|h| h["Leader"] == true)
     }
 
+    /// The replica's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -159,7 +164,7 @@ pub fn aws_cli() -> Option<PathBuf> {
 }
 
 const BOTO3_CALL: &str = r#"
-import base64, json, sys
+import base64, json, sys, time
 import boto3, botocore.config, botocore.exceptions
 spec = json.loads(sys.argv[1])
 cfg = botocore.config.Config(read_timeout=900, connect_timeout=10,
@@ -174,13 +179,25 @@ if "ZipFileB64" in args:
     args["ZipFile"] = base64.b64decode(args.pop("ZipFileB64"))
 if "Payload" in args:
     args["Payload"] = args["Payload"].encode()
-try:
+def call():
     if spec["op"].startswith("wait:"):
         c.get_waiter(spec["op"][5:]).wait(**args,
             WaiterConfig={"Delay": 2, "MaxAttempts": 450})
-        r = {}
-    else:
-        r = getattr(c, spec["op"])(**args)
+        return {}
+    return getattr(c, spec["op"])(**args)
+try:
+    # Retries are off, to see each error as it is; but the same call made
+    # twice within one second carries the same signature, which the
+    # cluster's replay cache refuses with a throttle that SDKs retry:
+    # retry that one, as botocore's default retries would.
+    for attempt in range(5):
+        try:
+            r = call()
+            break
+        except botocore.exceptions.ClientError as e:
+            if attempt == 4 or "already used" not in e.response["Error"].get("Message", ""):
+                raise
+            time.sleep(0.5)
     r["RequestId"] = r.pop("ResponseMetadata", {}).get("RequestId")
     if "Payload" in r:
         r["Payload"] = r["Payload"].read().decode()
@@ -249,6 +266,60 @@ pub fn signed_request(url: &str, key: Option<&Key>, method: &str, path: &str, bo
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("reply JSON")
+}
+
+const SIGN_ONLY: &str = r#"
+import json, sys
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+spec = json.load(sys.stdin)
+req = AWSRequest(method=spec["method"], url=spec["url"], data=spec["body"].encode(),
+                 headers=spec["headers"])
+SigV4Auth(Credentials(spec["key"], spec["secret"]), "lambda", "us-east-1").add_auth(req)
+print(json.dumps([[k, v] for k, v in req.headers.items()]))
+"#;
+
+/// The headers botocore's SigV4 signer adds to a request (with `headers`
+/// it is given), to send byte for byte with another client.
+pub fn botocore_sign(
+    url: &str,
+    key: &Key,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let hs: serde_json::Map<String, Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect();
+    let spec = json!({
+        "url": format!("{url}{path}"), "method": method, "body": body,
+        "key": key.id, "secret": key.secret, "headers": hs,
+    });
+    let mut child = Command::new(python())
+        .args(["-c", SIGN_ONLY])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(spec.to_string().as_bytes())
+            .expect("spec to python");
+    }
+    let out = child.wait_with_output().expect("python");
+    assert!(
+        out.status.success(),
+        "botocore sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<(String, String)> = serde_json::from_slice(&out.stdout).expect("headers JSON");
+    v
 }
 
 /// `aws lambda ARGS --endpoint-url URL` with `key`: (exit status, stdout, stderr).

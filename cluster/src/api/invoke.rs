@@ -10,14 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::functions::QualifierQuery;
-use super::{function_ref, Caller};
+use super::{function_ref, Caller, MAX_SYNC_PAYLOAD};
 use crate::error::ApiError;
 use crate::functions as records;
 use crate::queue::{self, AsyncInvocation, Status, MAX_ASYNC_PAYLOAD};
 use crate::service::Cluster;
-
-/// Lambda's synchronous payload limit (request and response), 6 MB.
-pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
@@ -82,15 +79,19 @@ pub async fn invoke(
                 account: who.account.clone(),
                 function_name: name,
                 qualifier,
-                payload: String::from_utf8_lossy(&payload).into_owned(),
+                payload: String::new(),
                 status: Status::Queued,
                 attempts: 0,
                 not_before_ms: 0,
                 executed_version: None,
                 function_error: None,
                 response: None,
+                response_truncated: false,
+                response_size: None,
+                payload_stored: false,
+                created_ms: 0,
             };
-            queue::enqueue(&c.store, &inv).await?;
+            queue::enqueue(&c.store, inv, &payload).await?;
             let mut resp = StatusCode::ACCEPTED.into_response();
             resp.headers_mut().insert("x-amzn-RequestId", rid);
             Ok(resp)

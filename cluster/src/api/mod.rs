@@ -1,5 +1,6 @@
 //! The cluster's HTTP API: Lambda's REST paths, every request signed with
-//! SigV4 by an access key of an account ([`auth`]); what a request sees
+//! SigV4 by an access key of an account, checked before the body is read
+//! and with each operation's size limit ([`auth`]); what a request sees
 //! and changes is its account's only.
 
 mod auth;
@@ -17,8 +18,7 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 use crate::service::Cluster;
 
-/// Base64 of a 50 MB zip, plus the rest of the request.
-pub const MAX_BODY: usize = 70 * 1024 * 1024;
+pub use auth::{MAX_CODE_BODY, MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD};
 
 /// Who made a request (from its verified signature).
 #[derive(Debug, Clone)]
@@ -91,7 +91,8 @@ pub fn router(c: Arc<Cluster>) -> Router {
             c.clone(),
             auth::authenticate,
         ))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        // The front door has applied each operation's limit already.
+        .layer(DefaultBodyLimit::max(MAX_CODE_BODY))
         .with_state(c)
 }
 

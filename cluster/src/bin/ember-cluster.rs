@@ -57,6 +57,16 @@ enum Command {
         /// milliseconds (doubles for the second).
         #[arg(long, default_value_t = 60_000)]
         async_retry_delay_ms: u64,
+        /// MiB of request bodies held in memory at once, for all requests
+        /// together (at least one largest CreateFunction body, ~67 MiB);
+        /// a request that finds no room within 10 s is throttled (429).
+        #[arg(long, default_value_t = Config::DEFAULT_BODY_BUDGET >> 20)]
+        body_budget_mib: usize,
+        /// Signatures the replay cache holds at most (each kept for the
+        /// 15-minute skew window after its date; a quarter of them per
+        /// access key). 0 turns the cache off.
+        #[arg(long, default_value_t = Config::DEFAULT_REPLAY_CACHE_ENTRIES)]
+        replay_cache_entries: usize,
     },
     /// Accounts and their access keys.
     Account {
@@ -125,6 +135,8 @@ async fn run(args: Args) {
             region,
             leader_ttl_secs,
             async_retry_delay_ms,
+            body_budget_mib,
+            replay_cache_entries,
         } => {
             let token = std::fs::read_to_string(&host_token_file)
                 .unwrap_or_else(|e| fail(format!("{}: {e}", host_token_file.display())));
@@ -139,6 +151,8 @@ async fn run(args: Args) {
                 region,
                 leader_ttl: Duration::from_secs(leader_ttl_secs.max(2)),
                 async_retry_delay: Duration::from_millis(async_retry_delay_ms),
+                body_budget: body_budget_mib.saturating_mul(1 << 20),
+                replay_cache_entries,
             };
             serve(store, HostClient::new(&token), cfg, listen).await
         }
