@@ -1,11 +1,14 @@
 //! The cluster's client for host daemons' APIs (emberd `--listen-tcp`):
-//! Lambda's REST shapes, each request with the hosts' bearer token.
+//! Lambda's REST shapes, each request with the hosts' bearer token, over
+//! mutual TLS only (`https://`; a plain `http://` endpoint is refused, so
+//! the token never crosses the network in the clear).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -43,15 +46,23 @@ pub enum HostError {
 
 #[derive(Clone)]
 pub struct HostClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     token: String,
 }
 
 impl HostClient {
-    pub fn new(token: &str) -> HostClient {
+    /// A client presenting `tls`'s certificate and checking the hosts'
+    /// against its CA.
+    pub fn new(token: &str, tls: &crate::tls::Tls) -> HostClient {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
         conn.set_nodelay(true);
+        conn.enforce_http(false);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls.client).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(conn);
         HostClient {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -60,7 +71,7 @@ impl HostClient {
         }
     }
 
-    /// One request to `endpoint` (`http://host:port`) + `path`, answered
+    /// One request to `endpoint` (`https://host:port`) + `path`, answered
     /// within `timeout`.
     pub async fn call(
         &self,
@@ -72,6 +83,12 @@ impl HostClient {
         timeout: Duration,
     ) -> Result<HostReply, HostError> {
         let uri = format!("{}{path}", endpoint.trim_end_matches('/'));
+        if !uri.starts_with("https://") {
+            return Err(HostError::Connect(format!(
+                "{uri}: hosts are reached over https:// only (mutual TLS); refusing to send \
+                 the token in the clear"
+            )));
+        }
         let mut req = Request::builder()
             .method(method)
             .uri(&uri)

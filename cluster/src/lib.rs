@@ -31,3 +31,4 @@ pub mod provisioned;
 pub mod queue;
 pub mod service;
 pub mod sigv4;
+pub mod tls;
