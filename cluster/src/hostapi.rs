@@ -155,3 +155,27 @@ impl HostClient {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain `http://` host is refused before anything is sent: the
+    /// token never leaves in the clear.
+    #[tokio::test]
+    async fn plain_http_hosts_are_refused_unsent() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::tls::dev_certs(dir.path(), "cluster", &["localhost".into()]).unwrap();
+        let tls = crate::tls::Tls::load(&files).unwrap();
+        let client = HostClient::new("a-token-of-some-length", &tls);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        match client.get(&url, "/ember/v1/health").await {
+            Err(HostError::Connect(m)) => assert!(m.contains("https://"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let nothing = l.accept().map(|_| ()).unwrap_err();
+        assert_eq!(nothing.kind(), std::io::ErrorKind::WouldBlock);
+    }
+}

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use rcgen;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
-pub use rcgen;
 pub use tokio_rustls;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -463,7 +463,10 @@ mod tests {
                 "a certificate of another CA",
                 identity(&theirs, &ours, false).client,
             ),
-            ("an expired certificate", identity(&ours, &ours, true).client),
+            (
+                "an expired certificate",
+                identity(&ours, &ours, true).client,
+            ),
             (
                 "a client trusting another CA",
                 identity(&theirs, &theirs, false).client,

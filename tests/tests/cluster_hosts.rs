@@ -125,11 +125,26 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
     let expired = expired_cert(tls_dir.path());
     let plain = format!("http://{tcp}/ember/v1/health");
     let attempts: [(&str, u16); 5] = [
-        ("no client certificate", curl_status(&health, Some(token), &ca, None)),
-        ("another CA's certificate", curl_status(&health, Some(token), &ca, Some(&other))),
-        ("an expired certificate", curl_status(&health, Some(token), &ca, Some(&expired))),
-        ("trusting another CA", curl_status(&health, Some(token), &other.ca, Some(&client))),
-        ("plain http://", curl_status(&plain, Some(token), &ca, Some(&client))),
+        (
+            "no client certificate",
+            curl_status(&health, Some(token), &ca, None),
+        ),
+        (
+            "another CA's certificate",
+            curl_status(&health, Some(token), &ca, Some(&other)),
+        ),
+        (
+            "an expired certificate",
+            curl_status(&health, Some(token), &ca, Some(&expired)),
+        ),
+        (
+            "trusting another CA",
+            curl_status(&health, Some(token), &other.ca, Some(&client)),
+        ),
+        (
+            "plain http://",
+            curl_status(&plain, Some(token), &ca, Some(&client)),
+        ),
     ];
     eprintln!("{:<28} HTTP status (0: none)", "attempt");
     for (what, st) in &attempts {
@@ -187,8 +202,12 @@ fn rcgen_key(path: &Path) -> ember_cluster::tls::rcgen::KeyPair {
     ember_cluster::tls::rcgen::KeyPair::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn dev_ca_again(key: &ember_cluster::tls::rcgen::KeyPair) -> ember_cluster::tls::rcgen::Certificate {
-    ember_cluster::tls::dev_ca_params().self_signed(key).unwrap()
+fn dev_ca_again(
+    key: &ember_cluster::tls::rcgen::KeyPair,
+) -> ember_cluster::tls::rcgen::Certificate {
+    ember_cluster::tls::dev_ca_params()
+        .self_signed(key)
+        .unwrap()
 }
 
 /// emberd will not serve its API over TCP without TLS.

@@ -171,7 +171,10 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         ]);
         ip(&["-n", ns, "link", "set", &b_dev, "up"]);
     });
-    let (a_url, b_url) = (format!("https://{a_ip}:8600"), format!("https://{b_ip}:8600"));
+    let (a_url, b_url) = (
+        format!("https://{a_ip}:8600"),
+        format!("https://{b_ip}:8600"),
+    );
     let client = dev_certs(tls_dir.path(), "test-client", &["localhost".into()]).unwrap();
 
     let code = tempfile::tempdir().unwrap();
@@ -295,14 +298,11 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let strangers = Strangers::new(tls_dir.path());
     let stop = AtomicBool::new(false);
     let rep = std::thread::scope(|s| {
-        let watch = |d: &Emberd, ip: &str, what: &'static str| {
-            let (strangers, stop) = (&strangers, &stop);
-            let ip = ip.to_string();
-            s.spawn(move || d.in_netns(|| strangers.watch(&ip, what, stop)))
-        };
-        let on_b = watch(&b, &b_ip, "migration (B)");
-        let on_a = watch(&a, &a_ip, "disk export (A)");
-        let rep = migrate_ok(&a, &b, &id, &b_url);
+        let (strangers, stop) = (&strangers, &stop);
+        let (a, b, a_ip, b_ip) = (&a, &b, a_ip.as_str(), b_ip.as_str());
+        let on_b = s.spawn(move || b.in_netns(|| strangers.watch(b_ip, "migration (B)", stop)));
+        let on_a = s.spawn(move || a.in_netns(|| strangers.watch(a_ip, "disk export (A)", stop)));
+        let rep = migrate_ok(a, b, &id, &b_url);
         // The disk is served until B's copy is whole.
         let mid = rep["MigrationId"].as_str().unwrap().to_string();
         wait_until(
@@ -331,7 +331,10 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         tried("disk"),
         strangers.successes()
     );
-    assert!(tried("disk") > 0, "the disk export port was never seen open");
+    assert!(
+        tried("disk") > 0,
+        "the disk export port was never seen open"
+    );
     assert_eq!(strangers.successes(), 0, "{table:?}");
     assert_eq!(rep["InstanceId"], id.as_str());
     assert!(rep["DowntimeMs"].as_u64().is_some(), "{rep}");
@@ -558,21 +561,24 @@ impl Strangers {
             // A silent connection held while the migration goes on (the
             // port took one connection before: this one would have ended it).
             s.spawn(|| {
-                let r = TcpStream::connect(addr).map_err(|e| e.to_string()).map(|mut t| {
-                    t.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                    let mut b = [0u8; 64];
-                    let mut total = 0;
-                    while !stop.load(Ordering::SeqCst) {
-                        match t.read(&mut b) {
-                            Ok(0) => break,
-                            Ok(n) => total += n,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                                || e.kind() == std::io::ErrorKind::TimedOut => {}
-                            Err(_) => break,
+                let r = TcpStream::connect(addr)
+                    .map_err(|e| e.to_string())
+                    .map(|mut t| {
+                        t.set_read_timeout(Some(Duration::from_millis(200))).ok();
+                        let mut b = [0u8; 64];
+                        let mut total = 0;
+                        while !stop.load(Ordering::SeqCst) {
+                            match t.read(&mut b) {
+                                Ok(0) => break,
+                                Ok(n) => total += n,
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
                         }
-                    }
-                    total
-                });
+                        total
+                    });
                 self.record(what, addr, "plain TCP, silent, held open", r);
             });
             s.spawn(|| {

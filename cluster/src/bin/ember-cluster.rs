@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ember_cluster::hostapi::HostClient;
-use ember_cluster::tls::{Tls, TlsFiles};
 use ember_cluster::service::{Cluster, Config};
+use ember_cluster::tls::{Tls, TlsFiles};
 use ember_store::Store;
 
 #[derive(Debug, Parser)]

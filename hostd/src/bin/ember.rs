@@ -176,7 +176,7 @@ enum Cmd {
     /// Migrate a running instance (see `ember pools`) to another host.
     Migrate {
         instance: String,
-        /// The destination host's API, http://HOST:PORT (its --listen-tcp).
+        /// The destination host's API, https://HOST:PORT (its --listen-tcp; mutual TLS).
         #[arg(long, required_unless_present = "cancel")]
         to: Option<String>,
         /// Cancel the instance's migration (before its switch-over).

@@ -310,10 +310,11 @@ async fn run(mut args: Args) {
                 "localhost".to_string(),
                 "127.0.0.1".to_string(),
             ];
-            names.dedup();
             if let Some(h) = args.advertise.as_deref().and_then(url_host) {
                 names.push(h);
             }
+            names.sort();
+            names.dedup();
             let files = ember_cluster::tls::dev_certs(dir, &host_id, &names)
                 .unwrap_or_else(|e| fail(format!("development certificates: {e}")));
             log::warn!(
@@ -322,7 +323,9 @@ async fn run(mut args: Args) {
             );
             Some(files)
         }
-        (Some(_), Some(_), Some(_)) => fail("--tls-cert and --tls-dev-dir exclude each other".into()),
+        (Some(_), Some(_), Some(_)) => {
+            fail("--tls-cert and --tls-dev-dir exclude each other".into())
+        }
         (Some(addr), None, None) => fail(format!(
             "--listen-tcp {addr} needs TLS: --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir \
              for development); the TCP API is never served in the clear"

@@ -223,9 +223,8 @@ mod tests {
     /// another CA (trusting the hosts' CA, so that it gets to present it).
     fn identities(dir: &std::path::Path) -> (Tls, Tls, Tls) {
         let names = ["127.0.0.1".to_string()];
-        let load = |d: &std::path::Path, n: &str| {
-            Tls::load(&dev_certs(d, n, &names).unwrap()).unwrap()
-        };
+        let load =
+            |d: &std::path::Path, n: &str| Tls::load(&dev_certs(d, n, &names).unwrap()).unwrap();
         let mut stranger = dev_certs(&dir.join("other-ca"), "stranger", &names).unwrap();
         stranger.ca = dir.join("ca/ca.pem");
         (
@@ -243,7 +242,9 @@ mod tests {
         let read = match how {
             "plain" => {
                 let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-                s.write_all(new_ticket().as_bytes()).await.map_err(|e| e.to_string())?;
+                s.write_all(new_ticket().as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await
             }
             "other CA" | "wrong ticket" => {
@@ -283,9 +284,10 @@ mod tests {
         let addr = tcp.local_addr().unwrap().to_string();
         let ticket = new_ticket();
         let (t2, vin, b2) = (ticket.clone(), vmm_in.clone(), b.clone());
-        let dest = tokio::spawn(async move {
-            serve_incoming(tcp, t2, vin, Duration::from_secs(60), b2).await
-        });
+        let dest =
+            tokio::spawn(
+                async move { serve_incoming(tcp, t2, vin, Duration::from_secs(60), b2).await },
+            );
         let _silent = TcpStream::connect(&addr).await.unwrap();
         let mut through = 0;
         for how in ["plain", "other CA", "wrong ticket"] {
@@ -295,7 +297,11 @@ mod tests {
         }
         assert_eq!(through, 0);
         let src_listener = UnixListener::bind(&vmm_out).unwrap();
-        let target = PeerTarget { addr: addr.clone(), ticket, tls: a.clone() };
+        let target = PeerTarget {
+            addr: addr.clone(),
+            ticket,
+            tls: a.clone(),
+        };
         let src = tokio::spawn(serve_outgoing(src_listener, target, Duration::from_secs(5)));
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let p2 = payload.clone();
@@ -358,7 +364,14 @@ mod tests {
         assert_eq!(through, 0);
         let fill = dir.path().join("fill.sock");
         let l = UnixListener::bind(&fill).unwrap();
-        let fwd = tokio::spawn(forward_to_peer(l, PeerTarget { addr, ticket, tls: b }));
+        let fwd = tokio::spawn(forward_to_peer(
+            l,
+            PeerTarget {
+                addr,
+                ticket,
+                tls: b,
+            },
+        ));
         for _ in 0..2 {
             let mut c = UnixStream::connect(&fill).await.unwrap();
             let mut got = [0u8; 8];
