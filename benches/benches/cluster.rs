@@ -2,7 +2,8 @@
 //!
 //! 1. Invoke latency and throughput of one `provided` function (bash +
 //!    curl, answers its event) through ember-cluster (SigV4-signed, placed,
-//!    proxied) against straight to emberd's TCP API (bearer token), the
+//!    proxied) against straight to emberd's TCP API (mutual TLS and the
+//!    bearer token), the
 //!    same warm instances behind both: p50/p99 at concurrency 1, and
 //!    invocations per second at concurrency 1 and 4, with the ratios.
 //!    Also the proxy hop without a guest: GetFunctionConfiguration
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use ember_benches::{http_exchange, percentile, Resp};
 use ember_cluster::sigv4;
+use ember_cluster::tls::tokio_rustls::rustls;
 use ember_store::testing::{free_port, EtcdProcess};
 use ember_tests::cluster::{create_account, ClusterApi, Key};
 use ember_tests::emberd::{provided_bootstrap_bash, write_file, zip_dir, Emberd};
@@ -40,8 +42,16 @@ const TOKEN: &str = "bench-token-0123456789abcdef";
 /// Where requests go and how they are authorised.
 #[derive(Clone)]
 enum Target {
-    Host { addr: String, function: String },
-    Cluster { addr: String, key: Key },
+    Host {
+        addr: String,
+        function: String,
+        /// The host's API is mutual TLS: a client certificate of its CA.
+        tls: Arc<rustls::ClientConfig>,
+    },
+    Cluster {
+        addr: String,
+        key: Key,
+    },
 }
 
 fn request(t: &Target, method: &str, path: &str, body: &[u8]) -> Result<Resp, String> {
@@ -51,11 +61,26 @@ fn request(t: &Target, method: &str, path: &str, body: &[u8]) -> Result<Resp, St
     let s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(900))).ok();
     s.set_nodelay(true).ok();
+    if let Target::Host { tls, .. } = t {
+        let name = ember_cluster::tls::server_name(addr)?;
+        let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(|e| e.to_string())?;
+        let hs = [("Authorization", format!("Bearer {TOKEN}"))];
+        let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        return http_exchange(
+            rustls::StreamOwned::new(conn, s),
+            addr,
+            method,
+            path,
+            &hs,
+            body,
+        );
+    }
     let (p, q) = path.split_once('?').unwrap_or((path, ""));
     // Content-Type (added by http_exchange for a body) is left unsigned.
     let mut headers: Vec<(String, String)> = Vec::new();
     match t {
-        Target::Host { .. } => headers.push(("Authorization".into(), format!("Bearer {TOKEN}"))),
+        // Answered above, inside TLS.
+        Target::Host { .. } => {}
         Target::Cluster { key, .. } => {
             // A signed header unique per request, as AWS SDKs add: the
             // cluster refuses a signature it has seen (replays), and
@@ -189,7 +214,11 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     let hport = free_port().map_err(|e| e.to_string())?;
     let haddr = format!("127.0.0.1:{hport}");
     let token_arg = token_file.display().to_string();
+    let tls_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tls_arg = tls_dir.path().display().to_string();
     let _host = Emberd::start(&[
+        "--tls-dev-dir",
+        &tls_arg,
         "--no-network",
         "--cluster-etcd",
         &etcd.url,
@@ -208,7 +237,10 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     ]);
     let store = ["--etcd", etcd.url.as_str()];
     let key = create_account(&store, "bench");
-    let api = ClusterApi::start(&store, token_file, &[]);
+    let api = ClusterApi::start(&store, token_file, &["--host-tls-dev-dir", &tls_arg]);
+    let client = ember_cluster::tls::dev_certs(tls_dir.path(), "bench", &["localhost".into()])
+        .and_then(|f| ember_cluster::tls::Tls::load(&f))?
+        .client;
     let cluster = Target::Cluster {
         addr: api.url.trim_start_matches("http://").to_string(),
         key,
@@ -244,6 +276,7 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     let host_plain = Target::Host {
         addr: haddr.clone(),
         function: String::new(),
+        tls: client.clone(),
     };
     let listed: Value = request(&host_plain, "GET", "/2015-03-31/functions", b"")?.json();
     let function = listed["Functions"][0]["FunctionName"]
@@ -253,6 +286,7 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     let host = Target::Host {
         addr: haddr,
         function,
+        tls: client,
     };
 
     // The hop alone, without a guest: GetFunctionConfiguration straight
@@ -278,7 +312,7 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     println!("\nGetFunctionConfiguration, no guest involved (200 each):");
     println!("{:<28} {:>10} {:>10}", "", "p50", "p99");
     for (name, v) in [
-        ("emberd (TCP, bearer)", &hop[0]),
+        ("emberd (TLS, bearer)", &hop[0]),
         ("ember-cluster (SigV4)", &hop[1]),
     ] {
         println!(
@@ -300,7 +334,7 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     println!("{:<28} {:>10} {:>10} {:>10}", "", "p50", "p99", "mean");
     let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
     for (name, v) in [
-        ("emberd (TCP, bearer)", &direct),
+        ("emberd (TLS, bearer)", &direct),
         ("ember-cluster (SigV4)", &through),
     ] {
         println!(

@@ -32,6 +32,8 @@ fn run() -> Result<(), String> {
         physical_net: "10.201.0.0/16".parse().expect("valid"),
         state_dir: state.path().to_path_buf(),
         terminate_connections: true,
+        host_services: vec![],
+        denied: vec![],
     })?;
     let policy: EgressPolicy = serde_json::from_str(
         r#"{"DefaultAction":"Allow","Rules":[

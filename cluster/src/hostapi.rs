@@ -1,11 +1,14 @@
 //! The cluster's client for host daemons' APIs (emberd `--listen-tcp`):
-//! Lambda's REST shapes, each request with the hosts' bearer token.
+//! Lambda's REST shapes, each request with the hosts' bearer token, over
+//! mutual TLS only (`https://`; a plain `http://` endpoint is refused, so
+//! the token never crosses the network in the clear).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -43,15 +46,23 @@ pub enum HostError {
 
 #[derive(Clone)]
 pub struct HostClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     token: String,
 }
 
 impl HostClient {
-    pub fn new(token: &str) -> HostClient {
+    /// A client presenting `tls`'s certificate and checking the hosts'
+    /// against its CA.
+    pub fn new(token: &str, tls: &crate::tls::Tls) -> HostClient {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
         conn.set_nodelay(true);
+        conn.enforce_http(false);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls.client).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(conn);
         HostClient {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -60,7 +71,7 @@ impl HostClient {
         }
     }
 
-    /// One request to `endpoint` (`http://host:port`) + `path`, answered
+    /// One request to `endpoint` (`https://host:port`) + `path`, answered
     /// within `timeout`.
     pub async fn call(
         &self,
@@ -72,6 +83,12 @@ impl HostClient {
         timeout: Duration,
     ) -> Result<HostReply, HostError> {
         let uri = format!("{}{path}", endpoint.trim_end_matches('/'));
+        if !uri.starts_with("https://") {
+            return Err(HostError::Connect(format!(
+                "{uri}: hosts are reached over https:// only (mutual TLS); refusing to send \
+                 the token in the clear"
+            )));
+        }
         let mut req = Request::builder()
             .method(method)
             .uri(&uri)
@@ -136,5 +153,29 @@ impl HostClient {
             Duration::from_secs(30),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain `http://` host is refused before anything is sent: the
+    /// token never leaves in the clear.
+    #[tokio::test]
+    async fn plain_http_hosts_are_refused_unsent() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::tls::dev_certs(dir.path(), "cluster", &["localhost".into()]).unwrap();
+        let tls = crate::tls::Tls::load(&files).unwrap();
+        let client = HostClient::new("a-token-of-some-length", &tls);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        match client.get(&url, "/ember/v1/health").await {
+            Err(HostError::Connect(m)) => assert!(m.contains("https://"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let nothing = l.accept().map(|_| ()).unwrap_err();
+        assert_eq!(nothing.kind(), std::io::ErrorKind::WouldBlock);
     }
 }

@@ -33,3 +33,4 @@ pub mod queue;
 pub mod replay;
 pub mod service;
 pub mod sigv4;
+pub mod tls;

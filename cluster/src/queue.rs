@@ -569,9 +569,12 @@ mod tests {
 
     fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
         let store = embedded_store(dir);
+        let files = crate::tls::dev_certs(&dir.join("tls"), "cluster", &["localhost".into()])
+            .expect("dev certificates");
+        let tls = crate::tls::Tls::load(&files).expect("TLS settings");
         Cluster::new(
             store,
-            crate::hostapi::HostClient::new("t"),
+            crate::hostapi::HostClient::new("t", &tls),
             crate::service::Config {
                 replica_id: "r".into(),
                 region: "us-east-1".into(),

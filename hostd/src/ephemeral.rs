@@ -1,7 +1,8 @@
 //! A function's `/tmp` on a local disk (Lambda's `EphemeralStorage`): an
 //! ext4 image made for the snapshot build and mounted before the runtime
 //! starts, copied (sparse) for every instance restored from it, and, when
-//! an instance migrates, served read-only to the destination, whose VMM
+//! an instance migrates, served read-only to the destination (mutual TLS
+//! and a ticket in front of the export, `migrate::stream`), whose VMM
 //! fills its own copy on demand and in the background while the guest
 //! runs there (`fill_from`); the source's copy goes once the fill is done.
 
@@ -117,22 +118,5 @@ impl Drop for Export {
         if self.owns_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// Joins each TCP connection on `listener` to the unix socket `to`.
-pub async fn forward_tcp(listener: tokio::net::TcpListener, to: PathBuf) {
-    loop {
-        let Ok((mut tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
-        let to = to.clone();
-        tokio::spawn(async move {
-            if let Ok(mut u) = tokio::net::UnixStream::connect(&to).await {
-                tcp.set_nodelay(true).ok();
-                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut u).await;
-            }
-        });
     }
 }

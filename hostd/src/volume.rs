@@ -355,37 +355,6 @@ async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::i
     Ok(())
 }
 
-/// Serves NBD connections made on `listener` (in a VMM's jail) by joining
-/// each to `target`, until the task is aborted (a file export, which
-/// takes no credential).
-pub async fn forward_nbd(listener: tokio::net::UnixListener, target: NbdTarget) {
-    loop {
-        let Ok((mut vmm, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let target = target.clone();
-        tokio::spawn(async move {
-            let r = match &target {
-                NbdTarget::Unix(p) => match tokio::net::UnixStream::connect(p).await {
-                    Ok(mut s) => tokio::io::copy_bidirectional(&mut vmm, &mut s).await,
-                    Err(e) => Err(e),
-                },
-                NbdTarget::Tcp(a) => match tokio::net::TcpStream::connect(a).await {
-                    Ok(mut s) => {
-                        s.set_nodelay(true).ok();
-                        tokio::io::copy_bidirectional(&mut vmm, &mut s).await
-                    }
-                    Err(e) => Err(e),
-                },
-            };
-            if let Err(e) = r {
-                log::debug!("NBD connection to {target:?} ended: {e}");
-            }
-        });
-    }
-}
-
 /// Lambda's rule for `LocalMountPath` (`/mnt/` and a name), and a volume
 /// name the service takes.
 pub fn validate(fs: &crate::model::FileSystem) -> Result<(), ApiError> {

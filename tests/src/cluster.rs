@@ -51,6 +51,15 @@ impl ClusterApi {
             .arg("--host-token-file")
             .arg(token_file)
             .args(extra)
+            .args(
+                // Hosts are reached over mutual TLS only: a CA of its own
+                // unless the test shares one with its hosts.
+                (!extra.iter().any(|a| a.starts_with("--host-tls")))
+                    .then(|| ["--host-tls-dev-dir".into(), dir.path().join("tls")])
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<PathBuf>>(),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_cluster::hosts::{HostReport, Membership};
+use ember_cluster::tls::tokio_rustls::rustls::{ServerConfig, ServerConnection, StreamOwned};
 use ember_store::testing::EtcdProcess;
 use ember_store::Store;
 use ember_tests::cluster::{boto3, create_account, have_boto3, signed_request, ClusterApi, Key};
@@ -23,10 +24,11 @@ const BIG: usize = 2_000_000;
 
 type Counts = Arc<Mutex<HashMap<String, u32>>>;
 
-/// Answers one request of the cluster's host client.
-fn serve_one(mut s: TcpStream, counts: &Counts) -> std::io::Result<()> {
+/// Answers one request of the cluster's host client (inside TLS).
+fn serve_one(s: TcpStream, tls: Arc<ServerConfig>, counts: &Counts) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut r = BufReader::new(s.try_clone()?);
+    let conn = ServerConnection::new(tls).map_err(std::io::Error::other)?;
+    let mut r = BufReader::new(StreamOwned::new(conn, s));
     let mut line = String::new();
     r.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
@@ -79,6 +81,7 @@ fn serve_one(mut s: TcpStream, counts: &Counts) -> std::io::Result<()> {
                 b"{}".to_vec(),
             )
         };
+    let s = r.get_mut();
     write!(
         s,
         "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}X-Amz-Executed-Version: $LATEST\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -88,15 +91,21 @@ fn serve_one(mut s: TcpStream, counts: &Counts) -> std::io::Result<()> {
     s.flush()
 }
 
-/// The stand-in host on a free port: its endpoint.
-fn stand_in_host(counts: Counts) -> String {
+/// The stand-in host on a free port, with a certificate from the
+/// cluster's CA in `tls_dir` (hosts are reached over mutual TLS only): its
+/// endpoint.
+fn stand_in_host(counts: Counts, tls_dir: &std::path::Path) -> String {
+    let files = ember_cluster::tls::dev_certs(tls_dir, "stand-in", &["127.0.0.1".into()])
+        .expect("dev certificates");
+    let tls = ember_cluster::tls::Tls::load(&files).expect("TLS settings");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    let endpoint = format!("https://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             let counts = counts.clone();
+            let server = tls.server.clone();
             std::thread::spawn(move || {
-                let _ = serve_one(s, &counts);
+                let _ = serve_one(s, server, &counts);
             });
         }
     });
@@ -141,15 +150,24 @@ fn async_answers_too_large_for_etcd_run_within_their_retries() {
     let beta = create_account(&store_args, "beta");
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "a-test-token-of-some-length").unwrap();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let tls_arg = tls_dir.path().display().to_string();
     let api = ClusterApi::start(
         &store_args,
         token.path(),
-        &["--async-retry-delay-ms", "200", "--leader-ttl-secs", "3"],
+        &[
+            "--async-retry-delay-ms",
+            "200",
+            "--leader-ttl-secs",
+            "3",
+            "--host-tls-dev-dir",
+            &tls_arg,
+        ],
     );
     let url = api.url.clone();
 
     let counts: Counts = Default::default();
-    let endpoint = stand_in_host(counts.clone());
+    let endpoint = stand_in_host(counts.clone(), tls_dir.path());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -95,6 +95,9 @@ fn three_hosts_two_replicas_boto3_and_aws_cli() {
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "cluster-test-token-0123456789").unwrap();
     let token_path = token.path().display().to_string();
+    // One development CA for the hosts and the cluster (mutual TLS).
+    let tls_dir = tempfile::tempdir().unwrap();
+    let tls_path = tls_dir.path().display().to_string();
 
     // Three hosts, each in its namespace, at 10.213.N.2 (this side .1).
     let pid = std::process::id();
@@ -111,6 +114,8 @@ fn three_hosts_two_replicas_boto3_and_aws_cli() {
                 format!("{net}.2:8600"),
                 "--api-token-file".into(),
                 token_path.clone(),
+                "--tls-dev-dir".into(),
+                tls_path.clone(),
                 "--cluster-ttl-secs".into(),
                 "4".into(),
                 "--host-capacity".into(),
@@ -145,7 +150,14 @@ fn three_hosts_two_replicas_boto3_and_aws_cli() {
     let store = ["--etcd", etcd.url.as_str()];
     let alpha = create_account(&store, "alpha");
     let beta = create_account(&store, "beta");
-    let serve = ["--leader-ttl-secs", "3", "--async-retry-delay-ms", "1000"];
+    let serve = [
+        "--leader-ttl-secs",
+        "3",
+        "--async-retry-delay-ms",
+        "1000",
+        "--host-tls-dev-dir",
+        tls_path.as_str(),
+    ];
     let mut replicas = [
         ClusterApi::start(
             &store,

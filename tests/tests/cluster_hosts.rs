@@ -1,12 +1,17 @@
 //! emberd in a cluster: it joins the cluster store (a real etcd) with its
 //! report, heartbeats, is marked down by itself when killed, joins again
-//! when restarted and leaves at once when stopped; its API over TCP wants
-//! the token. No guest is booted.
+//! when restarted and leaves at once when stopped; its API over TCP is
+//! mutual TLS only and wants the token: no client certificate, another
+//! CA's, an expired one or plain HTTP get nothing, and emberd serves on
+//! after them. Without TLS settings emberd refuses --listen-tcp. No guest
+//! is booted.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_cluster::hosts::{live_hosts, HostReport};
+use ember_cluster::tls::{dev_certs, leaf_params, TlsFiles};
 use ember_store::testing::{free_port, EtcdProcess};
 use ember_store::Store;
 use ember_tests::emberd::Emberd;
@@ -34,8 +39,14 @@ async fn wait_for(
     }
 }
 
-fn curl_status(url: &str, token: Option<&str>) -> u16 {
+/// curl's status for `url` (0: no HTTP answer), presenting `cert` (the
+/// PEM files' stem in the dev directory) if given, trusting `ca`.
+fn curl_status(url: &str, token: Option<&str>, ca: &Path, cert: Option<&TlsFiles>) -> u16 {
     let mut c = Command::new("curl");
+    c.arg("--cacert").arg(ca);
+    if let Some(f) = cert {
+        c.arg("--cert").arg(&f.cert).arg("--key").arg(&f.key);
+    }
     c.args([
         "-s",
         "-o",
@@ -73,6 +84,8 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
     std::fs::write(token_file.path(), token).unwrap();
     let tcp = format!("127.0.0.1:{port}");
     let token_path = token_file.path().display().to_string();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let tls_path = tls_dir.path().display().to_string();
     let args = [
         "--no-network",
         "--cluster-etcd",
@@ -83,6 +96,8 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
         tcp.as_str(),
         "--api-token-file",
         token_path.as_str(),
+        "--tls-dev-dir",
+        tls_path.as_str(),
         "--cluster-ttl-secs",
         "3",
         "--host-capacity",
@@ -91,14 +106,54 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
     let mut d = Emberd::start(&args);
     let h = wait_for(&store, "host-a joins", |h| h.len() == 1).await;
     assert_eq!(h[0].id, "host-a");
-    assert_eq!(h[0].endpoint, format!("http://{tcp}"));
+    assert_eq!(h[0].endpoint, format!("https://{tcp}"));
     assert_eq!((h[0].capacity, h[0].running), (7, 0));
 
-    // The API over TCP: only with the token.
-    let health = format!("http://{tcp}/ember/v1/health");
-    assert_eq!(curl_status(&health, Some(token)), 200);
-    assert_eq!(curl_status(&health, None), 401);
-    assert_eq!(curl_status(&health, Some("wrong-token-wrong-token")), 401);
+    // The API over TCP: mutual TLS, and then only with the token.
+    let client = dev_certs(tls_dir.path(), "test-client", &["localhost".into()]).unwrap();
+    let ca = client.ca.clone();
+    let health = format!("https://{tcp}/ember/v1/health");
+    assert_eq!(curl_status(&health, Some(token), &ca, Some(&client)), 200);
+    assert_eq!(curl_status(&health, None, &ca, Some(&client)), 401);
+    assert_eq!(
+        curl_status(&health, Some("wrong-token-wrong-token"), &ca, Some(&client)),
+        401
+    );
+    // Strangers with the token: nothing without a certificate of the CA.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = dev_certs(other_dir.path(), "stranger", &["localhost".into()]).unwrap();
+    let expired = expired_cert(tls_dir.path());
+    let plain = format!("http://{tcp}/ember/v1/health");
+    let attempts: [(&str, u16); 5] = [
+        (
+            "no client certificate",
+            curl_status(&health, Some(token), &ca, None),
+        ),
+        (
+            "another CA's certificate",
+            curl_status(&health, Some(token), &ca, Some(&other)),
+        ),
+        (
+            "an expired certificate",
+            curl_status(&health, Some(token), &ca, Some(&expired)),
+        ),
+        (
+            "trusting another CA",
+            curl_status(&health, Some(token), &other.ca, Some(&client)),
+        ),
+        (
+            "plain http://",
+            curl_status(&plain, Some(token), &ca, Some(&client)),
+        ),
+    ];
+    eprintln!("{:<28} HTTP status (0: none)", "attempt");
+    for (what, st) in &attempts {
+        eprintln!("{what:<28} {st}");
+    }
+    let through = attempts.iter().filter(|(_, st)| *st != 0).count();
+    assert_eq!(through, 0, "{attempts:?}");
+    // emberd serves on after them.
+    assert_eq!(curl_status(&health, Some(token), &ca, Some(&client)), 200);
 
     // Still there after several TTLs: the heartbeats keep it.
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -121,6 +176,60 @@ async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
     d.stop();
     let h = hosts(&store).await;
     assert!(h.is_empty(), "a clean stop leaves at once: {h:?}");
+}
+
+/// A certificate of the dev CA in `dir` that expired in 2021.
+fn expired_cert(dir: &Path) -> TlsFiles {
+    let ca_key = rcgen_key(&dir.join("ca-key.pem"));
+    // The same name and key as the dev CA: what it signs chains to it.
+    let ca = dev_ca_again(&ca_key);
+    let key = ember_cluster::tls::rcgen::KeyPair::generate().unwrap();
+    let mut p = leaf_params("expired", &["localhost".into()]).unwrap();
+    p.not_before = ember_cluster::tls::rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = ember_cluster::tls::rcgen::date_time_ymd(2021, 1, 1);
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    let files = TlsFiles {
+        cert: dir.join("expired.pem"),
+        key: dir.join("expired-key.pem"),
+        ca: dir.join("ca.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    files
+}
+
+fn rcgen_key(path: &Path) -> ember_cluster::tls::rcgen::KeyPair {
+    ember_cluster::tls::rcgen::KeyPair::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn dev_ca_again(
+    key: &ember_cluster::tls::rcgen::KeyPair,
+) -> ember_cluster::tls::rcgen::Certificate {
+    ember_cluster::tls::dev_ca_params()
+        .self_signed(key)
+        .unwrap()
+}
+
+/// emberd will not serve its API over TCP without TLS.
+#[test]
+fn listen_tcp_without_tls_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-test-token-of-some-length").unwrap();
+    let out = Command::new(ember_tests::artifacts::workspace_bin("emberd"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--kernel")
+        .arg("/nonexistent")
+        .args(["--listen-tcp", "127.0.0.1:0", "--api-token-file"])
+        .arg(&token)
+        .output()
+        .expect("emberd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("needs TLS"), "{err}");
 }
 
 /// Volume attachments through emberd's API: it asks the volume service

@@ -13,9 +13,26 @@
 //!
 //! Each host builds each function's snapshot once (a guest boot each);
 //! every instance after that is restored or migrated.
+//!
+//! Hosts speak mutual TLS only (one development CA). During the first
+//! migration, strangers connect to the destination's migration port and
+//! to the source's disk export port as soon as they open (plain TCP,
+//! silent or with a made-up ticket; TLS without a client certificate;
+//! with another CA's; with a certificate of the hosts' CA but no
+//! ticket): the migration completes all the same, and none of them reads
+//! a byte.
 
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use ember_cluster::tls::tokio_rustls::rustls;
+use ember_cluster::tls::{dev_certs, TlsFiles};
 
 use ember_tests::emberd::{provided_bootstrap_counting_into, write_file, zip_dir, Emberd, Reply};
 use ember_tests::volumed::Volumed;
@@ -87,6 +104,8 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "migration-test-token-0123456789").unwrap();
     let token_path = token.path().display().to_string();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let tls_path = tls_dir.path().display().to_string();
     let vol_dir = tempfile::tempdir().unwrap();
     let vol = Volumed::start(vol_dir.path());
     let (st, v) = vol.call(
@@ -116,6 +135,8 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
             format!("{ip}:8600"),
             "--api-token-file".into(),
             token_path.clone(),
+            "--tls-dev-dir".into(),
+            tls_path.clone(),
             "--warm-instances".into(),
             "0".into(),
             "--host-id".into(),
@@ -160,7 +181,11 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         ]);
         ip(&["-n", ns, "link", "set", &b_dev, "up"]);
     });
-    let (a_url, b_url) = (format!("http://{a_ip}:8600"), format!("http://{b_ip}:8600"));
+    let (a_url, b_url) = (
+        format!("https://{a_ip}:8600"),
+        format!("https://{b_ip}:8600"),
+    );
+    let client = dev_certs(tls_dir.path(), "test-client", &["localhost".into()]).unwrap();
 
     let code = tempfile::tempdir().unwrap();
     write_file(
@@ -255,6 +280,10 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     assert_eq!(r.status, 404, "{}", r.text());
     let r = migrate(&a, &id, "ftp://elsewhere");
     assert_eq!(r.status, 400, "{}", r.text());
+    // Plain http:// to a peer is refused, not downgraded to.
+    let r = migrate(&a, &id, &format!("http://{b_ip}:8600"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("https://"), "{}", r.text());
     let r = a.post_json(
         &format!("/ember/v1/instances/{id}/migrate"),
         &json!({"Destination": b_url, "Bogus": 1}),
@@ -268,7 +297,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     );
     assert_eq!(r.status, 404, "not migrating: {}", r.text());
     // A destination that cannot be reached: the instance stays, counting.
-    let r = migrate(&a, &id, &format!("http://{b_ip}:9"));
+    let r = migrate(&a, &id, &format!("https://{b_ip}:9"));
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(
         r.text().contains("runs here still") || r.text().contains("destination"),
@@ -281,6 +310,12 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let r = b.in_netns(|| {
         Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .arg("--cacert")
+            .arg(&client.ca)
+            .arg("--cert")
+            .arg(&client.cert)
+            .arg("--key")
+            .arg(&client.key)
             .args(["-H", "Authorization: Bearer wrong-token-0123456789"])
             .args(["-d", "{}", &format!("{b_url}/ember/v1/migrations")])
             .output()
@@ -288,9 +323,49 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     });
     assert_eq!(String::from_utf8_lossy(&r.stdout), "401");
 
-    // A → B: the count goes on on B; nothing of it is left on A.
-    let rep = migrate_ok(&a, &b, &id, &b_url);
+    // A → B: the count goes on on B; nothing of it is left on A. Strangers
+    // try the migration and disk ports meanwhile.
+    let strangers = Strangers::new(tls_dir.path());
+    let stop = AtomicBool::new(false);
+    let rep = std::thread::scope(|s| {
+        let (strangers, stop) = (&strangers, &stop);
+        let (a, b, a_ip, b_ip) = (&a, &b, a_ip.as_str(), b_ip.as_str());
+        let on_b = s.spawn(move || b.in_netns(|| strangers.watch(b_ip, "migration (B)", stop)));
+        let on_a = s.spawn(move || a.in_netns(|| strangers.watch(a_ip, "disk export (A)", stop)));
+        let rep = migrate_ok(a, b, &id, &b_url);
+        // The disk is served until B's copy is whole.
+        let mid = rep["MigrationId"].as_str().unwrap().to_string();
+        wait_until(
+            "B's copy of the /tmp disk",
+            Duration::from_secs(120),
+            || {
+                let m = b.get(&format!("/ember/v1/migrations/{mid}")).json();
+                (m["DiskFilled"] == true).then_some(())
+            },
+        );
+        stop.store(true, Ordering::SeqCst);
+        on_a.join().expect("stranger A");
+        on_b.join().expect("stranger B");
+        rep
+    });
     eprintln!("A -> B: {rep}");
+    let table = strangers.table();
+    eprintln!("{:<16} {:<6} {:<44} outcome", "port", "", "attempt");
+    for (port, n, how, outcome) in &table {
+        eprintln!("{port:<16} {n:<6} {how:<44} {outcome}");
+    }
+    let tried = |what: &str| table.iter().filter(|t| t.0.starts_with(what)).count();
+    eprintln!(
+        "stranger attempts: {} on the migration port, {} on the disk port; successes: {}",
+        tried("migration"),
+        tried("disk"),
+        strangers.successes()
+    );
+    assert!(
+        tried("disk") > 0,
+        "the disk export port was never seen open"
+    );
+    assert_eq!(strangers.successes(), 0, "{table:?}");
     assert_eq!(rep["InstanceId"], id.as_str());
     assert!(rep["DowntimeMs"].as_u64().is_some(), "{rep}");
     assert!(rep["Bytes"].as_u64().unwrap_or(0) > 0, "{rep}");
@@ -413,4 +488,204 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let r = migrate(&a, &id, &b_url);
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(count(&a.invoke("counter", &json!({}))), 7);
+}
+
+/// Strangers at a host's ports: each port that opens on the host's address
+/// (other than the API's) is tried in every way below, once, at once.
+struct Strangers {
+    /// Trusts the hosts' CA, presents no certificate.
+    anonymous: Arc<rustls::ClientConfig>,
+    /// Trusts the hosts' CA, presents another CA's certificate.
+    other_ca: Arc<rustls::ClientConfig>,
+    /// A certificate of the hosts' CA, but no ticket.
+    insider: Arc<rustls::ClientConfig>,
+    /// (which port, port, attempt, outcome).
+    seen: Mutex<Vec<(String, String, String, String)>>,
+}
+
+fn client_config(files: &TlsFiles, present: bool) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&files.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(ember_cluster::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(if present {
+        let certs = CertificateDer::pem_file_iter(&files.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        b.with_client_auth_cert(certs, PrivateKeyDer::from_pem_file(&files.key).unwrap())
+            .unwrap()
+    } else {
+        b.with_no_client_auth()
+    })
+}
+
+impl Strangers {
+    fn new(hosts_ca_dir: &Path) -> Strangers {
+        let names = ["localhost".to_string()];
+        let insider = dev_certs(hosts_ca_dir, "insider", &names).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = dev_certs(other_dir.path(), "stranger", &names).unwrap();
+        other.ca = insider.ca.clone();
+        Strangers {
+            anonymous: client_config(&insider, false),
+            other_ca: client_config(&other, true),
+            insider: client_config(&insider, true),
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Listening ports on `ip` in this thread's network namespace.
+    fn ports(ip: &str) -> BTreeSet<u16> {
+        let want = u32::from(ip.parse::<std::net::Ipv4Addr>().unwrap()).swap_bytes();
+        let want = format!("{want:08X}");
+        let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (addr, port) = f.get(1)?.split_once(':')?;
+                (f.get(3) == Some(&"0A") && addr == want)
+                    .then(|| u16::from_str_radix(port, 16).ok())
+                    .flatten()
+            })
+            .filter(|p| *p != 8600)
+            .collect()
+    }
+
+    /// Until `stop`: every new port on `ip` gets every attempt.
+    fn watch(&self, ip: &str, what: &str, stop: &AtomicBool) {
+        let mut done = BTreeSet::new();
+        std::thread::scope(|s| {
+            while !stop.load(Ordering::SeqCst) {
+                for port in Self::ports(ip) {
+                    if done.insert(port) {
+                        let addr = format!("{ip}:{port}");
+                        s.spawn(move || self.attack(&addr, what, stop));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+    }
+
+    fn record(&self, what: &str, addr: &str, how: &str, r: Result<usize, String>) {
+        let port = addr.rsplit(':').next().unwrap_or("").to_string();
+        let mut outcome = match r {
+            Ok(0) => "closed, read nothing".to_string(),
+            Ok(n) => format!("READ {n} BYTES"),
+            Err(e) => format!("refused: {e}"),
+        };
+        outcome.truncate(80);
+        self.seen
+            .lock()
+            .unwrap()
+            .push((what.to_string(), port, how.to_string(), outcome));
+    }
+
+    fn attack(&self, addr: &str, what: &str, stop: &AtomicBool) {
+        std::thread::scope(|s| {
+            // A silent connection held while the migration goes on (the
+            // port took one connection before: this one would have ended it).
+            s.spawn(|| {
+                let r = TcpStream::connect(addr)
+                    .map_err(|e| e.to_string())
+                    .map(|mut t| {
+                        t.set_read_timeout(Some(Duration::from_millis(200))).ok();
+                        let mut b = [0u8; 64];
+                        let mut total = 0;
+                        while !stop.load(Ordering::SeqCst) {
+                            match t.read(&mut b) {
+                                Ok(0) => break,
+                                Ok(n) => total += n,
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                        }
+                        total
+                    });
+                self.record(what, addr, "plain TCP, silent, held open", r);
+            });
+            s.spawn(|| {
+                let r = plain_with_ticket(addr);
+                self.record(what, addr, "plain TCP + a made-up ticket", r);
+            });
+            for (how, cfg) in [
+                ("TLS without a client certificate", &self.anonymous),
+                ("TLS with another CA's certificate", &self.other_ca),
+                ("TLS with the hosts' CA's cert, wrong ticket", &self.insider),
+            ] {
+                s.spawn(move || {
+                    let r = tls_with_ticket(addr, cfg.clone());
+                    self.record(what, addr, how, r);
+                });
+            }
+        });
+    }
+
+    fn table(&self) -> Vec<(String, String, String, String)> {
+        let mut t = self.seen.lock().unwrap().clone();
+        t.sort();
+        t
+    }
+
+    fn successes(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.3.contains("READ"))
+            .count()
+    }
+}
+
+/// Reads what comes back within 15 s (or until closed).
+fn read_some(s: &mut impl Read) -> Result<usize, String> {
+    let mut b = [0u8; 256];
+    let mut total = 0;
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(_) if total > 0 => return Ok(total),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn plain_with_ticket(addr: &str) -> Result<usize, String> {
+    let mut t = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    t.set_read_timeout(Some(Duration::from_secs(15))).ok();
+    t.write_all(b"0123456789abcdef0123456789abcdef")
+        .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 8];
+    // A TLS alert (the answer of a TLS port to plain bytes) is no data.
+    match t.peek(&mut b) {
+        Ok(n) if (1..=7).contains(&n) && b[0] == 0x15 => {
+            return Err(format!("a TLS alert ({n} bytes), closed"))
+        }
+        _ => {}
+    }
+    read_some(&mut t)
+}
+
+fn tls_with_ticket(addr: &str, cfg: Arc<rustls::ClientConfig>) -> Result<usize, String> {
+    let ip: std::net::IpAddr = addr.rsplit_once(':').unwrap().0.parse().unwrap();
+    let conn = rustls::ClientConnection::new(cfg, rustls::pki_types::ServerName::from(ip))
+        .map_err(|e| e.to_string())?;
+    let t = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    t.set_read_timeout(Some(Duration::from_secs(15))).ok();
+    let mut s = rustls::StreamOwned::new(conn, t);
+    s.write_all(b"0123456789abcdef0123456789abcdef")
+        .map_err(|e| e.to_string())?;
+    read_some(&mut s)
 }

@@ -175,6 +175,7 @@ fn no_guest_reaches_the_host_or_another_instance() {
     let tmp = tempfile::tempdir().unwrap();
     let token = tmp.path().join("token");
     write_file(&token, "isolation-test-token\n", 0o600);
+    let tls_dir = tmp.path().join("tls");
     let open = format!("{HOST_SERVICE_IP}:{OPEN_PORT}");
     let listen = format!("{HOST_SERVICE_IP}:{API_PORT}");
     // "The outside": a namespace beyond emberd's, routed through it, with
@@ -188,6 +189,8 @@ fn no_guest_reaches_the_host_or_another_instance() {
             &listen,
             "--api-token-file",
             token.to_str().unwrap(),
+            "--tls-dev-dir",
+            tls_dir.to_str().unwrap(),
             "--allow-guest-to-host",
             &open,
             "--deny-guest-net",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ember_cluster::hostapi::HostClient;
 use ember_cluster::service::{Cluster, Config};
+use ember_cluster::tls::{Tls, TlsFiles};
 use ember_store::Store;
 
 #[derive(Debug, Parser)]
@@ -44,6 +45,20 @@ enum Command {
         /// The token hosts' APIs want (their --api-token-file).
         #[arg(long)]
         host_token_file: PathBuf,
+        /// The certificate this replica presents to hosts (signed by
+        /// --host-tls-ca); hosts' APIs are reached over mutual TLS only.
+        #[arg(long, requires_all = ["host_tls_key", "host_tls_ca"], conflicts_with = "host_tls_dev_dir")]
+        host_tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "host_tls_cert")]
+        host_tls_key: Option<PathBuf>,
+        /// The CA hosts' certificates are checked against.
+        #[arg(long, requires = "host_tls_cert")]
+        host_tls_ca: Option<PathBuf>,
+        /// Development only: a CA and this replica's certificate made in
+        /// this directory (the CA kept there, shared with hosts given the
+        /// same --tls-dev-dir).
+        #[arg(long)]
+        host_tls_dev_dir: Option<PathBuf>,
         /// This replica's id (default: hostname and port).
         #[arg(long)]
         replica_id: Option<String>,
@@ -131,6 +146,10 @@ async fn run(args: Args) {
         Command::Serve {
             listen,
             host_token_file,
+            host_tls_cert,
+            host_tls_key,
+            host_tls_ca,
+            host_tls_dev_dir,
             replica_id,
             region,
             leader_ttl_secs,
@@ -154,7 +173,21 @@ async fn run(args: Args) {
                 body_budget: body_budget_mib.saturating_mul(1 << 20),
                 replay_cache_entries,
             };
-            serve(store, HostClient::new(&token), cfg, listen).await
+            let files = match (host_tls_cert, host_tls_key, host_tls_ca, host_tls_dev_dir) {
+                (Some(cert), Some(key), Some(ca), None) => TlsFiles { cert, key, ca },
+                (None, None, None, Some(dir)) => {
+                    let name = format!("ember-cluster-{}", cfg.replica_id);
+                    ember_cluster::tls::dev_certs(&dir, &name, &["localhost".into()])
+                        .unwrap_or_else(|e| fail(format!("development certificates: {e}")))
+                }
+                _ => fail(
+                    "hosts are reached over mutual TLS: give --host-tls-cert, --host-tls-key \
+                     and --host-tls-ca (or --host-tls-dev-dir for development)"
+                        .into(),
+                ),
+            };
+            let tls = Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}")));
+            serve(store, HostClient::new(&token, &tls), cfg, listen).await
         }
     }
 }

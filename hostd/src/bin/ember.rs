@@ -176,7 +176,7 @@ enum Cmd {
     /// Migrate a running instance (see `ember pools`) to another host.
     Migrate {
         instance: String,
-        /// The destination host's API, http://HOST:PORT (its --listen-tcp).
+        /// The destination host's API, https://HOST:PORT (its --listen-tcp; mutual TLS).
         #[arg(long, required_unless_present = "cancel")]
         to: Option<String>,
         /// Cancel the instance's migration (before its switch-over).
@@ -200,6 +200,20 @@ enum Cmd {
     Migrations,
     /// Check the daemon.
     Health,
+    /// Development certificates (no daemon needed): a CA in DIR if it has
+    /// none, and a certificate for NAME signed by it, for emberd's
+    /// --tls-cert/--tls-key/--tls-ca and ember-cluster's --host-tls-*.
+    /// The CA's key stays in DIR: for development and tests only.
+    TlsCert {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate's name (its files: NAME.pem, NAME-key.pem).
+        #[arg(long)]
+        name: String,
+        /// Addresses and DNS names peers reach it at (repeatable).
+        #[arg(long = "san", value_name = "IP|NAME", default_value = "localhost")]
+        sans: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,6 +356,15 @@ fn spec_json(spec: &SpecArgs) -> Value {
 
 fn main() {
     let cli = Cli::parse();
+    if let Cmd::TlsCert { dir, name, sans } = &cli.cmd {
+        match ember_cluster::tls::dev_certs(dir, name, sans) {
+            Ok(f) => {
+                println!("{}", json!({"Cert": f.cert, "Key": f.key, "Ca": f.ca}));
+                return;
+            }
+            Err(e) => die(e),
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -638,6 +661,7 @@ fn main() {
         },
         Cmd::Migrations => print(&c.json("GET", "/ember/v1/migrations", None)),
         Cmd::Health => print(&c.json("GET", "/ember/v1/health", None)),
+        Cmd::TlsCert { .. } => unreachable!("handled above"),
     }
 }
 

@@ -110,10 +110,29 @@ struct Args {
     /// repeatable.
     #[arg(long, value_name = "CIDR")]
     deny_guest_net: Vec<ipnet::Ipv4Net>,
-    /// Also serve the API over TCP on this address, for the cluster (needs
-    /// --api-token-file; requests carry `Authorization: Bearer TOKEN`).
+    /// Also serve the API over TCP on this address, for the cluster and
+    /// the other hosts: mutual TLS only (needs --tls-cert, --tls-key and
+    /// --tls-ca, or --tls-dev-dir) and a token (--api-token-file; requests
+    /// carry `Authorization: Bearer TOKEN`). Migration streams and disk
+    /// exports use ports on this address, with the same TLS.
     #[arg(long)]
     listen_tcp: Option<std::net::SocketAddr>,
+    /// This host's certificate (PEM, leaf first), signed by --tls-ca; it is
+    /// presented to peers as server and as client.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "tls_dev_dir")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA every peer's certificate must be signed by (other hosts, the
+    /// cluster): connections without such a certificate are refused.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Development only: make a CA in this directory if it has none (its
+    /// key stays there) and a certificate for this host signed by it;
+    /// hosts given the same directory trust each other.
+    #[arg(long)]
+    tls_dev_dir: Option<PathBuf>,
     /// A file holding the token TCP requests must carry.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
@@ -128,7 +147,7 @@ struct Args {
     /// the hostname).
     #[arg(long)]
     host_id: Option<String>,
-    /// The URL the cluster reaches this host's API at (default: http://
+    /// The URL the cluster reaches this host's API at (default: https://
     /// and --listen-tcp).
     #[arg(long)]
     advertise: Option<String>,
@@ -205,6 +224,13 @@ fn absolute(p: PathBuf) -> PathBuf {
     std::fs::canonicalize(&p).unwrap_or(p)
 }
 
+/// The host of a URL like `https://HOST:PORT/`.
+fn url_host(url: &str) -> Option<String> {
+    let uri: hyper::Uri = url.parse().ok()?;
+    uri.host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
 fn fail(msg: String) -> ! {
     log::error!("{msg}");
     eprintln!("emberd: {msg}");
@@ -225,6 +251,13 @@ fn main() {
 }
 
 async fn run(mut args: Args) {
+    // The TCP API (and so migrations) is mutual TLS or nothing.
+    if let (Some(addr), None, None) = (args.listen_tcp, &args.tls_cert, &args.tls_dev_dir) {
+        fail(format!(
+            "--listen-tcp {addr} needs TLS: --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir \
+             for development); the TCP API is never served in the clear"
+        ));
+    }
     args.kernel = absolute(args.kernel);
     args.rootfs_provided = args.rootfs_provided.map(absolute);
     args.rootfs_python3 = args.rootfs_python3.map(absolute);
@@ -322,10 +355,50 @@ async fn run(mut args: Args) {
         }
         token.trim().to_string()
     });
-    let peers = match (args.listen_tcp, &token) {
-        (Some(addr), Some(token)) => Some(ember_hostd::migrate::PeerConfig {
+    // TLS for everything on TCP: there is no plaintext TCP.
+    let tls = match (args.listen_tcp, &args.tls_cert, &args.tls_dev_dir) {
+        (None, None, None) => None,
+        (None, _, _) => fail("--tls-cert/--tls-dev-dir are for --listen-tcp".into()),
+        (Some(_), Some(cert), None) => Some(ember_cluster::tls::TlsFiles {
+            cert: cert.clone(),
+            key: args.tls_key.clone().unwrap_or_default(),
+            ca: args.tls_ca.clone().unwrap_or_default(),
+        }),
+        (Some(addr), None, Some(dir)) => {
+            let mut names = vec![
+                addr.ip().to_string(),
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ];
+            if let Some(h) = args.advertise.as_deref().and_then(url_host) {
+                names.push(h);
+            }
+            names.sort();
+            names.dedup();
+            let files = ember_cluster::tls::dev_certs(dir, &host_id, &names)
+                .unwrap_or_else(|e| fail(format!("development certificates: {e}")));
+            log::warn!(
+                "--tls-dev-dir: using the development CA in {} (not for production)",
+                dir.display()
+            );
+            Some(files)
+        }
+        (Some(_), Some(_), Some(_)) => {
+            fail("--tls-cert and --tls-dev-dir exclude each other".into())
+        }
+        (Some(addr), None, None) => fail(format!(
+            "--listen-tcp {addr} needs TLS: --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir \
+             for development); the TCP API is never served in the clear"
+        )),
+    };
+    let tls = tls.map(|files| {
+        ember_cluster::tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}")))
+    });
+    let peers = match (args.listen_tcp, &token, &tls) {
+        (Some(addr), Some(token), Some(tls)) => Some(ember_hostd::migrate::PeerConfig {
             token: token.clone(),
             stream_ip: addr.ip(),
+            tls: tls.clone(),
         }),
         _ => None,
     };
@@ -389,12 +462,15 @@ async fn run(mut args: Args) {
     );
     let app = ember_hostd::api::router(d.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let tcp = match (args.listen_tcp, &token) {
-        (None, _) => None,
-        (Some(_), None) => fail("--listen-tcp needs --api-token-file".into()),
-        (Some(addr), Some(token)) => {
+    let tcp = match (args.listen_tcp, &token, &tls) {
+        (None, _, _) => None,
+        (Some(_), None, _) => fail("--listen-tcp needs --api-token-file".into()),
+        (Some(_), Some(_), None) => fail("--listen-tcp needs TLS".into()),
+        (Some(addr), Some(token), Some(tls)) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
+                .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
+            let l = ember_cluster::tls::TlsListener::new(l, tls)
                 .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
             let hash = std::sync::Arc::new(ember_hostd::cluster::token_hash(token));
             let app = app.clone().layer(axum::middleware::from_fn_with_state(
@@ -402,7 +478,7 @@ async fn run(mut args: Args) {
                 ember_hostd::cluster::require_token,
             ));
             let mut stop = stop_rx.clone();
-            log::info!("also serving the API on tcp {addr}");
+            log::info!("also serving the API on tcp {addr} (mutual TLS)");
             Some(tokio::spawn(async move {
                 let r = axum::serve(l, app)
                     .with_graceful_shutdown(async move {
@@ -421,7 +497,7 @@ async fn run(mut args: Args) {
         let endpoint = args
             .advertise
             .clone()
-            .or_else(|| args.listen_tcp.map(|a| format!("http://{a}")))
+            .or_else(|| args.listen_tcp.map(|a| format!("https://{a}")))
             .unwrap_or_else(|| fail("--cluster-etcd needs --advertise or --listen-tcp".into()));
         let cfg = ember_hostd::cluster::ClusterConfig {
             etcd: args.cluster_etcd.clone(),

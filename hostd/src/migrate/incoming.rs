@@ -32,9 +32,12 @@ pub struct IncomingRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logical: Option<LogicalNet>,
     /// `HOST:PORT` where the source serves the instance's `/tmp` disk
-    /// (read-only NBD) for this host's copy to fill from.
+    /// (read-only NBD inside mutual TLS) for this host's copy to fill from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_source: Option<String>,
+    /// The ticket connections to `disk_source` open with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_ticket: Option<String>,
 }
 
 /// The answer: where to send the stream, and the ticket to open it with.
@@ -182,12 +185,17 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         }
     };
     let with_tmp_disk = v.spec.ephemeral_mib.is_some();
-    let fill_from = match (with_tmp_disk, &req.disk_source) {
-        (false, _) => None,
-        (true, Some(addr)) => Some(crate::volume::NbdTarget::Tcp(addr.clone())),
-        (true, None) => {
+    let fill_from = match (with_tmp_disk, &req.disk_source, &req.disk_ticket) {
+        (false, _, _) => None,
+        (true, Some(addr), Some(ticket)) => Some(super::stream::PeerTarget {
+            addr: addr.clone(),
+            ticket: ticket.clone(),
+            tls: peers.tls.clone(),
+        }),
+        (true, _, _) => {
             return Err(ApiError::invalid(format!(
-                "{}:{} has a /tmp disk: DiskSource must say where the source serves it",
+                "{}:{} has a /tmp disk: DiskSource and DiskTicket must say where and how the \
+                 source serves it",
                 req.function_name, req.version
             )))
         }
@@ -246,7 +254,7 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
     );
     let d = d.clone();
     tokio::spawn(async move {
-        let outcome = receive(&inst, listener, ticket, abort_rx).await;
+        let outcome = receive(&inst, listener, ticket, peers.tls, abort_rx).await;
         let outcome = match outcome {
             Ok(()) => inst
                 .adopt_migrated()
@@ -359,13 +367,17 @@ async fn receive(
     inst: &Instance,
     listener: tokio::net::TcpListener,
     ticket: String,
+    tls: ember_cluster::tls::Tls,
     mut abort: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
+    // Strangers' connections are refused meanwhile; the port waits on for
+    // the source's.
     let mut stream = tokio::spawn(serve_incoming(
         listener,
         ticket,
         inst.migration_in_socket(),
         Duration::from_secs(60),
+        tls,
     ));
     let start = Instant::now();
     let mut stream_end: Option<Instant> = None;

@@ -7,7 +7,10 @@
 //! ticket. Each VMM speaks the migration stream on a unix socket in its
 //! jail; each hostd carries it over TCP between them ([`stream`]), so the
 //! VMMs, jailed in their own network namespaces, need no route to each
-//! other. The VMMs' pre-copy moves the VM (`PUT /migrate/send`): the
+//! other. Every such connection is mutual TLS (both hosts' certificates
+//! signed by the cluster's CA) and, on the stream and disk ports, opens
+//! with a one-use ticket; a stranger's connection is closed and the port
+//! waits on for the right peer. The VMMs' pre-copy moves the VM (`PUT /migrate/send`): the
 //! source pauses, its TCP connections are reset (`terminate_connections_on_pause`;
 //! the guest's physical address changes), and the destination resumes.
 //! The destination then connects to the guest agent and puts the instance
@@ -28,6 +31,9 @@ pub struct PeerConfig {
     /// Where migration streams to this host are accepted (the address of
     /// `--listen-tcp`; port 0: one port per migration).
     pub stream_ip: std::net::IpAddr,
+    /// This host's TLS identity: every connection between hosts (API,
+    /// migration streams, disk exports) is mutual TLS with it.
+    pub tls: ember_cluster::tls::Tls,
 }
 
 /// How long a migration may take before it is given up.

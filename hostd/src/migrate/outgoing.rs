@@ -10,8 +10,8 @@ use hyper::Method;
 use serde::{Deserialize, Serialize};
 
 use super::incoming::{IncomingAnswer, IncomingRequest, IncomingStatus, Phase, SwitchOverAnswer};
-use super::stream::serve_outgoing;
-use super::{ended, MIGRATION_TIMEOUT};
+use super::stream::{new_ticket, serve_checked, serve_outgoing, PeerTarget};
+use super::{ended, PeerConfig, MIGRATION_TIMEOUT};
 use crate::daemon::Daemon;
 use crate::error::ApiError;
 use crate::pool::Taking;
@@ -21,7 +21,7 @@ use crate::vm::Instance;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct MigrateInput {
-    /// The destination host's API, `http://HOST:PORT` (its `--listen-tcp`).
+    /// The destination host's API, `https://HOST:PORT` (its `--listen-tcp`).
     pub destination: String,
     /// The pause the guest may see (the VMM's `downtime_ms`).
     #[serde(default)]
@@ -64,9 +64,11 @@ fn api_host(destination: &str) -> Result<String, ApiError> {
     let uri: hyper::Uri = destination
         .parse()
         .map_err(|e| ApiError::invalid(format!("Destination {destination:?}: {e}")))?;
-    if uri.scheme_str() != Some("http") {
+    // Hosts speak mutual TLS only: a plain http:// destination is refused,
+    // not downgraded to.
+    if uri.scheme_str() != Some("https") {
         return Err(ApiError::invalid(format!(
-            "Destination {destination:?} must be http://HOST:PORT"
+            "Destination {destination:?} must be https://HOST:PORT (hosts speak TLS only)"
         )));
     }
     let host = uri
@@ -116,11 +118,13 @@ pub async fn migrate_instance(
     input: &MigrateInput,
 ) -> Result<MigrationReport, ApiError> {
     let peers = d.cfg.peers.clone().ok_or_else(|| {
-        ApiError::invalid("migrations need --listen-tcp and --api-token-file (the hosts' token)")
+        ApiError::invalid(
+            "migrations need --listen-tcp, --api-token-file (the hosts' token) and TLS",
+        )
     })?;
     let host = api_host(&input.destination)?;
     let (key, inst, waited) = take(d, id).await?;
-    let r = send(d, &peers.token, &host, &key, &inst, input).await;
+    let r = send(d, &peers, &host, &key, &inst, input).await;
     match r {
         Ok(mut report) => {
             report.waited_for_invocation_ms = waited;
@@ -144,7 +148,7 @@ pub async fn migrate_instance(
 
 async fn send(
     d: &Daemon,
-    token: &str,
+    peers: &PeerConfig,
     host: &str,
     key: &(String, String),
     inst: &Instance,
@@ -179,8 +183,9 @@ async fn send(
         code_sha256: v.spec.code_sha256.clone(),
         logical: v.snapshot.as_ref().and_then(|s| s.network),
         disk_source: disk.as_ref().map(|s| s.addr.clone()),
+        disk_ticket: disk.as_ref().map(|s| s.ticket.clone()),
     };
-    let peer = HostClient::new(token);
+    let peer = HostClient::new(&peers.token, &peers.tls);
     let dest = input.destination.trim_end_matches('/');
     let body = serde_json::to_value(&req).map_err(|e| ApiError::service(e.to_string()))?;
     let r = peer
@@ -221,12 +226,12 @@ async fn send(
             return Err(failed(format!("migration socket: {e}")));
         }
     };
-    let stream = tokio::spawn(serve_outgoing(
-        listener,
-        stream_addr,
-        answer.ticket.clone(),
-        Duration::from_secs(30),
-    ));
+    let target = PeerTarget {
+        addr: stream_addr,
+        ticket: answer.ticket.clone(),
+        tls: peers.tls.clone(),
+    };
+    let stream = tokio::spawn(serve_outgoing(listener, target, Duration::from_secs(30)));
     // A fresh agent connection is made on whichever host runs the VM.
     inst.close_agent().await;
     let downtime = input.downtime_ms.unwrap_or(300);
@@ -339,12 +344,15 @@ async fn send(
     })
 }
 
-/// A migrating instance's disk, served to the destination over TCP.
+/// A migrating instance's disk, served to the destination over TCP
+/// (mutual TLS, then the ticket).
 struct ServedDisk {
     export: crate::ephemeral::Export,
     task: tokio::task::JoinHandle<()>,
     /// `HOST:PORT` for the destination.
     addr: String,
+    /// What the destination's connections must open with.
+    ticket: String,
 }
 
 impl Drop for ServedDisk {
@@ -354,12 +362,12 @@ impl Drop for ServedDisk {
 }
 
 async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, ApiError> {
-    let ip = d
+    let peers = d
         .cfg
         .peers
         .as_ref()
-        .map(|p| p.stream_ip)
         .ok_or_else(|| ApiError::invalid("migrations need --listen-tcp"))?;
+    let ip = peers.stream_ip;
     let export = crate::ephemeral::Export::start(&d.cfg.export_bin, dir)
         .await
         .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
@@ -370,11 +378,19 @@ async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, Api
         .local_addr()
         .map_err(|e| ApiError::service(e.to_string()))?
         .to_string();
-    let task = tokio::spawn(crate::ephemeral::forward_tcp(
+    let ticket = new_ticket();
+    let task = tokio::spawn(serve_checked(
         listener,
+        peers.tls.clone(),
+        ticket.clone(),
         export.socket.clone(),
     ));
-    Ok(ServedDisk { export, task, addr })
+    Ok(ServedDisk {
+        export,
+        task,
+        addr,
+        ticket,
+    })
 }
 
 /// Waits (up to half an hour) for the destination to say its copy of the

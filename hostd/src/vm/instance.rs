@@ -684,7 +684,7 @@ impl Instance {
         vcpus: u32,
         net: Option<&NetRequest>,
         volume: Option<&crate::volume::Grant>,
-        fill_tmp_from: Option<crate::volume::NbdTarget>,
+        fill_tmp_from: Option<crate::migrate::stream::PeerTarget>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
             (vm_paths::ROOTFS, files.rootfs.as_path()),
@@ -724,7 +724,7 @@ impl Instance {
             }
         }
         if let (Some(t), Some(dir)) = (fill_tmp_from, &disk_dir) {
-            let sock = match inst.start_forwarder(vm_paths::FILL, t) {
+            let sock = match inst.start_peer_forwarder(vm_paths::FILL, t) {
                 Ok(s) => s,
                 Err(e) => {
                     inst.destroy().await;
@@ -778,14 +778,15 @@ impl Instance {
         Ok(self.vm(vm_paths::NBD))
     }
 
-    /// Listens at `vm_path` in the jail and joins each connection to `target`.
-    fn start_forwarder(
+    /// Listens at `vm_path` in the jail and joins each connection to the
+    /// peer host's port `target` (mutual TLS and its ticket).
+    fn start_peer_forwarder(
         &self,
         vm_path: &str,
-        target: crate::volume::NbdTarget,
+        target: crate::migrate::stream::PeerTarget,
     ) -> std::io::Result<PathBuf> {
         let l = self.listen_for_vmm(vm_path)?;
-        let task = tokio::spawn(crate::volume::forward_nbd(l, target));
+        let task = tokio::spawn(crate::migrate::stream::forward_to_peer(l, target));
         self.tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
