@@ -446,6 +446,17 @@ pub fn allow_inet(on: bool) {
     INET.store(on, Ordering::SeqCst);
 }
 
+/// Why this VMM cannot open TCP connections (filters on, without
+/// [`allow_inet`]): a clear error instead of a seccomp kill.
+pub fn inet_refused() -> Option<std::io::Error> {
+    (ENABLED.load(Ordering::SeqCst) && !INET.load(Ordering::SeqCst)).then(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "this VMM's seccomp filter allows unix sockets only (start it with --allow-inet for TCP)",
+        )
+    })
+}
+
 fn this_process() -> u64 {
     // SAFETY: getpid has no preconditions.
     (unsafe { libc::getpid() }) as u64

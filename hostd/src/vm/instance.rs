@@ -1193,3 +1193,30 @@ impl Drop for Instance {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Live VMMs never share a jail uid; a uid is free again once its
+    /// lease (held until the VMM is reaped) is dropped. (Before, uids were
+    /// `uid_base + counter % uid_count`: the fourth VMM of three uids got
+    /// the first one's while it still ran.)
+    #[test]
+    fn jail_uids_are_unique_among_live_vmms() {
+        let base = 3_000_000;
+        let a = UidLease::take(base, 3).unwrap();
+        let b = UidLease::take(base, 3).unwrap();
+        let c = UidLease::take(base, 3).unwrap();
+        let mut uids = vec![a.uid(), b.uid(), c.uid()];
+        uids.sort();
+        assert_eq!(uids, vec![base, base + 1, base + 2]);
+        let e = UidLease::take(base, 3).unwrap_err();
+        assert!(e.to_string().contains("held by live VMMs"), "{e}");
+        let freed = b.uid();
+        drop(b);
+        let d = UidLease::take(base, 3).unwrap();
+        assert_eq!(d.uid(), freed);
+        drop((a, c, d));
+    }
+}
