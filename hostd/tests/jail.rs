@@ -49,6 +49,14 @@ fn run(spec: &JailSpec) -> Output {
         .expect("spawn ember-jailer")
 }
 
+/// Stops a jailer as hostd does: SIGTERM, which kills its program; it
+/// exits once it has reaped the program.
+fn stop(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap()
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -125,6 +133,7 @@ fn busybox_in_a_jail() {
     spec.cpus = Some(0.5);
     let script = r#"
         echo "ID $(id)"
+        echo "PID $$ HOST $(hostname)"
         echo "LS" $(ls /)
         echo "DEV" $(ls /dev /dev/net)
         grep -E '^(Uid|CapEff|CapPrm|NoNewPrivs):' /proc/self/status
@@ -147,6 +156,8 @@ fn busybox_in_a_jail() {
     eprintln!("{text}");
 
     assert!(text.contains(&format!("ID uid={UID} gid={GID}")), "{text}");
+    // PID 1 of its own PID namespace, with the jail id as host name.
+    assert!(text.contains(&format!("PID 1 HOST {id}")), "{text}");
     // Nothing but what the spec asked for.
     assert!(
         text.contains("LS busybox data dev etc out proc run rw"),
@@ -160,7 +171,7 @@ fn busybox_in_a_jail() {
     assert!(text.contains("CapEff:\t0000000000000000"), "{text}");
     assert!(text.contains("CapPrm:\t0000000000000000"), "{text}");
     assert!(text.contains("NoNewPrivs:\t1"), "{text}");
-    // Only the jail's own processes (sh, ls) and no /proc/sys & co.
+    // Only the jail's own processes (sh as PID 1, ls) and no /proc/sys & co.
     let procs: Vec<&str> = text
         .lines()
         .find_map(|l| l.strip_prefix("PROC "))
@@ -168,8 +179,12 @@ fn busybox_in_a_jail() {
         .split_whitespace()
         .collect();
     assert!(procs.contains(&"self"), "{procs:?}");
+    assert!(!procs.contains(&"sys") && procs.contains(&"1"), "{procs:?}");
     assert!(
-        !procs.contains(&"sys") && !procs.contains(&"1"),
+        procs
+            .iter()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .all(|p| p < 10),
         "{procs:?}"
     );
     assert!(procs.len() <= 6, "{procs:?}");
@@ -260,14 +275,27 @@ fn failures_and_cleanup_refusals() {
         .unwrap();
     let layout = cgroup::detect().unwrap().unwrap();
     let procs = layout.dirs(&id)[0].join("cgroup.procs");
+    let mut jailed = 0;
     wait_until("the jailed sleep", Duration::from_secs(10), || {
-        std::fs::read_to_string(&procs).is_ok_and(|p| p.trim() == child.id().to_string())
-            && std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
+        jailed = jail::jailed_pid(child.id()).unwrap_or(0);
+        jailed != 0
+            && std::fs::read_to_string(&procs).is_ok_and(|p| {
+                let mut v: Vec<&str> = p.split_whitespace().collect();
+                v.sort();
+                let mut want = [child.id().to_string(), jailed.to_string()];
+                want.sort();
+                v == want
+            })
+            && std::fs::read_to_string(format!("/proc/{jailed}/comm"))
                 .is_ok_and(|c| c.trim() == "busybox")
     });
-    // Same pid, now the unprivileged program.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    // The jailer's child, now the unprivileged program, PID 1 of its namespace.
+    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
     assert!(status.contains(&format!("Uid:\t{UID}\t")), "{status}");
+    assert!(
+        status.contains(&format!("NSpid:\t{jailed}\t1\n")),
+        "{status}"
+    );
 
     // A second jail with the same id is refused.
     let out = run(&spec);
@@ -282,8 +310,12 @@ fn failures_and_cleanup_refusals() {
         other => panic!("{other:?}"),
     }
     assert!(spec.root().join("busybox").exists());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let status = stop(&mut child);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
 
     // A mount under the jail directory in this namespace: refused.
     let mnt = spec.root().join("dev");
@@ -432,7 +464,8 @@ fn ember_vmm_in_a_jail_boots_a_guest() {
     let (code, body) = api(&sock, "GET", "/", None);
     assert_eq!(code, 200);
     assert!(body.contains(&format!("\"id\":\"{id}\"")), "{body}");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let vmm_pid = jail::jailed_pid(child.id()).expect("the jailed VMM");
+    let status = std::fs::read_to_string(format!("/proc/{vmm_pid}/status")).unwrap();
     assert!(status.contains(&format!("Uid:\t{UID}\t")), "{status}");
     assert!(
         status.contains("Seccomp:\t2"),
@@ -507,10 +540,353 @@ fn ember_vmm_in_a_jail_boots_a_guest() {
     assert!(usage.memory_current > 0);
     std::io::stderr().flush().unwrap();
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let status = stop(&mut child);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
     jail::cleanup(base.path(), &id).unwrap();
     assert!(!base.path().join(&id).exists());
     assert_cgroup_gone(&id);
     assert!(kernel.is_file() && rootfs.is_file());
+}
+
+/// The escape probe's resource limits (small, to be reached quickly).
+const PROBE_FSIZE: u64 = 1 << 20;
+const PROBE_NOFILE: u64 = 64;
+const PROBE_NPROC: u64 = 16;
+/// Where the probe finds its input in its jail (and its mark).
+const PROBE_IN: &str = "/probe-in";
+
+/// Runs `f` in a child process, under the VMM's seccomp filter if
+/// `filtered`; `f` returns 0 when the attempt got through, or the errno
+/// that stopped it. The outcome in words, and whether it got through.
+fn probe_attempt(filtered: bool, f: fn() -> i32) -> (String, bool) {
+    // SAFETY: the child only makes system calls and, under a filter,
+    // compiles and installs it (glibc's fork keeps malloc usable).
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            if filtered {
+                ember_vmm::seccomp::enable(true);
+                ember_vmm::seccomp::apply_for_current_thread(ember_vmm::seccomp::ThreadKind::Vmm);
+            }
+            let code = f();
+            // SAFETY: leaving the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            use nix::sys::wait::{waitpid, WaitStatus};
+            match waitpid(child, None).expect("waitpid") {
+                WaitStatus::Exited(_, 0) => ("ALLOWED".into(), true),
+                WaitStatus::Exited(_, 148) => ("killed by the seccomp filter (148)".into(), false),
+                WaitStatus::Exited(_, e) => (
+                    format!("refused: {}", nix::errno::Errno::from_raw(e)),
+                    false,
+                ),
+                other => (format!("ended: {other:?}"), false),
+            }
+        }
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(255)
+        .min(255)
+}
+
+fn victim_pid() -> i32 {
+    std::fs::read_to_string(Path::new(PROBE_IN).join("victim"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A syscall's result as an attempt's: 0 if it succeeded, else its errno.
+fn outcome(r: i64) -> i32 {
+    if r >= 0 {
+        0
+    } else {
+        errno().max(1)
+    }
+}
+
+/// Inside the probe jail (skipped anywhere else): tries each way out as
+/// the jailed uid and prints one `ESCAPE attempt | outcome | ALLOWED?`
+/// line per attempt for `jail_escapes_are_refused` to read.
+#[test]
+fn escape_probe_in_jail() {
+    if !Path::new(PROBE_IN).join("victim").exists() {
+        return;
+    }
+    type Attempt = (&'static str, bool, fn() -> i32);
+    let attempts: [Attempt; 14] = [
+        (
+            "signal another jail's VMM by its host pid (kill 0)",
+            false,
+            || {
+                // SAFETY: kill with signal 0 only checks.
+                outcome(unsafe { libc::kill(victim_pid(), 0) }.into())
+            },
+        ),
+        (
+            "signal any pid 2..=65536 but its own (kill 0)",
+            false,
+            || {
+                // SAFETY: getpid has no preconditions.
+                let me = unsafe { libc::getpid() };
+                // The probe's own threads (of PID 1, its parent) do not count.
+                let own = |p: i32| {
+                    std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                        s.lines()
+                            .any(|l| l == "Tgid:\t1" || l == format!("Tgid:\t{me}"))
+                    })
+                };
+                // SAFETY: kill with signal 0 only checks.
+                let found = (2..=65536)
+                    .filter(|p| *p != me && unsafe { libc::kill(*p, 0) } == 0 && !own(*p))
+                    .count();
+                if found > 0 {
+                    0
+                } else {
+                    libc::ESRCH
+                }
+            },
+        ),
+        (
+            "kill(-1, SIGKILL): every process it may signal",
+            false,
+            || {
+                // SAFETY: in the jail's PID namespace, with its uid.
+                outcome(unsafe { libc::kill(-1, libc::SIGKILL) }.into())
+            },
+        ),
+        ("see other processes in /proc", false, || {
+            // SAFETY: getpid has no preconditions.
+            let me = unsafe { libc::getpid() }.to_string();
+            let others = std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<u32>().is_ok() && n != "1" && *n != me)
+                .count();
+            if others > 0 {
+                0
+            } else {
+                libc::ENOENT
+            }
+        }),
+        ("unshare(CLONE_NEWUSER)", true, || {
+            // SAFETY: changes only this child's namespaces.
+            outcome(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into())
+        }),
+        ("unshare(CLONE_NEWNET)", true, || {
+            // SAFETY: as above.
+            outcome(unsafe { libc::unshare(libc::CLONE_NEWNET) }.into())
+        }),
+        ("socket(AF_INET)", true, || {
+            // SAFETY: a new socket, closed at exit.
+            outcome(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }.into())
+        }),
+        ("mount tmpfs (no filter: capabilities)", false, || {
+            let r = nix::mount::mount(
+                Some("tmpfs"),
+                "/out",
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            );
+            r.map_or_else(|e| e as i32, |()| 0)
+        }),
+        ("mount tmpfs", true, || {
+            // SAFETY: null data; the target is the jail's own directory.
+            outcome(
+                unsafe {
+                    libc::mount(
+                        c"tmpfs".as_ptr(),
+                        c"/out".as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    )
+                }
+                .into(),
+            )
+        }),
+        ("ptrace(PTRACE_ATTACH) the other VMM", true, || {
+            // SAFETY: attaching to a pid; no memory is passed.
+            outcome(unsafe { libc::ptrace(libc::PTRACE_ATTACH, victim_pid(), 0usize, 0usize) })
+        }),
+        ("write a file beyond RLIMIT_FSIZE", true, || {
+            // SAFETY: ignoring SIGXFSZ so that the write fails with EFBIG.
+            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+            let mut f = std::fs::File::create("/out/big").unwrap();
+            let chunk = vec![0u8; 64 << 10];
+            for _ in 0..(2 * PROBE_FSIZE / chunk.len() as u64) {
+                if let Err(e) = f.write_all(&chunk) {
+                    return e.raw_os_error().unwrap_or(255);
+                }
+            }
+            0
+        }),
+        ("open more than RLIMIT_NOFILE files", true, || {
+            let mut files = Vec::new();
+            for _ in 0..2 * PROBE_NOFILE {
+                match std::fs::File::open("/dev/null") {
+                    Ok(f) => files.push(f),
+                    Err(e) => return e.raw_os_error().unwrap_or(255),
+                }
+            }
+            0
+        }),
+        ("start threads beyond RLIMIT_NPROC", true, || {
+            let (_tx, rx) = std::sync::mpsc::channel::<()>();
+            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+            for _ in 0..2 * PROBE_NPROC {
+                let rx = rx.clone();
+                if let Err(e) =
+                    std::thread::Builder::new().spawn(move || drop(rx.lock().map(|r| r.recv())))
+                {
+                    return e.raw_os_error().unwrap_or(255);
+                }
+            }
+            0
+        }),
+        (
+            "fork beyond RLIMIT_NPROC (no filter: fork is refused there)",
+            false,
+            || {
+                let mut kids = Vec::new();
+                let mut result = 0;
+                for _ in 0..2 * PROBE_NPROC {
+                    // SAFETY: the child only sleeps until killed.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        // SAFETY: pause(2) waits for the SIGKILL below.
+                        unsafe {
+                            libc::pause();
+                            libc::_exit(0)
+                        };
+                    }
+                    if pid < 0 {
+                        result = errno();
+                        break;
+                    }
+                    kids.push(pid);
+                }
+                for k in kids {
+                    // SAFETY: our own children.
+                    unsafe {
+                        libc::kill(k, libc::SIGKILL);
+                        libc::waitpid(k, std::ptr::null_mut(), 0);
+                    }
+                }
+                result
+            },
+        ),
+    ];
+    for (name, filtered, f) in attempts {
+        let (what, allowed) = probe_attempt(filtered, f);
+        let name = if filtered {
+            format!("{name} (under the VMM filter)")
+        } else {
+            name.to_string()
+        };
+        println!(
+            "ESCAPE {name} | {what} | {}",
+            if allowed { "ALLOWED" } else { "refused" }
+        );
+    }
+}
+
+/// A jailed process (the escape probe above, run from this test binary in
+/// a jail as the VMM runs: its own uid, PID namespace, limits, the VMM's
+/// seccomp filter where a VMM has it) tries each way out, next to
+/// another jail (a second "VMM", another uid); none may work.
+#[test]
+fn jail_escapes_are_refused() {
+    require_root!();
+    let base = base_dir();
+    let victim_id = unique_id("victim");
+    let mut victim = JailSpec::new(&victim_id, "/bin/busybox", UID + 1, GID + 1);
+    victim.chroot_base = base.path().to_path_buf();
+    victim.args = vec!["sleep".into(), "120".into()];
+    let mut victim_child = victim
+        .command(&jailer())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut victim_pid = 0;
+    wait_until("the victim", Duration::from_secs(10), || {
+        victim_pid = jail::jailed_pid(victim_child.id()).unwrap_or(0);
+        victim_pid != 0
+            && std::fs::read_to_string(format!("/proc/{victim_pid}/comm"))
+                .is_ok_and(|c| c.trim() == "busybox")
+    });
+
+    let input = tempfile::tempdir().unwrap();
+    std::fs::write(input.path().join("victim"), victim_pid.to_string()).unwrap();
+    std::fs::set_permissions(input.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let id = unique_id("probe");
+    let mut spec = JailSpec::new(&id, &exe, UID + 2, GID + 2);
+    spec.chroot_base = base.path().to_path_buf();
+    spec.proc = true;
+    spec.dirs = vec!["/out".into()];
+    spec.binds = vec![Bind::read_only(input.path(), PROBE_IN)];
+    if is_dynamic(&exe) {
+        spec.binds.push(Bind::read_only(
+            "/lib/x86_64-linux-gnu",
+            "/lib/x86_64-linux-gnu",
+        ));
+        spec.binds.push(Bind::read_only("/lib64", "/lib64"));
+    }
+    spec.limits = jail::ResourceLimits {
+        fsize: Some(PROBE_FSIZE),
+        nofile: Some(PROBE_NOFILE),
+        nproc: Some(PROBE_NPROC),
+    };
+    spec.args = [
+        "escape_probe_in_jail",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ]
+    .map(Into::into)
+    .to_vec();
+    let out = run(&spec);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{:?}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once("ESCAPE ").map(|(_, r)| r))
+        .collect();
+    eprintln!("attempt | outcome | result");
+    for r in &rows {
+        eprintln!("{r}");
+    }
+    let allowed = rows.iter().filter(|r| r.ends_with("| ALLOWED")).count();
+    eprintln!("{} attempts, {allowed} allowed", rows.len());
+    assert_eq!(rows.len(), 14, "{text}");
+
+    // The other jail's process lived through kill(-1) and the rest.
+    let victim_alive = std::fs::read_to_string(format!("/proc/{victim_pid}/stat"))
+        .is_ok_and(|s| !s.contains(") Z"));
+    assert!(victim_alive, "the other jail's process was killed");
+    let host_file = spec.host_path(Path::new("/out/big"));
+    let written = std::fs::metadata(&host_file).map(|m| m.len()).unwrap_or(0);
+    assert!(written <= PROBE_FSIZE, "{written} bytes written");
+    assert_eq!(allowed, 0, "{rows:#?}");
+
+    stop(&mut victim_child);
+    jail::cleanup(base.path(), &victim_id).unwrap();
+    jail::cleanup(base.path(), &id).unwrap();
 }

@@ -41,7 +41,8 @@ pub fn wait_done(vmm: &VmmProcess, timeout: Duration) -> Value {
 
 /// A fresh VMM waiting for a migration on `uri`, with its own vsock socket.
 pub fn receiver(uri: &str) -> VmmProcess {
-    let vmm = VmmProcess::spawn(&[]);
+    // Some of these VMMs migrate on over TCP.
+    let vmm = VmmProcess::spawn(&["--allow-inet"]);
     let r = vmm.put(
         "/migrate/receive",
         &json!({"listen_uri": uri, "vsock_override": {"uds_path": vmm.path("vsock.sock")}}),

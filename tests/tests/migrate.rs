@@ -123,7 +123,7 @@ fn a_counting_guest_migrates_and_keeps_counting() {
 
 fn a_counting_guest_migrates() {
     assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
-    let mut a = VmmProcess::spawn(&[]);
+    let mut a = VmmProcess::spawn(&["--allow-inet"]);
     let ready = bind_ready_listener(a.path("vsock.sock")).unwrap();
     a.boot(&kernel_path(), &rootfs_path(), 1, 128);
     a.wait_agent_ready(&ready, Duration::from_secs(600));

@@ -75,7 +75,15 @@ fn guest_on_nbd() {
     let mut server = qemu_nbd(&image, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
 
-    let mut vmm = VmmProcess::spawn(&[]);
+    // TCP NBD servers need --allow-inet (hostd's VMMs go through unix
+    // sockets); without it, a clear 400 rather than a seccomp kill.
+    let unix_only = VmmProcess::spawn(&[]);
+    let r = unix_only.put("/drives/tcp", &drive("tcp", "nbd://127.0.0.1:1/x"));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.fault().contains("--allow-inet"), "{r:?}");
+    assert_eq!(unix_only.request("GET", "/", None).status, 200);
+    drop(unix_only);
+    let mut vmm = VmmProcess::spawn(&["--allow-inet"]);
     config_errors_are_400s(&vmm, dir.path());
     let r = vmm.put("/drives/data", &drive("data", &uri));
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());

@@ -7,10 +7,19 @@
 //! `/dev/urandom`, the requested bind mounts and directories, and
 //! optionally a minimal `/proc`. The process runs in the cgroup
 //! `ember/<id>` (v1 or v2) as an unprivileged uid:gid, without
-//! capabilities and with `no_new_privs`.
+//! capabilities and with `no_new_privs`, as PID 1 of its own PID
+//! namespace, in its own IPC and UTS namespaces, with the resource limits
+//! asked for (RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC).
 //!
-//! hostd: build a [`JailSpec`], spawn [`JailSpec::command`] (the child's
-//! pid is the jailed program's), talk to it through
+//! No user namespace is made for the jail, so `user.max_user_namespaces`
+//! (a per-user-namespace sysctl) cannot be set for the jail alone; setting
+//! it in the host's namespace would affect the whole host. The VMM's
+//! seccomp filter refuses `unshare`, `setns` and `clone` with namespace
+//! flags instead.
+//!
+//! hostd: build a [`JailSpec`], spawn [`JailSpec::command`] (the child is
+//! the jailer, which stays the program's parent and exits as it does;
+//! [`jailed_pid`] finds the program's pid), talk to it through
 //! [`JailSpec::host_path`] (e.g. the API socket), and once the child has
 //! been reaped call [`cleanup`]. An exit code from [`Step::from_exit_code`]
 //! means the jailer failed at that step (its message is on stderr).
@@ -26,7 +35,17 @@ use thiserror::Error;
 
 pub use cgroup::CgroupStats;
 pub use setup::{setup, JailError, JailerArgs, Step};
-pub use spec::{validate_id, Bind, Device, JailSpec, SpecError, DEFAULT_CHROOT_BASE};
+pub use spec::{
+    validate_id, Bind, Device, JailSpec, ResourceLimits, SpecError, DEFAULT_CHROOT_BASE,
+};
+
+/// The jailed program's pid (in the host's PID namespace) under the
+/// jailer `jailer_pid`, which stays as its parent: its only child.
+pub fn jailed_pid(jailer_pid: u32) -> Option<u32> {
+    let path = format!("/proc/{jailer_pid}/task/{jailer_pid}/children");
+    let text = std::fs::read_to_string(path).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
 
 /// Why [`cleanup`] refused or failed.
 #[derive(Debug, Error)]

@@ -1,7 +1,14 @@
 //! What `ember-jailer` does, in order: chroot directory, cgroup, network
 //! namespace, mount namespace, the exec file, device nodes, directories,
-//! bind mounts, procfs, `pivot_root`, dropping privileges, closing file
-//! descriptors, `exec`. The jailed program keeps the jailer's pid.
+//! bind mounts, new PID, IPC and UTS namespaces, resource limits; then it
+//! forks. The child is PID 1 of the new PID namespace: procfs (showing
+//! only the jail's processes), `pivot_root`, dropping privileges, closing
+//! file descriptors, `exec`. The jailer stays as the child's parent in
+//! the host's PID namespace (see [`supervise`]): it exits as the program
+//! does (same exit code, or killed by the same signal), turns SIGTERM,
+//! SIGINT and SIGHUP into SIGKILL for the program (PID 1 of a namespace
+//! ignores signals it has no handler for), and the program gets SIGKILL
+//! if the jailer dies.
 
 use std::convert::Infallible;
 use std::ffi::{CString, OsStr, OsString};
@@ -37,9 +44,12 @@ pub enum Step {
     Privileges,
     Fds,
     Exec,
+    Namespaces,
+    Limits,
+    Fork,
 }
 
-const STEPS: [Step; 14] = [
+const STEPS: [Step; 17] = [
     Step::Validate,
     Step::ChrootDir,
     Step::Cgroup,
@@ -54,6 +64,9 @@ const STEPS: [Step; 14] = [
     Step::Privileges,
     Step::Fds,
     Step::Exec,
+    Step::Namespaces,
+    Step::Limits,
+    Step::Fork,
 ];
 
 impl Step {
@@ -82,6 +95,9 @@ impl Step {
             Step::Privileges => "dropping privileges",
             Step::Fds => "closing file descriptors",
             Step::Exec => "exec",
+            Step::Namespaces => "PID, IPC and UTS namespaces",
+            Step::Limits => "resource limits",
+            Step::Fork => "starting the jailed process",
         }
     }
 }
@@ -166,6 +182,15 @@ pub struct JailerArgs {
     /// exits, so jailed VMMs do not outlive their daemon.
     #[arg(long)]
     pub die_with_parent: bool,
+    /// RLIMIT_FSIZE: the largest file the program may write, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub rlimit_fsize: Option<u64>,
+    /// RLIMIT_NOFILE: how many descriptors it may hold open.
+    #[arg(long, value_name = "COUNT")]
+    pub rlimit_nofile: Option<u64>,
+    /// RLIMIT_NPROC: how many processes and threads its uid may run.
+    #[arg(long, value_name = "COUNT")]
+    pub rlimit_nproc: Option<u64>,
     /// Arguments for the program.
     #[arg(last = true)]
     pub args: Vec<OsString>,
@@ -188,6 +213,11 @@ impl JailerArgs {
             netns: self.netns,
             proc: self.proc,
             die_with_parent: self.die_with_parent,
+            limits: super::spec::ResourceLimits {
+                fsize: self.rlimit_fsize,
+                nofile: self.rlimit_nofile,
+                nproc: self.rlimit_nproc,
+            },
             args: self.args,
         }
     }
@@ -224,18 +254,139 @@ pub fn setup(spec: &JailSpec) -> Result<Infallible, JailError> {
     for b in &spec.binds {
         bind(&root, b).map_err(fail(Step::Binds))?;
     }
-    if spec.proc {
-        mount_proc(&root).map_err(fail(Step::Proc))?;
-    }
-    enter_root(&root).map_err(fail(Step::PivotRoot))?;
-    let parent = nix::unistd::getppid();
-    drop_privileges(spec.uid, spec.gid).map_err(fail(Step::Privileges))?;
+    new_namespaces(&spec.id).map_err(fail(Step::Namespaces))?;
+    set_limits(&spec.limits).map_err(fail(Step::Limits))?;
     if spec.die_with_parent {
-        // After the uid change, which clears the parent-death signal.
-        die_with_parent(parent).map_err(fail(Step::Privileges))?;
+        // The jailer (root, it keeps its uid) dies with hostd; the
+        // program dies with the jailer.
+        die_with_parent(nix::unistd::getppid()).map_err(fail(Step::Fork))?;
     }
+    // The child learns that the jailer has gone by this pipe's hang-up.
+    let (alive_r, alive_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| fail(Step::Fork)(format!("pipe: {e}")))?;
+    // SAFETY: the jailer is single-threaded (it runs before any thread is
+    // started), so the child may run ordinary Rust code after fork.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(fail(Step::Fork)(format!("fork: {e}"))),
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(alive_r);
+            supervise(child, alive_w)
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(alive_w);
+            let e = match enter_jail(spec, &root, exec_name, alive_r) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            eprintln!("ember-jailer: {e}");
+            std::process::exit(e.exit_code());
+        }
+    }
+}
+
+/// The child, PID 1 of the jail's PID namespace: procfs, `pivot_root`,
+/// privileges, descriptors, `exec`.
+fn enter_jail(
+    spec: &JailSpec,
+    root: &Path,
+    exec_name: &OsStr,
+    jailer_alive: std::os::fd::OwnedFd,
+) -> Result<Infallible, JailError> {
+    if spec.proc {
+        mount_proc(root).map_err(fail(Step::Proc))?;
+    }
+    enter_root(root).map_err(fail(Step::PivotRoot))?;
+    drop_privileges(spec.uid, spec.gid).map_err(fail(Step::Privileges))?;
+    // After the uid change, which clears the parent-death signal: the
+    // program never outlives the jailer that reports its exit.
+    die_with_jailer(jailer_alive).map_err(fail(Step::Privileges))?;
     cloexec_fds().map_err(fail(Step::Fds))?;
     exec(exec_name, &spec.args).map_err(fail(Step::Exec))
+}
+
+/// New PID (for the children), IPC and UTS namespaces; the host name is
+/// the jail id.
+fn new_namespaces(id: &str) -> Result<(), String> {
+    unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .map_err(|e| format!("unshare(CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS): {e}"))?;
+    nix::unistd::sethostname(id).map_err(|e| format!("sethostname: {e}"))
+}
+
+/// Sets the soft and hard limits given (inherited by the child).
+fn set_limits(l: &super::spec::ResourceLimits) -> Result<(), String> {
+    use nix::sys::resource::{setrlimit, Resource};
+    for (name, res, v) in [
+        ("RLIMIT_FSIZE", Resource::RLIMIT_FSIZE, l.fsize),
+        ("RLIMIT_NOFILE", Resource::RLIMIT_NOFILE, l.nofile),
+        ("RLIMIT_NPROC", Resource::RLIMIT_NPROC, l.nproc),
+    ] {
+        if let Some(v) = v {
+            setrlimit(res, v, v).map_err(|e| format!("{name} {v}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The pid of the program the jailer supervises (its only child).
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn kill_child(_: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// The jailer's life after the fork: wait for the program and exit as it
+/// did. SIGTERM, SIGINT and SIGHUP kill the program (SIGKILL: as PID 1 of
+/// its namespace, it would ignore signals it has no handler for).
+fn supervise(
+    child: nix::unistd::Pid,
+    alive: std::os::fd::OwnedFd,
+) -> Result<Infallible, JailError> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    use nix::sys::wait::{waitpid, WaitStatus};
+    CHILD.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler only calls kill(2).
+        unsafe { signal(sig, SigHandler::Handler(kill_child)) }
+            .map_err(|e| fail(Step::Fork)(format!("signal({sig}): {e}")))?;
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                drop(alive);
+                // Die by the same signal, so that our parent sees it.
+                // SAFETY: restoring the default action of a signal.
+                let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+                let _ = nix::sys::signal::raise(sig);
+                std::process::exit(128 + sig as i32);
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(fail(Step::Fork)(format!("waitpid({child}): {e}")));
+            }
+        }
+    }
+}
+
+/// PR_SET_PDEATHSIG for the program: SIGKILL when the jailer exits. The
+/// jailer is outside the program's PID namespace (getppid() says 0), so
+/// that it is still there is read from the pipe it holds open.
+fn die_with_jailer(alive: std::os::fd::OwnedFd) -> Result<(), String> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&alive),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err("the jailer exited during set-up".into()),
+        Err(e) => Err(format!("poll: {e}")),
+    }
 }
 
 fn create_root(root: &Path) -> Result<(), String> {
@@ -535,7 +686,8 @@ mod tests {
         }
         assert_eq!(Step::Validate.exit_code(), 200);
         assert_eq!(Step::Exec.exit_code(), 213);
-        for code in [0, 1, 2, 148, 199, 214] {
+        assert_eq!(Step::Fork.exit_code(), 216);
+        for code in [0, 1, 2, 148, 199, 217] {
             assert_eq!(Step::from_exit_code(code), None);
         }
     }
@@ -555,6 +707,9 @@ mod tests {
         s.cpus = Some(0.25);
         s.netns = Some("/var/run/netns/x".into());
         s.proc = true;
+        s.limits.fsize = Some(1 << 30);
+        s.limits.nofile = Some(4096);
+        s.limits.nproc = Some(64);
         s.args = vec!["--api-sock".into(), "/run/api.sock".into(), "--".into()];
         let c = s.command(Path::new("ember-jailer"));
         let argv = std::iter::once(OsStr::new("ember-jailer")).chain(c.get_args());

@@ -115,6 +115,17 @@ impl Device {
     }
 }
 
+/// Resource limits of the jailed program (soft = hard; None: inherited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// RLIMIT_FSIZE: the largest file it may write, in bytes.
+    pub fsize: Option<u64>,
+    /// RLIMIT_NOFILE: descriptors open at once.
+    pub nofile: Option<u64>,
+    /// RLIMIT_NPROC: processes and threads of its uid.
+    pub nproc: Option<u64>,
+}
+
 /// One jail: the chroot `<chroot_base>/<id>/root` with its cgroup
 /// `ember/<id>`, running `exec_file` as `uid:gid`.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +152,7 @@ pub struct JailSpec {
     pub proc: bool,
     /// SIGKILL the program when the spawning thread exits (`--die-with-parent`).
     pub die_with_parent: bool,
+    pub limits: ResourceLimits,
     /// Arguments for the exec file.
     pub args: Vec<OsString>,
 }
@@ -164,6 +176,7 @@ impl JailSpec {
             netns: None,
             proc: false,
             die_with_parent: false,
+            limits: ResourceLimits::default(),
             args: Vec::new(),
         }
     }
@@ -313,6 +326,15 @@ impl JailSpec {
         }
         if let Some(n) = &self.netns {
             push("--netns", n.clone().into());
+        }
+        for (k, v) in [
+            ("--rlimit-fsize", self.limits.fsize),
+            ("--rlimit-nofile", self.limits.nofile),
+            ("--rlimit-nproc", self.limits.nproc),
+        ] {
+            if let Some(v) = v {
+                push(k, v.to_string().into());
+            }
         }
         if self.allow_root {
             a.push("--allow-root".into());

@@ -28,8 +28,8 @@ pub struct LaunchConfig {
 }
 
 /// Jailing with `ember-jailer`: a chroot per VMM under `chroot_base`, its
-/// own mount namespace and cgroup, and a uid of its own from
-/// `uid_base..uid_base + uid_count`.
+/// own mount, PID, IPC and UTS namespaces and cgroup, and a uid from
+/// `uid_base..uid_base + uid_count` that no other live VMM has.
 #[derive(Debug, Clone)]
 pub struct JailConfig {
     pub jailer_bin: PathBuf,
@@ -156,7 +156,61 @@ fn host_support_binds(vmm_bin: &Path) -> Vec<crate::jail::Bind> {
     binds
 }
 
+/// Where the search for a free jail uid starts (spreads reuse out).
 static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+/// Jail uids held by VMM processes that have not exited yet.
+static LIVE_UIDS: Mutex<std::collections::BTreeSet<u32>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// A jail uid that no other live VMM has; it is free again once dropped,
+/// which the VMM's monitor task does after the process has been reaped.
+/// (A uid shared by two VMMs would let one signal or ptrace the other.)
+#[derive(Debug)]
+pub(crate) struct UidLease(u32);
+
+impl UidLease {
+    pub(crate) fn take(uid_base: u32, uid_count: u32) -> Result<UidLease, InstanceError> {
+        let count = uid_count.max(1);
+        let mut live = LIVE_UIDS.lock().unwrap_or_else(|p| p.into_inner());
+        let start = NEXT_UID.load(Ordering::Relaxed);
+        for i in 0..count {
+            let off = start.wrapping_add(i) % count;
+            let uid = uid_base.saturating_add(off);
+            if live.insert(uid) {
+                NEXT_UID.store(off.wrapping_add(1), Ordering::Relaxed);
+                return Ok(UidLease(uid));
+            }
+        }
+        Err(InstanceError::Spawn(format!(
+            "all {count} jail uids from {uid_base} are held by live VMMs"
+        )))
+    }
+
+    pub(crate) fn uid(&self) -> u32 {
+        self.0
+    }
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        LIVE_UIDS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+/// Resource limits of a jailed VMM with `mem_mib` of guest memory: files
+/// up to the larger of its memory (snapshot memory file) and Lambda's
+/// largest `/tmp` (10 GiB), plus 1 GiB; descriptors for its devices and
+/// vsock connections; its threads (its uid is its own).
+fn vmm_limits(mem_mib: u32) -> crate::jail::ResourceLimits {
+    crate::jail::ResourceLimits {
+        fsize: Some((u64::from(mem_mib.max(10 * 1024)) + 1024) << 20),
+        nofile: Some(4096),
+        nproc: Some(256),
+    }
+}
 
 /// A fresh directory for an instance's own disks, under the run dir.
 fn new_disk_dir(cfg: &LaunchConfig) -> std::io::Result<PathBuf> {
@@ -240,10 +294,11 @@ impl Instance {
         net: Option<&NetRequest>,
     ) -> Result<Instance, InstanceError> {
         let id = new_id();
-        let jail_uid = cfg
-            .jail
-            .as_ref()
-            .map(|j| j.uid_base + NEXT_UID.fetch_add(1, Ordering::Relaxed) % j.uid_count.max(1));
+        let lease = match &cfg.jail {
+            Some(j) => Some(UidLease::take(j.uid_base, j.uid_count)?),
+            None => None,
+        };
+        let jail_uid = lease.as_ref().map(UidLease::uid);
         let net = match net {
             Some(req) => {
                 let (req, vm_id) = (req.clone(), id.clone());
@@ -258,8 +313,7 @@ impl Instance {
         };
         let netns = net.as_ref().map(|(_, n)| n.netns_path());
         let physical_address = net.as_ref().map(|(_, n)| n.physical);
-        let spawned =
-            Instance::spawn_vmm(cfg, inputs, out, mem_mib, vcpus, id, jail_uid, netns).await;
+        let spawned = Instance::spawn_vmm(cfg, inputs, out, mem_mib, vcpus, id, lease, netns).await;
         match spawned {
             Ok(mut inst) => {
                 inst.physical_address = physical_address;
@@ -283,9 +337,10 @@ impl Instance {
         mem_mib: u32,
         vcpus: u32,
         id: String,
-        jail_uid: Option<u32>,
+        lease: Option<UidLease>,
         netns: Option<PathBuf>,
     ) -> Result<Instance, InstanceError> {
+        let jail_uid = lease.as_ref().map(UidLease::uid);
         std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
         let log_path = cfg.run_dir.join("logs").join(format!("{id}.log"));
         let log = std::fs::File::create(&log_path)?;
@@ -317,6 +372,7 @@ impl Instance {
                 spec.memory_limit = Some((u64::from(mem_mib) + 128) << 20);
                 spec.cpus = Some(f64::from(vcpus));
                 spec.die_with_parent = true;
+                spec.limits = vmm_limits(mem_mib);
                 spec.args = vec!["--api-sock".into(), vm_paths::API.into()];
                 jail_owner = Some((spec.uid, spec.gid));
                 let root = spec.root();
@@ -365,22 +421,40 @@ impl Instance {
         drop(netns_fd);
         let pid = child.id();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let jailed = cfg.jail.is_some();
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
                 _ = kill_rx => {
-                    let _ = child.start_kill();
-                    child.wait().await
+                    // A jailer ends its VMM on SIGTERM and exits once it has
+                    // reaped it; SIGKILL if that takes too long (and for an
+                    // unjailed VMM).
+                    if let (true, Some(p)) = (jailed, pid) {
+                        // SAFETY: kill(2) on our own child, not yet reaped
+                        // (this task alone waits for it).
+                        unsafe { libc::kill(p as i32, libc::SIGTERM) };
+                        if let Ok(s) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                            s
+                        } else {
+                            let _ = child.start_kill();
+                            child.wait().await
+                        }
+                    } else {
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
                 }
             };
+            // The jailer exits after the VMM: its uid is free again.
+            drop(lease);
             let reason = match status {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
             let _ = exit_tx.send(Some(reason));
         });
-        let inst = Instance {
+        let mut inst = Instance {
             id,
             host_dir,
             jailed: cfg.jail.is_some(),
@@ -404,6 +478,10 @@ impl Instance {
         tokio::select! {
             r = ready => r?,
             reason = inst.wait_exit() => return Err(InstanceError::Exited(inst.describe_exit(&reason))),
+        }
+        if inst.jailed {
+            // The jailer stays the VMM's parent: report the VMM's own pid.
+            inst.pid = inst.pid.and_then(crate::jail::jailed_pid).or(inst.pid);
         }
         Ok(inst)
     }
@@ -1140,5 +1218,32 @@ impl Drop for Instance {
         if let Some((m, n)) = net {
             std::thread::spawn(move || m.teardown(&n));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Live VMMs never share a jail uid; a uid is free again once its
+    /// lease (held until the VMM is reaped) is dropped. (Before, uids were
+    /// `uid_base + counter % uid_count`: the fourth VMM of three uids got
+    /// the first one's while it still ran.)
+    #[test]
+    fn jail_uids_are_unique_among_live_vmms() {
+        let base = 3_000_000;
+        let a = UidLease::take(base, 3).unwrap();
+        let b = UidLease::take(base, 3).unwrap();
+        let c = UidLease::take(base, 3).unwrap();
+        let mut uids = vec![a.uid(), b.uid(), c.uid()];
+        uids.sort();
+        assert_eq!(uids, vec![base, base + 1, base + 2]);
+        let e = UidLease::take(base, 3).unwrap_err();
+        assert!(e.to_string().contains("held by live VMMs"), "{e}");
+        let freed = b.uid();
+        drop(b);
+        let d = UidLease::take(base, 3).unwrap();
+        assert_eq!(d.uid(), freed);
+        drop((a, c, d));
     }
 }

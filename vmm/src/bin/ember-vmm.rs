@@ -30,6 +30,16 @@ struct Args {
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Let the VMM's threads open AF_INET and AF_INET6 sockets (migration
+    /// to `tcp://` addresses, `nbd://` drives). Off by default: hostd hands
+    /// a jailed VMM unix sockets only.
+    #[arg(long)]
+    allow_inet: bool,
+    /// Install the filters of KIND (vmm, api, vcpu), make CALL (a name in
+    /// ember_vmm::seccomp's FORBIDDEN or PERMITTED tables) and exit: the
+    /// filters' own test.
+    #[arg(long, hide = true, value_name = "KIND:CALL")]
+    seccomp_self_test: Option<String>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -59,6 +69,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<i32, String> {
+    ember_vmm::seccomp::allow_inet(args.allow_inet);
+    if let Some(spec) = &args.seccomp_self_test {
+        println!("{}", ember_vmm::seccomp::self_test(spec)?);
+        return Ok(0);
+    }
     if args.api_sock.is_none() && args.config_file.is_none() {
         return Err("give --api-sock, --config-file, or both".into());
     }

@@ -37,6 +37,9 @@ impl Endpoint {
     pub fn connect(&self, timeout: Duration) -> io::Result<Stream> {
         match self {
             Endpoint::Tcp(addr) => {
+                if let Some(e) = crate::seccomp::inet_refused() {
+                    return Err(e);
+                }
                 let mut last = io::Error::other(format!("{addr} resolves to no address"));
                 for a in addr.to_socket_addrs()? {
                     match TcpStream::connect_timeout(&a, timeout) {
@@ -55,7 +58,10 @@ impl Endpoint {
 
     pub fn listen(&self) -> io::Result<Listener> {
         match self {
-            Endpoint::Tcp(addr) => TcpListener::bind(addr).map(Listener::Tcp),
+            Endpoint::Tcp(addr) => match crate::seccomp::inet_refused() {
+                Some(e) => Err(e),
+                None => TcpListener::bind(addr).map(Listener::Tcp),
+            },
             Endpoint::Unix(path) => {
                 // A stale socket file from an earlier run would make bind fail.
                 if std::fs::symlink_metadata(path).is_ok_and(|m| {

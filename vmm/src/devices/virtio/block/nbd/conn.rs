@@ -72,6 +72,9 @@ pub(crate) struct Conn {
 pub(crate) fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportInfo), NbdError> {
     let mut stream = match &uri.address {
         Address::Tcp { host, port } => {
+            if let Some(e) = crate::seccomp::inet_refused() {
+                return Err(e.into());
+            }
             let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs()?.collect();
             let mut last =
                 io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
