@@ -103,7 +103,20 @@ impl Agent {
     }
 
     fn client(&self) -> AgentClient {
-        AgentClient::from_stream(UnixStream::connect(&self.sock).unwrap(), Some(T)).unwrap()
+        // The socket's file appears at bind(), a moment before listen():
+        // a refusal in between is retried.
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < T => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connecting to the agent: {e}"),
+            }
+        };
+        AgentClient::from_stream(stream, Some(T)).unwrap()
     }
 
     fn spec(&self, env: &[(&str, &str)]) -> RuntimeSpec {
