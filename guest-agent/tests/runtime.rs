@@ -109,10 +109,7 @@ impl Agent {
         let stream = loop {
             match UnixStream::connect(&self.sock) {
                 Ok(s) => break s,
-                Err(e) if start.elapsed() < T => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                Err(_) if start.elapsed() < T => std::thread::sleep(Duration::from_millis(10)),
                 Err(e) => panic!("connecting to the agent: {e}"),
             }
         };

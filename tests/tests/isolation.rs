@@ -148,12 +148,31 @@ impl Drop for Netns {
     }
 }
 
-/// The first `n` rows are the controls: each must have connected, or the
-/// probe proves nothing.
-fn check_controls(rows: &[((Ipv4Addr, u16), String)], n: usize) {
-    for (target, outcome) in &rows[..n] {
+/// One probe from the guest: every control must connect (or the probe
+/// proves nothing), and none of the targets may; prints the table and the
+/// count.
+fn probe_round(
+    d: &Emberd,
+    title: &str,
+    controls: &[(Ipv4Addr, u16)],
+    targets: &[(Ipv4Addr, u16)],
+    owner: &BTreeMap<Ipv4Addr, String>,
+) {
+    let rows = probe(d, &[controls, targets].concat());
+    table(title, &rows, owner);
+    for (target, outcome) in &rows[..controls.len()] {
         assert_eq!(outcome, "connected", "the control {target:?}");
     }
+    let reached: Vec<_> = rows[controls.len()..]
+        .iter()
+        .filter(|(_, o)| o == "connected")
+        .collect();
+    println!(
+        "{} attempts, {} succeeded (the controls aside)",
+        targets.len(),
+        reached.len()
+    );
+    assert!(reached.is_empty(), "reached: {reached:?}");
 }
 
 struct Volumed(Child);
@@ -331,23 +350,13 @@ fn no_guest_reaches_the_host_or_another_instance() {
     // What guests may reach: the opened service, and the outside.
     let controls = [(host, OPEN_PORT), (outside_addr, OUTSIDE_PORT)];
 
-    let rows = probe(&d, &[&controls[..], &targets[..]].concat());
-    table(
+    probe_round(
+        &d,
         "guest → host and instances (default egress policy)",
-        &rows,
+        &controls,
+        &targets,
         &owner,
     );
-    check_controls(&rows, controls.len());
-    let reached: Vec<_> = rows[controls.len()..]
-        .iter()
-        .filter(|(_, o)| o == "connected")
-        .collect();
-    println!(
-        "{} attempts, {} succeeded (the controls aside)",
-        rows.len() - controls.len(),
-        reached.len()
-    );
-    assert!(reached.is_empty(), "reached: {reached:?}");
 
     // An egress policy that allows every address it found explicitly,
     // first, then everything: nothing re-opens.
@@ -364,23 +373,13 @@ fn no_guest_reaches_the_host_or_another_instance() {
         Some(policy.to_string().as_bytes()),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let rows = probe(&d, &[&controls[..], &targets[..]].concat());
-    table(
+    probe_round(
+        &d,
         "the same with an egress policy allowing each address",
-        &rows,
+        &controls,
+        &targets,
         &owner,
     );
-    check_controls(&rows, controls.len());
-    let reached: Vec<_> = rows[controls.len()..]
-        .iter()
-        .filter(|(_, o)| o == "connected")
-        .collect();
-    println!(
-        "{} attempts, {} succeeded (the controls aside)",
-        rows.len() - controls.len(),
-        reached.len()
-    );
-    assert!(reached.is_empty(), "reached: {reached:?}");
 
     // The instance's namespace itself (where a compromised VMM's sockets
     // would be): nothing it starts leaves, not even to the opened service.

@@ -96,9 +96,7 @@ impl SerialConsole {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
+    use super::super::tests::Sink;
     use super::*;
     use crate::devices::bus::BusDevice;
 
@@ -106,19 +104,6 @@ mod tests {
     const LCR: u64 = 3;
     const SCR: u64 = 7;
     const IER_RDA: u8 = 1;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn evt() -> EventFd {
         EventFd::new(libc::EFD_NONBLOCK).unwrap()
