@@ -3,6 +3,9 @@
 //! `cargo run --example gen_corpus` (see README.md). `seeds/vm.snap` is a
 //! real snapshot file, taken by emberd of a real guest.
 
+// Linked for the coverage runtime the instrumented build refers to.
+extern crate libfuzzer_sys;
+
 use std::fs;
 use std::path::Path;
 
@@ -289,7 +292,7 @@ const D: u64 = DATA_BASE;
 
 fn virtio_block() {
     // header (type, reserved, sector), data, status.
-    let mut hdr = |t: u32, sector: u64| {
+    let hdr = |t: u32, sector: u64| {
         let mut h = vec![0u8; 16];
         h[0..4].copy_from_slice(&t.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());

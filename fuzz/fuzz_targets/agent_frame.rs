@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
-    let max = match sel >> 2 & 3 {
+    let max = match (sel >> 2) & 3 {
         0 => ember_agent::MAX_FRAME_LEN,
         1 => ember_agent::protocol::MAX_INVOKE_FRAME_LEN,
         2 => 64,

@@ -8,7 +8,7 @@
 //! the fuzzer reaches the payload decoders. Odd: the raw stream bytes.
 #![no_main]
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use ember_vmm::fuzzing::check_layout;
 use ember_vmm::migration::postcopy::{check_needed, Source};
 use ember_vmm::migration::protocol::{
     parse_page_request, parse_pages, read_message, read_preamble, write_message, write_preamble,
-    Hello, Kind, Message, PostCopyStart, StreamError, POSTCOPY_VERSION,
+    Hello, Kind, Message, PostCopyStart, POSTCOPY_VERSION,
 };
 use ember_vmm::migration::Progress;
 use ember_vmm::snapshot::memory::{GuestMemoryState, PAGE_SIZE};
@@ -78,7 +78,7 @@ fn all_needed(mem: &GuestMemoryMmap) -> Vec<Vec<u64>> {
         .map(|r| {
             let pages = (r.len() / PAGE_SIZE) as usize;
             let mut bits = vec![!0u64; pages.div_ceil(64)];
-            if pages % 64 != 0 {
+            if !pages.is_multiple_of(64) {
                 *bits.last_mut().expect("a word") = (1u64 << (pages % 64)) - 1;
             }
             bits
@@ -96,10 +96,9 @@ fn receive(stream: &[u8]) -> Option<(GuestMemoryMmap, Vec<Message>)> {
     let mem = memory(&hello.memory)?;
     let mut rest = Vec::new();
     loop {
-        let msg = match read_message(&mut r) {
-            Ok(m) => m,
-            Err(StreamError::Io(_)) => break,
-            Err(_) => break,
+        // Any error ends the stream, as it does the receiver.
+        let Ok(msg) = read_message(&mut r) else {
+            break;
         };
         match msg.kind {
             Kind::PostCopy => {
@@ -116,7 +115,7 @@ fn receive(stream: &[u8]) -> Option<(GuestMemoryMmap, Vec<Message>)> {
                 for run in runs {
                     let len = run.npages as usize * PAGE;
                     let at = GuestAddress(run.gpa);
-                    if !mem.check_range(at, len, vm_memory::Permissions::Write) {
+                    if !vm_memory::GuestMemory::check_range(&mem, at, len, vm_memory::Permissions::Write) {
                         continue;
                     }
                     match run.data {
@@ -143,9 +142,6 @@ fn receive(stream: &[u8]) -> Option<(GuestMemoryMmap, Vec<Message>)> {
         }
         rest.push(msg);
     }
-    // Whatever followed the preamble is left to read, or nothing.
-    let mut tail = Vec::new();
-    let _ = r.read_to_end(&mut tail);
     Some((mem, rest))
 }
 
@@ -168,7 +164,12 @@ fn source(mem: GuestMemoryMmap, msgs: Vec<Message>) {
         assert_eq!(m.kind, Kind::Pages);
         for run in parse_pages(&m.payload, PAGE).expect("the source's own pages") {
             let len = run.npages as usize * PAGE;
-            assert!(mem.check_range(GuestAddress(run.gpa), len, vm_memory::Permissions::Read));
+            assert!(vm_memory::GuestMemory::check_range(
+                &mem,
+                GuestAddress(run.gpa),
+                len,
+                vm_memory::Permissions::Read
+            ));
         }
     }
 }

@@ -76,19 +76,17 @@ fuzz_target!(|data: &[u8]| {
         terminate_connections_on_pause: conf & 1 != 0,
     };
     let mut net = Net::new(&cfg).expect("net device on the tap");
-    // VERSION_1, MAC, and as the input says: CSUM, GUEST_CSUM, GUEST_TSO4,
-    // HOST_TSO4, EVENT_IDX/INDIRECT_DESC.
-    let mut acked = (1u64 << 32) | (1 << 5);
-    for (i, bits) in [&[0u32][..], &[1], &[7], &[11], &[28, 29]].iter().enumerate() {
-        if conf >> (1 + i) & 1 != 0 {
-            for b in *bits {
-                acked |= 1 << b;
-            }
+    set_pending_rx_frames(&mut net, &frames);
+    let g = guest(&mut input, 2);
+    // VERSION_1, MAC, EVENT_IDX as the queues have it, and as the input
+    // says: CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, INDIRECT_DESC.
+    let mut acked = (1u64 << 32) | (1 << 5) | (u64::from(g.event_idx) << 29);
+    for (i, bit) in [0u32, 1, 7, 11, 28].iter().enumerate() {
+        if (conf >> (1 + i)) & 1 != 0 {
+            acked |= 1 << bit;
         }
     }
     net.set_acked_features(acked & net.avail_features());
-    set_pending_rx_frames(&mut net, &frames);
-    let g = guest(&mut input, 2);
     let interrupt = Arc::new(Interrupt::new().expect("eventfd"));
     net.activate(g.mem.clone(), interrupt, g.queues)
         .expect("activate");
