@@ -32,16 +32,43 @@ const GW_MAC: [u8; 6] = [6, 0, 10, 0, 0, 1];
 /// An Ethernet + IPv4 + TCP frame (checksums left zero).
 fn tcp4(from_guest: bool, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
     let (smac, dmac, sip, dip, sport, dport) = if from_guest {
-        (GUEST_MAC, GW_MAC, [10, 0, 0, 2], [93, 184, 216, 34], 40000u16, 80u16)
+        (
+            GUEST_MAC,
+            GW_MAC,
+            [10, 0, 0, 2],
+            [93, 184, 216, 34],
+            40000u16,
+            80u16,
+        )
     } else {
-        (GW_MAC, GUEST_MAC, [93, 184, 216, 34], [10, 0, 0, 2], 80, 40000)
+        (
+            GW_MAC,
+            GUEST_MAC,
+            [93, 184, 216, 34],
+            [10, 0, 0, 2],
+            80,
+            40000,
+        )
     };
     let mut f = Vec::new();
     f.extend_from_slice(&dmac);
     f.extend_from_slice(&smac);
     f.extend_from_slice(&[0x08, 0x00]);
     let tot = (20 + 20 + payload.len()) as u16;
-    f.extend_from_slice(&[0x45, 0, (tot >> 8) as u8, tot as u8, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (tot >> 8) as u8,
+        tot as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        6,
+        0,
+        0,
+    ]);
     f.extend_from_slice(&sip);
     f.extend_from_slice(&dip);
     f.extend_from_slice(&sport.to_be_bytes());
@@ -57,7 +84,10 @@ fn tcp4(from_guest: bool, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<
 fn tcp6(from_guest: bool, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
     let v4 = tcp4(from_guest, seq, ack, flags, payload);
     let tcp = &v4[14 + 20..];
-    let (g, r) = ([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let (g, r) = (
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+    );
     let (s, d) = if from_guest { (g, r) } else { (r, g) };
     let mut f = v4[..12].to_vec();
     f.extend_from_slice(&[0x86, 0xdd]);
@@ -85,12 +115,18 @@ fn conntrack() {
     const ACK: u8 = 0x10;
     const FIN: u8 = 0x01;
     const PSH: u8 = 0x08;
-    for (name, tcp) in [("v4", tcp4 as fn(bool, u32, u32, u8, &[u8]) -> Vec<u8>), ("v6", tcp6)] {
+    for (name, tcp) in [
+        ("v4", tcp4 as fn(bool, u32, u32, u8, &[u8]) -> Vec<u8>),
+        ("v6", tcp6),
+    ] {
         let conn = vec![
             (0, tcp(true, 1000, 0, SYN, b"")),
             (1, tcp(false, 5000, 1001, SYN | ACK, b"")),
             (0, tcp(true, 1001, 5001, ACK, b"")),
-            (0, tcp(true, 1001, 5001, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n")),
+            (
+                0,
+                tcp(true, 1001, 5001, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n"),
+            ),
             (1, tcp(false, 5001, 1019, ACK | PSH, b"HTTP/1.1 200 OK\r\n")),
         ];
         put("conntrack", &format!("{name}-handshake"), &records(&conn));
@@ -197,7 +233,10 @@ fn migration(snap: &[u8]) {
     put(
         "migration",
         "abort",
-        &framed(&[(Kind::Hello, hello.clone()), (Kind::Abort, b"cancelled".to_vec())]),
+        &framed(&[
+            (Kind::Hello, hello.clone()),
+            (Kind::Abort, b"cancelled".to_vec()),
+        ]),
     );
     // The raw stream, as the source writes it.
     let mut raw = vec![1u8];
@@ -266,10 +305,12 @@ fn agent_frame() {
     }
     put("agent_frame", "requests", &stream);
     let mut resp = vec![1u8];
-    resp.extend_from_slice(&encode_frame(&Response::Error {
-        message: "busy".into(),
-    })
-    .unwrap());
+    resp.extend_from_slice(
+        &encode_frame(&Response::Error {
+            message: "busy".into(),
+        })
+        .unwrap(),
+    );
     resp.extend_from_slice(&encode_frame(&Response::Ack).unwrap());
     put("agent_frame", "responses", &resp);
     for (i, url) in [
@@ -298,7 +339,12 @@ fn virtio_block() {
         h[8..16].copy_from_slice(&sector.to_le_bytes());
         h
     };
-    for (name, t, write) in [("read", 0u32, true), ("write", 1, false), ("flush", 4, true), ("id", 8, true)] {
+    for (name, t, write) in [
+        ("read", 0u32, true),
+        ("write", 1, false),
+        ("flush", 4, true),
+        ("id", 8, true),
+    ] {
         let mut data = hdr(t, 3);
         data.resize(16 + 1024, 0x5a);
         let chain = vec![(D, 16, false), (D + 16, 1024, write), (D + 0x1000, 1, true)];
@@ -358,7 +404,11 @@ fn virtio_vsock() {
     let rx = vec![(D + 0x4000, 4096, true)];
     let tx = vec![(D, 44, false)];
     let ev = vec![(D + 0x6000, 8, true)];
-    put("virtio_vsock", "request", &encode_guest(&[rx.clone(), tx, ev.clone()], &data));
+    put(
+        "virtio_vsock",
+        "request",
+        &encode_guest(&[rx.clone(), tx, ev.clone()], &data),
+    );
     let tx_rw = vec![(D + 0x100, 44, false), (D + 0x100 + 44, 5, false)];
     put("virtio_vsock", "rw", &encode_guest(&[rx, tx_rw, ev], &data));
 }

@@ -115,7 +115,12 @@ fn receive(stream: &[u8]) -> Option<(GuestMemoryMmap, Vec<Message>)> {
                 for run in runs {
                     let len = run.npages as usize * PAGE;
                     let at = GuestAddress(run.gpa);
-                    if !vm_memory::GuestMemory::check_range(&mem, at, len, vm_memory::Permissions::Write) {
+                    if !vm_memory::GuestMemory::check_range(
+                        &mem,
+                        at,
+                        len,
+                        vm_memory::Permissions::Write,
+                    ) {
                         continue;
                     }
                     match run.data {

@@ -57,7 +57,11 @@ fuzz_target!(|data: &[u8]| {
     {
         let mut d = dev.lock().expect("not poisoned");
         let acked = d.avail_features();
-        let acked = if g.event_idx { acked } else { acked & !(1 << 29) };
+        let acked = if g.event_idx {
+            acked
+        } else {
+            acked & !(1 << 29)
+        };
         d.set_acked_features(acked);
         d.activate(g.mem.clone(), interrupt, g.queues)
             .expect("activate");

@@ -83,9 +83,11 @@ pub fn guest(input: &mut Cursor<'_>, nqueues: usize) -> Guest {
         let avail = desc + 0x1000;
         let used = desc + 0x2000;
         let table = input.bytes(16 * usize::from(size));
-        mem.write_slice(table, GuestAddress(desc)).expect("in memory");
+        mem.write_slice(table, GuestAddress(desc))
+            .expect("in memory");
         let ring = input.bytes(6 + 2 * usize::from(size));
-        mem.write_slice(ring, GuestAddress(avail)).expect("in memory");
+        mem.write_slice(ring, GuestAddress(avail))
+            .expect("in memory");
         let mut queue = Queue::new(size).expect("queue size");
         queue.set_size(size);
         queue.set_desc_table_address(Some(desc as u32), Some(0));
