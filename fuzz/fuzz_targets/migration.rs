@@ -95,11 +95,8 @@ fn receive(stream: &[u8]) -> Option<(GuestMemoryMmap, Vec<Message>)> {
     let _ = hello.memory.total_size();
     let mem = memory(&hello.memory)?;
     let mut rest = Vec::new();
-    loop {
-        // Any error ends the stream, as it does the receiver.
-        let Ok(msg) = read_message(&mut r) else {
-            break;
-        };
+    // Any error ends the stream, as it does the receiver.
+    while let Ok(msg) = read_message(&mut r) {
         match msg.kind {
             Kind::PostCopy => {
                 if let Ok(start) = msg.json::<PostCopyStart>() {
