@@ -11,7 +11,7 @@ mkdir -p "$EMBER_CACHE_DIR"
 # The tools the tests use, and protoc, which etcd-client's build needs.
 bash tests/ensure-packages.sh curl:curl strace:strace mkfs.ext4:e2fsprogs debugfs:e2fsprogs \
     python3:python3 ip:iproute2 nft:nftables qemu-io:qemu-utils qemu-nbd:qemu-utils \
-    qemu-storage-daemon:qemu-utils \
+    qemu-storage-daemon:qemu-utils c++:g++ \
     nbdkit:nbdkit nbd-server:nbd-server nbdinfo:libnbd-bin etcd:etcd-server protoc:protobuf-compiler
 
 # Unmodified AWS clients (botocore) for the tests that check against them.
@@ -30,3 +30,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace -- --nocapture
+# Every fuzz target (fuzz/: its own workspace, built by cargo-fuzz on the
+# stable toolchain) for 60 s on its committed corpus; fails on any crash.
+bash fuzz/run.sh 60
