@@ -128,6 +128,33 @@ fn cut(s: &str, max: usize) -> &str {
 }
 
 impl AsyncInvocation {
+    /// A new event, queued, not yet attempted (its payload is enqueued
+    /// beside it, see [`enqueue`]).
+    pub fn queued(
+        request_id: String,
+        account: String,
+        function_name: String,
+        qualifier: Option<String>,
+    ) -> AsyncInvocation {
+        AsyncInvocation {
+            request_id,
+            account,
+            function_name,
+            qualifier,
+            payload: String::new(),
+            status: Status::Queued,
+            attempts: 0,
+            not_before_ms: 0,
+            executed_version: None,
+            function_error: None,
+            response: None,
+            response_truncated: false,
+            response_size: None,
+            payload_stored: false,
+            created_ms: 0,
+        }
+    }
+
     /// Records `answer` as the last response, cut to what is kept.
     pub fn set_response(&mut self, answer: &[u8]) {
         let text = String::from_utf8_lossy(answer);
@@ -536,21 +563,13 @@ mod tests {
     #[test]
     fn records_stay_small() {
         let mut inv = AsyncInvocation {
-            request_id: "r".into(),
-            account: "111111111111".into(),
-            function_name: "f".into(),
-            qualifier: None,
             payload: "\"".repeat(INLINE_PAYLOAD),
             status: Status::Failed,
             attempts: 3,
-            not_before_ms: 0,
             executed_version: Some("1".into()),
             function_error: Some("x".repeat(10_000)),
-            response: None,
-            response_truncated: false,
-            response_size: None,
-            payload_stored: false,
             created_ms: 1,
+            ..AsyncInvocation::queued("r".into(), "111111111111".into(), "f".into(), None)
         };
         // Control bytes: six bytes each once escaped.
         inv.set_response(&vec![1u8; 2 << 20]);
@@ -599,21 +618,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cluster(dir.path());
         let base = AsyncInvocation {
-            request_id: "spent".into(),
-            account: "111111111111".into(),
-            function_name: "nosuch".into(),
-            qualifier: None,
             payload: "{}".into(),
-            status: Status::Queued,
             attempts: MAX_ATTEMPTS,
-            not_before_ms: 0,
-            executed_version: None,
-            function_error: None,
-            response: None,
-            response_truncated: false,
-            response_size: None,
-            payload_stored: false,
             created_ms: now_ms(),
+            ..AsyncInvocation::queued("spent".into(), "111111111111".into(), "nosuch".into(), None)
         };
         let mut done = base.clone();
         done.request_id = "recorded".into();

@@ -109,6 +109,12 @@ fn valid_name(name: &str) -> bool {
 
 /// Whether `account` (when given) may use `rec`: only the owner's hosts
 /// may, and a volume that has no owner is refused to every account.
+/// The volume `name` in `s`, to change.
+fn record_mut<'a>(s: &'a mut State, name: &str) -> Result<&'a mut VolumeRecord, RegistryError> {
+    s.get_mut(name)
+        .ok_or_else(|| RegistryError::NotFound(name.into()))
+}
+
 fn owned_by(rec: &VolumeRecord, account: Option<&str>) -> Result<(), RegistryError> {
     match account {
         Some(a) if rec.account.as_deref() != Some(a) => Err(RegistryError::NotAuthorised),
@@ -283,9 +289,7 @@ impl Registry {
         valid_size(size_bytes)?;
         let path = self.image_path(name);
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             if size_bytes < rec.size_bytes {
                 return Err(RegistryError::Shrink {
                     name: name.into(),
@@ -310,9 +314,7 @@ impl Registry {
             return Err(RegistryError::Account(account.into()));
         }
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             match rec.account.as_deref() {
                 None => rec.account = Some(account.into()),
                 Some(a) if a == account => {}
@@ -334,9 +336,7 @@ impl Registry {
     ) -> Result<Attachment, RegistryError> {
         let credential = new_credential()?;
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             owned_by(rec, account)?;
             if let Some(target) = &rec.moved_to {
                 return Err(RegistryError::Moved {
@@ -366,9 +366,7 @@ impl Registry {
     ) -> Result<Attachment, RegistryError> {
         let credential = new_credential()?;
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             owned_by(rec, account)?;
             if rec.attachment.is_none() {
                 return Err(RegistryError::NotAttached(name.into()));
@@ -380,9 +378,7 @@ impl Registry {
     /// Ends the attachment; its token is stale from now on.
     pub fn detach(&self, name: &str) -> Result<(), RegistryError> {
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             if rec.attachment.take().is_none() {
                 return Err(RegistryError::NotAttached(name.into()));
             }
@@ -423,9 +419,7 @@ impl Registry {
     ) -> Result<Option<String>, RegistryError> {
         let _gate = self.gate_exclusive();
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             if let Some(t) = &rec.moved_to {
                 // Another move got there first.
                 return Err(RegistryError::Moved {
@@ -450,9 +444,7 @@ impl Registry {
     ) -> Result<Option<Attachment>, RegistryError> {
         let credential = new_credential()?;
         self.change(|s| {
-            let rec = s
-                .get_mut(name)
-                .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+            let rec = record_mut(s, name)?;
             rec.moved_to = None;
             rec.disconnect_fenced = false;
             Ok(host.map(|h| grant(rec, h, credential)))

@@ -13,7 +13,7 @@ use super::functions::QualifierQuery;
 use super::{function_ref, Caller, MAX_SYNC_PAYLOAD};
 use crate::error::ApiError;
 use crate::functions as records;
-use crate::queue::{self, AsyncInvocation, Status, MAX_ASYNC_PAYLOAD};
+use crate::queue::{self, AsyncInvocation, MAX_ASYNC_PAYLOAD};
 use crate::service::Cluster;
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -74,23 +74,7 @@ pub async fn invoke(
                     "Request must be smaller than {MAX_ASYNC_PAYLOAD} bytes for the InvokeAsync operation"
                 )));
             }
-            let inv = AsyncInvocation {
-                request_id,
-                account: who.account.clone(),
-                function_name: name,
-                qualifier,
-                payload: String::new(),
-                status: Status::Queued,
-                attempts: 0,
-                not_before_ms: 0,
-                executed_version: None,
-                function_error: None,
-                response: None,
-                response_truncated: false,
-                response_size: None,
-                payload_stored: false,
-                created_ms: 0,
-            };
+            let inv = AsyncInvocation::queued(request_id, who.account.clone(), name, qualifier);
             queue::enqueue(&c.store, inv, &payload).await?;
             let mut resp = StatusCode::ACCEPTED.into_response();
             resp.headers_mut().insert("x-amzn-RequestId", rid);
