@@ -58,7 +58,13 @@ pub struct Config {
 pub struct Daemon {
     pub cfg: Config,
     pub store: Store,
+    /// The records as stored; held only to read or replace one, never
+    /// across a disk write, so readers never wait for an fsync.
     functions: Mutex<BTreeMap<String, FunctionRecord>>,
+    /// Held by whoever writes a record (a function's, or the address
+    /// reservations), from reading it to replacing it once it is stored:
+    /// writes of records happen one at a time.
+    writes: Mutex<()>,
     /// (function, version) pairs with a snapshot build running.
     building: Mutex<HashSet<(String, String)>>,
     build_slots: Semaphore,
@@ -132,6 +138,7 @@ impl Daemon {
             cfg,
             store,
             functions: Mutex::new(functions),
+            writes: Mutex::new(()),
             building: Mutex::new(HashSet::new()),
             queue,
             draining: Default::default(),
@@ -178,6 +185,15 @@ impl Daemon {
         self.functions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f`, a write of records, alone among writes and off the async
+    /// workers (it waits for the disk).
+    pub(crate) fn write<T>(&self, f: impl FnOnce() -> T) -> T {
+        ember_store::blocking(|| {
+            let _w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            f()
+        })
+    }
+
     pub fn function_arn(&self, name: &str, qualifier: Option<&str>) -> String {
         let base = format!(
             "arn:aws:lambda:{}:{}:function:{name}",
@@ -215,15 +231,15 @@ impl Daemon {
         name: &str,
         f: impl FnOnce(&mut FunctionRecord) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let mut fns = self.lock();
-        let rec = fns.get_mut(name).ok_or_else(|| self.not_found(name))?;
-        let mut copy = rec.clone();
-        let out = f(&mut copy)?;
-        self.store
-            .save_function(&copy)
-            .map_err(|e| ApiError::service(format!("cannot save function {name}: {e}")))?;
-        *rec = copy;
-        Ok(out)
+        self.write(|| {
+            let mut copy = self.get(name)?;
+            let out = f(&mut copy)?;
+            self.store
+                .save_function(&copy)
+                .map_err(|e| ApiError::service(format!("cannot save function {name}: {e}")))?;
+            self.lock().insert(name.to_string(), copy);
+            Ok(out)
+        })
     }
 
     fn ingest_code(&self, zip: &[u8]) -> Result<code::Code, ApiError> {
@@ -308,9 +324,8 @@ impl Daemon {
             provisioned: BTreeMap::new(),
             egress: Default::default(),
         };
-        {
-            let mut fns = self.lock();
-            if fns.contains_key(name) {
+        self.write(|| {
+            if self.lock().contains_key(name) {
                 return Err(ApiError::conflict(format!(
                     "Function already exist: {name}"
                 )));
@@ -321,8 +336,9 @@ impl Daemon {
             self.store
                 .save_function(&rec)
                 .map_err(|e| ApiError::service(format!("cannot save function {name}: {e}")))?;
-            fns.insert(name.to_string(), rec.clone());
-        }
+            self.lock().insert(name.to_string(), rec.clone());
+            Ok(())
+        })?;
         for v in rec.versions.keys() {
             self.spawn_build(name, v);
         }
@@ -435,14 +451,16 @@ impl Daemon {
     pub fn delete(&self, name: &str, qualifier: Option<&str>) -> Result<(), ApiError> {
         match qualifier {
             None => {
-                let mut fns = self.lock();
-                if fns.remove(name).is_none() {
-                    return Err(self.not_found(name));
-                }
-                self.store
-                    .delete_function(name)
-                    .map_err(|e| ApiError::service(format!("deleting {name}: {e}")))?;
-                drop(fns);
+                self.write(|| {
+                    if !self.lock().contains_key(name) {
+                        return Err(self.not_found(name));
+                    }
+                    self.store
+                        .delete_function(name)
+                        .map_err(|e| ApiError::service(format!("deleting {name}: {e}")))?;
+                    self.lock().remove(name);
+                    Ok(())
+                })?;
                 self.pools.retire_function(name);
                 Ok(())
             }
@@ -679,13 +697,11 @@ impl Daemon {
             }
         };
         let mut old_dir = None;
-        let again = {
-            let mut fns = self.lock();
-            let Some(rec) = fns.get_mut(name) else {
+        let again = self.write(|| {
+            let Some(mut copy) = self.lock().get(name).cloned() else {
                 let _ = std::fs::remove_dir_all(&dir);
                 return false;
             };
-            let mut copy = rec.clone();
             let Some(cur) = copy.versions.get_mut(version) else {
                 let _ = std::fs::remove_dir_all(&dir);
                 return false;
@@ -722,10 +738,10 @@ impl Daemon {
                 }
                 false
             } else {
-                *rec = copy;
+                self.lock().insert(name.to_string(), copy);
                 changed
             }
-        };
+        });
         if let Some(old) = old_dir {
             // Running clones keep their mappings of the unlinked files.
             let _ = std::fs::remove_dir_all(old);
@@ -878,6 +894,85 @@ mod tests {
     fn timestamps_look_like_lambdas() {
         let t = jiff::Timestamp::from_millisecond(1_700_000_000_123).unwrap();
         assert_eq!(lambda_timestamp(t), "2023-11-14T22:13:20.123+0000");
+    }
+
+    fn daemon(state_dir: &std::path::Path) -> Arc<Daemon> {
+        Daemon::open(Config {
+            state_dir: state_dir.to_path_buf(),
+            launch: LaunchConfig {
+                vmm_bin: "/nonexistent/ember-vmm".into(),
+                jail: None,
+                run_dir: state_dir.join("run"),
+                boot_args: None,
+                boot_timeout: Duration::from_secs(1),
+            },
+            kernel: "/nonexistent/vmlinux".into(),
+            rootfs: BTreeMap::new(),
+            region: "us-east-1".into(),
+            account: "123456789012".into(),
+            default_warm: 0,
+            default_concurrency: 1,
+            idle_ttl: Duration::from_secs(1),
+            init_timeout: Duration::from_secs(1),
+            parallel_builds: 1,
+            async_workers: 1,
+            async_retry_delay: Duration::from_secs(1),
+            network: None,
+            volumes: None,
+            peers: None,
+            export_bin: "/nonexistent/ember-export".into(),
+        })
+        .unwrap()
+    }
+
+    /// A write stuck on the disk (here: its temporary file is a FIFO
+    /// nobody reads, so opening it blocks) holds up no reader, and when it
+    /// fails the record in memory is still the stored one.
+    #[test]
+    fn readers_never_wait_for_a_write_and_a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path())
+            .unwrap()
+            .save_function(&sample_record("f1"))
+            .unwrap();
+        let d = daemon(dir.path());
+        let fifo = dir
+            .path()
+            .join(format!("functions/.f1.json.tmp-{}", std::process::id()));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let writer = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                d.modify("f1", |r| {
+                    r.reserved_concurrency = Some(7);
+                    Ok(())
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send((d.get("f1").map(|r| r.reserved_concurrency), d.list().len()));
+            });
+        }
+        let read = rx.recv_timeout(Duration::from_secs(10));
+        // Let the write go on: its body goes into the pipe, and fsync of a
+        // pipe fails, so the write fails.
+        let mut pipe = std::fs::File::open(&fifo).unwrap();
+        let written = writer.join().unwrap();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut pipe, &mut body).unwrap();
+        let (got, listed) = read.expect("a read waited for a write's disk");
+        assert_eq!(got.unwrap(), None, "a reader saw an unstored change");
+        assert_eq!(listed, 1);
+        assert!(written.is_err(), "writing through a FIFO cannot succeed");
+        assert_eq!(d.get("f1").unwrap().reserved_concurrency, None);
+        assert_eq!(
+            Store::open(dir.path()).unwrap().load_functions().unwrap().0[0],
+            sample_record("f1")
+        );
     }
 
     #[test]

@@ -76,7 +76,9 @@ impl Export {
     pub async fn start(export_bin: &Path, dir: &Path) -> std::io::Result<Export> {
         let socket = dir.join("export.sock");
         let _ = std::fs::remove_file(&socket);
-        let child = tokio::process::Command::new(export_bin)
+        let mut cmd = tokio::process::Command::new(export_bin);
+        crate::oom::neutral(&mut cmd);
+        let child = cmd
             .arg("--file")
             .arg(dir.join(FILE))
             .arg("--listen")

@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod model;
 pub mod net;
 pub mod network;
+pub mod oom;
 pub mod pool;
 pub mod queue;
 pub mod store;

@@ -169,11 +169,38 @@ pub fn validate_spec(spec: &FunctionSpec) -> Result<(), Invalid> {
     )
 }
 
+/// A function with only `$LATEST`, pending, for tests.
+#[cfg(test)]
+pub(crate) fn sample_record(name: &str) -> FunctionRecord {
+    FunctionRecord {
+        name: name.into(),
+        versions: BTreeMap::from([(
+            LATEST.to_string(),
+            VersionRecord {
+                version: LATEST.into(),
+                spec: tests::spec(),
+                state: State::Pending,
+                state_reason: None,
+                state_reason_code: None,
+                snapshot: None,
+                update_in_progress: false,
+                last_modified: "t".into(),
+                revision_id: "r".into(),
+            },
+        )]),
+        aliases: BTreeMap::new(),
+        next_version: 1,
+        reserved_concurrency: None,
+        provisioned: BTreeMap::new(),
+        egress: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec() -> FunctionSpec {
+    pub(super) fn spec() -> FunctionSpec {
         FunctionSpec {
             runtime: "python3.11".into(),
             handler: "app.handler".into(),

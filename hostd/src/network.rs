@@ -96,32 +96,39 @@ impl Daemon {
                 net.ip()
             )));
         }
-        let mut r = self.lock_reservations();
-        if let Some((other, _)) = r.iter().find(|(a, n)| *a != account && n.ip() == net.ip()) {
-            return Err(ApiError::conflict(format!(
-                "{} is already reserved by account {other}",
-                net.ip()
-            )));
-        }
-        let mut copy = r.clone();
-        copy.insert(account.to_string(), net);
-        self.save_reservations(&copy)?;
-        *r = copy;
-        Ok(())
+        self.change_reservations(|r| {
+            if let Some((other, _)) = r.iter().find(|(a, n)| *a != account && n.ip() == net.ip()) {
+                return Err(ApiError::conflict(format!(
+                    "{} is already reserved by account {other}",
+                    net.ip()
+                )));
+            }
+            r.insert(account.to_string(), net);
+            Ok(())
+        })
     }
 
     pub fn release_address(&self, account: &str) -> Result<(), ApiError> {
-        let mut r = self.lock_reservations();
-        if !r.contains_key(account) {
-            return Err(ApiError::not_found(format!(
-                "account {account} has no reserved logical address"
-            )));
-        }
-        let mut copy = r.clone();
-        copy.remove(account);
-        self.save_reservations(&copy)?;
-        *r = copy;
-        Ok(())
+        self.change_reservations(|r| {
+            r.remove(account).map(|_| ()).ok_or_else(|| {
+                ApiError::not_found(format!("account {account} has no reserved logical address"))
+            })
+        })
+    }
+
+    /// Applies `f` to a copy of the reservations, stores it, then replaces
+    /// them (readers meanwhile see the old ones, never wait for the disk).
+    fn change_reservations(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, LogicalNet>) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        self.write(|| {
+            let mut copy = self.lock_reservations().clone();
+            f(&mut copy)?;
+            self.save_reservations(&copy)?;
+            *self.lock_reservations() = copy;
+            Ok(())
+        })
     }
 
     fn save_reservations(&self, r: &BTreeMap<String, LogicalNet>) -> Result<(), ApiError> {

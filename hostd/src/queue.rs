@@ -98,7 +98,10 @@ fn counted(item: &AsyncInvocation) -> usize {
 
 pub struct AsyncQueue {
     dir: PathBuf,
+    /// The records as stored; never held across a disk write.
     items: Mutex<BTreeMap<String, AsyncInvocation>>,
+    /// Held by whoever writes a record, from reading it to replacing it.
+    writes: Mutex<()>,
     tx: mpsc::UnboundedSender<String>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
 }
@@ -142,6 +145,7 @@ impl AsyncQueue {
         Ok(AsyncQueue {
             dir,
             items: Mutex::new(map),
+            writes: Mutex::new(()),
             tx,
             rx: Mutex::new(Some(rx)),
         })
@@ -149,6 +153,15 @@ impl AsyncQueue {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, AsyncInvocation>> {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f`, a write of records, alone among writes and off the async
+    /// workers (it waits for the disk).
+    fn write<T>(&self, f: impl FnOnce() -> T) -> T {
+        ember_store::blocking(|| {
+            let _w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            f()
+        })
     }
 
     fn save(&self, item: &AsyncInvocation) -> Result<(), ApiError> {
@@ -183,10 +196,13 @@ impl AsyncQueue {
             executed_version: None,
             result_truncated: false,
         };
-        self.save(&item)?;
-        self.lock().insert(request_id.clone(), item.clone());
+        self.write(|| {
+            self.save(&item)?;
+            self.lock().insert(request_id.clone(), item.clone());
+            self.trim();
+            Ok::<_, ApiError>(())
+        })?;
         let _ = self.tx.send(request_id);
-        self.trim();
         Ok(item)
     }
 
@@ -205,33 +221,36 @@ impl AsyncQueue {
     /// Marks a queued item running, on disk, before it runs: None (not
     /// to run now) if it is not queued or that cannot be written.
     fn start(&self, id: &str) -> Option<AsyncInvocation> {
-        let mut items = self.lock();
-        let item = items.get_mut(id)?;
-        if item.status != Status::Queued {
-            return None;
-        }
-        let mut copy = item.clone();
-        copy.status = Status::Running;
-        copy.updated = now_rfc3339();
-        if let Err(e) = self.save(&copy) {
-            log::error!("async invocation {id} not started: {e}");
-            return None;
-        }
-        *item = copy.clone();
-        Some(copy)
+        self.write(|| {
+            let mut copy = self.get(id)?;
+            if copy.status != Status::Queued {
+                return None;
+            }
+            copy.status = Status::Running;
+            copy.updated = now_rfc3339();
+            if let Err(e) = self.save(&copy) {
+                log::error!("async invocation {id} not started: {e}");
+                return None;
+            }
+            self.lock().insert(id.to_string(), copy.clone());
+            Some(copy)
+        })
     }
 
+    /// Records what an attempt did. Memory takes it even if the disk
+    /// refuses (the attempt ran; after a restart the stored `Running`
+    /// counts as a failed attempt, so nothing runs more than its retries).
     fn update(&self, id: &str, f: impl FnOnce(&mut AsyncInvocation)) -> Option<AsyncInvocation> {
-        let mut items = self.lock();
-        let item = items.get_mut(id)?;
-        f(item);
-        item.updated = now_rfc3339();
-        let copy = item.clone();
-        drop(items);
-        if let Err(e) = self.save(&copy) {
-            log::error!("{e}");
-        }
-        Some(copy)
+        self.write(|| {
+            let mut copy = self.get(id)?;
+            f(&mut copy);
+            copy.updated = now_rfc3339();
+            if let Err(e) = self.save(&copy) {
+                log::error!("{e}");
+            }
+            self.lock().insert(id.to_string(), copy.clone());
+            Some(copy)
+        })
     }
 
     /// Drops the oldest finished records beyond [`KEEP_FINISHED`].

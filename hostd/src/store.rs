@@ -157,46 +157,13 @@ pub fn remove_if_exists(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::model::*;
-    use std::collections::BTreeMap;
 
     #[test]
     fn functions_round_trip_and_bad_files_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let spec = FunctionSpec {
-            runtime: "provided".into(),
-            handler: "h".into(),
-            memory_mib: 128,
-            timeout_secs: 3,
-            environment: BTreeMap::from([("A".into(), "b".into())]),
-            description: String::new(),
-            code_sha256: "ab".into(),
-            code_size: 3,
-            file_system: None,
-            ephemeral_mib: None,
-        };
-        let f = FunctionRecord {
-            name: "f1".into(),
-            versions: BTreeMap::from([(
-                LATEST.to_string(),
-                VersionRecord {
-                    version: LATEST.into(),
-                    spec,
-                    state: State::Pending,
-                    state_reason: None,
-                    state_reason_code: None,
-                    snapshot: None,
-                    update_in_progress: false,
-                    last_modified: "t".into(),
-                    revision_id: "r".into(),
-                },
-            )]),
-            aliases: BTreeMap::new(),
-            next_version: 1,
-            reserved_concurrency: Some(2),
-            provisioned: BTreeMap::new(),
-            egress: Default::default(),
-        };
+        let mut f = sample_record("f1");
+        f.reserved_concurrency = Some(2);
         store.save_function(&f).unwrap();
         fs::write(dir.path().join("functions/broken.json"), b"{nope").unwrap();
         let (loaded, bad) = store.load_functions().unwrap();

@@ -44,9 +44,10 @@ pub enum Expect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease(pub i64);
 
-/// Runs the embedded store's disk writes (an fsync each) off the async
-/// worker where the runtime allows it, so that other tasks go on meanwhile.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f`, which blocks on the disk (an fsync), off the async worker
+/// where the runtime allows it, so that other tasks go on meanwhile: the
+/// embedded store's writes, and hostd's records.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)

@@ -89,7 +89,21 @@ fn sigterm_ends_emberd_in_bounded_time() {
     // done.
     let mut d = Emberd::start(&["--shutdown-timeout-secs", &limit]);
     create(&d, "building");
-    wait_for("a build VMM", &d, || !d.descendants().is_empty());
+    wait_for("a build VMM", &d, || {
+        d.descendants().iter().any(|(_, c)| c.contains("ember-vmm"))
+    });
+    // The OOM killer takes a VMM long before emberd, which all die with.
+    let score = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(score(d.pid() as i32), "-800");
+    for (pid, comm) in d.descendants() {
+        if comm.contains("ember-vmm") || comm.contains("ember-jailer") {
+            assert_eq!(score(pid), "0", "{comm} ({pid})");
+        }
+    }
     terminate_and_check(&mut d, "during a snapshot build");
 
     // An invocation in flight whose function sleeps for minutes, on a

@@ -165,6 +165,12 @@ struct Args {
     /// regardless, its VMMs with it.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout_secs: u64,
+    /// emberd's own `oom_score_adj` (-1000 to 1000). Every VMM dies with
+    /// emberd, so by default the kernel's OOM killer takes a VMM (each
+    /// starts at 0) long before emberd.
+    #[arg(long, default_value_t = -800, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    oom_score_adj: i32,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -257,6 +263,13 @@ async fn run(mut args: Args) {
             "--listen-tcp {addr} needs TLS: --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir \
              for development); the TCP API is never served in the clear"
         ));
+    }
+    if let Err(e) = ember_hostd::oom::set_own(args.oom_score_adj) {
+        log::warn!(
+            "cannot set emberd's oom_score_adj to {}: {e}; the OOM killer may take emberd, \
+             and every VMM with it",
+            args.oom_score_adj
+        );
     }
     args.kernel = absolute(args.kernel);
     args.rootfs_provided = args.rootfs_provided.map(absolute);

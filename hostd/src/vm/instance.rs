@@ -409,6 +409,7 @@ impl Instance {
                 })
             };
         }
+        crate::oom::neutral(&mut cmd);
         cmd.arg("--id")
             .arg(&id)
             .stdin(std::process::Stdio::null())
