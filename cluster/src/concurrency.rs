@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use ember_store::{Expect, Store};
 
-use crate::error::ApiError;
 use crate::functions::FunctionRecord;
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
 
 pub const CONCURRENCY_PREFIX: &str = "/ember/concurrency/";
 

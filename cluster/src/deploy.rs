@@ -12,13 +12,13 @@ use base64::Engine;
 use ember_store::Store;
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use crate::error::ApiError;
 use crate::functions::Spec;
-use crate::hostapi::HostReply;
-use crate::hosts::HostReport;
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
+use ember_lambda::host_client::HostReply;
+use ember_lambda::hosts::HostReport;
+use ember_lambda::shapes::{CreateFunction, Environment, FunctionCode};
 
 pub const DEPLOYMENTS_PREFIX: &str = "/ember/deployments/";
 /// The longest a host's snapshot build is waited for (a Python runtime's
@@ -107,15 +107,20 @@ pub async fn deploy(
         .await
         .map_err(store_err)?
         .ok_or_else(|| ApiError::service(format!("code {} is missing", spec.code_sha256)))?;
-    let body = json!({
-        "FunctionName": name,
-        "Runtime": spec.runtime,
-        "Handler": spec.handler,
-        "MemorySize": spec.memory_size,
-        "Timeout": spec.timeout,
-        "Environment": {"Variables": spec.environment},
-        "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip)},
-    });
+    let body = CreateFunction {
+        function_name: Some(name.to_string()),
+        runtime: Some(spec.runtime.clone()),
+        handler: Some(spec.handler.clone()),
+        memory_size: Some(spec.memory_size),
+        timeout: Some(spec.timeout),
+        environment: Some(Environment {
+            variables: Some(spec.environment.clone()),
+        }),
+        code: Some(FunctionCode {
+            zip_file: Some(base64::engine::general_purpose::STANDARD.encode(&zip)),
+        }),
+        ..Default::default()
+    };
     log::info!("deploying {name} to host {}", host.id);
     let r = c
         .hosts
@@ -196,7 +201,9 @@ pub async fn wait_built(c: &Cluster, endpoint: &str, name: &str) -> Option<Build
 /// store (best effort: a host that is down keeps its copy until it is
 /// cleaned by hand or its state is reset).
 pub async fn retire(c: &Cluster, names: Vec<String>) {
-    let hosts = crate::hosts::live_hosts(&c.store).await.unwrap_or_default();
+    let hosts = ember_lambda::hosts::live_hosts(&c.store)
+        .await
+        .unwrap_or_default();
     for name in names {
         let Ok(deps) = placed(&c.store, &name).await else {
             continue;

@@ -11,7 +11,7 @@ use ember_store::{Expect, Store};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::ApiError;
+use ember_lambda::error::ApiError;
 
 pub const FUNCTIONS_PREFIX: &str = "/ember/functions/";
 pub const LATEST: &str = "$LATEST";

@@ -15,12 +15,12 @@ use bytes::Bytes;
 use hyper::{Method, StatusCode};
 
 use crate::deploy::{self, BuildState};
-use crate::error::ApiError;
 use crate::functions::{deployment_name, FunctionRecord, Version};
-use crate::hostapi::{HostError, HostReply};
-use crate::hosts::{live_hosts, HostReport};
 use crate::placement::place;
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
+use ember_lambda::host_client::{HostError, HostReply};
+use ember_lambda::hosts::{live_hosts, HostReport};
 
 /// `candidates` in the order placement prefers them.
 fn by_preference(candidates: &[HostReport], name: &str) -> Vec<HostReport> {

@@ -3,7 +3,7 @@
 //! (a restore there). Ties go to the lower host id, so the choice is
 //! stable for the same reports.
 
-use crate::hosts::HostReport;
+use ember_lambda::hosts::HostReport;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {

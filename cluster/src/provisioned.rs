@@ -13,9 +13,9 @@ use serde_json::json;
 
 use crate::deploy::{self, BuildState, Deployment};
 use crate::functions::{self, deployment_name, Spec};
-use crate::hosts::live_hosts;
 use crate::placement::place;
 use crate::service::Cluster;
+use ember_lambda::hosts::live_hosts;
 
 /// How often the leader looks (it lists every function).
 const EVERY: Duration = Duration::from_secs(2);
@@ -111,7 +111,7 @@ pub async fn reconcile(c: &Arc<Cluster>) {
     }
 }
 
-async fn set_on_host(c: &Cluster, host: &crate::hosts::HostReport, name: &str, n: u32) {
+async fn set_on_host(c: &Cluster, host: &ember_lambda::hosts::HostReport, name: &str, n: u32) {
     if deploy::wait_built(c, &host.endpoint, name).await != Some(BuildState::Active) {
         return;
     }

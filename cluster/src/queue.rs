@@ -18,16 +18,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ember_store::{Expect, Store};
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
 use crate::functions;
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
 
 pub const QUEUED_PREFIX: &str = "/ember/async/queued/";
 pub const DONE_PREFIX: &str = "/ember/async/done/";
 /// Large payloads, raw, beside their queued record.
 pub const PAYLOAD_PREFIX: &str = "/ember/async/payload/";
-/// Lambda's limit for an async payload (1 MB since 2025).
-pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
+pub use ember_lambda::limits::MAX_ASYNC_PAYLOAD;
 /// Payloads above this are kept under [`PAYLOAD_PREFIX`] rather than in
 /// the record, where JSON escaping may double them.
 const INLINE_PAYLOAD: usize = 128 * 1024;
@@ -593,7 +592,7 @@ mod tests {
         let tls = ember_tls::Tls::load(&files).expect("TLS settings");
         Cluster::new(
             store,
-            crate::hostapi::HostClient::new("t", &tls),
+            ember_lambda::host_client::HostClient::new("t", &tls),
             crate::service::Config {
                 replica_id: "r".into(),
                 region: "us-east-1".into(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 use ember_store::{Lease, Store, StoreError};
 use tokio::sync::watch;
 
-use crate::hostapi::HostClient;
 use crate::leader::Candidate;
+use ember_lambda::host_client::HostClient;
 
 #[derive(Debug, Clone)]
 pub struct Config {

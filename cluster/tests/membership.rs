@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use ember_cluster::hosts::{live_hosts, HostReport, Membership};
 use ember_cluster::leader::{leader, Candidate};
+use ember_lambda::hosts::{live_hosts, HostReport, Membership};
 use ember_store::Store;
 
 const TTL: Duration = Duration::from_secs(2);

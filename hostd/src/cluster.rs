@@ -11,13 +11,13 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use ember_cluster::hosts::{HostReport, Membership};
+use ember_lambda::hosts::{HostReport, Membership};
 use ember_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::daemon::Daemon;
-use crate::error::ApiError;
+use ember_lambda::error::ApiError;
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {

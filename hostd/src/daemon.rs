@@ -10,12 +10,12 @@ use ember_agent::RuntimeSpec;
 use tokio::sync::Semaphore;
 
 use crate::code;
-use crate::error::ApiError;
 use crate::model::*;
 use crate::pool::Pools;
 use crate::queue::AsyncQueue;
 use crate::store::Store;
 use crate::vm::{Instance, LaunchConfig, VmFiles};
+use ember_lambda::error::ApiError;
 
 /// The function user in Lambda's sandboxes (`sbx_user1051`).
 pub const FUNCTION_UID: u32 = 993;

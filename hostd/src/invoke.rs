@@ -10,13 +10,12 @@ use ember_agent::protocol::MAX_LOG_LEN;
 use ember_agent::{InvokeRequest, InvokeStatus};
 
 use crate::daemon::{now_rfc3339, Daemon};
-use crate::error::ApiError;
 use crate::model::State;
 use crate::pool::Source;
 use crate::vm::InstanceError;
+use ember_lambda::error::ApiError;
 
-/// Lambda's synchronous payload limit (request and response), 6 MB.
-pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+pub use ember_lambda::limits::MAX_SYNC_PAYLOAD;
 /// Lambda returns at most the last 4 KB of the log with `LogType: Tail`.
 pub const LOG_TAIL_BYTES: usize = 4096;
 /// A function's log file is rotated (one old file kept) beyond this size.

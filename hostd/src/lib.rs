@@ -7,7 +7,6 @@ pub mod cluster;
 pub mod code;
 pub mod daemon;
 pub mod ephemeral;
-pub mod error;
 pub mod invoke;
 pub mod jail;
 pub mod migrate;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// `$LATEST`: the unpublished, mutable version of every function.
 pub const LATEST: &str = "$LATEST";
 
-pub use ember_cluster::lambda::{RuntimeKind, RESERVED_ENV};
+pub use ember_lambda::rules::{RuntimeKind, RESERVED_ENV};
 
 /// Lambda's `State` of a function version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,6 +16,17 @@ pub enum State {
     Pending,
     Active,
     Failed,
+}
+
+impl State {
+    /// Its name in Lambda's `FunctionConfiguration.State`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "Pending",
+            State::Active => "Active",
+            State::Failed => "Failed",
+        }
+    }
 }
 
 /// What a version runs: everything that goes into its snapshot.
@@ -156,11 +167,11 @@ impl FunctionRecord {
     }
 }
 
-pub use ember_cluster::lambda::{validate_alias_name, validate_function_name, Invalid};
+pub use ember_lambda::rules::{validate_alias_name, validate_function_name, Invalid};
 
 /// Checks the settings Lambda checks.
 pub fn validate_spec(spec: &FunctionSpec) -> Result<(), Invalid> {
-    ember_cluster::lambda::validate_settings(
+    ember_lambda::rules::validate_settings(
         &spec.runtime,
         &spec.handler,
         spec.memory_mib,

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::model::{FunctionRecord, VersionRecord};
 use crate::net::{EgressPolicy, LogicalNet, NetRequest};
 use crate::store::{write_json_atomic, Store};
+use ember_lambda::error::ApiError;
 
 pub fn load_reservations(store: &Store) -> std::io::Result<BTreeMap<String, LogicalNet>> {
     match std::fs::read(store.reservations_path()) {

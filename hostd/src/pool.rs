@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::daemon::{machine_for, Daemon};
-use crate::error::ApiError;
 use crate::model::{FunctionRecord, SnapshotRef, State, VersionRecord};
 use crate::vm::{Instance, VmFiles};
+use ember_lambda::error::ApiError;
 
 type Key = (String, String);
 

@@ -18,11 +18,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::daemon::{now_rfc3339, Daemon};
-use crate::error::ApiError;
 use crate::store::{load_dir, write_json_atomic};
+use ember_lambda::error::ApiError;
 
-/// Lambda's async payload limit, 256 KB.
-pub const MAX_ASYNC_PAYLOAD: usize = 256 * 1024;
+pub use ember_lambda::limits::MAX_ASYNC_PAYLOAD;
 /// One try plus two retries.
 pub const MAX_ATTEMPTS: usize = 3;
 /// Of a function's answer, this much is kept in the record.

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::volumes::VolumeService;
-use crate::error::ApiError;
 use crate::vm::api_client::raw_request;
+use ember_lambda::error::ApiError;
 
 /// The guest device of a function's volume: the drive after the root
 /// filesystem, the code and, if the function has one, its `/tmp` disk.

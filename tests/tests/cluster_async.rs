@@ -13,7 +13,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_cluster::hosts::{HostReport, Membership};
+use ember_lambda::hosts::{HostReport, Membership};
 use ember_store::testing::EtcdProcess;
 use ember_store::Store;
 use ember_tests::cluster::{boto3, create_account, have_boto3, signed_request, ClusterApi, Key};

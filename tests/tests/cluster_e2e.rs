@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use ember_cluster::hosts::{live_hosts, HostReport};
+use ember_lambda::hosts::{live_hosts, HostReport};
 use ember_store::testing::EtcdProcess;
 use ember_store::Store;
 use ember_tests::cluster::{

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ember_cluster::hosts::{live_hosts, HostReport};
+use ember_lambda::hosts::{live_hosts, HostReport};
 use ember_store::testing::{free_port, EtcdProcess};
 use ember_store::Store;
 use ember_tests::emberd::Emberd;

@@ -30,17 +30,16 @@ use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
 use super::Caller;
-use crate::error::ApiError;
 use crate::queue::MAX_ASYNC_PAYLOAD;
 use crate::replay::Refusal;
 use crate::service::Cluster;
 use crate::sigv4::{self, AuthError};
+use ember_lambda::error::ApiError;
 
 /// CreateFunction and UpdateFunctionCode: a 50 MB zip, base64, in JSON
 /// (the figure Lambda's own refusal names).
 pub const MAX_CODE_BODY: usize = 70_167_211;
-/// Lambda's synchronous payload limit (request and response), 6 MB.
-pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+pub use ember_lambda::limits::MAX_SYNC_PAYLOAD;
 /// Every other operation: small JSON.
 pub const MAX_CONTROL_BODY: usize = 256 * 1024;
 /// How long a request waits for room in the body budget.

@@ -18,13 +18,13 @@ use serde_json::{json, Value};
 use super::shapes::*;
 use super::{function_ref, parse, Caller};
 use crate::deploy::{self, BuildState};
-use crate::error::ApiError;
 use crate::functions::{
     self as records, deployment_name, Alias, FunctionRecord, Spec, Version, LATEST,
 };
-use crate::hosts::live_hosts;
-use crate::lambda::{validate_alias_name, validate_function_name, validate_settings};
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
+use ember_lambda::hosts::live_hosts;
+use ember_lambda::rules::{validate_alias_name, validate_function_name, validate_settings};
 
 type C = State<Arc<Cluster>>;
 type Who = Extension<Caller>;
@@ -271,7 +271,7 @@ pub async fn list(
     State(c): C,
     Extension(who): Who,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListFunctions>, ApiError> {
     let recs = records::list(&c.store, Some(&who.account)).await?;
     let max = q.max_items.unwrap_or(50).clamp(1, 10_000);
     let start = q
@@ -279,17 +279,16 @@ pub async fn list(
         .as_deref()
         .and_then(|m| recs.iter().position(|r| r.name.as_str() > m))
         .unwrap_or(if q.marker.is_some() { recs.len() } else { 0 });
-    let page: Vec<Value> = recs
+    let functions = recs
         .iter()
         .skip(start)
         .take(max)
         .map(|r| configuration(r, &c.cfg.region, &r.latest, &BuildStatus::active()))
         .collect();
-    let mut out = json!({"Functions": page});
-    if start + max < recs.len() {
-        out["NextMarker"] = json!(recs[start + max - 1].name);
-    }
-    Ok(Json(out))
+    Ok(Json(ListFunctions {
+        functions,
+        next_marker: (start + max < recs.len()).then(|| recs[start + max - 1].name.clone()),
+    }))
 }
 
 async fn resolved(
@@ -313,17 +312,16 @@ pub async fn get(
     Extension(who): Who,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<GetFunction>, ApiError> {
     let (rec, v) = resolved(&c, &who, &name, q.qualifier).await?;
     let st = status(&c, &rec, &v).await;
-    let mut out = json!({
-        "Configuration": configuration(&rec, &c.cfg.region, &v, &st),
-        "Code": {"RepositoryType": "Ember", "Location": format!("ember://code/{}", v.spec.code_sha256)},
-    });
-    if let Some(n) = rec.reserved_concurrency {
-        out["Concurrency"] = json!({"ReservedConcurrentExecutions": n});
-    }
-    Ok(Json(out))
+    Ok(Json(GetFunction {
+        configuration: configuration(&rec, &c.cfg.region, &v, &st),
+        code: FunctionCodeLocation::ember(format!("ember://code/{}", v.spec.code_sha256)),
+        concurrency: rec
+            .reserved_concurrency
+            .map(|n| Concurrency::reserved(Some(n))),
+    }))
 }
 
 pub async fn get_configuration(
@@ -331,7 +329,7 @@ pub async fn get_configuration(
     Extension(who): Who,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FunctionConfiguration>, ApiError> {
     let (rec, v) = resolved(&c, &who, &name, q.qualifier).await?;
     let st = status(&c, &rec, &v).await;
     Ok(Json(configuration(&rec, &c.cfg.region, &v, &st)))
@@ -449,7 +447,7 @@ pub async fn publish(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: PublishIn = parse(&body)?;
+    let req: PublishVersion = parse(&body)?;
     let (name, _) = function_ref(&who, &name)?;
     let (rec, v) = records::modify(&c.store, &who.account, &name, |rec| {
         if let Some(sha) = &req.code_sha256 {
@@ -478,14 +476,16 @@ pub async fn list_versions(
     State(c): C,
     Extension(who): Who,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListVersions>, ApiError> {
     let (name, _) = function_ref(&who, &name)?;
     let rec = records::get(&c.store, &who.account, &name).await?;
-    let versions: Vec<Value> = rec
-        .all_versions()
-        .map(|v| configuration(&rec, &c.cfg.region, v, &BuildStatus::active()))
-        .collect();
-    Ok(Json(json!({"Versions": versions})))
+    Ok(Json(ListVersions {
+        versions: rec
+            .all_versions()
+            .map(|v| configuration(&rec, &c.cfg.region, v, &BuildStatus::active()))
+            .collect(),
+        next_marker: None,
+    }))
 }
 
 /// Checks an alias's target and routing against the record.
@@ -532,7 +532,7 @@ pub async fn create_alias(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: AliasIn = parse(&body)?;
+    let req: AliasRequest = parse(&body)?;
     let (name, _) = function_ref(&who, &name)?;
     let alias_name = req
         .name
@@ -569,15 +569,17 @@ pub async fn list_aliases(
     State(c): C,
     Extension(who): Who,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListAliases>, ApiError> {
     let (name, _) = function_ref(&who, &name)?;
     let rec = records::get(&c.store, &who.account, &name).await?;
-    let aliases: Vec<Value> = rec
-        .aliases
-        .values()
-        .map(|a| alias(&rec, &c.cfg.region, a))
-        .collect();
-    Ok(Json(json!({"Aliases": aliases})))
+    Ok(Json(ListAliases {
+        aliases: rec
+            .aliases
+            .values()
+            .map(|a| alias(&rec, &c.cfg.region, a))
+            .collect(),
+        next_marker: None,
+    }))
 }
 
 fn alias_not_found(c: &Cluster, rec: &FunctionRecord, a: &str) -> ApiError {
@@ -591,7 +593,7 @@ pub async fn get_alias(
     State(c): C,
     Extension(who): Who,
     Path((name, a)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AliasConfiguration>, ApiError> {
     let (name, _) = function_ref(&who, &name)?;
     let rec = records::get(&c.store, &who.account, &name).await?;
     let found = rec
@@ -606,8 +608,8 @@ pub async fn update_alias(
     Extension(who): Who,
     Path((name, a)): Path<(String, String)>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let req: AliasIn = parse(&body)?;
+) -> Result<Json<AliasConfiguration>, ApiError> {
+    let req: AliasRequest = parse(&body)?;
     let (name, _) = function_ref(&who, &name)?;
     let (rec, updated) = records::modify(&c.store, &who.account, &name, |rec| {
         let mut cur = rec
@@ -653,26 +655,15 @@ pub async fn put_concurrency(
     Extension(who): Who,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let req: ConcurrencyIn = parse(&body)?;
-    let n = req
-        .reserved_concurrent_executions
-        .ok_or_else(|| ApiError::invalid("ReservedConcurrentExecutions is required"))?;
-    let n = u32::try_from(n)
-        .ok()
-        .filter(|n| *n <= 10_000)
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "ReservedConcurrentExecutions {n} is outside 0 to 10000"
-            ))
-        })?;
+) -> Result<Json<Concurrency>, ApiError> {
+    let n = parse::<Concurrency>(&body)?.checked()?;
     let (name, _) = function_ref(&who, &name)?;
     records::modify(&c.store, &who.account, &name, |rec| {
         rec.reserved_concurrency = Some(n);
         Ok(())
     })
     .await?;
-    Ok(Json(json!({"ReservedConcurrentExecutions": n})))
+    Ok(Json(Concurrency::reserved(Some(n))))
 }
 
 pub async fn delete_concurrency(
@@ -693,13 +684,10 @@ pub async fn get_concurrency(
     State(c): C,
     Extension(who): Who,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Concurrency>, ApiError> {
     let (name, _) = function_ref(&who, &name)?;
     let rec = records::get(&c.store, &who.account, &name).await?;
-    Ok(Json(match rec.reserved_concurrency {
-        Some(n) => json!({"ReservedConcurrentExecutions": n}),
-        None => json!({}),
-    }))
+    Ok(Json(Concurrency::reserved(rec.reserved_concurrency)))
 }
 
 fn provisioned_qualifier(q: Option<String>) -> Result<String, ApiError> {
@@ -719,18 +707,7 @@ pub async fn put_provisioned(
     Query(q): Query<QualifierQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ProvisionedIn = parse(&body)?;
-    let n = req
-        .provisioned_concurrent_executions
-        .ok_or_else(|| ApiError::invalid("ProvisionedConcurrentExecutions is required"))?;
-    let n = u32::try_from(n)
-        .ok()
-        .filter(|n| (1..=1000).contains(n))
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "ProvisionedConcurrentExecutions {n} is outside 1 to 1000"
-            ))
-        })?;
+    let n = parse::<ProvisionedRequest>(&body)?.checked()?;
     let (name, from_path) = function_ref(&who, &name)?;
     let q = provisioned_qualifier(q.qualifier.or(from_path))?;
     records::modify(&c.store, &who.account, &name, |rec| {

@@ -11,10 +11,10 @@ use axum::Json;
 
 use super::functions::QualifierQuery;
 use super::{function_ref, Caller, MAX_SYNC_PAYLOAD};
-use crate::error::ApiError;
 use crate::functions as records;
 use crate::queue::{self, AsyncInvocation, MAX_ASYNC_PAYLOAD};
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())

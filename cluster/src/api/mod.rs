@@ -15,8 +15,8 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
 use crate::service::Cluster;
+use ember_lambda::error::ApiError;
 
 pub use auth::{MAX_CODE_BODY, MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD};
 
@@ -143,7 +143,7 @@ fn function_ref(caller: &Caller, raw: &str) -> Result<(String, Option<String>), 
         Some((n, q)) => (n.to_string(), Some(q.to_string())),
         None => (rest.to_string(), None),
     };
-    crate::lambda::validate_function_name(&name)?;
+    ember_lambda::rules::validate_function_name(&name)?;
     Ok((name, q))
 }
 

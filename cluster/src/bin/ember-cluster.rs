@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ember_cluster::hostapi::HostClient;
 use ember_cluster::service::{Cluster, Config};
+use ember_lambda::host_client::HostClient;
 use ember_store::Store;
 use ember_tls::{Tls, TlsFiles};
 

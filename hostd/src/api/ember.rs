@@ -10,8 +10,8 @@ use serde_json::json;
 
 use super::function_ref;
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::queue::AsyncInvocation;
+use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
 

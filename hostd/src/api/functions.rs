@@ -14,7 +14,7 @@ use serde_json::json;
 use super::shapes::*;
 use super::{function_ref, parse};
 use crate::daemon::{Daemon, SpecInput};
-use crate::error::ApiError;
+use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
 
@@ -38,6 +38,7 @@ fn qualified(path_name: &str, q: Option<String>) -> (String, Option<String>) {
 
 pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateFunction = parse(&body)?;
+    let name = req.name()?.to_string();
     let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
     let input = SpecInput {
         file_system: super::shapes::file_system(
@@ -58,7 +59,6 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
         crate::volume::validate(fs)?;
         vs.size(&fs.volume).await?;
     }
-    let name = req.function_name;
     let d2 = d.clone();
     // Unzipping and mkfs take a moment: off the async threads.
     let rec = tokio::task::spawn_blocking(move || d2.create(&name, input, &zip, req.publish))
@@ -68,20 +68,22 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     Ok((StatusCode::CREATED, Json(configuration(&d, &rec.name, v))).into_response())
 }
 
-pub async fn list(State(d): D) -> Json<serde_json::Value> {
-    let fns: Vec<_> = d
-        .list()
-        .iter()
-        .map(|f| configuration(&d, &f.name, f.latest()))
-        .collect();
-    Json(json!({"Functions": fns}))
+pub async fn list(State(d): D) -> Json<ListFunctions> {
+    Json(ListFunctions {
+        functions: d
+            .list()
+            .iter()
+            .map(|f| configuration(&d, &f.name, f.latest()))
+            .collect(),
+        next_marker: None,
+    })
 }
 
 pub async fn get(
     State(d): D,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<GetFunction>, ApiError> {
     let (name, q) = qualified(&name, q.qualifier);
     let rec = d.get(&name)?;
     let v = rec.resolve(q.as_deref()).ok_or_else(|| {
@@ -90,14 +92,15 @@ pub async fn get(
             d.function_arn(&name, q.as_deref())
         ))
     })?;
-    let mut out = json!({
-        "Configuration": configuration(&d, &name, v),
-        "Code": {"RepositoryType": "Ember", "Location": d.store.code_zip(&v.spec.code_sha256)},
-    });
-    if let Some(n) = rec.reserved_concurrency {
-        out["Concurrency"] = json!({"ReservedConcurrentExecutions": n});
-    }
-    Ok(Json(out))
+    Ok(Json(GetFunction {
+        configuration: configuration(&d, &name, v),
+        code: FunctionCodeLocation::ember(
+            d.store.code_zip(&v.spec.code_sha256).display().to_string(),
+        ),
+        concurrency: rec
+            .reserved_concurrency
+            .map(|n| Concurrency::reserved(Some(n))),
+    }))
 }
 
 pub async fn get_configuration(
@@ -174,14 +177,17 @@ pub async fn publish(State(d): D, Path(name): Path<String>) -> Result<Response, 
 pub async fn list_versions(
     State(d): D,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ListVersions>, ApiError> {
     let (name, _) = function_ref(&name);
     let rec = d.get(&name)?;
     let mut versions = vec![configuration(&d, &name, rec.latest())];
     for n in rec.published() {
         versions.push(configuration(&d, &name, &rec.versions[&n.to_string()]));
     }
-    Ok(Json(json!({"Versions": versions})))
+    Ok(Json(ListVersions {
+        versions,
+        next_marker: None,
+    }))
 }
 
 pub async fn create_alias(
@@ -189,7 +195,7 @@ pub async fn create_alias(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: AliasIn = parse(&body)?;
+    let req: AliasRequest = parse(&body)?;
     let (name, _) = function_ref(&name);
     let alias_name = req
         .name
@@ -207,11 +213,13 @@ pub async fn create_alias(
 pub async fn list_aliases(
     State(d): D,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ListAliases>, ApiError> {
     let (name, _) = function_ref(&name);
     let rec = d.get(&name)?;
-    let aliases: Vec<_> = rec.aliases.values().map(|a| alias(&d, &name, a)).collect();
-    Ok(Json(json!({"Aliases": aliases})))
+    Ok(Json(ListAliases {
+        aliases: rec.aliases.values().map(|a| alias(&d, &name, a)).collect(),
+        next_marker: None,
+    }))
 }
 
 pub async fn get_alias(
@@ -232,7 +240,7 @@ pub async fn update_alias(
     Path((name, a)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<AliasConfiguration>, ApiError> {
-    let req: AliasIn = parse(&body)?;
+    let req: AliasRequest = parse(&body)?;
     let (name, _) = function_ref(&name);
     let rec = d.put_alias(&name, &a, req.function_version, req.description, false)?;
     Ok(Json(alias(&d, &name, &rec)))
@@ -247,23 +255,15 @@ pub async fn delete_alias(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ConcurrencyIn {
-    pub reserved_concurrent_executions: u32,
-}
-
 pub async fn put_concurrency(
     State(d): D,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: ConcurrencyIn = parse(&body)?;
+) -> Result<Json<Concurrency>, ApiError> {
+    let n = parse::<Concurrency>(&body)?.checked()?;
     let (name, _) = function_ref(&name);
-    d.set_reserved_concurrency(&name, Some(req.reserved_concurrent_executions))?;
-    Ok(Json(
-        json!({"ReservedConcurrentExecutions": req.reserved_concurrent_executions}),
-    ))
+    d.set_reserved_concurrency(&name, Some(n))?;
+    Ok(Json(Concurrency::reserved(Some(n))))
 }
 
 pub async fn delete_concurrency(
@@ -278,19 +278,10 @@ pub async fn delete_concurrency(
 pub async fn get_concurrency(
     State(d): D,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Concurrency>, ApiError> {
     let (name, _) = function_ref(&name);
     let rec = d.get(&name)?;
-    Ok(Json(match rec.reserved_concurrency {
-        Some(n) => json!({"ReservedConcurrentExecutions": n}),
-        None => json!({}),
-    }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ProvisionedIn {
-    pub provisioned_concurrent_executions: u32,
+    Ok(Json(Concurrency::reserved(rec.reserved_concurrency)))
 }
 
 pub async fn put_provisioned(
@@ -299,11 +290,10 @@ pub async fn put_provisioned(
     Query(q): Query<QualifierQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ProvisionedIn = parse(&body)?;
+    let n = parse::<ProvisionedRequest>(&body)?.checked()?;
     let (name, q) = qualified(&name, q.qualifier);
     let q = q.ok_or_else(|| ApiError::invalid("Qualifier is required"))?;
-    d.set_provisioned(&name, &q, req.provisioned_concurrent_executions)?;
-    let n = req.provisioned_concurrent_executions;
+    d.set_provisioned(&name, &q, n)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"RequestedProvisionedConcurrentExecutions": n, "Status": "IN_PROGRESS"})),

@@ -12,8 +12,8 @@ use base64::Engine;
 use super::function_ref;
 use super::functions::QualifierQuery;
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::invoke::new_request_id;
+use ember_lambda::error::ApiError;
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())

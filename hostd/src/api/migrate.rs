@@ -13,9 +13,9 @@ use serde_json::json;
 
 use super::parse;
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::migrate::incoming::{self, IncomingRequest};
 use crate::migrate::outgoing::{self, MigrateInput};
+use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
 

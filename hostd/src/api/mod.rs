@@ -18,7 +18,7 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 
 use crate::daemon::Daemon;
-use crate::error::ApiError;
+use ember_lambda::error::ApiError;
 
 /// Base64 of a 50 MB zip, plus the rest of the request.
 const MAX_BODY: usize = 70 * 1024 * 1024;

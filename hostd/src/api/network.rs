@@ -11,8 +11,8 @@ use serde_json::json;
 
 use super::{function_ref, parse};
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::net::{EgressPolicy, LogicalNet};
+use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
 

@@ -1,52 +1,9 @@
-//! Lambda's JSON shapes for functions, versions and aliases.
-
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+//! Lambda's shapes (`ember_lambda::shapes`) as emberd fills them from its
+//! records, and the volume ARNs of `FileSystemConfigs`.
 
 use crate::daemon::Daemon;
 use crate::model::{AliasRecord, State, VersionRecord};
-pub use ember_cluster::lambda::{
-    code_sha256_b64, CodeIn, EnvironmentIn, UpdateCode, UpdateConfiguration,
-};
-
-/// CreateFunction's request.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct CreateFunction {
-    pub function_name: String,
-    pub runtime: Option<String>,
-    pub handler: Option<String>,
-    pub code: Option<CodeIn>,
-    pub memory_size: Option<u32>,
-    pub timeout: Option<u32>,
-    pub environment: Option<EnvironmentIn>,
-    pub description: Option<String>,
-    #[serde(default)]
-    pub publish: bool,
-    pub ephemeral_storage: Option<EphemeralStorage>,
-    /// At most one, naming an Ember volume (see [`volume_arn`]).
-    #[serde(default)]
-    pub file_system_configs: Option<Vec<FileSystemConfig>>,
-    /// Accepted and ignored (no IAM here).
-    #[allow(dead_code)]
-    pub role: Option<String>,
-}
-
-/// Lambda's `EphemeralStorage` (`/tmp`), in MB.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct EphemeralStorage {
-    pub size: u32,
-}
-
-/// Lambda's `FileSystemConfig`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct FileSystemConfig {
-    pub arn: String,
-    pub local_mount_path: String,
-}
+pub use ember_lambda::shapes::*;
 
 /// An Ember volume's ARN, in the place of an EFS access point's.
 pub fn volume_arn(d: &Daemon, volume: &str) -> String {
@@ -65,10 +22,10 @@ pub fn file_system(
     configs: Option<Vec<FileSystemConfig>>,
     region: &str,
     account: &str,
-) -> Result<Option<crate::model::FileSystem>, crate::error::ApiError> {
+) -> Result<Option<crate::model::FileSystem>, ember_lambda::error::ApiError> {
     let configs = configs.unwrap_or_default();
     if configs.len() > 1 {
-        return Err(crate::error::ApiError::invalid(
+        return Err(ember_lambda::error::ApiError::invalid(
             "FileSystemConfigs: at most one file system per function",
         ));
     }
@@ -81,13 +38,13 @@ pub fn file_system(
         .and_then(|r| r.split_once(":volume/"))
         .and_then(|(ra, v)| ra.split_once(':').map(|(r, a)| (r, a, v.to_string())))
         .ok_or_else(|| {
-            crate::error::ApiError::invalid(format!(
+            ember_lambda::error::ApiError::invalid(format!(
                 "FileSystemConfigs: {:?} is not an Ember volume ARN (arn:aws:ember:REGION:ACCOUNT:volume/NAME)",
                 c.arn
             ))
         })?;
     if !arn_account.is_empty() && arn_account != account {
-        return Err(crate::error::ApiError::new(
+        return Err(ember_lambda::error::ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
             "AccessDeniedException",
             format!(
@@ -97,7 +54,7 @@ pub fn file_system(
         ));
     }
     if !arn_region.is_empty() && arn_region != region {
-        return Err(crate::error::ApiError::invalid(format!(
+        return Err(ember_lambda::error::ApiError::invalid(format!(
             "FileSystemConfigs: {:?} is a volume of region {arn_region:?}, not this host's ({region})",
             c.arn
         )));
@@ -106,53 +63,6 @@ pub fn file_system(
         volume,
         mount_path: c.local_mount_path,
     }))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct AliasIn {
-    pub name: Option<String>,
-    pub function_version: Option<String>,
-    pub description: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct Environment {
-    pub variables: BTreeMap<String, String>,
-}
-
-/// Lambda's `FunctionConfiguration`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct FunctionConfiguration {
-    pub function_name: String,
-    pub function_arn: String,
-    pub runtime: String,
-    pub handler: String,
-    pub code_size: u64,
-    pub code_sha256: String,
-    pub description: String,
-    pub timeout: u32,
-    pub memory_size: u32,
-    pub last_modified: String,
-    pub version: String,
-    pub environment: Environment,
-    pub state: State,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_reason_code: Option<String>,
-    pub last_update_status: &'static str,
-    pub revision_id: String,
-    pub package_type: &'static str,
-    pub architectures: [&'static str; 1],
-    /// Ember: how long the runtime took to initialize before its snapshot.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub init_duration_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub file_system_configs: Option<Vec<FileSystemConfig>>,
-    pub ephemeral_storage: EphemeralStorage,
 }
 
 pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfiguration {
@@ -169,6 +79,7 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
         function_name: name.to_string(),
         function_arn: d.function_arn(name, qualifier),
         runtime: v.spec.runtime.clone(),
+        role: None,
         handler: v.spec.handler.clone(),
         code_size: v.spec.code_size,
         code_sha256: sha_b64,
@@ -178,19 +89,19 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
         last_modified: v.last_modified.clone(),
         version: v.version.clone(),
         environment: Environment {
-            variables: v.spec.environment.clone(),
+            variables: Some(v.spec.environment.clone()),
         },
-        state: v.state,
+        state: v.state.as_str().into(),
         state_reason: v.state_reason.clone(),
         state_reason_code: v.state_reason_code.clone(),
-        last_update_status,
+        last_update_status: last_update_status.into(),
         revision_id: v.revision_id.clone(),
-        package_type: "Zip",
-        architectures: ["x86_64"],
+        package_type: FunctionConfiguration::PACKAGE_TYPE.into(),
+        architectures: vec![FunctionConfiguration::ARCHITECTURE.into()],
         init_duration_ms: v.snapshot.as_ref().map(|s| s.init_duration_ms),
-        ephemeral_storage: EphemeralStorage {
+        ephemeral_storage: Some(EphemeralStorage {
             size: v.spec.ephemeral_mib.unwrap_or(512),
-        },
+        }),
         file_system_configs: v.spec.file_system.as_ref().map(|fs| {
             vec![FileSystemConfig {
                 arn: volume_arn(d, &fs.volume),
@@ -200,16 +111,6 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
     }
 }
 
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct AliasConfiguration {
-    pub alias_arn: String,
-    pub name: String,
-    pub function_version: String,
-    pub description: String,
-    pub revision_id: String,
-}
-
 pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration {
     AliasConfiguration {
         alias_arn: d.function_arn(function, Some(&a.name)),
@@ -217,6 +118,7 @@ pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration 
         function_version: a.function_version.clone(),
         description: a.description.clone(),
         revision_id: a.revision_id.clone(),
+        routing_config: None,
     }
 }
 
@@ -224,7 +126,7 @@ pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration 
 mod volume_arn_tests {
     use super::*;
 
-    fn parse(arn: &str) -> Result<Option<crate::model::FileSystem>, crate::error::ApiError> {
+    fn parse(arn: &str) -> Result<Option<crate::model::FileSystem>, ember_lambda::error::ApiError> {
         file_system(
             Some(vec![FileSystemConfig {
                 arn: arn.into(),

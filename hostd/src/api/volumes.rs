@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::parse;
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::vm::api_client::raw_request;
+use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
 

@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use super::stream::{new_ticket, serve_incoming};
 use super::{ended, MIGRATION_TIMEOUT};
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::model::State;
 use crate::net::LogicalNet;
 use crate::pool::Source;
 use crate::vm::Instance;
+use ember_lambda::error::ApiError;
 
 /// What the source asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ember_cluster::hostapi::HostClient;
+use ember_lambda::host_client::HostClient;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +13,9 @@ use super::incoming::{IncomingAnswer, IncomingRequest, IncomingStatus, Phase, Sw
 use super::stream::{new_ticket, serve_checked, serve_outgoing, PeerTarget};
 use super::{ended, PeerConfig, MIGRATION_TIMEOUT};
 use crate::daemon::Daemon;
-use crate::error::ApiError;
 use crate::pool::Taking;
 use crate::vm::Instance;
+use ember_lambda::error::ApiError;
 
 /// `POST /ember/v1/instances/{id}/migrate` and `POST /ember/v1/drain`.
 #[derive(Debug, Clone, Deserialize)]

@@ -2,9 +2,7 @@
 //! (the `x-amzn-ErrorType` header) and a message. emberd and the cluster
 //! answer with the same shapes.
 
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use http::StatusCode;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind}: {message}")]
@@ -73,14 +71,17 @@ impl ApiError {
     }
 }
 
-impl From<crate::lambda::Invalid> for ApiError {
-    fn from(e: crate::lambda::Invalid) -> ApiError {
+impl From<crate::rules::Invalid> for ApiError {
+    fn from(e: crate::rules::Invalid) -> ApiError {
         ApiError::invalid(e.0)
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::HeaderValue;
+        use axum::Json;
         let body = serde_json::json!({"Type": "User", "message": self.message});
         let mut resp = (self.status, Json(body)).into_response();
         resp.headers_mut()

@@ -130,14 +130,16 @@ impl HostClient {
         endpoint: &str,
         method: Method,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl serde::Serialize,
     ) -> Result<HostReply, HostError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| HostError::Connect(format!("the request body: {e}")))?;
         self.call(
             endpoint,
             method,
             path,
             &[],
-            Bytes::from(body.to_string()),
+            Bytes::from(body),
             Duration::from_secs(120),
         )
         .await

@@ -1,3 +1,0 @@
-//! Errors as Lambda's API reports them (shared with the cluster).
-
-pub use ember_cluster::error::ApiError;

@@ -1,0 +1,18 @@
+//! Lambda as Ember speaks it, shared by emberd (which runs functions) and
+//! the cluster (which takes them from users first, and must answer and
+//! refuse exactly as a host would):
+//!
+//! * [`rules`]: names, runtimes and settings Lambda allows;
+//! * [`error`]: errors as Lambda reports them;
+//! * [`shapes`]: every request and response shape, defined once;
+//! * [`limits`]: payload limits;
+//! * [`hosts`]: hosts' membership in the cluster store and their reports;
+//! * [`host_client`]: the client of hosts' APIs (mutual TLS), used by the
+//!   cluster and by hosts calling each other.
+
+pub mod error;
+pub mod host_client;
+pub mod hosts;
+pub mod limits;
+pub mod rules;
+pub mod shapes;
