@@ -11,7 +11,7 @@
 //!   expire; nothing is evicted early, since an evicted signature could be
 //!   replayed.
 //! * The cache is this replica's: a replay sent to another replica of the
-//!   same cluster is not caught (documented in the README).
+//!   same cluster is not caught (documented in docs/cluster.md).
 //! * A legitimate client can send the same bytes twice: botocore signs
 //!   only `host` and `x-amz-date` for Lambda, so two identical calls in
 //!   the same second carry the same signature. The second is refused like

@@ -29,7 +29,7 @@ fn state(vmm: &VmmProcess) -> String {
 
 /// On kvm_pvm hosts, processes started in a busy guest after its vCPU was
 /// paused (and its state read) sometimes fault on their first TLS read,
-/// `segfault at 0` (README, nested virtualization): the guest is unusable
+/// `segfault at 0` (docs/nested-kvm.md): the guest is unusable
 /// for new processes then, by the host's defect, and the test ends early,
 /// saying so, instead of failing on it.
 struct KvmPvmTlsFault(String);
