@@ -6,6 +6,8 @@
 //! * [`error`]: errors as Lambda reports them;
 //! * [`shapes`]: every request and response shape, defined once;
 //! * [`limits`]: payload limits;
+//! * [`operations`]: the operations served, their routes, and a router
+//!   built from them;
 //! * [`hosts`]: hosts' membership in the cluster store and their reports;
 //! * [`host_client`]: the client of hosts' APIs (mutual TLS), used by the
 //!   cluster and by hosts calling each other.
@@ -14,5 +16,6 @@ pub mod error;
 pub mod host_client;
 pub mod hosts;
 pub mod limits;
+pub mod operations;
 pub mod rules;
 pub mod shapes;

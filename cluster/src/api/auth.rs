@@ -35,6 +35,7 @@ use crate::replay::Refusal;
 use crate::service::Cluster;
 use crate::sigv4::{self, AuthError};
 use ember_lambda::error::ApiError;
+use ember_lambda::operations::Operation;
 
 /// CreateFunction and UpdateFunctionCode: a 50 MB zip, base64, in JSON
 /// (the figure Lambda's own refusal names).
@@ -61,24 +62,8 @@ fn replay_refused(r: Refusal) -> Response {
     ApiError::throttled(msg).into_response()
 }
 
-/// The route of `path` among those with larger bodies (`{name}` for the
-/// function's segment), else None.
-fn route_of(path: &str) -> Option<&'static str> {
-    if path == "/2015-03-31/functions" || path == "/2015-03-31/functions/" {
-        return Some("/2015-03-31/functions");
-    }
-    let rest = path.strip_prefix("/2015-03-31/functions/")?;
-    match rest.split_once('/') {
-        Some((name, "code")) if !name.is_empty() => Some("/2015-03-31/functions/{name}/code"),
-        Some((name, "invocations")) if !name.is_empty() => {
-            Some("/2015-03-31/functions/{name}/invocations")
-        }
-        _ => None,
-    }
-}
-
 /// The size limit of the operation a request is for, and its refusal.
-fn body_limit(method: &Method, route: Option<&str>, headers: &HeaderMap) -> (usize, ApiError) {
+fn body_limit(op: Option<Operation>, headers: &HeaderMap) -> (usize, ApiError) {
     let entity = |op: &str, max: usize| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -86,14 +71,12 @@ fn body_limit(method: &Method, route: Option<&str>, headers: &HeaderMap) -> (usi
             format!("Request must be smaller than {max} bytes for the {op} operation"),
         )
     };
-    match (method.as_str(), route.unwrap_or("")) {
-        ("POST", "/2015-03-31/functions") => {
-            (MAX_CODE_BODY, entity("CreateFunction", MAX_CODE_BODY))
-        }
-        ("PUT", "/2015-03-31/functions/{name}/code") => {
+    match op {
+        Some(Operation::CreateFunction) => (MAX_CODE_BODY, entity("CreateFunction", MAX_CODE_BODY)),
+        Some(Operation::UpdateFunctionCode) => {
             (MAX_CODE_BODY, entity("UpdateFunctionCode", MAX_CODE_BODY))
         }
-        ("POST", "/2015-03-31/functions/{name}/invocations") => {
+        Some(Operation::Invoke) => {
             let event = headers
                 .get("x-amz-invocation-type")
                 .is_some_and(|v| v.as_bytes() == b"Event");
@@ -221,8 +204,8 @@ pub async fn authenticate(State(c): State<Arc<Cluster>>, req: Request, next: Nex
     }
 
     // 2. The size.
-    let route = route_of(parts.uri.path());
-    let (limit, too_large) = body_limit(&parts.method, route, &parts.headers);
+    let op = Operation::of(&parts.method, parts.uri.path());
+    let (limit, too_large) = body_limit(op, &parts.headers);
     let hint = body.size_hint();
     if hint.lower() > limit as u64 {
         return too_large.into_response();
@@ -287,56 +270,21 @@ mod tests {
 
     #[test]
     fn limits_per_operation() {
+        use Operation::*;
         let none = HeaderMap::new();
         let mut event = HeaderMap::new();
         event.insert("x-amz-invocation-type", "Event".parse().unwrap());
-        let post = Method::POST;
-        let inv = Some("/2015-03-31/functions/{name}/invocations");
-        assert_eq!(
-            body_limit(&post, Some("/2015-03-31/functions"), &none).0,
-            MAX_CODE_BODY
-        );
-        assert_eq!(
-            body_limit(
-                &Method::PUT,
-                Some("/2015-03-31/functions/{name}/code"),
-                &none
-            )
-            .0,
-            MAX_CODE_BODY
-        );
-        assert_eq!(body_limit(&post, inv, &none).0, MAX_SYNC_PAYLOAD);
-        let (n, e) = body_limit(&post, inv, &event);
+        assert_eq!(body_limit(Some(CreateFunction), &none).0, MAX_CODE_BODY);
+        assert_eq!(body_limit(Some(UpdateFunctionCode), &none).0, MAX_CODE_BODY);
+        assert_eq!(body_limit(Some(Invoke), &none).0, MAX_SYNC_PAYLOAD);
+        let (n, e) = body_limit(Some(Invoke), &event);
         assert_eq!((n, e.status.as_u16()), (MAX_ASYNC_PAYLOAD, 413));
-        let (n, e) = body_limit(
-            &Method::PUT,
-            Some("/2017-10-31/functions/{name}/concurrency"),
-            &none,
-        );
+        let (n, e) = body_limit(Some(PutFunctionConcurrency), &none);
         assert_eq!(
             (n, e.kind),
             (MAX_CONTROL_BODY, "RequestEntityTooLargeException")
         );
-        assert_eq!(body_limit(&post, None, &none).0, MAX_CONTROL_BODY);
-    }
-
-    #[test]
-    fn routes_with_large_bodies() {
-        assert_eq!(
-            route_of("/2015-03-31/functions/"),
-            Some("/2015-03-31/functions")
-        );
-        assert_eq!(
-            route_of("/2015-03-31/functions/arn%3Aaws%3Alambda%3Ax/invocations"),
-            Some("/2015-03-31/functions/{name}/invocations")
-        );
-        assert_eq!(
-            route_of("/2015-03-31/functions/f/code"),
-            Some("/2015-03-31/functions/{name}/code")
-        );
-        assert_eq!(route_of("/2015-03-31/functions/f/code/x"), None);
-        assert_eq!(route_of("/2015-03-31/functions//code"), None);
-        assert_eq!(route_of("/2017-10-31/functions/f/concurrency"), None);
+        assert_eq!(body_limit(None, &none).0, MAX_CONTROL_BODY);
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod shapes;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -27,73 +27,47 @@ pub struct Caller {
 }
 
 pub fn router(c: Arc<Cluster>) -> Router {
-    Router::new()
-        .route(
-            "/2015-03-31/functions",
-            post(functions::create).get(functions::list),
-        )
-        .route(
-            "/2015-03-31/functions/",
-            post(functions::create).get(functions::list),
-        )
-        .route(
-            "/2015-03-31/functions/{name}",
-            get(functions::get).delete(functions::delete),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/configuration",
-            get(functions::get_configuration).put(functions::update_configuration),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/code",
-            put(functions::update_code),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/versions",
-            post(functions::publish).get(functions::list_versions),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/aliases",
-            post(functions::create_alias).get(functions::list_aliases),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/aliases/{alias}",
-            get(functions::get_alias)
-                .put(functions::update_alias)
-                .delete(functions::delete_alias),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/invocations",
-            post(invoke::invoke),
-        )
-        .route(
-            "/2017-10-31/functions/{name}/concurrency",
-            put(functions::put_concurrency).delete(functions::delete_concurrency),
-        )
-        .route(
-            "/2019-09-30/functions/{name}/concurrency",
-            get(functions::get_concurrency),
-        )
-        .route(
-            "/2019-09-30/functions/{name}/provisioned-concurrency",
-            put(functions::put_provisioned).get(functions::get_provisioned),
-        )
-        .route("/ember/v1/async-invocations/{id}", get(invoke::get_async))
-        .route("/ember/v1/health", get(functions::health))
-        .fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "UnknownOperationException",
-                "Unknown operation",
-            )
+    use ember_lambda::operations::{handle, Operation::*};
+    ember_lambda::operations::router(|op| {
+        Some(match op {
+            CreateFunction => handle(op, functions::create),
+            ListFunctions => handle(op, functions::list),
+            GetFunction => handle(op, functions::get),
+            DeleteFunction => handle(op, functions::delete),
+            GetFunctionConfiguration => handle(op, functions::get_configuration),
+            UpdateFunctionConfiguration => handle(op, functions::update_configuration),
+            UpdateFunctionCode => handle(op, functions::update_code),
+            PublishVersion => handle(op, functions::publish),
+            ListVersionsByFunction => handle(op, functions::list_versions),
+            CreateAlias => handle(op, functions::create_alias),
+            ListAliases => handle(op, functions::list_aliases),
+            GetAlias => handle(op, functions::get_alias),
+            UpdateAlias => handle(op, functions::update_alias),
+            DeleteAlias => handle(op, functions::delete_alias),
+            Invoke => handle(op, invoke::invoke),
+            PutFunctionConcurrency => handle(op, functions::put_concurrency),
+            DeleteFunctionConcurrency => handle(op, functions::delete_concurrency),
+            GetFunctionConcurrency => handle(op, functions::get_concurrency),
+            PutProvisionedConcurrencyConfig => handle(op, functions::put_provisioned),
+            GetProvisionedConcurrencyConfig => handle(op, functions::get_provisioned),
         })
-        .layer(axum::middleware::from_fn_with_state(
-            c.clone(),
-            auth::authenticate,
-        ))
-        // The front door has applied each operation's limit already.
-        .layer(DefaultBodyLimit::max(MAX_CODE_BODY))
-        .with_state(c)
+    })
+    .route("/ember/v1/async-invocations/{id}", get(invoke::get_async))
+    .route("/ember/v1/health", get(functions::health))
+    .fallback(|| async {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "Unknown operation",
+        )
+    })
+    .layer(axum::middleware::from_fn_with_state(
+        c.clone(),
+        auth::authenticate,
+    ))
+    // The front door has applied each operation's limit already.
+    .layer(DefaultBodyLimit::max(MAX_CODE_BODY))
+    .with_state(c)
 }
 
 /// Parses a JSON body with Lambda's error on failure.

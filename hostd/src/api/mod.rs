@@ -13,7 +13,7 @@ pub mod volumes;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -24,103 +24,81 @@ use ember_lambda::error::ApiError;
 const MAX_BODY: usize = 70 * 1024 * 1024;
 
 pub fn router(d: Arc<Daemon>) -> Router {
-    Router::new()
-        .route(
-            "/2015-03-31/functions",
-            post(functions::create).get(functions::list),
-        )
-        .route(
-            "/2015-03-31/functions/{name}",
-            get(functions::get).delete(functions::delete),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/configuration",
-            get(functions::get_configuration).put(functions::update_configuration),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/code",
-            put(functions::update_code),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/versions",
-            post(functions::publish).get(functions::list_versions),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/aliases",
-            post(functions::create_alias).get(functions::list_aliases),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/aliases/{alias}",
-            get(functions::get_alias)
-                .put(functions::update_alias)
-                .delete(functions::delete_alias),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/invocations",
-            post(invoke::invoke),
-        )
-        .route(
-            "/2017-10-31/functions/{name}/concurrency",
-            put(functions::put_concurrency).delete(functions::delete_concurrency),
-        )
-        .route(
-            "/2019-09-30/functions/{name}/concurrency",
-            get(functions::get_concurrency),
-        )
-        .route(
-            "/2019-09-30/functions/{name}/provisioned-concurrency",
-            put(functions::put_provisioned),
-        )
-        .route("/ember/v1/health", get(ember::health))
-        .route("/ember/v1/pools", get(ember::pools))
-        .route("/ember/v1/async-invocations", get(ember::list_async))
-        .route("/ember/v1/async-invocations/{id}", get(ember::get_async))
-        .route("/ember/v1/functions/{name}/logs", get(ember::logs))
-        .route("/ember/v1/network", get(network::table))
-        .route(
-            "/ember/v1/accounts/{account}/logical-address",
-            get(network::get_reservation)
-                .put(network::put_reservation)
-                .delete(network::delete_reservation),
-        )
-        .route("/ember/v1/volumes/{name}/attach", post(volumes::attach))
-        .route("/ember/v1/volumes/{name}/detach", post(volumes::detach))
-        .route("/ember/v1/volumes/{name}/move", post(volumes::move_to))
-        .route(
-            "/ember/v1/instances/{id}/migrate",
-            post(migrate::migrate).delete(migrate::cancel),
-        )
-        .route(
-            "/ember/v1/drain",
-            post(migrate::drain)
-                .get(migrate::draining)
-                .delete(migrate::undrain),
-        )
-        .route(
-            "/ember/v1/migrations",
-            post(migrate::prepare).get(migrate::list),
-        )
-        .route(
-            "/ember/v1/migrations/{id}",
-            get(migrate::get).delete(migrate::abort),
-        )
-        .route(
-            "/ember/v1/migrations/{id}/switch-over",
-            post(migrate::switch_over),
-        )
-        .route(
-            "/ember/v1/functions/{name}/egress",
-            get(network::get_egress).put(network::put_egress),
-        )
-        .fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "UnknownOperationException",
-                "no such operation",
-            )
+    use ember_lambda::operations::{handle, Operation::*};
+    ember_lambda::operations::router(|op| {
+        Some(match op {
+            CreateFunction => handle(op, functions::create),
+            ListFunctions => handle(op, functions::list),
+            GetFunction => handle(op, functions::get),
+            DeleteFunction => handle(op, functions::delete),
+            GetFunctionConfiguration => handle(op, functions::get_configuration),
+            UpdateFunctionConfiguration => handle(op, functions::update_configuration),
+            UpdateFunctionCode => handle(op, functions::update_code),
+            PublishVersion => handle(op, functions::publish),
+            ListVersionsByFunction => handle(op, functions::list_versions),
+            CreateAlias => handle(op, functions::create_alias),
+            ListAliases => handle(op, functions::list_aliases),
+            GetAlias => handle(op, functions::get_alias),
+            UpdateAlias => handle(op, functions::update_alias),
+            DeleteAlias => handle(op, functions::delete_alias),
+            Invoke => handle(op, invoke::invoke),
+            PutFunctionConcurrency => handle(op, functions::put_concurrency),
+            DeleteFunctionConcurrency => handle(op, functions::delete_concurrency),
+            GetFunctionConcurrency => handle(op, functions::get_concurrency),
+            PutProvisionedConcurrencyConfig => handle(op, functions::put_provisioned),
+            GetProvisionedConcurrencyConfig => return None,
         })
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(d)
+    })
+    .route("/ember/v1/health", get(ember::health))
+    .route("/ember/v1/pools", get(ember::pools))
+    .route("/ember/v1/async-invocations", get(ember::list_async))
+    .route("/ember/v1/async-invocations/{id}", get(ember::get_async))
+    .route("/ember/v1/functions/{name}/logs", get(ember::logs))
+    .route("/ember/v1/network", get(network::table))
+    .route(
+        "/ember/v1/accounts/{account}/logical-address",
+        get(network::get_reservation)
+            .put(network::put_reservation)
+            .delete(network::delete_reservation),
+    )
+    .route("/ember/v1/volumes/{name}/attach", post(volumes::attach))
+    .route("/ember/v1/volumes/{name}/detach", post(volumes::detach))
+    .route("/ember/v1/volumes/{name}/move", post(volumes::move_to))
+    .route(
+        "/ember/v1/instances/{id}/migrate",
+        post(migrate::migrate).delete(migrate::cancel),
+    )
+    .route(
+        "/ember/v1/drain",
+        post(migrate::drain)
+            .get(migrate::draining)
+            .delete(migrate::undrain),
+    )
+    .route(
+        "/ember/v1/migrations",
+        post(migrate::prepare).get(migrate::list),
+    )
+    .route(
+        "/ember/v1/migrations/{id}",
+        get(migrate::get).delete(migrate::abort),
+    )
+    .route(
+        "/ember/v1/migrations/{id}/switch-over",
+        post(migrate::switch_over),
+    )
+    .route(
+        "/ember/v1/functions/{name}/egress",
+        get(network::get_egress).put(network::put_egress),
+    )
+    .fallback(|| async {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "no such operation",
+        )
+    })
+    .layer(DefaultBodyLimit::max(MAX_BODY))
+    .with_state(d)
 }
 
 /// Parses a JSON body with a Lambda-style error on failure.
