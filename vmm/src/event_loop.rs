@@ -181,6 +181,9 @@ pub fn run(
                 log::warn!("cannot write metrics: {e}");
             }
             drop(controller);
+            // The vCPUs are stopped: the counts of what the guest's last
+            // burst of mistakes had suppressed are final.
+            crate::guest_log::report_suppressed();
             return Ok(code);
         }
     }

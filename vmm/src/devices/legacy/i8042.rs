@@ -61,6 +61,9 @@ pub struct I8042 {
     buf: VecDeque<u8>,
     irq: EventFd,
     reset: EventFd,
+    /// The guest asked for a reset (logged once; not part of the state:
+    /// a VM that asked never runs again).
+    reset_requested: bool,
 }
 
 impl I8042 {
@@ -76,6 +79,7 @@ impl I8042 {
             buf: VecDeque::new(),
             irq,
             reset,
+            reset_requested: false,
         }
     }
 
@@ -126,9 +130,14 @@ impl I8042 {
             CMD_ENABLE_KBD => self.status |= SB_KBD_ENABLED,
             CMD_DISABLE_AUX | CMD_ENABLE_AUX => {}
             CMD_RESET_CPU => {
-                log::info!("i8042: guest requested CPU reset");
+                // The VM ends at the first request; a guest that keeps
+                // asking until its vCPU is stopped logs no more lines.
+                if !self.reset_requested {
+                    log::info!("i8042: guest requested CPU reset");
+                }
+                self.reset_requested = true;
                 if let Err(e) = self.reset.write(1) {
-                    log::error!("i8042: cannot signal reset: {e}");
+                    crate::guest_warn!("i8042: cannot signal reset: {e}");
                 }
             }
             _ => log::debug!("i8042: ignoring command {cmd:#x}"),

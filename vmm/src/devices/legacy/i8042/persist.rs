@@ -59,6 +59,7 @@ impl I8042 {
             buf: VecDeque::from(state.buf.clone()),
             irq,
             reset,
+            reset_requested: false,
         };
         dev.raise_irq();
         Ok(dev)
