@@ -5,99 +5,56 @@
 
 use http::Method;
 
-/// One of Lambda's REST operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Operation {
-    CreateFunction,
-    ListFunctions,
-    GetFunction,
-    DeleteFunction,
-    GetFunctionConfiguration,
-    UpdateFunctionConfiguration,
-    UpdateFunctionCode,
-    PublishVersion,
-    ListVersionsByFunction,
-    CreateAlias,
-    ListAliases,
-    GetAlias,
-    UpdateAlias,
-    DeleteAlias,
-    Invoke,
-    PutFunctionConcurrency,
-    DeleteFunctionConcurrency,
-    GetFunctionConcurrency,
-    PutProvisionedConcurrencyConfig,
-    GetProvisionedConcurrencyConfig,
+/// The table: each operation, its method and its path (`{name}`, a
+/// function's name, `name:qualifier` or ARN, and `{alias}` stand for one
+/// segment each).
+macro_rules! operations {
+    ($($op:ident => $method:ident $path:literal,)*) => {
+        /// One of Lambda's REST operations.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Operation {
+            $($op,)*
+        }
+
+        impl Operation {
+            pub const ALL: &'static [Operation] = &[$(Operation::$op,)*];
+
+            /// Its method and path.
+            pub fn route(self) -> (Method, &'static str) {
+                match self {
+                    $(Operation::$op => (Method::$method, $path),)*
+                }
+            }
+        }
+    };
 }
 
-use Operation::*;
+operations! {
+    CreateFunction => POST "/2015-03-31/functions",
+    ListFunctions => GET "/2015-03-31/functions",
+    GetFunction => GET "/2015-03-31/functions/{name}",
+    DeleteFunction => DELETE "/2015-03-31/functions/{name}",
+    GetFunctionConfiguration => GET "/2015-03-31/functions/{name}/configuration",
+    UpdateFunctionConfiguration => PUT "/2015-03-31/functions/{name}/configuration",
+    UpdateFunctionCode => PUT "/2015-03-31/functions/{name}/code",
+    PublishVersion => POST "/2015-03-31/functions/{name}/versions",
+    ListVersionsByFunction => GET "/2015-03-31/functions/{name}/versions",
+    CreateAlias => POST "/2015-03-31/functions/{name}/aliases",
+    ListAliases => GET "/2015-03-31/functions/{name}/aliases",
+    GetAlias => GET "/2015-03-31/functions/{name}/aliases/{alias}",
+    UpdateAlias => PUT "/2015-03-31/functions/{name}/aliases/{alias}",
+    DeleteAlias => DELETE "/2015-03-31/functions/{name}/aliases/{alias}",
+    Invoke => POST "/2015-03-31/functions/{name}/invocations",
+    PutFunctionConcurrency => PUT "/2017-10-31/functions/{name}/concurrency",
+    DeleteFunctionConcurrency => DELETE "/2017-10-31/functions/{name}/concurrency",
+    GetFunctionConcurrency => GET "/2019-09-30/functions/{name}/concurrency",
+    PutProvisionedConcurrencyConfig => PUT "/2019-09-30/functions/{name}/provisioned-concurrency",
+    GetProvisionedConcurrencyConfig => GET "/2019-09-30/functions/{name}/provisioned-concurrency",
+}
 
 const FUNCTIONS: &str = "/2015-03-31/functions";
 
 impl Operation {
-    pub const ALL: [Operation; 20] = [
-        CreateFunction,
-        ListFunctions,
-        GetFunction,
-        DeleteFunction,
-        GetFunctionConfiguration,
-        UpdateFunctionConfiguration,
-        UpdateFunctionCode,
-        PublishVersion,
-        ListVersionsByFunction,
-        CreateAlias,
-        ListAliases,
-        GetAlias,
-        UpdateAlias,
-        DeleteAlias,
-        Invoke,
-        PutFunctionConcurrency,
-        DeleteFunctionConcurrency,
-        GetFunctionConcurrency,
-        PutProvisionedConcurrencyConfig,
-        GetProvisionedConcurrencyConfig,
-    ];
-
-    /// Its method and path, `{name}` (a function's name, `name:qualifier`
-    /// or ARN) and `{alias}` standing for one segment each.
-    pub fn route(self) -> (Method, &'static str) {
-        match self {
-            CreateFunction => (Method::POST, FUNCTIONS),
-            ListFunctions => (Method::GET, FUNCTIONS),
-            GetFunction => (Method::GET, "/2015-03-31/functions/{name}"),
-            DeleteFunction => (Method::DELETE, "/2015-03-31/functions/{name}"),
-            GetFunctionConfiguration => (Method::GET, "/2015-03-31/functions/{name}/configuration"),
-            UpdateFunctionConfiguration => {
-                (Method::PUT, "/2015-03-31/functions/{name}/configuration")
-            }
-            UpdateFunctionCode => (Method::PUT, "/2015-03-31/functions/{name}/code"),
-            PublishVersion => (Method::POST, "/2015-03-31/functions/{name}/versions"),
-            ListVersionsByFunction => (Method::GET, "/2015-03-31/functions/{name}/versions"),
-            CreateAlias => (Method::POST, "/2015-03-31/functions/{name}/aliases"),
-            ListAliases => (Method::GET, "/2015-03-31/functions/{name}/aliases"),
-            GetAlias => (Method::GET, "/2015-03-31/functions/{name}/aliases/{alias}"),
-            UpdateAlias => (Method::PUT, "/2015-03-31/functions/{name}/aliases/{alias}"),
-            DeleteAlias => (
-                Method::DELETE,
-                "/2015-03-31/functions/{name}/aliases/{alias}",
-            ),
-            Invoke => (Method::POST, "/2015-03-31/functions/{name}/invocations"),
-            PutFunctionConcurrency => (Method::PUT, "/2017-10-31/functions/{name}/concurrency"),
-            DeleteFunctionConcurrency => {
-                (Method::DELETE, "/2017-10-31/functions/{name}/concurrency")
-            }
-            GetFunctionConcurrency => (Method::GET, "/2019-09-30/functions/{name}/concurrency"),
-            PutProvisionedConcurrencyConfig => (
-                Method::PUT,
-                "/2019-09-30/functions/{name}/provisioned-concurrency",
-            ),
-            GetProvisionedConcurrencyConfig => (
-                Method::GET,
-                "/2019-09-30/functions/{name}/provisioned-concurrency",
-            ),
-        }
-    }
-
     /// The operation a request for `path` (no query) with `method` is,
     /// matched as the router matches it; None for any other.
     pub fn of(method: &Method, path: &str) -> Option<Operation> {
@@ -107,7 +64,7 @@ impl Operation {
         } else {
             path
         };
-        Operation::ALL.into_iter().find(|op| {
+        Operation::ALL.iter().copied().find(|op| {
             let (m, pattern) = op.route();
             m == *method && matches(pattern, path)
         })
@@ -140,7 +97,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(
 ) -> axum::Router<S> {
     let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<S>> =
         Default::default();
-    for op in Operation::ALL {
+    for &op in Operation::ALL {
         let Some(h) = handler(op) else { continue };
         let path = op.route().1;
         let merged = match by_path.remove(path) {
@@ -174,6 +131,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::Operation::*;
     use super::*;
 
     #[test]
@@ -215,7 +173,7 @@ mod tests {
             Some(PutFunctionConcurrency)
         );
         // Every operation is found at its own route, and only there.
-        for op in Operation::ALL {
+        for &op in Operation::ALL {
             let (m, p) = op.route();
             let p = p.replace("{name}", "f").replace("{alias}", "a");
             assert_eq!(Operation::of(&m, &p), Some(op), "{op:?}");
