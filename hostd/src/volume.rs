@@ -114,11 +114,7 @@ pub struct Pin {
 pub type SharedPin = Arc<Mutex<Option<Pin>>>;
 
 fn forbidden(msg: String) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::FORBIDDEN,
-        "AccessDeniedException",
-        msg,
-    )
+    ApiError::access_denied(msg)
 }
 
 impl VolumeService {

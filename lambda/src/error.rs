@@ -42,6 +42,10 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "ResourceNotFoundException", message)
     }
 
+    pub fn access_denied(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "AccessDeniedException", message)
+    }
+
     pub fn conflict(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, "ResourceConflictException", message)
     }

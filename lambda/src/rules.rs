@@ -164,3 +164,81 @@ pub fn validate_settings(
     }
     Ok(())
 }
+
+/// A function as a request's path names it: `NAME`, `NAME:QUALIFIER`,
+/// Lambda's partial ARN `ACCOUNT:function:NAME[:QUALIFIER]` or a full ARN
+/// `arn:PARTITION:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionRef {
+    /// The account an ARN names (None for a plain name).
+    pub account: Option<String>,
+    pub name: String,
+    pub qualifier: Option<String>,
+}
+
+impl FunctionRef {
+    /// Parses `raw`; the name must be a valid function name.
+    pub fn parse(raw: &str) -> Result<FunctionRef, Invalid> {
+        let bad = || Invalid(format!("invalid function ARN {raw:?}"));
+        let (account, rest) = if let Some(arn) = raw.strip_prefix("arn:") {
+            let parts: Vec<&str> = arn.splitn(5, ':').collect();
+            let [_partition, "lambda", _region, account, rest] = parts[..] else {
+                return Err(bad());
+            };
+            (
+                Some(account.to_string()),
+                rest.strip_prefix("function:").ok_or_else(bad)?,
+            )
+        } else if let Some((account, rest)) = raw.split_once(":function:") {
+            (Some(account.to_string()), rest)
+        } else {
+            (None, raw)
+        };
+        let (name, qualifier) = match rest.split_once(':') {
+            Some((n, q)) => (n.to_string(), Some(q.to_string())),
+            None => (rest.to_string(), None),
+        };
+        validate_function_name(&name)?;
+        Ok(FunctionRef {
+            account,
+            name,
+            qualifier,
+        })
+    }
+
+    /// Whether `account` may name it: a plain name is anyone's own; an ARN
+    /// must name `account` (Lambda answers another's with
+    /// AccessDeniedException).
+    pub fn is_of(&self, account: &str) -> bool {
+        self.account.as_deref().is_none_or(|a| a == account)
+    }
+}
+
+#[cfg(test)]
+mod function_ref_tests {
+    use super::*;
+
+    #[test]
+    fn names_qualifiers_and_arns() {
+        let p = |s| FunctionRef::parse(s).map(|r| (r.account, r.name, r.qualifier));
+        assert_eq!(p("f").unwrap(), (None, "f".into(), None));
+        assert_eq!(
+            p("f:live").unwrap(),
+            (None, "f".into(), Some("live".into()))
+        );
+        assert_eq!(
+            p("arn:aws:lambda:us-east-1:111122223333:function:f:3").unwrap(),
+            (Some("111122223333".into()), "f".into(), Some("3".into()))
+        );
+        assert_eq!(
+            p("111122223333:function:f").unwrap(),
+            (Some("111122223333".into()), "f".into(), None)
+        );
+        assert!(p("arn:nope").is_err());
+        assert!(p("arn:aws:lambda:r:1:layer:f").is_err());
+        assert!(p("a/b").is_err());
+        let r = FunctionRef::parse("arn:aws:lambda:us-east-1:444455556666:function:f").unwrap();
+        assert!(!r.is_of("111122223333"));
+        assert!(FunctionRef::parse("f").unwrap().is_of("111122223333"));
+    }
+}

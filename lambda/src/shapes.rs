@@ -7,7 +7,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApiError;
 use crate::rules::Invalid;
+
+/// A request's JSON body (empty reads as `{}`), with Lambda's error when
+/// it is not the shape asked for.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.is_empty() {
+        b"{}" as &[u8]
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Could not parse request body into json: {e}")))
+}
 
 /// Lambda's `Environment` (requests) and `EnvironmentResponse`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
-use serde::de::DeserializeOwned;
 
 use crate::service::Cluster;
 use ember_lambda::error::ApiError;
+use ember_lambda::shapes::parse;
 
 pub use auth::{MAX_CODE_BODY, MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD};
 
@@ -70,55 +70,18 @@ pub fn router(c: Arc<Cluster>) -> Router {
     .with_state(c)
 }
 
-/// Parses a JSON body with Lambda's error on failure.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.is_empty() {
-        b"{}" as &[u8]
-    } else {
-        body
-    };
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("Could not parse request body into json: {e}")))
-}
-
 /// A function named in a path: a name, `name:qualifier`, or an ARN
 /// (`arn:aws:lambda:region:account:function:name[:qualifier]`), checked
 /// against the caller's account: another account's ARN is refused as
 /// Lambda refuses it, with AccessDeniedException.
 fn function_ref(caller: &Caller, raw: &str) -> Result<(String, Option<String>), ApiError> {
-    let rest = if let Some(arn) = raw.strip_prefix("arn:") {
-        let parts: Vec<&str> = arn.splitn(5, ':').collect();
-        let [_partition, "lambda", _region, account, rest] = parts[..] else {
-            return Err(ApiError::invalid(format!("invalid function ARN {raw:?}")));
-        };
-        if account != caller.account {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "AccessDeniedException",
-                format!("User is not authorized to access {raw}"),
-            ));
-        }
-        rest.strip_prefix("function:")
-            .ok_or_else(|| ApiError::invalid(format!("invalid function ARN {raw:?}")))?
-    } else if let Some((acct, rest)) = raw.split_once(":function:") {
-        // `ACCOUNT:function:NAME`, Lambda's partial ARN.
-        if acct != caller.account {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "AccessDeniedException",
-                format!("User is not authorized to access {raw}"),
-            ));
-        }
-        rest
-    } else {
-        raw
-    };
-    let (name, q) = match rest.split_once(':') {
-        Some((n, q)) => (n.to_string(), Some(q.to_string())),
-        None => (rest.to_string(), None),
-    };
-    ember_lambda::rules::validate_function_name(&name)?;
-    Ok((name, q))
+    let r = ember_lambda::rules::FunctionRef::parse(raw)?;
+    if !r.is_of(&caller.account) {
+        return Err(ApiError::access_denied(format!(
+            "User is not authorized to access {raw}"
+        )));
+    }
+    Ok((r.name, r.qualifier))
 }
 
 #[cfg(test)]

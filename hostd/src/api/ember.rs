@@ -61,7 +61,7 @@ pub async fn logs(
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<String, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     d.get(&name)?;
     let want = q.tail.unwrap_or(64 * 1024).min(16 << 20);
     let path = d.store.log_path(&name);

@@ -31,9 +31,13 @@ fn decode_zip(b64: Option<&str>) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::invalid(format!("ZipFile is not valid base64: {e}")))
 }
 
-fn qualified(path_name: &str, q: Option<String>) -> (String, Option<String>) {
-    let (name, from_path) = function_ref(path_name);
-    (name, q.or(from_path))
+fn qualified(
+    d: &Daemon,
+    path_name: &str,
+    q: Option<String>,
+) -> Result<(String, Option<String>), ApiError> {
+    let (name, from_path) = function_ref(d, path_name)?;
+    Ok((name, q.or(from_path)))
 }
 
 pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
@@ -84,7 +88,7 @@ pub async fn get(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> Result<Json<GetFunction>, ApiError> {
-    let (name, q) = qualified(&name, q.qualifier);
+    let (name, q) = qualified(&d, &name, q.qualifier)?;
     let rec = d.get(&name)?;
     let v = rec.resolve(q.as_deref()).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -108,7 +112,7 @@ pub async fn get_configuration(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> Result<Json<FunctionConfiguration>, ApiError> {
-    let (name, q) = qualified(&name, q.qualifier);
+    let (name, q) = qualified(&d, &name, q.qualifier)?;
     let rec = d.get(&name)?;
     let v = rec.resolve(q.as_deref()).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -125,7 +129,7 @@ pub async fn update_configuration(
     body: Bytes,
 ) -> Result<Json<FunctionConfiguration>, ApiError> {
     let req: UpdateConfiguration = parse(&body)?;
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let input = SpecInput {
         file_system: None,
         ephemeral_mib: None,
@@ -146,7 +150,7 @@ pub async fn update_code(
     body: Bytes,
 ) -> Result<Json<FunctionConfiguration>, ApiError> {
     let req: UpdateCode = parse(&body)?;
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let zip = decode_zip(req.zip_file.as_deref())?;
     let d2 = d.clone();
     let n2 = name.clone();
@@ -163,13 +167,13 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let (name, q) = qualified(&name, q.qualifier);
+    let (name, q) = qualified(&d, &name, q.qualifier)?;
     d.delete(&name, q.as_deref())?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn publish(State(d): D, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let v = d.publish(&name)?;
     Ok((StatusCode::CREATED, Json(configuration(&d, &name, &v))).into_response())
 }
@@ -178,7 +182,7 @@ pub async fn list_versions(
     State(d): D,
     Path(name): Path<String>,
 ) -> Result<Json<ListVersions>, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let rec = d.get(&name)?;
     let mut versions = vec![configuration(&d, &name, rec.latest())];
     for n in rec.published() {
@@ -196,7 +200,7 @@ pub async fn create_alias(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: AliasRequest = parse(&body)?;
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let alias_name = req
         .name
         .ok_or_else(|| ApiError::invalid("Name is required"))?;
@@ -214,7 +218,7 @@ pub async fn list_aliases(
     State(d): D,
     Path(name): Path<String>,
 ) -> Result<Json<ListAliases>, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let rec = d.get(&name)?;
     Ok(Json(ListAliases {
         aliases: rec.aliases.values().map(|a| alias(&d, &name, a)).collect(),
@@ -226,7 +230,7 @@ pub async fn get_alias(
     State(d): D,
     Path((name, a)): Path<(String, String)>,
 ) -> Result<Json<AliasConfiguration>, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let rec = d.get(&name)?;
     let rec_alias = rec
         .aliases
@@ -241,7 +245,7 @@ pub async fn update_alias(
     body: Bytes,
 ) -> Result<Json<AliasConfiguration>, ApiError> {
     let req: AliasRequest = parse(&body)?;
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let rec = d.put_alias(&name, &a, req.function_version, req.description, false)?;
     Ok(Json(alias(&d, &name, &rec)))
 }
@@ -250,7 +254,7 @@ pub async fn delete_alias(
     State(d): D,
     Path((name, a)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     d.delete_alias(&name, &a)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -261,7 +265,7 @@ pub async fn put_concurrency(
     body: Bytes,
 ) -> Result<Json<Concurrency>, ApiError> {
     let n = parse::<Concurrency>(&body)?.checked()?;
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     d.set_reserved_concurrency(&name, Some(n))?;
     Ok(Json(Concurrency::reserved(Some(n))))
 }
@@ -270,7 +274,7 @@ pub async fn delete_concurrency(
     State(d): D,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     d.set_reserved_concurrency(&name, None)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -279,7 +283,7 @@ pub async fn get_concurrency(
     State(d): D,
     Path(name): Path<String>,
 ) -> Result<Json<Concurrency>, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let rec = d.get(&name)?;
     Ok(Json(Concurrency::reserved(rec.reserved_concurrency)))
 }
@@ -291,7 +295,7 @@ pub async fn put_provisioned(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let n = parse::<ProvisionedRequest>(&body)?.checked()?;
-    let (name, q) = qualified(&name, q.qualifier);
+    let (name, q) = qualified(&d, &name, q.qualifier)?;
     let q = q.ok_or_else(|| ApiError::invalid("Qualifier is required"))?;
     d.set_provisioned(&name, &q, n)?;
     Ok((

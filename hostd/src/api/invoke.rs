@@ -26,7 +26,7 @@ pub async fn invoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (name, from_path) = function_ref(&name);
+    let (name, from_path) = function_ref(&d, &name)?;
     let qualifier = q.qualifier.or(from_path);
     let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use serde::de::DeserializeOwned;
 
 use crate::daemon::Daemon;
 use ember_lambda::error::ApiError;
+use ember_lambda::shapes::parse;
 
 /// Base64 of a 50 MB zip, plus the rest of the request.
 const MAX_BODY: usize = 70 * 1024 * 1024;
@@ -101,41 +101,14 @@ pub fn router(d: Arc<Daemon>) -> Router {
     .with_state(d)
 }
 
-/// Parses a JSON body with a Lambda-style error on failure.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.is_empty() {
-        b"{}" as &[u8]
-    } else {
-        body
-    };
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("could not parse request body into json: {e}")))
-}
-
-/// A function named in a path: a name, `name:qualifier`, or an ARN
-/// (`arn:aws:lambda:region:account:function:name[:qualifier]`).
-fn function_ref(raw: &str) -> (String, Option<String>) {
-    let rest = raw
-        .strip_prefix("arn:")
-        .and_then(|r| r.split_once(":function:").map(|(_, n)| n))
-        .unwrap_or(raw);
-    match rest.split_once(':') {
-        Some((n, q)) => (n.to_string(), Some(q.to_string())),
-        None => (rest.to_string(), None),
+/// A function named in a path (see [`ember_lambda::rules::FunctionRef`]);
+/// an ARN of another account than this host's is refused.
+fn function_ref(d: &Daemon, raw: &str) -> Result<(String, Option<String>), ApiError> {
+    let r = ember_lambda::rules::FunctionRef::parse(raw)?;
+    if !r.is_of(&d.cfg.account) {
+        return Err(ApiError::access_denied(format!(
+            "User is not authorized to access {raw}"
+        )));
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn function_refs_accept_names_qualifiers_and_arns() {
-        assert_eq!(function_ref("f"), ("f".into(), None));
-        assert_eq!(function_ref("f:prod"), ("f".into(), Some("prod".into())));
-        assert_eq!(
-            function_ref("arn:aws:lambda:us-east-1:000000000000:function:f:3"),
-            ("f".into(), Some("3".into()))
-        );
-    }
+    Ok((r.name, r.qualifier))
 }

@@ -72,7 +72,7 @@ pub async fn get_egress(
     State(d): D,
     Path(name): Path<String>,
 ) -> Result<Json<EgressPolicy>, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     Ok(Json(d.get(&name)?.egress))
 }
 
@@ -83,7 +83,7 @@ pub async fn put_egress(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (name, _) = function_ref(&name);
+    let (name, _) = function_ref(&d, &name)?;
     let policy: EgressPolicy = parse(&body)?;
     let updated = d.set_egress(&name, policy.clone()).await?;
     Ok(Json(json!({"Policy": policy, "InstancesUpdated": updated})))

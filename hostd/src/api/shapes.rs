@@ -44,10 +44,7 @@ pub fn file_system(
             ))
         })?;
     if !arn_account.is_empty() && arn_account != account {
-        return Err(ember_lambda::error::ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "AccessDeniedException",
-            format!(
+        return Err(ember_lambda::error::ApiError::access_denied(format!(
                 "FileSystemConfigs: {:?} is a volume of account {arn_account:?}; a function of account {account} may only mount its own account's volumes",
                 c.arn
             ),
