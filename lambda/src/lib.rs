@@ -5,6 +5,7 @@
 //! * [`rules`]: names, runtimes and settings Lambda allows;
 //! * [`error`]: errors as Lambda reports them;
 //! * [`shapes`]: every request and response shape, defined once;
+//! * [`invoke`]: Invoke's request headers and body, and its answer's headers;
 //! * [`limits`]: payload limits;
 //! * [`operations`]: the operations served, their routes, and a router
 //!   built from them;
@@ -15,6 +16,7 @@
 pub mod error;
 pub mod host_client;
 pub mod hosts;
+pub mod invoke;
 pub mod limits;
 pub mod operations;
 pub mod rules;

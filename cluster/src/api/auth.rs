@@ -78,7 +78,7 @@ fn body_limit(op: Option<Operation>, headers: &HeaderMap) -> (usize, ApiError) {
         }
         Some(Operation::Invoke) => {
             let event = headers
-                .get("x-amz-invocation-type")
+                .get(ember_lambda::invoke::header::INVOCATION_TYPE)
                 .is_some_and(|v| v.as_bytes() == b"Event");
             let (max, op) = if event {
                 (MAX_ASYNC_PAYLOAD, "InvokeAsync")

@@ -15,10 +15,7 @@ use crate::functions as records;
 use crate::queue::{self, AsyncInvocation, MAX_ASYNC_PAYLOAD};
 use crate::service::Cluster;
 use ember_lambda::error::ApiError;
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
+use ember_lambda::invoke::{header, InvocationType, InvokeRequest};
 
 pub async fn invoke(
     State(c): State<Arc<Cluster>>,
@@ -30,31 +27,11 @@ pub async fn invoke(
 ) -> Result<Response, ApiError> {
     let (name, from_path) = function_ref(&who, &name)?;
     let qualifier = q.qualifier.or(from_path);
-    let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
-    let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
-        "Tail" => true,
-        "None" => false,
-        other => {
-            return Err(ApiError::invalid(format!(
-                "LogType {other:?} is not Tail or None"
-            )))
-        }
-    };
-    if !["RequestResponse", "Event", "DryRun"].contains(&kind) {
-        return Err(ApiError::invalid(format!(
-            "InvocationType {kind:?} is not RequestResponse, Event or DryRun"
-        )));
-    }
-    if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(&body).is_err() {
-        return Err(ApiError::bad_request(
-            "Could not parse request body into json",
-        ));
-    }
-    let payload = if body.is_empty() {
-        Bytes::from_static(b"{}")
-    } else {
-        body
-    };
+    let InvokeRequest {
+        kind,
+        tail,
+        payload,
+    } = InvokeRequest::parse(&headers, body)?;
     let rec = records::get(&c.store, &who.account, &name).await?;
     let v = rec
         .route(qualifier.as_deref(), crate::invoke::roll())
@@ -68,7 +45,7 @@ pub async fn invoke(
     let request_id = uuid::Uuid::new_v4().to_string();
     let rid = HeaderValue::from_str(&request_id).map_err(|e| ApiError::service(e.to_string()))?;
     match kind {
-        "Event" => {
+        InvocationType::Event => {
             if payload.len() > MAX_ASYNC_PAYLOAD {
                 return Err(ApiError::too_large(format!(
                     "Request must be smaller than {MAX_ASYNC_PAYLOAD} bytes for the InvokeAsync operation"
@@ -77,11 +54,11 @@ pub async fn invoke(
             let inv = AsyncInvocation::queued(request_id, who.account.clone(), name, qualifier);
             queue::enqueue(&c.store, inv, &payload).await?;
             let mut resp = StatusCode::ACCEPTED.into_response();
-            resp.headers_mut().insert("x-amzn-RequestId", rid);
+            resp.headers_mut().insert(header::REQUEST_ID, rid);
             Ok(resp)
         }
-        "DryRun" => Ok(StatusCode::NO_CONTENT.into_response()),
-        _ => {
+        InvocationType::DryRun => Ok(StatusCode::NO_CONTENT.into_response()),
+        InvocationType::RequestResponse => {
             if payload.len() > MAX_SYNC_PAYLOAD {
                 return Err(ApiError::too_large(format!(
                     "Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation"
@@ -94,11 +71,11 @@ pub async fn invoke(
             let mut resp = (r.status, r.body.clone()).into_response();
             let h = resp.headers_mut();
             h.insert("content-type", HeaderValue::from_static("application/json"));
-            h.insert("x-amzn-RequestId", rid);
+            h.insert(header::REQUEST_ID, rid);
             if let Ok(ver) = HeaderValue::from_str(&v.version) {
-                h.insert("X-Amz-Executed-Version", ver);
+                h.insert(header::EXECUTED_VERSION, ver);
             }
-            for name in ["x-amz-function-error", "x-amz-log-result"] {
+            for name in [header::FUNCTION_ERROR, header::LOG_RESULT] {
                 if let Some(val) = r.headers.get(name) {
                     h.insert(name, val.clone());
                 }

@@ -14,10 +14,7 @@ use super::functions::QualifierQuery;
 use crate::daemon::Daemon;
 use crate::invoke::new_request_id;
 use ember_lambda::error::ApiError;
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
+use ember_lambda::invoke::{header, InvocationType, InvokeRequest};
 
 pub async fn invoke(
     State(d): State<Arc<Daemon>>,
@@ -28,55 +25,39 @@ pub async fn invoke(
 ) -> Result<Response, ApiError> {
     let (name, from_path) = function_ref(&d, &name)?;
     let qualifier = q.qualifier.or(from_path);
-    let kind = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
-    let tail = match header(&headers, "x-amz-log-type").unwrap_or("None") {
-        "Tail" => true,
-        "None" => false,
-        other => {
-            return Err(ApiError::invalid(format!(
-                "LogType {other:?} is not Tail or None"
-            )))
-        }
-    };
-    if !body.is_empty() && serde_json::from_slice::<serde_json::Value>(&body).is_err() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequestContentException",
-            "Could not parse request body into json",
-        ));
-    }
-    let payload = if body.is_empty() {
-        b"{}".to_vec()
-    } else {
-        body.to_vec()
-    };
+    let InvokeRequest {
+        kind,
+        tail,
+        payload,
+    } = InvokeRequest::parse(&headers, body)?;
+    let payload = payload.to_vec();
     let request_id = new_request_id();
     let rid = HeaderValue::from_str(&request_id).map_err(|e| ApiError::service(e.to_string()))?;
     match kind {
-        "RequestResponse" => {
+        InvocationType::RequestResponse => {
             let out =
                 crate::invoke::invoke(&d, &name, qualifier.as_deref(), payload, request_id).await?;
             let mut resp = (StatusCode::OK, out.payload.clone()).into_response();
             let h = resp.headers_mut();
             h.insert("content-type", HeaderValue::from_static("application/json"));
-            h.insert("x-amzn-RequestId", rid);
+            h.insert(header::REQUEST_ID, rid);
             if let Ok(v) = HeaderValue::from_str(&out.executed_version) {
-                h.insert("X-Amz-Executed-Version", v);
+                h.insert(header::EXECUTED_VERSION, v);
             }
             if let Some(fe) = &out.function_error {
                 if let Ok(v) = HeaderValue::from_str(fe) {
-                    h.insert("X-Amz-Function-Error", v);
+                    h.insert(header::FUNCTION_ERROR, v);
                 }
             }
             if tail {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(out.log_tail());
                 if let Ok(v) = HeaderValue::from_str(&b64) {
-                    h.insert("X-Amz-Log-Result", v);
+                    h.insert(header::LOG_RESULT, v);
                 }
             }
             Ok(resp)
         }
-        "Event" => {
+        InvocationType::Event => {
             // The function must exist now; its outcome comes later.
             let rec = d.get(&name)?;
             if rec.resolve(qualifier.as_deref()).is_none() {
@@ -88,10 +69,10 @@ pub async fn invoke(
             d.queue
                 .enqueue(&name, qualifier.as_deref(), &payload, request_id)?;
             let mut resp = StatusCode::ACCEPTED.into_response();
-            resp.headers_mut().insert("x-amzn-RequestId", rid);
+            resp.headers_mut().insert(header::REQUEST_ID, rid);
             Ok(resp)
         }
-        "DryRun" => {
+        InvocationType::DryRun => {
             let rec = d.get(&name)?;
             if rec.resolve(qualifier.as_deref()).is_none() {
                 return Err(ApiError::not_found(format!(
@@ -101,8 +82,5 @@ pub async fn invoke(
             }
             Ok(StatusCode::NO_CONTENT.into_response())
         }
-        other => Err(ApiError::invalid(format!(
-            "InvocationType {other:?} is not RequestResponse, Event or DryRun"
-        ))),
     }
 }
