@@ -30,6 +30,13 @@ pub struct Environment {
     pub variables: Option<BTreeMap<String, String>>,
 }
 
+/// The `?Qualifier=` of the paths that take one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct QualifierQuery {
+    pub qualifier: Option<String>,
+}
+
 /// Lambda's `FunctionCode` (Ember takes only a zip).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -94,6 +101,24 @@ pub struct CreateFunction {
     /// Accepted and ignored (no IAM here).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+}
+
+impl FunctionCode {
+    /// The zip, decoded; Lambda's errors when it is missing, not base64 or
+    /// not a zip.
+    pub fn zip(zip_file: Option<&str>) -> Result<Vec<u8>, ApiError> {
+        use base64::Engine;
+        let b64 = zip_file.ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?;
+        let zip = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| ApiError::invalid(format!("ZipFile is not valid base64: {e}")))?;
+        if !zip.starts_with(b"PK") {
+            return Err(ApiError::invalid(
+                "Could not unzip uploaded file. Please check your file, then try to upload again.",
+            ));
+        }
+        Ok(zip)
+    }
 }
 
 impl CreateFunction {

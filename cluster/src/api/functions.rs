@@ -29,12 +29,6 @@ use ember_lambda::rules::{validate_alias_name, validate_function_name, validate_
 type C = State<Arc<Cluster>>;
 type Who = Extension<Caller>;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct QualifierQuery {
-    pub qualifier: Option<String>,
-}
-
 pub fn now() -> String {
     jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%S%.3f+0000")
@@ -43,19 +37,6 @@ pub fn now() -> String {
 
 fn revision() -> String {
     uuid::Uuid::new_v4().to_string()
-}
-
-fn decode_zip(b64: Option<&str>) -> Result<Vec<u8>, ApiError> {
-    let b64 = b64.ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?;
-    let zip = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| ApiError::invalid(format!("ZipFile is not valid base64: {e}")))?;
-    if !zip.starts_with(b"PK") {
-        return Err(ApiError::invalid(
-            "Could not unzip uploaded file. Please check your file, then try to upload again.",
-        ));
-    }
-    Ok(zip)
 }
 
 fn check(spec: &Spec) -> Result<(), ApiError> {
@@ -220,7 +201,7 @@ pub async fn create(State(c): C, Extension(who): Who, body: Bytes) -> Result<Res
     let runtime = req
         .runtime
         .ok_or_else(|| ApiError::invalid("Runtime is required for a .zip deployment package"))?;
-    let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
+    let zip = FunctionCode::zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
     let mut spec = Spec {
         runtime,
         handler: req.handler.unwrap_or_default(),
@@ -381,7 +362,7 @@ pub async fn update_code(
 ) -> Result<Response, ApiError> {
     let req: UpdateCode = parse(&body)?;
     let (name, _) = function_ref(&who, &name)?;
-    let zip = decode_zip(req.zip_file.as_deref())?;
+    let zip = FunctionCode::zip(req.zip_file.as_deref())?;
     // The function must exist before its code is stored.
     records::get(&c.store, &who.account, &name).await?;
     let sha = crate::code::put(&c.store, &zip)

@@ -9,13 +9,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::functions::QualifierQuery;
 use super::{function_ref, Caller, MAX_SYNC_PAYLOAD};
 use crate::functions as records;
 use crate::queue::{self, AsyncInvocation, MAX_ASYNC_PAYLOAD};
 use crate::service::Cluster;
 use ember_lambda::error::ApiError;
 use ember_lambda::invoke::{header, InvocationType, InvokeRequest};
+use ember_lambda::shapes::QualifierQuery;
 
 pub async fn invoke(
     State(c): State<Arc<Cluster>>,

@@ -7,8 +7,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine;
-use serde::Deserialize;
 use serde_json::json;
 
 use super::shapes::*;
@@ -17,19 +15,6 @@ use crate::daemon::{Daemon, SpecInput};
 use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct QualifierQuery {
-    pub qualifier: Option<String>,
-}
-
-fn decode_zip(b64: Option<&str>) -> Result<Vec<u8>, ApiError> {
-    let b64 = b64.ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?;
-    base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| ApiError::invalid(format!("ZipFile is not valid base64: {e}")))
-}
 
 fn qualified(
     d: &Daemon,
@@ -43,7 +28,7 @@ fn qualified(
 pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateFunction = parse(&body)?;
     let name = req.name()?.to_string();
-    let zip = decode_zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
+    let zip = FunctionCode::zip(req.code.as_ref().and_then(|c| c.zip_file.as_deref()))?;
     let input = SpecInput {
         file_system: super::shapes::file_system(
             req.file_system_configs,
@@ -151,7 +136,7 @@ pub async fn update_code(
 ) -> Result<Json<FunctionConfiguration>, ApiError> {
     let req: UpdateCode = parse(&body)?;
     let (name, _) = function_ref(&d, &name)?;
-    let zip = decode_zip(req.zip_file.as_deref())?;
+    let zip = FunctionCode::zip(req.zip_file.as_deref())?;
     let d2 = d.clone();
     let n2 = name.clone();
     let rec = tokio::task::spawn_blocking(move || {

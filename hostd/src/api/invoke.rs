@@ -10,11 +10,11 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
 use super::function_ref;
-use super::functions::QualifierQuery;
 use crate::daemon::Daemon;
 use crate::invoke::new_request_id;
 use ember_lambda::error::ApiError;
 use ember_lambda::invoke::{header, InvocationType, InvokeRequest};
+use ember_lambda::shapes::QualifierQuery;
 
 pub async fn invoke(
     State(d): State<Arc<Daemon>>,
