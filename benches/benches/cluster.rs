@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use ember_benches::{http_exchange, percentile, Resp};
 use ember_cluster::sigv4;
-use ember_cluster::tls::tokio_rustls::rustls;
 use ember_store::testing::{free_port, EtcdProcess};
 use ember_tests::cluster::{create_account, ClusterApi, Key};
 use ember_tests::emberd::{provided_bootstrap_bash, write_file, zip_dir, Emberd};
 use ember_tests::kvm_available;
+use ember_tls::tokio_rustls::rustls;
 use serde_json::{json, Value};
 
 // Few: a guest invocation takes seconds on nested KVM.
@@ -62,7 +62,7 @@ fn request(t: &Target, method: &str, path: &str, body: &[u8]) -> Result<Resp, St
     s.set_read_timeout(Some(Duration::from_secs(900))).ok();
     s.set_nodelay(true).ok();
     if let Target::Host { tls, .. } = t {
-        let name = ember_cluster::tls::server_name(addr)?;
+        let name = ember_tls::server_name(addr)?;
         let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(|e| e.to_string())?;
         let hs = [("Authorization", format!("Bearer {TOKEN}"))];
         let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -238,8 +238,8 @@ fn invoke_part(token_file: &std::path::Path) -> Result<(), String> {
     let store = ["--etcd", etcd.url.as_str()];
     let key = create_account(&store, "bench");
     let api = ClusterApi::start(&store, token_file, &["--host-tls-dev-dir", &tls_arg]);
-    let client = ember_cluster::tls::dev_certs(tls_dir.path(), "bench", &["localhost".into()])
-        .and_then(|f| ember_cluster::tls::Tls::load(&f))?
+    let client = ember_tls::dev_certs(tls_dir.path(), "bench", &["localhost".into()])
+        .and_then(|f| ember_tls::Tls::load(&f))?
         .client;
     let cluster = Target::Cluster {
         addr: api.url.trim_start_matches("http://").to_string(),

@@ -53,7 +53,7 @@ pub struct HostClient {
 impl HostClient {
     /// A client presenting `tls`'s certificate and checking the hosts'
     /// against its CA.
-    pub fn new(token: &str, tls: &crate::tls::Tls) -> HostClient {
+    pub fn new(token: &str, tls: &ember_tls::Tls) -> HostClient {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(Duration::from_secs(5)));
         conn.set_nodelay(true);
@@ -165,8 +165,8 @@ mod tests {
     #[tokio::test]
     async fn plain_http_hosts_are_refused_unsent() {
         let dir = tempfile::tempdir().unwrap();
-        let files = crate::tls::dev_certs(dir.path(), "cluster", &["localhost".into()]).unwrap();
-        let tls = crate::tls::Tls::load(&files).unwrap();
+        let files = ember_tls::dev_certs(dir.path(), "cluster", &["localhost".into()]).unwrap();
+        let tls = ember_tls::Tls::load(&files).unwrap();
         let client = HostClient::new("a-token-of-some-length", &tls);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();

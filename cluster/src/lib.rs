@@ -33,4 +33,3 @@ pub mod queue;
 pub mod replay;
 pub mod service;
 pub mod sigv4;
-pub mod tls;

@@ -588,9 +588,9 @@ mod tests {
 
     fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
         let store = embedded_store(dir);
-        let files = crate::tls::dev_certs(&dir.join("tls"), "cluster", &["localhost".into()])
+        let files = ember_tls::dev_certs(&dir.join("tls"), "cluster", &["localhost".into()])
             .expect("dev certificates");
-        let tls = crate::tls::Tls::load(&files).expect("TLS settings");
+        let tls = ember_tls::Tls::load(&files).expect("TLS settings");
         Cluster::new(
             store,
             crate::hostapi::HostClient::new("t", &tls),

@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_cluster::hosts::{HostReport, Membership};
-use ember_cluster::tls::tokio_rustls::rustls::{ServerConfig, ServerConnection, StreamOwned};
 use ember_store::testing::EtcdProcess;
 use ember_store::Store;
 use ember_tests::cluster::{boto3, create_account, have_boto3, signed_request, ClusterApi, Key};
+use ember_tls::tokio_rustls::rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::{json, Value};
 
 const BIG: usize = 2_000_000;
@@ -95,9 +95,9 @@ fn serve_one(s: TcpStream, tls: Arc<ServerConfig>, counts: &Counts) -> std::io::
 /// cluster's CA in `tls_dir` (hosts are reached over mutual TLS only): its
 /// endpoint.
 fn stand_in_host(counts: Counts, tls_dir: &std::path::Path) -> String {
-    let files = ember_cluster::tls::dev_certs(tls_dir, "stand-in", &["127.0.0.1".into()])
-        .expect("dev certificates");
-    let tls = ember_cluster::tls::Tls::load(&files).expect("TLS settings");
+    let files =
+        ember_tls::dev_certs(tls_dir, "stand-in", &["127.0.0.1".into()]).expect("dev certificates");
+    let tls = ember_tls::Tls::load(&files).expect("TLS settings");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("https://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {

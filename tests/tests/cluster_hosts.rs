@@ -11,10 +11,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_cluster::hosts::{live_hosts, HostReport};
-use ember_cluster::tls::{dev_certs, leaf_params, TlsFiles};
 use ember_store::testing::{free_port, EtcdProcess};
 use ember_store::Store;
 use ember_tests::emberd::Emberd;
+use ember_tls::{dev_certs, leaf_params, TlsFiles};
 
 async fn hosts(store: &Store) -> Vec<HostReport> {
     live_hosts(store).await.unwrap()
@@ -183,10 +183,10 @@ fn expired_cert(dir: &Path) -> TlsFiles {
     let ca_key = rcgen_key(&dir.join("ca-key.pem"));
     // The same name and key as the dev CA: what it signs chains to it.
     let ca = dev_ca_again(&ca_key);
-    let key = ember_cluster::tls::rcgen::KeyPair::generate().unwrap();
+    let key = ember_tls::rcgen::KeyPair::generate().unwrap();
     let mut p = leaf_params("expired", &["localhost".into()]).unwrap();
-    p.not_before = ember_cluster::tls::rcgen::date_time_ymd(2020, 1, 1);
-    p.not_after = ember_cluster::tls::rcgen::date_time_ymd(2021, 1, 1);
+    p.not_before = ember_tls::rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = ember_tls::rcgen::date_time_ymd(2021, 1, 1);
     let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
     let files = TlsFiles {
         cert: dir.join("expired.pem"),
@@ -198,16 +198,12 @@ fn expired_cert(dir: &Path) -> TlsFiles {
     files
 }
 
-fn rcgen_key(path: &Path) -> ember_cluster::tls::rcgen::KeyPair {
-    ember_cluster::tls::rcgen::KeyPair::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+fn rcgen_key(path: &Path) -> ember_tls::rcgen::KeyPair {
+    ember_tls::rcgen::KeyPair::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn dev_ca_again(
-    key: &ember_cluster::tls::rcgen::KeyPair,
-) -> ember_cluster::tls::rcgen::Certificate {
-    ember_cluster::tls::dev_ca_params()
-        .self_signed(key)
-        .unwrap()
+fn dev_ca_again(key: &ember_tls::rcgen::KeyPair) -> ember_tls::rcgen::Certificate {
+    ember_tls::dev_ca_params().self_signed(key).unwrap()
 }
 
 /// emberd will not serve its API over TCP without TLS.

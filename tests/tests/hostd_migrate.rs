@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_cluster::tls::tokio_rustls::rustls;
-use ember_cluster::tls::{dev_certs, TlsFiles};
+use ember_tls::tokio_rustls::rustls;
+use ember_tls::{dev_certs, TlsFiles};
 
 use ember_tests::emberd::{provided_bootstrap_counting_into, write_file, zip_dir, Emberd, Reply};
 use ember_tests::volumed::Volumed;
@@ -510,7 +510,7 @@ fn client_config(files: &TlsFiles, present: bool) -> Arc<rustls::ClientConfig> {
     for c in CertificateDer::pem_file_iter(&files.ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let b = rustls::ClientConfig::builder_with_provider(ember_cluster::tls::provider())
+    let b = rustls::ClientConfig::builder_with_provider(ember_tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ember_cluster::hostapi::HostClient;
 use ember_cluster::service::{Cluster, Config};
-use ember_cluster::tls::{Tls, TlsFiles};
 use ember_store::Store;
+use ember_tls::{Tls, TlsFiles};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -179,7 +179,7 @@ async fn run(args: Args) {
                 (Some(cert), Some(key), Some(ca), None) => TlsFiles { cert, key, ca },
                 (None, None, None, Some(dir)) => {
                     let name = format!("ember-cluster-{}", cfg.replica_id);
-                    ember_cluster::tls::dev_certs(&dir, &name, &["localhost".into()])
+                    ember_tls::dev_certs(&dir, &name, &["localhost".into()])
                         .unwrap_or_else(|e| fail(format!("development certificates: {e}")))
                 }
                 _ => fail(

@@ -357,7 +357,7 @@ fn spec_json(spec: &SpecArgs) -> Value {
 fn main() {
     let cli = Cli::parse();
     if let Cmd::TlsCert { dir, name, sans } = &cli.cmd {
-        match ember_cluster::tls::dev_certs(dir, name, sans) {
+        match ember_tls::dev_certs(dir, name, sans) {
             Ok(f) => {
                 println!("{}", json!({"Cert": f.cert, "Key": f.key, "Ca": f.ca}));
                 return;

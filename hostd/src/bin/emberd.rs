@@ -359,7 +359,7 @@ async fn run(mut args: Args) {
     let tls = match (args.listen_tcp, &args.tls_cert, &args.tls_dev_dir) {
         (None, None, None) => None,
         (None, _, _) => fail("--tls-cert/--tls-dev-dir are for --listen-tcp".into()),
-        (Some(_), Some(cert), None) => Some(ember_cluster::tls::TlsFiles {
+        (Some(_), Some(cert), None) => Some(ember_tls::TlsFiles {
             cert: cert.clone(),
             key: args.tls_key.clone().unwrap_or_default(),
             ca: args.tls_ca.clone().unwrap_or_default(),
@@ -375,7 +375,7 @@ async fn run(mut args: Args) {
             }
             names.sort();
             names.dedup();
-            let files = ember_cluster::tls::dev_certs(dir, &host_id, &names)
+            let files = ember_tls::dev_certs(dir, &host_id, &names)
                 .unwrap_or_else(|e| fail(format!("development certificates: {e}")));
             log::warn!(
                 "--tls-dev-dir: using the development CA in {} (not for production)",
@@ -391,9 +391,8 @@ async fn run(mut args: Args) {
              for development); the TCP API is never served in the clear"
         )),
     };
-    let tls = tls.map(|files| {
-        ember_cluster::tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}")))
-    });
+    let tls =
+        tls.map(|files| ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))));
     let peers = match (args.listen_tcp, &token, &tls) {
         (Some(addr), Some(token), Some(tls)) => Some(ember_hostd::migrate::PeerConfig {
             token: token.clone(),
@@ -470,7 +469,7 @@ async fn run(mut args: Args) {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
-            let l = ember_cluster::tls::TlsListener::new(l, tls)
+            let l = ember_tls::TlsListener::new(l, tls)
                 .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
             let hash = std::sync::Arc::new(ember_hostd::cluster::token_hash(token));
             let app = app.clone().layer(axum::middleware::from_fn_with_state(

@@ -367,7 +367,7 @@ async fn receive(
     inst: &Instance,
     listener: tokio::net::TcpListener,
     ticket: String,
-    tls: ember_cluster::tls::Tls,
+    tls: ember_tls::Tls,
     mut abort: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), String> {
     // Strangers' connections are refused meanwhile; the port waits on for

@@ -33,7 +33,7 @@ pub struct PeerConfig {
     pub stream_ip: std::net::IpAddr,
     /// This host's TLS identity: every connection between hosts (API,
     /// migration streams, disk exports) is mutual TLS with it.
-    pub tls: ember_cluster::tls::Tls,
+    pub tls: ember_tls::Tls,
 }
 
 /// How long a migration may take before it is given up.

@@ -12,11 +12,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ember_cluster::tls::{Tls, MAX_HANDSHAKES};
+use ember_tls::{Tls, MAX_HANDSHAKES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use ember_cluster::tls::tokio_rustls::{self, server::TlsStream};
+use ember_tls::tokio_rustls::{self, server::TlsStream};
 
 /// A ticket's length in bytes (hex of 16 random bytes).
 pub const TICKET_LEN: usize = 32;
@@ -217,7 +217,7 @@ pub async fn forward_to_peer(listener: UnixListener, target: PeerTarget) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_cluster::tls::dev_certs;
+    use ember_tls::dev_certs;
 
     /// Two hosts' identities of one CA, and a stranger's certificate of
     /// another CA (trusting the hosts' CA, so that it gets to present it).

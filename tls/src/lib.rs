@@ -1,6 +1,6 @@
-//! Mutual TLS between Ember's hosts and the cluster: emberd's TCP API,
-//! the migration streams between hosts and the `/tmp` disk exports all
-//! run inside TLS where both ends present a certificate signed by the
+//! Mutual TLS between Ember's hosts, the cluster and the volume service:
+//! emberd's TCP API, the migration streams between hosts, the `/tmp` disk
+//! exports and NBD to the volume service across hosts all run inside TLS where both ends present a certificate signed by the
 //! cluster's CA (`--tls-cert`, `--tls-key`, `--tls-ca`). A peer without
 //! one, or with one from another CA, or expired, does not get past the
 //! handshake. `dev_certs` makes a CA and a certificate for development
@@ -10,9 +10,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use rcgen;
+pub use rustls;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -154,6 +155,89 @@ impl Tls {
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))
+    }
+}
+
+/// A TLS stream over a blocking std `TcpStream`, server side.
+pub type SyncServerStream = rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>;
+/// A TLS stream over a blocking std `TcpStream`, client side.
+pub type SyncClientStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// Drives `conn`'s handshake on the blocking `tcp` to its end, every read
+/// and write bounded by what is left of `deadline`. The socket's timeouts
+/// are left as they were before (none, if the caller set none).
+fn handshake_sync<C, D>(
+    conn: &mut C,
+    tcp: &mut std::net::TcpStream,
+    deadline: Instant,
+) -> Result<(), String>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    let (rt, wt) = (tcp.read_timeout(), tcp.write_timeout());
+    let done = (|| {
+        while conn.is_handshaking() || conn.wants_write() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("TLS handshake timed out".to_string());
+            }
+            tcp.set_read_timeout(Some(left))
+                .map_err(|e| e.to_string())?;
+            tcp.set_write_timeout(Some(left))
+                .map_err(|e| e.to_string())?;
+            match conn.complete_io(tcp) {
+                Ok((0, 0)) if conn.is_handshaking() && !conn.wants_write() => {
+                    return Err("TLS handshake: the peer closed the connection".to_string())
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err("TLS handshake timed out".to_string())
+                }
+                Err(e) => return Err(format!("TLS handshake: {e}")),
+            }
+        }
+        Ok(())
+    })();
+    if let (Ok(rt), Ok(wt)) = (rt, wt) {
+        let _ = tcp.set_read_timeout(rt);
+        let _ = tcp.set_write_timeout(wt);
+    }
+    done
+}
+
+impl Tls {
+    /// The server's side of the handshake on a blocking `tcp` (for
+    /// threaded servers), done by `deadline`: the client must present a
+    /// certificate chaining to the CA.
+    pub fn accept_sync(
+        &self,
+        mut tcp: std::net::TcpStream,
+        deadline: Instant,
+    ) -> Result<SyncServerStream, String> {
+        let mut conn =
+            rustls::ServerConnection::new(self.server.clone()).map_err(|e| format!("TLS: {e}"))?;
+        handshake_sync(&mut conn, &mut tcp, deadline)?;
+        Ok(rustls::StreamOwned::new(conn, tcp))
+    }
+
+    /// The client's side of the handshake on a blocking `tcp`, done by
+    /// `deadline`, checking that the server's certificate names `name`.
+    pub fn connect_sync(
+        &self,
+        name: ServerName<'static>,
+        mut tcp: std::net::TcpStream,
+        deadline: Instant,
+    ) -> Result<SyncClientStream, String> {
+        let mut conn = rustls::ClientConnection::new(self.client.clone(), name)
+            .map_err(|e| format!("TLS: {e}"))?;
+        handshake_sync(&mut conn, &mut tcp, deadline)?;
+        Ok(rustls::StreamOwned::new(conn, tcp))
     }
 }
 
