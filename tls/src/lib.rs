@@ -373,7 +373,11 @@ pub fn leaf_params(name: &str, sans: &[String]) -> Result<rcgen::CertificatePara
         .map_err(|e| format!("certificate names {sans:?}: {e}"))?;
     p.distinguished_name.push(rcgen::DnType::CommonName, name);
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
-    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    // (Key encipherment too: GnuTLS-based peers such as qemu insist on it.)
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
     p.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
