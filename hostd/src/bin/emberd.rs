@@ -334,14 +334,6 @@ async fn run(mut args: Args) {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "ember-host".into())
     });
-    let volumes =
-        args.volume_service
-            .clone()
-            .map(|socket| ember_hostd::api::volumes::VolumeService {
-                socket,
-                host_id: host_id.clone(),
-                account: args.account.clone(),
-            });
     // The TCP API's token, shared by the hosts of a cluster: peers check
     // it, and this host sends it to them (migrations).
     let token = args.api_token_file.as_ref().map(|f| {
@@ -393,6 +385,17 @@ async fn run(mut args: Args) {
     };
     let tls =
         tls.map(|files| ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))));
+    // (Its TLS identity is also what opens NBD to a volume service's
+    // nbds:// port on another host.)
+    let volumes =
+        args.volume_service
+            .clone()
+            .map(|socket| ember_hostd::api::volumes::VolumeService {
+                socket,
+                host_id: host_id.clone(),
+                account: args.account.clone(),
+                tls: tls.clone(),
+            });
     let peers = match (args.listen_tcp, &token, &tls) {
         (Some(addr), Some(token), Some(tls)) => Some(ember_hostd::migrate::PeerConfig {
             token: token.clone(),
