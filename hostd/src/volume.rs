@@ -75,12 +75,16 @@ pub enum NbdTarget {
 }
 
 impl Grant {
-    /// The service's NBD endpoint: its unix socket when it has one (same
-    /// host), else its TCP address.
+    /// The service's NBD endpoint: its unix socket when it has one and
+    /// the socket is on this host, else its TCP address (`nbds://`: inside
+    /// TLS, for a service on another host).
     pub fn target(&self) -> Result<NbdTarget, ApiError> {
         if let Some(u) = &self.unix_uri {
             if let Some((_, sock)) = u.split_once("?socket=") {
-                return Ok(NbdTarget::Unix(PathBuf::from(sock)));
+                let sock = PathBuf::from(sock);
+                if sock.exists() || self.uri.is_none() {
+                    return Ok(NbdTarget::Unix(sock));
+                }
             }
         }
         if let Some(u) = &self.uri {
@@ -537,11 +541,21 @@ mod tests {
 
     #[test]
     fn grants_name_their_endpoint_and_the_uri_through_a_jail() {
+        let here = tempfile::tempdir().unwrap();
+        let sock = here.path().join("v.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let unix = format!("nbd+unix:///v@3?socket={}", sock.display());
+        let g = grant(Some("nbd://10.0.0.1:10809/v@3"), Some(&unix));
+        assert_eq!(g.target().unwrap(), NbdTarget::Unix(sock.clone()));
+        // A service on another host: its socket is not here, its port is.
         let g = grant(
-            Some("nbd://10.0.0.1:10809/v@3"),
-            Some("nbd+unix:///v@3?socket=/run/v.sock"),
+            Some("nbds://10.0.0.1:10809/v@3"),
+            Some("nbd+unix:///v@3?socket=/nonexistent/v.sock"),
         );
-        assert_eq!(g.target().unwrap(), NbdTarget::Unix("/run/v.sock".into()));
+        assert_eq!(
+            g.target().unwrap(),
+            NbdTarget::TcpTls("10.0.0.1:10809".into())
+        );
         let g = grant(Some("nbd://10.0.0.1:10809/v@3"), None);
         assert_eq!(g.target().unwrap(), NbdTarget::Tcp("10.0.0.1:10809".into()));
         assert!(grant(None, None).target().is_err());
