@@ -575,3 +575,81 @@ fn our_starttls_client_against_nbdkit_and_qemu_nbd() {
     }
     assert_eq!(got_through, 0);
 }
+
+/// A volume copied to a volume service on another host (`move-to-server`
+/// to a target reached only at its `nbds://` port): the copy runs inside
+/// TLS with the source's identity. A target of another CA, or a source
+/// without a TLS identity, is a clear 502 and the volume stays where it was.
+#[test]
+fn a_volume_moves_to_another_service_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    let start = |name: &str, ca: Option<&Path>| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut extra = vec![];
+        if let Some(ca) = ca {
+            extra = vec![
+                "--tls-dev-dir".to_string(),
+                ca.display().to_string(),
+                "--tls-name".into(),
+                name.into(),
+            ];
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let v = Volumed::start_with(&d, &extra);
+        // As if on another host: its unix socket is not here.
+        std::fs::remove_file(&v.nbd).unwrap();
+        v
+    };
+    let a = start("a", Some(&ours));
+    let b = start("b", Some(&ours));
+    let stranger = start("stranger", Some(&theirs));
+    let plain = start("plain", None);
+    let (st, m) = a.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name":"d","SizeBytes":1048576}"#),
+    );
+    assert_eq!(st, 201, "{m}");
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.image("d"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&image, &[0x6b; 8192], 4096).unwrap();
+    let mv = |from: &Volumed, to: &Volumed| {
+        from.call(
+            "POST",
+            "/v1/volumes/d/move-to-server",
+            Some(&format!(r#"{{"Target":"{}"}}"#, to.api.display())),
+        )
+    };
+    let (st, e) = mv(&a, &stranger);
+    assert_eq!(st, 502, "{e}");
+    eprintln!("to a target of another CA: {st} {}", e["Message"]);
+    assert_eq!(stranger.call("GET", "/v1/volumes/d", None).0, 404);
+    // The volume is still a's, and moves to b inside TLS.
+    assert_eq!(a.call("GET", "/v1/volumes/d", None).0, 200);
+    let (st, m) = mv(&a, &b);
+    assert_eq!(st, 200, "{m}");
+    let got = std::fs::read(b.image("d")).unwrap();
+    assert!(got[4096..12288].iter().all(|x| *x == 0x6b));
+    assert!(got[..4096].iter().all(|x| *x == 0));
+    // A source without a TLS identity cannot reach a TLS target: it says
+    // why.
+    let (st, m) = plain.call(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"Name":"d","SizeBytes":4096}"#),
+    );
+    assert_eq!(st, 201, "{m}");
+    let (st, e) = mv(&plain, &stranger);
+    assert_eq!(st, 502, "{e}");
+    let msg = e["Message"].as_str().unwrap();
+    assert!(msg.contains("no TLS"), "{e}");
+    assert!(
+        !msg.contains('@'),
+        "no export name (it holds the credential): {msg}"
+    );
+    eprintln!("from a source without TLS: {st} {}", e["Message"]);
+}

@@ -124,18 +124,17 @@ fn connect(g: &Grant, tls: Option<&ember_tls::Tls>) -> Result<Client, ApiError> 
                 // (No address: refused just below.)
                 (None, None) => (false, ""),
             };
+            // (Never the URI itself in a message: it holds the credential.)
             let addr = rest.split_once('/').map(|(a, _)| a).ok_or_else(|| {
-                bad_gateway(format!(
-                    "the target's NBD URI {u:?} is not nbd[s]://HOST:PORT/EXPORT"
-                ))
+                bad_gateway("the target's NBD URI is not nbd[s]://HOST:PORT/EXPORT")
             })?;
             match (secure, tls) {
                 (false, _) => Client::connect_tcp(addr, &g.export_name),
                 (true, Some(tls)) => Client::connect_tcp_tls(addr, &g.export_name, tls),
                 (true, None) => {
                     return Err(bad_gateway(format!(
-                        "the target serves NBD over TLS ({u:?}) and this service has no TLS \
-                         identity (--tls-cert/--tls-key/--tls-ca or --tls-dev-dir)"
+                        "the target serves NBD over TLS (nbds://{addr}) and this service has \
+                         no TLS identity (--tls-cert/--tls-key/--tls-ca or --tls-dev-dir)"
                     )))
                 }
             }
