@@ -118,7 +118,8 @@ struct Args {
     #[arg(long)]
     listen_tcp: Option<std::net::SocketAddr>,
     /// This host's certificate (PEM, leaf first), signed by --tls-ca; it is
-    /// presented to peers as server and as client.
+    /// presented to peers as server and as client, and to a volume
+    /// service's nbds:// port (NBD across hosts).
     #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "tls_dev_dir")]
     tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
