@@ -4,7 +4,10 @@
 //! refused); the NBD path from a jailed VMM to that service (a unix socket
 //! in the jail that hostd joins to the service's NBD socket or port,
 //! pinned to the one export granted: the VMM never holds the credential,
-//! and whatever export it names, only the granted one is opened); the
+//! and whatever export it names, only the granted one is opened; to a
+//! service on another host, `nbds://`, hostd itself upgrades the session
+//! to mutual TLS with `NBD_OPT_STARTTLS`, while the VMM speaks plain NBD
+//! on its jail socket); the
 //! placeholder a snapshot is built on; the mount in the guest.
 
 use std::path::{Path, PathBuf};
@@ -46,6 +49,10 @@ pub struct Grant {
     pub uri: Option<String>,
     #[serde(default)]
     pub unix_uri: Option<String>,
+    /// This host's TLS identity, for an `nbds://` endpoint (set by
+    /// [`VolumeService`], not by the service's answer).
+    #[serde(skip)]
+    pub tls: Option<ember_tls::Tls>,
 }
 
 impl std::fmt::Debug for Grant {
@@ -63,18 +70,28 @@ impl std::fmt::Debug for Grant {
 pub enum NbdTarget {
     Unix(PathBuf),
     Tcp(String),
+    /// `HOST:PORT` of a service that requires TLS (`nbds://`).
+    TcpTls(String),
 }
 
 impl Grant {
-    /// The service's NBD endpoint: its unix socket when it has one (same
-    /// host), else its TCP address.
+    /// The service's NBD endpoint: its unix socket when it has one and
+    /// the socket is on this host, else its TCP address (`nbds://`: inside
+    /// TLS, for a service on another host).
     pub fn target(&self) -> Result<NbdTarget, ApiError> {
         if let Some(u) = &self.unix_uri {
             if let Some((_, sock)) = u.split_once("?socket=") {
-                return Ok(NbdTarget::Unix(PathBuf::from(sock)));
+                let sock = PathBuf::from(sock);
+                if sock.exists() || self.uri.is_none() {
+                    return Ok(NbdTarget::Unix(sock));
+                }
             }
         }
         if let Some(u) = &self.uri {
+            if let Some(rest) = u.strip_prefix("nbds://") {
+                let addr = rest.split('/').next().unwrap_or_default();
+                return Ok(NbdTarget::TcpTls(addr.to_string()));
+            }
             if let Some(rest) = u.strip_prefix("nbd://") {
                 let addr = rest.split('/').next().unwrap_or_default();
                 return Ok(NbdTarget::Tcp(addr.to_string()));
@@ -92,11 +109,22 @@ impl Grant {
         format!("nbd+unix:///{}?socket={}", self.volume, vm_socket.display())
     }
 
-    /// What a jail's forwarder opens for this grant.
+    /// What a jail's forwarder opens for this grant; an `nbds://`
+    /// endpoint needs this host's TLS identity.
     pub fn pin(&self) -> Result<Pin, ApiError> {
+        let target = self.target()?;
+        if let (NbdTarget::TcpTls(addr), None) = (&target, &self.tls) {
+            return Err(ApiError::service(format!(
+                "the volume service serves {} over NBD with TLS (nbds://{addr}) and this host \
+                 has no TLS identity (start emberd with --tls-cert, --tls-key and --tls-ca, or \
+                 --tls-dev-dir)",
+                self.volume
+            )));
+        }
         Ok(Pin {
-            target: self.target()?,
+            target,
             export: self.export_name.clone(),
+            tls: self.tls.clone(),
         })
     }
 }
@@ -107,6 +135,8 @@ pub struct Pin {
     pub target: NbdTarget,
     /// `<volume>@<credential>`.
     pub export: String,
+    /// This host's identity, for [`NbdTarget::TcpTls`].
+    pub tls: Option<ember_tls::Tls>,
 }
 
 /// A jail's pin, replaced when the attachment is granted again (a move
@@ -150,9 +180,16 @@ impl VolumeService {
         })
     }
 
-    fn grant(body: &[u8]) -> Result<Grant, ApiError> {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::service(format!("the volume service's grant: {e}")))
+    /// The service's answer, with this host's TLS identity; refused at
+    /// once if the service is reached over TLS and this host has none.
+    fn grant(&self, body: &[u8]) -> Result<Grant, ApiError> {
+        let mut g: Grant = serde_json::from_slice(body)
+            .map_err(|e| ApiError::service(format!("the volume service's grant: {e}")))?;
+        g.tls = self.tls.clone();
+        if matches!(g.target(), Ok(NbdTarget::TcpTls(_))) {
+            g.pin()?;
+        }
+        Ok(g)
     }
 
     /// This host's attachment of `volume` (the same one while it holds
@@ -165,7 +202,7 @@ impl VolumeService {
                 json!({"Host": self.host_id, "Account": self.account}),
             )
             .await?;
-        Self::grant(&b)
+        self.grant(&b)
     }
 
     /// Moves the attachment to `host` (a new generation: the holder's
@@ -178,7 +215,7 @@ impl VolumeService {
                 json!({"Host": host, "Account": self.account}),
             )
             .await?;
-        Self::grant(&b)
+        self.grant(&b)
     }
 
     pub async fn size(&self, volume: &str) -> Result<u64, ApiError> {
@@ -217,7 +254,7 @@ pub async fn forward_pinned(listener: tokio::net::UnixListener, pin: SharedPin) 
         };
         tokio::spawn(async move {
             if let Err(e) = pinned_connection(vmm, &p).await {
-                log::debug!("NBD connection to {:?} ended: {e}", p.target);
+                log::warn!("NBD connection to {:?} ended: {e}", p.target);
             }
         });
     }
@@ -227,15 +264,110 @@ pub async fn forward_pinned(listener: tokio::net::UnixListener, pin: SharedPin) 
 trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
 
-async fn connect(target: &NbdTarget) -> std::io::Result<Box<dyn Upstream>> {
-    Ok(match target {
-        NbdTarget::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
-        NbdTarget::Tcp(a) => {
-            let s = tokio::net::TcpStream::connect(a).await?;
-            s.set_nodelay(true).ok();
-            Box::new(s)
+async fn tcp(addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true).ok();
+    Ok(s)
+}
+
+/// Opens the service's end of a VMM's connection: the server's greeting
+/// and the VMM's flags are relayed; for [`NbdTarget::TcpTls`] hostd then
+/// sends `NBD_OPT_STARTTLS`, and on its `NBD_REP_ACK` does the TLS
+/// handshake with this host's identity (the server's certificate must
+/// chain to the CA and name the URI's host). Option haggling goes on
+/// inside TLS; the VMM sees plain NBD throughout.
+async fn open_upstream(
+    pin: &Pin,
+    vmm: &mut tokio::net::UnixStream,
+) -> std::io::Result<Box<dyn Upstream>> {
+    match &pin.target {
+        NbdTarget::Unix(p) => {
+            let mut up = tokio::net::UnixStream::connect(p).await?;
+            relay_greeting(&mut up, vmm, false).await?;
+            Ok(Box::new(up))
         }
-    })
+        NbdTarget::Tcp(a) => {
+            let mut up = tcp(a).await?;
+            relay_greeting(&mut up, vmm, false).await?;
+            Ok(Box::new(up))
+        }
+        NbdTarget::TcpTls(a) => {
+            let Some(tls) = &pin.tls else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("nbds://{a} needs this host's TLS identity (--tls-*) and it has none"),
+                ));
+            };
+            let name = ember_tls::server_name(a)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let mut up = tcp(a).await?;
+            relay_greeting(&mut up, vmm, true).await?;
+            start_tls(&mut up, a).await?;
+            let s = tls.connector().connect(name, up).await.map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("TLS handshake with the volume service at {a}: {e}"),
+                )
+            })?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
+/// The server's greeting to the VMM, the VMM's flags to the server; for
+/// TLS both must speak fixed newstyle.
+async fn relay_greeting<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    up: &mut S,
+    vmm: &mut tokio::net::UnixStream,
+    tls: bool,
+) -> std::io::Result<()> {
+    use nbd_const::*;
+    let mut hello = [0u8; 18];
+    up.read_exact(&mut hello).await?;
+    if tls && u16::from_be_bytes([hello[16], hello[17]]) & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(bad(
+            "the volume service does not speak fixed newstyle (no TLS)",
+        ));
+    }
+    vmm.write_all(&hello).await?;
+    let mut flags = [0u8; 4];
+    vmm.read_exact(&mut flags).await?;
+    if tls && u32::from_be_bytes(flags) & FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(bad("the VMM does not speak fixed newstyle"));
+    }
+    up.write_all(&flags).await
+}
+
+/// `NBD_OPT_STARTTLS` on `up` (in the clear), up to its `NBD_REP_ACK`;
+/// any other answer ends the connection (nothing else is sent in the
+/// clear).
+async fn start_tls(up: &mut tokio::net::TcpStream, addr: &str) -> std::io::Result<()> {
+    use nbd_const::*;
+    let mut msg = IHAVEOPT.to_be_bytes().to_vec();
+    msg.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+    msg.extend_from_slice(&0u32.to_be_bytes());
+    up.write_all(&msg).await?;
+    let mut rh = [0u8; 20];
+    up.read_exact(&mut rh).await?;
+    let magic = u64::from_be_bytes(rh[0..8].try_into().unwrap_or_default());
+    let option = u32::from_be_bytes(rh[8..12].try_into().unwrap_or_default());
+    let typ = u32::from_be_bytes(rh[12..16].try_into().unwrap_or_default());
+    let rlen = u32::from_be_bytes(rh[16..20].try_into().unwrap_or_default());
+    if magic != REPLY_MAGIC || option != OPT_STARTTLS || rlen > MAX_DATA {
+        return Err(bad("bad reply to NBD_OPT_STARTTLS"));
+    }
+    let mut rd = vec![0u8; rlen as usize];
+    up.read_exact(&mut rd).await?;
+    if typ != REP_ACK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the volume service at {addr} did not start TLS (reply {typ:#x}: {})",
+                String::from_utf8_lossy(&rd)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 mod nbd_const {
@@ -245,7 +377,10 @@ mod nbd_const {
     pub const OPT_ABORT: u32 = 2;
     pub const OPT_INFO: u32 = 6;
     pub const OPT_GO: u32 = 7;
+    pub const OPT_STARTTLS: u32 = 5;
     pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+    pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1;
     pub const REP_ACK: u32 = 1;
     pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
     /// Larger options and replies end the connection.
@@ -277,15 +412,8 @@ fn repin_go(data: &[u8], export: &str) -> std::io::Result<Vec<u8>> {
 /// One VMM connection through the pin (see [`forward_pinned`]).
 async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::io::Result<()> {
     use nbd_const::*;
-    let mut up = connect(&pin.target).await?;
     let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, async {
-        // The server's greeting, then the client's flags.
-        let mut hello = [0u8; 18];
-        up.read_exact(&mut hello).await?;
-        vmm.write_all(&hello).await?;
-        let mut flags = [0u8; 4];
-        vmm.read_exact(&mut flags).await?;
-        up.write_all(&flags).await?;
+        let mut up = open_upstream(pin, &mut vmm).await?;
         loop {
             let mut head = [0u8; 16];
             vmm.read_exact(&mut head).await?;
@@ -320,7 +448,7 @@ async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::i
             up.write_all(&msg).await?;
             if matches!(option, OPT_EXPORT_NAME | OPT_ABORT) {
                 // The answer (or a close) and what follows are joined as is.
-                return Ok(());
+                return Ok(up);
             }
             // The replies to this option, up to its last one.
             loop {
@@ -336,7 +464,7 @@ async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::i
                 vmm.write_all(&rh).await?;
                 vmm.write_all(&rd).await?;
                 if typ == REP_ACK && option == OPT_GO {
-                    return Ok(());
+                    return Ok(up);
                 }
                 if typ == REP_ACK || typ & 0x8000_0000 != 0 {
                     break;
@@ -346,7 +474,7 @@ async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::i
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "NBD negotiation timed out"))?;
-    negotiated?;
+    let mut up = negotiated?;
     tokio::io::copy_bidirectional(&mut vmm, &mut up).await?;
     Ok(())
 }
@@ -403,19 +531,43 @@ mod tests {
             export_name: "v@3".into(),
             uri: uri.map(str::to_string),
             unix_uri: unix.map(str::to_string),
+            tls: None,
         }
     }
 
     #[test]
     fn grants_name_their_endpoint_and_the_uri_through_a_jail() {
+        let here = tempfile::tempdir().unwrap();
+        let sock = here.path().join("v.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let unix = format!("nbd+unix:///v@3?socket={}", sock.display());
+        let g = grant(Some("nbd://10.0.0.1:10809/v@3"), Some(&unix));
+        assert_eq!(g.target().unwrap(), NbdTarget::Unix(sock.clone()));
+        // A service on another host: its socket is not here, its port is.
         let g = grant(
-            Some("nbd://10.0.0.1:10809/v@3"),
-            Some("nbd+unix:///v@3?socket=/run/v.sock"),
+            Some("nbds://10.0.0.1:10809/v@3"),
+            Some("nbd+unix:///v@3?socket=/nonexistent/v.sock"),
         );
-        assert_eq!(g.target().unwrap(), NbdTarget::Unix("/run/v.sock".into()));
+        assert_eq!(
+            g.target().unwrap(),
+            NbdTarget::TcpTls("10.0.0.1:10809".into())
+        );
         let g = grant(Some("nbd://10.0.0.1:10809/v@3"), None);
         assert_eq!(g.target().unwrap(), NbdTarget::Tcp("10.0.0.1:10809".into()));
         assert!(grant(None, None).target().is_err());
+        // Across hosts inside TLS: this host's identity is needed, and
+        // without one the grant is refused at once, saying why.
+        let mut t = grant(Some("nbds://10.0.0.1:10809/v@3"), None);
+        assert_eq!(
+            t.target().unwrap(),
+            NbdTarget::TcpTls("10.0.0.1:10809".into())
+        );
+        let e = t.pin().err().expect("no TLS identity");
+        assert!(e.message.contains("no TLS identity"), "{}", e.message);
+        let dir = tempfile::tempdir().unwrap();
+        let files = ember_tls::dev_certs(dir.path(), "h", &["localhost".into()]).unwrap();
+        t.tls = Some(ember_tls::Tls::load(&files).unwrap());
+        assert!(t.pin().is_ok());
         // The VMM's URI names the volume alone: the credential stays here.
         assert_eq!(
             g.uri_via(Path::new("/run/nbd.sock")),
@@ -464,6 +616,7 @@ mod tests {
         let pin: SharedPin = Arc::new(Mutex::new(Some(Pin {
             target: NbdTarget::Unix(nbd.clone()),
             export: export_name("mine", &creds[0]),
+            tls: None,
         })));
         {
             let _g = rt.enter();
@@ -523,9 +676,189 @@ mod tests {
         *pin.lock().unwrap() = Some(Pin {
             target: NbdTarget::Unix(nbd.clone()),
             export: export_name("mine", &back.credential),
+            tls: None,
         });
         let mut c = Client::connect_unix(&jail, "mine").unwrap();
         assert_eq!(c.read(0, 512).unwrap().data, vec![0x4d; 512]);
+        drop(rt);
+    }
+
+    /// A GnuTLS tool's certificate directory: `ca-cert.pem`,
+    /// `server-cert.pem`, `server-key.pem`.
+    fn server_dir(dir: &Path, f: &ember_tls::TlsFiles) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::copy(&f.ca, dir.join("ca-cert.pem")).unwrap();
+        std::fs::copy(&f.cert, dir.join("server-cert.pem")).unwrap();
+        std::fs::copy(&f.key, dir.join("server-key.pem")).unwrap();
+        dir.to_path_buf()
+    }
+
+    /// The jail's NBD path to a volume service on another host
+    /// (`nbds://`): hostd starts TLS itself (the VMM speaks plain NBD on
+    /// its socket) against the real volume service's TLS port (in this
+    /// process) and against `nbdkit --tls=require --tls-verify-peer`:
+    /// with this host's identity it reads and writes; with a certificate
+    /// of another CA, trusting another CA, or to a server that will not
+    /// start TLS, the VMM's connection gets nothing.
+    #[test]
+    fn the_jail_path_runs_inside_tls_across_hosts() {
+        use ember_tls::{dev_certs, Tls, TlsFiles};
+        use ember_volumed::nbd::client::Client;
+        use ember_volumed::nbd::{serve_tcp, serve_tcp_tls, Exports, Limits};
+        use ember_volumed::registry::{export_name, Registry};
+        use std::os::unix::fs::FileExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let sans = ["127.0.0.1".to_string(), "localhost".to_string()];
+        let service = dev_certs(&dir.path().join("ours"), "volumed", &sans).unwrap();
+        let host = dev_certs(&dir.path().join("ours"), "host", &sans).unwrap();
+        let other = dev_certs(&dir.path().join("theirs"), "host", &sans).unwrap();
+        let ours = Tls::load(&host).unwrap();
+        // Another CA's certificate, trusting ours: the server refuses it.
+        let theirs = Tls::load(&TlsFiles {
+            cert: other.cert.clone(),
+            key: other.key.clone(),
+            ca: service.ca.clone(),
+        })
+        .unwrap();
+        // Ours, trusting another CA: hostd refuses the server.
+        let distrustful = Tls::load(&TlsFiles {
+            cert: host.cert.clone(),
+            key: host.key.clone(),
+            ca: other.ca.clone(),
+        })
+        .unwrap();
+
+        let store =
+            ember_volumed::store::KvStore::open(&[], &dir.path().join("store"), "/v").unwrap();
+        let reg = Registry::open(&dir.path().join("data"), Box::new(store)).unwrap();
+        reg.create("mine", 1 << 20, None).unwrap();
+        let cred = reg.attach("mine", "h", None).unwrap().credential;
+        let image = std::fs::File::open(reg.image_path("mine")).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tls_addr = l.local_addr().unwrap().to_string();
+        let (exports, server) = (Exports::Volumes(reg.clone()), Tls::load(&service).unwrap());
+        std::thread::spawn(move || serve_tcp_tls(l, exports, Limits::default(), server));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain_addr = l.local_addr().unwrap().to_string();
+        let exports = Exports::Volumes(reg.clone());
+        std::thread::spawn(move || serve_tcp(l, exports, Limits::default()));
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut n = 0;
+        let mut through = |target: NbdTarget, export: &str, tls: &Tls| -> PathBuf {
+            n += 1;
+            let jail = dir.path().join(format!("jail-{n}.sock"));
+            let pin: SharedPin = Arc::new(Mutex::new(Some(Pin {
+                target,
+                export: export.to_string(),
+                tls: Some(tls.clone()),
+            })));
+            let _g = rt.enter();
+            let l = tokio::net::UnixListener::bind(&jail).unwrap();
+            rt.spawn(forward_pinned(l, pin));
+            jail
+        };
+        let mine = export_name("mine", &cred);
+        let tls_target = NbdTarget::TcpTls(tls_addr.clone());
+        let jail = through(tls_target.clone(), &mine, &ours);
+        let mut c = Client::connect_unix(&jail, "anything").expect("through TLS");
+        assert_eq!(c.size, 1 << 20);
+        assert_eq!(c.write(0, &[0x3c; 4096]).unwrap().error, 0);
+        assert_eq!(c.read(0, 4096).unwrap().data, vec![0x3c; 4096]);
+        let mut b = [0u8; 4096];
+        image.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0x3c; 4096], "the write is on the volume");
+
+        let mut attempts = vec![
+            (
+                "volumed, another CA's certificate",
+                through(tls_target.clone(), &mine, &theirs),
+            ),
+            (
+                "volumed, trusting another CA",
+                through(tls_target.clone(), &mine, &distrustful),
+            ),
+            (
+                "a plaintext server",
+                through(NbdTarget::TcpTls(plain_addr), &mine, &ours),
+            ),
+        ];
+        let mut _nbdkit = None;
+        let have_nbdkit = std::process::Command::new("nbdkit")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if have_nbdkit {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let sdir = server_dir(&dir.path().join("nbdkit"), &service);
+            let child = std::process::Command::new("nbdkit")
+                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+                .arg(port.to_string())
+                .args(["--tls=require", "--tls-verify-peer"])
+                .arg(format!("--tls-certificates={}", sdir.display()))
+                .args(["memory", "16M"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            struct Kill(std::process::Child);
+            impl Drop for Kill {
+                fn drop(&mut self) {
+                    let _ = self.0.kill();
+                    let _ = self.0.wait();
+                }
+            }
+            let mut child = Kill(child);
+            let start = std::time::Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(child.0.try_wait().unwrap().is_none(), "nbdkit exited");
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "nbdkit did not listen"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let target = NbdTarget::TcpTls(format!("127.0.0.1:{port}"));
+            let jail = through(target.clone(), "", &ours);
+            let mut c = Client::connect_unix(&jail, "x").expect("nbdkit through TLS");
+            assert_eq!(c.size, 16 << 20);
+            assert_eq!(c.write(512, &[0x9e; 512]).unwrap().error, 0);
+            assert_eq!(c.read(512, 512).unwrap().data, vec![0x9e; 512]);
+            println!("nbdkit --tls=require: read and written through the jail path");
+            attempts.push((
+                "nbdkit, another CA's certificate",
+                through(target.clone(), "", &theirs),
+            ));
+            attempts.push((
+                "nbdkit, trusting another CA",
+                through(target, "", &distrustful),
+            ));
+            _nbdkit = Some(child);
+        } else {
+            println!("nbdkit skipped: not installed");
+        }
+        let mut got_through = 0;
+        for (what, jail) in &attempts {
+            match Client::connect_unix(jail, "x").and_then(|mut c| c.read(0, 512)) {
+                Ok(r) if r.error == 0 => {
+                    got_through += 1;
+                    println!("{what}: GOT THROUGH");
+                }
+                r => println!("{what}: nothing ({:?})", r.err()),
+            }
+        }
+        // The service still serves this host.
+        let mut c = Client::connect_unix(&jail, "again").unwrap();
+        assert_eq!(c.read(0, 4096).unwrap().data, vec![0x3c; 4096]);
+        println!(
+            "jail NBD path over TLS: {} attempts without the right identity, {got_through} got through",
+            attempts.len()
+        );
+        assert_eq!(got_through, 0);
         drop(rt);
     }
 }

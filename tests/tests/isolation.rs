@@ -282,6 +282,8 @@ fn no_guest_reaches_the_host_or_another_instance() {
             .arg(workspace_bin("ember-volumed"))
             .arg("--nbd-listen")
             .arg(format!("0.0.0.0:{NBD_PORT}"))
+            // (In the clear on purpose: what is tried is reaching the port.)
+            .arg("--nbd-insecure-plaintext")
             .arg("--data-dir")
             .arg(vdir.join("data"))
             .arg("--api-socket")

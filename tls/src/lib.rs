@@ -373,7 +373,11 @@ pub fn leaf_params(name: &str, sans: &[String]) -> Result<rcgen::CertificatePara
         .map_err(|e| format!("certificate names {sans:?}: {e}"))?;
     p.distinguished_name.push(rcgen::DnType::CommonName, name);
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
-    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    // (Key encipherment too: GnuTLS-based peers such as qemu insist on it.)
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
     p.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -611,5 +615,54 @@ mod tests {
             ca: dir.path().join("missing.pem"),
         })
         .is_err());
+    }
+
+    /// The blocking handshakes: a peer of the CA gets through both ways;
+    /// another CA's certificate and a silent peer are refused by the
+    /// deadline, and the listener's next peer is served.
+    #[test]
+    fn blocking_handshakes_check_the_peer_and_keep_the_deadline() {
+        use std::io::{Read, Write};
+        let (ours, theirs) = (ca("ours"), ca("theirs"));
+        let server = identity(&ours, &ours, false);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s2 = server.clone();
+        let accepted = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let (tcp, _) = l.accept().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(2);
+                out.push(match s2.accept_sync(tcp, deadline) {
+                    Ok(mut s) => {
+                        let mut b = [0u8; 4];
+                        s.read_exact(&mut b).unwrap();
+                        s.write_all(b"pong").unwrap();
+                        s.flush().unwrap();
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                });
+            }
+            out
+        });
+        let connect = |tls: &Tls| -> Result<Vec<u8>, String> {
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut s = tls.connect_sync(server_name(&addr.to_string())?, tcp, deadline)?;
+            s.write_all(b"ping").map_err(|e| e.to_string())?;
+            let mut b = vec![0u8; 4];
+            s.read_exact(&mut b).map_err(|e| e.to_string())?;
+            Ok(b)
+        };
+        assert_eq!(connect(&identity(&ours, &ours, false)).unwrap(), b"pong");
+        assert!(connect(&identity(&theirs, &ours, false)).is_err());
+        let silent = std::net::TcpStream::connect(addr).unwrap();
+        let out = accepted.join().unwrap();
+        drop(silent);
+        eprintln!("{out:?}");
+        assert!(out[0].is_ok());
+        assert!(out[1].is_err());
+        assert!(out[2].as_ref().is_err_and(|e| e.contains("timed out")));
     }
 }

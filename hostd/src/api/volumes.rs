@@ -27,6 +27,9 @@ pub struct VolumeService {
     /// This host's account: named when it attaches or moves a volume, so
     /// the volume service refuses a volume of another account.
     pub account: String,
+    /// This host's TLS identity (with `--listen-tcp`): NBD to a volume
+    /// service across hosts (`nbds://`) runs inside mutual TLS with it.
+    pub tls: Option<ember_tls::Tls>,
 }
 
 #[derive(Deserialize)]

@@ -118,7 +118,8 @@ struct Args {
     #[arg(long)]
     listen_tcp: Option<std::net::SocketAddr>,
     /// This host's certificate (PEM, leaf first), signed by --tls-ca; it is
-    /// presented to peers as server and as client.
+    /// presented to peers as server and as client, and to a volume
+    /// service's nbds:// port (NBD across hosts).
     #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "tls_dev_dir")]
     tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
@@ -347,14 +348,6 @@ async fn run(mut args: Args) {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "ember-host".into())
     });
-    let volumes =
-        args.volume_service
-            .clone()
-            .map(|socket| ember_hostd::api::volumes::VolumeService {
-                socket,
-                host_id: host_id.clone(),
-                account: args.account.clone(),
-            });
     // The TCP API's token, shared by the hosts of a cluster: peers check
     // it, and this host sends it to them (migrations).
     let token = args.api_token_file.as_ref().map(|f| {
@@ -406,6 +399,17 @@ async fn run(mut args: Args) {
     };
     let tls =
         tls.map(|files| ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))));
+    // (Its TLS identity is also what opens NBD to a volume service's
+    // nbds:// port on another host.)
+    let volumes =
+        args.volume_service
+            .clone()
+            .map(|socket| ember_hostd::api::volumes::VolumeService {
+                socket,
+                host_id: host_id.clone(),
+                account: args.account.clone(),
+                tls: tls.clone(),
+            });
     let peers = match (args.listen_tcp, &token, &tls) {
         (Some(addr), Some(token), Some(tls)) => Some(ember_hostd::migrate::PeerConfig {
             token: token.clone(),

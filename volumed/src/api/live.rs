@@ -109,24 +109,35 @@ async fn remove_on_target(target: &FsPath, name: &str) {
 }
 
 /// Opens the copier's NBD connection from the target's attach answer: the
-/// unix socket when it is on this host, else TCP.
-fn connect(g: &Grant) -> Result<Client, ApiError> {
+/// unix socket when it is on this host, else TCP (inside TLS, with this
+/// service's identity, when the target's URI is `nbds://`).
+fn connect(g: &Grant, tls: Option<&ember_tls::Tls>) -> Result<Client, ApiError> {
     let unix = g.unix_uri.as_deref().and_then(|u| u.split_once("?socket="));
     let done = match (unix, g.uri.as_deref()) {
         (Some((_, sock)), _) if FsPath::new(sock).exists() => {
             Client::connect_unix(FsPath::new(sock), &g.export_name)
         }
         (_, Some(u)) => {
-            let addr = u
-                .strip_prefix("nbd://")
-                .and_then(|r| r.split_once('/'))
-                .map(|(a, _)| a)
-                .ok_or_else(|| {
-                    bad_gateway(format!(
-                        "the target's NBD URI {u:?} is not nbd://HOST:PORT/EXPORT"
-                    ))
-                })?;
-            Client::connect_tcp(addr, &g.export_name)
+            let (secure, rest) = match (u.strip_prefix("nbds://"), u.strip_prefix("nbd://")) {
+                (Some(r), _) => (true, r),
+                (None, Some(r)) => (false, r),
+                // (No address: refused just below.)
+                (None, None) => (false, ""),
+            };
+            // (Never the URI itself in a message: it holds the credential.)
+            let addr = rest.split_once('/').map(|(a, _)| a).ok_or_else(|| {
+                bad_gateway("the target's NBD URI is not nbd[s]://HOST:PORT/EXPORT")
+            })?;
+            match (secure, tls) {
+                (false, _) => Client::connect_tcp(addr, &g.export_name),
+                (true, Some(tls)) => Client::connect_tcp_tls(addr, &g.export_name, tls),
+                (true, None) => {
+                    return Err(bad_gateway(format!(
+                        "the target serves NBD over TLS (nbds://{addr}) and this service has \
+                         no TLS identity (--tls-cert/--tls-key/--tls-ca or --tls-dev-dir)"
+                    )))
+                }
+            }
         }
         _ => {
             return Err(bad_gateway(
@@ -182,9 +193,9 @@ pub async fn move_to_server(
         }
     };
     // Rounds while the attachment stays live here.
-    let (reg, n) = (s.registry.clone(), name.clone());
+    let (reg, n, tls) = (s.registry.clone(), name.clone(), s.nbd_tls.clone());
     let copied = blocking(move || {
-        let mut sink = NbdSink(connect(&copier)?);
+        let mut sink = NbdSink(connect(&copier, tls.as_ref())?);
         let mut c = LiveCopy::start(
             &reg,
             vec![Part {

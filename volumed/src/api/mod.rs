@@ -26,6 +26,10 @@ pub struct Service {
     pub registry: Arc<Registry>,
     /// `host:port` of the NBD TCP listener, if any.
     pub nbd_tcp: Option<String>,
+    /// The TLS identity: the NBD TCP listener requires TLS (its URIs are
+    /// `nbds://`), and this service presents it when it copies a volume
+    /// to another's `nbds://` port.
+    pub nbd_tls: Option<ember_tls::Tls>,
     /// Path of the NBD unix socket, if any.
     pub nbd_unix: Option<String>,
     /// The per-attachment vhost-user-blk sockets, if served.
@@ -181,7 +185,14 @@ impl Service {
             volume: volume.into(),
             host: a.host,
             generation: a.generation,
-            uri: self.nbd_tcp.as_ref().map(|t| format!("nbd://{t}/{export}")),
+            uri: self.nbd_tcp.as_ref().map(|t| {
+                let scheme = if self.nbd_tls.is_some() {
+                    "nbds"
+                } else {
+                    "nbd"
+                };
+                format!("{scheme}://{t}/{export}")
+            }),
             unix_uri: self
                 .nbd_unix
                 .as_ref()

@@ -1,5 +1,6 @@
 //! `ember-volumed`: Ember's volume service. Serves volumes over NBD
-//! (`nbd://HOST:PORT/<volume>@<credential>`, or a unix socket) and takes its
+//! (`nbds://HOST:PORT/<volume>@<credential>`: TCP inside mutual TLS; or a
+//! unix socket on the same host) and takes its
 //! HTTP API on a unix socket; with `--vhost-user-dir`, also as vhost-user-blk
 //! on a socket per attachment.
 
@@ -26,9 +27,35 @@ struct Args {
     /// The HTTP API socket.
     #[arg(long, default_value = "/run/ember/volumed.sock")]
     api_socket: PathBuf,
-    /// NBD over TCP on this address (e.g. 0.0.0.0:10809).
+    /// NBD over TCP on this address (e.g. 0.0.0.0:10809). With TLS
+    /// settings the port requires TLS (NBD_OPT_STARTTLS, then a client
+    /// certificate signed by --tls-ca); without them only a loopback
+    /// address is taken, unless --nbd-insecure-plaintext.
     #[arg(long)]
     nbd_listen: Option<String>,
+    /// Serve --nbd-listen in the clear on a non-loopback address (anyone
+    /// who can reach the port and knows an export's credential can use it,
+    /// and the traffic can be read on the way).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_dev_dir"])]
+    nbd_insecure_plaintext: bool,
+    /// This service's certificate (PEM, leaf first), signed by --tls-ca:
+    /// presented to NBD clients, and as a client when copying a volume to
+    /// another service's nbds:// port.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "tls_dev_dir")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that every NBD client's certificate must chain to.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Development TLS: a CA in DIR (made once, shared with emberd's
+    /// --tls-dev-dir) and a certificate for --tls-name. Not for production.
+    #[arg(long, value_name = "DIR")]
+    tls_dev_dir: Option<PathBuf>,
+    /// The certificate's name with --tls-dev-dir.
+    #[arg(long, default_value = "volumed", requires = "tls_dev_dir")]
+    tls_name: String,
     /// The address clients are told to use (default: --nbd-listen).
     #[arg(long)]
     nbd_advertise: Option<String>,
@@ -71,6 +98,56 @@ fn fail(msg: String) -> ! {
     std::process::exit(1);
 }
 
+/// Whether every address `addr` (`HOST:PORT`) names is a loopback one.
+fn loopback_only(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match addr.to_socket_addrs() {
+        Ok(a) => {
+            let a: Vec<_> = a.collect();
+            !a.is_empty() && a.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// The host part of `HOST:PORT`.
+fn host_of(addr: &str) -> Option<String> {
+    let (h, _) = addr.rsplit_once(':')?;
+    Some(h.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+/// The TLS identity from the flags, if any.
+fn tls_settings(args: &Args) -> Option<ember_tls::Tls> {
+    let files = match (&args.tls_cert, &args.tls_dev_dir) {
+        (None, None) => return None,
+        (Some(cert), None) => ember_tls::TlsFiles {
+            cert: cert.clone(),
+            key: args.tls_key.clone().unwrap_or_default(),
+            ca: args.tls_ca.clone().unwrap_or_default(),
+        },
+        (None, Some(dir)) => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            for a in [&args.nbd_listen, &args.nbd_advertise]
+                .into_iter()
+                .flatten()
+            {
+                names.extend(host_of(a).filter(|h| !h.is_empty() && h != "0.0.0.0" && h != "::"));
+            }
+            names.sort();
+            names.dedup();
+            let files = ember_tls::dev_certs(dir, &args.tls_name, &names)
+                .unwrap_or_else(|e| fail(format!("development certificates: {e}")));
+            log::warn!(
+                "--tls-dev-dir: using the development CA in {} (not for production)",
+                dir.display()
+            );
+            files
+        }
+        (Some(_), Some(_)) => fail("--tls-cert and --tls-dev-dir exclude each other".into()),
+    };
+    Some(ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))))
+}
+
 fn main() {
     let args = Args::parse();
     env_logger::Builder::new()
@@ -103,6 +180,16 @@ fn main() {
                 .then(|| std::time::Duration::from_millis(args.nbd_idle_timeout_ms)),
         },
     };
+    let tls = tls_settings(&args);
+    if let (Some(addr), None, false) = (&args.nbd_listen, &tls, args.nbd_insecure_plaintext) {
+        if !loopback_only(addr) {
+            fail(format!(
+                "--nbd-listen {addr} is not a loopback address and would serve NBD in the \
+                 clear: give --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir for \
+                 development), or --nbd-insecure-plaintext"
+            ));
+        }
+    }
     // Private before the store writes its first file there.
     ember_volumed::registry::private_dir(&args.data_dir)
         .unwrap_or_else(|e| fail(format!("{}: {e}", args.data_dir.display())));
@@ -118,7 +205,20 @@ fn main() {
         let l = std::net::TcpListener::bind(addr)
             .unwrap_or_else(|e| fail(format!("NBD listen {addr}: {e}")));
         let reg = registry.clone();
-        std::thread::spawn(move || ember_volumed::nbd::serve_tcp(l, Exports::Volumes(reg), limits));
+        match tls.clone() {
+            Some(tls) => {
+                log::info!("NBD on {addr}: TLS required");
+                std::thread::spawn(move || {
+                    ember_volumed::nbd::serve_tcp_tls(l, Exports::Volumes(reg), limits, tls)
+                });
+            }
+            None => {
+                log::warn!("NBD on {addr}: in the clear (no TLS settings)");
+                std::thread::spawn(move || {
+                    ember_volumed::nbd::serve_tcp(l, Exports::Volumes(reg), limits)
+                });
+            }
+        }
     }
     if let Some(p) = &args.nbd_socket {
         let _ = std::fs::remove_file(p);
@@ -137,6 +237,7 @@ fn main() {
         vhost_user,
         registry,
         nbd_tcp: args.nbd_advertise.clone().or(args.nbd_listen.clone()),
+        nbd_tls: tls,
         nbd_unix: args.nbd_socket.as_ref().map(|p| p.display().to_string()),
     });
     let rt = tokio::runtime::Runtime::new()

@@ -19,6 +19,8 @@ pub enum ClientError {
     Refused(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 pub struct Client {
@@ -26,6 +28,81 @@ pub struct Client {
     next_cookie: u64,
     pub size: u64,
     pub flags: u16,
+}
+
+/// The server's greeting, and the client's flags in answer.
+fn greet<S: Read + Write>(s: &mut S) -> Result<(), ClientError> {
+    if read_u64(s)? != NBDMAGIC || read_u64(s)? != IHAVEOPT {
+        return Err(ClientError::Protocol("not a newstyle NBD server".into()));
+    }
+    let server_flags = read_u16(s)?;
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::Protocol("server is not fixed newstyle".into()));
+    }
+    let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
+    if server_flags & FLAG_NO_ZEROES != 0 {
+        client_flags |= FLAG_C_NO_ZEROES;
+    }
+    s.write_all(&client_flags.to_be_bytes())?;
+    Ok(())
+}
+
+fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> io::Result<()> {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m)?;
+    s.flush()
+}
+
+/// One option reply: its type and data.
+fn read_option_reply<S: Read>(s: &mut S) -> Result<(u32, Vec<u8>), ClientError> {
+    if read_u64(s)? != OPT_REPLY_MAGIC {
+        return Err(ClientError::Protocol("bad option reply magic".into()));
+    }
+    let _option = read_u32(s)?;
+    let reply = read_u32(s)?;
+    let len = read_u32(s)?;
+    if len > MAX_OPTION {
+        return Err(ClientError::Protocol("option reply too long".into()));
+    }
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body)?;
+    Ok((reply, body))
+}
+
+/// `NBD_OPT_GO` for `export`: its size and transmission flags.
+fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<(u64, u16), ClientError> {
+    let mut data = Vec::new();
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    send_option(s, OPT_GO, &data)?;
+    let (mut size, mut flags) = (None, 0);
+    loop {
+        let (reply, body) = read_option_reply(s)?;
+        match reply {
+            REP_ACK => break,
+            REP_INFO if body.len() >= 12 && body[0..2] == INFO_EXPORT.to_be_bytes() => {
+                size = Some(u64::from_be_bytes(body[2..10].try_into().expect("8 bytes")));
+                flags = u16::from_be_bytes(body[10..12].try_into().expect("2 bytes"));
+            }
+            REP_INFO => {}
+            r if r & 0x8000_0000 != 0 => {
+                return Err(ClientError::Refused(
+                    String::from_utf8_lossy(&body).into_owned(),
+                ))
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply {other:#x}"
+                )))
+            }
+        }
+    }
+    let size = size.ok_or_else(|| ClientError::Protocol("no export size".into()))?;
+    Ok((size, flags))
 }
 
 /// A reply: the error code (0: success) and a read's data.
@@ -47,61 +124,50 @@ impl Client {
         Client::handshake(Box::new(s), export)
     }
 
+    /// Opens TCP to `addr` (`HOST:PORT`) and upgrades the session to TLS
+    /// with `NBD_OPT_STARTTLS` as the first option (the server's
+    /// certificate must chain to `tls`'s CA and name `HOST`; `tls`'s
+    /// certificate is presented), then opens `export` inside TLS. A server
+    /// that will not start TLS is left: nothing is sent in the clear but
+    /// the greeting and the request to start TLS. The negotiation is
+    /// bounded by [`ember_tls::HANDSHAKE_TIMEOUT`].
+    pub fn connect_tcp_tls(
+        addr: &str,
+        export: &str,
+        tls: &ember_tls::Tls,
+    ) -> Result<Client, ClientError> {
+        let name = ember_tls::server_name(addr).map_err(ClientError::Tls)?;
+        let deadline = std::time::Instant::now() + ember_tls::HANDSHAKE_TIMEOUT;
+        let mut tcp = std::net::TcpStream::connect(addr)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(ember_tls::HANDSHAKE_TIMEOUT))?;
+        tcp.set_write_timeout(Some(ember_tls::HANDSHAKE_TIMEOUT))?;
+        greet(&mut tcp)?;
+        send_option(&mut tcp, OPT_STARTTLS, &[])?;
+        let (reply, body) = read_option_reply(&mut tcp)?;
+        if reply != REP_ACK {
+            return Err(ClientError::Tls(format!(
+                "the server at {addr} did not start TLS (reply {reply:#x}: {})",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        let mut s = tls
+            .connect_sync(name, tcp, deadline)
+            .map_err(|e| ClientError::Tls(format!("{addr}: {e}")))?;
+        let (size, flags) = go(&mut s, export)?;
+        s.sock.set_read_timeout(None)?;
+        s.sock.set_write_timeout(None)?;
+        Ok(Client {
+            s: Box::new(s),
+            next_cookie: 1,
+            size,
+            flags,
+        })
+    }
+
     fn handshake(mut s: Box<dyn Stream>, export: &str) -> Result<Client, ClientError> {
-        if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
-            return Err(ClientError::Protocol("not a newstyle NBD server".into()));
-        }
-        let server_flags = read_u16(&mut s)?;
-        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol("server is not fixed newstyle".into()));
-        }
-        let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
-        if server_flags & FLAG_NO_ZEROES != 0 {
-            client_flags |= FLAG_C_NO_ZEROES;
-        }
-        s.write_all(&client_flags.to_be_bytes())?;
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&IHAVEOPT.to_be_bytes())?;
-        s.write_all(&OPT_GO.to_be_bytes())?;
-        s.write_all(&(data.len() as u32).to_be_bytes())?;
-        s.write_all(&data)?;
-        s.flush()?;
-        let (mut size, mut flags) = (None, 0);
-        loop {
-            if read_u64(&mut s)? != OPT_REPLY_MAGIC {
-                return Err(ClientError::Protocol("bad option reply magic".into()));
-            }
-            let _option = read_u32(&mut s)?;
-            let reply = read_u32(&mut s)?;
-            let len = read_u32(&mut s)?;
-            if len > MAX_OPTION {
-                return Err(ClientError::Protocol("option reply too long".into()));
-            }
-            let mut body = vec![0u8; len as usize];
-            s.read_exact(&mut body)?;
-            match reply {
-                REP_ACK => break,
-                REP_INFO if body.len() >= 12 && body[0..2] == INFO_EXPORT.to_be_bytes() => {
-                    size = Some(u64::from_be_bytes(body[2..10].try_into().expect("8 bytes")));
-                    flags = u16::from_be_bytes(body[10..12].try_into().expect("2 bytes"));
-                }
-                REP_INFO => {}
-                r if r & 0x8000_0000 != 0 => {
-                    return Err(ClientError::Refused(
-                        String::from_utf8_lossy(&body).into_owned(),
-                    ))
-                }
-                other => {
-                    return Err(ClientError::Protocol(format!(
-                        "unexpected reply {other:#x}"
-                    )))
-                }
-            }
-        }
-        let size = size.ok_or_else(|| ClientError::Protocol("no export size".into()))?;
+        greet(&mut s)?;
+        let (size, flags) = go(&mut s, export)?;
         Ok(Client {
             s,
             next_cookie: 1,

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use ember_tls::Tls;
 pub use server::{Exports, FileExport, SetTimeouts, Timeouts};
 
 /// How many connections a server takes, and their time limits.
@@ -106,6 +107,7 @@ fn accept_loop<C: Connection>(
     exports: Exports,
     limits: Limits,
     peer: impl Fn(&C) -> (String, String),
+    serve: impl Fn(C, &Exports, &str, Timeouts) -> std::io::Result<()> + Clone + Send + 'static,
 ) {
     let counts = Arc::new(Mutex::new(Counts::default()));
     for conn in incoming {
@@ -125,18 +127,13 @@ fn accept_loop<C: Connection>(
             continue;
         };
         let exports = exports.clone();
-        let r = s.try_clone();
+        let serve = serve.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
                 let _admitted = admitted;
-                match r {
-                    Ok(r) => {
-                        if let Err(e) = server::serve(r, s, &exports, &name, limits.timeouts) {
-                            log::info!("nbd {name}: connection ended: {e}");
-                        }
-                    }
-                    Err(e) => log::warn!("nbd {name}: {e}"),
+                if let Err(e) = serve(s, &exports, &name, limits.timeouts) {
+                    log::info!("nbd {name}: connection ended: {e}");
                 }
             });
         if let Err(e) = spawned {
@@ -145,15 +142,41 @@ fn accept_loop<C: Connection>(
     }
 }
 
+/// A connection in the clear: its two halves.
+fn serve_plain<C: Connection>(
+    s: C,
+    exports: &Exports,
+    name: &str,
+    timeouts: Timeouts,
+) -> std::io::Result<()> {
+    let r = s.try_clone()?;
+    server::serve(r, s, exports, name, timeouts)
+}
+
+fn tcp_peer(s: &std::net::TcpStream) -> (String, String) {
+    let _ = s.set_nodelay(true);
+    match s.peer_addr() {
+        Ok(a) => (a.ip().to_string(), a.to_string()),
+        Err(_) => ("?".into(), "?".into()),
+    }
+}
+
 /// Accepts NBD clients on a TCP listener; a client is its IP address.
 pub fn serve_tcp(listener: TcpListener, exports: Exports, limits: Limits) {
-    accept_loop(listener.incoming(), exports, limits, |s| {
-        let _ = s.set_nodelay(true);
-        match s.peer_addr() {
-            Ok(a) => (a.ip().to_string(), a.to_string()),
-            Err(_) => ("?".into(), "?".into()),
-        }
-    });
+    accept_loop(listener.incoming(), exports, limits, tcp_peer, serve_plain);
+}
+
+/// Accepts NBD clients on a TCP listener that requires TLS with `tls`'s
+/// identity and CA (a client certificate chaining to the CA; see
+/// [`server::serve_tls`]); a client is its IP address.
+pub fn serve_tcp_tls(listener: TcpListener, exports: Exports, limits: Limits, tls: ember_tls::Tls) {
+    accept_loop(
+        listener.incoming(),
+        exports,
+        limits,
+        tcp_peer,
+        move |s, exports, name, timeouts| server::serve_tls(s, &tls, exports, name, timeouts),
+    );
 }
 
 /// The uid of a unix socket's peer.
@@ -180,10 +203,16 @@ fn peer_uid(s: &std::os::unix::net::UnixStream) -> Option<u32> {
 
 /// Accepts NBD clients on a unix socket; a client is its peer's uid.
 pub fn serve_unix(listener: UnixListener, exports: Exports, limits: Limits) {
-    accept_loop(listener.incoming(), exports, limits, |s| {
-        let uid = peer_uid(s).map_or("?".to_string(), |u| u.to_string());
-        (format!("uid:{uid}"), format!("unix(uid {uid})"))
-    });
+    accept_loop(
+        listener.incoming(),
+        exports,
+        limits,
+        |s| {
+            let uid = peer_uid(s).map_or("?".to_string(), |u| u.to_string());
+            (format!("uid:{uid}"), format!("unix(uid {uid})"))
+        },
+        serve_plain,
+    );
 }
 
 /// Serves `path` read-only as the NBD export `name` (and the default name

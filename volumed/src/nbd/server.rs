@@ -7,12 +7,19 @@
 //! nor the log ever shows a credential (given or current).
 //! A file export (`ember-export`) serves one file read-only, unfenced.
 //!
+//! Over TCP with TLS settings the server runs the protocol's FORCEDTLS
+//! mode: before `NBD_OPT_STARTTLS` every option but `NBD_OPT_ABORT` is
+//! answered `NBD_REP_ERR_TLS_REQD` (and `NBD_OPT_EXPORT_NAME`, which
+//! cannot be refused, ends the connection); after its `NBD_REP_ACK` the
+//! TLS handshake (the client's certificate must chain to the CA) and the
+//! rest of the session run inside TLS.
+//!
 //! Every read has a deadline: the whole handshake must be done within
 //! [`Timeouts::handshake`], a request's payload within [`Timeouts::io`]
 //! of its header, and (if set) the next request must start within
 //! [`Timeouts::idle`]. Writes time out after [`Timeouts::io`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -155,6 +162,26 @@ impl Opened {
 const VOLUME_FLAGS: u16 =
     TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
 
+/// Whether a connection is to use TLS, and where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    /// A server without TLS (`NBD_OPT_STARTTLS` is unsupported).
+    Off,
+    /// TLS is required and not yet started.
+    Required,
+    /// Inside TLS.
+    On,
+}
+
+/// How option haggling ended.
+enum Negotiated {
+    Opened(Opened),
+    /// The client aborted, or was refused where no error reply exists.
+    Ended,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake is next.
+    StartTls,
+}
+
 /// Serves one client until it disconnects (or breaks the protocol, or
 /// misses a deadline). `r` and `w` are the two halves of one connection.
 pub fn serve<R: Read + SetTimeouts, W: Write + SetTimeouts>(
@@ -172,9 +199,106 @@ pub fn serve<R: Read + SetTimeouts, W: Write + SetTimeouts>(
         unbounded: false,
     });
     let mut w = BufWriter::new(w);
-    let Some(opened) = handshake(&mut r, &mut w, exports, peer)? else {
-        return Ok(());
+    let no_zeroes = greet(&mut r, &mut w)?;
+    match options(&mut r, &mut w, exports, peer, no_zeroes, TlsMode::Off)? {
+        Negotiated::Opened(o) => serve_opened(r, w, exports, peer, timeouts, &deadline, o),
+        Negotiated::Ended | Negotiated::StartTls => Ok(()),
+    }
+}
+
+/// One side of a TLS stream that a connection's reader and writer share
+/// (both on the connection's one thread).
+struct Shared(Rc<RefCell<ember_tls::SyncServerStream>>);
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
+impl SetTimeouts for Shared {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.0.borrow().sock.set_read_timeout(t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.0.borrow().sock.set_write_timeout(t)
+    }
+}
+
+/// Serves one TCP client that must use TLS (FORCEDTLS; see the module's
+/// description): the greeting and `NBD_OPT_STARTTLS` in the clear, then
+/// the TLS handshake on `tcp` with `tls`'s server settings (a client
+/// certificate chaining to its CA required), then the rest inside TLS.
+/// The handshake deadline covers all of that.
+pub fn serve_tls(
+    tcp: std::net::TcpStream,
+    tls: &ember_tls::Tls,
+    exports: &Exports,
+    peer: &str,
+    timeouts: Timeouts,
+) -> io::Result<()> {
+    let until = Instant::now() + timeouts.handshake;
+    tcp.set_write_timeout(Some(timeouts.io.min(timeouts.handshake)))?;
+    let deadline = Rc::new(Cell::new(Some(until)));
+    let mut r = BufReader::new(Deadlined {
+        inner: tcp.try_clone()?,
+        deadline: deadline.clone(),
+        unbounded: false,
+    });
+    let mut w = BufWriter::new(tcp.try_clone()?);
+    let no_zeroes = greet(&mut r, &mut w)?;
+    match options(&mut r, &mut w, exports, peer, no_zeroes, TlsMode::Required)? {
+        Negotiated::StartTls => {}
+        Negotiated::Ended | Negotiated::Opened(_) => return Ok(()),
+    }
+    // The client sends nothing after NBD_OPT_STARTTLS until its ACK, and
+    // then only TLS: clear bytes already read were sent in breach.
+    if !r.buffer().is_empty() {
+        return Err(invalid(
+            "data after NBD_OPT_STARTTLS before the TLS handshake",
+        ));
+    }
+    drop((r, w));
+    let stream = tls
+        .accept_sync(tcp, until)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+    let stream = Rc::new(RefCell::new(stream));
+    let mut r = BufReader::new(Deadlined {
+        inner: Shared(stream.clone()),
+        deadline: deadline.clone(),
+        unbounded: false,
+    });
+    let mut w = BufWriter::new(Shared(stream.clone()));
+    let done = match options(&mut r, &mut w, exports, peer, no_zeroes, TlsMode::On)? {
+        Negotiated::Opened(o) => serve_opened(r, w, exports, peer, timeouts, &deadline, o),
+        Negotiated::Ended | Negotiated::StartTls => Ok(()),
     };
+    // The protocol's end of a session: TLS is shut down, then TCP.
+    let mut s = stream.borrow_mut();
+    s.conn.send_close_notify();
+    let _ = s.flush();
+    done
+}
+
+/// The transmission phase of an opened export.
+fn serve_opened<R: Read + SetTimeouts, W: Write + SetTimeouts>(
+    mut r: BufReader<Deadlined<R>>,
+    mut w: BufWriter<W>,
+    exports: &Exports,
+    peer: &str,
+    timeouts: Timeouts,
+    deadline: &Rc<Cell<Option<Instant>>>,
+    opened: Opened,
+) -> io::Result<()> {
     w.get_ref().set_write_timeout(Some(timeouts.io))?;
     log::info!(
         "nbd {peer}: serving {} ({}, {} bytes)",
@@ -234,13 +358,9 @@ fn open_export(exports: &Exports, export: &str) -> Result<Opened, (u32, String)>
     })
 }
 
-/// Returns the opened export, or None if the client ended the handshake.
-fn handshake(
-    r: &mut impl Read,
-    w: &mut impl Write,
-    exports: &Exports,
-    peer: &str,
-) -> io::Result<Option<Opened>> {
+/// The server's greeting and the client's flags: whether the client
+/// asked for no zeroes after `NBD_OPT_EXPORT_NAME`'s reply.
+fn greet(r: &mut impl Read, w: &mut impl Write) -> io::Result<bool> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -249,7 +369,19 @@ fn handshake(
     if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
         return Err(invalid("client does not speak fixed newstyle"));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
+
+/// Option haggling, in `mode`, up to an opened export, the client's end or
+/// (in [`TlsMode::Required`]) an acknowledged `NBD_OPT_STARTTLS`.
+fn options(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    exports: &Exports,
+    peer: &str,
+    no_zeroes: bool,
+    mode: TlsMode,
+) -> io::Result<Negotiated> {
     loop {
         if read_u64(r)? != IHAVEOPT {
             return Err(invalid("bad option magic"));
@@ -261,6 +393,40 @@ fn handshake(
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data)?;
+        match (mode, option) {
+            (TlsMode::Required, OPT_STARTTLS) => {
+                if !data.is_empty() {
+                    write_option_error(w, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS has no data")?;
+                    w.flush()?;
+                    continue;
+                }
+                write_option_reply(w, option, REP_ACK, &[])?;
+                w.flush()?;
+                return Ok(Negotiated::StartTls);
+            }
+            (TlsMode::Required, OPT_ABORT) => {}
+            (TlsMode::Required, OPT_EXPORT_NAME) => {
+                // It cannot be refused with a reply: the session ends.
+                log::warn!("nbd {peer}: refused: NBD_OPT_EXPORT_NAME before TLS");
+                return Ok(Negotiated::Ended);
+            }
+            (TlsMode::Required, _) => {
+                write_option_error(
+                    w,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "TLS is required: send NBD_OPT_STARTTLS first",
+                )?;
+                w.flush()?;
+                continue;
+            }
+            (TlsMode::On, OPT_STARTTLS) => {
+                write_option_error(w, option, REP_ERR_INVALID, "TLS is already on")?;
+                w.flush()?;
+                continue;
+            }
+            _ => {}
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let export = String::from_utf8_lossy(&data).into_owned();
@@ -269,7 +435,7 @@ fn handshake(
                     Ok(o) => o,
                     Err((_, msg)) => {
                         log::warn!("nbd {peer}: refused {}: {msg}", volume_part(&export));
-                        return Ok(None);
+                        return Ok(Negotiated::Ended);
                     }
                 };
                 w.write_all(&opened.size.to_be_bytes())?;
@@ -278,7 +444,7 @@ fn handshake(
                     w.write_all(&[0u8; 124])?;
                 }
                 w.flush()?;
-                return Ok(Some(opened));
+                return Ok(Negotiated::Opened(opened));
             }
             OPT_GO | OPT_INFO => {
                 let Some(export) = go_export_name(&data) else {
@@ -295,7 +461,7 @@ fn handshake(
                         write_option_reply(w, option, REP_ACK, &[])?;
                         w.flush()?;
                         if option == OPT_GO {
-                            return Ok(Some(opened));
+                            return Ok(Negotiated::Opened(opened));
                         }
                     }
                     Err((code, msg)) => {
@@ -308,7 +474,7 @@ fn handshake(
             OPT_ABORT => {
                 let _ = write_option_reply(w, option, REP_ACK, &[]);
                 let _ = w.flush();
-                return Ok(None);
+                return Ok(Negotiated::Ended);
             }
             OPT_LIST => {
                 match exports {
