@@ -37,20 +37,37 @@ use crate::snapshot::memory::GuestMemoryState;
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vstate::memory::GuestMemoryMmap;
 
+/// What a VM's side of a migration failed at, and why (Cloud
+/// Hypervisor's `MigratableError` is the model): the migration loops tell
+/// a failed step from a lost stream, and say which step.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MigratableError {
+    #[error("dirty-page tracking: {0}")]
+    DirtyLog(String),
+    #[error("pausing and saving the VM: {0}")]
+    Capture(String),
+    #[error("resuming the VM: {0}")]
+    Resume(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("loading the VM: {0}")]
+    Load(String),
+}
+
 /// The source's side, as the migration thread sees it.
 pub trait SourceVm: Send {
     /// Guest memory (the thread reads it while the guest runs).
     fn memory(&self) -> GuestMemoryMmap;
     /// Starts dirty tracking and forgets what was dirty before: the first
     /// round sends everything.
-    fn start_dirty_tracking(&mut self) -> Result<(), String>;
+    fn start_dirty_tracking(&mut self) -> Result<(), MigratableError>;
     /// Pages written since the last call, a bitmap per memory region.
-    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String>;
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, MigratableError>;
     /// Pauses the VM and, in one step on the VMM thread (so no device can
     /// write in between), copies out the pages in `pending` and those
     /// dirtied since the last `take_dirty`, and saves the state of every
     /// component (snapshot format bytes).
-    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String>;
+    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, MigratableError>;
     /// Post-copy's pause: pauses the VM and saves the state, as
     /// `pause_and_capture` does, but copies no pages; returns the pages the
     /// destination lacks (those in `pending` and dirtied since the last
@@ -58,14 +75,14 @@ pub trait SourceVm: Send {
     fn pause_for_postcopy(
         &mut self,
         pending: Option<Vec<Vec<u64>>>,
-    ) -> Result<PostCopyPause, String>;
+    ) -> Result<PostCopyPause, MigratableError>;
     /// Post-copy: pages written since `pause_for_postcopy` through the
     /// VMM's own mapping (a device delivering into guest memory while the
     /// VM is paused: net or vsock receive). Those would reach the
     /// destination out of step with the state saved at the pause.
     fn written_since_pause(&mut self) -> u64;
     /// Lets the VM run again here (the migration failed or was cancelled).
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), MigratableError>;
     /// The destination runs the VM now: it must never run here again.
     fn handed_over(&mut self);
 }
@@ -89,11 +106,14 @@ pub struct PostCopyPause {
 /// The destination's side.
 pub trait TargetVm: Send {
     /// Fresh guest memory laid out as the source's.
-    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String>;
+    fn create_memory(
+        &mut self,
+        layout: &GuestMemoryState,
+    ) -> Result<GuestMemoryMmap, MigratableError>;
     /// Builds the VM, paused, from `state` (snapshot format bytes) and the
     /// received memory.
-    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String>;
-    fn resume(&mut self) -> Result<(), String>;
+    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), MigratableError>;
+    fn resume(&mut self) -> Result<(), MigratableError>;
     /// Drive overrides the source sent at the switch-over, over those the
     /// destination was started with.
     fn add_overrides(&mut self, overrides: Vec<DriveOverride>);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{FinalCopy, PostCopyPause, SourceVm, TargetVm};
+use super::{FinalCopy, MigratableError, PostCopyPause, SourceVm, TargetVm};
 use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vstate::memory::{create_anonymous_regions, GuestMemoryMmap};
@@ -61,29 +61,31 @@ impl SourceVm for PlainSource {
     fn memory(&self) -> GuestMemoryMmap {
         self.mem.clone()
     }
-    fn start_dirty_tracking(&mut self) -> Result<(), String> {
+    fn start_dirty_tracking(&mut self) -> Result<(), MigratableError> {
         take_dirty_pages(&self.mem, &[]);
         Ok(())
     }
-    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String> {
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, MigratableError> {
         Ok(take_dirty_pages(&self.mem, &[]))
     }
-    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
+    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, MigratableError> {
         if self.fail_capture {
-            return Err("capture failed on purpose".into());
+            return Err(MigratableError::Capture("capture failed on purpose".into()));
         }
         self.pause();
-        let pages = super::vmm_side::copy_pages(&self.mem, &self.dirty_with(&pending))?;
+        let pages = super::vmm_side::copy_pages(&self.mem, &self.dirty_with(&pending))
+            .map_err(MigratableError::Capture)?;
         // The "state" is the memory layout: the target checks it.
-        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
+        let state = crate::snapshot::format::encode(&describe(&self.mem))
+            .map_err(|e| MigratableError::Capture(e.to_string()))?;
         Ok(FinalCopy { pages, state })
     }
     fn pause_for_postcopy(
         &mut self,
         pending: Option<Vec<Vec<u64>>>,
-    ) -> Result<PostCopyPause, String> {
+    ) -> Result<PostCopyPause, MigratableError> {
         if self.fail_capture {
-            return Err("capture failed on purpose".into());
+            return Err(MigratableError::Capture("capture failed on purpose".into()));
         }
         self.pause();
         let needed = match pending {
@@ -94,15 +96,16 @@ impl SourceVm for PlainSource {
         if self.device_writes_after_pause {
             self.mem
                 .write_obj(0xdead_u64, GuestAddress(0x5000))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| MigratableError::Capture(e.to_string()))?;
         }
-        let state = crate::snapshot::format::encode(&describe(&self.mem))?;
+        let state = crate::snapshot::format::encode(&describe(&self.mem))
+            .map_err(|e| MigratableError::Capture(e.to_string()))?;
         Ok(PostCopyPause { needed, state })
     }
     fn written_since_pause(&mut self) -> u64 {
         crate::snapshot::memory::count_written(&self.mem)
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), MigratableError> {
         self.paused.store(false, Ordering::SeqCst);
         self.resumed.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -149,27 +152,32 @@ impl Default for PlainTarget {
 }
 
 impl TargetVm for PlainTarget {
-    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String> {
+    fn create_memory(
+        &mut self,
+        layout: &GuestMemoryState,
+    ) -> Result<GuestMemoryMmap, MigratableError> {
         let r: Vec<_> = layout
             .regions
             .iter()
             .map(|r| (GuestAddress(r.base_address), r.size as usize))
             .collect();
-        create_anonymous_regions(&r).map_err(|e| e.to_string())
+        create_anonymous_regions(&r).map_err(|e| MigratableError::Memory(e.to_string()))
     }
-    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String> {
-        let layout: GuestMemoryState =
-            crate::snapshot::format::decode(state, "stream").map_err(|e| e.to_string())?;
+    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), MigratableError> {
+        let layout: GuestMemoryState = crate::snapshot::format::decode(state, "stream")
+            .map_err(|e| MigratableError::Load(e.to_string()))?;
         if layout != describe(&memory) {
-            return Err(format!("layout {layout:?} differs from the memory's"));
+            return Err(MigratableError::Load(format!(
+                "layout {layout:?} differs from the memory's"
+            )));
         }
         if self.refuse_load {
-            return Err("no tap here".into());
+            return Err(MigratableError::Load("no tap here".into()));
         }
         self.log.lock().unwrap_or_else(|e| e.into_inner()).loaded = Some(memory);
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), MigratableError> {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.resumed = true;
         if let (Some(f), Some(mem)) = (self.on_resume.as_mut(), log.loaded.as_ref()) {

@@ -110,7 +110,7 @@ fn receive(
     }
     let mem = match target.create_memory(&hello.memory) {
         Ok(m) => m,
-        Err(e) => return Err(refuse(&reply, e)),
+        Err(e) => return Err(refuse(&reply, e.to_string())),
     };
     progress.update(|s| {
         s.state = Phase::PreCopy;
@@ -186,7 +186,7 @@ fn receive(
             Kind::State => {
                 progress.update(|s| s.state = Phase::StopAndCopy);
                 if let Err(e) = target.load(&msg.payload, mem.clone()) {
-                    return Err(refuse(&reply, e));
+                    return Err(refuse(&reply, e.to_string()));
                 }
                 reply.send(Kind::Loaded, b"")?;
                 break;
@@ -209,7 +209,9 @@ fn receive(
     match msg.kind {
         Kind::Resume => {
             progress.update(|s| s.state = Phase::SwitchOver);
-            target.resume().map_err(ReceiveError::Refused)?;
+            target
+                .resume()
+                .map_err(|e| ReceiveError::Refused(e.to_string()))?;
             // The VM runs here now, whether or not the source hears it.
             if let Err(e) = reply.send(Kind::Resumed, b"") {
                 log::warn!("migration: the source did not get \"resumed\": {e}");

@@ -10,6 +10,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use super::postcopy::{self, SourceError};
 use super::protocol::{self, Hello, Kind, PagesBuilder, PostCopyStart, StreamError};
 use super::transport::Stream;
+use super::MigratableError;
 use super::{FinalCopy, MigrationMode, Phase, PostCopyPause, Progress, SourceVm};
 use crate::snapshot::memory::{describe, dirty_runs, PAGE_SIZE};
 use crate::vmm_config::migration::{SendMigrationParams, SwitchOver};
@@ -33,6 +34,8 @@ pub enum SendError {
     Refused(String),
     #[error("{0}")]
     Vm(String),
+    #[error(transparent)]
+    Step(#[from] MigratableError),
     #[error("cancelled")]
     Cancelled,
     /// The switch-over began and its outcome is unknown: the destination
@@ -163,7 +166,7 @@ fn migrate(
     let mut round = 0u32;
     let mut dirty: Option<Vec<Vec<u64>>> = None;
     if rounds > 0 {
-        vm.start_dirty_tracking().map_err(SendError::Vm)?;
+        vm.start_dirty_tracking()?;
     }
     while round < rounds {
         if progress.cancelled() {
@@ -178,7 +181,7 @@ fn migrate(
         out.flush()?;
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let rate = (out.bytes - bytes0) as f64 / secs;
-        let next = vm.take_dirty().map_err(SendError::Vm)?;
+        let next = vm.take_dirty()?;
         let left: u64 = next
             .iter()
             .flatten()
@@ -215,9 +218,7 @@ fn migrate(
     let paused_at = Instant::now();
     // The pages dirty at the end of the last round and those dirtied since
     // are copied at the pause, on the VMM thread, with the state.
-    let FinalCopy { pages, state } = vm
-        .pause_and_capture(dirty.unwrap_or_default())
-        .map_err(SendError::Vm)?;
+    let FinalCopy { pages, state } = vm.pause_and_capture(dirty.unwrap_or_default())?;
     *paused = true;
     let mut b = PagesBuilder::default();
     for (gpa, data) in &pages {
@@ -322,7 +323,7 @@ fn post_copy<W: Write>(
         s.mode = MigrationMode::PostCopy;
     });
     let paused_at = Instant::now();
-    let PostCopyPause { needed, state } = vm.pause_for_postcopy(dirty).map_err(SendError::Vm)?;
+    let PostCopyPause { needed, state } = vm.pause_for_postcopy(dirty)?;
     *paused = true;
     protocol::write_json(
         &mut out,

@@ -3,7 +3,7 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{FinalCopy, PostCopyPause, SourceVm, TargetVm};
+use super::{FinalCopy, MigratableError, PostCopyPause, SourceVm, TargetVm};
 use crate::event_loop::TaskSender;
 use crate::snapshot::memory::{describe, dirty_runs, GuestMemoryState, PAGE_SIZE};
 use crate::snapshot::MicrovmState;
@@ -24,109 +24,124 @@ impl SourceVm for VmmSource {
         self.mem.clone()
     }
 
-    fn start_dirty_tracking(&mut self) -> Result<(), String> {
-        self.tasks.run(|c, _| {
-            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            vmm.enable_dirty_log()?;
-            // Forget what was dirty before: round 1 sends everything.
-            vmm.take_dirty_pages()
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })?
+    fn start_dirty_tracking(&mut self) -> Result<(), MigratableError> {
+        self.tasks
+            .run(|c, _| {
+                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+                vmm.enable_dirty_log()?;
+                // Forget what was dirty before: round 1 sends everything.
+                vmm.take_dirty_pages()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(MigratableError::DirtyLog)?
+            .map_err(MigratableError::DirtyLog)
     }
 
-    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, String> {
-        self.tasks.run(|c, _| {
-            c.vmm_mut()
-                .ok_or_else(no_vm)?
-                .take_dirty_pages()
-                .map_err(|e| e.to_string())
-        })?
+    fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, MigratableError> {
+        self.tasks
+            .run(|c, _| {
+                c.vmm_mut()
+                    .ok_or_else(no_vm)?
+                    .take_dirty_pages()
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(MigratableError::DirtyLog)?
+            .map_err(MigratableError::DirtyLog)
     }
 
-    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, String> {
-        self.tasks.run(move |c, _| {
-            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            vmm.pause().map_err(|e| e.to_string())?;
-            let r = (|| {
-                // The components' state, then memory, as a snapshot does.
-                let state = vmm
-                    .capture_state(describe(vmm.guest_memory()))
-                    .map_err(|e| e.to_string())?;
-                let mut dirty = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
-                for (d, p) in dirty.iter_mut().zip(&pending) {
-                    for (w, pw) in d.iter_mut().zip(p) {
-                        *w |= pw;
+    fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, MigratableError> {
+        self.tasks
+            .run(move |c, _| {
+                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+                vmm.pause().map_err(|e| e.to_string())?;
+                let r = (|| {
+                    // The components' state, then memory, as a snapshot does.
+                    let state = vmm
+                        .capture_state(describe(vmm.guest_memory()))
+                        .map_err(|e| e.to_string())?;
+                    let mut dirty = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
+                    for (d, p) in dirty.iter_mut().zip(&pending) {
+                        for (w, pw) in d.iter_mut().zip(p) {
+                            *w |= pw;
+                        }
+                    }
+                    let pages = copy_pages(vmm.guest_memory(), &dirty)?;
+                    let state = crate::snapshot::format::encode(&state)?;
+                    Ok(FinalCopy { pages, state })
+                })();
+                if r.is_err() {
+                    // Nothing left here: the VM runs on.
+                    if let Err(e) = vmm.resume() {
+                        log::error!("migration: cannot resume after a failed capture: {e}");
                     }
                 }
-                let pages = copy_pages(vmm.guest_memory(), &dirty)?;
-                let state = crate::snapshot::format::encode(&state)?;
-                Ok(FinalCopy { pages, state })
-            })();
-            if r.is_err() {
-                // Nothing left here: the VM runs on.
-                if let Err(e) = vmm.resume() {
-                    log::error!("migration: cannot resume after a failed capture: {e}");
-                }
-            }
-            r
-        })?
+                r
+            })
+            .map_err(MigratableError::Capture)?
+            .map_err(MigratableError::Capture)
     }
 
     fn pause_for_postcopy(
         &mut self,
         pending: Option<Vec<Vec<u64>>>,
-    ) -> Result<PostCopyPause, String> {
-        self.tasks.run(move |c, _| {
-            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            vmm.pause().map_err(|e| e.to_string())?;
-            let r = (|| {
-                let state = vmm
-                    .capture_state(describe(vmm.guest_memory()))
-                    .map_err(|e| e.to_string())?;
-                let needed = match pending {
-                    // Nothing was sent: every page.
-                    None => all_pages(vmm.guest_memory()),
-                    Some(p) => {
-                        let mut d = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
-                        for (d, p) in d.iter_mut().zip(&p) {
-                            for (w, pw) in d.iter_mut().zip(p) {
-                                *w |= pw;
+    ) -> Result<PostCopyPause, MigratableError> {
+        self.tasks
+            .run(move |c, _| {
+                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+                vmm.pause().map_err(|e| e.to_string())?;
+                let r = (|| {
+                    let state = vmm
+                        .capture_state(describe(vmm.guest_memory()))
+                        .map_err(|e| e.to_string())?;
+                    let needed = match pending {
+                        // Nothing was sent: every page.
+                        None => all_pages(vmm.guest_memory()),
+                        Some(p) => {
+                            let mut d = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
+                            for (d, p) in d.iter_mut().zip(&p) {
+                                for (w, pw) in d.iter_mut().zip(p) {
+                                    *w |= pw;
+                                }
                             }
+                            d
                         }
-                        d
+                    };
+                    let state = crate::snapshot::format::encode(&state)?;
+                    // From here on the VMM's own writes show in the vm-memory
+                    // bitmap (`written_since_pause`).
+                    crate::snapshot::memory::take_dirty_pages(vmm.guest_memory(), &[]);
+                    Ok(PostCopyPause { needed, state })
+                })();
+                if r.is_err() {
+                    if let Err(e) = vmm.resume() {
+                        log::error!("migration: cannot resume after a failed capture: {e}");
                     }
-                };
-                let state = crate::snapshot::format::encode(&state)?;
-                // From here on the VMM's own writes show in the vm-memory
-                // bitmap (`written_since_pause`).
-                crate::snapshot::memory::take_dirty_pages(vmm.guest_memory(), &[]);
-                Ok(PostCopyPause { needed, state })
-            })();
-            if r.is_err() {
-                if let Err(e) = vmm.resume() {
-                    log::error!("migration: cannot resume after a failed capture: {e}");
                 }
-            }
-            r
-        })?
+                r
+            })
+            .map_err(MigratableError::Capture)?
+            .map_err(MigratableError::Capture)
     }
 
     fn written_since_pause(&mut self) -> u64 {
         crate::snapshot::memory::count_written(&self.mem)
     }
 
-    fn resume(&mut self) -> Result<(), String> {
-        self.tasks.run(|c, _| {
-            let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-            if let Err(e) = vmm.restore_dirty_log_setting() {
-                log::warn!("migration: cannot restore the dirty log setting: {e}");
-            }
-            if vmm.state() == crate::vmm::VmState::Paused {
-                vmm.resume().map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        })?
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.tasks
+            .run(|c, _| {
+                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
+                if let Err(e) = vmm.restore_dirty_log_setting() {
+                    log::warn!("migration: cannot restore the dirty log setting: {e}");
+                }
+                if vmm.state() == crate::vmm::VmState::Paused {
+                    vmm.resume().map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+            .map_err(MigratableError::Resume)?
+            .map_err(MigratableError::Resume)
     }
 
     fn handed_over(&mut self) {
@@ -186,39 +201,47 @@ impl VmmTarget {
 }
 
 impl TargetVm for VmmTarget {
-    fn create_memory(&mut self, layout: &GuestMemoryState) -> Result<GuestMemoryMmap, String> {
+    fn create_memory(
+        &mut self,
+        layout: &GuestMemoryState,
+    ) -> Result<GuestMemoryMmap, MigratableError> {
         let regions: Vec<_> = layout
             .regions
             .iter()
             .map(|r| (GuestAddress(r.base_address), r.size as usize))
             .collect();
-        let mem =
-            crate::vstate::memory::create_anonymous_regions(&regions).map_err(|e| e.to_string())?;
+        let mem = crate::vstate::memory::create_anonymous_regions(&regions)
+            .map_err(|e| MigratableError::Memory(e.to_string()))?;
         self.layout = Some(layout.clone());
         Ok(mem)
     }
 
-    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), String> {
+    fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), MigratableError> {
         let state: MicrovmState = crate::snapshot::format::decode(state, "the migration stream")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| MigratableError::Load(e.to_string()))?;
         if self.layout.as_ref() != Some(&state.memory) {
-            return Err(format!(
+            return Err(MigratableError::Load(format!(
                 "the state's memory layout {:?} differs from the stream's {:?}",
                 state.memory, self.layout
-            ));
+            )));
         }
         let params = self.params.clone();
         self.tasks
-            .run(move |c, em| c.load_migrated(state, memory, &params, em))?
+            .run(move |c, em| c.load_migrated(state, memory, &params, em))
+            .map_err(MigratableError::Load)?
+            .map_err(MigratableError::Load)
     }
 
-    fn resume(&mut self) -> Result<(), String> {
-        self.tasks.run(|c, _| {
-            c.vmm_mut()
-                .ok_or_else(no_vm)?
-                .resume()
-                .map_err(|e| e.to_string())
-        })?
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.tasks
+            .run(|c, _| {
+                c.vmm_mut()
+                    .ok_or_else(no_vm)?
+                    .resume()
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(MigratableError::Resume)?
+            .map_err(MigratableError::Resume)
     }
 
     fn add_overrides(&mut self, overrides: Vec<crate::vmm_config::snapshot::DriveOverride>) {
