@@ -3,6 +3,16 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
+/// The part of every device's snapshot that [`VirtioCommon`](super::VirtioCommon)
+/// answers (queues and interrupt state are the transport's). Devices embed it
+/// with `#[serde(flatten)]`, so their saved JSON keeps its flat
+/// `"acked_features"` field.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioCommonState {
+    /// The features the driver negotiated.
+    pub acked_features: u64,
+}
+
 /// Serializable mirror of virtio-queue's `QueueState` (which has no serde
 /// support): the driver's queue configuration and the device's positions.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
