@@ -42,8 +42,8 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
 pub use common::{Activation, UnofferedFeatures, VirtioCommon};
+pub use mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
 pub use persist::{VirtQueueState, VirtioCommonState};
 
 /// Guest memory as seen by the devices: the VMM's, with its dirty bitmap,

@@ -156,7 +156,8 @@ fn the_activate_guard_counts_queues() {
         );
         assert!(!dev.is_activated());
     }
-    dev.activate(mem.clone(), irq, vec![q.create_queue()]).unwrap();
+    dev.activate(mem.clone(), irq, vec![q.create_queue()])
+        .unwrap();
     assert!(dev.is_activated());
 }
 

@@ -134,7 +134,10 @@ fn full_init_activates_device_with_driver_queues() {
         r(&mut t, reg::STATUS) & status::FEATURES_OK,
         status::FEATURES_OK
     );
-    assert_eq!(fake.lock().unwrap().acked_features(), F_VERSION_1 | F_EVENT_IDX);
+    assert_eq!(
+        fake.lock().unwrap().acked_features(),
+        F_VERSION_1 | F_EVENT_IDX
+    );
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::QUEUE_SEL, 0);

@@ -121,7 +121,12 @@ impl VhostUserBlock {
         let started = if self.disconnected {
             Err("backend already disconnected".to_string())
         } else {
-            let kicks: Vec<&EventFd> = self.common.queue_events().iter().map(|e| e.as_ref()).collect();
+            let kicks: Vec<&EventFd> = self
+                .common
+                .queue_events()
+                .iter()
+                .map(|e| e.as_ref())
+                .collect();
             let _guard = self.watchdog.guard();
             backend::start_rings(
                 &mut self.frontend,
