@@ -144,9 +144,26 @@ impl Interrupt {
     }
 }
 
+/// Writes a device's `VirtioDevice::common` and `common_mut`: its
+/// `VirtioCommon` is the field named. Use it inside the
+/// `impl VirtioDevice` block: `virtio_common_accessors!(common);`.
+macro_rules! virtio_common_accessors {
+    ($field:ident) => {
+        fn common(&self) -> &$crate::devices::virtio::VirtioCommon {
+            &self.$field
+        }
+
+        fn common_mut(&mut self) -> &mut $crate::devices::virtio::VirtioCommon {
+            &mut self.$field
+        }
+    };
+}
+pub(crate) use virtio_common_accessors;
+
 /// A virtio device behind a transport.
 ///
-/// A device implements `common`/`common_mut` and what is its own: its
+/// A device implements `common`/`common_mut` (with
+/// [`virtio_common_accessors!`]) and what is its own: its
 /// config space and the hooks below. Everything the transport asks about
 /// identity, features, activation, queue state and reset is answered by the
 /// default methods from [`VirtioCommon`]; devices do not override those.

@@ -20,8 +20,9 @@ use super::scheduler::WriteScheduler;
 use super::{BlockError, CacheType, FillState, FillStatus, QUEUE_SIZE};
 use crate::devices::virtio::queue::{notify, pop};
 use crate::devices::virtio::{
-    read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_CONFIG, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::rate_limiter::RateLimiter;
 use crate::vmm_config::drive::BlockDeviceConfig;
@@ -395,13 +396,7 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn common(&self) -> &VirtioCommon {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
+    virtio_common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);

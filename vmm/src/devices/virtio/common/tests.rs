@@ -16,8 +16,8 @@ use crate::devices::virtio::test_utils::{r, rd, test_mem, w, TestQueue};
 use crate::devices::virtio::vhost_user_block::VhostUserBlockState;
 use crate::devices::virtio::vsock::VsockState;
 use crate::devices::virtio::{
-    status, MmioTransport, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG,
-    VIRTIO_MMIO_INT_VRING,
+    status, virtio_common_accessors, MmioTransport, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
 use crate::vmm_config::drive::BlockDeviceConfig;
 use crate::vmm_config::net::NetworkInterfaceConfig;
@@ -35,12 +35,7 @@ impl Sink {
 }
 
 impl VirtioDevice for Sink {
-    fn common(&self) -> &VirtioCommon {
-        &self.common
-    }
-    fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
+    virtio_common_accessors!(common);
 }
 // ---- End of the glue; what follows is the device's own work. ----
 

@@ -5,7 +5,8 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use super::*;
 use crate::devices::virtio::test_utils::{r, test_mem, w};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, VirtioCommon, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING,
 };
 
 const F_VERSION_1: u64 = 1 << 32;
@@ -16,7 +17,6 @@ struct Fake {
     common: VirtioCommon,
     config: [u8; 8],
     resets: usize,
-    refuse: bool,
 }
 
 impl Fake {
@@ -28,29 +28,13 @@ impl Fake {
 }
 
 impl VirtioDevice for Fake {
-    fn common(&self) -> &VirtioCommon {
-        &self.common
-    }
-    fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
+    virtio_common_accessors!(common);
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let o = offset as usize;
         self.config[o..o + data.len()].copy_from_slice(data);
-    }
-    fn activate(
-        &mut self,
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if self.refuse {
-            return Err(ActivateError::AlreadyActive);
-        }
-        self.common.activate(mem, interrupt, queues)
     }
     fn on_reset(&mut self) {
         self.resets += 1;
@@ -69,7 +53,6 @@ fn new_fake() -> Arc<Mutex<Fake>> {
         common: VirtioCommon::new(42, "fake", &[16, 32], features).unwrap(),
         config: *b"abcdefgh",
         resets: 0,
-        refuse: false,
     }))
 }
 
@@ -199,14 +182,22 @@ fn invalid_queues_make_device_need_reset() {
     assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert!(fake.lock().unwrap().activated().is_none());
 
-    // An activation the device refuses.
+    // An activation the device refuses (the activate guard: it already is).
     w(&mut t, reg::STATUS, 0);
-    fake.lock().unwrap().refuse = true;
+    let queues = vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()];
+    let irq = Arc::new(Interrupt::new().unwrap());
+    fake.lock()
+        .unwrap()
+        .common
+        .activate(test_mem(), irq.clone(), queues)
+        .unwrap();
     negotiate(&mut t, F_VERSION_1);
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
     assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    let f = fake.lock().unwrap();
+    assert!(Arc::ptr_eq(f.activated().unwrap().1, &irq), "kept its own");
 }
 
 #[test]

@@ -14,8 +14,8 @@ use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
 use super::{NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_INDEX, TX_INDEX, VNET_HDR_LEN};
 use crate::devices::virtio::queue::{notify, pop_or_enable};
 use crate::devices::virtio::{
-    read_config_bytes, Mem, VirtioCommon, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, virtio_common_accessors, Mem, VirtioCommon, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::vmm_config::net::NetworkInterfaceConfig;
@@ -485,13 +485,7 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    fn common(&self) -> &VirtioCommon {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
+    virtio_common_accessors!(common);
 
     /// `struct virtio_net_config`: only `mac` (no STATUS, no MQ, no MTU).
     /// Writing the MAC is legacy-only (virtio 1.1 5.1.4.2): read-only.

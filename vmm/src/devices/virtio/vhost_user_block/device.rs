@@ -16,8 +16,8 @@ use super::watchdog::Watchdog;
 use super::VhostUserBlockError;
 use crate::devices::virtio::block::QUEUE_SIZE;
 use crate::devices::virtio::{
-    read_config_bytes, VirtioCommon, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::vmm_config::drive::BlockDeviceConfig;
 
@@ -190,13 +190,7 @@ impl VhostUserBlock {
 }
 
 impl VirtioDevice for VhostUserBlock {
-    fn common(&self) -> &VirtioCommon {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
+    virtio_common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);

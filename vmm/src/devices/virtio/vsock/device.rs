@@ -15,8 +15,8 @@ use super::packet::{self, HDR_LEN, VSOCK_EVENT_TRANSPORT_RESET};
 use super::{VsockError, EVT_QUEUE, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::queue::{drain, notify, pop, pop_or_enable};
 use crate::devices::virtio::{
-    read_config_bytes, VirtioCommon, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::vmm_config::vsock::VsockConfig;
 
@@ -232,13 +232,7 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn common(&self) -> &VirtioCommon {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
+    virtio_common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
