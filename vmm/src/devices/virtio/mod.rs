@@ -6,6 +6,14 @@
 //! is always transport, then device; the device thread only takes the device
 //! lock, and the device never calls back into the transport.
 //!
+//! Writing a device: it holds a [`VirtioCommon`] (type, queue sizes,
+//! features, queue EventFds, the activation, the broken flag), writes
+//! `virtio_common_accessors!(common)` in its `impl VirtioDevice`, and adds
+//! only what is its own: `read_config`, and the hooks `on_activate`,
+//! `on_reset`, `on_pause`/`on_resume`, `after_restore`. Its saved state
+//! flattens a [`VirtioCommonState`] (the acked features), restored with
+//! `VirtioCommon::restore`. `common/tests.rs` has a complete one.
+//!
 //! Wiring one device (what the builder does):
 //! ```ignore
 //! let dev = Arc::new(Mutex::new(Block::new(&cfg)?));
