@@ -171,7 +171,7 @@ pub(crate) use virtio_common_accessors;
 /// A virtio device behind a transport.
 ///
 /// A device implements `common`/`common_mut` (with
-/// [`virtio_common_accessors!`]) and what is its own: its
+/// `virtio_common_accessors!`) and what is its own: its
 /// config space and the hooks below. Everything the transport asks about
 /// identity, features, activation, queue state and reset is answered by the
 /// default methods from [`VirtioCommon`]; devices do not override those.
