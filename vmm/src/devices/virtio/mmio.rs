@@ -21,7 +21,7 @@ const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0;
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
-mod reg {
+pub(super) mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

@@ -6,6 +6,14 @@
 //! is always transport, then device; the device thread only takes the device
 //! lock, and the device never calls back into the transport.
 //!
+//! Writing a device: it holds a [`VirtioCommon`] (type, queue sizes,
+//! features, queue EventFds, the activation, the broken flag), writes
+//! `virtio_common_accessors!(common)` in its `impl VirtioDevice`, and adds
+//! only what is its own: `read_config`, and the hooks `on_activate`,
+//! `on_reset`, `on_pause`/`on_resume`, `after_restore`. Its saved state
+//! flattens a [`VirtioCommonState`] (the acked features), restored with
+//! `VirtioCommon::restore`. `common/tests.rs` has a complete one.
+//!
 //! Wiring one device (what the builder does):
 //! ```ignore
 //! let dev = Arc::new(Mutex::new(Block::new(&cfg)?));
@@ -25,6 +33,7 @@
 //! same wiring; `devices::persist` does the first two steps per MMIO slot.
 
 pub mod block;
+mod common;
 pub mod mmio;
 pub mod net;
 pub mod persist;
@@ -41,8 +50,9 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use common::{Activation, UnofferedFeatures, VirtioCommon};
 pub use mmio::{MmioTransport, MmioTransportState, MMIO_LEN, NOTIFY_REG_OFFSET};
-pub use persist::VirtQueueState;
+pub use persist::{VirtQueueState, VirtioCommonState};
 
 /// Guest memory as seen by the devices: the VMM's, with its dirty bitmap,
 /// so device writes count for Diff snapshots.
@@ -142,44 +152,57 @@ impl Interrupt {
     }
 }
 
+/// Writes a device's `VirtioDevice::common` and `common_mut`: its
+/// `VirtioCommon` is the field named. Use it inside the
+/// `impl VirtioDevice` block: `virtio_common_accessors!(common);`.
+macro_rules! virtio_common_accessors {
+    ($field:ident) => {
+        fn common(&self) -> &$crate::devices::virtio::VirtioCommon {
+            &self.$field
+        }
+
+        fn common_mut(&mut self) -> &mut $crate::devices::virtio::VirtioCommon {
+            &mut self.$field
+        }
+    };
+}
+pub(crate) use virtio_common_accessors;
+
 /// A virtio device behind a transport.
+///
+/// A device implements `common`/`common_mut` (with
+/// `virtio_common_accessors!`) and what is its own: its
+/// config space and the hooks below. Everything the transport asks about
+/// identity, features, activation, queue state and reset is answered by the
+/// default methods from [`VirtioCommon`]; devices do not override those.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (`TYPE_BLOCK`, `TYPE_VSOCK`).
-    fn device_type(&self) -> u32;
+    fn common(&self) -> &VirtioCommon;
 
-    /// Maximum size of each queue; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn common_mut(&mut self) -> &mut VirtioCommon;
 
-    /// One EventFd per queue, written on a driver notification (by a KVM
-    /// ioeventfd or by the transport). Handled on the device thread.
-    fn queue_events(&self) -> &[Arc<EventFd>];
+    /// Reads device config space; bytes outside it read as zero. The
+    /// default is a device without config space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&[], offset, data);
+    }
 
-    fn avail_features(&self) -> u64;
+    /// The default is a read-only config space.
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        crate::guest_warn!(
+            "{}: guest write to read-only config space at {offset:#x}",
+            self.common().name()
+        );
+    }
 
-    fn acked_features(&self) -> u64;
+    /// Called once the device was activated (the activation is in
+    /// `common()`): start whatever processes the queues, pick up work
+    /// queued before DRIVER_OK.
+    fn on_activate(&mut self) {}
 
-    /// Called by the transport once the driver set FEATURES_OK with a subset
-    /// of `avail_features()`.
-    fn set_acked_features(&mut self, features: u64);
-
-    /// Reads device config space; bytes outside it read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-
-    /// Starts the device with the queues the driver configured.
-    fn activate(
-        &mut self,
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError>;
-
-    fn is_activated(&self) -> bool;
-
-    /// The queues of an activated device, with their ring positions (for
-    /// snapshots); empty when not activated.
-    fn queue_states(&self) -> Vec<QueueState>;
+    /// The device's own part of a reset, called before the common part is
+    /// cleared (so the activation is still there to stop). Backend
+    /// resources (disk file, vsock listener, tap) are kept.
+    fn on_reset(&mut self) {}
 
     /// Called once by `MmioTransport::restore` right after it re-activated
     /// the device from a snapshot (no driver handshake happened).
@@ -192,9 +215,64 @@ pub trait VirtioDevice: Send {
     /// Called on the VMM thread just before the vCPUs run again.
     fn on_resume(&mut self) {}
 
+    /// Virtio device ID (`TYPE_BLOCK`, `TYPE_VSOCK`).
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
+
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
+
+    /// One EventFd per queue, written on a driver notification (by a KVM
+    /// ioeventfd or by the transport). Handled on the device thread.
+    fn queue_events(&self) -> &[Arc<EventFd>] {
+        self.common().queue_events()
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.common().acked_features()
+    }
+
+    /// Called by the transport once the driver set FEATURES_OK with a subset
+    /// of `avail_features()`.
+    fn set_acked_features(&mut self, features: u64) {
+        self.common_mut().set_acked_features(features);
+    }
+
+    /// Starts the device with the queues the driver configured.
+    fn activate(
+        &mut self,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.common_mut().activate(mem, interrupt, queues)?;
+        self.on_activate();
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.common().is_activated()
+    }
+
+    /// The queues of an activated device, with their ring positions (for
+    /// snapshots); empty when not activated.
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.common().queue_states()
+    }
+
     /// Returns the device to its pre-activation state (driver wrote 0 to
-    /// Status). Backend resources (disk file, vsock listener) are kept.
-    fn reset(&mut self);
+    /// Status): the device's `on_reset`, then the common part.
+    fn reset(&mut self) {
+        self.on_reset();
+        self.common_mut().reset();
+    }
 }
 
 /// Copies the part of `config` at `offset` into `data`, zero-filling the rest.
@@ -207,11 +285,4 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
     }
-}
-
-/// Creates the per-queue notification EventFds of a device.
-pub(crate) fn new_queue_events(count: usize) -> io::Result<Vec<Arc<EventFd>>> {
-    (0..count)
-        .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
-        .collect()
 }

@@ -8,12 +8,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueState, QueueT};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::QueueT;
 
 use super::disk::Disk;
 use super::nbd::Completion;
@@ -22,7 +20,7 @@ use super::scheduler::WriteScheduler;
 use super::{BlockError, CacheType, FillState, FillStatus, QUEUE_SIZE};
 use crate::devices::virtio::queue::{notify, pop};
 use crate::devices::virtio::{
-    new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_BLOCK,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -61,12 +59,6 @@ const EV_QUEUE: u32 = 0;
 const EV_COMPLETION: u32 = 1;
 const EV_LIMITER: u32 = 2;
 
-struct Active {
-    mem: Mem,
-    interrupt: Arc<Interrupt>,
-    queue: Queue,
-}
-
 /// The backend's answer to a request: the completion, whether it was a
 /// write, and when it was sent.
 type Answer = (Completion, bool, Instant);
@@ -85,12 +77,7 @@ pub struct Block {
     /// seg_max (le32), then at 36.. the discard and at 48.. the
     /// write-zeroes limits.
     config_space: [u8; CONFIG_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: Vec<Arc<EventFd>>,
-    active: Option<Active>,
-    /// The driver broke the queue protocol; nothing is processed until reset.
-    broken: bool,
+    common: VirtioCommon,
     /// Parsed, waiting for the rate limiter or the write scheduler.
     waiting: VecDeque<Request>,
     in_flight: HashMap<u64, InFlight>,
@@ -131,7 +118,9 @@ impl Block {
             drive_id: config.drive_id.clone(),
             source,
         };
-        let queue_evts = new_queue_events(1).map_err(fd_err)?;
+        let name = format!("virtio-blk {}", config.drive_id);
+        let common =
+            VirtioCommon::new(TYPE_BLOCK, name, &[QUEUE_SIZE], avail_features).map_err(fd_err)?;
         let limiter = RateLimiter::new(&config.rate_limiter.unwrap_or_default()).map_err(fd_err)?;
         let mut config_space = [0u8; CONFIG_LEN];
         config_space[..8].copy_from_slice(&disk.sectors().to_le_bytes());
@@ -148,11 +137,7 @@ impl Block {
             config: config.clone(),
             config_space,
             disk,
-            avail_features,
-            acked_features: 0,
-            queue_evts,
-            active: None,
-            broken: false,
+            common,
             waiting: VecDeque::new(),
             in_flight: HashMap::new(),
             next_id: 0,
@@ -213,30 +198,23 @@ impl Block {
     /// Pops and parses every available request, sends what the limiter and
     /// scheduler allow, and completes what the backend answered.
     pub fn process_queue(&mut self) {
-        if self.broken {
-            return;
-        }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.working_mut() else {
             return;
         };
         let mem = &active.mem;
+        let queue = &mut active.queues[0];
         let res: Result<(), virtio_queue::Error> = (|| loop {
-            active.queue.disable_notification(mem)?;
-            while let Some(chain) = pop(&mut active.queue, mem)? {
+            queue.disable_notification(mem)?;
+            while let Some(chain) = pop(queue, mem)? {
                 self.waiting
                     .push_back(request::parse(&self.disk, chain, mem));
             }
-            if !active.queue.enable_notification(mem)? {
+            if !queue.enable_notification(mem)? {
                 return Ok(());
             }
         })();
         if let Err(e) = res {
-            crate::guest_warn!(
-                "virtio-blk {}: queue error, device needs reset: {e}",
-                self.config.drive_id
-            );
-            self.broken = true;
-            active.interrupt.signal_needs_reset();
+            self.common.mark_broken(format_args!("queue error: {e}"));
             return;
         }
         self.dispatch(false);
@@ -295,10 +273,11 @@ impl Block {
         if done.is_empty() {
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.active_mut() else {
             return;
         };
         let mem = &active.mem;
+        let queue = &mut active.queues[0];
         for (req, answer) in done {
             let len = match (&req.work, answer) {
                 (_, Some((c, write, sent))) => {
@@ -319,11 +298,11 @@ impl Block {
                 (Work::Done(status, data), None) => request::complete(mem, &req, *status, data),
                 (Work::Io { .. }, None) => request::complete(mem, &req, VIRTIO_BLK_S_IOERR, &[]),
             };
-            if let Err(e) = active.queue.add_used(mem, req.head, len) {
+            if let Err(e) = queue.add_used(mem, req.head, len) {
                 crate::guest_warn!("virtio-blk {}: cannot add used: {e}", self.config.drive_id);
             }
         }
-        notify(&mut active.queue, mem, &active.interrupt);
+        notify(queue, mem, &active.interrupt);
     }
 
     /// The backend answered: complete those requests, then send what the
@@ -382,7 +361,7 @@ impl Block {
                     "virtio-blk {}: capacity now {sectors} sectors",
                     self.config.drive_id
                 );
-                if let Some(a) = &self.active {
+                if let Some(a) = self.common.active() {
                     a.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
                 }
             }
@@ -417,73 +396,15 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        TYPE_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[Arc<EventFd>] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        crate::guest_warn!("virtio-blk: guest write to read-only config space at {offset:#x}");
-    }
-
-    fn activate(
-        &mut self,
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        mut queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-        });
-        self.broken = false;
-        // Requests queued before DRIVER_OK are picked up on the device thread.
-        if let Err(e) = self.queue_evts[0].write(1) {
-            crate::guest_warn!("virtio-blk: cannot kick queue after activation: {e}");
-        }
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active.iter().map(|a| a.queue.state()).collect()
+    /// Requests queued before DRIVER_OK are picked up on the device thread.
+    fn on_activate(&mut self) {
+        self.common.kick(0);
     }
 
     /// Drains requests in flight so the saved queue is consistent.
@@ -491,10 +412,7 @@ impl VirtioDevice for Block {
         self.drain_in_flight();
     }
 
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-        self.broken = false;
+    fn on_reset(&mut self) {
         // Answers still to come belong to the old queue: dropped.
         self.waiting.clear();
         self.in_flight.clear();
@@ -510,7 +428,7 @@ impl MutEventSubscriber for Block {
                 log::error!("virtio-blk {id}: cannot register event {data}: {e:?}");
             }
         };
-        add(self.queue_evts[0].as_raw_fd(), EV_QUEUE);
+        add(self.common.queue_events()[0].as_raw_fd(), EV_QUEUE);
         if let Some(fd) = self.disk.completion_fd() {
             add(fd.as_raw_fd(), EV_COMPLETION);
         }
@@ -526,7 +444,7 @@ impl MutEventSubscriber for Block {
             EV_QUEUE => {
                 // Drain the eventfd first so a notification that races with
                 // processing re-arms it instead of being lost.
-                if let Err(e) = self.queue_evts[0].read() {
+                if let Err(e) = self.common.queue_events()[0].read() {
                     if e.kind() != std::io::ErrorKind::WouldBlock {
                         crate::guest_warn!("virtio-blk: queue event read failed: {e}");
                     }

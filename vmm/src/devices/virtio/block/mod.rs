@@ -54,11 +54,10 @@ pub enum BlockError {
         saved_sectors: u64,
         actual_sectors: u64,
     },
-    #[error("drive {drive_id}: saved features {acked:#x} are not all offered ({avail:#x})")]
+    #[error("drive {drive_id}: {source}")]
     Features {
         drive_id: String,
-        acked: u64,
-        avail: u64,
+        source: super::UnofferedFeatures,
     },
     #[error("drive {drive_id}: NBD export {uri}: {reason}")]
     Nbd {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Block, BlockError, FillState};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{VirtioCommonState, VirtioDevice};
 use crate::vmm_config::drive::{BlockDeviceConfig, FillFrom};
 
 /// The drive's configuration (id, path, read-only, cache type, serial),
@@ -15,7 +15,8 @@ pub struct BlockState {
     /// In 512-byte sectors; the backing file at restore must have exactly
     /// this capacity, or the guest's filesystem would be cut or misread.
     pub capacity: u64,
-    pub acked_features: u64,
+    #[serde(flatten)]
+    pub common: VirtioCommonState,
     /// A fill in progress (`config.fill_from` is its source): the chunks
     /// already local. A restore continues it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,7 +34,7 @@ impl Block {
         BlockState {
             config,
             capacity: self.capacity(),
-            acked_features: self.acked_features(),
+            common: self.common().state(),
             fill,
         }
     }
@@ -92,15 +93,13 @@ impl Block {
                 actual_sectors: block.capacity(),
             });
         }
-        let avail = block.avail_features();
-        if state.acked_features & !avail != 0 {
-            return Err(BlockError::Features {
+        block
+            .common_mut()
+            .restore(&state.common)
+            .map_err(|source| BlockError::Features {
                 drive_id: config.drive_id,
-                acked: state.acked_features,
-                avail,
-            });
-        }
-        block.set_acked_features(state.acked_features);
+                source,
+            })?;
         Ok(block)
     }
 }

@@ -1,12 +1,11 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueState, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::devices::virtio::test_utils::{r, test_mem, w};
 use crate::devices::virtio::{
-    new_queue_events, read_config_bytes, ActivateError, VIRTIO_MMIO_INT_CONFIG,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING,
 };
 
@@ -15,33 +14,21 @@ const F_EVENT_IDX: u64 = 1 << 29;
 const F_DEVICE: u64 = 1 << 5;
 
 struct Fake {
-    evts: Vec<Arc<EventFd>>,
-    acked: u64,
+    common: VirtioCommon,
     config: [u8; 8],
-    activated: Option<(Vec<Queue>, Arc<Interrupt>)>,
     resets: usize,
-    refuse: bool,
+}
+
+impl Fake {
+    fn activated(&self) -> Option<(&[Queue], &Arc<Interrupt>)> {
+        self.common
+            .active()
+            .map(|a| (a.queues.as_slice(), &a.interrupt))
+    }
 }
 
 impl VirtioDevice for Fake {
-    fn device_type(&self) -> u32 {
-        42
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 32]
-    }
-    fn queue_events(&self) -> &[Arc<EventFd>] {
-        &self.evts
-    }
-    fn avail_features(&self) -> u64 {
-        F_VERSION_1 | F_EVENT_IDX | F_DEVICE
-    }
-    fn acked_features(&self) -> u64 {
-        self.acked
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked = features;
-    }
+    virtio_common_accessors!(common);
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
@@ -49,29 +36,7 @@ impl VirtioDevice for Fake {
         let o = offset as usize;
         self.config[o..o + data.len()].copy_from_slice(data);
     }
-    fn activate(
-        &mut self,
-        _mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if self.refuse {
-            return Err(ActivateError::AlreadyActive);
-        }
-        self.activated = Some((queues, interrupt));
-        Ok(())
-    }
-    fn is_activated(&self) -> bool {
-        self.activated.is_some()
-    }
-    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.activated
-            .iter()
-            .flat_map(|(qs, _)| qs.iter().map(|q| q.state()))
-            .collect()
-    }
-    fn reset(&mut self) {
-        self.activated = None;
+    fn on_reset(&mut self) {
         self.resets += 1;
     }
 }
@@ -83,13 +48,11 @@ fn setup() -> (MmioTransport, Arc<Mutex<Fake>>) {
 }
 
 fn new_fake() -> Arc<Mutex<Fake>> {
+    let features = F_VERSION_1 | F_EVENT_IDX | F_DEVICE;
     Arc::new(Mutex::new(Fake {
-        evts: new_queue_events(2).unwrap(),
-        acked: 0,
+        common: VirtioCommon::new(42, "fake", &[16, 32], features).unwrap(),
         config: *b"abcdefgh",
-        activated: None,
         resets: 0,
-        refuse: false,
     }))
 }
 
@@ -154,7 +117,10 @@ fn full_init_activates_device_with_driver_queues() {
         r(&mut t, reg::STATUS) & status::FEATURES_OK,
         status::FEATURES_OK
     );
-    assert_eq!(fake.lock().unwrap().acked, F_VERSION_1 | F_EVENT_IDX);
+    assert_eq!(
+        fake.lock().unwrap().acked_features(),
+        F_VERSION_1 | F_EVENT_IDX
+    );
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::QUEUE_SEL, 0);
@@ -162,7 +128,7 @@ fn full_init_activates_device_with_driver_queues() {
     w(&mut t, reg::STATUS, ALL_OK);
     assert_eq!(r(&mut t, reg::STATUS), ALL_OK);
     let dev = fake.lock().unwrap();
-    let (queues, _) = dev.activated.as_ref().expect("activated");
+    let (queues, _) = dev.activated().expect("activated");
     assert_eq!(queues[0].size(), 8);
     assert_eq!(queues[0].desc_table(), 0x10_0000);
     assert_eq!(queues[0].avail_ring(), 0x10_1000);
@@ -184,7 +150,7 @@ fn bad_features_are_refused() {
     // DRIVER_OK without FEATURES_OK does nothing.
     w(&mut t, reg::STATUS, ALL_OK & !status::FEATURES_OK);
     assert_eq!(r(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
-    assert!(fake.lock().unwrap().activated.is_none());
+    assert!(fake.lock().unwrap().activated().is_none());
 }
 
 #[test]
@@ -194,7 +160,7 @@ fn invalid_queues_make_device_need_reset() {
     setup_queue(&mut t, 0, 8, 0x10_0000);
     // Queue 1 is never made ready.
     w(&mut t, reg::STATUS, ALL_OK);
-    assert!(fake.lock().unwrap().activated.is_none());
+    assert!(fake.lock().unwrap().activated().is_none());
     assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert_ne!(r(&mut t, reg::INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
     // Reset clears it and the driver can start over.
@@ -214,16 +180,24 @@ fn invalid_queues_make_device_need_reset() {
     setup_queue(&mut t, 1, 12, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
     assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
-    assert!(fake.lock().unwrap().activated.is_none());
+    assert!(fake.lock().unwrap().activated().is_none());
 
-    // An activation the device refuses.
+    // An activation the device refuses (the activate guard: it already is).
     w(&mut t, reg::STATUS, 0);
-    fake.lock().unwrap().refuse = true;
+    let queues = vec![Queue::new(16).unwrap(), Queue::new(32).unwrap()];
+    let irq = Arc::new(Interrupt::new().unwrap());
+    fake.lock()
+        .unwrap()
+        .common
+        .activate(test_mem(), irq.clone(), queues)
+        .unwrap();
     negotiate(&mut t, F_VERSION_1);
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
     assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    let f = fake.lock().unwrap();
+    assert!(Arc::ptr_eq(f.activated().unwrap().1, &irq), "kept its own");
 }
 
 #[test]
@@ -237,7 +211,7 @@ fn queue_registers_only_change_between_features_ok_and_driver_ok() {
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
-    assert!(fake.lock().unwrap().activated.is_some());
+    assert!(fake.lock().unwrap().activated().is_some());
     // After DRIVER_OK.
     w(&mut t, reg::QUEUE_SEL, 0);
     w(&mut t, reg::QUEUE_READY, 0);
@@ -281,12 +255,12 @@ fn reset_returns_everything_to_initial_state() {
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
-    let interrupt = fake.lock().unwrap().activated.as_ref().unwrap().1.clone();
+    let interrupt = fake.lock().unwrap().activated().unwrap().1.clone();
     interrupt.signal_used();
     assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
     w(&mut t, reg::STATUS, 0);
     assert_eq!(fake.lock().unwrap().resets, 1);
-    assert!(fake.lock().unwrap().activated.is_none());
+    assert!(fake.lock().unwrap().activated().is_none());
     assert_eq!(r(&mut t, reg::STATUS), 0);
     assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
     w(&mut t, reg::QUEUE_SEL, 0);
@@ -303,8 +277,8 @@ fn reset_returns_everything_to_initial_state() {
 fn notify_and_interrupt_ack() {
     let (mut t, fake) = setup();
     w(&mut t, reg::QUEUE_NOTIFY, 1);
-    assert_eq!(fake.lock().unwrap().evts[1].read().unwrap(), 1);
-    assert!(fake.lock().unwrap().evts[0].read().is_err());
+    assert_eq!(fake.lock().unwrap().queue_events()[1].read().unwrap(), 1);
+    assert!(fake.lock().unwrap().queue_events()[0].read().is_err());
     // Out of range: ignored.
     w(&mut t, reg::QUEUE_NOTIFY, 7);
 
@@ -312,7 +286,7 @@ fn notify_and_interrupt_ack() {
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
-    let interrupt = fake.lock().unwrap().activated.as_ref().unwrap().1.clone();
+    let interrupt = fake.lock().unwrap().activated().unwrap().1.clone();
     interrupt.trigger(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
     assert_eq!(t.irq_evt().read().unwrap(), 1);
     assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 3);
@@ -454,13 +428,7 @@ fn restore_activated_transport_shows_the_same_registers() {
     setup_queue(&mut t, 0, 8, 0x10_0000);
     setup_queue(&mut t, 1, 32, 0x20_0000);
     w(&mut t, reg::STATUS, ALL_OK);
-    fake.lock()
-        .unwrap()
-        .activated
-        .as_ref()
-        .unwrap()
-        .1
-        .signal_used();
+    fake.lock().unwrap().activated().unwrap().1.signal_used();
     w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
     let before = guest_view(&mut t);
     let st = json_round_trip(&t.state());
@@ -476,9 +444,9 @@ fn restore_activated_transport_shows_the_same_registers() {
     // Activated without a handshake, with the saved queues and features.
     {
         let f = fake2.lock().unwrap();
-        let (queues, _) = f.activated.as_ref().unwrap();
+        let (queues, _) = f.activated().unwrap();
         assert_eq!(queues[1].state(), QueueState::from(&st.queues[1]));
-        assert_eq!(f.acked, F_VERSION_1 | F_EVENT_IDX);
+        assert_eq!(f.acked_features(), F_VERSION_1 | F_EVENT_IDX);
     }
     // The pending interrupt is signalled again, and can be acknowledged.
     assert_eq!(t2.irq_evt().read().unwrap(), 1);
@@ -486,7 +454,7 @@ fn restore_activated_transport_shows_the_same_registers() {
     assert_eq!(r(&mut t2, reg::INTERRUPT_STATUS), 0);
     // A driver reset still works on a restored transport.
     w(&mut t2, reg::STATUS, 0);
-    assert!(fake2.lock().unwrap().activated.is_none());
+    assert!(fake2.lock().unwrap().activated().is_none());
 }
 
 #[test]
@@ -497,12 +465,12 @@ fn restore_mid_handshake_lets_the_driver_finish() {
     let st = json_round_trip(&t.state());
     let fake2 = new_fake();
     let mut t2 = MmioTransport::restore(test_mem(), fake2.clone(), &st).unwrap();
-    assert!(fake2.lock().unwrap().activated.is_none());
+    assert!(fake2.lock().unwrap().activated().is_none());
     assert!(t2.irq_evt().read().is_err(), "no interrupt pending");
     setup_queue(&mut t2, 1, 32, 0x20_0000);
     w(&mut t2, reg::STATUS, ALL_OK);
     let f = fake2.lock().unwrap();
-    let (queues, _) = f.activated.as_ref().expect("activated by DRIVER_OK");
+    let (queues, _) = f.activated().expect("activated by DRIVER_OK");
     assert_eq!(queues[0].desc_table(), 0x10_0000);
 }
 

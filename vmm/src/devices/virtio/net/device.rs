@@ -4,11 +4,9 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 
 use super::conntrack::{ConnTracker, RemoteVerdict};
 use super::features::*;
@@ -16,7 +14,7 @@ use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
 use super::{NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_INDEX, TX_INDEX, VNET_HDR_LEN};
 use crate::devices::virtio::queue::{notify, pop_or_enable};
 use crate::devices::virtio::{
-    new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_NET,
+    read_config_bytes, virtio_common_accessors, Mem, VirtioCommon, VirtioDevice, TYPE_NET,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
@@ -45,22 +43,11 @@ pub struct NetCounters {
     pub connections_terminated: u64,
 }
 
-struct Active {
-    mem: Mem,
-    interrupt: Arc<Interrupt>,
-    rx: Queue,
-    tx: Queue,
-}
-
 pub struct Net {
     config: NetworkInterfaceConfig,
     mac: Option<[u8; 6]>,
     tap: Tap,
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: Vec<Arc<EventFd>>,
-    active: Option<Active>,
-    broken: bool,
+    common: VirtioCommon,
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
     /// A frame read from the tap that is not in the guest yet (no buffer,
@@ -114,11 +101,13 @@ impl Net {
             config: config.clone(),
             mac,
             tap,
-            avail_features,
-            acked_features: 0,
-            queue_evts: new_queue_events(2).map_err(fd_err)?,
-            active: None,
-            broken: false,
+            common: VirtioCommon::new(
+                TYPE_NET,
+                format!("virtio-net {iface_id}"),
+                &[QUEUE_SIZE, QUEUE_SIZE],
+                avail_features,
+            )
+            .map_err(fd_err)?,
             rx_limiter: RateLimiter::new(&config.rx_rate_limiter.unwrap_or_default())
                 .map_err(fd_err)?,
             tx_limiter: RateLimiter::new(&config.tx_rate_limiter.unwrap_or_default())
@@ -236,7 +225,7 @@ impl Net {
     }
 
     fn offloads(&self) -> u32 {
-        let acked = |f: u32| self.acked_features & (1 << f) != 0;
+        let acked = |f: u32| self.common.is_acked(f);
         let mut flags = 0;
         if acked(GUEST_CSUM) {
             flags |= TUN_F_CSUM;
@@ -253,23 +242,12 @@ impl Net {
         flags
     }
 
-    fn queue_error(&mut self, what: &str, e: impl std::fmt::Display) {
-        crate::guest_warn!(
-            "virtio-net {}: {what} queue error, device needs reset: {e}",
-            self.config.iface_id
-        );
-        self.broken = true;
-        if let Some(a) = &self.active {
-            a.interrupt.signal_needs_reset();
-        }
-    }
-
     /// Moves frames into the guest's receive buffers (first the VMM's own,
     /// then the tap's) until there are none, the guest has no buffer, or
     /// the limiter says wait. A frame read but not delivered is kept for
     /// the next attempt.
     pub fn process_rx(&mut self) {
-        if self.broken || self.active.is_none() {
+        if self.common.is_broken() || !self.common.is_activated() {
             return;
         }
         let mut used_any = false;
@@ -279,11 +257,12 @@ impl Net {
             if !injected && !self.next_tap_frame() {
                 break;
             }
-            let Some(active) = self.active.as_mut() else {
+            let Some(active) = self.common.active_mut() else {
                 break;
             };
             let mem = &active.mem;
-            let chain = match pop_or_enable(&mut active.rx, mem) {
+            let rx = &mut active.queues[RX_INDEX];
+            let chain = match pop_or_enable(rx, mem) {
                 Ok(Some(c)) => c,
                 Ok(None) => break, // wait for the guest's next RX kick
                 Err(e) => {
@@ -327,19 +306,20 @@ impl Net {
                 self.rx_pending = 0;
                 self.rx_paid = false;
             }
-            if let Err(e) = active.rx.add_used(mem, head, len) {
+            if let Err(e) = rx.add_used(mem, head, len) {
                 error = Some(e.to_string());
                 break;
             }
             used_any = true;
         }
-        if let Some(a) = self.active.as_mut() {
+        if let Some(a) = self.common.active_mut() {
             if used_any {
-                notify(&mut a.rx, &a.mem, &a.interrupt);
+                notify(&mut a.queues[RX_INDEX], &a.mem, &a.interrupt);
             }
         }
         if let Some(e) = error {
-            self.queue_error("receive", e);
+            self.common
+                .mark_broken(format_args!("receive queue error: {e}"));
         }
     }
 
@@ -396,20 +376,18 @@ impl Net {
     /// Sends every frame the guest queued, unless the limiter says wait
     /// (the frame then stays in the ring for the timer).
     pub fn process_tx(&mut self) {
-        if self.broken {
-            return;
-        }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.working_mut() else {
             return;
         };
         let mem = &active.mem;
+        let tx = &mut active.queues[TX_INDEX];
         let mut used_any = false;
         let mut error = None;
         loop {
             if self.tx_limiter.is_blocked() {
                 break;
             }
-            let chain = match pop_or_enable(&mut active.tx, mem) {
+            let chain = match pop_or_enable(tx, mem) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
@@ -425,7 +403,7 @@ impl Net {
                     if !self.tx_limiter.consume((n - VNET_HDR_LEN) as u64) {
                         // Keep the frame in the ring until the timer fires.
                         self.counters.throttled += 1;
-                        active.tx.go_to_previous_position();
+                        tx.go_to_previous_position();
                         break;
                     }
                     if r.read_exact(&mut self.tx_buf[..n]).is_ok() {
@@ -460,17 +438,18 @@ impl Net {
                     self.counters.dropped += 1;
                 }
             }
-            if let Err(e) = active.tx.add_used(mem, head, 0) {
+            if let Err(e) = tx.add_used(mem, head, 0) {
                 error = Some(e.to_string());
                 break;
             }
             used_any = true;
         }
         if used_any {
-            notify(&mut active.tx, mem, &active.interrupt);
+            notify(tx, mem, &active.interrupt);
         }
         if let Some(e) = error {
-            self.queue_error("transmit", e);
+            self.common
+                .mark_broken(format_args!("transmit queue error: {e}"));
         }
     }
 
@@ -503,66 +482,18 @@ impl Net {
     pub(crate) fn conntrack_mut(&mut self) -> Option<&mut ConnTracker> {
         self.conntrack.as_mut()
     }
-
-    fn kick(&self, index: usize) {
-        if let Err(e) = self.queue_evts[index].write(1) {
-            crate::guest_warn!("virtio-net: cannot kick queue {index}: {e}");
-        }
-    }
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        TYPE_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[Arc<EventFd>] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_common_accessors!(common);
 
     /// `struct virtio_net_config`: only `mac` (no STATUS, no MQ, no MTU).
+    /// Writing the MAC is legacy-only (virtio 1.1 5.1.4.2): read-only.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac.unwrap_or_default(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // Writing the MAC is legacy-only (virtio 1.1 5.1.4.2).
-        crate::guest_warn!("virtio-net: guest write to read-only config space at {offset:#x}");
-    }
-
-    fn activate(
-        &mut self,
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        mut queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        let tx = queues.remove(TX_INDEX);
-        let rx = queues.remove(RX_INDEX);
+    fn on_activate(&mut self) {
         if let Err(e) = self.tap.set_offload(self.offloads()) {
             crate::guest_warn!(
                 "virtio-net {}: cannot set tap offloads {:#x}: {e}",
@@ -570,22 +501,10 @@ impl VirtioDevice for Net {
                 self.offloads()
             );
         }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            rx,
-            tx,
-        });
-        self.broken = false;
         // Buffers and frames queued before DRIVER_OK, and frames the tap
         // queued meanwhile, are picked up on the device thread.
-        self.kick(RX_INDEX);
-        self.kick(TX_INDEX);
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.kick(RX_INDEX);
+        self.common.kick(TX_INDEX);
     }
 
     fn on_pause(&mut self) {
@@ -598,17 +517,7 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .iter()
-            .flat_map(|a| [a.rx.state(), a.tx.state()])
-            .collect()
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-        self.broken = false;
+    fn on_reset(&mut self) {
         if let Err(e) = self.tap.set_offload(0) {
             crate::guest_warn!(
                 "virtio-net {}: cannot clear tap offloads: {e}",
@@ -625,16 +534,9 @@ impl MutEventSubscriber for Net {
                 log::error!("virtio-net: cannot register event {tag}: {e:?}");
             }
         };
-        add(
-            self.queue_evts[RX_INDEX].as_raw_fd(),
-            EV_RX_QUEUE,
-            EventSet::IN,
-        );
-        add(
-            self.queue_evts[TX_INDEX].as_raw_fd(),
-            EV_TX_QUEUE,
-            EventSet::IN,
-        );
+        let evts = self.common.queue_events();
+        add(evts[RX_INDEX].as_raw_fd(), EV_RX_QUEUE, EventSet::IN);
+        add(evts[TX_INDEX].as_raw_fd(), EV_TX_QUEUE, EventSet::IN);
         // Edge-triggered: a frame kept back (no guest buffer) must not make
         // the loop spin; it is retried on the next RX kick.
         add(
@@ -649,11 +551,11 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             EV_RX_QUEUE => {
-                let _ = self.queue_evts[RX_INDEX].read();
+                let _ = self.common.queue_events()[RX_INDEX].read();
                 self.process_rx();
             }
             EV_TX_QUEUE => {
-                let _ = self.queue_evts[TX_INDEX].read();
+                let _ = self.common.queue_events()[TX_INDEX].read();
                 self.process_tx();
             }
             EV_TAP => self.process_rx(),

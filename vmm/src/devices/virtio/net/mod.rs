@@ -52,12 +52,9 @@ pub enum NetError {
         iface_id: String,
         source: std::io::Error,
     },
-    #[error(
-        "network interface {iface_id}: saved features {acked:#x} are not all offered ({avail:#x})"
-    )]
+    #[error("network interface {iface_id}: {source}")]
     Features {
         iface_id: String,
-        acked: u64,
-        avail: u64,
+        source: super::UnofferedFeatures,
     },
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Net, NetError};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{VirtioCommonState, VirtioDevice};
 use crate::vmm_config::net::NetworkInterfaceConfig;
 
 /// The interface's configuration (id, tap name, MAC, limiters as they are
@@ -14,7 +14,8 @@ use crate::vmm_config::net::NetworkInterfaceConfig;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NetState {
     pub config: NetworkInterfaceConfig,
-    pub acked_features: u64,
+    #[serde(flatten)]
+    pub common: VirtioCommonState,
     /// Frames for the guest made at the pause (its RSTs) that its receive
     /// ring had no room for yet, vnet header first: delivered first after
     /// the restore.
@@ -26,7 +27,7 @@ impl Net {
     pub fn state(&self) -> NetState {
         NetState {
             config: self.config().clone(),
-            acked_features: self.acked_features(),
+            common: self.common().state(),
             pending_rx_frames: self.pending_rx_frames(),
         }
     }
@@ -43,15 +44,12 @@ impl Net {
             config.host_dev_name = name.to_string();
         }
         let mut net = Net::new(&config)?;
-        let avail = net.avail_features();
-        if state.acked_features & !avail != 0 {
-            return Err(NetError::Features {
+        net.common_mut()
+            .restore(&state.common)
+            .map_err(|source| NetError::Features {
                 iface_id: config.iface_id,
-                acked: state.acked_features,
-                avail,
-            });
-        }
-        net.set_acked_features(state.acked_features);
+                source,
+            })?;
         net.set_pending_rx_frames(&state.pending_rx_frames);
         Ok(net)
     }

@@ -400,7 +400,7 @@ fn snapshot_state_and_restore_on_another_tap() {
         let json = serde_json::to_string(&state).unwrap();
         let state: NetState = serde_json::from_str(&json).unwrap();
         assert_eq!(state.config, c);
-        assert_eq!(state.acked_features, acked);
+        assert_eq!(state.common.acked_features, acked);
 
         let r = Net::restore(&state, Some("tapsn1")).unwrap();
         assert_eq!(r.config().host_dev_name, "tapsn1");
@@ -421,7 +421,7 @@ fn snapshot_state_and_restore_on_another_tap() {
         drop(h);
 
         let mut bad = state.clone();
-        bad.acked_features |= 1 << 63;
+        bad.common.acked_features |= 1 << 63;
         assert!(matches!(
             Net::restore(&bad, Some("tapsn1")),
             Err(NetError::Features { .. })

@@ -5,11 +5,10 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vhost::vhost_user::Frontend;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend;
@@ -17,7 +16,7 @@ use super::watchdog::Watchdog;
 use super::VhostUserBlockError;
 use crate::devices::virtio::block::QUEUE_SIZE;
 use crate::devices::virtio::{
-    new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_BLOCK,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::vmm_config::drive::BlockDeviceConfig;
@@ -42,28 +41,21 @@ const GUEST_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 const EV_CALL: u32 = 0;
 const EV_HANGUP: u32 = 1;
 
-struct Active {
-    mem: Mem,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-    /// Stopped in the backend at a pause; restarted at resume.
-    stopped: bool,
-}
-
 pub struct VhostUserBlock {
     config: BlockDeviceConfig,
     socket: String,
     frontend: Frontend,
     watch: UnixStream,
     watchdog: Watchdog,
-    avail_features: u64,
-    acked_features: u64,
+    /// Its queue EventFds are the transport's ioeventfds, handed to the
+    /// backend as the rings' kick eventfds.
+    common: VirtioCommon,
     config_space: Vec<u8>,
-    /// Kick eventfds: the transport's ioeventfds, handed to the backend.
-    queue_evts: Vec<Arc<EventFd>>,
     /// Written by the backend when it used buffers.
     call_evt: EventFd,
-    active: Option<Active>,
+    /// The active rings were stopped in the backend at a pause; restarted
+    /// at resume.
+    stopped: bool,
     /// The backend hung up or failed; nothing more is sent to it.
     disconnected: bool,
 }
@@ -87,12 +79,16 @@ impl VhostUserBlock {
             frontend: c.frontend,
             watch: c.watch,
             watchdog: c.watchdog,
-            avail_features,
-            acked_features: 0,
+            common: VirtioCommon::new(
+                TYPE_BLOCK,
+                format!("vhost-user-blk {}", config.drive_id),
+                &[QUEUE_SIZE],
+                avail_features,
+            )
+            .map_err(evt_err)?,
             config_space: c.config_space,
-            queue_evts: new_queue_events(1).map_err(evt_err)?,
             call_evt: EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
-            active: None,
+            stopped: false,
             disconnected: false,
         })
     }
@@ -119,17 +115,22 @@ impl VhostUserBlock {
     /// Starts the active rings in the backend and kicks them once, since
     /// the backend only looks at a ring on a kick.
     fn start(&mut self) {
-        let Some(a) = &self.active else {
+        let Some(a) = self.common.active() else {
             return;
         };
         let started = if self.disconnected {
             Err("backend already disconnected".to_string())
         } else {
-            let kicks: Vec<&EventFd> = self.queue_evts.iter().map(|e| e.as_ref()).collect();
+            let kicks: Vec<&EventFd> = self
+                .common
+                .queue_events()
+                .iter()
+                .map(|e| e.as_ref())
+                .collect();
             let _guard = self.watchdog.guard();
             backend::start_rings(
                 &mut self.frontend,
-                self.acked_features,
+                self.common.acked_features(),
                 &a.mem,
                 &a.queues,
                 &kicks,
@@ -137,11 +138,7 @@ impl VhostUserBlock {
             )
         };
         match started {
-            Ok(()) => {
-                if let Err(e) = self.queue_evts[0].write(1) {
-                    crate::guest_warn!("vhost-user-blk: cannot kick queue: {e}");
-                }
-            }
+            Ok(()) => self.common.kick(0),
             Err(e) => self.on_disconnect(&format!("failed to start the rings ({e})")),
         }
     }
@@ -151,14 +148,14 @@ impl VhostUserBlock {
         if self.disconnected {
             return;
         }
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active_mut() else {
             return;
         };
         let res = {
             let _guard = self.watchdog.guard();
             vhost::VhostBackend::get_vring_base(&self.frontend, 0)
         };
-        a.stopped = true;
+        self.stopped = true;
         match res {
             Ok(base) => {
                 let q = &mut a.queues[0];
@@ -188,79 +185,20 @@ impl VhostUserBlock {
             self.config.drive_id,
             self.socket
         );
-        if let Some(a) = &self.active {
-            a.interrupt.signal_needs_reset();
-        }
+        self.common.signal_needs_reset();
     }
 }
 
 impl VirtioDevice for VhostUserBlock {
-    fn device_type(&self) -> u32 {
-        TYPE_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[Arc<EventFd>] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        crate::guest_warn!("vhost-user-blk: guest write to read-only config space at {offset:#x}");
-    }
-
-    fn activate(
-        &mut self,
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-            stopped: false,
-        });
+    fn on_activate(&mut self) {
+        self.stopped = false;
         self.start();
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .iter()
-            .flat_map(|a| a.queues.iter().map(|q| q.state()))
-            .collect()
     }
 
     fn on_pause(&mut self) {
@@ -268,19 +206,15 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn on_resume(&mut self) {
-        if self.active.as_ref().is_some_and(|a| a.stopped) {
-            if let Some(a) = self.active.as_mut() {
-                a.stopped = false;
-            }
+        if self.common.is_activated() && self.stopped {
+            self.stopped = false;
             self.start();
         }
     }
 
-    fn reset(&mut self) {
+    fn on_reset(&mut self) {
         // GET_VRING_BASE stops the ring in the backend.
         self.stop();
-        self.active = None;
-        self.acked_features = 0;
     }
 }
 
@@ -312,7 +246,7 @@ impl MutEventSubscriber for VhostUserBlock {
                     }
                 }
                 // The backend already applied EVENT_IDX suppression.
-                if let Some(a) = &self.active {
+                if let Some(a) = self.common.active() {
                     a.interrupt.signal_used();
                 }
             }

@@ -6,13 +6,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::{VhostUserBlock, VhostUserBlockError};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{VirtioCommonState, VirtioDevice};
 use crate::vmm_config::drive::BlockDeviceConfig;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct VhostUserBlockState {
     pub config: BlockDeviceConfig,
-    pub acked_features: u64,
+    #[serde(flatten)]
+    pub common: VirtioCommonState,
     pub config_space: Vec<u8>,
 }
 
@@ -20,7 +21,7 @@ impl VhostUserBlock {
     pub fn state(&self) -> VhostUserBlockState {
         VhostUserBlockState {
             config: self.config().clone(),
-            acked_features: self.acked_features(),
+            common: self.common().state(),
             config_space: self.config_space().to_vec(),
         }
     }
@@ -42,10 +43,10 @@ impl VhostUserBlock {
             path: config.socket.clone().unwrap_or_default(),
             what,
         };
-        let missing = state.acked_features & !dev.avail_features();
-        if missing != 0 {
+        if let Err(e) = dev.common_mut().restore(&state.common) {
             return Err(lacks(format!(
-                "features {missing:#x} the guest negotiated before the snapshot"
+                "features {:#x} the guest negotiated before the snapshot",
+                e.missing()
             )));
         }
         if dev.capacity() != state.capacity() {
@@ -55,7 +56,6 @@ impl VhostUserBlock {
                 dev.capacity()
             )));
         }
-        dev.set_acked_features(state.acked_features);
         Ok(dev)
     }
 }

@@ -4,12 +4,10 @@ use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::Muxer;
@@ -17,26 +15,15 @@ use super::packet::{self, HDR_LEN, VSOCK_EVENT_TRANSPORT_RESET};
 use super::{VsockError, EVT_QUEUE, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::queue::{drain, notify, pop, pop_or_enable};
 use crate::devices::virtio::{
-    new_queue_events, read_config_bytes, ActivateError, Interrupt, Mem, VirtioDevice, TYPE_VSOCK,
+    read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::vmm_config::vsock::VsockConfig;
 
-struct Active {
-    mem: Mem,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
-
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: Vec<Arc<EventFd>>,
-    active: Option<Active>,
-    /// The driver broke the queue protocol; nothing is processed until reset.
-    broken: bool,
+    common: VirtioCommon,
     muxer: Muxer,
     tx_payload: Vec<u8>,
     /// Set after a transport reset: the event queue's avail index then, and
@@ -64,17 +51,15 @@ impl Vsock {
             return Err(VsockError::InvalidCid(cid));
         }
         let muxer = Muxer::new(u64::from(cid), &uds_path)?;
-        let queue_evts = new_queue_events(3).map_err(VsockError::EventFd)?;
+        let avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+        let common = VirtioCommon::new(TYPE_VSOCK, "vsock", &[QUEUE_SIZE; 3], avail_features)
+            .map_err(VsockError::EventFd)?;
         Ok(Vsock {
             guest_cid: u64::from(cid),
             uds_path,
-            avail_features: (1u64 << VIRTIO_F_VERSION_1)
-                | (1 << VIRTIO_RING_F_EVENT_IDX)
-                | (1 << VIRTIO_RING_F_INDIRECT_DESC),
-            acked_features: 0,
-            queue_evts,
-            active: None,
-            broken: false,
+            common,
             muxer,
             tx_payload: Vec::with_capacity(MAX_PKT_DATA),
             reset_pending: None,
@@ -101,11 +86,8 @@ impl Vsock {
     pub fn send_transport_reset(&mut self) {
         self.muxer.reset();
         // The dropped streams are unregistered and closed on the device thread.
-        self.kick(EVT_QUEUE);
-        if self.broken {
-            return;
-        }
-        let Some(active) = self.active.as_mut() else {
+        self.common.kick(EVT_QUEUE);
+        let Some(active) = self.common.working_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -117,7 +99,7 @@ impl Vsock {
                 return;
             }
             Err(e) => {
-                self.fail(&format!("event queue: {e}"));
+                self.common.mark_broken(format_args!("event queue: {e}"));
                 return;
             }
         };
@@ -133,7 +115,7 @@ impl Vsock {
             }
         };
         if let Err(e) = queue.add_used(mem, head, len) {
-            self.fail(&format!("event queue: {e}"));
+            self.common.mark_broken(format_args!("event queue: {e}"));
             return;
         }
         let avail = queue.avail_idx(mem, Ordering::Acquire).unwrap_or_default();
@@ -154,7 +136,7 @@ impl Vsock {
         let Some((avail_then, since)) = self.reset_pending else {
             return false;
         };
-        let refilled = self.active.as_ref().is_some_and(|a| {
+        let refilled = self.common.active().is_some_and(|a| {
             a.queues[EVT_QUEUE]
                 .avail_idx(&a.mem, Ordering::Acquire)
                 .is_ok_and(|now| now != avail_then)
@@ -166,23 +148,9 @@ impl Vsock {
         true
     }
 
-    fn kick(&self, queue: usize) {
-        if let Err(e) = self.queue_evts[queue].write(1) {
-            crate::guest_warn!("vsock: cannot kick queue {queue}: {e}");
-        }
-    }
-
-    fn fail(&mut self, why: &str) {
-        crate::guest_warn!("vsock: {why}; device needs reset");
-        self.broken = true;
-        if let Some(active) = &self.active {
-            active.interrupt.signal_needs_reset();
-        }
-    }
-
     /// Hands every packet the guest queued to the muxer.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.active_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -200,13 +168,13 @@ impl Vsock {
         match res {
             Ok(true) => notify(&mut active.queues[TX_QUEUE], mem, &active.interrupt),
             Ok(false) => {}
-            Err(e) => self.fail(&format!("TX queue: {e}")),
+            Err(e) => self.common.mark_broken(format_args!("TX queue: {e}")),
         }
     }
 
     /// Fills guest RX buffers with whatever the muxer has for the guest.
     fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.active_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -258,104 +226,43 @@ impl Vsock {
             notify(queue, mem, &active.interrupt);
         }
         if let Some(e) = error {
-            self.fail(&format!("RX queue: {e}"));
+            self.common.mark_broken(format_args!("RX queue: {e}"));
         }
     }
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        TYPE_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; 3]
-    }
-
-    fn queue_events(&self) -> &[Arc<EventFd>] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_common_accessors!(common);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
         read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        crate::guest_warn!("vsock: guest write to read-only config space at {offset:#x}");
-    }
-
-    fn activate(
-        &mut self,
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        self.broken = false;
-        // Work queued before DRIVER_OK (TX packets, pending host
-        // connections) is picked up on the device thread.
-        self.kick(TX_QUEUE);
-        self.kick(RX_QUEUE);
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .iter()
-            .flat_map(|a| a.queues.iter().map(|q| q.state()))
-            .collect()
+    /// Work queued before DRIVER_OK (TX packets, pending host
+    /// connections) is picked up on the device thread.
+    fn on_activate(&mut self) {
+        self.common.kick(TX_QUEUE);
+        self.common.kick(RX_QUEUE);
     }
 
     /// The guest's connections died with the old VMM: tell its driver, so
     /// it drops them and its agent reconnects.
     fn after_restore(&mut self) {
-        if self.active.is_some() {
+        if self.common.is_activated() {
             self.send_transport_reset();
         }
     }
 
-    fn reset(&mut self) {
+    fn on_reset(&mut self) {
         self.muxer.reset();
-        self.kick(EVT_QUEUE);
-        self.active = None;
-        self.acked_features = 0;
-        self.broken = false;
+        self.common.kick(EVT_QUEUE);
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in &self.queue_evts {
+        for evt in self.common.queue_events() {
             let fd = evt.as_raw_fd();
             if let Err(e) = ops.add(Events::with_data(evt.as_ref(), fd as u32, EventSet::IN)) {
                 log::error!("vsock: cannot register queue event: {e:?}");
@@ -374,11 +281,12 @@ impl MutEventSubscriber for Vsock {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        match self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
+        let evts = self.common.queue_events();
+        match evts.iter().position(|e| e.as_raw_fd() == fd) {
             Some(index) => {
                 // Reading first re-arms it for notifications that race with us.
-                let _ = self.queue_evts[index].read();
-                if index == TX_QUEUE && !self.broken {
+                let _ = evts[index].read();
+                if index == TX_QUEUE && !self.common.is_broken() {
                     self.process_tx();
                 }
             }
@@ -387,7 +295,7 @@ impl MutEventSubscriber for Vsock {
             }
             None => self.muxer.handle_event(fd, events.event_set()),
         }
-        if !self.broken && !self.reset_in_progress() {
+        if !self.common.is_broken() && !self.reset_in_progress() {
             self.process_rx();
         }
         self.muxer.sync(ops);

@@ -43,8 +43,8 @@ pub enum VsockError {
     InvalidCid(u32),
     #[error("saved guest CID {0} does not fit in 32 bits")]
     CidTooLarge(u64),
-    #[error("saved features {acked:#x} are not all offered ({avail:#x})")]
-    Features { acked: u64, avail: u64 },
+    #[error(transparent)]
+    Features(#[from] super::UnofferedFeatures),
     #[error("uds_path is empty")]
     EmptyPath,
     #[error("uds_path {path} exists and is not a socket")]

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{Vsock, VsockError};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{VirtioCommonState, VirtioDevice};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct VsockState {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
-    pub acked_features: u64,
+    #[serde(flatten)]
+    pub common: VirtioCommonState,
 }
 
 impl Vsock {
@@ -21,7 +22,7 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid(),
             uds_path: self.uds_path().to_path_buf(),
-            acked_features: self.acked_features(),
+            common: self.common().state(),
         }
     }
 
@@ -36,14 +37,7 @@ impl Vsock {
             u32::try_from(state.guest_cid).map_err(|_| VsockError::CidTooLarge(state.guest_cid))?;
         let path = uds_path_override.map_or_else(|| state.uds_path.clone(), PathBuf::from);
         let mut vsock = Vsock::with_uds_path(cid, path)?;
-        let avail = vsock.avail_features();
-        if state.acked_features & !avail != 0 {
-            return Err(VsockError::Features {
-                acked: state.acked_features,
-                avail,
-            });
-        }
-        vsock.set_acked_features(state.acked_features);
+        vsock.common_mut().restore(&state.common)?;
         Ok(vsock)
     }
 }
