@@ -746,10 +746,17 @@ impl Daemon {
         let files = self
             .vm_files(&v.spec)
             .map_err(|e| fail("InternalError", e.message))?;
+        // A directory of this generation is what a build cut short (a
+        // crash) left: start it afresh (files are made new, never reused).
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| fail("InternalError", format!("{}: {e}", dir.display())))?;
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| fail("InternalError", format!("{}: {e}", dir.display())))?;
-        // A jailed VMM runs as its own uid and must write here.
-        set_mode(dir, 0o777).map_err(|e| fail("InternalError", e.to_string()))?;
+        // Root's alone until the jailed VMM (its own uid) is given it for
+        // the build (Instance::boot); never open to everyone.
+        set_mode(dir, 0o700).map_err(|e| fail("InternalError", e.to_string()))?;
         let (vcpus, mem) = machine_for(v.spec.memory_mib);
         let volume_bytes = match (&v.spec.file_system, &self.cfg.volumes) {
             (Some(fs), Some(vs)) => Some(vs.size(&fs.volume).await.map_err(|e| {
@@ -823,9 +830,39 @@ impl Daemon {
         .await;
         inst.destroy().await;
         let init_ms = result?;
-        set_mode(dir, 0o755).map_err(|e| fail("InternalError", e.to_string()))?;
+        seal_snapshot(dir, with_tmp_disk).map_err(|e| {
+            fail(
+                "InternalError",
+                format!("the snapshot in {}: {e}", dir.display()),
+            )
+        })?;
         Ok(init_ms)
     }
+}
+
+/// After a build, the snapshot's directory and files, which the VMM's uid
+/// wrote, become root's again: the snapshot and memory readable by the
+/// VMMs that restore from them, the golden `/tmp` image by hostd alone
+/// (it copies it). Each must be a regular file of its own: a link or a
+/// hard link left there fails the build, and nothing is followed.
+pub(crate) fn seal_snapshot(dir: &std::path::Path, with_tmp_disk: bool) -> std::io::Result<()> {
+    let d = crate::beneath::Dir::open(dir)?;
+    let root = nix::unistd::geteuid().is_root();
+    let mut files = vec![("vm.snap", 0o644), ("mem", 0o644)];
+    if with_tmp_disk {
+        files.push((crate::ephemeral::FILE, 0o600));
+    }
+    for (name, mode) in files {
+        let f = d.open_file(name, false)?;
+        if root {
+            crate::beneath::fchown(&f, 0, 0)?;
+        }
+        crate::beneath::fchmod(&f, mode)?;
+    }
+    if root {
+        d.chown(0, 0)?;
+    }
+    d.chmod(0o755)
 }
 
 fn set_mode(p: &std::path::Path, mode: u32) -> std::io::Result<()> {
