@@ -48,8 +48,7 @@ fn err(e: Errno) -> io::Error {
 
 /// `name` is one normal path component.
 fn check_name(name: &str) -> io::Result<()> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0')
-    {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{name:?} is not a plain file name"),
@@ -163,7 +162,11 @@ impl Dir {
     }
 
     fn open_file_with(&self, name: &str, write: bool, use_openat2: bool) -> io::Result<File> {
-        let access = if write { OFlag::O_RDWR } else { OFlag::O_RDONLY };
+        let access = if write {
+            OFlag::O_RDWR
+        } else {
+            OFlag::O_RDONLY
+        };
         let fd = open_in(
             self.fd.as_fd(),
             name,
@@ -319,7 +322,10 @@ mod tests {
             assert!(d.subdir("linkdir").is_err());
         }
         assert_eq!(reached, 0);
-        assert!(Dir::open(&dir.join("linkdir")).is_err(), "a linked directory");
+        assert!(
+            Dir::open(&dir.join("linkdir")).is_err(),
+            "a linked directory"
+        );
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root:secret\n");
         assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
         // A real file of its own is fine.
@@ -333,5 +339,33 @@ mod tests {
             names,
             ["fifo", "hard", "link", "linkdir", "new", "real"].map(String::from)
         );
+    }
+
+    /// A socket given to a jailed VMM is chowned by name in a directory
+    /// the VMM can write: a link planted there changes owner itself, what
+    /// it points to does not.
+    #[test]
+    fn chown_entry_never_follows() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root (chown)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("shadow");
+        std::fs::write(&secret, "s").unwrap();
+        let run = t.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::symlink(&secret, run.join("v.sock_53")).unwrap();
+        let d = Dir::open(&run).unwrap();
+        d.chown_entry("v.sock_53", 4242, 4242).unwrap();
+        assert_eq!(std::fs::metadata(&secret).unwrap().uid(), 0);
+        assert_eq!(
+            std::fs::symlink_metadata(run.join("v.sock_53"))
+                .unwrap()
+                .uid(),
+            4242
+        );
+        assert!(d.chown_entry("../shadow", 4242, 4242).is_err());
+        assert_eq!(std::fs::metadata(&secret).unwrap().uid(), 0);
     }
 }

@@ -917,6 +917,56 @@ mod tests {
         assert_eq!(lambda_timestamp(t), "2023-11-14T22:13:20.123+0000");
     }
 
+    /// A snapshot directory the building VMM's uid wrote: links or hard
+    /// links left for its files fail the seal, and what they point to
+    /// keeps its owner and mode; real files become root's (as root).
+    #[test]
+    fn sealing_a_snapshot_follows_no_link() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("shadow");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let before = std::fs::metadata(&secret).unwrap();
+        let mut sealed = 0;
+        for (i, plant) in ["vm.snap", "mem", crate::ephemeral::FILE]
+            .iter()
+            .enumerate()
+        {
+            for hard in [false, true] {
+                let dir = t.path().join(format!("snap-{i}-{hard}"));
+                std::fs::create_dir(&dir).unwrap();
+                for f in ["vm.snap", "mem", crate::ephemeral::FILE] {
+                    if f == *plant {
+                        if hard {
+                            std::fs::hard_link(&secret, dir.join(f)).unwrap();
+                        } else {
+                            std::os::unix::fs::symlink(&secret, dir.join(f)).unwrap();
+                        }
+                    } else {
+                        std::fs::write(dir.join(f), "x").unwrap();
+                    }
+                }
+                if seal_snapshot(&dir, true).is_ok() {
+                    sealed += 1;
+                }
+            }
+        }
+        assert_eq!(sealed, 0);
+        let after = std::fs::metadata(&secret).unwrap();
+        assert_eq!((after.uid(), after.mode()), (before.uid(), before.mode()));
+        let ok = t.path().join("ok");
+        std::fs::create_dir(&ok).unwrap();
+        for f in ["vm.snap", "mem", crate::ephemeral::FILE] {
+            std::fs::write(ok.join(f), "x").unwrap();
+        }
+        seal_snapshot(&ok, true).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&ok), 0o755);
+        assert_eq!(mode(&ok.join("mem")), 0o644);
+        assert_eq!(mode(&ok.join(crate::ephemeral::FILE)), 0o600);
+    }
+
     #[test]
     fn memory_maps_to_vcpus() {
         assert_eq!(machine_for_host(128, false), (1, 128));

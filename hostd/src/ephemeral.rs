@@ -92,14 +92,11 @@ pub fn sparse_copy(src: &File, dst: &File) -> std::io::Result<()> {
             .min(len);
         let (mut off_in, mut off_out) = (data, data);
         while off_in < hole {
-            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
-            let n = nix::fcntl::copy_file_range(
-                src,
-                Some(&mut off_in),
-                dst,
-                Some(&mut off_out),
-                want,
-            )?;
+            let want = usize::try_from(hole - off_in)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
+            let n =
+                nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)?;
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -292,9 +289,7 @@ mod tests {
 
     fn unchanged(p: &Path, uid: u32) -> bool {
         let m = std::fs::metadata(p).unwrap();
-        std::fs::read_to_string(p).unwrap() == SECRET
-            && m.uid() == uid
-            && m.mode() & 0o777 == 0o600
+        std::fs::read_to_string(p).unwrap() == SECRET && m.uid() == uid && m.mode() & 0o777 == 0o600
     }
 
     /// A disk directory as a jailed VMM's uid may leave it: `tmp.img` a

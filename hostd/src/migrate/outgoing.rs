@@ -373,8 +373,8 @@ async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, Api
         dir,
         &d.cfg.launch.run_dir.join("exports"),
     )
-        .await
-        .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
+    .await
+    .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
     let listener = tokio::net::TcpListener::bind((ip, 0))
         .await
         .map_err(|e| ApiError::service(format!("a port for the instance's disk: {e}")))?;

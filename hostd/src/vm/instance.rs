@@ -515,7 +515,7 @@ impl Instance {
             None => None,
             Some(size) => Some(
                 inst.make_out_file(out, vm_paths::VOLUME_PLACEHOLDER, |f| f.set_len(size))
-                .await?,
+                    .await?,
             ),
         };
         let tmp_disk = match tmp_mib {
@@ -966,7 +966,10 @@ impl Instance {
     fn give_to_vmm(&self, host: &Path) -> std::io::Result<()> {
         if let Some((uid, gid)) = self.jail_owner {
             let (Some(parent), Some(name)) = (host.parent(), host.file_name()) else {
-                return Err(std::io::Error::other(format!("{}: no parent", host.display())));
+                return Err(std::io::Error::other(format!(
+                    "{}: no parent",
+                    host.display()
+                )));
             };
             crate::beneath::Dir::open(parent)?.chown_entry(&name.to_string_lossy(), uid, gid)?;
         }

@@ -201,11 +201,7 @@ pub fn export_file(path: &std::path::Path, name: &str, listen: &str) -> std::io:
 
 /// [`export_file`] of a file already open (e.g. handed over by a caller
 /// that opened it without following links).
-pub fn export_open_file(
-    mut file: std::fs::File,
-    name: &str,
-    listen: &str,
-) -> std::io::Result<()> {
+pub fn export_open_file(mut file: std::fs::File, name: &str, listen: &str) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom};
     // Seeking also works for block devices, whose metadata length is 0.
     let size = file.seek(SeekFrom::End(0))?;
