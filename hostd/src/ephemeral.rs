@@ -466,6 +466,34 @@ mod tests {
             assert_eq!((m.uid(), m.mode() & 0o7777), (4242, 0o700));
             let base_m = std::fs::metadata(&base).unwrap();
             assert_eq!((base_m.uid(), base_m.mode() & 0o7777), (0, 0o700));
+            // With the way down open (as a jail's bind mount makes it),
+            // the VMM's uid reads and writes its image and another uid
+            // gets nowhere.
+            for p in [t.path(), base.as_path()] {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+            }
+            let img = d.path().join(FILE);
+            let try_as = |uid: u32| {
+                use std::os::unix::process::CommandExt;
+                std::process::Command::new("dd")
+                    .arg(format!("of={}", img.display()))
+                    .args([
+                        "bs=512",
+                        "count=1",
+                        "conv=notrunc",
+                        "if=/dev/zero",
+                        "status=none",
+                    ])
+                    .uid(uid)
+                    .gid(uid)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            };
+            assert!(try_as(4242), "the owner writes its image");
+            assert!(!try_as(4243), "another uid writes it");
+            assert!(!try_as(4343), "the group writes it");
         }
         assert!(Export::open_image(d.path()).is_ok());
     }

@@ -408,14 +408,14 @@ async fn run(mut args: Args) {
         }),
         _ => None,
     };
-    let disk_dir = absolute(
-        args.disk_dir
-            .clone()
-            .unwrap_or_else(|| args.state_dir.join("disks")),
-    );
+    let disk_dir = args
+        .disk_dir
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("disks"));
     if let Err(e) = std::fs::create_dir_all(&disk_dir) {
         fail(format!("cannot create {}: {e}", disk_dir.display()));
     }
+    let disk_dir = absolute(disk_dir);
     match ember_hostd::ephemeral::in_memory_fs(&disk_dir) {
         Ok(Some(fs)) => log::warn!(
             "--disk-dir {} is on {fs}: /tmp disks there are held in memory and count against              their VMMs' memory limits (a function writing to /tmp can be OOM-killed); use a              disk-backed directory",
