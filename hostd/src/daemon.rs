@@ -762,10 +762,17 @@ impl Daemon {
         let files = self
             .vm_files(&v.spec)
             .map_err(|e| fail("InternalError", e.message))?;
+        // A directory of this generation is what a build cut short (a
+        // crash) left: start it afresh (files are made new, never reused).
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| fail("InternalError", format!("{}: {e}", dir.display())))?;
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| fail("InternalError", format!("{}: {e}", dir.display())))?;
-        // A jailed VMM runs as its own uid and must write here.
-        set_mode(dir, 0o777).map_err(|e| fail("InternalError", e.to_string()))?;
+        // Root's alone until the jailed VMM (its own uid) is given it for
+        // the build (Instance::boot); never open to everyone.
+        set_mode(dir, 0o700).map_err(|e| fail("InternalError", e.to_string()))?;
         let (vcpus, mem) = machine_for(v.spec.memory_mib);
         let volume_bytes = match (&v.spec.file_system, &self.cfg.volumes) {
             (Some(fs), Some(vs)) => Some(vs.size(&fs.volume).await.map_err(|e| {
@@ -839,9 +846,39 @@ impl Daemon {
         .await;
         inst.destroy().await;
         let init_ms = result?;
-        set_mode(dir, 0o755).map_err(|e| fail("InternalError", e.to_string()))?;
+        seal_snapshot(dir, with_tmp_disk).map_err(|e| {
+            fail(
+                "InternalError",
+                format!("the snapshot in {}: {e}", dir.display()),
+            )
+        })?;
         Ok(init_ms)
     }
+}
+
+/// After a build, the snapshot's directory and files, which the VMM's uid
+/// wrote, become root's again: the snapshot and memory readable by the
+/// VMMs that restore from them, the golden `/tmp` image by hostd alone
+/// (it copies it). Each must be a regular file of its own: a link or a
+/// hard link left there fails the build, and nothing is followed.
+pub(crate) fn seal_snapshot(dir: &std::path::Path, with_tmp_disk: bool) -> std::io::Result<()> {
+    let d = crate::beneath::Dir::open(dir)?;
+    let root = nix::unistd::geteuid().is_root();
+    let mut files = vec![("vm.snap", 0o644), ("mem", 0o644)];
+    if with_tmp_disk {
+        files.push((crate::ephemeral::FILE, 0o600));
+    }
+    for (name, mode) in files {
+        let f = d.open_file(name, false)?;
+        if root {
+            crate::beneath::fchown(&f, 0, 0)?;
+        }
+        crate::beneath::fchmod(&f, mode)?;
+    }
+    if root {
+        d.chown(0, 0)?;
+    }
+    d.chmod(0o755)
 }
 
 fn set_mode(p: &std::path::Path, mode: u32) -> std::io::Result<()> {
@@ -903,6 +940,7 @@ mod tests {
                 vmm_bin: "/nonexistent/ember-vmm".into(),
                 jail: None,
                 run_dir: state_dir.join("run"),
+                disk_dir: state_dir.join("disks"),
                 boot_args: None,
                 boot_timeout: Duration::from_secs(1),
             },
@@ -973,6 +1011,56 @@ mod tests {
             Store::open(dir.path()).unwrap().load_functions().unwrap().0[0],
             sample_record("f1")
         );
+    }
+
+    /// A snapshot directory the building VMM's uid wrote: links or hard
+    /// links left for its files fail the seal, and what they point to
+    /// keeps its owner and mode; real files become root's (as root).
+    #[test]
+    fn sealing_a_snapshot_follows_no_link() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("shadow");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let before = std::fs::metadata(&secret).unwrap();
+        let mut sealed = 0;
+        for (i, plant) in ["vm.snap", "mem", crate::ephemeral::FILE]
+            .iter()
+            .enumerate()
+        {
+            for hard in [false, true] {
+                let dir = t.path().join(format!("snap-{i}-{hard}"));
+                std::fs::create_dir(&dir).unwrap();
+                for f in ["vm.snap", "mem", crate::ephemeral::FILE] {
+                    if f == *plant {
+                        if hard {
+                            std::fs::hard_link(&secret, dir.join(f)).unwrap();
+                        } else {
+                            std::os::unix::fs::symlink(&secret, dir.join(f)).unwrap();
+                        }
+                    } else {
+                        std::fs::write(dir.join(f), "x").unwrap();
+                    }
+                }
+                if seal_snapshot(&dir, true).is_ok() {
+                    sealed += 1;
+                }
+            }
+        }
+        assert_eq!(sealed, 0);
+        let after = std::fs::metadata(&secret).unwrap();
+        assert_eq!((after.uid(), after.mode()), (before.uid(), before.mode()));
+        let ok = t.path().join("ok");
+        std::fs::create_dir(&ok).unwrap();
+        for f in ["vm.snap", "mem", crate::ephemeral::FILE] {
+            std::fs::write(ok.join(f), "x").unwrap();
+        }
+        seal_snapshot(&ok, true).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&ok), 0o755);
+        assert_eq!(mode(&ok.join("mem")), 0o644);
+        assert_eq!(mode(&ok.join(crate::ephemeral::FILE)), 0o600);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! * [`jail`]: running each VMM in its own chroot, mount namespace and
 //!   cgroup, unprivileged (the `ember-jailer` binary and hostd's view of a jail).
 pub mod api;
+pub mod beneath;
 pub mod cluster;
 pub mod code;
 pub mod daemon;

@@ -110,9 +110,7 @@ impl Source {
             self.vcpus,
             self.network.as_ref(),
             grant.as_ref(),
-            self.tmp_disk
-                .then(|| self.snapshot.dir.join(crate::ephemeral::FILE))
-                .as_deref(),
+            self.tmp_disk.then_some(self.snapshot.dir.as_path()),
         )
         .await?;
         if let Some(fs) = &self.file_system {

@@ -91,11 +91,23 @@ impl Emberd {
     /// network namespace (as root) before emberd starts in it, e.g. to link
     /// it to the machine's namespace.
     pub fn start_with(extra: &[&str], setup: impl FnOnce(&str)) -> Emberd {
+        Emberd::start_prepared(extra, |_| {}, setup)
+    }
+
+    /// Like [`start_with`](Self::start_with); `prepare` first runs with
+    /// emberd's directory (its state is `state/`, its run directory
+    /// `run/`), e.g. to leave what a crashed run would have left there.
+    pub fn start_prepared(
+        extra: &[&str],
+        prepare: impl FnOnce(&Path),
+        setup: impl FnOnce(&str),
+    ) -> Emberd {
         let dir = tempfile::Builder::new()
             .prefix("emberd-test-")
             .tempdir()
             .expect("tempdir")
             .keep();
+        prepare(&dir);
         let mut d = Emberd {
             child: None,
             socket: dir.join("emberd.sock"),
@@ -294,6 +306,11 @@ impl Emberd {
             }
             let _ = std::fs::remove_file(&self.socket);
         }
+    }
+
+    /// emberd's directory (`state/`, `run/`, its log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn logs(&self) -> String {

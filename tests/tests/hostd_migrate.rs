@@ -397,7 +397,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         "A to drop its copy of the disk",
         Duration::from_secs(30),
         || {
-            let left = std::fs::read_dir(a.dir.join("run/disks"))
+            let left = std::fs::read_dir(a.dir.join("state/disks"))
                 .map(|d| d.count())
                 .unwrap_or(0);
             (left == 0).then_some(())

@@ -27,6 +27,12 @@ struct Args {
     /// Working files of running VMMs (jails, sockets, VMM logs).
     #[arg(long, env = "EMBER_RUN_DIR", default_value = "/run/ember")]
     run_dir: PathBuf,
+    /// Instances' `/tmp` disks (EphemeralStorage), a 0700 directory each
+    /// (default: `disks` in --state-dir). Put it on a disk-backed
+    /// filesystem with room for them: on tmpfs their contents would be
+    /// held in memory, charged to each VMM's memory limit.
+    #[arg(long, env = "EMBER_DISK_DIR")]
+    disk_dir: Option<PathBuf>,
     /// Guest kernel (vmlinux) from kernels/build.sh.
     #[arg(long, env = "EMBER_KERNEL")]
     kernel: PathBuf,
@@ -418,12 +424,29 @@ async fn run(mut args: Args) {
         }),
         _ => None,
     };
+    let disk_dir = args
+        .disk_dir
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("disks"));
+    if let Err(e) = std::fs::create_dir_all(&disk_dir) {
+        fail(format!("cannot create {}: {e}", disk_dir.display()));
+    }
+    let disk_dir = absolute(disk_dir);
+    match ember_hostd::ephemeral::in_memory_fs(&disk_dir) {
+        Ok(Some(fs)) => log::warn!(
+            "--disk-dir {} is on {fs}: /tmp disks there are held in memory and count against              their VMMs' memory limits (a function writing to /tmp can be OOM-killed); use a              disk-backed directory",
+            disk_dir.display()
+        ),
+        Ok(None) => {}
+        Err(e) => log::warn!("cannot tell the filesystem of {}: {e}", disk_dir.display()),
+    }
     let cfg = Config {
         state_dir: args.state_dir,
         launch: LaunchConfig {
             vmm_bin,
             jail,
             run_dir: args.run_dir.clone(),
+            disk_dir,
             boot_args,
             boot_timeout: Duration::from_secs(args.boot_timeout_secs),
         },

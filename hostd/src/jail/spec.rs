@@ -219,8 +219,10 @@ impl JailSpec {
 
     /// Gives a host-created file inside the jail (e.g. the vsock listener
     /// `<uds_path>_53`) to the jail's uid:gid so the jailed process can use it.
+    /// A link there (the jail's directories are its uid's to write)
+    /// changes owner itself; what it points to does not.
     pub fn give_to_jail(&self, host_path: &Path) -> std::io::Result<()> {
-        std::os::unix::fs::chown(host_path, Some(self.uid), Some(self.gid))
+        std::os::unix::fs::lchown(host_path, Some(self.uid), Some(self.gid))
     }
 
     /// Checks everything the jailer checks before touching the system.

@@ -368,9 +368,13 @@ async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, Api
         .as_ref()
         .ok_or_else(|| ApiError::invalid("migrations need --listen-tcp"))?;
     let ip = peers.stream_ip;
-    let export = crate::ephemeral::Export::start(&d.cfg.export_bin, dir)
-        .await
-        .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
+    let export = crate::ephemeral::Export::start(
+        &d.cfg.export_bin,
+        dir,
+        &d.cfg.launch.run_dir.join("exports"),
+    )
+    .await
+    .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
     let listener = tokio::net::TcpListener::bind((ip, 0))
         .await
         .map_err(|e| ApiError::service(format!("a port for the instance's disk: {e}")))?;

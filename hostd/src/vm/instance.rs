@@ -21,6 +21,11 @@ pub struct LaunchConfig {
     pub jail: Option<JailConfig>,
     /// Working directories of unjailed instances, and VMM logs.
     pub run_dir: PathBuf,
+    /// Instances' own disks (`/tmp`), a directory each: on a disk-backed
+    /// filesystem, since the page cache of a file on disk is reclaimable
+    /// and a tmpfs file's pages are not (they would count, for good,
+    /// against the VMM's memory cgroup).
+    pub disk_dir: PathBuf,
     /// Guest kernel command line (None: the VMM's default).
     pub boot_args: Option<String>,
     /// Longest wait for a booting guest's agent.
@@ -212,13 +217,11 @@ fn vmm_limits(mem_mib: u32) -> crate::jail::ResourceLimits {
     }
 }
 
-/// A fresh directory for an instance's own disks, under the run dir.
-fn new_disk_dir(cfg: &LaunchConfig) -> std::io::Result<PathBuf> {
-    let dir = cfg.run_dir.join("disks").join(new_id());
-    std::fs::create_dir_all(&dir)?;
-    // A jailed VMM (another uid) writes its disk there.
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
-    Ok(dir)
+/// A fresh directory (0700, root's until [`Instance::give_disks`]) for
+/// an instance's own disks, in the disk directory.
+fn new_disk_dir(cfg: &LaunchConfig) -> std::io::Result<(PathBuf, crate::beneath::Dir)> {
+    let dir = crate::ephemeral::new_dir(&cfg.disk_dir, &new_id())?;
+    Ok((dir.path().to_path_buf(), dir))
 }
 
 fn new_id() -> String {
@@ -512,21 +515,25 @@ impl Instance {
         let placeholder = match volume_bytes {
             None => None,
             Some(size) => Some(
-                inst.make_out_file(out, vm_paths::VOLUME_PLACEHOLDER, |p| {
-                    std::fs::File::create(p)?.set_len(size)
-                })
-                .await?,
+                inst.make_out_file(out, vm_paths::VOLUME_PLACEHOLDER, |f| f.set_len(size))
+                    .await?,
             ),
         };
         let tmp_disk = match tmp_mib {
             None => None,
             Some(mib) => Some(
-                inst.make_out_file(out, vm_paths::TMP_DISK, |p| {
-                    crate::ephemeral::make_image(p, mib)
+                inst.make_out_file(out, vm_paths::TMP_DISK, |f| {
+                    crate::ephemeral::format_image(f, mib)
                 })
                 .await?,
             ),
         };
+        // The VMM writes its snapshot there: the directory becomes its
+        // uid's (0700) for the build.
+        if let Err(e) = inst.give_disks(out) {
+            inst.destroy().await;
+            return Err(e.into());
+        }
         let result = inst
             .configure_and_start(cfg, files, mem_mib, vcpus, tmp_disk, placeholder)
             .await;
@@ -659,10 +666,8 @@ impl Instance {
         let disk_dir = match tmp_golden {
             None => None,
             Some(golden) => {
-                let dir = new_disk_dir(cfg)?;
-                if let Err(e) =
-                    crate::ephemeral::copy_image(golden, &dir.join(crate::ephemeral::FILE))
-                {
+                let (dir, d) = new_disk_dir(cfg)?;
+                if let Err(e) = crate::ephemeral::copy_image(golden, &d) {
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(e.into());
                 }
@@ -688,7 +693,7 @@ impl Instance {
             };
         inst.own_disks(disk_dir.clone());
         if let Some(d) = &disk_dir {
-            if let Err(e) = inst.give_to_vmm(&d.join(crate::ephemeral::FILE)) {
+            if let Err(e) = inst.give_disks(d) {
                 inst.destroy().await;
                 return Err(e.into());
             }
@@ -771,7 +776,7 @@ impl Instance {
         ];
         // A /tmp disk arriving: an empty file the VMM fills from the source.
         let disk_dir = match fill_tmp_from {
-            Some(_) => Some(new_disk_dir(cfg)?),
+            Some(_) => Some(new_disk_dir(cfg)?.0),
             None => None,
         };
         let inst =
@@ -785,6 +790,13 @@ impl Instance {
                 }
             };
         inst.own_disks(disk_dir.clone());
+        if let Some(d) = &disk_dir {
+            // The VMM makes its disk's file there as it fills it.
+            if let Err(e) = inst.give_disks(d) {
+                inst.destroy().await;
+                return Err(e.into());
+            }
+        }
         let mut body = json!({
             "listen_uri": format!("unix://{}", inst.vm(vm_paths::MIGRATE_IN).display()),
             "serial_out_path": inst.vm(vm_paths::SERIAL),
@@ -949,29 +961,56 @@ impl Instance {
         Ok(l)
     }
 
-    /// Makes a host file this (jailed: other-uid) VMM may open read-write.
+    /// Makes a host file (or socket) this (jailed: other-uid) VMM may
+    /// open read-write: the entry itself changes owner, never what a link
+    /// there points to (the jail's directories are the VMM's to write).
     fn give_to_vmm(&self, host: &Path) -> std::io::Result<()> {
         if let Some((uid, gid)) = self.jail_owner {
-            nix::unistd::chown(host, Some(uid.into()), Some(gid.into()))
-                .map_err(std::io::Error::from)?;
+            let (Some(parent), Some(name)) = (host.parent(), host.file_name()) else {
+                return Err(std::io::Error::other(format!(
+                    "{}: no parent",
+                    host.display()
+                )));
+            };
+            crate::beneath::Dir::open(parent)?.chown_entry(&name.to_string_lossy(), uid, gid)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the disk directory `dir` (0700) and the `/tmp` image in it,
+    /// if any, to this jailed VMM's uid (nothing to do unjailed).
+    fn give_disks(&self, dir: &Path) -> std::io::Result<()> {
+        if let Some((uid, gid)) = self.jail_owner {
+            let d = crate::beneath::Dir::open(dir)?;
+            crate::ephemeral::give_dir(&d, uid, gid)?;
         }
         Ok(())
     }
 
     /// Makes the file `vm_path` (under `/out`) in the host directory `out`
-    /// with `make`, for the VMM to open read-write; answers the path to
-    /// hand the VMM. On failure the instance is destroyed.
+    /// with `make` on the new, open file (created there without following
+    /// links; nothing may be there before), for the VMM to open
+    /// read-write; answers the path to hand the VMM. On failure the
+    /// instance is destroyed.
     async fn make_out_file(
         &self,
         out: &Path,
         vm_path: &str,
-        make: impl FnOnce(&Path) -> std::io::Result<()>,
+        make: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
     ) -> Result<PathBuf, InstanceError> {
         let rel = Path::new(vm_path)
             .strip_prefix(vm_paths::OUT)
             .unwrap_or(Path::new(vm_path));
         let host = out.join(rel);
-        match make(&host).and_then(|()| self.give_to_vmm(&host)) {
+        let made = (|| {
+            let f = crate::beneath::Dir::open(out)?.create_new(&rel.to_string_lossy(), 0o600)?;
+            make(&f)?;
+            if let Some((uid, gid)) = self.jail_owner {
+                crate::beneath::fchown(&f, uid, gid)?;
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        match made {
             Ok(()) if self.jailed => Ok(PathBuf::from(vm_path)),
             Ok(()) => Ok(host),
             Err(e) => {

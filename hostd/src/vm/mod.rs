@@ -12,9 +12,22 @@ pub const DEFAULT_BOOT_ARGS: &str =
 /// processes died with it: see `PR_SET_PDEATHSIG` in the spawn).
 pub fn clean_run_dir(cfg: &LaunchConfig) -> std::io::Result<()> {
     std::fs::create_dir_all(&cfg.run_dir)?;
-    let instances = cfg.run_dir.join("instances");
-    if instances.exists() {
-        std::fs::remove_dir_all(&instances)?;
+    // Instance directories, disk exports' sockets, and the /tmp disks of
+    // versions before --disk-dir (they were kept in the run directory).
+    for sub in ["instances", "exports", "disks"] {
+        let p = cfg.run_dir.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p)?;
+        }
+    }
+    // No instance is alive at start: every disk directory is a crashed
+    // run's.
+    let n = crate::ephemeral::clean_base(&cfg.disk_dir, &[])?;
+    if n > 0 {
+        log::info!(
+            "removed {n} /tmp disk(s) a previous run left in {}",
+            cfg.disk_dir.display()
+        );
     }
     if let Some(jail) = &cfg.jail {
         if let Ok(entries) = std::fs::read_dir(&jail.chroot_base) {

@@ -2,7 +2,13 @@
 //! with the volume service's NBD server, so that the host a VM migrates to
 //! can fill its own copy of the disk from it (`fill_from` on the VMM's
 //! drive). Runs until killed.
+//!
+//! With `--stdin` it serves the file open on its standard input, which
+//! hostd opens itself without following links (the disk's directory is
+//! writable by the VMM's uid): then no path is looked up here at all.
+//! `--file` refuses a link at the path's last component.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -15,8 +21,11 @@ use clap::Parser;
 )]
 struct Args {
     /// The file (or block device) to serve.
+    #[arg(long, required_unless_present = "stdin", conflicts_with = "stdin")]
+    file: Option<PathBuf>,
+    /// Serve the file open on standard input instead.
     #[arg(long)]
-    file: PathBuf,
+    stdin: bool,
     /// `unix:PATH` or `tcp:HOST:PORT`.
     #[arg(long)]
     listen: String,
@@ -33,14 +42,29 @@ fn main() {
         .parse_filters(&args.log_level)
         .format_timestamp_millis()
         .init();
-    if let Err(e) = ember_volumed::nbd::export_file(&args.file, &args.name, &args.listen) {
-        log::error!("{}: {e}", args.file.display());
-        eprintln!("ember-export: {}: {e}", args.file.display());
+    let (what, served) = match &args.file {
+        Some(f) => (
+            f.display().to_string(),
+            ember_volumed::nbd::export_file(f, &args.name, &args.listen),
+        ),
+        None => {
+            // Standard input, taken over (nothing else reads it).
+            let fd = std::io::stdin().as_fd().try_clone_to_owned();
+            (
+                "standard input".to_string(),
+                fd.and_then(|fd| {
+                    ember_volumed::nbd::export_open_file(fd.into(), &args.name, &args.listen)
+                }),
+            )
+        }
+    };
+    if let Err(e) = served {
+        log::error!("{what}: {e}");
+        eprintln!("ember-export: {what}: {e}");
         std::process::exit(1);
     }
     log::info!(
-        "serving {} read-only as {:?} on {}",
-        args.file.display(),
+        "serving {what} read-only as {:?} on {}",
         args.name,
         args.listen
     );

@@ -219,8 +219,19 @@ pub fn serve_unix(listener: UnixListener, exports: Exports, limits: Limits) {
 /// `""`) on `listen` (`unix:PATH` or `tcp:HOST:PORT`), each client on a
 /// thread of its own, until the process ends. Returns once it listens.
 pub fn export_file(path: &std::path::Path, name: &str, listen: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // A link at the last component is refused, not followed.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    export_open_file(file, name, listen)
+}
+
+/// [`export_file`] of a file already open (e.g. handed over by a caller
+/// that opened it without following links).
+pub fn export_open_file(mut file: std::fs::File, name: &str, listen: &str) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
     // Seeking also works for block devices, whose metadata length is 0.
     let size = file.seek(SeekFrom::End(0))?;
     let exports = Exports::File(Arc::new(FileExport {
