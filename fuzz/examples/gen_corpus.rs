@@ -537,6 +537,8 @@ fn nbd() {
         (2u8, "go"),
         (2 | 16, "export-name"),
         (2 | 8, "stale"),
+        (2 | 32, "go-moved"),
+        (2 | 64, "go-big"),
         (3, "file"),
     ] {
         let mut d = vec![mode];
