@@ -32,7 +32,7 @@ use std::sync::OnceLock;
 
 use axum::body::Body;
 use axum::http;
-use ember_cluster::sigv4::{self, AuthError};
+use ember_cluster::sigv4;
 use libfuzzer_sys::fuzz_target;
 // Links ember_fuzz, whose global allocator aborts on one allocation over 128 MiB.
 use ember_fuzz as _;
@@ -264,11 +264,10 @@ fuzz_target!(|data: &[u8]| {
         "verified for an unknown key"
     );
     if let Err(e) = &verified {
-        // Every refusal has AWS's code.
+        // Every refusal has AWS's code. (A request this target signed may
+        // still be refused: the input's own headers can carry another
+        // Authorization or date ahead of the ones signing adds.)
         assert!(!e.code().is_empty());
-        if matches!(e, AuthError::UnknownKey) {
-            assert!(!legit);
-        }
     }
 
     if let Some(reached) = front_door(&method, &path, &query, &headers, &body) {
