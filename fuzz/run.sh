@@ -16,18 +16,20 @@ cache="${EMBER_CACHE_DIR:-/var/cache/ember}"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(conntrack migration snapshot agent_frame virtio_block virtio_net virtio_vsock)
+[ ${#targets[@]} -gt 0 ] || targets=(conntrack migration snapshot agent_frame virtio_block virtio_net virtio_vsock sigv4 nbd)
 
-# -max_len per target: a real snapshot file is ~26 KB; frames and queues
-# are small.
+# -max_len per target: a real snapshot file is ~26 KB; frames, queues,
+# requests and NBD sessions are small.
 declare -A max_len=(
     [conntrack]=16384 [migration]=65536 [snapshot]=65536 [agent_frame]=16384
     [virtio_block]=16384 [virtio_net]=16384 [virtio_vsock]=16384
+    [sigv4]=8192 [nbd]=16384
 )
 
 # --- install what is missing ---
-# libfuzzer-sys compiles libFuzzer (C++); virtio_net needs ip(8).
-bash "$here/../tests/ensure-packages.sh" c++:g++ ip:iproute2
+# libfuzzer-sys compiles libFuzzer (C++); virtio_net needs ip(8); etcd-client
+# (under the cluster and volumed crates of sigv4 and nbd) needs protoc.
+bash "$here/../tests/ensure-packages.sh" c++:g++ ip:iproute2 protoc:protobuf-compiler
 fuzz_root="$cache/cargo-fuzz"
 if ! [ -x "$fuzz_root/bin/cargo-fuzz" ]; then
     CARGO_TARGET_DIR="$cache/cargo-fuzz-build" \

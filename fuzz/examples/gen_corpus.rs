@@ -413,7 +413,172 @@ fn virtio_vsock() {
     put("virtio_vsock", "rw", &encode_guest(&[rx, tx_rw, ev], &data));
 }
 
+/// The `sigv4` target's input: flags, method, path, scope, own key, headers,
+/// body (see fuzz_targets/sigv4.rs).
+fn sigv4_input(flags: u8, method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
+    let mut out = vec![flags];
+    out.extend_from_slice(method.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b"\nus-east-1/lambda\nAKIDOWNKEY0001 ownSecret\n");
+    for h in headers {
+        out.extend_from_slice(h.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
+fn sigv4() {
+    let invoke = "/2015-03-31/functions/f/invocations";
+    let host = "Host: 127.0.0.1:9000";
+    // Signed with the real key (flags 1|2|4), as the SDKs do.
+    put(
+        "sigv4",
+        "invoke",
+        &sigv4_input(
+            7,
+            "POST",
+            invoke,
+            &[host, "Content-Type: application/json"],
+            b"{\"a\":1}",
+        ),
+    );
+    put(
+        "sigv4",
+        "invoke-claimed-hash",
+        &sigv4_input(
+            7 | 16,
+            "POST",
+            &format!("{invoke}?Qualifier=%24LATEST"),
+            &[host],
+            b"{}",
+        ),
+    );
+    put(
+        "sigv4",
+        "list",
+        &sigv4_input(
+            7,
+            "GET",
+            "/2015-03-31/functions/",
+            &[host, "X-A:  a   b "],
+            b"",
+        ),
+    );
+    // Tampered after signing; signed with the input's own secret; its key.
+    put(
+        "sigv4",
+        "tampered",
+        &sigv4_input(7 | 8, "POST", invoke, &[host], b"{}"),
+    );
+    put(
+        "sigv4",
+        "own-secret",
+        &sigv4_input(5, "POST", invoke, &[host], b"{}"),
+    );
+    put(
+        "sigv4",
+        "own-key",
+        &sigv4_input(
+            1 | 16,
+            "PUT",
+            "/2015-03-31/functions/f/code",
+            &[host],
+            b"zip",
+        ),
+    );
+    // Unsigned, with a hand-made Authorization and a fresh date.
+    put(
+        "sigv4",
+        "hand-made",
+        &sigv4_input(
+            0,
+            "POST",
+            invoke,
+            &[
+                host,
+                "X-Amz-Date: {now}",
+                "X-Amz-Content-Sha256: 44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+                "Authorization: AWS4-HMAC-SHA256 Credential=AKIAFUZZEXAMPLE0001/{today}/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7",
+            ],
+            b"{}",
+        ),
+    );
+}
+
+/// NBD request bytes (the `nbd` target's request phase).
+fn nbd_request(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28);
+    b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&length.to_be_bytes());
+    b
+}
+
+fn nbd() {
+    const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    let mut requests = Vec::new();
+    requests.extend(nbd_request(1, 1, 1, 4096, 8)); // WRITE, FUA
+    requests.extend_from_slice(b"ABCDEFGH");
+    requests.extend(nbd_request(0, 0, 2, 4096, 8)); // READ
+    requests.extend(nbd_request(3, 0, 3, 0, 0)); // FLUSH
+    requests.extend(nbd_request(4, 0, 4, 0, 65536)); // TRIM
+    requests.extend(nbd_request(6, 2, 5, 8192, 4096)); // WRITE_ZEROES, NO_HOLE
+    requests.extend(nbd_request(0, 0, 6, u64::MAX - 4, 16)); // READ past the end
+    requests.extend(nbd_request(2, 0, 7, 0, 0)); // DISC
+                                                 // Handshake written by the target (mode bit 1): GO with the right
+                                                 // credential, then requests; the same through EXPORT_NAME; a stale one.
+    for (mode, name) in [
+        (2u8, "go"),
+        (2 | 16, "export-name"),
+        (2 | 8, "stale"),
+        (2 | 32, "go-moved"),
+        (2 | 64, "go-big"),
+        (3, "file"),
+    ] {
+        let mut d = vec![mode];
+        d.extend_from_slice(&requests);
+        put("nbd", name, &d);
+    }
+    // The whole client side from the input: flags, LIST, INFO, GO for a
+    // name without a credential, ABORT.
+    let opt = |out: &mut Vec<u8>, o: u32, data: &[u8]| {
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&o.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    };
+    let go = |name: &str| {
+        let mut g = (name.len() as u32).to_be_bytes().to_vec();
+        g.extend_from_slice(name.as_bytes());
+        g.extend_from_slice(&1u16.to_be_bytes());
+        g.extend_from_slice(&3u16.to_be_bytes());
+        g
+    };
+    for (mode, file) in [(0u8, "raw-volumes"), (1, "raw-file")] {
+        let mut d = vec![mode];
+        d.extend_from_slice(&3u32.to_be_bytes());
+        opt(&mut d, 3, b"");
+        opt(&mut d, 6, &go("vol@0000"));
+        opt(&mut d, 7, &go(if mode == 1 { "disk" } else { "vol" }));
+        d.extend(nbd_request(0, 0, 1, 0, 512));
+        opt(&mut d, 2, b"");
+        put("nbd", file, &d);
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--new") {
+        // Only the targets added last (the others' seeds are committed).
+        sigv4();
+        nbd();
+        return;
+    }
     let snap = fs::read("seeds/vm.snap").expect("run from fuzz/: seeds/vm.snap");
     conntrack();
     migration(&snap);
@@ -422,4 +587,6 @@ fn main() {
     virtio_block();
     virtio_net();
     virtio_vsock();
+    sigv4();
+    nbd();
 }

@@ -14,6 +14,9 @@ use ember_agent::protocol::{
 };
 use ember_agent::runtime::http::route;
 use libfuzzer_sys::fuzz_target;
+// Links ember_fuzz, whose global allocator aborts on one allocation over 128 MiB
+// (without a use of the crate, it is not linked and the limit is off).
+use ember_fuzz as _;
 
 fn decode_all<T>(stream: &[u8], max: usize)
 where

@@ -22,9 +22,16 @@
 //!
 //! `clone3` is answered with ENOSYS (glibc then falls back to `clone`,
 //! whose flags a filter can read; `clone3` keeps them in memory).
+//!
+//! `ember-uffd-handler` (one thread) confines itself with the
+//! [`ThreadKind::UffdHandler`] filter once its socket, the VMM's
+//! userfaultfd and its mapping of the memory file are set up
+//! ([`confine_current_thread`]): from then on it only polls, reads events
+//! and copies pages (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_WAKE`); it
+//! opens nothing, starts nothing and makes no socket.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -33,6 +40,9 @@ use seccompiler::{
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static INET: AtomicBool = AtomicBool::new(false);
+/// Which program the SIGSYS handler names: 0 `ember-vmm`, 1
+/// `ember-uffd-handler`.
+static PROGRAM: AtomicU8 = AtomicU8::new(0);
 
 /// Exit code after a seccomp violation.
 pub const SECCOMP_VIOLATION_EXIT: i32 = 148;
@@ -42,16 +52,24 @@ pub enum ThreadKind {
     Vmm,
     Api,
     Vcpu,
+    /// `ember-uffd-handler`'s one thread, once set up.
+    UffdHandler,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu];
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vmm,
+        ThreadKind::Api,
+        ThreadKind::Vcpu,
+        ThreadKind::UffdHandler,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::UffdHandler => "uffd-handler",
         }
     }
 
@@ -65,6 +83,7 @@ impl ThreadKind {
             ThreadKind::Vmm => &[ThreadKind::Vmm],
             ThreadKind::Api => &[ThreadKind::Api],
             ThreadKind::Vcpu => &[ThreadKind::Vmm, ThreadKind::Vcpu],
+            ThreadKind::UffdHandler => &[ThreadKind::UffdHandler],
         }
     }
 }
@@ -220,6 +239,17 @@ pub const OTHER_VMM_IOCTLS: &[(&str, u64)] = {
     ]
 };
 
+/// What `ember-uffd-handler` asks of the VMM's userfaultfd: copy a page
+/// in, zero one, wake the threads waiting on a range already filled.
+pub const UFFD_HANDLER_IOCTLS: &[(&str, u64)] = {
+    use crate::snapshot::uffd::sys::*;
+    &[
+        ("UFFDIO_COPY", iowr::<UffdioCopy>(UFFD_TYPE, 0x03)),
+        ("UFFDIO_ZEROPAGE", iowr::<UffdioZeropage>(UFFD_TYPE, 0x04)),
+        ("UFFDIO_WAKE", ior::<UffdioRange>(UFFD_TYPE, 0x02)),
+    ]
+};
+
 /// Socket and terminal ioctls std and tokio make on the API thread.
 pub const API_IOCTLS: &[(&str, u64)] =
     &[("FIONBIO", 0x5421), ("FIOCLEX", 0x5451), ("TCGETS", 0x5401)];
@@ -262,6 +292,7 @@ static VMM_IOCTL_NUMBERS: [u64; VMM_IOCTL_COUNT] =
 const VCPU_IOCTL_COUNT: usize = KVM_VCPU_IOCTLS.len() + VCPU_OTHER_IOCTLS.len();
 static VCPU_IOCTL_NUMBERS: [u64; VCPU_IOCTL_COUNT] = concat(&[KVM_VCPU_IOCTLS, VCPU_OTHER_IOCTLS]);
 static API_IOCTL_NUMBERS: [u64; API_IOCTLS.len()] = numbers(API_IOCTLS);
+static UFFD_HANDLER_IOCTL_NUMBERS: [u64; UFFD_HANDLER_IOCTLS.len()] = numbers(UFFD_HANDLER_IOCTLS);
 
 /// glibc's pthread_create: CLONE_VM | CLONE_FS | CLONE_FILES |
 /// CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM | CLONE_SETTLS |
@@ -427,6 +458,15 @@ const VCPU: &[(libc::c_long, Rule)] = &[
     (libc::SYS_seccomp, Rule::OneOf(0, SECCOMP_SET_MODE_FILTER)),
 ];
 
+/// `ember-uffd-handler` once set up: waits on the userfaultfd and the
+/// VMM's socket, reads events (and stray bytes from the VMM), fills pages.
+const UFFD_HANDLER: &[(libc::c_long, Rule)] = &[
+    (libc::SYS_ioctl, Rule::OneOf(1, &UFFD_HANDLER_IOCTL_NUMBERS)),
+    (libc::SYS_poll, Rule::Any),
+    (libc::SYS_ppoll, Rule::Any),
+    (libc::SYS_recvfrom, Rule::Any),
+];
+
 /// The one table: every syscall a kind of thread may make, with its rule
 /// (the filter of that kind alone; a vCPU thread also runs under the
 /// VMM's, see [`verdict`]).
@@ -435,6 +475,7 @@ pub fn table(kind: ThreadKind) -> Vec<(libc::c_long, Rule)> {
         ThreadKind::Vmm => VMM,
         ThreadKind::Api => API,
         ThreadKind::Vcpu => VCPU,
+        ThreadKind::UffdHandler => UFFD_HANDLER,
     };
     COMMON.iter().chain(extra).copied().collect()
 }
@@ -568,21 +609,36 @@ pub fn enable(on: bool) {
     }
 }
 
+fn apply_filters(kind: ThreadKind) -> Result<(), String> {
+    filters(kind).and_then(|progs| {
+        progs.iter().try_for_each(|bpf| {
+            seccompiler::apply_filter(bpf).map_err(|e| format!("cannot apply seccomp filter: {e}"))
+        })
+    })
+}
+
 /// Installs this thread's filter if filtering is on. A thread that cannot
 /// be confined is a fatal error: running unfiltered silently is worse.
 pub fn apply_for_current_thread(kind: ThreadKind) {
     if !ENABLED.load(Ordering::SeqCst) {
         return;
     }
-    let r = filters(kind).and_then(|progs| {
-        progs.iter().try_for_each(|bpf| {
-            seccompiler::apply_filter(bpf).map_err(|e| format!("cannot apply seccomp filter: {e}"))
-        })
-    });
-    if let Err(e) = r {
+    if let Err(e) = apply_filters(kind) {
         log::error!("{e}");
         std::process::exit(1);
     }
+}
+
+/// Confines a program other than the VMM (`ember-uffd-handler`, kind
+/// [`ThreadKind::UffdHandler`]) now: the SIGSYS handler (violations are
+/// logged and exit 148), then the filters. The caller must not go on
+/// unconfined after an error.
+pub fn confine_current_thread(kind: ThreadKind) -> Result<(), String> {
+    if kind == ThreadKind::UffdHandler {
+        PROGRAM.store(1, Ordering::SeqCst);
+    }
+    install_sigsys_handler();
+    apply_filters(kind)
 }
 
 /// Appends `v` in decimal (or hex) to `buf` at `*len`.
@@ -634,11 +690,12 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *m
     }
     let mut buf = [0u8; 160];
     let mut len = 0;
-    put(
-        &mut buf,
-        &mut len,
-        b"ember-vmm: seccomp violation: syscall ",
-    );
+    let program: &[u8] = match PROGRAM.load(Ordering::Relaxed) {
+        1 => b"ember-uffd-handler",
+        _ => b"ember-vmm",
+    };
+    put(&mut buf, &mut len, program);
+    put(&mut buf, &mut len, b": seccomp violation: syscall ");
     if nr < 0 {
         put(&mut buf, &mut len, b"-");
     }
@@ -677,7 +734,7 @@ pub struct Attempt {
 }
 
 const ALL_KINDS: &[ThreadKind] = &ThreadKind::ALL;
-const NOT_VMM: &[ThreadKind] = &[ThreadKind::Api, ThreadKind::Vcpu];
+const NOT_VMM: &[ThreadKind] = &[ThreadKind::Api, ThreadKind::Vcpu, ThreadKind::UffdHandler];
 
 fn zero() -> [u64; 6] {
     [0; 6]
@@ -841,6 +898,24 @@ pub const FORBIDDEN: &[Attempt] = &[
     attempt!("kexec_load", libc::SYS_kexec_load, ALL_KINDS),
     attempt!("open_by_handle_at", libc::SYS_open_by_handle_at, ALL_KINDS),
     attempt!("clone3", libc::SYS_clone3, NOT_VMM),
+    attempt!("clone(thread)", libc::SYS_clone, NOT_VMM, || [
+        THREAD_CLONE_FLAGS,
+        0,
+        0,
+        0,
+        0,
+        0
+    ]),
+    attempt!("ioctl(UFFDIO_REGISTER)", libc::SYS_ioctl, NOT_VMM, || {
+        use crate::snapshot::uffd::sys::*;
+        [0, iowr::<UffdioRegister>(UFFD_TYPE, 0x00), 0, 0, 0, 0]
+    }),
+    attempt!(
+        "ioctl(FIONBIO)",
+        libc::SYS_ioctl,
+        &[ThreadKind::UffdHandler],
+        || [0, 0x5421, 0, 0, 0, 0]
+    ),
     attempt!("openat", libc::SYS_openat, NOT_VMM),
     attempt!("connect", libc::SYS_connect, NOT_VMM),
     attempt!("memfd_create", libc::SYS_memfd_create, NOT_VMM),
@@ -904,34 +979,14 @@ pub fn self_test(spec: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{spec:?}: want KIND:CALL"))?;
     let kind =
         ThreadKind::from_name(kind).ok_or_else(|| format!("unknown thread kind {kind:?}"))?;
-    let a = FORBIDDEN
-        .iter()
-        .chain(PERMITTED)
-        .find(|a| a.name == call)
-        .copied()
-        .ok_or_else(|| format!("unknown call {call:?}"))?;
+    let a = attempt_named(call)?;
+    if kind == ThreadKind::UffdHandler {
+        return Err("the uffd-handler filter is tried in ember-uffd-handler itself".into());
+    }
     enable(true);
     let run = move || {
         apply_for_current_thread(kind);
-        let args = (a.args)();
-        // SAFETY: a raw syscall with plain integer arguments (null or
-        // invalid pointers fail with EFAULT); a fork-like clone that is
-        // let through leaves its child, which only exits.
-        let r =
-            unsafe { libc::syscall(a.nr, args[0], args[1], args[2], args[3], args[4], args[5]) };
-        if r == 0
-            && matches!(a.nr, libc::SYS_clone | libc::SYS_fork | libc::SYS_vfork)
-            && args[1] == 0
-        {
-            // SAFETY: the child of a fork-like call leaves at once.
-            unsafe { libc::_exit(0) };
-        }
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        format!(
-            "{} on a {} thread: returned {r} (errno {errno})",
-            a.name,
-            kind.name()
-        )
+        make_call(a, kind)
     };
     let thread = |f: Box<dyn FnOnce() -> String + Send>| {
         std::thread::Builder::new()
@@ -942,13 +997,50 @@ pub fn self_test(spec: &str) -> Result<String, String> {
             .map_err(|_| "the test thread panicked".to_string())
     };
     match kind {
-        ThreadKind::Vmm => Ok(run()),
+        ThreadKind::Vmm | ThreadKind::UffdHandler => Ok(run()),
         ThreadKind::Api => thread(Box::new(run)),
         ThreadKind::Vcpu => {
             apply_for_current_thread(ThreadKind::Vmm);
             thread(Box::new(run))
         }
     }
+}
+
+fn attempt_named(call: &str) -> Result<Attempt, String> {
+    FORBIDDEN
+        .iter()
+        .chain(PERMITTED)
+        .find(|a| a.name == call)
+        .copied()
+        .ok_or_else(|| format!("unknown call {call:?}"))
+}
+
+/// Makes the call `a` on this thread, under whatever filter it runs.
+fn make_call(a: Attempt, kind: ThreadKind) -> String {
+    let args = (a.args)();
+    // SAFETY: a raw syscall with plain integer arguments (null or
+    // invalid pointers fail with EFAULT); a fork-like clone that is
+    // let through leaves its child, which only exits.
+    let r = unsafe { libc::syscall(a.nr, args[0], args[1], args[2], args[3], args[4], args[5]) };
+    if r == 0 && matches!(a.nr, libc::SYS_clone | libc::SYS_fork | libc::SYS_vfork) && args[1] == 0
+    {
+        // SAFETY: the child of a fork-like call leaves at once.
+        unsafe { libc::_exit(0) };
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    format!(
+        "{} on a {} thread: returned {r} (errno {errno})",
+        a.name,
+        kind.name()
+    )
+}
+
+/// `ember-uffd-handler --seccomp-self-test CALL`: once the handler has
+/// confined itself ([`confine_current_thread`]), makes the call `call`
+/// from [`FORBIDDEN`] or [`PERMITTED`] on its thread and says what it
+/// returned (a refused call ends the process instead).
+pub fn uffd_handler_self_test(call: &str) -> Result<String, String> {
+    Ok(make_call(attempt_named(call)?, ThreadKind::UffdHandler))
 }
 
 #[cfg(test)]

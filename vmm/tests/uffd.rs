@@ -60,15 +60,19 @@ struct HandlerProc {
 impl HandlerProc {
     /// Starts the handler and waits until it listens.
     fn start(sock: &Path, mem_file: &Path, prefault: bool) -> Self {
+        Self::start_with(sock, mem_file, if prefault { &["--prefault"] } else { &[] })
+    }
+
+    /// The same, with more arguments.
+    fn start_with(sock: &Path, mem_file: &Path, extra: &[&str]) -> Self {
         let mut cmd = Command::new(HANDLER);
         cmd.arg("--socket")
             .arg(sock)
             .arg("--mem-file")
-            .arg(mem_file);
-        if prefault {
-            cmd.arg("--prefault");
-        }
+            .arg(mem_file)
+            .args(extra);
         let mut child = cmd
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ember-uffd-handler");
@@ -208,6 +212,13 @@ fn handler_serves_faults_from_the_memory_file() {
         );
         assert_eq!(m.page_bytes(), 4096);
     }
+
+    // It serves under its seccomp filter; stray bytes from the VMM are
+    // read (and ignored) under it too.
+    handler.wait_line("seccomp filter installed");
+    let mut sock = backend.socket();
+    sock.write_all(b"junk").unwrap();
+    handler.wait_line("ignoring 4 unexpected bytes");
 
     let mem = Arc::new(mem);
     let (m2, s2, d2) = (mem.clone(), state.clone(), data.clone());
@@ -406,4 +417,72 @@ fn handler_rejects_bad_input_without_panicking() {
 
     let log = bad_vmm(|_| {});
     assert!(log.contains("without sending the memory mappings"), "{log}");
+}
+
+/// Starts a handler with `--seccomp-self-test CALL`, plays the VMM (so the
+/// handler sets up for real and confines itself), and returns its exit
+/// status, stdout and log.
+fn confined_call(call: &str) -> (ExitStatus, String, String) {
+    let state = GuestMemoryState {
+        regions: vec![MemoryRegionState {
+            base_address: 0,
+            size: 64 << 10,
+            file_offset: 0,
+        }],
+    };
+    let (_dir, sock, mem_file, _) = setup(state.total_size() as usize);
+    let mut handler = HandlerProc::start_with(&sock, &mem_file, &["--seccomp-self-test", call]);
+    let mut stdout = handler.child.stdout.take().unwrap();
+    let (mem, backend) = uffd_memory(&sock, &state);
+    let (status, log) = handler.wait_exit();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    drop((mem, backend));
+    (status, out, log)
+}
+
+/// Every call `seccomp::FORBIDDEN` lists for the handler, made by the real
+/// `ember-uffd-handler` after its real setup, under its real filter: each
+/// must end it with exit code 148 and the call logged. The calls
+/// `PERMITTED` to it go through.
+#[test]
+fn the_confined_handler_is_killed_for_every_forbidden_call() {
+    use ember_vmm::seccomp::{ThreadKind, FORBIDDEN, PERMITTED, SECCOMP_VIOLATION_EXIT};
+    let kind = ThreadKind::UffdHandler;
+    let mut rows = Vec::new();
+    let mut allowed = 0;
+    for a in FORBIDDEN.iter().filter(|a| a.kinds.contains(&kind)) {
+        let (status, out, log) = confined_call(a.name);
+        let killed = status.code() == Some(SECCOMP_VIOLATION_EXIT)
+            && log.contains(&format!(
+                "ember-uffd-handler: seccomp violation: syscall {} blocked",
+                a.nr
+            ))
+            && log.contains("seccomp filter installed");
+        if !killed {
+            allowed += 1;
+            eprintln!("NOT KILLED: {}: {status:?}\n{out}\n{log}", a.name);
+        }
+        rows.push(format!(
+            "{:<28} {}",
+            a.name,
+            if killed { "killed (148)" } else { "ALLOWED" }
+        ));
+    }
+    eprintln!("{}", rows.join("\n"));
+    eprintln!("{} attempts, {allowed} allowed", rows.len());
+    assert!(rows.len() > 40, "{}", rows.len());
+    assert_eq!(allowed, 0);
+
+    let mut permitted = 0;
+    for a in PERMITTED.iter().filter(|a| a.kinds.contains(&kind)) {
+        let (status, out, log) = confined_call(a.name);
+        assert!(status.success(), "{}: {status:?}\n{out}\n{log}", a.name);
+        assert!(
+            out.contains(a.name) && !out.contains("returned -1"),
+            "{out}"
+        );
+        permitted += 1;
+    }
+    assert!(permitted > 0);
 }

@@ -18,6 +18,9 @@ use crate::service::Cluster;
 use ember_lambda::error::ApiError;
 use ember_lambda::shapes::parse;
 
+/// The front door (SigV4 and body limits), for the fuzz target `sigv4`.
+#[cfg(feature = "fuzzing")]
+pub use auth::authenticate;
 pub use auth::{MAX_CODE_BODY, MAX_CONTROL_BODY, MAX_SYNC_PAYLOAD};
 
 /// Who made a request (from its verified signature).

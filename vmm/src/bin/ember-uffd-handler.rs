@@ -4,6 +4,12 @@
 //! mappings (JSON) with the userfaultfd attached, and copies each faulting
 //! page from `--mem-file`. `--prefault` copies all of guest memory first.
 //! It exits 0 when the VMM closes the connection, non-zero on any error.
+//!
+//! Once it has the VMM's connection, the userfaultfd and its mapping of the
+//! memory file, it confines itself with a seccomp filter
+//! (`ember_vmm::seccomp`, kind `UffdHandler`): polls, reads, page copies and
+//! nothing else; any other call ends it with exit code 148 and the call
+//! logged.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -16,6 +22,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use ember_vmm::seccomp;
 use ember_vmm::snapshot::uffd::{self, sys, GuestRegionUffdMapping};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
@@ -37,6 +44,14 @@ struct Args {
     /// Copy all guest memory before serving faults.
     #[arg(long)]
     prefault: bool,
+    /// Run without the seccomp filter (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: once set up and confined, make this call (a name from
+    /// ember_vmm::seccomp's FORBIDDEN or PERMITTED tables), print what it
+    /// returned and exit.
+    #[arg(long, hide = true)]
+    seccomp_self_test: Option<String>,
 }
 
 macro_rules! log {
@@ -87,6 +102,16 @@ fn run(args: &Args) -> Result<(), String> {
         mappings.len(),
         mappings.iter().map(|m| m.size).sum::<u64>()
     );
+    // Everything is open and mapped: from here on, only page service.
+    if !args.no_seccomp {
+        seccomp::confine_current_thread(seccomp::ThreadKind::UffdHandler)
+            .map_err(|e| format!("cannot confine this process: {e}"))?;
+        log!("seccomp filter installed");
+    }
+    if let Some(call) = &args.seccomp_self_test {
+        println!("{}", seccomp::uffd_handler_self_test(call)?);
+        return Ok(());
+    }
 
     let mut h = Handler {
         uffd,

@@ -546,8 +546,7 @@ fn transmission(
         }
         // A write's payload must be consumed whatever the answer.
         if req.kind == CMD_WRITE {
-            buf.resize(req.length as usize, 0);
-            r.read_exact(&mut buf)?;
+            read_payload(r, &mut buf, req.length)?;
         }
         // Shared gate from the check until the effect is on the image: a
         // fence waits for this request, or this request sees the fence.
@@ -602,8 +601,7 @@ fn transmission_read_only(
             return Err(invalid("request too large"));
         }
         if req.kind == CMD_WRITE {
-            buf.resize(req.length as usize, 0);
-            r.read_exact(&mut buf)?;
+            read_payload(r, &mut buf, req.length)?;
         }
         let error = match req.kind {
             CMD_READ | CMD_FLUSH => execute(o, o.size, &req, &mut buf),
@@ -617,6 +615,26 @@ fn transmission_read_only(
         w.flush()?;
     }
 }
+
+/// Reads a write's payload of `len` bytes into `buf`. The buffer grows
+/// with the bytes that arrive (past [`PAYLOAD_RESERVE`]), not with the
+/// length a header claims: a header alone does not make the server commit
+/// (and zero) up to [`MAX_PAYLOAD`] bytes.
+fn read_payload(r: &mut impl Read, buf: &mut Vec<u8>, len: u32) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(len.min(PAYLOAD_RESERVE) as usize);
+    let got = r.take(u64::from(len)).read_to_end(buf)?;
+    if got != len as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the connection ended in a write's payload",
+        ));
+    }
+    Ok(())
+}
+
+/// What a write's buffer is sized to before its payload arrives.
+const PAYLOAD_RESERVE: u32 = 1 << 20;
 
 /// Runs one request; the NBD error code (0: success).
 fn execute(o: &Opened, size: u64, req: &Request, buf: &mut Vec<u8>) -> u32 {
@@ -653,5 +671,36 @@ fn execute(o: &Opened, size: u64, req: &Request, buf: &mut Vec<u8>) -> u32 {
             log::warn!("nbd {}: I/O error: {e}", o.name);
             EIO
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write header claiming the most a payload may be, then 10 bytes
+    /// and the end: refused as a short payload, with a buffer sized by
+    /// what came (not 32 MiB committed and zeroed for a 28-byte header).
+    #[test]
+    fn a_claimed_payload_does_not_size_the_buffer() {
+        let mut buf = Vec::new();
+        let mut r: &[u8] = &[7u8; 10];
+        let e = read_payload(&mut r, &mut buf, MAX_PAYLOAD).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            buf.capacity() <= PAYLOAD_RESERVE as usize,
+            "{}",
+            buf.capacity()
+        );
+
+        // A whole payload is read as before, past the reserve too.
+        let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        let mut r: &[u8] = &data;
+        read_payload(&mut r, &mut buf, data.len() as u32).unwrap();
+        assert!(buf == data);
+        let mut r: &[u8] = b"abcdef";
+        read_payload(&mut r, &mut buf, 4).unwrap();
+        assert_eq!(buf, b"abcd");
+        assert_eq!(r, b"ef", "no more than the payload is read");
     }
 }
