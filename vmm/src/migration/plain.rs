@@ -48,11 +48,7 @@ impl PlainSource {
     /// The dirty bitmap since the last look, with `pending` added.
     fn dirty_with(&self, pending: &[Vec<u64>]) -> Vec<Vec<u64>> {
         let mut dirty = take_dirty_pages(&self.mem, &[]);
-        for (d, p) in dirty.iter_mut().zip(pending) {
-            for (w, pw) in d.iter_mut().zip(p) {
-                *w |= pw;
-            }
-        }
+        super::vmm_side::add_pages(&mut dirty, pending);
         dirty
     }
 }

@@ -61,11 +61,7 @@ impl SourceVm for VmmSource {
                         .capture_state(describe(vmm.guest_memory()))
                         .map_err(|e| e.to_string())?;
                     let mut dirty = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
-                    for (d, p) in dirty.iter_mut().zip(&pending) {
-                        for (w, pw) in d.iter_mut().zip(p) {
-                            *w |= pw;
-                        }
-                    }
+                    add_pages(&mut dirty, &pending);
                     let pages = copy_pages(vmm.guest_memory(), &dirty)?;
                     let state = crate::snapshot::format::encode(&state)?;
                     Ok(FinalCopy { pages, state })
@@ -99,11 +95,7 @@ impl SourceVm for VmmSource {
                         None => all_pages(vmm.guest_memory()),
                         Some(p) => {
                             let mut d = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
-                            for (d, p) in d.iter_mut().zip(&p) {
-                                for (w, pw) in d.iter_mut().zip(p) {
-                                    *w |= pw;
-                                }
-                            }
+                            add_pages(&mut d, &p);
                             d
                         }
                     };
@@ -147,6 +139,15 @@ impl SourceVm for VmmSource {
     fn handed_over(&mut self) {
         if self.tasks.run(|c, _| c.set_migrated_away()).is_err() {
             log::warn!("migration: the VMM thread is gone");
+        }
+    }
+}
+
+/// Adds the pages of `pending` to `dirty` (a bitmap per region each).
+pub(crate) fn add_pages(dirty: &mut [Vec<u64>], pending: &[Vec<u64>]) {
+    for (d, p) in dirty.iter_mut().zip(pending) {
+        for (w, pw) in d.iter_mut().zip(p) {
+            *w |= pw;
         }
     }
 }
