@@ -106,17 +106,7 @@ impl Dir {
     pub fn mkdir(&self, name: &str, mode: u32) -> io::Result<Dir> {
         check_name(name)?;
         nix::sys::stat::mkdirat(&self.fd, name, Mode::from_bits_truncate(mode)).map_err(err)?;
-        let fd = open_in(
-            self.fd.as_fd(),
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            0,
-            has_openat2(),
-        )?;
-        let d = Dir {
-            fd,
-            path: self.path.join(name),
-        };
+        let d = self.subdir(name)?;
         // Whatever the umask took away.
         d.chmod(mode)?;
         Ok(d)
