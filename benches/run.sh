@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Ember benchmark with fresh release binaries, printing numbers:
 # VMM start-up, boot to agent, VMM memory overhead, snapshot create,
-# restore latency and the memory of clones; emberd's invoke latency (warm,
+# restore latency and the memory of clones; restore to the first answer
+# with a connect-once client; emberd's invoke latency (warm,
 # restored, fresh boot), throughput and memory per warm instance;
 # virtio-net throughput and TCP latency with and without connection
 # tracking (Debian's iperf3 in the guest and on the host); block I/O with

@@ -35,7 +35,8 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 
 /// Resident memory of a process in KiB: (all mappings, guest memory).
 /// Guest memory is the anonymous mapping of exactly `guest_bytes` (named
-/// `[anon:ember-guest-memory]` where the host kernel supports VMA names).
+/// `[anon:ember-guest-memory]` where the host kernel supports VMA names),
+/// or the mapping of a snapshot's memory file of that size.
 pub fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut total = 0;
@@ -50,8 +51,11 @@ pub fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
             // "start-end perms offset dev inode [path]"
             let len = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
             let path = fields.get(5).copied().unwrap_or("");
-            cur_is_guest =
-                len == guest_bytes && (path.is_empty() || path == "[anon:ember-guest-memory]");
+            // A restore's File backend maps the memory file instead.
+            cur_is_guest = len == guest_bytes
+                && (path.is_empty()
+                    || path == "[anon:ember-guest-memory]"
+                    || path.starts_with('/'));
         } else if *first == "Rss:" {
             let kib: u64 = fields.get(1)?.parse().ok()?;
             total += kib;

@@ -207,6 +207,32 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Ends the connection cleanly: stops sending, then waits (at most
+    /// `timeout`) for the agent to close its side. A snapshot taken after
+    /// this holds no half-closed connection, so its restores have none to
+    /// end. Returns whether the agent closed in time.
+    pub fn close(self, timeout: Duration) -> bool {
+        if self.stream.shutdown(std::net::Shutdown::Write).is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut stream = &self.stream;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return false;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => return true,
+                // Anything the agent still sends is of no use now.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// The underlying stream.
     pub fn stream(&self) -> &UnixStream {
         &self.stream

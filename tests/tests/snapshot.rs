@@ -412,3 +412,46 @@ fn a_clone_fills_its_root_disk_from_an_export_while_it_runs() {
     let r = vmm.request("GET", "/drives/nope/fill", None);
     assert_eq!(r.status, 400, "{r:?}");
 }
+
+/// The first object under `key` anywhere in `v`.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|v| find_key(v, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|v| find_key(v, key)),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_clone_answers_its_first_connection_without_a_retry() {
+    let g = golden();
+    // The golden was snapshotted after its agent connection closed cleanly
+    // (as emberd does): its vsock state lists no connection to end.
+    let bytes = std::fs::read(&g.snapshot).unwrap();
+    // The payload follows magic (8), version (4), length (8) and CRC (8).
+    let state: serde_json::Value = serde_json::from_slice(&bytes[28..]).unwrap();
+    let listed = find_key(&state, "host_connections").expect("vsock host_connections");
+    assert_eq!(listed["ports"], json!([]), "{listed}");
+
+    // One connection, made as soon as the load returns, and no retry: a
+    // restore must neither hold it back nor let the guest refuse it.
+    for _ in 0..3 {
+        let vmm = VmmProcess::spawn(&[]);
+        let uds = vmm.path("vsock.sock");
+        let r = vmm.put(
+            "/snapshot/load",
+            &json!({"snapshot_path": g.snapshot,
+                    "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                    "vsock_override": {"uds_path": uds},
+                    "resume_vm": true}),
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+        let mut agent = AgentClient::connect(&uds, AGENT_PORT, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("first connection: {e}; {}", vmm.logs()));
+        agent
+            .health()
+            .unwrap_or_else(|e| panic!("first request: {e}; {}", vmm.logs()));
+    }
+}

@@ -13,6 +13,9 @@ use tokio::sync::{oneshot, watch};
 use super::api_client::{self, ApiError};
 use crate::net::{InstanceNet, NetManager, NetRequest};
 
+/// Longest wait for the agent to close its side of a connection we end.
+const AGENT_CLOSE: Duration = Duration::from_secs(5);
+
 /// How VMM processes are started.
 #[derive(Debug, Clone)]
 pub struct LaunchConfig {
@@ -1148,12 +1151,18 @@ impl Instance {
         }
     }
 
-    /// Closes the agent connection (before a snapshot: clones would
-    /// otherwise wake up with a connection whose host end is gone).
+    /// Closes the agent connection cleanly (before a snapshot: clones
+    /// would otherwise wake up with a connection whose host end is gone,
+    /// which their restore must first end).
     pub async fn close_agent(&self) {
         let slot = self.agent.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let agent = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(agent) = agent {
+                if !agent.close(AGENT_CLOSE) {
+                    log::debug!("the agent did not close its connection within {AGENT_CLOSE:?}");
+                }
+            }
         })
         .await;
     }

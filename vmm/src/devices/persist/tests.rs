@@ -220,7 +220,19 @@ fn block_state_with_bad_queue_address_is_refused() {
 }
 
 #[test]
-fn vsock_restored_resets_the_guest_transport() {
+fn vsock_restored_from_an_older_state_resets_the_guest_transport() {
+    vsock_restore(false);
+}
+
+#[test]
+fn vsock_restored_from_a_state_listing_connections_sends_no_reset() {
+    vsock_restore(true);
+}
+
+/// Saves a vsock device and restores it, from the state as saved (which
+/// lists the host's connections: none here) or from it as an older VMM
+/// wrote it, without the list.
+fn vsock_restore(listed: bool) {
     let mem = test_mem();
     let dir = TempDir::new().unwrap();
     let uds = dir.as_path().join("v.sock");
@@ -244,14 +256,22 @@ fn vsock_restored_resets_the_guest_transport() {
     evq.add_chain(&[wr(ev_buf + 0x100, 4)]);
 
     let t = Arc::new(Mutex::new(t));
-    let saved = json(&save_virtio(&[(
+    let mut saved = json(&save_virtio(&[(
         VirtioDeviceHandle::Vsock(vsock.clone()),
         t,
     )]));
-    let VirtioDeviceState::Vsock(vs) = &saved[0].device else {
+    let VirtioDeviceState::Vsock(vs) = &mut saved[0].device else {
         panic!("not a vsock state");
     };
     assert_eq!((vs.guest_cid, vs.uds_path.as_path()), (7, uds.as_path()));
+    assert_eq!(
+        vs.host_connections.as_ref().map(|h| h.ports.len()),
+        Some(0),
+        "no connection was made"
+    );
+    if !listed {
+        vs.host_connections = None;
+    }
     drop(vsock);
 
     let uds2 = dir.as_path().join("clone.sock");
@@ -264,6 +284,15 @@ fn vsock_restored_resets_the_guest_transport() {
     let VirtioDeviceHandle::Vsock(vsock2) = dev else {
         panic!("expected vsock");
     };
+    if listed {
+        // Nothing to reset: the event queue is untouched, the guest is not
+        // interrupted, and connections are not held back.
+        assert_eq!(evq.used_idx(), 0);
+        assert_eq!(r(&mut t2, INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, 0);
+        assert_eq!(t2.state().queues[2].next_used, 0);
+        UnixStream::connect(&uds2).unwrap();
+        return;
+    }
     // The transport reset went out on the restored event queue.
     assert_eq!(evq.used_idx(), 1);
     assert_eq!(evq.used_elem(0), (u32::from(head), 4));

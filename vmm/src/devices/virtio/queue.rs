@@ -2,7 +2,10 @@
 //! popping chains with correct notification suppression (with or without
 //! VIRTIO_RING_F_EVENT_IDX) and deciding when to interrupt the guest.
 
+use std::sync::atomic::Ordering;
+
 use virtio_queue::{DescriptorChain, Error, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{Interrupt, Mem};
 
@@ -64,4 +67,27 @@ pub(crate) fn notify(queue: &mut Queue, mem: &Mem, interrupt: &Interrupt) {
     if queue.needs_notification(mem).unwrap_or(true) {
         interrupt.signal_used();
     }
+}
+
+/// Asks the driver to kick the device the next time it makes a buffer
+/// available, however many buffers it has already made available.
+///
+/// `enable_notification` is not enough with VIRTIO_RING_F_EVENT_IDX: it
+/// sets `avail_event` to the device's own position, so while buffers the
+/// device has not consumed remain (the vsock event queue keeps eight), the
+/// avail index is already past it and the driver's next add does not kick
+/// (`vring_need_event(event, new, old)` is false). Setting `avail_event` to
+/// the current avail index makes exactly the next add kick.
+pub(crate) fn kick_on_next_add(queue: &mut Queue, mem: &Mem) -> Result<(), Error> {
+    if !queue.event_idx_enabled() {
+        return queue.enable_notification(mem).map(drop);
+    }
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+    // The used ring: flags (2), idx (2), `size` elements of 8, then avail_event.
+    let at = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(Error::AddressOverflow)?;
+    mem.store(avail.0.to_le(), GuestAddress(at), Ordering::Release)
+        .map_err(Error::GuestMemory)
 }

@@ -14,7 +14,7 @@ use crate::devices::virtio::net::NetState;
 use crate::devices::virtio::queue::{drain, notify};
 use crate::devices::virtio::test_utils::{r, rd, test_mem, w, TestQueue};
 use crate::devices::virtio::vhost_user_block::VhostUserBlockState;
-use crate::devices::virtio::vsock::VsockState;
+use crate::devices::virtio::vsock::{HostConnections, VsockState};
 use crate::devices::virtio::{
     status, virtio_common_accessors, MmioTransport, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
@@ -251,11 +251,23 @@ fn device_states_keep_their_json_shape() {
     let vsock = VsockState {
         guest_cid: 3,
         uds_path: "/v.sock".into(),
+        host_connections: Some(HostConnections {
+            ports: vec![(1 << 30, 52)],
+            next_local_port: (1 << 30) + 1,
+        }),
         common,
     };
-    let expect = r#"{"guest_cid":3,"uds_path":"/v.sock","acked_features":5}"#;
+    let expect = r#"{"guest_cid":3,"uds_path":"/v.sock","host_connections":{"ports":[[1073741824,52]],"next_local_port":1073741825},"acked_features":5}"#;
     assert_eq!(serde_json::to_string(&vsock).unwrap(), expect);
     assert_eq!(serde_json::from_str::<VsockState>(expect).unwrap(), vsock);
+    // A snapshot from before the field: its connections are unknown.
+    let old = r#"{"guest_cid":3,"uds_path":"/v.sock","acked_features":5}"#;
+    assert_eq!(
+        serde_json::from_str::<VsockState>(old)
+            .unwrap()
+            .host_connections,
+        None
+    );
 
     let iface: NetworkInterfaceConfig =
         serde_json::from_str(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#).unwrap();

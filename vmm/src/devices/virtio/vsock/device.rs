@@ -10,10 +10,10 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::muxer::Muxer;
+use super::muxer::{HostConnections, Muxer};
 use super::packet::{self, HDR_LEN, VSOCK_EVENT_TRANSPORT_RESET};
 use super::{VsockError, EVT_QUEUE, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::queue::{drain, notify, pop, pop_or_enable};
+use crate::devices::virtio::queue::{drain, kick_on_next_add, notify, pop, pop_or_enable};
 use crate::devices::virtio::{
     read_config_bytes, virtio_common_accessors, VirtioCommon, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -34,6 +34,9 @@ pub struct Vsock {
     reset_pending: Option<(Wrapping<u16>, Instant)>,
     /// Wakes the device thread when the grace period above ends.
     reset_timer: TimerFd,
+    /// Set by a restore from a state that does not list the guest's
+    /// connections (an older snapshot): only a transport reset ends them.
+    pub(super) reset_after_restore: bool,
 }
 
 /// How long delivery waits for the guest to process a transport reset.
@@ -64,6 +67,7 @@ impl Vsock {
             tx_payload: Vec::with_capacity(MAX_PKT_DATA),
             reset_pending: None,
             reset_timer: TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?,
+            reset_after_restore: true,
         })
     }
 
@@ -73,6 +77,18 @@ impl Vsock {
 
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
+    }
+
+    pub(super) fn saved_connections(&self) -> HostConnections {
+        self.muxer.saved_connections()
+    }
+
+    pub(super) fn restore_connections(&mut self, saved: &HostConnections) -> bool {
+        self.muxer.restore_connections(saved)
+    }
+
+    pub(super) fn skip_unknown_ports(&mut self) {
+        self.muxer.skip_unknown_ports();
     }
 
     /// Number of live guest<->host connections.
@@ -119,9 +135,10 @@ impl Vsock {
             return;
         }
         let avail = queue.avail_idx(mem, Ordering::Acquire).unwrap_or_default();
-        // Ask for a kick when the guest re-posts the buffer (EVENT_IDX
-        // would otherwise let it skip one): that is our sign the reset is done.
-        if let Err(e) = queue.enable_notification(mem) {
+        // Ask for a kick when the guest re-posts the buffer: that is our
+        // sign the reset is done. Before the interrupt, so the re-post
+        // cannot come first.
+        if let Err(e) = kick_on_next_add(queue, mem) {
             log::debug!("vsock: event queue notification: {e}");
         }
         notify(queue, mem, &active.interrupt);
@@ -141,11 +158,21 @@ impl Vsock {
                 .avail_idx(&a.mem, Ordering::Acquire)
                 .is_ok_and(|now| now != avail_then)
         });
-        if refilled || since.elapsed() >= RESET_GRACE {
-            self.reset_pending = None;
-            return false;
+        if refilled {
+            log::info!(
+                "vsock: the guest handled the transport reset in {:?}",
+                since.elapsed()
+            );
+        } else if since.elapsed() >= RESET_GRACE {
+            log::warn!(
+                "vsock: no event buffer re-posted within {RESET_GRACE:?} of the transport \
+                 reset; delivering to the guest anyway"
+            );
+        } else {
+            return true;
         }
-        true
+        self.reset_pending = None;
+        false
     }
 
     /// Hands every packet the guest queued to the muxer.
@@ -246,10 +273,12 @@ impl VirtioDevice for Vsock {
         self.common.kick(RX_QUEUE);
     }
 
-    /// The guest's connections died with the old VMM: tell its driver, so
-    /// it drops them and its agent reconnects.
+    /// The guest's connections died with the old VMM. A state that listed
+    /// them has queued a RST for each (sent with the RX work `on_activate`
+    /// kicked); otherwise tell the driver with a transport reset, so it
+    /// drops them all.
     fn after_restore(&mut self) {
-        if self.common.is_activated() {
+        if self.common.is_activated() && self.reset_after_restore {
             self.send_transport_reset();
         }
     }

@@ -16,6 +16,7 @@ mod persist;
 mod tests;
 
 pub use device::Vsock;
+pub use muxer::HostConnections;
 pub use persist::VsockState;
 
 /// The host's CID as seen by the guest.

@@ -12,6 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events};
+use serde::{Deserialize, Serialize};
 
 use super::connection::{ConnState, Connection, Produced};
 use super::packet::*;
@@ -40,6 +41,15 @@ struct Handshake {
 struct Zombie {
     stream: UnixStream,
     registered: bool,
+}
+
+/// The host's side of a guest's vsock connections as a snapshot keeps it:
+/// the (host port, guest port) of every connection and of every RST not yet
+/// delivered, and the next host port to hand out.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostConnections {
+    pub ports: Vec<(u32, u32)>,
+    pub next_local_port: u32,
 }
 
 pub(crate) struct Muxer {
@@ -79,6 +89,45 @@ impl Muxer {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// What a snapshot keeps of the host's side of the connections.
+    pub fn saved_connections(&self) -> HostConnections {
+        let mut ports: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        ports.extend(self.rst_q.iter().map(|h| (h.src_port, h.dst_port)));
+        ports.sort_unstable();
+        ports.dedup();
+        HostConnections {
+            ports,
+            next_local_port: self.next_local_port,
+        }
+    }
+
+    /// After a restore, ends every connection the guest may still hold
+    /// with its own RST (the host ends died with the old VMM), queued
+    /// before anything else for the guest, and allocates new local ports
+    /// after the saved ones. Returns false, changing nothing, when there
+    /// are more than a live muxer could have had.
+    pub fn restore_connections(&mut self, saved: &HostConnections) -> bool {
+        if saved.ports.len() > MAX_CONNECTIONS + MAX_PENDING_RST {
+            return false;
+        }
+        self.next_local_port = saved.next_local_port.max(FIRST_LOCAL_PORT);
+        for &(local_port, peer_port) in &saved.ports {
+            self.rst_q.push_back(self.rst_header(local_port, peer_port));
+        }
+        true
+    }
+
+    /// After a restore from a state that does not say which host ports the
+    /// guest has seen: hand out ports from a point unlikely to have been
+    /// used. The guest keeps a closed connection's socket for a while, and
+    /// a new REQUEST from the same host port would meet it and be refused.
+    pub fn skip_unknown_ports(&mut self) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        self.next_local_port = FIRST_LOCAL_PORT + nanos % (1 << 29);
     }
 
     /// Something is waiting for a guest RX buffer.
@@ -243,7 +292,11 @@ impl Muxer {
             crate::guest_warn!("vsock: too many pending RSTs, dropping one");
             return;
         }
-        self.rst_q.push_back(VsockHeader {
+        self.rst_q.push_back(self.rst_header(local_port, peer_port));
+    }
+
+    fn rst_header(&self, local_port: u32, peer_port: u32) -> VsockHeader {
+        VsockHeader {
             src_cid: VSOCK_HOST_CID,
             dst_cid: self.guest_cid,
             src_port: local_port,
@@ -251,7 +304,7 @@ impl Muxer {
             type_: VSOCK_TYPE_STREAM,
             op: VSOCK_OP_RST,
             ..Default::default()
-        });
+        }
     }
 
     /// Closes the connection with a RST if both directions are finished.

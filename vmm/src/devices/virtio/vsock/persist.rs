@@ -1,11 +1,13 @@
-//! Snapshot and restore of a vsock device. Connections are not saved: the
-//! restored device sends the guest a transport reset instead (see
-//! `after_restore`). Queues are saved by the transport.
+//! Snapshot and restore of a vsock device. Connections cannot be saved
+//! (their host ends are sockets of the old VMM): the state lists their
+//! ports, and the restored device ends each with a RST before anything
+//! else reaches the guest. Queues are saved by the transport.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::muxer::HostConnections;
 use super::{Vsock, VsockError};
 use crate::devices::virtio::{VirtioCommonState, VirtioDevice};
 
@@ -13,6 +15,11 @@ use crate::devices::virtio::{VirtioCommonState, VirtioDevice};
 pub struct VsockState {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+    /// The host's side of the guest's connections. A restore ends each of
+    /// them with a RST of its own, so connections made after it need not
+    /// wait; a snapshot without it (older) gets a transport reset instead.
+    #[serde(default)]
+    pub host_connections: Option<HostConnections>,
     #[serde(flatten)]
     pub common: VirtioCommonState,
 }
@@ -22,6 +29,7 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid(),
             uds_path: self.uds_path().to_path_buf(),
+            host_connections: Some(self.saved_connections()),
             common: self.common().state(),
         }
     }
@@ -38,6 +46,13 @@ impl Vsock {
         let path = uds_path_override.map_or_else(|| state.uds_path.clone(), PathBuf::from);
         let mut vsock = Vsock::with_uds_path(cid, path)?;
         vsock.common_mut().restore(&state.common)?;
+        vsock.reset_after_restore = !state
+            .host_connections
+            .as_ref()
+            .is_some_and(|saved| vsock.restore_connections(saved));
+        if vsock.reset_after_restore {
+            vsock.skip_unknown_ports();
+        }
         Ok(vsock)
     }
 }

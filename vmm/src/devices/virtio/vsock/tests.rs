@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use virtio_queue::{Queue, QueueOwnedT, Reader};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::packet::*;
@@ -65,14 +65,34 @@ fn vsock_config(uds: &Path) -> VsockConfig {
 
 impl<'a> Guest<'a> {
     fn new(mem: &'a Mem) -> Guest<'a> {
+        Guest::with_event_idx(mem, false)
+    }
+
+    /// A guest whose driver negotiated VIRTIO_RING_F_EVENT_IDX (as Linux's does).
+    fn with_event_idx(mem: &'a Mem, event_idx: bool) -> Guest<'a> {
         let dir = TempDir::new().unwrap();
         let uds = dir.as_path().join("v.sock");
+        let dev = Vsock::new(&vsock_config(&uds)).unwrap();
+        Guest::build(mem, event_idx, dev, uds, dir)
+    }
+
+    /// A guest for `dev` (e.g. a restored device, listening where it was).
+    fn with_device(mem: &'a Mem, event_idx: bool, dev: Vsock, dir: TempDir) -> Guest<'a> {
+        let uds = dev.uds_path().to_path_buf();
+        Guest::build(mem, event_idx, dev, uds, dir)
+    }
+
+    fn build(mem: &'a Mem, event_idx: bool, dev: Vsock, uds: PathBuf, dir: TempDir) -> Guest<'a> {
         let rxq = TestQueue::new(mem, 0, 64);
         let txq = TestQueue::new(mem, 0x4000, 64);
         let evq = TestQueue::new(mem, 0x8000, 64);
-        let dev = Arc::new(Mutex::new(Vsock::new(&vsock_config(&uds)).unwrap()));
+        let dev = Arc::new(Mutex::new(dev));
         let interrupt = Arc::new(Interrupt::new().unwrap());
-        let queues: Vec<Queue> = vec![rxq.create_queue(), txq.create_queue(), evq.create_queue()];
+        let mut queues: Vec<Queue> =
+            vec![rxq.create_queue(), txq.create_queue(), evq.create_queue()];
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
         dev.lock()
             .unwrap()
             .activate(mem.clone(), interrupt, queues)
@@ -490,6 +510,64 @@ fn guest_overrunning_credit_is_reset() {
 }
 
 #[test]
+fn a_restore_ends_the_saved_connections_with_rsts_before_anything_else() {
+    let mem = test_mem();
+    let saved = {
+        let mut g = Guest::new(&mem);
+        g.rx_buffers(4);
+        let none = g.dev.lock().unwrap().state().host_connections.unwrap();
+        assert_eq!(none.ports, []);
+        let (_host, port) = g.host_connect(5);
+        let saved = g.dev.lock().unwrap().state();
+        let listed = saved.host_connections.as_ref().unwrap();
+        assert_eq!(listed.ports, [(port, 5)]);
+        assert_eq!(listed.next_local_port, port + 1);
+        saved
+    };
+    // The restored device: its guest still holds connection (port, 5).
+    let dir = TempDir::new().unwrap();
+    let uds = dir.as_path().join("clone.sock");
+    let dev = Vsock::restore(&saved, uds.to_str()).unwrap();
+    assert!(!dev.reset_after_restore);
+    let mut g = Guest::with_device(&mem, true, dev, dir);
+    g.rx_buffers(4);
+    let (old_port, _) = saved.host_connections.as_ref().unwrap().ports[0];
+    // A host connection made at once is answered without waiting.
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 5\n").unwrap();
+    let (rst, _) = g.recv();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (VSOCK_OP_RST, old_port, 5)
+    );
+    let (req, _) = g.recv();
+    assert_eq!(req.op, VSOCK_OP_REQUEST);
+    assert_ne!(
+        req.src_port, old_port,
+        "a new connection reuses a saved port"
+    );
+    // No transport reset event.
+    assert_eq!(g.evq.used_idx(), 0);
+}
+
+#[test]
+fn a_restore_from_an_older_state_hands_out_host_ports_the_guest_has_not_seen() {
+    let mem = test_mem();
+    let mut saved = Guest::new(&mem).dev.lock().unwrap().state();
+    saved.host_connections = None;
+    let dir = TempDir::new().unwrap();
+    let uds = dir.as_path().join("clone.sock");
+    let dev = Vsock::restore(&saved, uds.to_str()).unwrap();
+    assert!(dev.reset_after_restore);
+    let mut g = Guest::with_device(&mem, false, dev, dir);
+    g.rx_buffers(4);
+    // The old VMM's first connection came from the first host port; the
+    // guest may still hold its socket.
+    let (_host, port) = g.host_connect(52);
+    assert_ne!(port, 1 << 30);
+}
+
+#[test]
 fn transport_reset_event_drops_connections() {
     let mem = test_mem();
     let mut g = Guest::new(&mem);
@@ -511,6 +589,45 @@ fn transport_reset_event_drops_connections() {
 }
 
 const RESET_GRACE_FOR_TESTS: Duration = Duration::from_millis(900);
+
+/// Linux's `vring_need_event`: whether a driver that moved the avail index
+/// from `old` to `new` kicks, given the device's `avail_event`.
+fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[test]
+fn the_guest_re_posting_its_event_buffer_after_a_reset_kicks_the_device() {
+    let mem = test_mem();
+    let mut g = Guest::with_event_idx(&mem, true);
+    g.rx_buffers(4);
+    // Linux's driver keeps eight event buffers posted.
+    for i in 0..8 {
+        g.evq.add_chain(&[wr(0xA0_0000 + 8 * i, 4)]);
+    }
+    g.dev.lock().unwrap().send_transport_reset();
+    assert_eq!(g.evq.used_idx(), 1);
+    // The guest handles the reset and re-posts the buffer, kicking only if
+    // EVENT_IDX says the device asked for it (as the driver does).
+    let old = g.evq.avail_idx();
+    g.evq.add_chain(&[wr(0xA0_0000, 4)]);
+    let kicked = vring_need_event(g.evq.avail_event(), g.evq.avail_idx(), old);
+    assert!(
+        kicked,
+        "avail_event {} does not ask for the re-post ({old} -> {})",
+        g.evq.avail_event(),
+        g.evq.avail_idx()
+    );
+    g.kick(EVT_QUEUE);
+    // A host connection is then delivered at once, not after the grace.
+    let started = Instant::now();
+    let (_host, _) = g.host_connect(4);
+    assert!(
+        started.elapsed() < RESET_GRACE_FOR_TESTS / 2,
+        "{:?}",
+        started.elapsed()
+    );
+}
 
 #[test]
 fn connection_requests_wait_for_the_guest_to_handle_a_reset() {

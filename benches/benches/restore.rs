@@ -1,0 +1,164 @@
+//! `cargo bench -p ember-benches --bench restore`: restore to the guest's
+//! first answer, as a caller of a cold start sees it (issue "Restore to
+//! first answer"). One guest is booted and snapshotted twice:
+//! - *with a host connection open*: the restore must reset the guest's
+//!   vsock transport, and connections wait until the guest has handled it;
+//! - *quiet* (taken 2 s after the last connection closed, as emberd's
+//!   pools do): there is nothing to reset.
+//!
+//! Each case restores `RESTORES` times (File backend, resumed by the load)
+//! with a plain client: it connects to the vsock socket once (`CONNECT 52`)
+//! right after `PUT /snapshot/load` returns and asks the agent for
+//! `health`; only a connection that gets no answer within 1 s is retried.
+//! With `EMBER_BENCH_BASELINE_VMM=<path>` (e.g. an older ember-vmm build),
+//! each case is also restored by that binary, alternating, and the table
+//! gives the ratio. Prints a table; asserts nothing.
+
+use std::time::{Duration, Instant};
+
+use ember_agent::client::AgentClient;
+use ember_agent::AGENT_PORT;
+use ember_benches::{percentile, rss_split};
+use ember_tests::snapshots::{boot_and_snapshot, pause, snapshot_paused};
+use ember_tests::VmmProcess;
+use serde_json::json;
+
+const RESTORES: usize = 20;
+const MEM_MIB: u32 = 128;
+const ATTEMPT: Duration = Duration::from_secs(1);
+
+struct Sample {
+    load: Duration,
+    answer: Duration,
+    retries: u32,
+    vmm_kib: u64,
+}
+
+fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
+    let vmm = VmmProcess::spawn(&[]);
+    let uds = vmm.path("vsock.sock");
+    let t = Instant::now();
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "vsock_override": {"uds_path": uds},
+                "resume_vm": true}),
+    );
+    let load = t.elapsed();
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let mut retries = 0;
+    loop {
+        let answered = AgentClient::connect(&uds, AGENT_PORT, ATTEMPT).and_then(|mut a| a.health());
+        if answered.is_ok() {
+            break;
+        }
+        retries += 1;
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no answer: {answered:?}"
+        );
+    }
+    let answer = t.elapsed() - load;
+    if std::env::var_os("EMBER_BENCH_VSOCK_LOG").is_some() {
+        for l in vmm.logs().lines().filter(|l| l.contains("vsock")) {
+            eprintln!("  vmm: {l}");
+        }
+    }
+    let guest_bytes = u64::from(MEM_MIB) << 20;
+    let vmm_kib = rss_split(vmm.pid(), guest_bytes).map_or(0, |(all, guest)| all - guest);
+    Sample {
+        load,
+        answer,
+        retries,
+        vmm_kib,
+    }
+}
+
+/// A table row; with `ours`, the last column is this row's p50 over ours.
+fn row(case: &str, samples: &[Sample], ours: Option<&[Sample]>) -> String {
+    let load: Vec<_> = samples.iter().map(|s| s.load).collect();
+    let answer: Vec<_> = samples.iter().map(|s| s.answer).collect();
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+    let retries: u32 = samples.iter().map(|s| s.retries).sum();
+    let mut kib: Vec<u64> = samples.iter().map(|s| s.vmm_kib).collect();
+    kib.sort_unstable();
+    let p50 = |s: &[Sample]| percentile(&s.iter().map(|s| s.answer).collect::<Vec<_>>(), 50.0);
+    let ratio = ours.map_or("1".to_string(), |o| {
+        format!(
+            "{:.2}",
+            p50(samples).as_secs_f64() / p50(o).as_secs_f64().max(1e-9)
+        )
+    });
+    format!(
+        "| {case} | {} | {} | {} | {} | {} | {retries} | {:.1} | {ratio} |",
+        ms(percentile(&load, 50.0)),
+        ms(percentile(&answer, 50.0)),
+        ms(percentile(&answer, 99.0)),
+        ms(answer.iter().min().copied().unwrap_or_default()),
+        ms(answer.iter().max().copied().unwrap_or_default()),
+        kib[kib.len() / 2] as f64 / 1024.0,
+    )
+}
+
+fn main() {
+    let g = boot_and_snapshot(1, MEM_MIB);
+    // boot_and_snapshot's VM is gone; restore it once more to take the two
+    // snapshots this bench compares.
+    let vmm = VmmProcess::spawn(&[]);
+    let uds = vmm.path("vsock.sock");
+    let r = vmm.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": g.snapshot,
+                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
+                "vsock_override": {"uds_path": uds},
+                "resume_vm": true}),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let mut agent = ember_tests::snapshots::connect_restored(&vmm);
+    agent.health().expect("health");
+    pause(&vmm);
+    let (_d1, open_snap, open_mem, _) = snapshot_paused(&vmm, "ember-restore-open-");
+    let r = vmm.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(r.status, 204, "{r:?}");
+    agent.health().expect("health after resume");
+    drop(agent);
+    std::thread::sleep(Duration::from_secs(2));
+    pause(&vmm);
+    let (_d2, quiet_snap, quiet_mem, _) = snapshot_paused(&vmm, "ember-restore-quiet-");
+    drop(vmm);
+
+    let ours = ember_tests::artifacts::workspace_bin("ember-vmm");
+    let baseline = std::env::var_os("EMBER_BENCH_BASELINE_VMM").map(std::path::PathBuf::from);
+    let mut rows = Vec::new();
+    for (case, snap, mem) in [
+        ("host connection open at snapshot", &open_snap, &open_mem),
+        ("no connection at snapshot", &quiet_snap, &quiet_mem),
+    ] {
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        for _ in 0..RESTORES {
+            std::env::set_var("EMBER_EMBER_VMM_BIN", &ours);
+            mine.push(restore_once(snap, mem));
+            if let Some(b) = &baseline {
+                std::env::set_var("EMBER_EMBER_VMM_BIN", b);
+                theirs.push(restore_once(snap, mem));
+            }
+        }
+        rows.push(row(&format!("{case}: this ember-vmm"), &mine, None));
+        if !theirs.is_empty() {
+            rows.push(row(&format!("{case}: baseline"), &theirs, Some(&mine)));
+        }
+    }
+    println!(
+        "\nrestore to first answer: {RESTORES} restores per case, 1 vCPU, {MEM_MIB} MiB, File \
+         backend, connect once (retry after {ATTEMPT:?} without an answer)\n"
+    );
+    println!(
+        "| case | load p50 ms | load->answer p50 ms | p99 | min | max | retries | VMM RSS beyond guest MiB | answer p50 / ours |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}
