@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ember_agent::client::AgentClient;
 use ember_agent::AGENT_PORT;
-use ember_benches::{percentile, rss_split};
+use ember_benches::{own_anonymous, percentile, rss_split};
 use ember_tests::snapshots::{boot_and_snapshot, pause, snapshot_paused};
 use ember_tests::VmmProcess;
 use serde_json::json;
@@ -31,7 +31,10 @@ struct Sample {
     load: Duration,
     answer: Duration,
     retries: u32,
+    /// Resident beyond guest memory, code included.
     vmm_kib: u64,
+    /// Anonymous beyond guest memory: the VMM's own per-process cost.
+    anon_kib: u64,
 }
 
 fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
@@ -67,11 +70,13 @@ fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
     }
     let guest_bytes = u64::from(MEM_MIB) << 20;
     let vmm_kib = rss_split(vmm.pid(), guest_bytes).map_or(0, |(all, guest)| all - guest);
+    let anon_kib = own_anonymous(vmm.pid(), guest_bytes).unwrap_or(0);
     Sample {
         load,
         answer,
         retries,
         vmm_kib,
+        anon_kib,
     }
 }
 
@@ -81,8 +86,11 @@ fn row(case: &str, samples: &[Sample], ours: Option<&[Sample]>) -> String {
     let answer: Vec<_> = samples.iter().map(|s| s.answer).collect();
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
     let retries: u32 = samples.iter().map(|s| s.retries).sum();
-    let mut kib: Vec<u64> = samples.iter().map(|s| s.vmm_kib).collect();
-    kib.sort_unstable();
+    let median = |f: fn(&Sample) -> u64| {
+        let mut v: Vec<u64> = samples.iter().map(f).collect();
+        v.sort_unstable();
+        v[v.len() / 2] as f64 / 1024.0
+    };
     let p50 = |s: &[Sample]| percentile(&s.iter().map(|s| s.answer).collect::<Vec<_>>(), 50.0);
     let ratio = ours.map_or("1".to_string(), |o| {
         format!(
@@ -91,13 +99,14 @@ fn row(case: &str, samples: &[Sample], ours: Option<&[Sample]>) -> String {
         )
     });
     format!(
-        "| {case} | {} | {} | {} | {} | {} | {retries} | {:.1} | {ratio} |",
+        "| {case} | {} | {} | {} | {} | {} | {retries} | {:.1} | {:.2} | {ratio} |",
         ms(percentile(&load, 50.0)),
         ms(percentile(&answer, 50.0)),
         ms(percentile(&answer, 99.0)),
         ms(answer.iter().min().copied().unwrap_or_default()),
         ms(answer.iter().max().copied().unwrap_or_default()),
-        kib[kib.len() / 2] as f64 / 1024.0,
+        median(|s| s.vmm_kib),
+        median(|s| s.anon_kib),
     )
 }
 
@@ -155,9 +164,9 @@ fn main() {
          backend, connect once (retry after {ATTEMPT:?} without an answer)\n"
     );
     println!(
-        "| case | load p50 ms | load->answer p50 ms | p99 | min | max | retries | VMM RSS beyond guest MiB | answer p50 / ours |"
+        "| case | load p50 ms | load->answer p50 ms | p99 | min | max | retries | VMM RSS beyond guest MiB | of it anonymous MiB | answer p50 / ours |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }

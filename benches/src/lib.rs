@@ -38,6 +38,18 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 /// `[anon:ember-guest-memory]` where the host kernel supports VMA names),
 /// or the mapping of a snapshot's memory file of that size.
 pub fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
+    smaps_split(pid, guest_bytes, "Rss:")
+}
+
+/// The VMM's own anonymous memory in KiB (heap, stacks, buffers): what each
+/// VMM costs beyond guest memory, where its code pages are shared with
+/// every other VMM on the host.
+pub fn own_anonymous(pid: u32, guest_bytes: u64) -> Option<u64> {
+    smaps_split(pid, guest_bytes, "Anonymous:").map(|(all, guest)| all - guest)
+}
+
+/// Sums smaps field `field` (in KiB) over (all mappings, guest memory).
+fn smaps_split(pid: u32, guest_bytes: u64, field: &str) -> Option<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut total = 0;
     let mut guest = 0;
@@ -56,7 +68,7 @@ pub fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
                 && (path.is_empty()
                     || path == "[anon:ember-guest-memory]"
                     || path.starts_with('/'));
-        } else if *first == "Rss:" {
+        } else if *first == field {
             let kib: u64 = fields.get(1)?.parse().ok()?;
             total += kib;
             if cur_is_guest {
