@@ -353,11 +353,17 @@ async fn start_tls(up: &mut tokio::net::TcpStream, addr: &str) -> std::io::Resul
         len: 0,
     };
     up.write_all(&start.encode()).await?;
-    let (_, reply, rd) = read_option_reply(up)
-        .await
-        .ok()
-        .filter(|(_, r, _)| r.option == OPT_STARTTLS)
-        .ok_or_else(|| bad("bad reply to NBD_OPT_STARTTLS"))?;
+    let not_starttls = || bad("bad reply to NBD_OPT_STARTTLS");
+    let (_, reply, rd) = read_option_reply(up).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            not_starttls()
+        } else {
+            e
+        }
+    })?;
+    if reply.option != OPT_STARTTLS {
+        return Err(not_starttls());
+    }
     if reply.reply != REP_ACK {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,

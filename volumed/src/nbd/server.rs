@@ -500,8 +500,50 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// `phase(true)` before waiting for a request's header, `phase(false)`
-/// once it is read (its payload then has a deadline).
+/// The next request, a write's payload read into `buf` (consumed
+/// whatever the answer); `None` once the client ends the session
+/// (`NBD_CMD_DISC`, or the end of the stream between requests).
+/// `phase(true)` before waiting for its header, `phase(false)` once it
+/// is read (the payload then has a deadline).
+fn next_request(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    phase: &dyn Fn(bool),
+) -> io::Result<Option<Request>> {
+    phase(true);
+    let req = Request::read(r).map_err(io::Error::from);
+    phase(false);
+    let req = match req {
+        Ok(q) => q,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if req.kind == CMD_DISC {
+        return Ok(None);
+    }
+    if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
+        return Err(invalid("request too large"));
+    }
+    if req.kind == CMD_WRITE {
+        read_payload(r, buf, req.length)?;
+    }
+    Ok(Some(req))
+}
+
+/// The simple reply to `req`, with a successful read's data from `buf`.
+fn answer(w: &mut impl Write, req: &Request, error: u32, buf: &[u8]) -> io::Result<()> {
+    let reply = SimpleReply {
+        errno: error,
+        cookie: req.cookie,
+    };
+    w.write_all(&reply.encode())?;
+    if req.kind == CMD_READ && error == 0 {
+        w.write_all(buf)?;
+    }
+    w.flush()
+}
+
+/// Serves an opened export's requests (see [`next_request`] for `phase`).
 fn transmission(
     r: &mut impl Read,
     w: &mut impl Write,
@@ -515,24 +557,9 @@ fn transmission(
     };
     let mut buf = Vec::new();
     loop {
-        phase(true);
-        let req = Request::read(r).map_err(io::Error::from);
-        phase(false);
-        let req = match req {
-            Ok(q) => q,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if req.kind == CMD_DISC {
+        let Some(req) = next_request(r, &mut buf, phase)? else {
             return Ok(());
-        }
-        if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
-            return Err(invalid("request too large"));
-        }
-        // A write's payload must be consumed whatever the answer.
-        if req.kind == CMD_WRITE {
-            read_payload(r, &mut buf, req.length)?;
-        }
+        };
         // Shared gate from the check until the effect is on the image: a
         // fence waits for this request, or this request sees the fence.
         let gate = reg.gate_shared();
@@ -553,15 +580,7 @@ fn transmission(
             reg.mark_dirty(&o.name, req.offset, u64::from(req.length));
         }
         drop(gate);
-        let reply = SimpleReply {
-            errno: error,
-            cookie: req.cookie,
-        };
-        w.write_all(&reply.encode())?;
-        if req.kind == CMD_READ && error == 0 {
-            w.write_all(&buf)?;
-        }
-        w.flush()?;
+        answer(w, &req, error, &buf)?;
     }
 }
 
@@ -575,37 +594,15 @@ fn transmission_read_only(
 ) -> io::Result<()> {
     let mut buf = Vec::new();
     loop {
-        phase(true);
-        let req = Request::read(r).map_err(io::Error::from);
-        phase(false);
-        let req = match req {
-            Ok(q) => q,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if req.kind == CMD_DISC {
+        let Some(req) = next_request(r, &mut buf, phase)? else {
             return Ok(());
-        }
-        if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
-            return Err(invalid("request too large"));
-        }
-        if req.kind == CMD_WRITE {
-            read_payload(r, &mut buf, req.length)?;
-        }
+        };
         let error = match req.kind {
             CMD_READ | CMD_FLUSH => execute(o, o.size, &req, &mut buf),
             CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => EPERM,
             _ => EINVAL,
         };
-        let reply = SimpleReply {
-            errno: error,
-            cookie: req.cookie,
-        };
-        w.write_all(&reply.encode())?;
-        if req.kind == CMD_READ && error == 0 {
-            w.write_all(&buf)?;
-        }
-        w.flush()?;
+        answer(w, &req, error, &buf)?;
     }
 }
 
