@@ -16,14 +16,14 @@ cache="${EMBER_CACHE_DIR:-/var/cache/ember}"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(conntrack migration snapshot agent_frame virtio_block virtio_net virtio_vsock sigv4 nbd)
+[ ${#targets[@]} -gt 0 ] || targets=(conntrack migration snapshot agent_frame virtio_block virtio_net virtio_vsock sigv4 nbd nbd_wire)
 
 # -max_len per target: a real snapshot file is ~26 KB; frames, queues,
 # requests and NBD sessions are small.
 declare -A max_len=(
     [conntrack]=16384 [migration]=65536 [snapshot]=65536 [agent_frame]=16384
     [virtio_block]=16384 [virtio_net]=16384 [virtio_vsock]=16384
-    [sigv4]=8192 [nbd]=16384
+    [sigv4]=8192 [nbd]=16384 [nbd_wire]=4096
 )
 
 # --- install what is missing ---

@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ember_benches::percentile;
+use ember_nbd::{CMD_READ, CMD_WRITE};
 use ember_tests::artifacts::workspace_bin;
 use ember_volumed::nbd::client::Client;
-use ember_volumed::nbd::proto::{CMD_READ, CMD_WRITE};
 
 const SIZE: u64 = 256 << 20;
 const OPS: usize = 4000;

@@ -510,18 +510,17 @@ fn sigv4() {
 
 /// NBD request bytes (the `nbd` target's request phase).
 fn nbd_request(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(28);
-    b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&length.to_be_bytes());
-    b
+    let req = ember_nbd::Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        length,
+    };
+    req.encode().to_vec()
 }
 
 fn nbd() {
-    const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
     let mut requests = Vec::new();
     requests.extend(nbd_request(1, 1, 1, 4096, 8)); // WRITE, FUA
     requests.extend_from_slice(b"ABCDEFGH");
@@ -548,17 +547,14 @@ fn nbd() {
     // The whole client side from the input: flags, LIST, INFO, GO for a
     // name without a credential, ABORT.
     let opt = |out: &mut Vec<u8>, o: u32, data: &[u8]| {
-        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        out.extend_from_slice(&o.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(data);
+        out.extend(ember_nbd::encode_option(o, data).expect("a short option"));
     };
     let go = |name: &str| {
-        let mut g = (name.len() as u32).to_be_bytes().to_vec();
-        g.extend_from_slice(name.as_bytes());
-        g.extend_from_slice(&1u16.to_be_bytes());
-        g.extend_from_slice(&3u16.to_be_bytes());
-        g
+        let go = ember_nbd::GoRequest {
+            export: name.to_string(),
+            info_requests: vec![ember_nbd::INFO_BLOCK_SIZE],
+        };
+        go.encode().expect("a short name")
     };
     for (mode, file) in [(0u8, "raw-volumes"), (1, "raw-file")] {
         let mut d = vec![mode];
@@ -572,11 +568,86 @@ fn nbd() {
     }
 }
 
+/// `nbd_wire`: a server's handshake with structured replies and GO, a
+/// structured read (data, hole, error, done), and a client's options and
+/// requests.
+fn nbd_wire() {
+    use ember_nbd::*;
+    let reply = |out: &mut Vec<u8>, option: u32, typ: u32, data: &[u8]| {
+        write_option_reply(out, option, typ, data).expect("into a Vec");
+    };
+    let mut d = vec![0u8];
+    d.extend(
+        ServerGreeting {
+            flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+        }
+        .encode(),
+    );
+    reply(&mut d, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+    let info = InfoExport {
+        size: 1 << 20,
+        flags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH,
+    };
+    reply(&mut d, OPT_GO, REP_INFO, &info.encode());
+    reply(&mut d, OPT_GO, REP_ACK, &[]);
+    put("nbd_wire", "handshake", &d);
+
+    let chunk = |out: &mut Vec<u8>, flags: u16, typ: u16, payload: &[u8]| {
+        let h = ChunkHeader {
+            flags,
+            typ,
+            cookie: 1,
+            len: payload.len() as u32,
+        };
+        out.extend(h.encode());
+        out.extend_from_slice(payload);
+    };
+    let mut d = vec![1u8];
+    d.extend(16u16.to_be_bytes());
+    d.extend(512u16.to_be_bytes());
+    let mut data = 512u64.to_be_bytes().to_vec();
+    data.extend_from_slice(b"8 bytes!");
+    chunk(&mut d, 0, REPLY_TYPE_OFFSET_DATA, &data);
+    let hole = OffsetHole {
+        offset: 520,
+        length: 8,
+    };
+    chunk(&mut d, 0, REPLY_TYPE_OFFSET_HOLE, &hole.encode());
+    let err = ErrorChunk {
+        errno: EIO,
+        message: "seed".into(),
+    };
+    chunk(&mut d, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &err.encode());
+    put("nbd_wire", "structured-read", &d);
+    let mut d = vec![1u8, 0, 4, 0, 0];
+    d.extend(
+        SimpleReply {
+            errno: 0,
+            cookie: 1,
+        }
+        .encode(),
+    );
+    d.extend_from_slice(b"abcd");
+    put("nbd_wire", "simple-read", &d);
+
+    let mut d = vec![2u8];
+    let go = GoRequest {
+        export: "vol@credential".into(),
+        info_requests: vec![INFO_BLOCK_SIZE],
+    };
+    d.extend(encode_option(OPT_GO, &go.encode().expect("a short name")).expect("short"));
+    d.extend(encode_option(OPT_LIST, &[]).expect("short"));
+    put("nbd_wire", "options", &d);
+    let mut d = vec![2u8];
+    d.extend(Request::new(Command::Write, CMD_FLAG_FUA, 1, 4096, 0).encode());
+    d.extend(Request::new(Command::Read, 0, 2, 0, 512).encode());
+    put("nbd_wire", "requests", &d);
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--new") {
         // Only the targets added last (the others' seeds are committed).
-        sigv4();
-        nbd();
+        nbd_wire();
         return;
     }
     let snap = fs::read("seeds/vm.snap").expect("run from fuzz/: seeds/vm.snap");
@@ -589,4 +660,5 @@ fn main() {
     virtio_vsock();
     sigv4();
     nbd();
+    nbd_wire();
 }

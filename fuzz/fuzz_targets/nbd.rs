@@ -35,7 +35,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use ember_volumed::nbd::proto::*;
+use ember_nbd::*;
 use ember_volumed::nbd::{Exports, FileExport, SetTimeouts, Timeouts};
 use ember_volumed::registry::{export_name, Registry};
 use ember_volumed::store::{State, StateStore};
@@ -217,10 +217,7 @@ impl SetTimeouts for &Sink {
 }
 
 fn option(out: &mut Vec<u8>, opt: u32, data: &[u8]) {
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&opt.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
+    out.extend(encode_option(opt, data).expect("a short option"));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -245,10 +242,11 @@ fuzz_target!(|data: &[u8]| {
         if export_name_opt {
             option(&mut client, OPT_EXPORT_NAME, name.as_bytes());
         } else {
-            let mut go = (name.len() as u32).to_be_bytes().to_vec();
-            go.extend_from_slice(name.as_bytes());
-            go.extend_from_slice(&0u16.to_be_bytes());
-            option(&mut client, OPT_GO, &go);
+            let go = GoRequest {
+                export: name.to_string(),
+                info_requests: vec![],
+            };
+            option(&mut client, OPT_GO, &go.encode().expect("a short name"));
         }
     }
     let handshake_len = client.len();
@@ -288,12 +286,18 @@ fuzz_target!(|data: &[u8]| {
             // Moved away: every reply since is a simple reply with an
             // error (none carries data).
             let out = sink.out.borrow();
-            for r in out[at..].chunks(16) {
-                assert!(r.len() == 16, "a partial reply after the move");
-                let magic = u32::from_be_bytes(r[0..4].try_into().unwrap());
-                let error = u32::from_be_bytes(r[4..8].try_into().unwrap());
-                assert_eq!(magic, SIMPLE_REPLY_MAGIC, "not a simple reply");
-                assert_ne!(error, 0, "a request served after the volume moved away");
+            for r in out[at..].chunks(SimpleReply::LEN) {
+                assert!(
+                    r.len() == SimpleReply::LEN,
+                    "a partial reply after the move"
+                );
+                let Ok(ReplyHeader::Simple(reply)) = ReplyHeader::read(&mut &r[..]) else {
+                    panic!("not a simple reply");
+                };
+                assert_ne!(
+                    reply.errno, 0,
+                    "a request served after the volume moved away"
+                );
             }
             // Back to host-a with a fresh credential, for the next runs.
             let a = w.reg.move_to("vol", "host-a", None).expect("move back");

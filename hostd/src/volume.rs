@@ -14,6 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ember_nbd::{
+    encode_option, GoRequest, OptionHeader, OptionReplyHeader, ServerGreeting,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_FIXED_NEWSTYLE, MAX_OPTION_DATA, OPT_ABORT, OPT_EXPORT_NAME,
+    OPT_GO, OPT_INFO, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_UNSUP,
+    REP_FLAG_ERROR,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use serde::Deserialize;
@@ -321,10 +327,10 @@ async fn relay_greeting<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
     vmm: &mut tokio::net::UnixStream,
     tls: bool,
 ) -> std::io::Result<()> {
-    use nbd_const::*;
-    let mut hello = [0u8; 18];
+    let mut hello = [0u8; ServerGreeting::LEN];
     up.read_exact(&mut hello).await?;
-    if tls && u16::from_be_bytes([hello[16], hello[17]]) & FLAG_FIXED_NEWSTYLE == 0 {
+    let fixed = ServerGreeting::decode(&hello).is_ok_and(|g| g.flags & FLAG_FIXED_NEWSTYLE != 0);
+    if tls && !fixed {
         return Err(bad(
             "the volume service does not speak fixed newstyle (no TLS)",
         ));
@@ -342,27 +348,28 @@ async fn relay_greeting<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
 /// any other answer ends the connection (nothing else is sent in the
 /// clear).
 async fn start_tls(up: &mut tokio::net::TcpStream, addr: &str) -> std::io::Result<()> {
-    use nbd_const::*;
-    let mut msg = IHAVEOPT.to_be_bytes().to_vec();
-    msg.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
-    msg.extend_from_slice(&0u32.to_be_bytes());
-    up.write_all(&msg).await?;
-    let mut rh = [0u8; 20];
-    up.read_exact(&mut rh).await?;
-    let magic = u64::from_be_bytes(rh[0..8].try_into().unwrap_or_default());
-    let option = u32::from_be_bytes(rh[8..12].try_into().unwrap_or_default());
-    let typ = u32::from_be_bytes(rh[12..16].try_into().unwrap_or_default());
-    let rlen = u32::from_be_bytes(rh[16..20].try_into().unwrap_or_default());
-    if magic != REPLY_MAGIC || option != OPT_STARTTLS || rlen > MAX_DATA {
-        return Err(bad("bad reply to NBD_OPT_STARTTLS"));
+    let start = OptionHeader {
+        option: OPT_STARTTLS,
+        len: 0,
+    };
+    up.write_all(&start.encode()).await?;
+    let not_starttls = || bad("bad reply to NBD_OPT_STARTTLS");
+    let (_, reply, rd) = read_option_reply(up).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            not_starttls()
+        } else {
+            e
+        }
+    })?;
+    if reply.option != OPT_STARTTLS {
+        return Err(not_starttls());
     }
-    let mut rd = vec![0u8; rlen as usize];
-    up.read_exact(&mut rd).await?;
-    if typ != REP_ACK {
+    if reply.reply != REP_ACK {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
-                "the volume service at {addr} did not start TLS (reply {typ:#x}: {})",
+                "the volume service at {addr} did not start TLS (reply {:#x}: {})",
+                reply.reply,
                 String::from_utf8_lossy(&rd)
             ),
         ));
@@ -370,21 +377,31 @@ async fn start_tls(up: &mut tokio::net::TcpStream, addr: &str) -> std::io::Resul
     Ok(())
 }
 
-mod nbd_const {
-    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-    pub const OPT_EXPORT_NAME: u32 = 1;
-    pub const OPT_ABORT: u32 = 2;
-    pub const OPT_INFO: u32 = 6;
-    pub const OPT_GO: u32 = 7;
-    pub const OPT_STARTTLS: u32 = 5;
-    pub const OPT_STRUCTURED_REPLY: u32 = 8;
-    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
-    pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1;
-    pub const REP_ACK: u32 = 1;
-    pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
-    /// Larger options and replies end the connection.
-    pub const MAX_DATA: u32 = 64 * 1024;
+/// One option reply from the service: its header's bytes (to relay as
+/// they came), the header, and its data (larger than
+/// [`MAX_OPTION_DATA`]: an error, nothing read).
+async fn read_option_reply<S: tokio::io::AsyncRead + Unpin>(
+    up: &mut S,
+) -> std::io::Result<([u8; OptionReplyHeader::LEN], OptionReplyHeader, Vec<u8>)> {
+    let mut rh = [0u8; OptionReplyHeader::LEN];
+    up.read_exact(&mut rh).await?;
+    let reply = OptionReplyHeader::decode(&rh).map_err(std::io::Error::from)?;
+    if reply.len > MAX_OPTION_DATA {
+        return Err(bad("option reply too long"));
+    }
+    let mut rd = vec![0u8; reply.len as usize];
+    up.read_exact(&mut rd).await?;
+    Ok((rh, reply, rd))
+}
+
+/// An option reply of `reply` without data, from hostd itself.
+fn own_reply(option: u32, reply: u32) -> [u8; OptionReplyHeader::LEN] {
+    OptionReplyHeader {
+        option,
+        reply,
+        len: 0,
+    }
+    .encode()
 }
 
 /// The negotiation must be done within this.
@@ -394,79 +411,63 @@ fn bad(msg: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// `data` of an `NBD_OPT_GO`/`INFO` with the export name replaced.
-fn repin_go(data: &[u8], export: &str) -> std::io::Result<Vec<u8>> {
-    let n = data
-        .get(0..4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or_else(|| bad("short NBD_OPT_GO"))?;
-    let rest = data
-        .get(4usize.saturating_add(n)..)
-        .ok_or_else(|| bad("short NBD_OPT_GO"))?;
-    let mut out = (export.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(export.as_bytes());
-    out.extend_from_slice(rest);
-    Ok(out)
+/// `data` of an `NBD_OPT_GO`/`INFO` with the export name replaced, or
+/// `None` if it is malformed.
+fn repin_go(data: &[u8], export: &str) -> Option<Vec<u8>> {
+    let go = GoRequest::decode(data).ok()?;
+    GoRequest {
+        export: export.to_string(),
+        ..go
+    }
+    .encode()
+    .ok()
 }
 
 /// One VMM connection through the pin (see [`forward_pinned`]).
 async fn pinned_connection(mut vmm: tokio::net::UnixStream, pin: &Pin) -> std::io::Result<()> {
-    use nbd_const::*;
     let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, async {
         let mut up = open_upstream(pin, &mut vmm).await?;
         loop {
-            let mut head = [0u8; 16];
+            let mut head = [0u8; OptionHeader::LEN];
             vmm.read_exact(&mut head).await?;
-            if u64::from_be_bytes(head[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
-                return Err(bad("bad option magic"));
-            }
-            let option = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
-            let len = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
-            if len > MAX_DATA {
+            let OptionHeader { option, len } =
+                OptionHeader::decode(&head).map_err(|_| bad("bad option magic"))?;
+            if len > MAX_OPTION_DATA {
                 return Err(bad("option too long"));
             }
             let mut data = vec![0u8; len as usize];
             vmm.read_exact(&mut data).await?;
             let data = match option {
-                OPT_GO | OPT_INFO => repin_go(&data, &pin.export)?,
+                OPT_GO | OPT_INFO => match repin_go(&data, &pin.export) {
+                    Some(d) => d,
+                    None => {
+                        // Not passed on: what the service would answer.
+                        vmm.write_all(&own_reply(option, REP_ERR_INVALID)).await?;
+                        continue;
+                    }
+                },
                 OPT_EXPORT_NAME => pin.export.as_bytes().to_vec(),
                 OPT_ABORT | OPT_STRUCTURED_REPLY => data,
                 _ => {
                     // Not passed on: answered "unsupported" here.
-                    let mut r = REPLY_MAGIC.to_be_bytes().to_vec();
-                    r.extend_from_slice(&option.to_be_bytes());
-                    r.extend_from_slice(&REP_ERR_UNSUP.to_be_bytes());
-                    r.extend_from_slice(&0u32.to_be_bytes());
-                    vmm.write_all(&r).await?;
+                    vmm.write_all(&own_reply(option, REP_ERR_UNSUP)).await?;
                     continue;
                 }
             };
-            let mut msg = IHAVEOPT.to_be_bytes().to_vec();
-            msg.extend_from_slice(&option.to_be_bytes());
-            msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            msg.extend_from_slice(&data);
-            up.write_all(&msg).await?;
+            up.write_all(&encode_option(option, &data)?).await?;
             if matches!(option, OPT_EXPORT_NAME | OPT_ABORT) {
                 // The answer (or a close) and what follows are joined as is.
                 return Ok(up);
             }
             // The replies to this option, up to its last one.
             loop {
-                let mut rh = [0u8; 20];
-                up.read_exact(&mut rh).await?;
-                let typ = u32::from_be_bytes(rh[12..16].try_into().unwrap_or_default());
-                let rlen = u32::from_be_bytes(rh[16..20].try_into().unwrap_or_default());
-                if rlen > MAX_DATA {
-                    return Err(bad("option reply too long"));
-                }
-                let mut rd = vec![0u8; rlen as usize];
-                up.read_exact(&mut rd).await?;
+                let (rh, reply, rd) = read_option_reply(&mut up).await?;
                 vmm.write_all(&rh).await?;
                 vmm.write_all(&rd).await?;
-                if typ == REP_ACK && option == OPT_GO {
+                if reply.reply == REP_ACK && option == OPT_GO {
                     return Ok(up);
                 }
-                if typ == REP_ACK || typ & 0x8000_0000 != 0 {
+                if reply.reply == REP_ACK || reply.reply & REP_FLAG_ERROR != 0 {
                     break;
                 }
             }
@@ -588,7 +589,6 @@ mod tests {
         use ember_volumed::nbd::client::Client;
         use ember_volumed::nbd::{serve_unix, Exports, Limits};
         use ember_volumed::registry::{export_name, Registry};
-        use std::io::{Read, Write};
         use std::os::unix::fs::FileExt;
 
         let dir = tempfile::tempdir().unwrap();
@@ -651,19 +651,14 @@ mod tests {
         // answered "unsupported" by the forwarder itself.
         let mut s = std::os::unix::net::UnixStream::connect(&jail).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).unwrap();
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut opt = nbd_const::IHAVEOPT.to_be_bytes().to_vec();
-        opt.extend(3u32.to_be_bytes());
-        opt.extend(0u32.to_be_bytes());
-        s.write_all(&opt).unwrap();
-        let mut reply = [0u8; 20];
-        s.read_exact(&mut reply).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(reply[12..16].try_into().unwrap()),
-            nbd_const::REP_ERR_UNSUP
-        );
+        ember_nbd::client_greet(&mut s).unwrap();
+        ember_nbd::write_option(&mut s, ember_nbd::OPT_LIST, &[]).unwrap();
+        let reply = ember_nbd::OptionReply::read(&mut s).unwrap();
+        assert_eq!(reply.reply, REP_ERR_UNSUP);
+        // A malformed NBD_OPT_GO is answered "invalid" here, never passed on.
+        ember_nbd::write_option(&mut s, OPT_GO, &[0, 0, 0, 9, b'x']).unwrap();
+        let reply = ember_nbd::OptionReply::read_for(&mut s, OPT_GO).unwrap();
+        assert_eq!(reply.reply, REP_ERR_INVALID);
 
         // A move (away and back, as after a failed migration): the open
         // connection is fenced, the next one opens the new grant.

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::image;
 use crate::nbd::client::Client;
-use crate::nbd::proto::CMD_WRITE_ZEROES;
 use crate::registry::{Registry, Tracker};
+use ember_nbd::CMD_WRITE_ZEROES;
 
 /// Bytes per read and write of a copy.
 pub const CHUNK: u64 = 1 << 20;

@@ -17,9 +17,9 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
+use ember_nbd::*;
 use ember_tests::volumed::Volumed;
 use ember_volumed::nbd::client::Client;
-use ember_volumed::nbd::proto::*;
 
 trait Conn: Read + Write {}
 impl<T: Read + Write> Conn for T {}
@@ -41,9 +41,7 @@ enum Answer {
 
 impl Raw {
     fn start(mut s: Box<dyn Conn>) -> Raw {
-        assert_eq!(read_u64(&mut s).unwrap(), NBDMAGIC);
-        assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
-        let _flags = read_u16(&mut s).unwrap();
+        ServerGreeting::read(&mut s).unwrap();
         s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
             .unwrap();
         Raw(s)
@@ -61,12 +59,8 @@ impl Raw {
         Raw::start(Box::new(s))
     }
 
-    fn option(&mut self, option: u32, data: &[u8]) -> std::io::Result<()> {
-        let mut m = IHAVEOPT.to_be_bytes().to_vec();
-        m.extend(option.to_be_bytes());
-        m.extend((data.len() as u32).to_be_bytes());
-        m.extend(data);
-        self.0.write_all(&m)
+    fn option(&mut self, option: u32, data: &[u8]) -> Result<(), Error> {
+        write_option(&mut self.0, option, data)
     }
 
     /// `NBD_OPT_GO` or `NBD_OPT_INFO` for `export` (raw bytes).
@@ -79,24 +73,20 @@ impl Raw {
         }
         let mut seen_info = false;
         loop {
-            let Ok(magic) = read_u64(&mut self.0) else {
-                return Answer::Closed;
+            let reply = match OptionReply::read(&mut self.0) {
+                Ok(r) => r,
+                Err(e) if e.is_transport() => return Answer::Closed,
+                Err(e) => panic!("{e}"),
             };
-            assert_eq!(magic, OPT_REPLY_MAGIC);
-            assert_eq!(read_u32(&mut self.0).unwrap(), option);
-            let typ = read_u32(&mut self.0).unwrap();
-            let len = read_u32(&mut self.0).unwrap();
-            assert!(len <= MAX_OPTION);
-            let mut body = vec![0u8; len as usize];
-            self.0.read_exact(&mut body).unwrap();
-            match typ {
+            assert_eq!(reply.option, option);
+            match reply.reply {
                 REP_INFO => seen_info = true,
                 REP_ACK => {
                     assert!(seen_info);
                     return Answer::Opened;
                 }
-                t if t & 0x8000_0000 != 0 => {
-                    return Answer::Refused(t, String::from_utf8_lossy(&body).into_owned())
+                t if reply.is_error() => {
+                    return Answer::Refused(t, String::from_utf8_lossy(&reply.data).into_owned())
                 }
                 t => panic!("unexpected reply type {t:#x}"),
             }
@@ -109,7 +99,7 @@ impl Raw {
         if self.option(OPT_EXPORT_NAME, export).is_err() {
             return Answer::Closed;
         }
-        let mut b = [0u8; 10];
+        let mut b = [0u8; ExportNameReply::LEN];
         match self.0.read_exact(&mut b) {
             Ok(()) => Answer::Opened,
             Err(_) => Answer::Closed,

@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
+use ember_nbd::*;
 use ember_tests::volumed::Export;
 use ember_volumed::nbd::client::{Client, ClientError};
-use ember_volumed::nbd::proto::*;
 
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()

@@ -8,9 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
+use ember_nbd::*;
 use ember_tests::volumed::Volumed;
 use ember_volumed::nbd::client::Client;
-use ember_volumed::nbd::proto::*;
 
 /// Runs `qemu-io` on `uri`; (success, output).
 fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {

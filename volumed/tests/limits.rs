@@ -10,14 +10,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use ember_nbd::{encode_option, OptionHeader, ServerGreeting, FLAG_C_FIXED_NEWSTYLE, OPT_GO};
 use ember_tests::volumed::Volumed;
 use ember_volumed::nbd::client::Client;
 
 /// What the server did with a fresh connection: greeted it (`true`) or
 /// closed it unanswered (`false`).
 fn greeted(s: &mut impl Read) -> bool {
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).is_ok()
+    ServerGreeting::read(s).is_ok()
 }
 
 fn tcp_from(source: &str, port: u16) -> TcpStream {
@@ -196,11 +196,8 @@ fn silent_and_broken_clients_end_only_their_own_connection() {
         .unwrap();
     assert!(greeted(&mut slow));
     let mut sent = 0;
-    let mut opt = 1u32.to_be_bytes().to_vec();
-    opt.extend(0x4948_4156_454f_5054u64.to_be_bytes());
-    opt.extend(7u32.to_be_bytes());
-    opt.extend(10_000u32.to_be_bytes());
-    opt.extend(vec![b'x'; 10_000]);
+    let mut opt = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    opt.extend(encode_option(OPT_GO, &[b'x'; 10_000]).unwrap());
     for b in &opt {
         if slow.write_all(&[*b]).is_err() {
             break;
@@ -226,10 +223,14 @@ fn silent_and_broken_clients_end_only_their_own_connection() {
     junk.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     assert!(greeted(&mut junk));
-    let mut big = 1u32.to_be_bytes().to_vec();
-    big.extend(0x4948_4156_454f_5054u64.to_be_bytes());
-    big.extend(7u32.to_be_bytes());
-    big.extend(u32::MAX.to_be_bytes());
+    let mut big = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    big.extend(
+        OptionHeader {
+            option: OPT_GO,
+            len: u32::MAX,
+        }
+        .encode(),
+    );
     let _ = junk.write_all(&big);
     assert!(junk.read_to_end(&mut Vec::new()).is_ok());
     let mut bad = Client::connect_unix(&v.nbd, &export).unwrap();

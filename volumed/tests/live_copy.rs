@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use ember_nbd::EPERM;
 use ember_tests::volumed::Volumed;
 use ember_volumed::nbd::client::Client;
-use ember_volumed::nbd::proto::EPERM;
 
 const BLOCK: u64 = 4096;
 /// The writer's outcome when the server ended its connection.

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ember_nbd::*;
 use ember_tests::volumed::Volumed;
 use ember_tls::{dev_certs, Tls, TlsFiles};
 use ember_volumed::nbd::client::Client;
-use ember_volumed::nbd::proto::*;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -103,41 +103,36 @@ fn create_and_attach(v: &Volumed, name: &str) -> (String, String) {
 fn raw(port: u16) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    assert_eq!(read_u64(&mut s).unwrap(), NBDMAGIC);
-    assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
-    let flags = read_u16(&mut s).unwrap();
-    assert_ne!(flags & FLAG_FIXED_NEWSTYLE, 0);
+    let greeting = ServerGreeting::read(&mut s).unwrap();
+    assert_ne!(greeting.flags & FLAG_FIXED_NEWSTYLE, 0);
     s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
         .unwrap();
     s
 }
 
 fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend(option.to_be_bytes());
-    m.extend((data.len() as u32).to_be_bytes());
-    m.extend(data);
-    s.write_all(&m).unwrap();
+    write_option(s, option, data).unwrap();
 }
 
 /// One option reply's type and message, or None if the server closed.
 fn reply(s: &mut TcpStream, option: u32) -> Option<(u32, String)> {
-    let magic = read_u64(s).ok()?;
-    assert_eq!(magic, OPT_REPLY_MAGIC);
-    assert_eq!(read_u32(s).unwrap(), option);
-    let typ = read_u32(s).unwrap();
-    let len = read_u32(s).unwrap();
-    assert!(len <= MAX_OPTION);
-    let mut body = vec![0u8; len as usize];
-    s.read_exact(&mut body).unwrap();
-    Some((typ, String::from_utf8_lossy(&body).into_owned()))
+    let reply = match OptionReply::read_for(s, option) {
+        Ok(r) => r,
+        Err(e) if e.is_transport() => return None,
+        Err(e) => panic!("{e}"),
+    };
+    Some((
+        reply.reply,
+        String::from_utf8_lossy(&reply.data).into_owned(),
+    ))
 }
 
 fn go_data(export: &str) -> Vec<u8> {
-    let mut d = (export.len() as u32).to_be_bytes().to_vec();
-    d.extend(export.as_bytes());
-    d.extend(0u16.to_be_bytes());
-    d
+    let go = GoRequest {
+        export: export.to_string(),
+        info_requests: vec![],
+    };
+    go.encode().unwrap()
 }
 
 /// Whether the server ends the connection (EOF or reset) within 30 s.
@@ -221,7 +216,7 @@ fn volumed_over_tls_serves_only_clients_with_the_cas_certificate() {
         assert_eq!(r.0, REP_ERR_TLS_REQD, "option {opt}: {r:?}");
         count(
             &format!("option {opt} in the clear"),
-            r.0 & 0x8000_0000 == 0,
+            r.0 & REP_FLAG_ERROR == 0,
             r.1,
         );
     }
@@ -231,7 +226,7 @@ fn volumed_over_tls_serves_only_clients_with_the_cas_certificate() {
     // server ends the session.
     let mut s = raw(v.port);
     send_option(&mut s, OPT_EXPORT_NAME, export.as_bytes());
-    let mut b = [0u8; 10];
+    let mut b = [0u8; ExportNameReply::LEN];
     let opened = s.read_exact(&mut b).is_ok();
     count("NBD_OPT_EXPORT_NAME in the clear", opened, String::new());
     // STARTTLS with data is invalid; then STARTTLS, ACK, and clear text

@@ -6,7 +6,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::proto::*;
+use ember_nbd::{
+    client_greet, opt_go, opt_starttls, read_simple_data, ReplyHeader, Request, CMD_DISC,
+    CMD_FLUSH, CMD_READ, CMD_WRITE, REP_ACK,
+};
 
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
@@ -23,6 +26,18 @@ pub enum ClientError {
     Tls(String),
 }
 
+impl From<ember_nbd::Error> for ClientError {
+    fn from(e: ember_nbd::Error) -> ClientError {
+        match e {
+            ember_nbd::Error::Io(e) => ClientError::Io(e),
+            // The reason only: the export's name holds its credential.
+            ember_nbd::Error::Refused { reason, .. } => ClientError::Refused(reason),
+            ember_nbd::Error::Protocol(msg) => ClientError::Protocol(msg),
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
 pub struct Client {
     s: Box<dyn Stream>,
     next_cookie: u64,
@@ -30,79 +45,10 @@ pub struct Client {
     pub flags: u16,
 }
 
-/// The server's greeting, and the client's flags in answer.
-fn greet<S: Read + Write>(s: &mut S) -> Result<(), ClientError> {
-    if read_u64(s)? != NBDMAGIC || read_u64(s)? != IHAVEOPT {
-        return Err(ClientError::Protocol("not a newstyle NBD server".into()));
-    }
-    let server_flags = read_u16(s)?;
-    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(ClientError::Protocol("server is not fixed newstyle".into()));
-    }
-    let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
-    if server_flags & FLAG_NO_ZEROES != 0 {
-        client_flags |= FLAG_C_NO_ZEROES;
-    }
-    s.write_all(&client_flags.to_be_bytes())?;
-    Ok(())
-}
-
-fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> io::Result<()> {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&option.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m)?;
-    s.flush()
-}
-
-/// One option reply: its type and data.
-fn read_option_reply<S: Read>(s: &mut S) -> Result<(u32, Vec<u8>), ClientError> {
-    if read_u64(s)? != OPT_REPLY_MAGIC {
-        return Err(ClientError::Protocol("bad option reply magic".into()));
-    }
-    let _option = read_u32(s)?;
-    let reply = read_u32(s)?;
-    let len = read_u32(s)?;
-    if len > MAX_OPTION {
-        return Err(ClientError::Protocol("option reply too long".into()));
-    }
-    let mut body = vec![0u8; len as usize];
-    s.read_exact(&mut body)?;
-    Ok((reply, body))
-}
-
 /// `NBD_OPT_GO` for `export`: its size and transmission flags.
 fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<(u64, u16), ClientError> {
-    let mut data = Vec::new();
-    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    send_option(s, OPT_GO, &data)?;
-    let (mut size, mut flags) = (None, 0);
-    loop {
-        let (reply, body) = read_option_reply(s)?;
-        match reply {
-            REP_ACK => break,
-            REP_INFO if body.len() >= 12 && body[0..2] == INFO_EXPORT.to_be_bytes() => {
-                size = Some(u64::from_be_bytes(body[2..10].try_into().expect("8 bytes")));
-                flags = u16::from_be_bytes(body[10..12].try_into().expect("2 bytes"));
-            }
-            REP_INFO => {}
-            r if r & 0x8000_0000 != 0 => {
-                return Err(ClientError::Refused(
-                    String::from_utf8_lossy(&body).into_owned(),
-                ))
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected reply {other:#x}"
-                )))
-            }
-        }
-    }
-    let size = size.ok_or_else(|| ClientError::Protocol("no export size".into()))?;
-    Ok((size, flags))
+    let info = opt_go(s, export)?;
+    Ok((info.size, info.flags))
 }
 
 /// A reply: the error code (0: success) and a read's data.
@@ -142,13 +88,13 @@ impl Client {
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(ember_tls::HANDSHAKE_TIMEOUT))?;
         tcp.set_write_timeout(Some(ember_tls::HANDSHAKE_TIMEOUT))?;
-        greet(&mut tcp)?;
-        send_option(&mut tcp, OPT_STARTTLS, &[])?;
-        let (reply, body) = read_option_reply(&mut tcp)?;
-        if reply != REP_ACK {
+        client_greet(&mut tcp)?;
+        let reply = opt_starttls(&mut tcp)?;
+        if reply.reply != REP_ACK {
             return Err(ClientError::Tls(format!(
-                "the server at {addr} did not start TLS (reply {reply:#x}: {})",
-                String::from_utf8_lossy(&body)
+                "the server at {addr} did not start TLS (reply {:#x}: {})",
+                reply.reply,
+                String::from_utf8_lossy(&reply.data)
             )));
         }
         let mut s = tls
@@ -166,7 +112,7 @@ impl Client {
     }
 
     fn handshake(mut s: Box<dyn Stream>, export: &str) -> Result<Client, ClientError> {
-        greet(&mut s)?;
+        client_greet(&mut s)?;
         let (size, flags) = go(&mut s, export)?;
         Ok(Client {
             s,
@@ -205,15 +151,14 @@ impl Client {
     /// a read (replies come in any order, so the caller says which).
     pub fn receive(&mut self, read_len: impl Fn(u64) -> usize) -> Result<Reply, ClientError> {
         self.s.flush()?;
-        if read_u32(&mut self.s)? != SIMPLE_REPLY_MAGIC {
+        let ReplyHeader::Simple(reply) = ReplyHeader::read(&mut self.s)? else {
             return Err(ClientError::Protocol("bad or structured reply".into()));
-        }
-        let error = read_u32(&mut self.s)?;
-        let cookie = read_u64(&mut self.s)?;
+        };
+        let (error, cookie) = (reply.errno, reply.cookie);
         let mut data = Vec::new();
         if error == 0 {
             data.resize(read_len(cookie), 0);
-            self.s.read_exact(&mut data)?;
+            read_simple_data(&mut self.s, error, Some(&mut data))?;
         }
         Ok(Reply {
             cookie,

@@ -1,6 +1,6 @@
-//! The volume service's NBD server.
+//! The volume service's NBD server (and a small client); the wire format
+//! is `ember_nbd`'s.
 pub mod client;
-pub mod proto;
 pub mod server;
 
 use std::collections::HashMap;

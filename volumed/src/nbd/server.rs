@@ -27,7 +27,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::proto::*;
+use ember_nbd::*;
+
 use crate::image;
 use crate::registry::{parse_export_name, Registry};
 
@@ -361,15 +362,13 @@ fn open_export(exports: &Exports, export: &str) -> Result<Opened, (u32, String)>
 /// The server's greeting and the client's flags: whether the client
 /// asked for no zeroes after `NBD_OPT_EXPORT_NAME`'s reply.
 fn greet(r: &mut impl Read, w: &mut impl Write) -> io::Result<bool> {
-    w.write_all(&NBDMAGIC.to_be_bytes())?;
-    w.write_all(&IHAVEOPT.to_be_bytes())?;
-    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-    w.flush()?;
-    let client_flags = read_u32(r)?;
-    if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
-        return Err(invalid("client does not speak fixed newstyle"));
-    }
+    let client_flags = server_greet(r, w)?;
     Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
+
+/// An error reply with a message for people.
+fn write_option_error(w: &mut impl Write, option: u32, reply: u32, msg: &str) -> io::Result<()> {
+    write_option_reply(w, option, reply, msg.as_bytes())
 }
 
 /// Option haggling, in `mode`, up to an opened export, the client's end or
@@ -383,16 +382,7 @@ fn options(
     mode: TlsMode,
 ) -> io::Result<Negotiated> {
     loop {
-        if read_u64(r)? != IHAVEOPT {
-            return Err(invalid("bad option magic"));
-        }
-        let option = read_u32(r)?;
-        let len = read_u32(r)?;
-        if len > MAX_OPTION {
-            return Err(invalid("option too long"));
-        }
-        let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data)?;
+        let OptionRequest { option, data } = OptionRequest::read(r)?;
         match (mode, option) {
             (TlsMode::Required, OPT_STARTTLS) => {
                 if !data.is_empty() {
@@ -438,26 +428,33 @@ fn options(
                         return Ok(Negotiated::Ended);
                     }
                 };
-                w.write_all(&opened.size.to_be_bytes())?;
-                w.write_all(&opened.flags().to_be_bytes())?;
-                if !no_zeroes {
-                    w.write_all(&[0u8; 124])?;
-                }
+                let reply = ExportNameReply {
+                    size: opened.size,
+                    flags: opened.flags(),
+                };
+                w.write_all(&reply.encode(no_zeroes))?;
                 w.flush()?;
                 return Ok(Negotiated::Opened(opened));
             }
             OPT_GO | OPT_INFO => {
-                let Some(export) = go_export_name(&data) else {
+                let Ok(GoRequest { export, .. }) = GoRequest::decode(&data) else {
                     write_option_error(w, option, REP_ERR_INVALID, "malformed request")?;
                     w.flush()?;
                     continue;
                 };
                 match open_export(exports, &export) {
                     Ok(opened) => {
-                        let info = info_export(opened.size, opened.flags());
-                        write_option_reply(w, option, REP_INFO, &info)?;
-                        let bs = info_block_size(1, 4096, MAX_PAYLOAD);
-                        write_option_reply(w, option, REP_INFO, &bs)?;
+                        let info = InfoExport {
+                            size: opened.size,
+                            flags: opened.flags(),
+                        };
+                        write_option_reply(w, option, REP_INFO, &info.encode())?;
+                        let bs = InfoBlockSize {
+                            min: 1,
+                            preferred: 4096,
+                            max: MAX_PAYLOAD,
+                        };
+                        write_option_reply(w, option, REP_INFO, &bs.encode())?;
                         write_option_reply(w, option, REP_ACK, &[])?;
                         w.flush()?;
                         if option == OPT_GO {
@@ -479,9 +476,8 @@ fn options(
             OPT_LIST => {
                 match exports {
                     Exports::File(f) => {
-                        let mut d = (f.name.len() as u32).to_be_bytes().to_vec();
-                        d.extend_from_slice(f.name.as_bytes());
-                        write_option_reply(w, option, REP_SERVER, &d)?;
+                        let entry = encode_server_entry(&f.name)?;
+                        write_option_reply(w, option, REP_SERVER, &entry)?;
                         write_option_reply(w, option, REP_ACK, &[])?;
                     }
                     // Volumes are not listed: names alone are useless without
@@ -500,23 +496,54 @@ fn options(
     }
 }
 
-/// The export name in an `NBD_OPT_GO`/`INFO` payload.
-fn go_export_name(data: &[u8]) -> Option<String> {
-    let n = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-    let name = data.get(4..4 + n)?;
-    let nreq = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
-    if data.len() != 6 + n + 2 * nreq {
-        return None;
-    }
-    Some(String::from_utf8_lossy(name).into_owned())
-}
-
 fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// `phase(true)` before waiting for a request's header, `phase(false)`
-/// once it is read (its payload then has a deadline).
+/// The next request, a write's payload read into `buf` (consumed
+/// whatever the answer); `None` once the client ends the session
+/// (`NBD_CMD_DISC`, or the end of the stream between requests).
+/// `phase(true)` before waiting for its header, `phase(false)` once it
+/// is read (the payload then has a deadline).
+fn next_request(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    phase: &dyn Fn(bool),
+) -> io::Result<Option<Request>> {
+    phase(true);
+    let req = Request::read(r).map_err(io::Error::from);
+    phase(false);
+    let req = match req {
+        Ok(q) => q,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if req.kind == CMD_DISC {
+        return Ok(None);
+    }
+    if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
+        return Err(invalid("request too large"));
+    }
+    if req.kind == CMD_WRITE {
+        read_payload(r, buf, req.length)?;
+    }
+    Ok(Some(req))
+}
+
+/// The simple reply to `req`, with a successful read's data from `buf`.
+fn answer(w: &mut impl Write, req: &Request, error: u32, buf: &[u8]) -> io::Result<()> {
+    let reply = SimpleReply {
+        errno: error,
+        cookie: req.cookie,
+    };
+    w.write_all(&reply.encode())?;
+    if req.kind == CMD_READ && error == 0 {
+        w.write_all(buf)?;
+    }
+    w.flush()
+}
+
+/// Serves an opened export's requests (see [`next_request`] for `phase`).
 fn transmission(
     r: &mut impl Read,
     w: &mut impl Write,
@@ -530,24 +557,9 @@ fn transmission(
     };
     let mut buf = Vec::new();
     loop {
-        phase(true);
-        let req = Request::read(r);
-        phase(false);
-        let req = match req {
-            Ok(q) => q,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if req.kind == CMD_DISC {
+        let Some(req) = next_request(r, &mut buf, phase)? else {
             return Ok(());
-        }
-        if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
-            return Err(invalid("request too large"));
-        }
-        // A write's payload must be consumed whatever the answer.
-        if req.kind == CMD_WRITE {
-            read_payload(r, &mut buf, req.length)?;
-        }
+        };
         // Shared gate from the check until the effect is on the image: a
         // fence waits for this request, or this request sees the fence.
         let gate = reg.gate_shared();
@@ -568,11 +580,7 @@ fn transmission(
             reg.mark_dirty(&o.name, req.offset, u64::from(req.length));
         }
         drop(gate);
-        w.write_all(&simple_reply(error, req.cookie))?;
-        if req.kind == CMD_READ && error == 0 {
-            w.write_all(&buf)?;
-        }
-        w.flush()?;
+        answer(w, &req, error, &buf)?;
     }
 }
 
@@ -586,33 +594,15 @@ fn transmission_read_only(
 ) -> io::Result<()> {
     let mut buf = Vec::new();
     loop {
-        phase(true);
-        let req = Request::read(r);
-        phase(false);
-        let req = match req {
-            Ok(q) => q,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if req.kind == CMD_DISC {
+        let Some(req) = next_request(r, &mut buf, phase)? else {
             return Ok(());
-        }
-        if req.length > MAX_PAYLOAD && matches!(req.kind, CMD_READ | CMD_WRITE) {
-            return Err(invalid("request too large"));
-        }
-        if req.kind == CMD_WRITE {
-            read_payload(r, &mut buf, req.length)?;
-        }
+        };
         let error = match req.kind {
             CMD_READ | CMD_FLUSH => execute(o, o.size, &req, &mut buf),
             CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => EPERM,
             _ => EINVAL,
         };
-        w.write_all(&simple_reply(error, req.cookie))?;
-        if req.kind == CMD_READ && error == 0 {
-            w.write_all(&buf)?;
-        }
-        w.flush()?;
+        answer(w, &req, error, &buf)?;
     }
 }
 
@@ -665,11 +655,12 @@ fn execute(o: &Opened, size: u64, req: &Request, buf: &mut Vec<u8>) -> u32 {
     });
     match done {
         Ok(()) => 0,
-        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => ENOSPC,
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => ENOTSUP,
         Err(e) => {
-            log::warn!("nbd {}: I/O error: {e}", o.name);
-            EIO
+            let errno = errno_of(&e);
+            if errno == EIO {
+                log::warn!("nbd {}: I/O error: {e}", o.name);
+            }
+            errno
         }
     }
 }

@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::fill::{Fill, FillState, FillStatus};
 use super::nbd::{
-    probe, Completion, Durability, NbdEngine, NbdUri, Op, DEFAULT_TIMEOUT, TF_READ_ONLY,
-    TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
+    probe, Completion, Durability, NbdEngine, NbdUri, Op, DEFAULT_TIMEOUT, TFLAG_READ_ONLY,
+    TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
 use super::{BlockError, SECTOR_SIZE};
 use crate::vmm_config::drive::BlockDeviceConfig;
@@ -126,12 +126,12 @@ impl Disk {
 
     /// The backend can discard ranges (NBD TRIM).
     pub(crate) fn can_discard(&self) -> bool {
-        matches!(&self.backend, Backend::Nbd(e) if e.info().has(TF_SEND_TRIM))
+        matches!(&self.backend, Backend::Nbd(e) if e.info().has(TFLAG_SEND_TRIM))
     }
 
     /// The backend can zero ranges without data (NBD WRITE_ZEROES).
     pub(crate) fn can_write_zeroes(&self) -> bool {
-        matches!(&self.backend, Backend::Nbd(e) if e.info().has(TF_SEND_WRITE_ZEROES))
+        matches!(&self.backend, Backend::Nbd(e) if e.info().has(TFLAG_SEND_WRITE_ZEROES))
     }
 
     pub(crate) fn is_nbd(&self) -> bool {
@@ -266,7 +266,7 @@ impl Disk {
                         info.size, self.size
                     )));
                 }
-                if info.has(TF_READ_ONLY) && !self.read_only {
+                if info.has(TFLAG_READ_ONLY) && !self.read_only {
                     return Err(nbd_err("the export is read-only".into()));
                 }
                 engine.reattach(parsed, info);
@@ -348,7 +348,7 @@ pub(crate) fn open_nbd(
     };
     let engine =
         NbdEngine::connect(parsed, timeout, durability).map_err(|e| nbd_err(e.to_string()))?;
-    if engine.info().has(TF_READ_ONLY) && !config.is_read_only {
+    if engine.info().has(TFLAG_READ_ONLY) && !config.is_read_only {
         return Err(nbd_err(
             "the export is read-only; set is_read_only to attach it".into(),
         ));

@@ -6,8 +6,8 @@ use std::io;
 use std::time::Duration;
 
 use super::engine::{Durability, NbdEngine, Op};
-use super::protocol::{ExportInfo, NbdError, TF_READ_ONLY, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
 use super::uri::NbdUri;
+use super::{ExportInfo, NbdError, TFLAG_READ_ONLY, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES};
 
 pub struct NbdClient {
     engine: NbdEngine,
@@ -36,7 +36,7 @@ impl NbdClient {
     }
 
     pub fn read_only(&self) -> bool {
-        self.info().has(TF_READ_ONLY)
+        self.info().has(TFLAG_READ_ONLY)
     }
 
     pub fn info(&self) -> ExportInfo {
@@ -44,11 +44,11 @@ impl NbdClient {
     }
 
     pub fn can_trim(&self) -> bool {
-        self.info().has(TF_SEND_TRIM)
+        self.info().has(TFLAG_SEND_TRIM)
     }
 
     pub fn can_write_zeroes(&self) -> bool {
-        self.info().has(TF_SEND_WRITE_ZEROES)
+        self.info().has(TFLAG_SEND_WRITE_ZEROES)
     }
 
     fn call(&mut self, op: Op, offset: u64) -> io::Result<Vec<u8>> {

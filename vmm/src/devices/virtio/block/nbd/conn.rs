@@ -6,8 +6,10 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use super::protocol::{self, ExportInfo, NbdError};
+use ember_nbd::{Command, ExportInfo, Request};
+
 use super::uri::{Address, NbdUri};
+use super::NbdError;
 
 pub(crate) enum Stream {
     Tcp(TcpStream),
@@ -66,6 +68,22 @@ pub(crate) struct Conn {
     pub(crate) writer: Stream,
 }
 
+/// The fixed newstyle handshake: structured replies asked for (and used
+/// if the server agrees), then `export` opened with `NBD_OPT_GO`.
+fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo, NbdError> {
+    ember_nbd::client_greet(s)?;
+    let declined = ember_nbd::opt_structured_reply(s)?;
+    if let Some(reply) = &declined {
+        log::debug!("nbd: no structured replies: {}", reply.describe());
+    }
+    let export = ember_nbd::opt_go(s, export)?;
+    Ok(ExportInfo {
+        size: export.size,
+        flags: export.flags,
+        structured: declined.is_none(),
+    })
+}
+
 /// Opens a connection and runs the handshake, all within `timeout`. The
 /// read half then blocks without a timeout (an idle connection is fine);
 /// request timeouts are the engine's, which shuts a stuck connection down.
@@ -100,7 +118,7 @@ pub(crate) fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportIn
         }
     };
     stream.set_read_timeout(Some(timeout))?;
-    let info = protocol::handshake(&mut stream, &uri.export)?;
+    let info = handshake(&mut stream, &uri.export)?;
     stream.set_read_timeout(None)?;
     let writer = stream.try_clone()?;
     Ok((
@@ -116,8 +134,8 @@ pub(crate) fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportIn
 /// server is there and speaks NBD, and the export's current size.
 pub fn probe(uri: &NbdUri, timeout: Duration) -> Result<ExportInfo, NbdError> {
     let (mut conn, info) = connect(uri, timeout)?;
-    let hdr = protocol::encode_request(protocol::Command::Disconnect, 0, 0, 0, 0);
-    let _ = conn.writer.write_all(&hdr);
+    let hdr = Request::new(Command::Disconnect, 0, 0, 0, 0);
+    let _ = conn.writer.write_all(&hdr.encode());
     conn.writer.shutdown();
     Ok(info)
 }

@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::conn::{connect, Conn, Stream};
-use super::protocol::{
-    self, ChunkProgress, Command, ExportInfo, NbdError, ReplyHeader, CMD_FLAG_FUA, TF_SEND_FLUSH,
-    TF_SEND_FUA,
-};
 use super::uri::NbdUri;
+use super::{ExportInfo, NbdError};
+use ember_nbd::{
+    read_simple_data, ChunkProgress, Command, ReplyHeader, Request, CMD_FLAG_FUA, TFLAG_SEND_FLUSH,
+    TFLAG_SEND_FUA,
+};
 
 /// Default bound on one request's round trip, and on a reconnect.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -387,8 +388,8 @@ fn split(st: &State, op: &Op, offset: u64, durability: Durability) -> Vec<Piece>
         }
         Op::Write(data) => {
             let fua = durability == Durability::OnFlush
-                && !st.info.has(TF_SEND_FLUSH)
-                && st.info.has(TF_SEND_FUA);
+                && !st.info.has(TFLAG_SEND_FLUSH)
+                && st.info.has(TFLAG_SEND_FUA);
             let flags = if fua { CMD_FLAG_FUA } else { 0 };
             for chunk_at in (0..data.len()).step_by(MAX_REQUEST) {
                 let end = (chunk_at + MAX_REQUEST).min(data.len());
@@ -403,7 +404,7 @@ fn split(st: &State, op: &Op, offset: u64, durability: Durability) -> Vec<Piece>
             }
         }
         Op::Flush => {
-            if durability == Durability::OnFlush && st.info.has(TF_SEND_FLUSH) {
+            if durability == Durability::OnFlush && st.info.has(TFLAG_SEND_FLUSH) {
                 out.push(piece(Command::Flush, 0, 0, 0));
             }
         }
@@ -580,8 +581,8 @@ impl Worker {
             self.check_timeouts();
         }
         if let Some(mut w) = self.writer.take() {
-            let hdr = protocol::encode_request(Command::Disconnect, 0, 0, 0, 0);
-            let _ = w.write_all(&hdr);
+            let hdr = Request::new(Command::Disconnect, 0, 0, 0, 0);
+            let _ = w.write_all(&hdr.encode());
             w.shutdown();
         }
     }
@@ -739,7 +740,7 @@ impl Worker {
             if p.cmd == Command::Flush {
                 p.flush_mark = next_seq;
             }
-            let hdr = protocol::encode_request(p.cmd, p.flags, cookie, p.offset, p.len);
+            let hdr = Request::new(p.cmd, p.flags, cookie, p.offset, p.len).encode();
             let data = p.data.clone();
             drop(st);
             let res = match data {
@@ -794,7 +795,7 @@ fn read_one(
     generation: u64,
     partial: &mut HashMap<u64, (Vec<u8>, ChunkProgress)>,
 ) -> Result<(), NbdError> {
-    let hdr = protocol::read_reply_header(r)?;
+    let hdr = ReplyHeader::read(r)?;
     let cookie = hdr.cookie();
     let (cmd, offset, len) = {
         let st = lock(shared);
@@ -814,24 +815,28 @@ fn read_one(
     };
     let is_read = cmd == Command::Read;
     let outcome = match hdr {
-        ReplyHeader::Simple { errno, .. } => {
+        ReplyHeader::Simple(reply) => {
+            let errno = reply.errno;
             let mut buf = if is_read && errno == 0 {
                 vec![0; len]
             } else {
                 Vec::new()
             };
-            protocol::read_simple_data(r, errno, is_read.then_some(&mut buf[..]))?;
+            read_simple_data(r, errno, is_read.then_some(&mut buf[..]))?;
             Some(if errno == 0 { Ok(buf) } else { Err(errno) })
         }
-        ReplyHeader::Chunk { .. } => {
+        ReplyHeader::Chunk(chunk) => {
             let (buf, progress) = partial
                 .entry(cookie)
                 .or_insert_with(|| (vec![0; if is_read { len } else { 0 }], Default::default()));
-            let res = progress.chunk(r, hdr, offset, is_read.then_some(&mut buf[..]))?;
+            let res = progress.chunk(r, chunk, offset, is_read.then_some(&mut buf[..]))?;
             match res {
                 None => None,
                 Some(res) => {
-                    let (buf, _) = partial.remove(&cookie).unwrap_or_default();
+                    let (buf, progress) = partial.remove(&cookie).unwrap_or_default();
+                    if let Some(e) = progress.error() {
+                        crate::guest_warn!("nbd: server error {}: {}", e.errno, e.message);
+                    }
                     Some(res.map(|()| buf))
                 }
             }
