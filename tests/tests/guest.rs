@@ -13,16 +13,9 @@ use ember_tests::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 use serde_json::json;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Two vCPUs, so SMP bring-up (MP table, IOAPIC routing) is exercised;
-/// one on a kvm_pvm host, whose guests with more than one vCPU lose data
-/// (tests/vsock_stress.rs shows it).
+/// Two vCPUs, so SMP bring-up (MP table, IOAPIC routing) is exercised.
 fn vcpus() -> u8 {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        eprintln!("kvm_pvm host: one vCPU (SMP guests corrupt data here; see vsock_stress.rs)");
-        1
-    } else {
-        2
-    }
+    2
 }
 
 fn sh(client: &mut AgentClient, script: &str) -> ExecResult {

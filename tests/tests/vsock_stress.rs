@@ -12,8 +12,9 @@
 //! first 12 rounds came back damaged, both ways (requests the agent could
 //! not parse, replies with 64-byte runs of zero bytes in the middle of the
 //! base64 text, stdout differing from 896 KiB on); with 1 vCPU, 10 of 10
-//! rounds were intact. The VMM logs a warning for SMP guests there and
-//! emberd gives functions one vCPU.
+//! rounds were intact. On 2026-12-07, at that day's main, 20 of 20 rounds
+//! (4 KiB to 5 MiB) came back intact with 2 vCPUs on the same host, with
+//! both cores busy (752 s): guests and functions have their vCPUs back.
 
 use std::time::{Duration, Instant};
 

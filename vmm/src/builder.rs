@@ -122,9 +122,6 @@ pub fn build_and_boot(
     }
     if nested::is_pvm_host() {
         log::info!("nested kvm_pvm host detected: adding guest boot arguments it needs");
-        if mc.vcpu_count > 1 {
-            log::warn!("{}", nested::PVM_SMP_WARNING);
-        }
         let tsc_khz = vcpus.first().and_then(|v| v.fd().get_tsc_khz().ok());
         cmdline
             .insert_str(nested::pvm_boot_args(tsc_khz))

@@ -11,12 +11,6 @@ pub const PVM_CPU_ARGS: &str = "noxsave nokaslr tsc=reliable no_timer_check \
 clearcpuid=cx16,popcnt,avx,avx2,bmi1,bmi2,erms,fsrm,movbe,rdrand,rdseed,clwb,clflushopt,\
 sha_ni,aes,pclmulqdq,fsgsbase,smap,smep,xsaveopt,avx512f,rdpid,umip,pku,ospke,pcid,invpcid";
 
-/// Measured on kvm_pvm hosts (tests/tests/vsock_stress.rs): a guest with
-/// two vCPUs loses data in flight (64-byte runs of zeroes in vsock streams,
-/// most large transfers damaged), one with a single vCPU does not.
-pub const PVM_SMP_WARNING: &str = "this kvm_pvm host corrupts the memory of guests with more \
-than one vCPU (seen as damaged vsock data); use one vCPU here";
-
 /// True when this host's KVM is the paging-based nested hypervisor.
 pub fn is_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
