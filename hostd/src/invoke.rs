@@ -348,7 +348,7 @@ pub fn new_request_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FunctionSpec, SnapshotRef};
+    use crate::model::SnapshotRef;
 
     fn outcome() -> Outcome {
         Outcome {
@@ -580,28 +580,8 @@ mod tests {
 
     #[test]
     fn a_version_without_a_snapshot_is_not_ready_and_says_why() {
-        let mut v = VersionRecord {
-            version: "1".into(),
-            spec: FunctionSpec {
-                runtime: "python3.12".into(),
-                handler: "app.handler".into(),
-                memory_mib: 128,
-                timeout_secs: 3,
-                environment: Default::default(),
-                description: String::new(),
-                code_sha256: String::new(),
-                code_size: 0,
-                file_system: None,
-                ephemeral_mib: None,
-            },
-            state: State::Pending,
-            state_reason: Some("The function is being created.".into()),
-            state_reason_code: None,
-            snapshot: None,
-            update_in_progress: false,
-            last_modified: String::new(),
-            revision_id: String::new(),
-        };
+        let mut v = crate::model::sample_record("f").latest().clone();
+        v.state_reason = Some("The function is being created.".into());
         let e = check_ready(&v).unwrap_err();
         assert_eq!(
             e.to_string(),

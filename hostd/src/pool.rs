@@ -831,7 +831,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::model::{AliasRecord, FileSystem, FunctionSpec, LATEST};
+    use crate::model::{AliasRecord, FileSystem, LATEST};
     use std::sync::atomic::Ordering;
     use tokio::sync::Semaphore;
 
@@ -851,10 +851,13 @@ mod tests {
         (f.to_string(), v.to_string())
     }
 
-    /// Lets spawned destroys and restores run.
+    /// Lets spawned destroys and restores run (and their timers fire).
     async fn settle() {
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
+        for _ in 0..3 {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -883,6 +886,19 @@ mod tests {
         id
     }
 
+    /// `n` instances of `f`:`v` made idle, in the order of their release.
+    async fn idle_several(p: &Pools<Fake>, f: &str, v: &str, s: &Source, n: usize) -> Vec<String> {
+        let mut leases = Vec::new();
+        for _ in 0..n {
+            leases.push(p.acquire(f, v, s, 100).await.unwrap());
+        }
+        let ids = leases.iter().map(|l| l.inst.id.clone()).collect();
+        for l in leases {
+            p.release(f, v, l, true);
+        }
+        ids
+    }
+
     #[tokio::test]
     async fn the_first_invocation_restores_and_the_next_reuses_it() {
         let p = pools();
@@ -904,14 +920,10 @@ mod tests {
     async fn the_most_recently_used_idle_instance_serves_first() {
         let p = pools();
         let s = source(1);
-        let a = p.acquire("f", "1", &s, 10).await.unwrap();
-        let b = p.acquire("f", "1", &s, 10).await.unwrap();
-        let (a_id, b_id) = (a.inst.id.clone(), b.inst.id.clone());
-        p.release("f", "1", a, true);
-        p.release("f", "1", b, true);
+        let ids = idle_several(&p, "f", "1", &s, 2).await;
         // The oldest idle ones are left for the TTL to reclaim.
-        assert_eq!(p.acquire("f", "1", &s, 10).await.unwrap().inst.id, b_id);
-        assert_eq!(idle_ids(&p, "f", "1"), [a_id]);
+        assert_eq!(p.acquire("f", "1", &s, 10).await.unwrap().inst.id, ids[1]);
+        assert_eq!(idle_ids(&p, "f", "1"), ids[..1]);
     }
 
     #[tokio::test]
@@ -1075,15 +1087,8 @@ mod tests {
         let s = source(1);
         let k = key("f", "1");
         let busy = p.acquire("f", "1", &s, 10).await.unwrap();
-        let leaving = p.acquire("f", "1", &s, 10).await.unwrap();
-        let idle = p.acquire("f", "1", &s, 10).await.unwrap();
-        let leaving_id = leaving.inst.id.clone();
-        p.release("f", "1", leaving, true);
-        p.release("f", "1", idle, true);
-        assert!(matches!(
-            p.take_for_migration(&leaving_id),
-            Taking::Taken(..)
-        ));
+        let ids = idle_several(&p, "f", "1", &s, 2).await;
+        assert!(matches!(p.take_for_migration(&ids[0]), Taking::Taken(..)));
         // One busy, one migrating, one idle.
         let now = Instant::now();
         assert_eq!(p.maintain(&k, 1, 4, Duration::from_secs(60), now), 1);
@@ -1095,15 +1100,7 @@ mod tests {
         let p = pools();
         let s = source(1);
         let k = key("f", "1");
-        let leases = [
-            p.acquire("f", "1", &s, 10).await.unwrap(),
-            p.acquire("f", "1", &s, 10).await.unwrap(),
-            p.acquire("f", "1", &s, 10).await.unwrap(),
-        ];
-        let ids: Vec<String> = leases.iter().map(|l| l.inst.id.clone()).collect();
-        for l in leases {
-            p.release("f", "1", l, true);
-        }
+        let ids = idle_several(&p, "f", "1", &s, 3).await;
         let ttl = Duration::from_secs(60);
         assert_eq!(p.maintain(&k, 1, 1, ttl, Instant::now()), 0);
         settle().await;
@@ -1206,7 +1203,9 @@ mod tests {
         // Its busy instance goes when the invocation ends.
         p.release("f", "1", busy, true);
         settle().await;
-        assert_eq!(destroyed(&p), [idle, busy_id]);
+        let mut both = vec![idle, busy_id];
+        both.sort();
+        assert_eq!(destroyed(&p), both);
         assert_eq!(p.instance_ids(), [kept]);
     }
 
@@ -1317,11 +1316,8 @@ mod tests {
     async fn shutdown_destroys_every_instance() {
         let p = pools();
         let s = source(1);
-        let a = p.acquire("f", "1", &s, 10).await.unwrap();
-        let b = p.acquire("f", "1", &s, 10).await.unwrap();
-        let (idle, migrating) = (a.inst.id.clone(), b.inst.id.clone());
-        p.release("f", "1", a, true);
-        p.release("f", "1", b, true);
+        let [idle, migrating]: [String; 2] =
+            idle_several(&p, "f", "1", &s, 2).await.try_into().unwrap();
         assert!(matches!(
             p.take_for_migration(&migrating),
             Taking::Taken(..)
@@ -1355,47 +1351,25 @@ mod tests {
     }
 
     fn version(v: &str, state: State, generation: Option<u64>) -> VersionRecord {
-        VersionRecord {
-            version: v.into(),
-            spec: FunctionSpec {
-                runtime: "python3.12".into(),
-                handler: "app.handler".into(),
-                memory_mib: 128,
-                timeout_secs: 3,
-                environment: Default::default(),
-                description: String::new(),
-                code_sha256: String::new(),
-                code_size: 0,
-                file_system: None,
-                ephemeral_mib: None,
-            },
-            state,
-            state_reason: None,
-            state_reason_code: None,
-            snapshot: generation.map(|generation| SnapshotRef {
-                dir: "/nonexistent".into(),
-                generation,
-                init_duration_ms: 0,
-                network: None,
-            }),
-            update_in_progress: false,
-            last_modified: String::new(),
-            revision_id: String::new(),
-        }
+        let mut r = crate::model::sample_record("f").latest().clone();
+        r.version = v.into();
+        r.state = state;
+        r.snapshot = generation.map(|generation| SnapshotRef {
+            dir: "/nonexistent".into(),
+            generation,
+            init_duration_ms: 0,
+            network: None,
+        });
+        r
     }
 
     fn function(versions: Vec<VersionRecord>) -> FunctionRecord {
         FunctionRecord {
-            name: "f".into(),
             versions: versions
                 .into_iter()
                 .map(|v| (v.version.clone(), v))
                 .collect(),
-            aliases: Default::default(),
-            next_version: 2,
-            reserved_concurrency: None,
-            provisioned: Default::default(),
-            egress: Default::default(),
+            ..crate::model::sample_record("f")
         }
     }
 

@@ -49,12 +49,6 @@ pub struct MigrationReport {
 /// timeout is 15 minutes).
 const BUSY_WAIT: Duration = Duration::from_secs(15 * 60 + 30);
 
-/// The migration did not happen (the instance runs here still), or the
-/// destination failed after the switch-over: the message says which.
-fn failed(message: String) -> MigrateError {
-    MigrateError::Failed(message)
-}
-
 fn api_host(destination: &str) -> Result<String, MigrateError> {
     let uri: hyper::Uri = destination
         .parse()
@@ -182,16 +176,16 @@ async fn send(
     let r = peer
         .json(dest, Method::POST, "/ember/v1/migrations", &body)
         .await
-        .map_err(|e| failed(format!("destination {dest}: {e}")))?;
+        .map_err(|e| MigrateError::Failed(format!("destination {dest}: {e}")))?;
     if !r.status.is_success() {
-        return Err(failed(format!(
+        return Err(MigrateError::Failed(format!(
             "destination {dest} refused the migration ({}): {}",
             r.status,
             String::from_utf8_lossy(&r.body)
         )));
     }
     let answer: IncomingAnswer = serde_json::from_slice(&r.body)
-        .map_err(|e| failed(format!("destination {dest} answered oddly: {e}")))?;
+        .map_err(|e| MigrateError::Failed(format!("destination {dest} answered oddly: {e}")))?;
     let abort = || async {
         let path = format!("/ember/v1/migrations/{}", answer.migration_id);
         let _ = peer
@@ -210,7 +204,7 @@ async fn send(
         Ok(l) => l,
         Err(e) => {
             abort().await;
-            return Err(failed(format!("migration socket: {e}")));
+            return Err(MigrateError::Failed(format!("migration socket: {e}")));
         }
     };
     let target = PeerTarget {
@@ -276,7 +270,7 @@ async fn send(
         Err(e) => {
             stream.abort();
             abort().await;
-            return Err(failed(format!(
+            return Err(MigrateError::Failed(format!(
                 "migration to {dest} failed, the instance runs here still: {e}"
             )));
         }
@@ -293,13 +287,13 @@ async fn send(
         match st {
             Some(s) if s.state == Phase::Running => break,
             Some(s) if s.state == Phase::Failed => {
-                return Err(failed(format!(
+                return Err(MigrateError::Failed(format!(
                     "the VM moved to {dest} but did not come up there: {}",
                     s.error.unwrap_or_default()
                 )))
             }
             _ if start.elapsed() > Duration::from_secs(90) => {
-                return Err(failed(format!(
+                return Err(MigrateError::Failed(format!(
                     "the VM moved to {dest}, which does not say it runs"
                 )))
             }
