@@ -715,13 +715,7 @@ fn maintain_all(d: &Arc<Daemon>) {
             }
             match Source::of(d, &f, v) {
                 Ok(source) => d.pools.warm(&key, &source, need),
-                Err(e) => {
-                    log::error!("cannot warm {}:{}: {e}", key.0, key.1);
-                    // Nothing started: those restores are not under way.
-                    for _ in 0..need {
-                        d.pools.warmed(&key, None, generation);
-                    }
-                }
+                Err(e) => log::error!("cannot warm {}:{}: {e}", key.0, key.1),
             }
         }
     }

@@ -340,7 +340,7 @@ async fn watch_fill(d: &Daemon, migration_id: &str, inst: &Instance) {
                 last_error = e;
             }
             // A drive no longer filling answers 400: it completed.
-            Err(InstanceError::Api(crate::vm::api_client::ApiError::Status {
+            Err(crate::vm::InstanceError::Api(crate::vm::api_client::ApiError::Status {
                 status: 400,
                 ..
             })) => {
