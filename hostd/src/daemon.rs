@@ -68,7 +68,7 @@ pub struct Daemon {
     /// (function, version) pairs with a snapshot build running.
     building: Mutex<HashSet<(String, String)>>,
     build_slots: Semaphore,
-    pub pools: Pools,
+    pub pools: Arc<Pools>,
     pub queue: AsyncQueue,
     /// Logical addresses reserved per account.
     pub(crate) reservations: Mutex<BTreeMap<String, crate::net::LogicalNet>>,
@@ -134,7 +134,7 @@ impl Daemon {
         Ok(Arc::new(Daemon {
             reservations: Mutex::new(reservations),
             build_slots: Semaphore::new(cfg.parallel_builds.max(1)),
-            pools: Pools::new(),
+            pools: Arc::new(Pools::new(crate::pool::VmRestorer::new(&cfg))),
             cfg,
             store,
             functions: Mutex::new(functions),

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::daemon::{now_rfc3339, Daemon};
+use crate::invoke::Outcome;
 use crate::store::{load_dir, write_json_atomic};
 use ember_lambda::error::ApiError;
 
@@ -28,6 +29,15 @@ pub const MAX_ATTEMPTS: usize = 3;
 pub const MAX_KEPT_RESULT: usize = 256 * 1024;
 /// Finished records kept (oldest dropped beyond this).
 const KEEP_FINISHED: usize = 10_000;
+
+/// Why an event was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("Request must be smaller than {MAX_ASYNC_PAYLOAD} bytes for asynchronous invocations")]
+    TooLarge,
+    #[error("cannot store the async invocation: {0}")]
+    Store(#[from] std::io::Error),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
@@ -163,9 +173,9 @@ impl AsyncQueue {
         })
     }
 
-    fn save(&self, item: &AsyncInvocation) -> Result<(), ApiError> {
-        write_json_atomic(&self.dir.join(format!("{}.json", item.request_id)), item)
-            .map_err(|e| ApiError::service(format!("cannot store the async invocation: {e}")))
+    fn save(&self, item: &AsyncInvocation) -> Result<(), QueueError> {
+        write_json_atomic(&self.dir.join(format!("{}.json", item.request_id)), item)?;
+        Ok(())
     }
 
     /// Accepts an event: stored durably before the caller hears 202.
@@ -175,11 +185,9 @@ impl AsyncQueue {
         qualifier: Option<&str>,
         payload: &[u8],
         request_id: String,
-    ) -> Result<AsyncInvocation, ApiError> {
+    ) -> Result<AsyncInvocation, QueueError> {
         if payload.len() > MAX_ASYNC_PAYLOAD {
-            return Err(ApiError::too_large(format!(
-                "Request must be smaller than {MAX_ASYNC_PAYLOAD} bytes for asynchronous invocations"
-            )));
+            return Err(QueueError::TooLarge);
         }
         let now = now_rfc3339();
         let item = AsyncInvocation {
@@ -199,7 +207,7 @@ impl AsyncQueue {
             self.save(&item)?;
             self.lock().insert(request_id.clone(), item.clone());
             self.trim();
-            Ok::<_, ApiError>(())
+            Ok::<_, QueueError>(())
         })?;
         let _ = self.tx.send(request_id);
         Ok(item)
@@ -319,9 +327,39 @@ async fn run_one(d: &Arc<Daemon>, id: &str) {
         payload,
         id.to_string(),
     )
-    .await;
-    let duration_ms = t.elapsed().as_millis() as u64;
-    let (attempt, result_text, version, throttled) = match result {
+    .await
+    // The record says what a synchronous call would have been told.
+    .map_err(ApiError::from);
+    let tried = attempt_of(result, started, t.elapsed().as_millis() as u64);
+    let throttled = tried.throttled;
+    let Some(item) = d.queue.update(id, |i| record(i, tried)) else {
+        return;
+    };
+    if item.status == Status::Queued {
+        let delay = retry_delay(d.cfg.async_retry_delay, &item, throttled);
+        let tx = d.queue.tx.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(id);
+        });
+    }
+}
+
+/// What one attempt did, to be recorded.
+struct Tried {
+    attempt: Attempt,
+    /// The function's answer as text.
+    result: Option<String>,
+    executed_version: Option<String>,
+    /// Refused for the function's concurrency (does not count as a try).
+    throttled: bool,
+}
+
+/// The record of an attempt that started at `started` and took
+/// `duration_ms` (the function's own duration when it ran).
+fn attempt_of(result: Result<Outcome, ApiError>, started: String, duration_ms: u64) -> Tried {
+    match result {
         Ok(out) => {
             let text = String::from_utf8_lossy(&out.payload).into_owned();
             let outcome = if out.function_error.is_some() {
@@ -335,70 +373,68 @@ async fn run_one(d: &Arc<Daemon>, id: &str) {
                     .and_then(|v| v["errorMessage"].as_str().map(str::to_string))
                     .unwrap_or_else(|| text.clone())
             });
-            (
-                Attempt {
+            Tried {
+                attempt: Attempt {
                     started,
                     duration_ms: out.duration_ms,
                     outcome: outcome.into(),
                     error_type: out.error_type.clone(),
                     error_message: message,
                 },
-                Some(text),
-                Some(out.executed_version),
-                false,
-            )
+                result: Some(text),
+                executed_version: Some(out.executed_version),
+                throttled: false,
+            }
         }
         Err(e) => {
             let throttled = e.kind == "TooManyRequestsException";
-            (
-                Attempt {
+            Tried {
+                attempt: Attempt {
                     started,
                     duration_ms,
                     outcome: if throttled { "Throttled" } else { "Error" }.into(),
                     error_type: Some(e.kind.to_string()),
-                    error_message: Some(e.message.clone()),
+                    error_message: Some(e.message),
                 },
-                None,
-                None,
+                result: None,
+                executed_version: None,
                 throttled,
-            )
+            }
         }
-    };
-    let succeeded = attempt.outcome == "Success";
-    // Missing functions will not come back: no retries for them.
-    let permanent = attempt.error_type.as_deref() == Some("ResourceNotFoundException");
-    let item = d.queue.update(id, |i| {
-        i.attempts.push(attempt);
-        i.executed_version = version.or(i.executed_version.take());
-        if let Some(text) = result_text {
-            let (kept, truncated) = cut(text, MAX_KEPT_RESULT);
-            i.result = Some(kept);
-            i.result_truncated = truncated;
-        }
-        i.status = if succeeded {
-            Status::Succeeded
-        } else if permanent || counted(i) >= MAX_ATTEMPTS {
-            Status::Failed
-        } else {
-            Status::Queued
-        };
-    });
-    let Some(item) = item else { return };
-    if item.status == Status::Queued {
-        let counted = counted(&item) as u32;
-        // Lambda waits 1 then 2 minutes; the base delay is configurable.
-        let delay = if throttled {
-            d.cfg.async_retry_delay
-        } else {
-            d.cfg.async_retry_delay * 2u32.pow(counted.saturating_sub(1))
-        };
-        let tx = d.queue.tx.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
-            let _ = tx.send(id);
-        });
     }
+}
+
+/// Adds an attempt to `i` and decides what comes next: done, failed for
+/// good, or queued for another try.
+fn record(i: &mut AsyncInvocation, tried: Tried) {
+    let succeeded = tried.attempt.outcome == "Success";
+    // Missing functions will not come back: no retries for them.
+    let permanent = tried.attempt.error_type.as_deref() == Some("ResourceNotFoundException");
+    i.attempts.push(tried.attempt);
+    i.executed_version = tried.executed_version.or(i.executed_version.take());
+    if let Some(text) = tried.result {
+        let (kept, truncated) = cut(text, MAX_KEPT_RESULT);
+        i.result = Some(kept);
+        i.result_truncated = truncated;
+    }
+    i.status = if succeeded {
+        Status::Succeeded
+    } else if permanent || counted(i) >= MAX_ATTEMPTS {
+        Status::Failed
+    } else {
+        Status::Queued
+    };
+}
+
+/// How long a queued-again item waits: Lambda waits 1 then 2 minutes
+/// (`base` is configurable); after a throttle, `base`.
+fn retry_delay(base: Duration, item: &AsyncInvocation, throttled: bool) -> Duration {
+    let delay = if throttled {
+        base
+    } else {
+        base * 2u32.pow((counted(item) as u32).saturating_sub(1))
+    };
+    delay.max(Duration::from_millis(1))
 }
 
 #[cfg(test)]
@@ -463,6 +499,194 @@ mod tests {
         let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
         let e = q.get("e").unwrap();
         assert_eq!((e.status, e.attempts.len()), (Status::Failed, MAX_ATTEMPTS));
+    }
+
+    fn item() -> AsyncInvocation {
+        AsyncInvocation {
+            request_id: "r".into(),
+            function_name: "f".into(),
+            qualifier: None,
+            payload: String::new(),
+            status: Status::Running,
+            attempts: Vec::new(),
+            created: String::new(),
+            updated: String::new(),
+            result: None,
+            executed_version: None,
+            result_truncated: false,
+        }
+    }
+
+    fn ran(payload: &str, function_error: Option<&str>) -> Result<Outcome, ApiError> {
+        Ok(Outcome {
+            request_id: "r".into(),
+            executed_version: "3".into(),
+            payload: payload.as_bytes().to_vec(),
+            function_error: function_error.map(|_| "Unhandled".to_string()),
+            error_type: function_error.map(str::to_string),
+            log: Vec::new(),
+            duration_ms: 42,
+            cold: false,
+        })
+    }
+
+    fn tried(result: Result<Outcome, ApiError>) -> Tried {
+        attempt_of(result, "t0".into(), 1000)
+    }
+
+    #[test]
+    fn a_success_is_final_with_its_answer_and_version() {
+        let mut i = item();
+        record(&mut i, tried(ran("{\"ok\":true}", None)));
+        assert_eq!(i.status, Status::Succeeded);
+        assert_eq!(i.result.as_deref(), Some("{\"ok\":true}"));
+        assert_eq!(i.executed_version.as_deref(), Some("3"));
+        let a = &i.attempts[0];
+        assert_eq!((a.outcome.as_str(), a.duration_ms), ("Success", 42));
+        assert_eq!(
+            (a.error_type.as_ref(), a.error_message.as_ref()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn function_errors_are_retried_twice_then_fail() {
+        let mut i = item();
+        let body = "{\"errorMessage\":\"boom\",\"errorType\":\"ValueError\"}";
+        for expect in [Status::Queued, Status::Queued, Status::Failed] {
+            record(&mut i, tried(ran(body, Some("ValueError"))));
+            assert_eq!(i.status, expect);
+        }
+        assert_eq!(i.attempts.len(), MAX_ATTEMPTS);
+        let a = &i.attempts[2];
+        assert_eq!(a.outcome, "FunctionError");
+        assert_eq!(a.error_type.as_deref(), Some("ValueError"));
+        assert_eq!(a.error_message.as_deref(), Some("boom"));
+        assert_eq!(i.result.as_deref(), Some(body), "the error body is kept");
+    }
+
+    #[test]
+    fn an_error_body_without_a_message_is_its_own_message() {
+        let t = tried(ran("not json", Some("Runtime.ExitError")));
+        assert_eq!(t.attempt.error_message.as_deref(), Some("not json"));
+    }
+
+    #[test]
+    fn throttles_do_not_use_up_attempts() {
+        let mut i = item();
+        for _ in 0..10 {
+            let t = tried(Err(ApiError::throttled("Rate Exceeded")));
+            assert!(t.throttled);
+            record(&mut i, t);
+            assert_eq!(i.status, Status::Queued);
+        }
+        assert_eq!(i.attempts[0].outcome, "Throttled");
+        assert_eq!(
+            i.attempts[0].duration_ms, 1000,
+            "the wall time when nothing ran"
+        );
+        record(&mut i, tried(Err(ApiError::service("lost"))));
+        record(&mut i, tried(Err(ApiError::service("lost"))));
+        assert_eq!(i.status, Status::Queued);
+        record(&mut i, tried(Err(ApiError::service("lost"))));
+        assert_eq!(i.status, Status::Failed);
+        assert_eq!(i.attempts.last().unwrap().outcome, "Error");
+    }
+
+    #[test]
+    fn a_missing_function_fails_at_once() {
+        let mut i = item();
+        record(
+            &mut i,
+            tried(Err(ApiError::not_found("Function not found: f"))),
+        );
+        assert_eq!(i.status, Status::Failed);
+        let a = &i.attempts[0];
+        assert_eq!(a.error_type.as_deref(), Some("ResourceNotFoundException"));
+        assert_eq!(a.error_message.as_deref(), Some("Function not found: f"));
+    }
+
+    #[test]
+    fn a_long_answer_is_kept_cut() {
+        let mut i = item();
+        record(&mut i, tried(ran(&"a".repeat(MAX_KEPT_RESULT + 10), None)));
+        assert!(i.result_truncated);
+        assert_eq!(i.result.unwrap().len(), MAX_KEPT_RESULT);
+    }
+
+    #[test]
+    fn retries_wait_the_base_delay_then_twice_it() {
+        let base = Duration::from_secs(60);
+        let mut i = item();
+        record(&mut i, tried(Err(ApiError::service("lost"))));
+        assert_eq!(retry_delay(base, &i, false), base);
+        record(&mut i, tried(Err(ApiError::service("lost"))));
+        assert_eq!(retry_delay(base, &i, false), 2 * base);
+        // A throttle waits the base delay, however many tries came before.
+        assert_eq!(retry_delay(base, &i, true), base);
+        assert_eq!(
+            retry_delay(Duration::ZERO, &i, false),
+            Duration::from_millis(1),
+            "never a busy loop"
+        );
+    }
+
+    #[test]
+    fn events_run_in_the_order_they_came_and_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        let mut rx = q.rx.lock().unwrap().take().unwrap();
+        for id in ["c", "a", "b"] {
+            q.enqueue("f", None, id.as_bytes(), id.into()).unwrap();
+        }
+        let order: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(order, ["c", "a", "b"]);
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(q.get("a").unwrap().payload)
+            .unwrap();
+        assert_eq!(payload, b"a");
+        assert!(q.start("c").is_some());
+        assert!(
+            q.start("c").is_none(),
+            "a running event is not started again"
+        );
+    }
+
+    #[test]
+    fn an_oversized_event_is_refused_and_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        let e = q
+            .enqueue("f", None, &vec![0; MAX_ASYNC_PAYLOAD + 1], "big".into())
+            .unwrap_err();
+        assert!(matches!(e, QueueError::TooLarge), "{e}");
+        assert!(q.get("big").is_none());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(q
+            .enqueue("f", None, &vec![0; MAX_ASYNC_PAYLOAD], "ok".into())
+            .is_ok());
+    }
+
+    #[test]
+    fn a_finished_record_survives_a_restart_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        q.enqueue("f", Some("live"), b"{}", "r".into()).unwrap();
+        q.start("r").unwrap();
+        let body = "{\"errorMessage\":\"boom\"}";
+        let done = q
+            .update("r", |i| {
+                for _ in 0..MAX_ATTEMPTS {
+                    record(i, tried(ran(body, Some("E"))));
+                }
+            })
+            .unwrap();
+        assert_eq!(done.status, Status::Failed);
+        drop(q);
+        let q = AsyncQueue::open(dir.path().to_path_buf()).unwrap();
+        assert_eq!(q.get("r").unwrap(), done);
+        let mut rx = q.rx.lock().unwrap().take().unwrap();
+        assert!(rx.try_recv().is_err(), "nothing to run");
     }
 
     #[test]

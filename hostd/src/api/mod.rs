@@ -3,6 +3,7 @@
 //! what Lambda exposes elsewhere (async outcomes, pools, logs).
 
 mod ember;
+mod errors;
 mod functions;
 mod invoke;
 mod migrate;

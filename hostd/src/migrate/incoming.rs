@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::stream::{new_ticket, serve_incoming};
-use super::{ended, MIGRATION_TIMEOUT};
+use super::{ended, MigrateError, MIGRATION_TIMEOUT};
 use crate::daemon::Daemon;
 use crate::model::State;
 use crate::net::LogicalNet;
 use crate::pool::Source;
-use crate::vm::Instance;
-use ember_lambda::error::ApiError;
+use crate::vm::{Instance, InstanceError};
 
 /// What the source asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,30 +142,31 @@ impl Incoming {
 }
 
 /// Prepares to receive an instance of `req.function_name:req.version`.
-pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAnswer, ApiError> {
-    let peers = d
-        .cfg
-        .peers
-        .clone()
-        .ok_or_else(|| ApiError::invalid("this host takes no migrations (no --listen-tcp)"))?;
+pub async fn prepare(
+    d: &Arc<Daemon>,
+    req: IncomingRequest,
+) -> Result<IncomingAnswer, MigrateError> {
+    let peers = d.cfg.peers.clone().ok_or(MigrateError::NotConfigured(
+        "this host takes no migrations (no --listen-tcp)",
+    ))?;
     let f = d.get(&req.function_name)?;
     let v = f.versions.get(&req.version).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "Function not found: {}:{} on this host",
-            req.function_name, req.version
-        ))
+        MigrateError::NoSuchVersion(req.function_name.clone(), req.version.clone())
     })?;
     if v.state != State::Active {
-        return Err(ApiError::conflict(format!(
-            "{}:{} is {:?} on this host, not Active",
-            req.function_name, req.version, v.state
-        )));
+        return Err(MigrateError::NotActive(
+            req.function_name.clone(),
+            req.version.clone(),
+            v.state,
+        ));
     }
     if v.spec.code_sha256 != req.code_sha256 {
-        return Err(ApiError::conflict(format!(
-            "{}:{} has other code on this host (CodeSha256 {} here, {} at the source)",
-            req.function_name, req.version, v.spec.code_sha256, req.code_sha256
-        )));
+        return Err(MigrateError::OtherCode {
+            function: req.function_name.clone(),
+            version: req.version.clone(),
+            here: v.spec.code_sha256.clone(),
+            there: req.code_sha256.clone(),
+        });
     }
     let mut source = Source::of(d, &f, v)?;
     if let (Some(net), Some(logical)) = (source.network.as_mut(), req.logical) {
@@ -178,10 +178,11 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         (None, _) => None,
         (Some(_), Some(vs)) => Some(vs.host_id.clone()),
         (Some(name), None) => {
-            return Err(ApiError::conflict(format!(
-                "{}:{} mounts volume {name}, and this host has no volume service",
-                req.function_name, req.version
-            )))
+            return Err(MigrateError::NoVolumeService(
+                req.function_name.clone(),
+                req.version.clone(),
+                name.clone(),
+            ))
         }
     };
     let with_tmp_disk = v.spec.ephemeral_mib.is_some();
@@ -193,19 +194,18 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
             tls: peers.tls.clone(),
         }),
         (true, _, _) => {
-            return Err(ApiError::invalid(format!(
-                "{}:{} has a /tmp disk: DiskSource and DiskTicket must say where and how the \
-                 source serves it",
-                req.function_name, req.version
-            )))
+            return Err(MigrateError::NoDiskSource(
+                req.function_name.clone(),
+                req.version.clone(),
+            ))
         }
     };
     let listener = tokio::net::TcpListener::bind((peers.stream_ip, 0))
         .await
-        .map_err(|e| ApiError::service(format!("cannot open a migration port: {e}")))?;
+        .map_err(|e| MigrateError::Host(format!("cannot open a migration port: {e}")))?;
     let port = listener
         .local_addr()
-        .map_err(|e| ApiError::service(format!("migration port: {e}")))?
+        .map_err(|e| MigrateError::Host(format!("migration port: {e}")))?
         .port();
     let inst = Instance::receive(
         &d.cfg.launch,
@@ -217,7 +217,7 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
         fill_from,
     )
     .await
-    .map_err(|e| ApiError::service(format!("cannot start a receiving microVM: {e}")))?;
+    .map_err(|e| MigrateError::Host(format!("cannot start a receiving microVM: {e}")))?;
     let inst = Arc::new(inst);
     let migration_id = format!("mig-{}", &new_ticket()[..16]);
     let ticket = new_ticket();
@@ -259,7 +259,7 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
             Ok(()) => inst
                 .adopt_migrated()
                 .await
-                .map_err(|e| format!("the VM runs here but its agent did not answer: {e}")),
+                .map_err(ReceiveError::AgentSilent),
             Err(e) => Err(e),
         };
         match outcome {
@@ -275,7 +275,8 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
             Err(e) => {
                 log::warn!("migration {migration_id} failed: {e}");
                 inst.destroy().await;
-                d.incoming.set(&migration_id, Phase::Failed, Some(e));
+                d.incoming
+                    .set(&migration_id, Phase::Failed, Some(e.to_string()));
             }
         }
     });
@@ -285,36 +286,27 @@ pub async fn prepare(d: &Arc<Daemon>, req: IncomingRequest) -> Result<IncomingAn
 /// The source has paused the VM and moved its volume's attachment here:
 /// the drive's path to the volume service is made ready, and its URI
 /// answered for the source's switch-over.
-pub async fn switch_over(d: &Arc<Daemon>, id: &str) -> Result<SwitchOverAnswer, ApiError> {
+pub async fn switch_over(d: &Arc<Daemon>, id: &str) -> Result<SwitchOverAnswer, MigrateError> {
     let (inst, volume) = {
         let map = d.incoming.lock();
         let e = map
             .get(id)
-            .ok_or_else(|| ApiError::not_found(format!("no migration {id} to this host")))?;
+            .ok_or_else(|| MigrateError::NoMigration(id.to_string()))?;
         match (&e.inst, &e.volume) {
             (Some(i), Some(v)) => (i.clone(), v.clone()),
-            (None, _) => {
-                return Err(ApiError::conflict(format!(
-                    "migration {id} is {:?}, no longer receiving",
-                    e.status.state
-                )))
-            }
-            (_, None) => {
-                return Err(ApiError::invalid(format!(
-                    "migration {id} has no volume to switch over"
-                )))
-            }
+            (None, _) => return Err(MigrateError::NotReceiving(id.to_string(), e.status.state)),
+            (_, None) => return Err(MigrateError::NoVolume(id.to_string())),
         }
     };
     let vs = d
         .cfg
         .volumes
         .as_ref()
-        .ok_or_else(|| ApiError::conflict("this host has no volume service"))?;
+        .ok_or(MigrateError::NoVolumeServiceHere)?;
     let grant = vs.attach(&volume).await?;
     let sock = inst
         .start_nbd_path(&grant)
-        .map_err(|e| ApiError::service(format!("the volume's NBD path: {e}")))?;
+        .map_err(|e| MigrateError::Host(format!("the volume's NBD path: {e}")))?;
     Ok(SwitchOverAnswer {
         volume_uri: grant.uri_via(&sock),
     })
@@ -361,6 +353,29 @@ async fn watch_fill(d: &Daemon, migration_id: &str, inst: &Instance) {
     }
 }
 
+/// Why an instance did not arrive.
+#[derive(Debug, thiserror::Error)]
+enum ReceiveError {
+    #[error("the receiving VMM: {0}")]
+    Vmm(#[source] InstanceError),
+    /// The VMM's own account of its failure.
+    #[error("{0}")]
+    VmmFailed(String),
+    #[error("the stream ended but the VMM is still {0}")]
+    Unsettled(serde_json::Value),
+    #[error("no migration within {MIGRATION_TIMEOUT:?}")]
+    TimedOut,
+    /// The stream between the hosts failed (the carrier's account).
+    #[error("{0}")]
+    Stream(String),
+    #[error("stream task: {0}")]
+    StreamTask(#[source] tokio::task::JoinError),
+    #[error("the source gave the migration up")]
+    Aborted,
+    #[error("the VM runs here but its agent did not answer: {0}")]
+    AgentSilent(#[source] InstanceError),
+}
+
 /// Carries the stream to the VMM until the VM runs here (Ok) or the
 /// migration ends without it.
 async fn receive(
@@ -369,7 +384,7 @@ async fn receive(
     ticket: String,
     tls: ember_tls::Tls,
     mut abort: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(), String> {
+) -> Result<(), ReceiveError> {
     // Strangers' connections are refused meanwhile; the port waits on for
     // the source's.
     let mut stream = tokio::spawn(serve_incoming(
@@ -382,31 +397,27 @@ async fn receive(
     let start = Instant::now();
     let mut stream_end: Option<Instant> = None;
     loop {
-        let status = inst
-            .migration_status()
-            .await
-            .map_err(|e| format!("the receiving VMM: {e}"))?;
+        let status = inst.migration_status().await.map_err(ReceiveError::Vmm)?;
         match ended(&status) {
             Some(true) => return Ok(()),
             Some(false) => {
-                return Err(status["error"]
-                    .as_str()
-                    .unwrap_or("the receiving VMM failed")
-                    .to_string())
+                return Err(ReceiveError::VmmFailed(
+                    status["error"]
+                        .as_str()
+                        .unwrap_or("the receiving VMM failed")
+                        .to_string(),
+                ))
             }
             None => {}
         }
         if let Some(at) = stream_end {
             // The stream is over: the VMM settles at once or never.
             if at.elapsed() > Duration::from_secs(30) {
-                return Err(format!(
-                    "the stream ended but the VMM is still {}",
-                    status["state"]
-                ));
+                return Err(ReceiveError::Unsettled(status["state"].clone()));
             }
         }
         if start.elapsed() > MIGRATION_TIMEOUT {
-            return Err(format!("no migration within {MIGRATION_TIMEOUT:?}"));
+            return Err(ReceiveError::TimedOut);
         }
         tokio::select! {
             r = &mut stream, if stream_end.is_none() => {
@@ -417,17 +428,127 @@ async fn receive(
                         // Nothing loaded yet unless the VMM says so.
                         let status = inst.migration_status().await.ok();
                         if status.as_ref().and_then(ended) != Some(true) {
-                            return Err(e);
+                            return Err(ReceiveError::Stream(e));
                         }
                     }
-                    Err(e) => return Err(format!("stream task: {e}")),
+                    Err(e) => return Err(ReceiveError::StreamTask(e)),
                 }
             }
             _ = &mut abort => {
                 stream.abort();
-                return Err("the source gave the migration up".into());
+                return Err(ReceiveError::Aborted);
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(id: &str) -> IncomingStatus {
+        IncomingStatus {
+            migration_id: id.into(),
+            function_name: "f".into(),
+            version: "1".into(),
+            instance_id: format!("inst-{id}"),
+            state: Phase::Receiving,
+            error: None,
+            disk_filled: Some(false),
+        }
+    }
+
+    /// A migration registered as `prepare` does, without a VMM.
+    fn register(m: &Incoming, id: &str) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        m.lock().insert(
+            id.into(),
+            Entry {
+                status: status(id),
+                inst: None,
+                volume: None,
+                abort: Some(tx),
+            },
+        );
+        rx
+    }
+
+    #[test]
+    fn a_receiving_migration_can_be_aborted_once() {
+        let m = Incoming::default();
+        let mut rx = register(&m, "mig-b");
+        assert!(m.abort("mig-b"));
+        assert!(rx.try_recv().is_ok(), "the receiving task hears it");
+        assert!(!m.abort("mig-b"), "already aborted");
+        assert!(!m.abort("mig-x"), "no such migration");
+        // A receiver gone (the task ended) cannot be aborted either.
+        drop(register(&m, "mig-c"));
+        assert!(!m.abort("mig-c"));
+    }
+
+    #[test]
+    fn an_ended_migration_is_kept_with_its_outcome_and_no_longer_abortable() {
+        let m = Incoming::default();
+        let _rx = register(&m, "mig-b");
+        let _rx2 = register(&m, "mig-a");
+        m.set(
+            "mig-b",
+            Phase::Failed,
+            Some("the source gave the migration up".into()),
+        );
+        let s = m.get("mig-b").unwrap();
+        assert_eq!(s.state, Phase::Failed);
+        assert_eq!(s.error.as_deref(), Some("the source gave the migration up"));
+        assert!(!m.abort("mig-b"));
+        m.set("mig-a", Phase::Running, None);
+        m.set_disk_filled("mig-a");
+        let ids: Vec<(String, Phase, Option<bool>)> = m
+            .list()
+            .into_iter()
+            .map(|s| (s.migration_id, s.state, s.disk_filled))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("mig-a".to_string(), Phase::Running, Some(true)),
+                ("mig-b".to_string(), Phase::Failed, Some(false)),
+            ]
+        );
+        assert!(m.get("mig-z").is_none());
+    }
+
+    #[test]
+    fn a_request_with_an_unknown_field_is_refused() {
+        let ok = r#"{"FunctionName":"f","Version":"1","CodeSha256":"ab"}"#;
+        let req: IncomingRequest = serde_json::from_str(ok).unwrap();
+        assert_eq!(
+            (req.function_name.as_str(), req.disk_source.as_deref()),
+            ("f", None)
+        );
+        let back = serde_json::to_string(&req).unwrap();
+        assert_eq!(back, ok, "absent options stay absent");
+        let odd = r#"{"FunctionName":"f","Version":"1","CodeSha256":"ab","Memory":1}"#;
+        assert!(serde_json::from_str::<IncomingRequest>(odd).is_err());
+    }
+
+    #[test]
+    fn the_status_round_trips_as_the_source_reads_it() {
+        let mut s = status("mig-a");
+        s.state = Phase::Failed;
+        s.error = Some("no migration within 600s".into());
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(text.contains(r#""State":"Failed""#), "{text}");
+        let back: IncomingStatus = serde_json::from_str(&text).unwrap();
+        assert_eq!((back.state, back.error), (s.state, s.error));
+        let no_disk = IncomingStatus {
+            disk_filled: None,
+            ..status("mig-b")
+        };
+        let text = serde_json::to_string(&no_disk).unwrap();
+        assert!(
+            !text.contains("DiskFilled") && !text.contains("Error"),
+            "{text}"
+        );
     }
 }

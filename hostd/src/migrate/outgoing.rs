@@ -5,17 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ember_lambda::host_client::HostClient;
+use ember_lambda::host_client::{HostClient, HostError};
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
 use super::incoming::{IncomingAnswer, IncomingRequest, IncomingStatus, Phase, SwitchOverAnswer};
 use super::stream::{new_ticket, serve_checked, serve_outgoing, PeerTarget};
-use super::{ended, PeerConfig, MIGRATION_TIMEOUT};
+use super::{ended, MigrateError, PeerConfig, MIGRATION_TIMEOUT};
 use crate::daemon::Daemon;
-use crate::pool::Taking;
-use crate::vm::Instance;
-use ember_lambda::error::ApiError;
+use crate::pool::{Pools, Restorer, Taking};
+use crate::vm::{Instance, InstanceError};
 
 /// `POST /ember/v1/instances/{id}/migrate` and `POST /ember/v1/drain`.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,61 +49,53 @@ pub struct MigrationReport {
 /// timeout is 15 minutes).
 const BUSY_WAIT: Duration = Duration::from_secs(15 * 60 + 30);
 
-/// The migration did not happen (the instance runs here still), or the
-/// destination failed after the switch-over: the status carries which.
-fn failed(message: String) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::BAD_GATEWAY,
-        "ServiceException",
-        message,
-    )
-}
-
-fn api_host(destination: &str) -> Result<String, ApiError> {
+fn api_host(destination: &str) -> Result<String, MigrateError> {
     let uri: hyper::Uri = destination
         .parse()
-        .map_err(|e| ApiError::invalid(format!("Destination {destination:?}: {e}")))?;
+        .map_err(
+            |e: hyper::http::uri::InvalidUri| MigrateError::BadDestination {
+                destination: destination.to_string(),
+                why: e.to_string(),
+            },
+        )?;
     // Hosts speak mutual TLS only: a plain http:// destination is refused,
     // not downgraded to.
     if uri.scheme_str() != Some("https") {
-        return Err(ApiError::invalid(format!(
-            "Destination {destination:?} must be https://HOST:PORT (hosts speak TLS only)"
-        )));
+        return Err(MigrateError::NotTls(destination.to_string()));
     }
     let host = uri
         .host()
-        .ok_or_else(|| ApiError::invalid(format!("Destination {destination:?} has no host")))?;
+        .ok_or_else(|| MigrateError::NoHost(destination.to_string()))?;
     Ok(host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string())
 }
 
-/// Takes `id` out of service, waiting for its invocation if it runs one.
-async fn take(d: &Daemon, id: &str) -> Result<((String, String), Arc<Instance>, u64), ApiError> {
+/// An instance taken out of service for a migration: its pool's key,
+/// it, and how long its invocation was waited for (ms).
+type Took<I> = ((String, String), Arc<I>, u64);
+
+/// Takes `id` out of service, waiting (up to `wait`) for its invocation
+/// if it runs one.
+async fn take<R: Restorer>(
+    pools: &Pools<R>,
+    id: &str,
+    wait: Duration,
+) -> Result<Took<R::Instance>, MigrateError> {
     let start = Instant::now();
     loop {
-        match d.pools.take_for_migration(id) {
+        match pools.take_for_migration(id) {
             Taking::Taken(key, inst) => return Ok((key, inst, start.elapsed().as_millis() as u64)),
-            Taking::Busy if start.elapsed() < BUSY_WAIT => {
+            Taking::Busy if start.elapsed() < wait => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             Taking::Busy => {
-                d.pools.abandon(id);
-                return Err(ApiError::conflict(format!(
-                    "instance {id} is still running an invocation"
-                )));
+                pools.abandon(id);
+                return Err(MigrateError::StillBusy(id.to_string()));
             }
-            Taking::InProgress => {
-                return Err(ApiError::conflict(format!(
-                    "instance {id} is already being migrated"
-                )))
-            }
-            Taking::Gone => {
-                return Err(ApiError::not_found(format!(
-                    "no instance {id} on this host"
-                )))
-            }
+            Taking::InProgress => return Err(MigrateError::AlreadyMigrating(id.to_string())),
+            Taking::Gone => return Err(MigrateError::NoInstance(id.to_string())),
         }
     }
 }
@@ -116,14 +107,12 @@ pub async fn migrate_instance(
     d: &Arc<Daemon>,
     id: &str,
     input: &MigrateInput,
-) -> Result<MigrationReport, ApiError> {
-    let peers = d.cfg.peers.clone().ok_or_else(|| {
-        ApiError::invalid(
-            "migrations need --listen-tcp, --api-token-file (the hosts' token) and TLS",
-        )
-    })?;
+) -> Result<MigrationReport, MigrateError> {
+    let peers = d.cfg.peers.clone().ok_or(MigrateError::NotConfigured(
+        "migrations need --listen-tcp, --api-token-file (the hosts' token) and TLS",
+    ))?;
     let host = api_host(&input.destination)?;
-    let (key, inst, waited) = take(d, id).await?;
+    let (key, inst, waited) = take(&d.pools, id, BUSY_WAIT).await?;
     let r = send(d, &peers, &host, &key, &inst, input).await;
     match r {
         Ok(mut report) => {
@@ -153,12 +142,12 @@ async fn send(
     key: &(String, String),
     inst: &Instance,
     input: &MigrateInput,
-) -> Result<MigrationReport, ApiError> {
+) -> Result<MigrationReport, MigrateError> {
     let f = d.get(&key.0)?;
     let v = f
         .versions
         .get(&key.1)
-        .ok_or_else(|| ApiError::not_found(format!("{}:{} is gone", key.0, key.1)))?;
+        .ok_or_else(|| MigrateError::VersionGone(key.0.clone(), key.1.clone()))?;
     // An instance's own /tmp disk is served from here while the
     // destination's copy fills (after the switch-over).
     let mut disk = match inst.disk_dir() {
@@ -166,11 +155,7 @@ async fn send(
             // A disk still arriving here is not whole here to be served.
             if let Ok(st) = inst.tmp_fill_status().await {
                 if st["state"] == "Filling" {
-                    return Err(ApiError::conflict(format!(
-                        "instance {} is still receiving its /tmp disk from its last host; \
-                         migrate it once that completes",
-                        inst.id
-                    )));
+                    return Err(MigrateError::DiskArriving(inst.id.clone()));
                 }
             }
             Some(serve_disk(d, &dir).await?)
@@ -187,20 +172,20 @@ async fn send(
     };
     let peer = HostClient::new(&peers.token, &peers.tls);
     let dest = input.destination.trim_end_matches('/');
-    let body = serde_json::to_value(&req).map_err(|e| ApiError::service(e.to_string()))?;
+    let body = serde_json::to_value(&req).map_err(|e| MigrateError::Host(e.to_string()))?;
     let r = peer
         .json(dest, Method::POST, "/ember/v1/migrations", &body)
         .await
-        .map_err(|e| failed(format!("destination {dest}: {e}")))?;
+        .map_err(|e| MigrateError::Failed(format!("destination {dest}: {e}")))?;
     if !r.status.is_success() {
-        return Err(failed(format!(
+        return Err(MigrateError::Failed(format!(
             "destination {dest} refused the migration ({}): {}",
             r.status,
             String::from_utf8_lossy(&r.body)
         )));
     }
     let answer: IncomingAnswer = serde_json::from_slice(&r.body)
-        .map_err(|e| failed(format!("destination {dest} answered oddly: {e}")))?;
+        .map_err(|e| MigrateError::Failed(format!("destination {dest} answered oddly: {e}")))?;
     let abort = || async {
         let path = format!("/ember/v1/migrations/{}", answer.migration_id);
         let _ = peer
@@ -214,16 +199,12 @@ async fn send(
             )
             .await;
     };
-    let stream_addr = if host.contains(':') {
-        format!("[{host}]:{}", answer.port)
-    } else {
-        format!("{host}:{}", answer.port)
-    };
+    let stream_addr = host_port(host, answer.port);
     let listener = match inst.migration_out_listener() {
         Ok(l) => l,
         Err(e) => {
             abort().await;
-            return Err(failed(format!("migration socket: {e}")));
+            return Err(MigrateError::Failed(format!("migration socket: {e}")));
         }
     };
     let target = PeerTarget {
@@ -240,25 +221,27 @@ async fn send(
     let outcome = async {
         inst.send_migration(downtime, volume.is_some())
             .await
-            .map_err(|e| format!("the VMM refused to migrate: {e}"))?;
+            .map_err(SendFailure::Refused)?;
         let start = Instant::now();
         let mut switched = false;
         loop {
             let st = inst
                 .migration_status()
                 .await
-                .map_err(|e| format!("the source VMM: {e}"))?;
+                .map_err(SendFailure::SourceVmm)?;
             match ended(&st) {
                 Some(true) => return Ok(st),
                 Some(false) => {
-                    return Err(st["error"]
-                        .as_str()
-                        .unwrap_or("the migration failed")
-                        .to_string())
+                    return Err(SendFailure::Vmm(
+                        st["error"]
+                            .as_str()
+                            .unwrap_or("the migration failed")
+                            .to_string(),
+                    ))
                 }
                 None if start.elapsed() > MIGRATION_TIMEOUT => {
                     let _ = inst.cancel_migration().await;
-                    return Err(format!("no switch-over within {MIGRATION_TIMEOUT:?}"));
+                    return Err(SendFailure::TimedOut);
                 }
                 None if !switched && st["state"] == "AwaitingSwitchOver" => {
                     switched = true;
@@ -287,7 +270,7 @@ async fn send(
         Err(e) => {
             stream.abort();
             abort().await;
-            return Err(failed(format!(
+            return Err(MigrateError::Failed(format!(
                 "migration to {dest} failed, the instance runs here still: {e}"
             )));
         }
@@ -304,13 +287,13 @@ async fn send(
         match st {
             Some(s) if s.state == Phase::Running => break,
             Some(s) if s.state == Phase::Failed => {
-                return Err(failed(format!(
+                return Err(MigrateError::Failed(format!(
                     "the VM moved to {dest} but did not come up there: {}",
                     s.error.unwrap_or_default()
                 )))
             }
             _ if start.elapsed() > Duration::from_secs(90) => {
-                return Err(failed(format!(
+                return Err(MigrateError::Failed(format!(
                     "the VM moved to {dest}, which does not say it runs"
                 )))
             }
@@ -344,6 +327,15 @@ async fn send(
     })
 }
 
+/// `HOST:PORT`, an IPv6 host in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// A migrating instance's disk, served to the destination over TCP
 /// (mutual TLS, then the ticket).
 struct ServedDisk {
@@ -361,12 +353,12 @@ impl Drop for ServedDisk {
     }
 }
 
-async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, ApiError> {
+async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, MigrateError> {
     let peers = d
         .cfg
         .peers
         .as_ref()
-        .ok_or_else(|| ApiError::invalid("migrations need --listen-tcp"))?;
+        .ok_or(MigrateError::NotConfigured("migrations need --listen-tcp"))?;
     let ip = peers.stream_ip;
     let export = crate::ephemeral::Export::start(
         &d.cfg.export_bin,
@@ -374,13 +366,13 @@ async fn serve_disk(d: &Daemon, dir: &std::path::Path) -> Result<ServedDisk, Api
         &d.cfg.launch.run_dir.join("exports"),
     )
     .await
-    .map_err(|e| ApiError::service(format!("serving the instance's disk: {e}")))?;
+    .map_err(|e| MigrateError::Host(format!("serving the instance's disk: {e}")))?;
     let listener = tokio::net::TcpListener::bind((ip, 0))
         .await
-        .map_err(|e| ApiError::service(format!("a port for the instance's disk: {e}")))?;
+        .map_err(|e| MigrateError::Host(format!("a port for the instance's disk: {e}")))?;
     let addr = listener
         .local_addr()
-        .map_err(|e| ApiError::service(e.to_string()))?
+        .map_err(|e| MigrateError::Host(e.to_string()))?
         .to_string();
     let ticket = new_ticket();
     let task = tokio::spawn(serve_checked(
@@ -416,10 +408,55 @@ async fn release_when_filled(peer: &HostClient, dest: &str, path: &str) {
     log::warn!("{dest}{path}: the disk copy did not complete; no longer served");
 }
 
+/// Why the VMMs' migration failed before the switch-over (the instance
+/// runs here still).
+#[derive(Debug, thiserror::Error)]
+enum SendFailure {
+    #[error("the VMM refused to migrate: {0}")]
+    Refused(#[source] InstanceError),
+    #[error("the source VMM: {0}")]
+    SourceVmm(#[source] InstanceError),
+    /// The VMM's own account of its failure.
+    #[error("{0}")]
+    Vmm(String),
+    #[error("no switch-over within {MIGRATION_TIMEOUT:?}")]
+    TimedOut,
+    #[error("a manual switch-over without a volume")]
+    NoVolume,
+    #[error("the volume service or the destination's volume host is missing")]
+    NoVolumeHost,
+    #[error("moving volume {volume} to {host}: {message}")]
+    MoveVolume {
+        volume: String,
+        host: String,
+        message: String,
+    },
+    #[error("destination {dest}: {error}")]
+    Unreachable {
+        dest: String,
+        #[source]
+        error: HostError,
+    },
+    #[error("destination {dest} could not open the volume ({status}): {body}")]
+    VolumeRefused {
+        dest: String,
+        status: hyper::StatusCode,
+        body: String,
+    },
+    #[error("destination {dest} answered oddly: {error}")]
+    Odd {
+        dest: String,
+        #[source]
+        error: serde_json::Error,
+    },
+    #[error("the switch-over: {0}")]
+    SwitchOver(#[source] InstanceError),
+}
+
 struct Switched {
     /// The attachment left this host (undo with [`volume_back`]).
     moved: bool,
-    result: Result<(), String>,
+    result: Result<(), SendFailure>,
 }
 
 /// The source is paused with every page at the destination: the volume's
@@ -438,19 +475,23 @@ async fn switch_volume(
     let Some(volume) = volume else {
         return Switched {
             moved: false,
-            result: Err("a manual switch-over without a volume".into()),
+            result: Err(SendFailure::NoVolume),
         };
     };
     let (Some(vs), Some(host)) = (&d.cfg.volumes, &answer.volume_host) else {
         return Switched {
             moved: false,
-            result: Err("the volume service or the destination's volume host is missing".into()),
+            result: Err(SendFailure::NoVolumeHost),
         };
     };
     if let Err(e) = vs.move_to(volume, host).await {
         return Switched {
             moved: false,
-            result: Err(format!("moving volume {volume} to {host}: {}", e.message)),
+            result: Err(SendFailure::MoveVolume {
+                volume: volume.to_string(),
+                host: host.clone(),
+                message: e.message,
+            }),
         };
     }
     let path = format!("/ember/v1/migrations/{}/switch-over", answer.migration_id);
@@ -458,19 +499,25 @@ async fn switch_volume(
         let r = peer
             .json(dest, Method::POST, &path, &serde_json::json!({}))
             .await
-            .map_err(|e| format!("destination {dest}: {e}"))?;
+            .map_err(|error| SendFailure::Unreachable {
+                dest: dest.to_string(),
+                error,
+            })?;
         if !r.status.is_success() {
-            return Err(format!(
-                "destination {dest} could not open the volume ({}): {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            ));
+            return Err(SendFailure::VolumeRefused {
+                dest: dest.to_string(),
+                status: r.status,
+                body: String::from_utf8_lossy(&r.body).into_owned(),
+            });
         }
-        let a: SwitchOverAnswer = serde_json::from_slice(&r.body)
-            .map_err(|e| format!("destination {dest} answered oddly: {e}"))?;
+        let a: SwitchOverAnswer =
+            serde_json::from_slice(&r.body).map_err(|error| SendFailure::Odd {
+                dest: dest.to_string(),
+                error,
+            })?;
         inst.switch_over(crate::volume::DRIVE_ID, &a.volume_uri)
             .await
-            .map_err(|e| format!("the switch-over: {e}"))
+            .map_err(SendFailure::SwitchOver)
     }
     .await;
     Switched {
@@ -481,19 +528,22 @@ async fn switch_volume(
 
 /// After a failed switch-over: the attachment comes back to this host
 /// (again a new generation) and the source VMM, running again, reopens it.
-async fn volume_back(d: &Daemon, inst: &Instance, volume: Option<&str>) -> Result<(), String> {
+async fn volume_back(
+    d: &Daemon,
+    inst: &Instance,
+    volume: Option<&str>,
+) -> Result<(), MigrateError> {
     let (Some(volume), Some(vs)) = (volume, &d.cfg.volumes) else {
         return Ok(());
     };
-    let g = vs
-        .move_to(volume, &vs.host_id)
-        .await
-        .map_err(|e| e.message)?;
+    let g = vs.move_to(volume, &vs.host_id).await?;
     // The jail's NBD path opens the new grant from now on.
-    let sock = inst.start_nbd_path(&g).map_err(|e| e.to_string())?;
+    let sock = inst
+        .start_nbd_path(&g)
+        .map_err(|e| MigrateError::Host(e.to_string()))?;
     inst.reopen_nbd(crate::volume::DRIVE_ID, &g.uri_via(&sock))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| MigrateError::Host(e.to_string()))
 }
 
 /// What a drain did.
@@ -517,9 +567,9 @@ pub struct DrainFailure {
 /// destination, one at a time; busy ones after their invocation. New
 /// instances restored meanwhile (invocations still arrive) go in later
 /// passes. The host stays draining until `DELETE /ember/v1/drain`.
-pub async fn drain(d: &Arc<Daemon>, input: &MigrateInput) -> Result<DrainReport, ApiError> {
+pub async fn drain(d: &Arc<Daemon>, input: &MigrateInput) -> Result<DrainReport, MigrateError> {
     if d.cfg.peers.is_none() {
-        return Err(ApiError::invalid(
+        return Err(MigrateError::NotConfigured(
             "migrations need --listen-tcp and --api-token-file (the hosts' token)",
         ));
     }
@@ -547,11 +597,102 @@ pub async fn drain(d: &Arc<Daemon>, input: &MigrateInput) -> Result<DrainReport,
                 Ok(r) => report.migrated.push(r),
                 Err(e) => report.failed.push(DrainFailure {
                     instance_id: id,
-                    error: e.message,
+                    error: e.to_string(),
                 }),
             }
         }
     }
     report.remaining = d.pools.instance_ids().len();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::testing::{fake_pools, source, Fake};
+
+    #[test]
+    fn destinations_are_https_hosts() {
+        assert_eq!(api_host("https://10.0.0.2:7070").unwrap(), "10.0.0.2");
+        assert_eq!(api_host("https://[fd00::2]:7070/").unwrap(), "fd00::2");
+        assert_eq!(api_host("https://host-b:7070").unwrap(), "host-b");
+        match api_host("http://10.0.0.2:7070") {
+            Err(MigrateError::NotTls(d)) => assert_eq!(d, "http://10.0.0.2:7070"),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(
+            api_host("10.0.0.2:7070"),
+            Err(MigrateError::NotTls(_))
+        ));
+        assert!(matches!(
+            api_host("https://exa mple"),
+            Err(MigrateError::BadDestination { .. })
+        ));
+        assert!(matches!(
+            api_host(""),
+            Err(MigrateError::BadDestination { .. })
+        ));
+    }
+
+    #[test]
+    fn stream_addresses_bracket_ipv6_hosts() {
+        assert_eq!(host_port("10.0.0.2", 4000), "10.0.0.2:4000");
+        assert_eq!(host_port("fd00::2", 4000), "[fd00::2]:4000");
+        assert_eq!(host_port("host-b", 1), "host-b:1");
+    }
+
+    #[tokio::test]
+    async fn an_idle_instance_is_taken_at_once_and_only_once() {
+        let p = fake_pools(Fake::default());
+        let l = p.acquire("f", "1", &source(1), 10).await.unwrap();
+        let id = l.inst.id.clone();
+        p.release("f", "1", l, true);
+        let (key, inst, waited) = take(&p, &id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(key, ("f".to_string(), "1".to_string()));
+        assert_eq!(inst.id, id);
+        assert!(waited < 1000);
+        let again = take(&p, &id, Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            matches!(again, MigrateError::AlreadyMigrating(_)),
+            "{again}"
+        );
+        let gone = take(&p, "nope", Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(gone.to_string(), "no instance nope on this host");
+    }
+
+    #[tokio::test]
+    async fn a_busy_instance_is_taken_when_its_invocation_ends() {
+        let p = Arc::new(fake_pools(Fake::default()));
+        let l = p.acquire("f", "1", &source(1), 10).await.unwrap();
+        let id = l.inst.id.clone();
+        let releaser = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                p.release("f", "1", l, true);
+            })
+        };
+        let (_, inst, waited) = take(&p, &id, Duration::from_secs(5)).await.unwrap();
+        releaser.await.unwrap();
+        assert_eq!(inst.id, id);
+        assert!(waited >= 150, "waited {waited} ms");
+        // Meanwhile it served nobody else.
+        assert!(p.acquire("f", "1", &source(1), 10).await.unwrap().restored);
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_runs_out_leaves_the_instance_in_service() {
+        let p = fake_pools(Fake::default());
+        let l = p.acquire("f", "1", &source(1), 10).await.unwrap();
+        let id = l.inst.id.clone();
+        let e = take(&p, &id, Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("instance {id} is still running an invocation")
+        );
+        p.release("f", "1", l, true);
+        // Back in service: the next invocation gets it.
+        let l = p.acquire("f", "1", &source(1), 10).await.unwrap();
+        assert_eq!((l.inst.id.as_str(), l.restored), (id.as_str(), false));
+    }
 }

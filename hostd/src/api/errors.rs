@@ -1,0 +1,165 @@
+//! The one place the core's typed errors become Lambda's HTTP answers
+//! (status and exception name).
+
+use ember_lambda::error::ApiError;
+
+use crate::invoke::InvokeError;
+use crate::migrate::MigrateError;
+use crate::pool::PoolError;
+use crate::queue::QueueError;
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> ApiError {
+        match e {
+            PoolError::Throttled { .. } => ApiError::throttled(e.to_string()),
+            PoolError::Restore { .. } => ApiError::service(e.to_string()),
+        }
+    }
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(e: InvokeError) -> ApiError {
+        match e {
+            InvokeError::TooLarge => ApiError::too_large(e.to_string()),
+            InvokeError::NoSuchQualifier { .. } => ApiError::not_found(e.to_string()),
+            InvokeError::NotReady { .. } => ApiError::conflict(e.to_string()),
+            InvokeError::NoConcurrency => ApiError::throttled(e.to_string()),
+            InvokeError::Pool(e) => e.into(),
+            InvokeError::Function(e) => e,
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> ApiError {
+        match e {
+            QueueError::TooLarge => ApiError::too_large(e.to_string()),
+            QueueError::Store(_) => ApiError::service(e.to_string()),
+        }
+    }
+}
+
+impl From<MigrateError> for ApiError {
+    fn from(e: MigrateError) -> ApiError {
+        use MigrateError::*;
+        match e {
+            NotConfigured(_)
+            | BadDestination { .. }
+            | NotTls(_)
+            | NoHost(_)
+            | NoDiskSource(..)
+            | NoVolume(_) => ApiError::invalid(e.to_string()),
+            NoInstance(_) | VersionGone(..) | NoSuchVersion(..) | NoMigration(_) => {
+                ApiError::not_found(e.to_string())
+            }
+            AlreadyMigrating(_)
+            | StillBusy(_)
+            | DiskArriving(_)
+            | NotActive(..)
+            | OtherCode { .. }
+            | NoVolumeService(..)
+            | NotReceiving(..)
+            | NoVolumeServiceHere => ApiError::conflict(e.to_string()),
+            Host(_) => ApiError::service(e.to_string()),
+            // The other host failed its part: a bad gateway.
+            Failed(_) => ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "ServiceException",
+                e.to_string(),
+            ),
+            Api(e) => e,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::State;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn each_core_error_answers_with_lambdas_status_and_exception() {
+        let cases: Vec<(ApiError, StatusCode, &str)> = vec![
+            (
+                PoolError::Throttled {
+                    function: "f".into(),
+                    limit: 2,
+                }
+                .into(),
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+            ),
+            (
+                InvokeError::TooLarge.into(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+            ),
+            (
+                InvokeError::NotReady {
+                    state: State::Pending,
+                    reason: String::new(),
+                }
+                .into(),
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+            ),
+            (
+                InvokeError::NoSuchQualifier { arn: "arn".into() }.into(),
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+            ),
+            (
+                InvokeError::Pool(PoolError::Throttled {
+                    function: "f".into(),
+                    limit: 1,
+                })
+                .into(),
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+            ),
+            (
+                QueueError::Store(std::io::Error::other("disk full")).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+            ),
+            (
+                MigrateError::Failed("the destination is down".into()).into(),
+                StatusCode::BAD_GATEWAY,
+                "ServiceException",
+            ),
+            (
+                MigrateError::StillBusy("i".into()).into(),
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+            ),
+            (
+                MigrateError::NotTls("http://x".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+            ),
+        ];
+        for (e, status, kind) in cases {
+            assert_eq!((e.status, e.kind), (status, kind), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn an_error_already_in_lambdas_terms_passes_through_unchanged() {
+        let inner = ApiError::not_found("Function not found: arn:aws:lambda:r:1:function:f");
+        assert_eq!(ApiError::from(InvokeError::Function(inner.clone())), inner);
+        let m = MigrateError::Api(inner.clone());
+        assert_eq!(
+            m.to_string(),
+            inner.message,
+            "a drain report shows the message"
+        );
+        assert_eq!(ApiError::from(m), inner);
+        let e = ApiError::from(InvokeError::TooLarge);
+        assert!(
+            e.message.starts_with("Request must be smaller than"),
+            "{}",
+            e.message
+        );
+    }
+}
