@@ -1,0 +1,149 @@
+//! `PUT /snapshot/create` (Firecracker's `SnapshotCreateParams`) and
+//! `PUT /snapshot/load` (`SnapshotLoadParams`, plus Ember's overrides).
+
+use serde::{Deserialize, Serialize};
+
+use crate::drive::FillFrom;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    /// Only the pages dirtied since the last snapshot (KVM dirty log).
+    Diff,
+}
+
+/// `PUT /snapshot/create`; the VM must be paused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MemBackendType {
+    /// Map the memory file privately (copy-on-write, lazy).
+    File,
+    /// Hand the guest memory to a page-fault handler over userfaultfd.
+    Uffd,
+}
+
+/// Where a restored guest's memory comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    /// The memory file (`File`) or the handler's unix socket (`Uffd`).
+    pub backend_path: String,
+}
+
+/// A drive's backing file, changed at load time (each clone its own).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    pub drive_id: String,
+    /// The new backing file; for a drive saved with `nbd_uri`, the NBD URI
+    /// to reconnect to instead of the saved one.
+    pub path_on_host: String,
+}
+
+/// A file drive made to fill from a source at load time (a migration's
+/// destination: the source host exports the disk with `ember-export`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FillOverride {
+    pub drive_id: String,
+    pub fill_from: FillFrom,
+}
+
+/// A vhost-user drive's backend socket, changed at load time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserOverride {
+    pub drive_id: String,
+    pub socket: String,
+}
+
+/// The vsock device's host socket, changed at load time (Firecracker's
+/// `vsock_override`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+/// A network interface's tap, changed at load time (Firecracker's
+/// `network_overrides`): each clone its own tap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`; only before any other configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSnapshotParams {
+    pub snapshot_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Firecracker's older spelling of a File backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drive_overrides: Vec<DriveOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user_overrides: Vec<VhostUserOverride>,
+    /// Drives whose (overridden) file fills from a source while the guest
+    /// runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fill_overrides: Vec<FillOverride>,
+    /// Where the restored guest's serial console goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+}
+
+impl LoadSnapshotParams {
+    /// Loads `snapshot_path` with its memory from `backend`, paused, with
+    /// nothing overridden.
+    pub fn new(snapshot_path: impl Into<String>, backend: MemBackend) -> Self {
+        LoadSnapshotParams {
+            snapshot_path: snapshot_path.into(),
+            mem_backend: Some(backend),
+            mem_file_path: None,
+            resume_vm: false,
+            enable_diff_snapshots: false,
+            vsock_override: None,
+            drive_overrides: Vec::new(),
+            network_overrides: Vec::new(),
+            vhost_user_overrides: Vec::new(),
+            fill_overrides: Vec::new(),
+            serial_out_path: None,
+        }
+    }
+
+    /// The memory backend, from `mem_backend` or the older `mem_file_path`.
+    pub fn backend(&self) -> Result<MemBackend, String> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) => Ok(b.clone()),
+            (None, Some(p)) => Ok(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: p.clone(),
+            }),
+            (Some(_), Some(_)) => Err("give mem_backend or mem_file_path, not both".into()),
+            (None, None) => Err("mem_backend is required".into()),
+        }
+    }
+}
