@@ -1,8 +1,0 @@
-use serde::{Deserialize, Serialize};
-
-/// `PUT /metrics`: where the counters are appended as JSON lines.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub metrics_path: String,
-}
