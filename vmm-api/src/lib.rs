@@ -23,8 +23,8 @@
 //! syntax) are here; those that need the host or the VMM's parsers (files,
 //! NBD and migration URIs) stay in the VMM.
 //!
-//! With the `client` feature, [`client`] is a typed client over the API's
-//! unix socket (hyper, with a timeout on every request).
+//! With the `client` feature, `client::VmmClient` is a typed client over
+//! the API's unix socket (hyper, with a timeout on every request).
 
 pub mod boot_source;
 pub mod drive;
