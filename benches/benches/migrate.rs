@@ -235,11 +235,11 @@ fn main() {
         let post = |from: &VmmProcess, name: &str| {
             let uri = format!("unix://{}", dir.path().join(name).display());
             let to = receiver(&uri);
-            let s = migrate_with(
-                from,
-                &to,
-                &serde_json::json!({"destination_uri": uri, "mode": "PostCopy"}),
-            );
+            let params = SendMigrationParams {
+                mode: ember_vmm::vmm_config::migration::MigrationMode::PostCopy,
+                ..SendMigrationParams::new(uri)
+            };
+            let s = migrate_with(from, &to, &params);
             let d = ember_tests::migration::status(&to);
             (to, s, d)
         };

@@ -25,7 +25,7 @@ use ember_benches::percentile;
 use ember_tests::artifacts::runtime_rootfs_path;
 use ember_tests::{kernel_path, kvm_available, VmmProcess};
 use ember_vmm::devices::virtio::net::conntrack::ConnTracker;
-use serde_json::json;
+use ember_vmm::vmm_config::NetworkInterfaceConfig;
 
 const GUEST_MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];
 const HOST_MAC: [u8; 6] = [0x02, 0, 0xac, 0x10, 0, 1];
@@ -210,11 +210,11 @@ fn guest_bench() {
 
     let (kernel, rootfs) = (kernel_path(), runtime_rootfs_path("bench"));
     let mut vmm = VmmProcess::spawn(&[]);
-    let r = vmm.put(
-        "/network-interfaces/eth0",
-        &json!({"iface_id": "eth0", "host_dev_name": "tapbench0",
-                "guest_mac": "06:00:ac:10:00:02"}),
-    );
+    let iface = NetworkInterfaceConfig {
+        guest_mac: Some("06:00:ac:10:00:02".into()),
+        ..NetworkInterfaceConfig::tap("eth0", "tapbench0")
+    };
+    let r = vmm.put("/network-interfaces/eth0", &iface);
     assert_eq!(r.status, 204, "{r:?}");
     let ready = bind_ready_listener(vmm.path("vsock.sock")).expect("ready listener");
     let t = Instant::now();

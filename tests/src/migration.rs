@@ -2,8 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use ember_vmm_api::{ReceiveMigrationParams, SendMigrationParams, VsockOverride};
+use serde_json::Value;
 
+use crate::vmm_process::path_str;
 use crate::VmmProcess;
 
 /// `GET /migrate`.
@@ -43,10 +45,11 @@ pub fn wait_done(vmm: &VmmProcess, timeout: Duration) -> Value {
 pub fn receiver(uri: &str) -> VmmProcess {
     // Some of these VMMs migrate on over TCP.
     let vmm = VmmProcess::spawn(&["--allow-inet"]);
-    let r = vmm.put(
-        "/migrate/receive",
-        &json!({"listen_uri": uri, "vsock_override": {"uds_path": vmm.path("vsock.sock")}}),
-    );
+    let mut params = ReceiveMigrationParams::new(uri);
+    params.vsock_override = Some(VsockOverride {
+        uds_path: path_str(&vmm.path("vsock.sock")),
+    });
+    let r = vmm.put("/migrate/receive", &params);
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
     assert_eq!(status(&vmm)["state"], "Listening");
     vmm
@@ -61,16 +64,18 @@ pub fn migrate(
     downtime_ms: u64,
     max_rounds: u32,
 ) -> Value {
-    migrate_with(
-        from,
-        to,
-        &json!({"destination_uri": uri, "downtime_ms": downtime_ms, "max_rounds": max_rounds}),
-    )
+    let params = SendMigrationParams {
+        downtime_ms,
+        max_rounds,
+        ..SendMigrationParams::new(uri)
+    };
+    migrate_with(from, to, &params)
 }
 
 /// Migrates `from` to `to` with `body` as the `PUT /migrate/send` request
-/// and returns the source's final status once both ends report Completed.
-pub fn migrate_with(from: &VmmProcess, to: &VmmProcess, body: &Value) -> Value {
+/// (a [`SendMigrationParams`] or raw JSON) and returns the source's final
+/// status once both ends report Completed.
+pub fn migrate_with(from: &VmmProcess, to: &VmmProcess, body: &impl serde::Serialize) -> Value {
     let r = from.put("/migrate/send", body);
     assert_eq!(r.status, 204, "{r:?}; {}", from.logs());
     let s = wait_done(from, Duration::from_secs(1200));

@@ -7,8 +7,12 @@ use std::time::{Duration, Instant};
 use ember_agent::client::{bind_ready_listener, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
-use serde_json::json;
+use ember_vmm_api::{
+    CreateSnapshotParams, LoadSnapshotParams, MemBackend, MemBackendType, SnapshotType,
+    VsockOverride,
+};
 
+use crate::vmm_process::path_str;
 use crate::{kernel_path, kvm_available, rootfs_path, VmmProcess};
 
 pub struct Golden {
@@ -83,10 +87,12 @@ pub fn snapshot_paused(
     let snapshot = dir.path().join("vm.snap");
     let mem = dir.path().join("vm.mem");
     let t = Instant::now();
-    let r = vmm.put(
-        "/snapshot/create",
-        &json!({"snapshot_type": "Full", "snapshot_path": snapshot, "mem_file_path": mem}),
-    );
+    let create = CreateSnapshotParams {
+        snapshot_type: SnapshotType::Full,
+        snapshot_path: path_str(&snapshot),
+        mem_file_path: path_str(&mem),
+    };
+    let r = vmm.put("/snapshot/create", &create);
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
     (dir, snapshot, mem, t.elapsed())
 }
@@ -98,13 +104,18 @@ pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
     let vmm = VmmProcess::spawn(&[]);
     let uds = vmm.path("vsock.sock");
     let t = Instant::now();
-    let r = vmm.put(
-        "/snapshot/load",
-        &json!({"snapshot_path": g.snapshot,
-                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
-                "vsock_override": {"uds_path": uds},
-                "resume_vm": true}),
+    let mut load = LoadSnapshotParams::new(
+        path_str(&g.snapshot),
+        MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: path_str(&g.mem),
+        },
     );
+    load.vsock_override = Some(VsockOverride {
+        uds_path: path_str(&uds),
+    });
+    load.resume_vm = true;
+    let r = vmm.put("/snapshot/load", &load);
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
     let mut agent = connect_restored(&vmm);
     let latency = t.elapsed();

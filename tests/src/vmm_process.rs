@@ -4,7 +4,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use ember_vmm_api::{
+    ActionType, BlockDeviceConfig, BootSourceConfig, InstanceActionInfo, MachineConfig, VsockConfig,
+};
+
 use crate::artifacts::workspace_bin;
+
+/// A test path as the API carries it (the tests' temporary paths are UTF-8).
+pub fn path_str(p: &Path) -> String {
+    p.to_str()
+        .unwrap_or_else(|| panic!("{} is not UTF-8", p.display()))
+        .to_string()
+}
+
+fn to_json(body: &impl serde::Serialize) -> String {
+    serde_json::to_string(body).expect("an API body serializes")
+}
 
 pub struct VmmProcess {
     child: Child,
@@ -122,12 +137,14 @@ impl VmmProcess {
             .unwrap_or_else(|| panic!("{method} {path}: no answer; {}", self.logs()))
     }
 
-    pub fn put(&self, path: &str, body: &serde_json::Value) -> ApiReply {
-        self.request("PUT", path, Some(&body.to_string()))
+    /// `PUT` of `body`: one of `ember_vmm_api`'s shapes, or raw JSON.
+    pub fn put(&self, path: &str, body: &impl serde::Serialize) -> ApiReply {
+        self.request("PUT", path, Some(&to_json(body)))
     }
 
-    pub fn patch(&self, path: &str, body: &serde_json::Value) -> ApiReply {
-        self.request("PATCH", path, Some(&body.to_string()))
+    /// `PATCH` of `body`: one of `ember_vmm_api`'s shapes, or raw JSON.
+    pub fn patch(&self, path: &str, body: &impl serde::Serialize) -> ApiReply {
+        self.request("PATCH", path, Some(&to_json(body)))
     }
 
     /// Configures and boots a guest with the project's kernel and rootfs,
@@ -148,49 +165,34 @@ impl VmmProcess {
         let ok = |r: ApiReply, what: &str| {
             assert_eq!(r.status, 204, "{what}: {r:?}; {}", self.logs());
         };
-        ok(
-            self.put(
-                "/boot-source",
-                &serde_json::json!({
-                    "kernel_image_path": kernel,
-                    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd"
-                }),
+        let boot = BootSourceConfig {
+            boot_args: Some(
+                "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd"
+                    .into(),
             ),
-            "boot-source",
-        );
-        ok(
-            self.put(
-                "/machine-config",
-                &serde_json::json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
-            ),
-            "machine-config",
-        );
-        ok(
-            self.put(
-                "/drives/rootfs",
-                &serde_json::json!({"drive_id": "rootfs", "path_on_host": rootfs,
-                    "is_root_device": true, "is_read_only": true}),
-            ),
-            "rootfs drive",
-        );
+            ..BootSourceConfig::new(path_str(kernel))
+        };
+        ok(self.put("/boot-source", &boot), "boot-source");
+        let machine = MachineConfig::new(vcpus, mem_mib as usize);
+        ok(self.put("/machine-config", &machine), "machine-config");
+        let root = BlockDeviceConfig {
+            is_root_device: true,
+            is_read_only: true,
+            ..BlockDeviceConfig::file("rootfs", path_str(rootfs))
+        };
+        ok(self.put("/drives/rootfs", &root), "rootfs drive");
         for d in drives {
             let id = d["drive_id"].as_str().unwrap_or_default();
             ok(self.put(&format!("/drives/{id}"), d), "extra drive");
         }
-        ok(
-            self.put(
-                "/vsock",
-                &serde_json::json!({"guest_cid": 3, "uds_path": self.path("vsock.sock")}),
-            ),
-            "vsock",
-        );
-        ok(
-            self.put(
-                "/actions",
-                &serde_json::json!({"action_type": "InstanceStart"}),
-            ),
-            "InstanceStart",
-        );
+        let vsock = VsockConfig {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: path_str(&self.path("vsock.sock")),
+        };
+        ok(self.put("/vsock", &vsock), "vsock");
+        let start = InstanceActionInfo::new(ActionType::InstanceStart);
+        ok(self.put("/actions", &start), "InstanceStart");
     }
 
     /// Waits for the guest agent's ready hello on `listener`, failing at

@@ -529,7 +529,7 @@ pub fn restore_from_state(
             .collect(),
     };
     for o in &params.fill_overrides {
-        if let Err(e) = o.fill_from.validate(&o.drive_id) {
+        if let Err(e) = crate::vmm_config::drive::validate_fill_from(&o.fill_from, &o.drive_id) {
             return Err(RestoreError::Invalid(format!("fill_overrides: {e}")));
         }
         if !resources

@@ -8,7 +8,7 @@ use crate::metrics::METRICS;
 use crate::rpc_interface::{InstanceInfo, VmmAction, VmmActionError, VmmData, VmmResponse};
 use crate::vmm::{SnapshotError, VmState, Vmm};
 use crate::vmm_config::net::parse_mac;
-use crate::vmm_config::VmResources;
+use crate::vmm_config::{drive, VmResources};
 use crate::vmm_config::{BlockDeviceUpdate, LoadSnapshotParams, NetworkInterfaceUpdate};
 use crate::vstate::vcpu::VmExitNotifier;
 
@@ -226,7 +226,8 @@ impl Controller {
     /// a thread of its own while this one keeps running the VM.
     fn send_migration(&mut self, params: &crate::vmm_config::SendMigrationParams) -> VmmResponse {
         use crate::migration::{send, vmm_side::VmmSource, Progress, Role};
-        let endpoint = params.validate().map_err(VmmActionError::InvalidInput)?;
+        let endpoint = crate::vmm_config::migration::validate_send(params)
+            .map_err(VmmActionError::InvalidInput)?;
         self.refuse_while_migrating("PUT /migrate/send")?;
         let vmm = self
             .vmm
@@ -277,7 +278,8 @@ impl Controller {
         params: &crate::vmm_config::ReceiveMigrationParams,
     ) -> VmmResponse {
         use crate::migration::{receive, vmm_side::VmmTarget, Phase, Progress, Role};
-        let endpoint = params.validate().map_err(VmmActionError::InvalidInput)?;
+        let endpoint = crate::vmm_config::migration::validate_receive(params)
+            .map_err(VmmActionError::InvalidInput)?;
         self.refuse_while_migrating("PUT /migrate/receive")?;
         if self.vmm.is_some() || self.resources != VmResources::default() {
             return Err(VmmActionError::NotAllowed(
@@ -381,7 +383,7 @@ impl Controller {
     /// A drive's backend, size or limits: on the device of a started VM,
     /// else in the pre-boot configuration.
     fn patch_drive(&mut self, update: &BlockDeviceUpdate) -> VmmResponse {
-        update.validate().map_err(VmmActionError::InvalidInput)?;
+        drive::validate_update(update).map_err(VmmActionError::InvalidInput)?;
         if let Some(vmm) = self.vmm.as_mut() {
             vmm.update_drive(update)
                 .map_err(VmmActionError::InvalidInput)?;
@@ -398,7 +400,7 @@ impl Controller {
             })?;
         let mut new = cfg.clone();
         update.apply_to(&mut new);
-        new.validate().map_err(VmmActionError::InvalidInput)?;
+        drive::validate_config(&new).map_err(VmmActionError::InvalidInput)?;
         *cfg = new;
         Ok(VmmData::Empty)
     }
@@ -430,7 +432,7 @@ impl Controller {
                 r.machine_config = mc;
             }
             PutDrive(d) => {
-                d.validate().map_err(VmmActionError::InvalidInput)?;
+                drive::validate_config(&d).map_err(VmmActionError::InvalidInput)?;
                 if let Some(sock) = &d.socket {
                     check_vhost_user_socket(&d.drive_id, &d.path_on_host, sock)?;
                 }

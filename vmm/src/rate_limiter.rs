@@ -11,60 +11,10 @@
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::timerfd::TimerFd;
 
-/// One bucket as configured through the API.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBucketConfig {
-    /// Tokens the bucket holds when full.
-    pub size: u64,
-    /// Extra tokens available once, at start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub one_time_burst: Option<u64>,
-    /// Milliseconds to refill an empty bucket completely.
-    pub refill_time: u64,
-}
-
-/// `rx_rate_limiter` / `tx_rate_limiter` (and a drive's, in Firecracker).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimiterConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth: Option<TokenBucketConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ops: Option<TokenBucketConfig>,
-}
-
-impl TokenBucketConfig {
-    /// A bucket with size 0 or refill_time 0 means "no limit" (as in
-    /// Firecracker). Values whose refill rate cannot be computed are refused.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.size > 0 && self.refill_time > 0 {
-            // Refill arithmetic works in nanoseconds.
-            if self.refill_time.checked_mul(1_000_000).is_none() {
-                return Err(format!("refill_time {} ms is too large", self.refill_time));
-            }
-            if self.size.checked_mul(1_000).is_none() {
-                return Err(format!("size {} is too large", self.size));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl RateLimiterConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(b) = &self.bandwidth {
-            b.validate().map_err(|e| format!("bandwidth: {e}"))?;
-        }
-        if let Some(b) = &self.ops {
-            b.validate().map_err(|e| format!("ops: {e}"))?;
-        }
-        Ok(())
-    }
-}
+/// The API's shapes of a limiter and its buckets.
+pub use ember_vmm_api::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 /// A bucket of tokens refilled continuously at `size / refill_time`.
 #[derive(Debug, Clone)]
@@ -426,30 +376,5 @@ mod tests {
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 1000) }, 1);
         rl.event_handler();
         assert!(rl.consume(1_000_000));
-    }
-
-    #[test]
-    fn config_json() {
-        let c: RateLimiterConfig = serde_json::from_str(
-            r#"{"bandwidth": {"size": 1000, "one_time_burst": 5, "refill_time": 100},
-                "ops": {"size": 10, "refill_time": 1000}}"#,
-        )
-        .unwrap();
-        assert_eq!(c.bandwidth.unwrap().one_time_burst, Some(5));
-        assert!(c.validate().is_ok());
-        assert!(serde_json::from_str::<RateLimiterConfig>(r#"{"bw": {}}"#).is_err());
-        assert!(serde_json::from_str::<RateLimiterConfig>(
-            r#"{"ops": {"size": -1, "refill_time": 1}}"#
-        )
-        .is_err());
-        let huge = RateLimiterConfig {
-            bandwidth: Some(TokenBucketConfig {
-                size: 1,
-                one_time_burst: None,
-                refill_time: u64::MAX,
-            }),
-            ops: None,
-        };
-        assert!(huge.validate().is_err());
     }
 }

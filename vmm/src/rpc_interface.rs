@@ -2,8 +2,6 @@
 //! only parses and forwards; the VMM thread validates and acts, keeping the
 //! pre-boot (configuration) and runtime controllers apart.
 
-use serde::Serialize;
-
 use crate::vmm_config::{
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
     LoadSnapshotParams, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
@@ -19,7 +17,7 @@ pub enum VmmAction {
     PutBootSource(BootSourceConfig),
     PutMachineConfig(MachineConfig),
     /// `PATCH /machine-config`: merge the given fields over the current config.
-    PatchMachineConfig(crate::api::MachineConfigUpdate),
+    PatchMachineConfig(crate::vmm_config::machine_config::MachineConfigUpdate),
     PutDrive(BlockDeviceConfig),
     /// `PATCH /drives/{drive_id}`: new backend location (size re-read),
     /// rate limiter or scheduler thresholds.
@@ -56,15 +54,8 @@ pub enum VmmAction {
     SwitchOverMigration(SwitchOverParams),
 }
 
-/// Firecracker's `GET /` body.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct InstanceInfo {
-    pub id: String,
-    /// "Not started", "Running" or "Paused".
-    pub state: String,
-    pub vmm_version: String,
-    pub app_name: String,
-}
+/// `GET /`, as the API answers it.
+pub use ember_vmm_api::InstanceInfo;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum VmmData {

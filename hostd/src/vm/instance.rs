@@ -6,12 +6,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_agent::{AgentClient, ClientError, AGENT_PORT};
-use serde_json::json;
-use tokio::sync::{oneshot, watch};
-
-use super::api_client::{self, ApiError};
 use crate::net::{InstanceNet, NetManager, NetRequest};
+use ember_agent::{AgentClient, ClientError, AGENT_PORT};
+use ember_vmm_api::client::{ApiError, VmmClient};
+use ember_vmm_api::{
+    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams, DriveOverride,
+    FillFrom, FillOverride, LoadSnapshotParams, MachineConfig, MemBackend, MemBackendType,
+    NetworkInterfaceConfig, ReceiveMigrationParams, SendMigrationParams, SnapshotType, SwitchOver,
+    SwitchOverParams, VsockConfig, VsockOverride,
+};
+use tokio::sync::{oneshot, watch};
 
 /// Longest wait for the agent to close its side of a connection we end.
 const AGENT_CLOSE: Duration = Duration::from_secs(5);
@@ -59,6 +63,9 @@ pub struct VmFiles {
 pub enum InstanceError {
     #[error("cannot start the VMM: {0}")]
     Spawn(String),
+    /// A VM hostd cannot describe to the VMM's API.
+    #[error("cannot configure the VMM: {0}")]
+    Config(String),
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("guest agent: {0}")]
@@ -227,6 +234,19 @@ fn new_disk_dir(cfg: &LaunchConfig) -> std::io::Result<(PathBuf, crate::beneath:
     Ok((dir.path().to_path_buf(), dir))
 }
 
+/// A path as the VMM's API carries it: a JSON string, so UTF-8.
+fn wire_path(p: &Path) -> Result<String, InstanceError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| InstanceError::Config(format!("path {} is not UTF-8", p.display())))
+}
+
+/// A typed answer of the VMM as a JSON value.
+fn as_json<T: serde::Serialize>(answer: &T) -> Result<serde_json::Value, InstanceError> {
+    serde_json::to_value(answer)
+        .map_err(|e| InstanceError::Config(format!("cannot re-encode the VMM's answer: {e}")))
+}
+
 fn new_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("vm-{}", &u[..16])
@@ -264,6 +284,21 @@ impl Instance {
 
     fn api(&self) -> PathBuf {
         self.host(vm_paths::API)
+    }
+
+    /// The VMM's API.
+    fn client(&self) -> VmmClient {
+        VmmClient::new(self.api())
+    }
+
+    /// [`Instance::vm`], as the VMM's API carries it.
+    fn vm_str(&self, vm_path: &str) -> Result<String, InstanceError> {
+        wire_path(&self.vm(vm_path))
+    }
+
+    /// [`Instance::input`], as the VMM's API carries it.
+    fn input_str(&self, vm_path: &str, host: &Path) -> Result<String, InstanceError> {
+        wire_path(&self.input(vm_path, host))
     }
 
     pub fn vsock_path(&self) -> PathBuf {
@@ -480,8 +515,8 @@ impl Instance {
             nbd_listening: Default::default(),
             disk_dir: Mutex::new(None),
         };
-        let api = inst.api();
-        let ready = api_client::wait_ready(&api, Duration::from_secs(10));
+        let client = inst.client();
+        let ready = client.wait_ready(Duration::from_secs(10));
         tokio::select! {
             r = ready => r?,
             reason = inst.wait_exit() => return Err(InstanceError::Exited(inst.describe_exit(&reason))),
@@ -558,82 +593,62 @@ impl Instance {
         tmp_disk: Option<PathBuf>,
         volume_placeholder: Option<PathBuf>,
     ) -> Result<(), InstanceError> {
-        let api = self.api();
-        let mut boot = json!({"kernel_image_path": self.input(vm_paths::KERNEL, &files.kernel)});
-        if let Some(args) = &cfg.boot_args {
-            boot["boot_args"] = json!(args);
-        }
-        api_client::put(&api, "/boot-source", boot).await?;
-        api_client::put(
-            &api,
-            "/machine-config",
-            json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}),
-        )
+        let api = self.client();
+        api.put_boot_source(&BootSourceConfig {
+            boot_args: cfg.boot_args.clone(),
+            ..BootSourceConfig::new(self.input_str(vm_paths::KERNEL, &files.kernel)?)
+        })
         .await?;
-        api_client::put(
-            &api,
-            "/drives/rootfs",
-            json!({"drive_id": "rootfs", "path_on_host": self.input(vm_paths::ROOTFS, &files.rootfs),
-                   "is_root_device": true, "is_read_only": true}),
-        )
+        let vcpu_count = u8::try_from(vcpus)
+            .map_err(|_| InstanceError::Config(format!("{vcpus} vCPUs is too many")))?;
+        api.put_machine_config(&MachineConfig::new(vcpu_count, mem_mib as usize))
+            .await?;
+        let rootfs = self.input_str(vm_paths::ROOTFS, &files.rootfs)?;
+        api.put_drive(&BlockDeviceConfig {
+            is_root_device: true,
+            is_read_only: true,
+            ..BlockDeviceConfig::file("rootfs", rootfs)
+        })
         .await?;
-        api_client::put(
-            &api,
-            "/drives/code",
-            json!({"drive_id": "code", "path_on_host": self.input(vm_paths::CODE, &files.code),
-                   "is_root_device": false, "is_read_only": true}),
-        )
+        let code = self.input_str(vm_paths::CODE, &files.code)?;
+        api.put_drive(&BlockDeviceConfig {
+            is_read_only: true,
+            ..BlockDeviceConfig::file("code", code)
+        })
         .await?;
         // Drive order is guest device order: /tmp's disk, then a volume.
         if let Some(p) = tmp_disk {
-            let path = format!("/drives/{}", crate::ephemeral::DRIVE_ID);
-            api_client::put(
-                &api,
-                &path,
-                json!({"drive_id": crate::ephemeral::DRIVE_ID, "path_on_host": p,
-                       "is_root_device": false, "is_read_only": false}),
-            )
-            .await?;
+            let drive = BlockDeviceConfig::file(crate::ephemeral::DRIVE_ID, wire_path(&p)?);
+            api.put_drive(&drive).await?;
         }
         if let Some(p) = volume_placeholder {
-            let path = format!("/drives/{}", crate::volume::DRIVE_ID);
-            api_client::put(
-                &api,
-                &path,
-                json!({"drive_id": crate::volume::DRIVE_ID, "path_on_host": p,
-                       "is_root_device": false, "is_read_only": false}),
-            )
-            .await?;
+            let drive = BlockDeviceConfig::file(crate::volume::DRIVE_ID, wire_path(&p)?);
+            api.put_drive(&drive).await?;
         }
         let iface = self
             .net
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|(m, n)| {
-                let mut iface = json!({"iface_id": crate::net::GUEST_IFACE,
-                                   "host_dev_name": crate::net::TAP_NAME,
-                                   "guest_mac": n.logical.mac()});
-                if m.config().terminate_connections {
-                    iface["terminate_connections_on_pause"] = json!(true);
-                }
-                iface
+            .map(|(m, n)| NetworkInterfaceConfig {
+                guest_mac: Some(n.logical.mac()),
+                terminate_connections_on_pause: m.config().terminate_connections,
+                ..NetworkInterfaceConfig::tap(crate::net::GUEST_IFACE, crate::net::TAP_NAME)
             });
         if let Some(iface) = iface {
-            let path = format!("/network-interfaces/{}", crate::net::GUEST_IFACE);
-            api_client::put(&api, &path, iface).await?;
+            api.put_network_interface(&iface).await?;
         }
-        api_client::put(
-            &api,
-            "/vsock",
-            json!({"guest_cid": 3, "uds_path": self.vm(vm_paths::VSOCK)}),
-        )
+        api.put_vsock(&VsockConfig {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: self.vm_str(vm_paths::VSOCK)?,
+        })
         .await?;
         // The hello arrives on <uds>_53; listen before the guest starts.
         let listener = ember_agent::bind_ready_listener(self.vsock_path())?;
         // The jailed VMM (another uid) must be able to connect.
         self.give_to_vmm(&ember_agent::host_port_socket_path(self.vsock_path(), 53))?;
-        api_client::put(&api, "/actions", json!({"action_type": "InstanceStart"})).await?;
+        api.start().await?;
         let timeout = cfg.boot_timeout;
         let hello =
             tokio::task::spawn_blocking(move || ember_agent::wait_ready(&listener, timeout));
@@ -701,42 +716,16 @@ impl Instance {
                 return Err(e.into());
             }
         }
-        let mut load = json!({
-            "snapshot_path": inst.input(vm_paths::SNAPSHOT, &snap),
-            "mem_backend": {"backend_type": "File",
-                            "backend_path": inst.input(vm_paths::MEM, &mem)},
-            "resume_vm": true,
-            "serial_out_path": inst.vm(vm_paths::SERIAL),
-        });
-        if !inst.jailed {
-            // Every clone's vsock socket must differ; in a jail the path
-            // recorded in the snapshot is already private to the clone.
-            load["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
-        }
-        let mut overrides = Vec::new();
-        if let (Some(d), false) = (&disk_dir, inst.jailed) {
-            overrides.push(json!({"drive_id": crate::ephemeral::DRIVE_ID,
-                                  "path_on_host": d.join(crate::ephemeral::FILE)}));
-        }
-        if let Some(g) = volume {
-            let started = inst.start_nbd_path(g);
-            match started {
-                Ok(sock) => {
-                    overrides.push(json!({"drive_id": crate::volume::DRIVE_ID,
-                                          "path_on_host": g.uri_via(&sock)}));
-                }
-                Err(e) => {
-                    inst.destroy().await;
-                    return Err(e);
-                }
+        let load = match inst.load_params(&snap, &mem, disk_dir.as_deref(), volume) {
+            Ok(l) => l,
+            Err(e) => {
+                inst.destroy().await;
+                return Err(e);
             }
-        }
-        if !overrides.is_empty() {
-            load["drive_overrides"] = json!(overrides);
-        }
+        };
         let t = Instant::now();
         let result = async {
-            api_client::put(&inst.api(), "/snapshot/load", load).await?;
+            inst.client().load_snapshot(&load).await?;
             let loaded = t.elapsed();
             inst.connect_agent(Duration::from_secs(30)).await?;
             let connected = t.elapsed();
@@ -800,50 +789,93 @@ impl Instance {
                 return Err(e.into());
             }
         }
-        let mut body = json!({
-            "listen_uri": format!("unix://{}", inst.vm(vm_paths::MIGRATE_IN).display()),
-            "serial_out_path": inst.vm(vm_paths::SERIAL),
-        });
-        if !inst.jailed {
-            body["vsock_override"] = json!({"uds_path": inst.vm(vm_paths::VSOCK)});
-            body["drive_overrides"] = json!([
-                {"drive_id": "rootfs", "path_on_host": files.rootfs},
-                {"drive_id": "code", "path_on_host": files.code},
-            ]);
-        }
-        if let Some(g) = volume {
-            if let Err(e) = inst.start_nbd_path(g) {
-                inst.destroy().await;
-                return Err(e);
-            }
-        }
-        if let (Some(t), Some(dir)) = (fill_tmp_from, &disk_dir) {
-            let sock = match inst.start_peer_forwarder(vm_paths::FILL, t) {
-                Ok(s) => s,
-                Err(e) => {
-                    inst.destroy().await;
-                    return Err(e.into());
-                }
-            };
-            body["fill_overrides"] = json!([{"drive_id": crate::ephemeral::DRIVE_ID,
-                "fill_from": {"nbd_uri": format!("nbd+unix:///disk?socket={}", sock.display())}}]);
+        let received = async {
+            let mut params = ReceiveMigrationParams::new(format!(
+                "unix://{}",
+                inst.vm_str(vm_paths::MIGRATE_IN)?
+            ));
+            params.serial_out_path = Some(inst.vm_str(vm_paths::SERIAL)?);
             if !inst.jailed {
-                let mut o = body["drive_overrides"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                o.push(json!({"drive_id": crate::ephemeral::DRIVE_ID,
-                              "path_on_host": dir.join(crate::ephemeral::FILE)}));
-                body["drive_overrides"] = json!(o);
+                params.vsock_override = Some(VsockOverride {
+                    uds_path: inst.vm_str(vm_paths::VSOCK)?,
+                });
+                for (drive_id, path) in [("rootfs", &files.rootfs), ("code", &files.code)] {
+                    params.drive_overrides.push(DriveOverride {
+                        drive_id: drive_id.into(),
+                        path_on_host: wire_path(path)?,
+                    });
+                }
             }
+            if let Some(g) = volume {
+                inst.start_nbd_path(g)?;
+            }
+            if let (Some(t), Some(dir)) = (fill_tmp_from, &disk_dir) {
+                let sock = inst.start_peer_forwarder(vm_paths::FILL, t)?;
+                params.fill_overrides.push(FillOverride {
+                    drive_id: crate::ephemeral::DRIVE_ID.into(),
+                    fill_from: FillFrom::nbd(format!(
+                        "nbd+unix:///disk?socket={}",
+                        wire_path(&sock)?
+                    )),
+                });
+                if !inst.jailed {
+                    params.drive_overrides.push(DriveOverride {
+                        drive_id: crate::ephemeral::DRIVE_ID.into(),
+                        path_on_host: wire_path(&dir.join(crate::ephemeral::FILE))?,
+                    });
+                }
+            }
+            inst.client().receive_migration(&params).await?;
+            Ok::<(), InstanceError>(())
         }
-        match api_client::put(&inst.api(), "/migrate/receive", body).await {
-            Ok(_) => Ok(inst),
+        .await;
+        match received {
+            Ok(()) => Ok(inst),
             Err(e) => {
                 inst.destroy().await;
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// `PUT /snapshot/load` of a clone: its memory, its own vsock socket
+    /// and /tmp disk (unjailed; in a jail the paths saved are already the
+    /// clone's), and the volume's attachment through hostd's NBD path.
+    fn load_params(
+        &self,
+        snap: &Path,
+        mem: &Path,
+        disk_dir: Option<&Path>,
+        volume: Option<&crate::volume::Grant>,
+    ) -> Result<LoadSnapshotParams, InstanceError> {
+        let backend = MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: self.input_str(vm_paths::MEM, mem)?,
+        };
+        let mut load = LoadSnapshotParams::new(self.input_str(vm_paths::SNAPSHOT, snap)?, backend);
+        load.resume_vm = true;
+        load.serial_out_path = Some(self.vm_str(vm_paths::SERIAL)?);
+        if !self.jailed {
+            // Every clone's vsock socket must differ; in a jail the path
+            // recorded in the snapshot is already private to the clone.
+            load.vsock_override = Some(VsockOverride {
+                uds_path: self.vm_str(vm_paths::VSOCK)?,
+            });
+        }
+        if let (Some(d), false) = (disk_dir, self.jailed) {
+            load.drive_overrides.push(DriveOverride {
+                drive_id: crate::ephemeral::DRIVE_ID.into(),
+                path_on_host: wire_path(&d.join(crate::ephemeral::FILE))?,
+            });
+        }
+        if let Some(g) = volume {
+            let sock = self.start_nbd_path(g)?;
+            load.drive_overrides.push(DriveOverride {
+                drive_id: crate::volume::DRIVE_ID.into(),
+                path_on_host: g.uri_via(&sock),
+            });
+        }
+        Ok(load)
     }
 
     /// Listens in the jail for the VMM's NBD connections to a volume and
@@ -909,12 +941,14 @@ impl Instance {
             .take()
     }
 
-    /// `GET /drives/tmp/fill` of a VM whose /tmp disk is filling.
+    /// `GET /drives/tmp/fill` of a VM whose /tmp disk is filling, as JSON
+    /// (how hostd's migration code reads it).
     pub async fn tmp_fill_status(&self) -> Result<serde_json::Value, InstanceError> {
-        let path = format!("/drives/{}/fill", crate::ephemeral::DRIVE_ID);
-        let body = api_client::call(&self.api(), "GET", &path, None).await?;
-        serde_json::from_str(&body)
-            .map_err(|e| InstanceError::Spawn(format!("{path} answered non-JSON: {e}")))
+        let status = self
+            .client()
+            .drive_fill_status(crate::ephemeral::DRIVE_ID)
+            .await?;
+        as_json(&status)
     }
 
     /// Where a receiving VMM's volume drive reaches the volume service (as
@@ -1031,52 +1065,55 @@ impl Instance {
         downtime_ms: u64,
         manual: bool,
     ) -> Result<(), InstanceError> {
-        let uri = format!("unix://{}", self.vm(vm_paths::MIGRATE_OUT).display());
-        let switch_over = if manual { "Manual" } else { "Auto" };
-        api_client::put(
-            &self.api(),
-            "/migrate/send",
-            json!({"destination_uri": uri, "downtime_ms": downtime_ms,
-                   "switch_over": switch_over}),
-        )
-        .await?;
+        let uri = format!("unix://{}", self.vm_str(vm_paths::MIGRATE_OUT)?);
+        let params = SendMigrationParams {
+            downtime_ms,
+            switch_over: if manual {
+                SwitchOver::Manual
+            } else {
+                SwitchOver::Auto
+            },
+            ..SendMigrationParams::new(uri)
+        };
+        self.client().migrate(&params).await?;
         Ok(())
     }
 
     /// `PUT /migrate/switch-over`: the destination opens `drive_id` at
     /// `uri` and resumes.
     pub async fn switch_over(&self, drive_id: &str, uri: &str) -> Result<(), InstanceError> {
-        api_client::put(
-            &self.api(),
-            "/migrate/switch-over",
-            json!({"drive_overrides": [{"drive_id": drive_id, "path_on_host": uri}]}),
-        )
-        .await?;
+        let params = SwitchOverParams {
+            drive_overrides: vec![DriveOverride {
+                drive_id: drive_id.into(),
+                path_on_host: uri.into(),
+            }],
+        };
+        self.client().switch_over(&params).await?;
         Ok(())
     }
 
     /// `PATCH /drives/{id}` to another NBD URI (a volume moved back here).
     pub async fn reopen_nbd(&self, drive_id: &str, uri: &str) -> Result<(), InstanceError> {
-        api_client::patch(
-            &self.api(),
-            &format!("/drives/{drive_id}"),
-            json!({"drive_id": drive_id, "nbd_uri": uri}),
-        )
-        .await?;
+        let update = BlockDeviceUpdate {
+            drive_id: drive_id.into(),
+            nbd_uri: Some(uri.into()),
+            ..BlockDeviceUpdate::default()
+        };
+        self.client().patch_drive(&update).await?;
         Ok(())
     }
 
     /// `PUT /migrate/cancel` (a migration past its switch-over refuses).
     pub async fn cancel_migration(&self) -> Result<(), InstanceError> {
-        api_client::put(&self.api(), "/migrate/cancel", json!({})).await?;
+        self.client().cancel_migration().await?;
         Ok(())
     }
 
-    /// The VMM's `GET /migrate`.
+    /// The VMM's `GET /migrate`, as JSON (how hostd's migration code reads
+    /// it).
     pub async fn migration_status(&self) -> Result<serde_json::Value, InstanceError> {
-        let body = api_client::call(&self.api(), "GET", "/migrate", None).await?;
-        serde_json::from_str(&body)
-            .map_err(|e| InstanceError::Spawn(format!("GET /migrate answered non-JSON: {e}")))
+        let status = self.client().migration_status().await?;
+        as_json(&status)
     }
 
     /// After a migration here: connects to the agent and refreshes the
@@ -1170,20 +1207,18 @@ impl Instance {
     /// Pauses the VM and writes a Full snapshot to `dir` (a host path; for
     /// a jailed VMM it must be the `out` directory given to [`boot`]).
     pub async fn snapshot(&self, dir: &Path) -> Result<(), InstanceError> {
-        let api = self.api();
-        api_client::patch(&api, "/vm", json!({"state": "Paused"})).await?;
+        let api = self.client();
+        api.pause().await?;
         let base = if self.jailed {
             PathBuf::from(vm_paths::OUT)
         } else {
             dir.to_path_buf()
         };
-        api_client::put(
-            &api,
-            "/snapshot/create",
-            json!({"snapshot_type": "Full",
-                   "snapshot_path": base.join("vm.snap"),
-                   "mem_file_path": base.join("mem")}),
-        )
+        api.create_snapshot(&CreateSnapshotParams {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: wire_path(&base.join("vm.snap"))?,
+            mem_file_path: wire_path(&base.join("mem"))?,
+        })
         .await?;
         Ok(())
     }

@@ -1,6 +1,9 @@
-//! MicroVMs as hostd runs them: the VMM's API client and one instance.
-pub mod api_client;
+//! MicroVMs as hostd runs them: one instance, driven through the VMM's
+//! typed API client (`ember-vmm-api`).
 pub mod instance;
+
+/// The VMM's API client (also hostd's HTTP over other local sockets).
+pub use ember_vmm_api::client as api_client;
 
 pub use instance::{Instance, InstanceError, JailConfig, LaunchConfig, VmFiles};
 

@@ -22,11 +22,9 @@ impl ApiResponse {
 
     /// `{"fault_message": "..."}`, Firecracker's error body.
     pub fn fault(status: u16, message: impl Into<String>) -> Self {
-        let body = serde_json::json!({ "fault_message": message.into() }).to_string();
-        ApiResponse {
-            status,
-            body: Some(body),
-        }
+        // A string field cannot fail to serialize.
+        let body = serde_json::to_string(&ember_vmm_api::FaultBody::new(message)).ok();
+        ApiResponse { status, body }
     }
 
     fn json<T: Serialize>(value: &T) -> Self {

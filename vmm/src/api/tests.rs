@@ -446,3 +446,140 @@ fn server_spawns_no_threads() {
     }
     server.stop();
 }
+
+/// hostd's typed client against this server: every shape it sends is
+/// parsed into the action holding that same value, and its answers and
+/// refusals read back typed.
+#[test]
+fn the_typed_client_speaks_this_api() {
+    use ember_vmm_api::client::VmmClient;
+    use ember_vmm_api::*;
+
+    let server = Server::start(true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let boot = BootSourceConfig {
+        boot_args: Some("console=ttyS0".into()),
+        ..BootSourceConfig::new("/vmlinux")
+    };
+    let machine = MachineConfig::new(2, 256);
+    let root = BlockDeviceConfig {
+        is_root_device: true,
+        is_read_only: true,
+        ..BlockDeviceConfig::file("rootfs", "/r.ext4")
+    };
+    let iface = NetworkInterfaceConfig {
+        guest_mac: Some("06:00:ac:10:00:02".into()),
+        terminate_connections_on_pause: true,
+        ..NetworkInterfaceConfig::tap("eth0", "tap0")
+    };
+    let vsock = VsockConfig {
+        vsock_id: None,
+        guest_cid: 3,
+        uds_path: "/v.sock".into(),
+    };
+    let snap = CreateSnapshotParams {
+        snapshot_type: SnapshotType::Full,
+        snapshot_path: "/s".into(),
+        mem_file_path: "/m".into(),
+    };
+    let mut load = LoadSnapshotParams::new(
+        "/s",
+        MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: "/m".into(),
+        },
+    );
+    load.resume_vm = true;
+    load.drive_overrides.push(DriveOverride {
+        drive_id: "tmp".into(),
+        path_on_host: "/t".into(),
+    });
+    let reopen = BlockDeviceUpdate {
+        drive_id: "vol".into(),
+        nbd_uri: Some("nbd+unix:///v?socket=/n".into()),
+        ..BlockDeviceUpdate::default()
+    };
+    let send = SendMigrationParams {
+        downtime_ms: 100,
+        switch_over: SwitchOver::Manual,
+        ..SendMigrationParams::new("unix:///out.sock")
+    };
+    let mut receive = ReceiveMigrationParams::new("unix:///in.sock");
+    receive.fill_overrides.push(FillOverride {
+        drive_id: "tmp".into(),
+        fill_from: FillFrom::nbd("nbd+unix:///disk?socket=/f"),
+    });
+    let switch = SwitchOverParams {
+        drive_overrides: vec![DriveOverride {
+            drive_id: "vol".into(),
+            path_on_host: "nbd://h:1/v".into(),
+        }],
+    };
+
+    let c = VmmClient::new(&server.path);
+    rt.block_on(async {
+        c.wait_ready(IO_TIMEOUT).await.unwrap();
+        assert_eq!(c.instance_info().await.unwrap().state, "Not started");
+        assert_eq!(c.machine_config().await.unwrap(), MachineConfig::default());
+        c.put_boot_source(&boot).await.unwrap();
+        c.put_machine_config(&machine).await.unwrap();
+        c.put_drive(&root).await.unwrap();
+        c.put_network_interface(&iface).await.unwrap();
+        c.put_vsock(&vsock).await.unwrap();
+        c.start().await.unwrap();
+        c.pause().await.unwrap();
+        c.create_snapshot(&snap).await.unwrap();
+        c.resume().await.unwrap();
+        c.load_snapshot(&load).await.unwrap();
+        c.patch_drive(&reopen).await.unwrap();
+        c.migrate(&send).await.unwrap();
+        c.receive_migration(&receive).await.unwrap();
+        c.switch_over(&switch).await.unwrap();
+        c.cancel_migration().await.unwrap();
+        // Refused by the fake VMM, and by the parser.
+        let e = c
+            .put_drive(&BlockDeviceConfig::file("data", ""))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.status(), e.fault_message().as_deref()),
+            (Some(400), Some("path_on_host must not be empty"))
+        );
+        let e = c
+            .migrate(&SendMigrationParams::new("ftp://nowhere"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.fault_message().unwrap().contains("destination_uri"),
+            "{e}"
+        );
+    });
+    let seen = server.stop();
+    assert_eq!(
+        seen,
+        vec![
+            VmmAction::GetInstanceInfo,
+            VmmAction::GetInstanceInfo,
+            VmmAction::GetMachineConfig,
+            VmmAction::PutBootSource(boot),
+            VmmAction::PutMachineConfig(machine),
+            VmmAction::PutDrive(root),
+            VmmAction::PutNetworkInterface(iface),
+            VmmAction::PutVsock(vsock),
+            VmmAction::InstanceStart,
+            VmmAction::Pause,
+            VmmAction::CreateSnapshot(snap),
+            VmmAction::Resume,
+            VmmAction::LoadSnapshot(load),
+            VmmAction::PatchDrive(reopen),
+            VmmAction::SendMigration(send),
+            VmmAction::ReceiveMigration(receive),
+            VmmAction::SwitchOverMigration(switch),
+            VmmAction::CancelMigration,
+            VmmAction::PutDrive(BlockDeviceConfig::file("data", "")),
+        ]
+    );
+}

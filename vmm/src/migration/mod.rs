@@ -31,8 +31,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::snapshot::memory::GuestMemoryState;
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -124,100 +122,8 @@ pub trait TargetVm: Send {
     fn fail(&mut self, why: &str);
 }
 
-pub use crate::vmm_config::migration::MigrationMode;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-pub enum Role {
-    #[default]
-    None,
-    Source,
-    Destination,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-pub enum Phase {
-    /// No migration has run.
-    #[default]
-    None,
-    /// Destination: waiting for the source to connect.
-    Listening,
-    /// Memory goes while the guest runs.
-    PreCopy,
-    /// The source is paused; the rest and the state go.
-    StopAndCopy,
-    /// `switch_over: "Manual"`: the source is paused and all memory is at
-    /// the destination; `PUT /migrate/switch-over` (with drive overrides,
-    /// e.g. a volume's new attachment) lets the destination load the VM.
-    AwaitingSwitchOver,
-    /// The destination has loaded the VM; it is being resumed.
-    SwitchOver,
-    /// Post-copy: the destination runs the VM while the pages it lacks
-    /// still come from the source (on fault and pushed). Neither side can
-    /// go on alone: no cancel.
-    PostCopy,
-    /// The destination runs the VM.
-    Completed,
-    /// Ended without moving the VM (the source still runs it), or, on a
-    /// destination, nothing was loaded.
-    Failed,
-    /// Cancelled before the switch-over; the source still runs the VM.
-    Cancelled,
-}
-
-/// `GET /migrate`.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct MigrationStatus {
-    pub role: Role,
-    pub state: Phase,
-    /// The other VMM (destination URI, or the listen URI).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
-    /// Guest memory size.
-    pub memory_bytes: u64,
-    /// Pre-copy rounds done (round 1 sends all non-zero memory).
-    pub rounds: u32,
-    /// Bytes of the stream sent (source) or received (destination).
-    pub bytes: u64,
-    /// Pages carried, zero pages included.
-    pub pages: u64,
-    /// Dirty pages found at the end of the last pre-copy round.
-    pub last_dirty_pages: u64,
-    /// Stream bandwidth measured in the last round, MiB/s.
-    pub bandwidth_mib_s: f64,
-    /// Pages sent after the pause.
-    pub final_pages: u64,
-    /// `PreCopy` or `PostCopy`: how the memory went (a post-copy request
-    /// that converged within its pre-copy rounds ends as `PreCopy`).
-    pub mode: MigrationMode,
-    /// Post-copy: pages the destination faulted on and asked for.
-    pub postcopy_pages_on_demand: u64,
-    /// Post-copy: pages the source pushed in the background.
-    pub postcopy_pages_pushed: u64,
-    /// Post-copy: from the destination's resume until it had every page.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub postcopy_ms: Option<u64>,
-    /// From the pause on the source to the destination's "resumed".
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub downtime_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub total_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl MigrationStatus {
-    pub fn is_active(&self) -> bool {
-        matches!(
-            self.state,
-            Phase::Listening
-                | Phase::PreCopy
-                | Phase::StopAndCopy
-                | Phase::AwaitingSwitchOver
-                | Phase::SwitchOver
-                | Phase::PostCopy
-        )
-    }
-}
+/// `GET /migrate` and its parts, as the API answers them.
+pub use ember_vmm_api::migration::{MigrationMode, MigrationStatus, Phase, Role};
 
 /// Shared between the migration thread, the VMM thread and the API.
 #[derive(Clone, Default)]

@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::plain::{PlainSource, PlainTarget, TargetLog};
 use super::transport::Endpoint;
 use super::*;
-use crate::vmm_config::migration::{MigrationMode, SwitchOver};
+use crate::vmm_config::migration::{validate_send, MigrationMode, SwitchOver};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vmm_config::SendMigrationParams;
 
@@ -611,10 +611,10 @@ fn cancel_is_refused_once_postcopy_runs() {
 fn postcopy_parameters_are_checked() {
     let mut p = params(50, 5);
     p.postcopy_after_rounds = Some(2);
-    assert!(p.validate().unwrap_err().contains("PostCopy"));
+    assert!(validate_send(&p).unwrap_err().contains("PostCopy"));
     let mut p = postcopy(Some(11));
     p.max_rounds = 10;
-    assert!(p.validate().unwrap_err().contains("max_rounds"));
+    assert!(validate_send(&p).unwrap_err().contains("max_rounds"));
     let p: SendMigrationParams = serde_json::from_str(
         r#"{"destination_uri": "unix:///m", "mode": "PostCopy", "postcopy_after_rounds": 2}"#,
     )

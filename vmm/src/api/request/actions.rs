@@ -1,30 +1,19 @@
 //! `PUT /actions`.
 
-use serde::Deserialize;
+use ember_vmm_api::{ActionType, InstanceActionInfo};
 
 use crate::api::parsed_request::{parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
 
-/// `action_type` is read as a string, not a serde enum: serde_json's error
-/// for a non-string enum value ("expected value") does not say what is wrong.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ActionBody {
-    action_type: String,
-}
-
-const ACTIONS: &str = "`InstanceStart`, `SendCtrlAltDel`, `FlushMetrics`";
-
+/// `action_type` is read as a string and then matched (see
+/// [`InstanceActionInfo`]), so an unknown action gets a clear answer.
 pub fn parse_put(body: &[u8]) -> Result<VmmAction, ParseError> {
-    let body: ActionBody = parse_json(body)?;
-    match body.action_type.as_str() {
-        "InstanceStart" => Ok(VmmAction::InstanceStart),
-        "SendCtrlAltDel" => Ok(VmmAction::SendCtrlAltDel),
-        "FlushMetrics" => Ok(VmmAction::FlushMetrics),
-        other => Err(ParseError::bad_request(format!(
-            "Unknown action_type `{other}`, expected one of {ACTIONS}."
-        ))),
-    }
+    let body: InstanceActionInfo = parse_json(body)?;
+    Ok(match body.action().map_err(ParseError::bad_request)? {
+        ActionType::InstanceStart => VmmAction::InstanceStart,
+        ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
+        ActionType::FlushMetrics => VmmAction::FlushMetrics,
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ pub fn parse_patch(body: &[u8], id_from_path: &str) -> Result<VmmAction, ParseEr
             "The id from the path does not match the id from the body!",
         ));
     }
-    upd.validate().map_err(ParseError::bad_request)?;
+    crate::vmm_config::drive::validate_update(&upd).map_err(ParseError::bad_request)?;
     Ok(VmmAction::PatchDrive(upd))
 }
 

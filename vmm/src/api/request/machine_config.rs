@@ -1,44 +1,8 @@
 //! `GET`, `PUT` and `PATCH /machine-config`.
 
-use serde::{Deserialize, Serialize};
-
 use crate::api::parsed_request::{parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
-use crate::vmm_config::MachineConfig;
-
-/// `PATCH /machine-config` body: every field optional. The API thread does
-/// not know the current config, so it forwards this typed partial and the
-/// VMM merges it with [`MachineConfigUpdate::apply_to`] and validates the
-/// result. Typed (rather than a raw JSON value) so unknown fields and wrong
-/// types are refused here with serde's message, before reaching the VMM.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfigUpdate {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpu_count: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mem_size_mib: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub smt: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub track_dirty_pages: Option<bool>,
-}
-
-impl MachineConfigUpdate {
-    pub fn is_empty(&self) -> bool {
-        *self == MachineConfigUpdate::default()
-    }
-
-    /// `current` with the given fields replaced; validation is the caller's.
-    pub fn apply_to(&self, current: &MachineConfig) -> MachineConfig {
-        MachineConfig {
-            vcpu_count: self.vcpu_count.unwrap_or(current.vcpu_count),
-            mem_size_mib: self.mem_size_mib.unwrap_or(current.mem_size_mib),
-            smt: self.smt.unwrap_or(current.smt),
-            track_dirty_pages: self.track_dirty_pages.unwrap_or(current.track_dirty_pages),
-        }
-    }
-}
+pub use crate::vmm_config::machine_config::MachineConfigUpdate;
 
 pub fn parse_put(body: &[u8]) -> Result<VmmAction, ParseError> {
     parse_json(body).map(VmmAction::PutMachineConfig)
@@ -57,6 +21,7 @@ pub fn parse_patch(body: &[u8]) -> Result<VmmAction, ParseError> {
 mod tests {
     use super::*;
     use crate::api::parse_request;
+    use crate::vmm_config::MachineConfig;
 
     #[test]
     fn get() {

@@ -3,17 +3,19 @@
 
 use crate::api::parsed_request::{parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
-use crate::vmm_config::{ReceiveMigrationParams, SendMigrationParams, SwitchOverParams};
+use crate::vmm_config::migration::{
+    self, ReceiveMigrationParams, SendMigrationParams, SwitchOverParams,
+};
 
 pub fn parse_put_send(body: &[u8]) -> Result<VmmAction, ParseError> {
     let p: SendMigrationParams = parse_json(body)?;
-    p.validate().map_err(ParseError::bad_request)?;
+    migration::validate_send(&p).map_err(ParseError::bad_request)?;
     Ok(VmmAction::SendMigration(p))
 }
 
 pub fn parse_put_receive(body: &[u8]) -> Result<VmmAction, ParseError> {
     let p: ReceiveMigrationParams = parse_json(body)?;
-    p.validate().map_err(ParseError::bad_request)?;
+    migration::validate_receive(&p).map_err(ParseError::bad_request)?;
     Ok(VmmAction::ReceiveMigration(p))
 }
 

@@ -1,25 +1,12 @@
 //! `PATCH /vm`: pause or resume the microVM.
 
-use serde::Deserialize;
+use ember_vmm_api::{VmState, VmStateUpdate};
 
 use crate::api::parsed_request::{parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-enum VmState {
-    Paused,
-    Resumed,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VmStateBody {
-    state: VmState,
-}
-
 pub fn parse_patch(body: &[u8]) -> Result<VmmAction, ParseError> {
-    let b: VmStateBody = parse_json(body)?;
+    let b: VmStateUpdate = parse_json(body)?;
     Ok(match b.state {
         VmState::Paused => VmmAction::Pause,
         VmState::Resumed => VmmAction::Resume,

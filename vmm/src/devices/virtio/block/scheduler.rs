@@ -10,33 +10,8 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-/// `io_scheduler` of a drive: both thresholds optional; a write waits
-/// while either is passed.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct IoSchedulerConfig {
-    /// Most writes outstanding at the backend at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_outstanding_writes: Option<u32>,
-    /// Writes wait while the recent write latency (an exponentially
-    /// weighted average) is above this many microseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_write_latency_us: Option<u64>,
-}
-
-impl IoSchedulerConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_outstanding_writes == Some(0) {
-            return Err("io_scheduler: max_outstanding_writes must be > 0".into());
-        }
-        if self.max_write_latency_us == Some(0) {
-            return Err("io_scheduler: max_write_latency_us must be > 0".into());
-        }
-        Ok(())
-    }
-}
+/// A drive's `io_scheduler`, as the API gives it.
+pub use ember_vmm_api::drive::IoSchedulerConfig;
 
 #[derive(Debug, Default)]
 pub struct WriteScheduler {

@@ -8,7 +8,7 @@ use super::request::*;
 use super::*;
 use crate::devices::virtio::test_utils::*;
 use crate::devices::virtio::{Interrupt, Mem, VirtioDevice, VIRTIO_MMIO_INT_VRING};
-use crate::vmm_config::drive::BlockDeviceConfig;
+use crate::vmm_config::drive::{validate_config, BlockDeviceConfig, FillPhase};
 
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
@@ -418,7 +418,7 @@ fn nbd_backend_through_the_queue() {
     cfg.nbd_uri = Some(format!("nbd+unix:///?socket={}", sock.display()));
     cfg.cache_type = Some("Writeback".into());
     cfg.nbd_timeout_ms = Some(500);
-    cfg.validate().unwrap();
+    validate_config(&cfg).unwrap();
     let mem = test_mem();
     let mut h = Harness::new(&mem, &cfg);
     assert_eq!(h.block.capacity(), 128);
@@ -464,18 +464,20 @@ fn nbd_backend_through_the_queue() {
 fn nbd_config_errors() {
     let mut cfg = config("/some/file");
     cfg.nbd_uri = Some("nbd://h/e".into());
-    assert!(cfg.validate().unwrap_err().contains("not both"));
+    assert!(validate_config(&cfg).unwrap_err().contains("not both"));
     cfg.path_on_host.clear();
     cfg.nbd_uri = Some("http://h/e".into());
-    assert!(cfg.validate().unwrap_err().contains("bad nbd_uri"));
+    assert!(validate_config(&cfg).unwrap_err().contains("bad nbd_uri"));
     cfg.nbd_uri = Some("nbd+unix:///?socket=/nonexistent.sock".into());
-    cfg.validate().unwrap();
+    validate_config(&cfg).unwrap();
     let err = Block::probe(&cfg).unwrap_err().to_string();
     assert!(err.contains("NBD export"), "{err}");
     let mut file_cfg = config("/nonexistent");
-    assert!(file_cfg.validate().unwrap_err().contains("does not exist"));
+    assert!(validate_config(&file_cfg)
+        .unwrap_err()
+        .contains("does not exist"));
     file_cfg.nbd_timeout_ms = Some(5);
-    assert!(file_cfg.validate().is_err());
+    assert!(validate_config(&file_cfg).is_err());
 }
 
 #[test]
@@ -749,7 +751,7 @@ fn a_filling_drive_serves_the_guest_and_a_snapshot_keeps_its_map() {
     let at = (sector * 512) as usize;
     assert_eq!(read_bytes(&mem, DATA, 1024), data[at..at + 1024]);
     let st = h.block.fill_status().unwrap();
-    assert_eq!((st.state, st.bytes_on_demand), ("Filling", 65536));
+    assert_eq!((st.state, st.bytes_on_demand), (FillPhase::Filling, 65536));
 
     // The snapshot state keeps the source and the map (JSON, as saved).
     let state = h.block.state();
@@ -782,7 +784,7 @@ fn a_filling_drive_serves_the_guest_and_a_snapshot_keeps_its_map() {
     };
     let b = Block::restore(&state, other.to_str(), Some(&fresh)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while b.fill_status().unwrap().state != "Complete" {
+    while b.fill_status().unwrap().state != FillPhase::Complete {
         assert!(
             std::time::Instant::now() < deadline,
             "{:?}",
@@ -806,20 +808,27 @@ fn fill_config_errors() {
         nbd_uri: "http://h/e".into(),
         ..Default::default()
     });
-    assert!(cfg
-        .validate()
+    assert!(validate_config(&cfg)
         .unwrap_err()
         .contains("bad fill_from.nbd_uri"));
     cfg.fill_from.as_mut().unwrap().nbd_uri = "nbd://h:1/disk".into();
-    assert_eq!(cfg.validate(), Ok(()), "the local file need not exist yet");
+    assert_eq!(
+        validate_config(&cfg),
+        Ok(()),
+        "the local file need not exist yet"
+    );
     cfg.fill_from.as_mut().unwrap().background_bytes_per_sec = Some(0);
-    assert!(cfg.validate().unwrap_err().contains("must be > 0"));
+    assert!(validate_config(&cfg).unwrap_err().contains("must be > 0"));
     cfg.fill_from.as_mut().unwrap().background_bytes_per_sec = None;
     cfg.nbd_uri = Some("nbd://h:1/v".into());
-    assert!(cfg.validate().unwrap_err().contains("not an nbd_uri drive"));
+    assert!(validate_config(&cfg)
+        .unwrap_err()
+        .contains("not an nbd_uri drive"));
     cfg.nbd_uri = None;
     cfg.path_on_host.clear();
-    assert!(cfg.validate().unwrap_err().contains("needs path_on_host"));
+    assert!(validate_config(&cfg)
+        .unwrap_err()
+        .contains("needs path_on_host"));
 }
 
 /// A request whose data is over SEG_MAX x SIZE_MAX (32 MiB) is refused

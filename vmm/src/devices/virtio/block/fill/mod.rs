@@ -44,28 +44,8 @@ pub struct FillState {
     pub present: Vec<[u64; 2]>,
 }
 
-/// `GET /drives/{id}/fill`.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
-pub struct FillStatus {
-    pub drive_id: String,
-    /// `Filling` or `Complete` (the source connection is closed).
-    pub state: &'static str,
-    pub source: String,
-    pub chunk_size: u64,
-    pub chunks_total: u64,
-    pub chunks_local: u64,
-    /// Fetched because a guest request needed them.
-    pub bytes_on_demand: u64,
-    /// Copied by the background filler.
-    pub bytes_background: u64,
-    /// Guest requests waiting for chunks.
-    pub requests_waiting: usize,
-    /// The last fetch error, while the source is unreachable (guest reads
-    /// of missing chunks then fail with an I/O error).
-    pub error: Option<String>,
-    /// From the drive's opening to the last chunk.
-    pub elapsed_ms: u64,
-}
+/// `GET /drives/{id}/fill`, as the API answers it.
+pub use ember_vmm_api::drive::{FillPhase, FillStatus};
 
 /// A guest request the fill thread does.
 struct Job {
@@ -271,7 +251,11 @@ impl Fill {
         let complete = inner.chunks.is_complete();
         FillStatus {
             drive_id: drive_id.to_string(),
-            state: if complete { "Complete" } else { "Filling" },
+            state: if complete {
+                FillPhase::Complete
+            } else {
+                FillPhase::Filling
+            },
             source: self.source.clone(),
             chunk_size: CHUNK_SIZE,
             chunks_total: inner.chunks.total(),

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{Fill, CHUNK_SIZE};
+use super::{Fill, FillPhase, CHUNK_SIZE};
 use crate::devices::virtio::block::nbd::Op;
 use crate::vmm_config::drive::FillFrom;
 
@@ -119,7 +119,7 @@ fn chunks_come_on_demand_then_in_the_background_and_a_snapshot_continues() {
         want[(51 * CS - 100) as usize..(51 * CS + 100) as usize]
     );
     let st = f.status("d");
-    assert_eq!(st.state, "Filling");
+    assert_eq!(st.state, FillPhase::Filling);
     assert_eq!(st.bytes_on_demand, 3 * CS);
     assert!(st.chunks_local < st.chunks_total);
 
@@ -142,7 +142,7 @@ fn chunks_come_on_demand_then_in_the_background_and_a_snapshot_continues() {
     );
     wait_complete(&f);
     let st = f.status("d");
-    assert_eq!(st.state, "Complete");
+    assert_eq!(st.state, FillPhase::Complete);
     assert_eq!(st.chunks_local, size / CS);
     assert_eq!(st.bytes_background, (st.chunks_total - before) * CS);
     assert!(

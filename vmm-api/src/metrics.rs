@@ -1,6 +1,8 @@
+//! `PUT /metrics` (Firecracker's `Metrics`).
+
 use serde::{Deserialize, Serialize};
 
-/// `PUT /metrics`: where the counters are appended as JSON lines.
+/// Where the counters are appended as JSON lines.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {

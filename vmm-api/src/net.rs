@@ -1,8 +1,12 @@
-//! `PUT /network-interfaces/{iface_id}` and its `PATCH`, in Firecracker's shape.
+//! `PUT /network-interfaces/{iface_id}` (Firecracker's `NetworkInterface`)
+//! and its `PATCH` (`PartialNetworkInterface`).
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+use crate::rate_limiter::RateLimiterConfig;
+
+/// Linux's `IFNAMSIZ`: an interface name and its terminating NUL.
+pub const IFNAMSIZ: usize = 16;
 
 /// A guest network interface backed by a host tap device.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -23,6 +27,46 @@ pub struct NetworkInterfaceConfig {
     /// so neither side hangs on a connection that cannot survive.
     #[serde(default)]
     pub terminate_connections_on_pause: bool,
+}
+
+impl NetworkInterfaceConfig {
+    /// `iface_id` on the tap `host_dev_name`, nothing else set.
+    pub fn tap(iface_id: impl Into<String>, host_dev_name: impl Into<String>) -> Self {
+        NetworkInterfaceConfig {
+            iface_id: iface_id.into(),
+            host_dev_name: host_dev_name.into(),
+            guest_mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            terminate_connections_on_pause: false,
+        }
+    }
+
+    /// Checks what can be checked without the host: the MAC, the tap
+    /// name's length and the limiters. Answers the MAC, parsed.
+    pub fn validate(&self) -> Result<Option<[u8; 6]>, String> {
+        if self.iface_id.is_empty() {
+            return Err("iface_id must not be empty".into());
+        }
+        if self.host_dev_name.is_empty() || self.host_dev_name.len() >= IFNAMSIZ {
+            return Err(format!(
+                "host_dev_name {:?} must be 1 to {} bytes",
+                self.host_dev_name,
+                IFNAMSIZ - 1
+            ));
+        }
+        let mac = self.guest_mac.as_deref().map(parse_mac).transpose()?;
+        if let Some(m) = &mac {
+            if m[0] & 1 != 0 {
+                return Err(format!(
+                    "guest_mac {} is a multicast address",
+                    format_mac(m)
+                ));
+            }
+        }
+        validate_limiters(&self.rx_rate_limiter, &self.tx_rate_limiter)?;
+        Ok(mac)
+    }
 }
 
 /// `PATCH /network-interfaces/{iface_id}`: new limiters, or connection
@@ -54,6 +98,20 @@ impl NetworkInterfaceUpdate {
     }
 }
 
+/// Checks an interface's two limiters, each named in the error.
+pub fn validate_limiters(
+    rx: &Option<RateLimiterConfig>,
+    tx: &Option<RateLimiterConfig>,
+) -> Result<(), String> {
+    if let Some(r) = rx {
+        r.validate().map_err(|e| format!("rx_rate_limiter: {e}"))?;
+    }
+    if let Some(t) = tx {
+        t.validate().map_err(|e| format!("tx_rate_limiter: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let bad = || format!("invalid MAC address {s:?} (expected aa:bb:cc:dd:ee:ff)");
@@ -71,52 +129,12 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// `aa:bb:cc:dd:ee:ff`, lower case.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-impl NetworkInterfaceConfig {
-    /// Checks what can be checked without the host: the MAC, the tap
-    /// name's length and the limiters.
-    pub fn validate(&self) -> Result<Option<[u8; 6]>, String> {
-        if self.iface_id.is_empty() {
-            return Err("iface_id must not be empty".into());
-        }
-        if self.host_dev_name.is_empty() || self.host_dev_name.len() >= libc::IFNAMSIZ {
-            return Err(format!(
-                "host_dev_name {:?} must be 1 to {} bytes",
-                self.host_dev_name,
-                libc::IFNAMSIZ - 1
-            ));
-        }
-        let mac = self.guest_mac.as_deref().map(parse_mac).transpose()?;
-        if let Some(m) = &mac {
-            if m[0] & 1 != 0 {
-                return Err(format!(
-                    "guest_mac {} is a multicast address",
-                    format_mac(m)
-                ));
-            }
-        }
-        validate_limiters(&self.rx_rate_limiter, &self.tx_rate_limiter)?;
-        Ok(mac)
-    }
-}
-
-pub fn validate_limiters(
-    rx: &Option<RateLimiterConfig>,
-    tx: &Option<RateLimiterConfig>,
-) -> Result<(), String> {
-    if let Some(r) = rx {
-        r.validate().map_err(|e| format!("rx_rate_limiter: {e}"))?;
-    }
-    if let Some(t) = tx {
-        t.validate().map_err(|e| format!("tx_rate_limiter: {e}"))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -142,12 +160,8 @@ mod tests {
     #[test]
     fn validate() {
         let mut c = NetworkInterfaceConfig {
-            iface_id: "eth0".into(),
-            host_dev_name: "tap0".into(),
             guest_mac: Some("06:00:ac:10:00:02".into()),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-            terminate_connections_on_pause: false,
+            ..NetworkInterfaceConfig::tap("eth0", "tap0")
         };
         assert_eq!(c.validate(), Ok(Some([6, 0, 0xac, 0x10, 0, 2])));
         c.guest_mac = Some("01:00:5e:00:00:01".into());
@@ -155,5 +169,9 @@ mod tests {
         c.guest_mac = None;
         c.host_dev_name = "a-very-long-tap-name".into();
         assert!(c.validate().unwrap_err().contains("host_dev_name"));
+        c.host_dev_name = "fifteen-bytes-x".into();
+        assert_eq!(c.validate(), Ok(None));
+        c.iface_id.clear();
+        assert!(c.validate().unwrap_err().contains("iface_id"));
     }
 }

@@ -1,4 +1,9 @@
+//! `PUT /snapshot/create` (Firecracker's `SnapshotCreateParams`) and
+//! `PUT /snapshot/load` (`SnapshotLoadParams`, plus Ember's overrides).
+
 use serde::{Deserialize, Serialize};
+
+use crate::drive::FillFrom;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum SnapshotType {
@@ -8,7 +13,7 @@ pub enum SnapshotType {
     Diff,
 }
 
-/// `PUT /snapshot/create`.
+/// `PUT /snapshot/create`; the VM must be paused.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshotParams {
@@ -26,10 +31,12 @@ pub enum MemBackendType {
     Uffd,
 }
 
+/// Where a restored guest's memory comes from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MemBackend {
     pub backend_type: MemBackendType,
+    /// The memory file (`File`) or the handler's unix socket (`Uffd`).
     pub backend_path: String,
 }
 
@@ -49,7 +56,7 @@ pub struct DriveOverride {
 #[serde(deny_unknown_fields)]
 pub struct FillOverride {
     pub drive_id: String,
-    pub fill_from: crate::vmm_config::drive::FillFrom,
+    pub fill_from: FillFrom,
 }
 
 /// A vhost-user drive's backend socket, changed at load time.
@@ -60,6 +67,8 @@ pub struct VhostUserOverride {
     pub socket: String,
 }
 
+/// The vsock device's host socket, changed at load time (Firecracker's
+/// `vsock_override`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VsockOverride {
@@ -75,7 +84,7 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
-/// `PUT /snapshot/load`.
+/// `PUT /snapshot/load`; only before any other configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LoadSnapshotParams {
@@ -107,6 +116,24 @@ pub struct LoadSnapshotParams {
 }
 
 impl LoadSnapshotParams {
+    /// Loads `snapshot_path` with its memory from `backend`, paused, with
+    /// nothing overridden.
+    pub fn new(snapshot_path: impl Into<String>, backend: MemBackend) -> Self {
+        LoadSnapshotParams {
+            snapshot_path: snapshot_path.into(),
+            mem_backend: Some(backend),
+            mem_file_path: None,
+            resume_vm: false,
+            enable_diff_snapshots: false,
+            vsock_override: None,
+            drive_overrides: Vec::new(),
+            network_overrides: Vec::new(),
+            vhost_user_overrides: Vec::new(),
+            fill_overrides: Vec::new(),
+            serial_out_path: None,
+        }
+    }
+
     /// The memory backend, from `mem_backend` or the older `mem_file_path`.
     pub fn backend(&self) -> Result<MemBackend, String> {
         match (&self.mem_backend, &self.mem_file_path) {
