@@ -457,8 +457,9 @@ impl Instance {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
+        // From the spawner thread: PDEATHSIG follows the forking thread.
+        let mut child = super::spawner::spawn(cmd)
+            .await
             .map_err(|e| InstanceError::Spawn(format!("{e}")))?;
         drop(netns_fd);
         let pid = child.id();

@@ -1,6 +1,7 @@
 //! MicroVMs as hostd runs them: one instance, driven through the VMM's
 //! typed API client (`ember-vmm-api`).
 pub mod instance;
+pub mod spawner;
 
 /// The VMM's API client (also hostd's HTTP over other local sockets).
 pub use ember_vmm_api::client as api_client;
