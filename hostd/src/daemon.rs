@@ -264,8 +264,16 @@ impl Daemon {
             .runtime
             .ok_or_else(|| ApiError::invalid("Runtime is required"))?;
         let handler = input.handler.unwrap_or_default();
-        if RuntimeKind::parse(&runtime) == Some(RuntimeKind::Python3) && handler.is_empty() {
-            return Err(ApiError::invalid("Handler is required for python runtimes"));
+        if handler.is_empty() {
+            match RuntimeKind::parse(&runtime) {
+                Some(RuntimeKind::Python3) => {
+                    return Err(ApiError::invalid("Handler is required for python runtimes"))
+                }
+                Some(RuntimeKind::Nodejs) => {
+                    return Err(ApiError::invalid("Handler is required for Node.js runtimes"))
+                }
+                _ => {}
+            }
         }
         let mut spec = FunctionSpec {
             runtime,
@@ -602,6 +610,25 @@ impl Daemon {
                     "/usr/bin/python3".to_string(),
                     "-m".to_string(),
                     "awslambdaric".to_string(),
+                    spec.handler.clone(),
+                ]
+            }
+            RuntimeKind::Nodejs => {
+                env.insert(
+                    "AWS_EXECUTION_ENV".into(),
+                    format!("AWS_Lambda_{}", spec.runtime),
+                );
+                // Where Lambda's Node.js looks for modules: layers, then
+                // the runtime's own, then the function's.
+                env.insert(
+                    "NODE_PATH".into(),
+                    "/opt/nodejs/node18/node_modules:/opt/nodejs/node_modules:\
+                     /var/runtime/node_modules:/var/runtime:/var/task"
+                        .into(),
+                );
+                vec![
+                    "/usr/bin/node".to_string(),
+                    "/usr/lib/ember/ric.js".to_string(),
                     spec.handler.clone(),
                 ]
             }
