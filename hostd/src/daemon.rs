@@ -270,7 +270,9 @@ impl Daemon {
                     return Err(ApiError::invalid("Handler is required for python runtimes"))
                 }
                 Some(RuntimeKind::Nodejs) => {
-                    return Err(ApiError::invalid("Handler is required for Node.js runtimes"))
+                    return Err(ApiError::invalid(
+                        "Handler is required for Node.js runtimes",
+                    ))
                 }
                 _ => {}
             }
@@ -839,6 +841,14 @@ impl Daemon {
                     .await
                     .map_err(|e| fail("InternalError", format!("mounting /tmp: {e}")))?;
             }
+            // A fresh guest's kernel has no entropy of its own (no RDRAND
+            // in nested guests, no virtio-rng): without the host's, a
+            // runtime whose start reads getrandom() (node seeds OpenSSL)
+            // waits for the kernel's jitter entropy, half a minute here.
+            inst.with_agent(|a| a.refresh())
+                .await
+                .map_err(|e| fail("InternalError", e.to_string()))?
+                .map_err(|e| fail("InternalError", format!("seeding the guest: {e}")))?;
             let ready = inst
                 .with_agent(move |a| a.start_runtime(&spec))
                 .await
