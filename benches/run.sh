@@ -18,9 +18,10 @@ export EMBER_CACHE_DIR="${EMBER_CACHE_DIR:-/var/cache/ember}"
 EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"
 EMBER_ROOTFS_PYTHON3="$(bash rootfs/build.sh python3)"
+EMBER_ROOTFS_NODEJS="$(bash rootfs/build.sh nodejs)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
 EMBER_ROOTFS_BENCH="$(bash rootfs/build.sh bench)"
-export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_BENCH
+export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_NODEJS EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_BENCH
 # The host's end of the network benchmark, protoc for etcd-client, and
 # etcd for the cluster benchmark.
 bash tests/ensure-packages.sh iperf3:iperf3 protoc:protobuf-compiler etcd:etcd-server

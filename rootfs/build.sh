@@ -3,12 +3,14 @@
 # the statically linked `ember-agent`, plus Debian's busybox-static (/bin/sh,
 # cat, dd, ...) so tests can run commands in the guest through Exec.
 #
-# Usage: rootfs/build.sh [base|provided|python3|bench] [--print-key] [--force]
+# Usage: rootfs/build.sh [base|provided|python3|nodejs|bench] [--print-key] [--force]
 #   base      (default) the agent and busybox only
 #   provided  + Debian's bash, curl and ca-certificates: Lambda's custom
 #             runtime (`bootstrap` in bash + curl against the Runtime API)
 #   python3   + Debian's python3 (3.11), precompiled, and awslambdaric from
 #             PyPI (rootfs/python3-requirements.txt): python3 -m awslambdaric
+#   nodejs    + Debian's nodejs (18), and Ember's own runtime interface
+#             client (rootfs/nodejs/ric.js, /usr/lib/ember/ric.js)
 #   bench     + Debian's iperf3 (and its libraries), for benches/benches/net.rs
 #   stdout: the image path (only line), progress and errors on stderr.
 #   --print-key  print the cache key and exit
@@ -48,17 +50,17 @@ FORCE=0
 VARIANT=""
 for arg in "$@"; do
     case $arg in
-    base | provided | python3 | bench)
+    base | provided | python3 | nodejs | bench)
         [[ -z $VARIANT ]] || die "more than one variant: $VARIANT, $arg"
         VARIANT=$arg
         ;;
     --print-key) PRINT_KEY=1 ;;
     --force) FORCE=1 ;;
     -h | --help)
-        sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
         exit 0
         ;;
-    *) die "unknown argument: $arg (variants: base, provided, python3, bench)" ;;
+    *) die "unknown argument: $arg (variants: base, provided, python3, nodejs, bench)" ;;
     esac
 done
 VARIANT=${VARIANT:-base}
@@ -109,6 +111,7 @@ ensure_packages() {
 # marks them installed so that they and their own dependencies stay out.
 DEB_ROOTS_provided=(bash curl ca-certificates netbase)
 DEB_ROOTS_python3=(python3 libstdc++6 ca-certificates netbase)
+DEB_ROOTS_nodejs=(nodejs ca-certificates netbase)
 DEB_ROOTS_bench=(iperf3)
 DEB_ASSUMED=(base-files debconf debianutils dpkg init-system-helpers install-info mawk perl-base sensible-utils tar)
 # iperf3's maintainer scripts add a system user; adduser would bring PAM.
@@ -354,6 +357,8 @@ stage_debs() {
         rm -rf usr/lib/python3.11/idlelib usr/lib/python3.11/tkinter usr/lib/python3.11/turtledemo \
             usr/lib/python3.11/lib2to3/tests usr/lib/python3.11/ctypes/test \
             usr/lib/python3.11/unittest/test usr/lib/python3.11/sqlite3/test
+        # Node.js: TypeScript declarations and tracing probes, for tools.
+        rm -rf usr/share/nodejs/@types usr/share/systemtap
     )
 }
 
@@ -439,6 +444,13 @@ stage_python() {
     log "python: $py .py files, $pyc .pyc files"
 }
 
+# nodejs: Ember's runtime interface client (plain CommonJS, Node's own
+# modules only), where Lambda's images keep theirs out of /var/task.
+stage_nodejs() {
+    install -d -m 0755 "$STAGING/usr/lib/ember"
+    install -m 0644 "$SCRIPT_DIR/nodejs/ric.js" "$STAGING/usr/lib/ember/ric.js"
+}
+
 # Every ELF executable and shared library in the tree must find all its
 # libraries inside the tree (checked with the tree's own dynamic linker).
 check_libraries() {
@@ -472,6 +484,17 @@ import sys, ssl, json, sqlite3, ctypes, zoneinfo, awslambdaric, awslambdaric.boo
 print("python", sys.version.split()[0], "awslambdaric", awslambdaric.__version__, ssl.OPENSSL_VERSION)
 assert ssl.create_default_context().cert_store_stats()["x509_ca"] > 100, "no CA certificates"') ||
             die "python3/awslambdaric do not work in the staging tree"
+        ;;
+    nodejs)
+        # Loading the client as a module defines it without starting it.
+        out=$(chroot "$STAGING" /usr/bin/node -e '
+const ric = require("/usr/lib/ember/ric.js");
+if (typeof ric.run !== "function") throw new Error("ric.js exports no run()");
+const v = process.versions;
+console.log("node", v.node, "openssl", v.openssl, "icu", v.icu,
+    "CA certificates", require("tls").rootCertificates.length);
+if (typeof fetch !== "function") throw new Error("no fetch (undici)");') ||
+            die "node/ric.js do not work in the staging tree"
         ;;
     esac
     log "smoke test: $(tr '\n' ';' <<<"$out")"
@@ -527,6 +550,7 @@ if [[ $VARIANT == bench ]]; then
 elif [[ $VARIANT != base ]]; then
     stage_runtime_etc
     if [[ $VARIANT == python3 ]]; then stage_python; fi
+    if [[ $VARIANT == nodejs ]]; then stage_nodejs; fi
 fi
 if [[ $VARIANT != base ]]; then
     check_libraries

@@ -22,9 +22,10 @@ EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"
 EMBER_ROOTFS_PYTHON3="$(bash rootfs/build.sh python3)"
-export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_PYTHON3
+EMBER_ROOTFS_NODEJS="$(bash rootfs/build.sh nodejs)"
+export EMBER_KERNEL EMBER_ROOTFS EMBER_ROOTFS_PROVIDED EMBER_ROOTFS_PYTHON3 EMBER_ROOTFS_NODEJS
 echo "kernel: $EMBER_KERNEL" >&2
-echo "rootfs: $EMBER_ROOTFS, $EMBER_ROOTFS_PROVIDED, $EMBER_ROOTFS_PYTHON3" >&2
+echo "rootfs: $EMBER_ROOTFS, $EMBER_ROOTFS_PROVIDED, $EMBER_ROOTFS_PYTHON3, $EMBER_ROOTFS_NODEJS" >&2
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -264,8 +264,18 @@ impl Daemon {
             .runtime
             .ok_or_else(|| ApiError::invalid("Runtime is required"))?;
         let handler = input.handler.unwrap_or_default();
-        if RuntimeKind::parse(&runtime) == Some(RuntimeKind::Python3) && handler.is_empty() {
-            return Err(ApiError::invalid("Handler is required for python runtimes"));
+        if handler.is_empty() {
+            match RuntimeKind::parse(&runtime) {
+                Some(RuntimeKind::Python3) => {
+                    return Err(ApiError::invalid("Handler is required for python runtimes"))
+                }
+                Some(RuntimeKind::Nodejs) => {
+                    return Err(ApiError::invalid(
+                        "Handler is required for Node.js runtimes",
+                    ))
+                }
+                _ => {}
+            }
         }
         let mut spec = FunctionSpec {
             runtime,
@@ -605,6 +615,25 @@ impl Daemon {
                     spec.handler.clone(),
                 ]
             }
+            RuntimeKind::Nodejs => {
+                env.insert(
+                    "AWS_EXECUTION_ENV".into(),
+                    format!("AWS_Lambda_{}", spec.runtime),
+                );
+                // Where Lambda's Node.js looks for modules: layers, then
+                // the runtime's own, then the function's.
+                env.insert(
+                    "NODE_PATH".into(),
+                    "/opt/nodejs/node18/node_modules:/opt/nodejs/node_modules:\
+                     /var/runtime/node_modules:/var/runtime:/var/task"
+                        .into(),
+                );
+                vec![
+                    "/usr/bin/node".to_string(),
+                    "/usr/lib/ember/ric.js".to_string(),
+                    spec.handler.clone(),
+                ]
+            }
         };
         RuntimeSpec {
             argv,
@@ -812,6 +841,14 @@ impl Daemon {
                     .await
                     .map_err(|e| fail("InternalError", format!("mounting /tmp: {e}")))?;
             }
+            // A fresh guest's kernel has no entropy of its own (no RDRAND
+            // in nested guests, no virtio-rng): without the host's, a
+            // runtime whose start reads getrandom() (node seeds OpenSSL)
+            // waits for the kernel's jitter entropy, half a minute here.
+            inst.with_agent(|a| a.refresh())
+                .await
+                .map_err(|e| fail("InternalError", e.to_string()))?
+                .map_err(|e| fail("InternalError", format!("seeding the guest: {e}")))?;
             let ready = inst
                 .with_agent(move |a| a.start_runtime(&spec))
                 .await

@@ -235,6 +235,8 @@ mod tests {
             Some(RuntimeKind::Provided)
         );
         assert_eq!(RuntimeKind::parse("python3."), None);
+        assert_eq!(RuntimeKind::parse("nodejs18.x"), Some(RuntimeKind::Nodejs));
+        // Only the Node.js the root filesystem has (Debian's 18).
         assert_eq!(RuntimeKind::parse("nodejs20.x"), None);
     }
 

@@ -36,16 +36,21 @@ pub enum RuntimeKind {
     Provided,
     /// Debian's python3 with the AWS Lambda Python runtime interface client.
     Python3,
+    /// Debian's Node.js 18 with Ember's runtime interface client
+    /// (rootfs/nodejs/ric.js).
+    Nodejs,
 }
 
 impl RuntimeKind {
     /// Parses Lambda's runtime identifiers: `provided`, `provided.al2`,
     /// `provided.al2023`; `python3` and `python3.N` (served by the one
-    /// Python the root filesystem has).
+    /// Python the root filesystem has); `nodejs18.x` only, the one Node.js
+    /// the root filesystem has (Debian bookworm's 18.20).
     pub fn parse(s: &str) -> Option<RuntimeKind> {
         match s {
             "provided" | "provided.al2" | "provided.al2023" => Some(RuntimeKind::Provided),
             "python3" => Some(RuntimeKind::Python3),
+            "nodejs18.x" => Some(RuntimeKind::Nodejs),
             s => s
                 .strip_prefix("python3.")
                 .filter(|minor| !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit()))
@@ -57,6 +62,7 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Provided => "provided",
             RuntimeKind::Python3 => "python3",
+            RuntimeKind::Nodejs => "nodejs",
         }
     }
 }
@@ -110,7 +116,7 @@ pub fn validate_settings(
 ) -> Result<(), Invalid> {
     let kind = RuntimeKind::parse(runtime).ok_or_else(|| {
         Invalid(format!(
-            "unsupported runtime {:?}: use provided, provided.al2, provided.al2023, python3 or python3.N",
+            "unsupported runtime {:?}: use provided, provided.al2, provided.al2023, python3, python3.N or nodejs18.x",
             runtime
         ))
     })?;
@@ -129,16 +135,27 @@ pub fn validate_settings(
     if handler.len() > 128 || handler.chars().any(|c| c.is_whitespace()) {
         return Err(Invalid(format!("invalid handler {:?}", handler)));
     }
-    if kind == RuntimeKind::Python3 {
-        let valid = handler
-            .rsplit_once('.')
-            .is_some_and(|(m, f)| !m.is_empty() && !f.is_empty());
-        if !valid {
-            return Err(Invalid(format!(
-                "handler {:?} is not module.function, as the python runtime needs",
-                handler
-            )));
+    // python: `module.function`; Node.js: `[dir/]file.function` (the file
+    // name ends at its first dot).
+    let (valid, form) = match kind {
+        RuntimeKind::Provided => (true, ""),
+        RuntimeKind::Python3 => (
+            handler
+                .rsplit_once('.')
+                .is_some_and(|(m, f)| !m.is_empty() && !f.is_empty()),
+            "module.function, as the python runtime needs",
+        ),
+        RuntimeKind::Nodejs => {
+            let file = handler.rsplit_once('/').map_or(handler, |(_, f)| f);
+            (
+                file.split_once('.')
+                    .is_some_and(|(m, f)| !m.is_empty() && !f.is_empty()),
+                "file.function, as the Node.js runtime needs",
+            )
         }
+    };
+    if !valid {
+        return Err(Invalid(format!("handler {handler:?} is not {form}")));
     }
     let mut env_size = 0;
     for (k, v) in environment {
@@ -240,5 +257,40 @@ mod function_ref_tests {
         let r = FunctionRef::parse("arn:aws:lambda:us-east-1:444455556666:function:f").unwrap();
         assert!(!r.is_of("111122223333"));
         assert!(FunctionRef::parse("f").unwrap().is_of("111122223333"));
+    }
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    use super::*;
+
+    #[test]
+    fn nodejs_is_named_for_the_node_it_runs() {
+        assert_eq!(RuntimeKind::parse("nodejs18.x"), Some(RuntimeKind::Nodejs));
+        for other in ["nodejs", "nodejs20.x", "nodejs16.x", "nodejs18", "node18.x"] {
+            assert_eq!(RuntimeKind::parse(other), None, "{other}");
+        }
+        let err =
+            validate_settings("nodejs20.x", "index.handler", 128, 3, &BTreeMap::new()).unwrap_err();
+        assert!(err.0.contains("nodejs18.x"), "{err}");
+    }
+
+    #[test]
+    fn nodejs_handlers_are_file_dot_function() {
+        let check = |h| validate_settings("nodejs18.x", h, 128, 3, &BTreeMap::new());
+        for ok in ["index.handler", "src/app.handler", "lib.v2/app.fn.nested"] {
+            assert!(check(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "index",
+            ".handler",
+            "index.",
+            "src.d/app",
+            "src/.handler",
+        ] {
+            let err = check(bad).unwrap_err();
+            assert!(err.0.contains("file.function"), "{bad}: {err}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The guest kernel and root filesystem, built (or found in the cache) by
 //! `kernels/build.sh` and `rootfs/build.sh`. `EMBER_KERNEL` and
-//! `EMBER_ROOTFS` (and `EMBER_ROOTFS_PROVIDED`, `EMBER_ROOTFS_PYTHON3`) point
+//! `EMBER_ROOTFS` (and `EMBER_ROOTFS_PROVIDED`, `EMBER_ROOTFS_PYTHON3`,
+//! `EMBER_ROOTFS_NODEJS`) point
 //! at prebuilt ones instead.
 
 use std::path::{Path, PathBuf};
@@ -58,20 +59,23 @@ pub fn rootfs_path() -> PathBuf {
 }
 
 /// The root filesystem of a Lambda runtime, `runtime` = "provided" (bash,
-/// curl) or "python3" (python3 and awslambdaric), or of the benchmarks'
-/// "bench" variant (iperf3), built by `rootfs/build.sh <runtime>` or named
-/// by `EMBER_ROOTFS_<RUNTIME>` (`EMBER_ROOTFS_PROVIDED`,
-/// `EMBER_ROOTFS_PYTHON3`, `EMBER_ROOTFS_BENCH`).
+/// curl), "python3" (python3 and awslambdaric) or "nodejs" (node and
+/// Ember's runtime client), or of the benchmarks' "bench" variant (iperf3),
+/// built by `rootfs/build.sh <runtime>` or named by `EMBER_ROOTFS_<RUNTIME>`
+/// (`EMBER_ROOTFS_PROVIDED`, `EMBER_ROOTFS_PYTHON3`, `EMBER_ROOTFS_NODEJS`,
+/// `EMBER_ROOTFS_BENCH`).
 pub fn runtime_rootfs_path(runtime: &str) -> PathBuf {
     static PROVIDED: OnceLock<PathBuf> = OnceLock::new();
     static PYTHON3: OnceLock<PathBuf> = OnceLock::new();
+    static NODEJS: OnceLock<PathBuf> = OnceLock::new();
     static BENCH: OnceLock<PathBuf> = OnceLock::new();
     let cell = match runtime {
         "provided" => &PROVIDED,
         "python3" => &PYTHON3,
+        "nodejs" => &NODEJS,
         "bench" => &BENCH,
         other => {
-            panic!("unknown runtime {other:?}: expected \"provided\", \"python3\" or \"bench\"")
+            panic!("unknown runtime {other:?}: expected \"provided\", \"python3\", \"nodejs\" or \"bench\"")
         }
     };
     let var = format!("EMBER_ROOTFS_{}", runtime.to_uppercase());

@@ -175,6 +175,13 @@ impl Emberd {
             .arg("--vmm-bin")
             .arg(workspace_bin("ember-vmm"))
             .args(&self.extra);
+        // Node.js only when asked for (the test that uses it passes it) or
+        // built already: building its image is not every test's business.
+        if !self.extra.iter().any(|a| a == "--rootfs-nodejs") {
+            if let Some(p) = std::env::var_os("EMBER_ROOTFS_NODEJS") {
+                cmd.arg("--rootfs-nodejs").arg(p);
+            }
+        }
         if nix_is_root() {
             cmd.arg("--jailer-bin").arg(workspace_bin("ember-jailer"));
         } else {

@@ -25,10 +25,10 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct SpecArgs {
-    /// provided, provided.al2023, python3, python3.11, ...
+    /// provided, provided.al2023, python3, python3.11, nodejs18.x, ...
     #[arg(long)]
     runtime: Option<String>,
-    /// module.function for python; anything for provided.
+    /// module.function for python, file.function for Node.js; anything for provided.
     #[arg(long)]
     handler: Option<String>,
     /// MiB (128 to 10240).

@@ -42,6 +42,9 @@ struct Args {
     /// Root filesystem of the `python3` runtime (rootfs/build.sh python3).
     #[arg(long, env = "EMBER_ROOTFS_PYTHON3")]
     rootfs_python3: Option<PathBuf>,
+    /// Root filesystem of the `nodejs18.x` runtime (rootfs/build.sh nodejs).
+    #[arg(long, env = "EMBER_ROOTFS_NODEJS")]
+    rootfs_nodejs: Option<PathBuf>,
     /// The VMM binary (default: `ember-vmm` beside this program).
     #[arg(long, env = "EMBER_VMM_BIN")]
     vmm_bin: Option<PathBuf>,
@@ -281,6 +284,7 @@ async fn run(mut args: Args) {
     args.kernel = absolute(args.kernel);
     args.rootfs_provided = args.rootfs_provided.map(absolute);
     args.rootfs_python3 = args.rootfs_python3.map(absolute);
+    args.rootfs_nodejs = args.rootfs_nodejs.map(absolute);
     let mut rootfs = BTreeMap::new();
     if let Some(p) = args.rootfs_provided {
         rootfs.insert(RuntimeKind::Provided, p);
@@ -288,8 +292,11 @@ async fn run(mut args: Args) {
     if let Some(p) = args.rootfs_python3 {
         rootfs.insert(RuntimeKind::Python3, p);
     }
+    if let Some(p) = args.rootfs_nodejs {
+        rootfs.insert(RuntimeKind::Nodejs, p);
+    }
     if rootfs.is_empty() {
-        fail("no runtime root filesystem given (--rootfs-provided, --rootfs-python3)".into());
+        fail("no runtime root filesystem given (--rootfs-provided, --rootfs-python3, --rootfs-nodejs)".into());
     }
     for (what, p) in rootfs
         .values()
