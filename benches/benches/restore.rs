@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 use ember_agent::client::AgentClient;
 use ember_agent::AGENT_PORT;
 use ember_benches::{own_anonymous, percentile, rss_split};
-use ember_tests::snapshots::{boot_and_snapshot, pause, snapshot_paused};
-use ember_tests::VmmProcess;
-use serde_json::json;
+use ember_tests::snapshots::{boot_and_snapshot, load_resumed, pause, snapshot_paused};
 
 const RESTORES: usize = 20;
 const MEM_MIB: u32 = 128;
@@ -38,18 +36,9 @@ struct Sample {
 }
 
 fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
-    let vmm = VmmProcess::spawn(&[]);
-    let uds = vmm.path("vsock.sock");
     let t = Instant::now();
-    let r = vmm.put(
-        "/snapshot/load",
-        &json!({"snapshot_path": snapshot,
-                "mem_backend": {"backend_type": "File", "backend_path": mem},
-                "vsock_override": {"uds_path": uds},
-                "resume_vm": true}),
-    );
-    let load = t.elapsed();
-    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let (vmm, load) = load_resumed(snapshot, mem);
+    let uds = vmm.path("vsock.sock");
     let mut retries = 0;
     loop {
         let answered = AgentClient::connect(&uds, AGENT_PORT, ATTEMPT).and_then(|mut a| a.health());
@@ -114,16 +103,7 @@ fn main() {
     let g = boot_and_snapshot(1, MEM_MIB);
     // boot_and_snapshot's VM is gone; restore it once more to take the two
     // snapshots this bench compares.
-    let vmm = VmmProcess::spawn(&[]);
-    let uds = vmm.path("vsock.sock");
-    let r = vmm.put(
-        "/snapshot/load",
-        &json!({"snapshot_path": g.snapshot,
-                "mem_backend": {"backend_type": "File", "backend_path": g.mem},
-                "vsock_override": {"uds_path": uds},
-                "resume_vm": true}),
-    );
-    assert_eq!(r.status, 204, "{r:?}");
+    let (vmm, _) = load_resumed(&g.snapshot, &g.mem);
     let mut agent = ember_tests::snapshots::connect_restored(&vmm);
     agent.health().expect("health");
     pause(&vmm);

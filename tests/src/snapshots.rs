@@ -1,7 +1,7 @@
 //! The one booted guest of a test or benchmark run, snapshotted after its
 //! agent came up, and clones restored from it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ember_agent::client::{bind_ready_listener, AgentClient};
@@ -101,28 +101,37 @@ pub fn snapshot_paused(
 /// agent, and refreshes the clone's entropy and clock. Also returns the
 /// time from the load request to the agent's first answer.
 pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
-    let vmm = VmmProcess::spawn(&[]);
-    let uds = vmm.path("vsock.sock");
     let t = Instant::now();
-    let mut load = LoadSnapshotParams::new(
-        path_str(&g.snapshot),
-        MemBackend {
-            backend_type: MemBackendType::File,
-            backend_path: path_str(&g.mem),
-        },
-    );
-    load.vsock_override = Some(VsockOverride {
-        uds_path: path_str(&uds),
-    });
-    load.resume_vm = true;
-    let r = vmm.put("/snapshot/load", &load);
-    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    let (vmm, _) = load_resumed(&g.snapshot, &g.mem);
     let mut agent = connect_restored(&vmm);
     let latency = t.elapsed();
     agent
         .refresh()
         .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
     (vmm, agent, latency)
+}
+
+/// A fresh VMM that has loaded `snapshot` with `mem` (File backend) and
+/// resumed it, its vsock on a socket of its own (`vsock.sock` in its
+/// directory). Also returns how long the load request took.
+pub fn load_resumed(snapshot: &Path, mem: &Path) -> (VmmProcess, Duration) {
+    let vmm = VmmProcess::spawn(&[]);
+    let mut load = LoadSnapshotParams::new(
+        path_str(snapshot),
+        MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: path_str(mem),
+        },
+    );
+    load.vsock_override = Some(VsockOverride {
+        uds_path: path_str(&vmm.path("vsock.sock")),
+    });
+    load.resume_vm = true;
+    let t = Instant::now();
+    let r = vmm.put("/snapshot/load", &load);
+    let took = t.elapsed();
+    assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
+    (vmm, took)
 }
 
 /// An agent connection to a just-restored guest that survives the vsock

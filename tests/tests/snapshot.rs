@@ -438,16 +438,8 @@ fn a_clone_answers_its_first_connection_without_a_retry() {
     // One connection, made as soon as the load returns, and no retry: a
     // restore must neither hold it back nor let the guest refuse it.
     for _ in 0..3 {
-        let vmm = VmmProcess::spawn(&[]);
+        let (vmm, _) = snapshots::load_resumed(&g.snapshot, &g.mem);
         let uds = vmm.path("vsock.sock");
-        let r = vmm.put(
-            "/snapshot/load",
-            &json!({"snapshot_path": g.snapshot,
-                    "mem_backend": {"backend_type": "File", "backend_path": g.mem},
-                    "vsock_override": {"uds_path": uds},
-                    "resume_vm": true}),
-        );
-        assert_eq!(r.status, 204, "{r:?}");
         let mut agent = AgentClient::connect(&uds, AGENT_PORT, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("first connection: {e}; {}", vmm.logs()));
         agent
