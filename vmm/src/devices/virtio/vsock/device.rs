@@ -10,7 +10,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::muxer::{HostConnections, Muxer};
+use super::muxer::Muxer;
 use super::packet::{self, HDR_LEN, VSOCK_EVENT_TRANSPORT_RESET};
 use super::{VsockError, EVT_QUEUE, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::queue::{drain, kick_on_next_add, notify, pop, pop_or_enable};
@@ -24,7 +24,8 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     common: VirtioCommon,
-    muxer: Muxer,
+    /// Also saved and restored by `persist.rs`.
+    pub(super) muxer: Muxer,
     tx_payload: Vec<u8>,
     /// Set after a transport reset: the event queue's avail index then, and
     /// when. Nothing goes to the guest's RX queue until the guest has
@@ -77,18 +78,6 @@ impl Vsock {
 
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
-    }
-
-    pub(super) fn saved_connections(&self) -> HostConnections {
-        self.muxer.saved_connections()
-    }
-
-    pub(super) fn restore_connections(&mut self, saved: &HostConnections) -> bool {
-        self.muxer.restore_connections(saved)
-    }
-
-    pub(super) fn skip_unknown_ports(&mut self) {
-        self.muxer.skip_unknown_ports();
     }
 
     /// Number of live guest<->host connections.

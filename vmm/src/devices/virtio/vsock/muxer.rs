@@ -106,28 +106,30 @@ impl Muxer {
     /// After a restore, ends every connection the guest may still hold
     /// with its own RST (the host ends died with the old VMM), queued
     /// before anything else for the guest, and allocates new local ports
-    /// after the saved ones. Returns false, changing nothing, when there
-    /// are more than a live muxer could have had.
-    pub fn restore_connections(&mut self, saved: &HostConnections) -> bool {
-        if saved.ports.len() > MAX_CONNECTIONS + MAX_PENDING_RST {
-            return false;
+    /// after the saved ones. Returns false when that cannot be done: the
+    /// state does not list the connections (an older snapshot) or lists
+    /// more than a live muxer could have had. Then only a transport reset
+    /// ends them, and ports are handed out from a point unlikely to have
+    /// been used: the guest keeps a closed connection's socket for a
+    /// while, and a new REQUEST from the same host port would meet it and
+    /// be refused.
+    pub fn restore_connections(&mut self, saved: Option<&HostConnections>) -> bool {
+        match saved {
+            Some(saved) if saved.ports.len() <= MAX_CONNECTIONS + MAX_PENDING_RST => {
+                self.next_local_port = saved.next_local_port.max(FIRST_LOCAL_PORT);
+                for &(local_port, peer_port) in &saved.ports {
+                    self.rst_q.push_back(self.rst_header(local_port, peer_port));
+                }
+                true
+            }
+            _ => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                self.next_local_port = FIRST_LOCAL_PORT + nanos % (1 << 29);
+                false
+            }
         }
-        self.next_local_port = saved.next_local_port.max(FIRST_LOCAL_PORT);
-        for &(local_port, peer_port) in &saved.ports {
-            self.rst_q.push_back(self.rst_header(local_port, peer_port));
-        }
-        true
-    }
-
-    /// After a restore from a state that does not say which host ports the
-    /// guest has seen: hand out ports from a point unlikely to have been
-    /// used. The guest keeps a closed connection's socket for a while, and
-    /// a new REQUEST from the same host port would meet it and be refused.
-    pub fn skip_unknown_ports(&mut self) {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        self.next_local_port = FIRST_LOCAL_PORT + nanos % (1 << 29);
     }
 
     /// Something is waiting for a guest RX buffer.

@@ -29,7 +29,7 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid(),
             uds_path: self.uds_path().to_path_buf(),
-            host_connections: Some(self.saved_connections()),
+            host_connections: Some(self.muxer.saved_connections()),
             common: self.common().state(),
         }
     }
@@ -46,13 +46,9 @@ impl Vsock {
         let path = uds_path_override.map_or_else(|| state.uds_path.clone(), PathBuf::from);
         let mut vsock = Vsock::with_uds_path(cid, path)?;
         vsock.common_mut().restore(&state.common)?;
-        vsock.reset_after_restore = !state
-            .host_connections
-            .as_ref()
-            .is_some_and(|saved| vsock.restore_connections(saved));
-        if vsock.reset_after_restore {
-            vsock.skip_unknown_ports();
-        }
+        vsock.reset_after_restore = !vsock
+            .muxer
+            .restore_connections(state.host_connections.as_ref());
         Ok(vsock)
     }
 }
