@@ -12,9 +12,10 @@
 //! `health`; only a connection that gets no answer within 1 s is retried.
 //! With `EMBER_BENCH_BASELINE_VMM=<path>` (e.g. an older ember-vmm build),
 //! each case is also restored by that binary, alternating, and the table
-//! gives the ratio. Prints a table; asserts nothing.
+//! gives the ratio. `EMBER_BENCH_VSOCK_LOG=1` prints each restore's vsock
+//! log lines (the transport reset's trace). Prints a table; asserts nothing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_agent::client::AgentClient;
 use ember_agent::AGENT_PORT;
@@ -36,8 +37,7 @@ struct Sample {
 }
 
 fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
-    let t = Instant::now();
-    let (vmm, load) = load_resumed(snapshot, mem);
+    let (vmm, timing) = load_resumed(snapshot, mem);
     let uds = vmm.path("vsock.sock");
     let mut retries = 0;
     loop {
@@ -47,11 +47,12 @@ fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
         }
         retries += 1;
         assert!(
-            t.elapsed() < Duration::from_secs(60),
+            timing.sent.elapsed() < Duration::from_secs(60),
             "no answer: {answered:?}"
         );
     }
-    let answer = t.elapsed() - load;
+    let load = timing.took;
+    let answer = timing.sent.elapsed() - load;
     if std::env::var_os("EMBER_BENCH_VSOCK_LOG").is_some() {
         for l in vmm.logs().lines().filter(|l| l.contains("vsock")) {
             eprintln!("  vmm: {l}");
@@ -80,17 +81,16 @@ fn row(case: &str, samples: &[Sample], ours: Option<&[Sample]>) -> String {
         v.sort_unstable();
         v[v.len() / 2] as f64 / 1024.0
     };
-    let p50 = |s: &[Sample]| percentile(&s.iter().map(|s| s.answer).collect::<Vec<_>>(), 50.0);
+    let answer_p50 = percentile(&answer, 50.0);
     let ratio = ours.map_or("1".to_string(), |o| {
-        format!(
-            "{:.2}",
-            p50(samples).as_secs_f64() / p50(o).as_secs_f64().max(1e-9)
-        )
+        let theirs: Vec<_> = o.iter().map(|s| s.answer).collect();
+        let base = percentile(&theirs, 50.0).as_secs_f64().max(1e-9);
+        format!("{:.2}", answer_p50.as_secs_f64() / base)
     });
     format!(
         "| {case} | {} | {} | {} | {} | {} | {retries} | {:.1} | {:.2} | {ratio} |",
         ms(percentile(&load, 50.0)),
-        ms(percentile(&answer, 50.0)),
+        ms(answer_p50),
         ms(percentile(&answer, 99.0)),
         ms(answer.iter().min().copied().unwrap_or_default()),
         ms(answer.iter().max().copied().unwrap_or_default()),

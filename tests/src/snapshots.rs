@@ -101,10 +101,9 @@ pub fn snapshot_paused(
 /// agent, and refreshes the clone's entropy and clock. Also returns the
 /// time from the load request to the agent's first answer.
 pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
-    let t = Instant::now();
-    let (vmm, _) = load_resumed(&g.snapshot, &g.mem);
+    let (vmm, load) = load_resumed(&g.snapshot, &g.mem);
     let mut agent = connect_restored(&vmm);
-    let latency = t.elapsed();
+    let latency = load.sent.elapsed();
     agent
         .refresh()
         .unwrap_or_else(|e| panic!("refresh after restore: {e}; {}", vmm.logs()));
@@ -113,8 +112,9 @@ pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
 
 /// A fresh VMM that has loaded `snapshot` with `mem` (File backend) and
 /// resumed it, its vsock on a socket of its own (`vsock.sock` in its
-/// directory). Also returns how long the load request took.
-pub fn load_resumed(snapshot: &Path, mem: &Path) -> (VmmProcess, Duration) {
+/// directory). Also returns when the load request went out (after the
+/// VMM's start-up) and how long it took.
+pub fn load_resumed(snapshot: &Path, mem: &Path) -> (VmmProcess, LoadTiming) {
     let vmm = VmmProcess::spawn(&[]);
     let mut load = LoadSnapshotParams::new(
         path_str(snapshot),
@@ -127,11 +127,17 @@ pub fn load_resumed(snapshot: &Path, mem: &Path) -> (VmmProcess, Duration) {
         uds_path: path_str(&vmm.path("vsock.sock")),
     });
     load.resume_vm = true;
-    let t = Instant::now();
+    let sent = Instant::now();
     let r = vmm.put("/snapshot/load", &load);
-    let took = t.elapsed();
+    let took = sent.elapsed();
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
-    (vmm, took)
+    (vmm, LoadTiming { sent, took })
+}
+
+/// When a `PUT /snapshot/load` went out, and how long it took.
+pub struct LoadTiming {
+    pub sent: Instant,
+    pub took: Duration,
 }
 
 /// An agent connection to a just-restored guest that survives the vsock
