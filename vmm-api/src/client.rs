@@ -279,36 +279,6 @@ impl VmmClient {
         }
     }
 
-    /// `GET /`.
-    pub async fn instance_info(&self) -> Result<InstanceInfo, ApiError> {
-        self.get("/").await
-    }
-
-    /// `GET /machine-config`.
-    pub async fn machine_config(&self) -> Result<MachineConfig, ApiError> {
-        self.get("/machine-config").await
-    }
-
-    /// `GET /vm/config`.
-    pub async fn vm_config(&self) -> Result<VmResources, ApiError> {
-        self.get("/vm/config").await
-    }
-
-    /// `PUT /boot-source`.
-    pub async fn put_boot_source(&self, boot: &BootSourceConfig) -> Result<(), ApiError> {
-        self.put("/boot-source", boot).await
-    }
-
-    /// `PUT /machine-config`.
-    pub async fn put_machine_config(&self, config: &MachineConfig) -> Result<(), ApiError> {
-        self.put("/machine-config", config).await
-    }
-
-    /// `PATCH /machine-config`.
-    pub async fn patch_machine_config(&self, update: &MachineConfigUpdate) -> Result<(), ApiError> {
-        self.patch("/machine-config", update).await
-    }
-
     /// `PUT /drives/{drive_id}`.
     pub async fn put_drive(&self, drive: &BlockDeviceConfig) -> Result<(), ApiError> {
         self.put(&format!("/drives/{}", drive.drive_id), drive)
@@ -344,16 +314,6 @@ impl VmmClient {
             .await
     }
 
-    /// `PUT /vsock`.
-    pub async fn put_vsock(&self, vsock: &VsockConfig) -> Result<(), ApiError> {
-        self.put("/vsock", vsock).await
-    }
-
-    /// `PUT /metrics`.
-    pub async fn put_metrics(&self, metrics: &MetricsConfig) -> Result<(), ApiError> {
-        self.put("/metrics", metrics).await
-    }
-
     /// `PUT /actions`.
     pub async fn action(&self, action: ActionType) -> Result<(), ApiError> {
         self.put("/actions", &InstanceActionInfo::new(action)).await
@@ -379,43 +339,67 @@ impl VmmClient {
         self.set_vm_state(VmState::Resumed).await
     }
 
-    /// `PUT /snapshot/create` (the VM must be paused).
-    pub async fn create_snapshot(&self, params: &CreateSnapshotParams) -> Result<(), ApiError> {
-        self.put("/snapshot/create", params).await
-    }
-
-    /// `PUT /snapshot/load` (a VMM not configured yet).
-    pub async fn load_snapshot(&self, params: &LoadSnapshotParams) -> Result<(), ApiError> {
-        self.put("/snapshot/load", params).await
-    }
-
-    /// `PUT /migrate/send`: starts a live migration of this VM; follow it
-    /// with [`VmmClient::migration_status`].
-    pub async fn migrate(&self, params: &SendMigrationParams) -> Result<(), ApiError> {
-        self.put("/migrate/send", params).await
-    }
-
-    /// `PUT /migrate/receive` (a VMM not configured yet).
-    pub async fn receive_migration(&self, params: &ReceiveMigrationParams) -> Result<(), ApiError> {
-        self.put("/migrate/receive", params).await
-    }
-
-    /// `PUT /migrate/switch-over`: a manual switch-over may go on.
-    pub async fn switch_over(&self, params: &SwitchOverParams) -> Result<(), ApiError> {
-        self.put("/migrate/switch-over", params).await
-    }
-
     /// `PUT /migrate/cancel` (refused once the switch-over has begun).
     pub async fn cancel_migration(&self) -> Result<(), ApiError> {
         self.request::<()>("PUT", "/migrate/cancel", None)
             .await
             .map(drop)
     }
+}
 
-    /// `GET /migrate`.
-    pub async fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
-        self.get("/migrate").await
-    }
+/// A method per route at a fixed path that answers a shape.
+macro_rules! get_routes {
+    ($($path:literal => $name:ident() -> $out:ty;)*) => {
+        impl VmmClient {
+            $(
+                #[doc = concat!("`GET ", $path, "`.")]
+                pub async fn $name(&self) -> Result<$out, ApiError> {
+                    self.get($path).await
+                }
+            )*
+        }
+    };
+}
+
+get_routes! {
+    "/" => instance_info() -> InstanceInfo;
+    "/machine-config" => machine_config() -> MachineConfig;
+    "/vm/config" => vm_config() -> VmResources;
+    "/migrate" => migration_status() -> MigrationStatus;
+}
+
+/// A method per route at a fixed path that takes a shape.
+macro_rules! send_routes {
+    ($($(#[doc = $note:literal])* $verb:ident $path:literal => $name:ident($arg:ident: &$body:ty);)*) => {
+        impl VmmClient {
+            $(
+                #[doc = concat!("`", stringify!($verb), " ", $path, "`.")]
+                $(#[doc = $note])*
+                pub async fn $name(&self, $arg: &$body) -> Result<(), ApiError> {
+                    self.request(stringify!($verb), $path, Some($arg)).await.map(drop)
+                }
+            )*
+        }
+    };
+}
+
+send_routes! {
+    PUT "/boot-source" => put_boot_source(boot: &BootSourceConfig);
+    PUT "/machine-config" => put_machine_config(config: &MachineConfig);
+    PATCH "/machine-config" => patch_machine_config(update: &MachineConfigUpdate);
+    PUT "/vsock" => put_vsock(vsock: &VsockConfig);
+    PUT "/metrics" => put_metrics(metrics: &MetricsConfig);
+    /// The VM must be paused.
+    PUT "/snapshot/create" => create_snapshot(params: &CreateSnapshotParams);
+    /// Only in a VMM not configured yet.
+    PUT "/snapshot/load" => load_snapshot(params: &LoadSnapshotParams);
+    /// Starts a live migration of this VM; follow it with
+    /// [`VmmClient::migration_status`].
+    PUT "/migrate/send" => migrate(params: &SendMigrationParams);
+    /// Only in a VMM not configured yet.
+    PUT "/migrate/receive" => receive_migration(params: &ReceiveMigrationParams);
+    /// A manual switch-over may go on.
+    PUT "/migrate/switch-over" => switch_over(params: &SwitchOverParams);
 }
 
 #[cfg(test)]
