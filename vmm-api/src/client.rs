@@ -112,18 +112,64 @@ pub async fn raw_request(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Result<RawResponse, ApiError> {
-    request_within(REQUEST_TIMEOUT, sock, method, uri, headers, body).await
+    request_within(sock, method, uri, headers, body, REQUEST_TIMEOUT).await
 }
 
 async fn request_within(
-    timeout: Duration,
     sock: &Path,
     method: &str,
     uri: &str,
     headers: &[(&str, &str)],
     body: Vec<u8>,
+    timeout: Duration,
 ) -> Result<RawResponse, ApiError> {
-    tokio::time::timeout(timeout, request_unbounded(sock, method, uri, headers, body))
+    let http_err = |err: String| ApiError::Http {
+        method: method.to_string(),
+        uri: uri.to_string(),
+        err,
+    };
+    let exchange = async {
+        let stream = UnixStream::connect(sock)
+            .await
+            .map_err(|err| ApiError::Connect {
+                path: sock.display().to_string(),
+                err,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("Host", "localhost")
+            .header("Content-Type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| http_err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| http_err(format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| {
             Err(ApiError::Timeout {
@@ -132,59 +178,6 @@ async fn request_within(
                 timeout,
             })
         })
-}
-
-async fn request_unbounded(
-    sock: &Path,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Result<RawResponse, ApiError> {
-    let http_err = |err: String| ApiError::Http {
-        method: method.to_string(),
-        uri: uri.to_string(),
-        err,
-    };
-    let stream = UnixStream::connect(sock)
-        .await
-        .map_err(|err| ApiError::Connect {
-            path: sock.display().to_string(),
-            err,
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| http_err(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("Host", "localhost")
-        .header("Content-Type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| http_err(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| http_err(e.to_string()))?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-        .collect()
-        .await
-        .map_err(|e| http_err(format!("reading the answer: {e}")))?
-        .to_bytes();
-    Ok(RawResponse {
-        status,
-        headers,
-        body,
-    })
 }
 
 /// The client of one VMM's API socket.
@@ -230,7 +223,7 @@ impl VmmClient {
             })?,
             None => Vec::new(),
         };
-        let resp = request_within(self.timeout, &self.socket, method, uri, &[], payload).await?;
+        let resp = request_within(&self.socket, method, uri, &[], payload, self.timeout).await?;
         if (200..300).contains(&resp.status) {
             Ok(resp.body)
         } else {

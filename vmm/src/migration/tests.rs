@@ -148,37 +148,38 @@ enum Tamper {
     Cut(usize),
 }
 
-/// Migrates a 32 MiB fake guest whose writer keeps dirtying `dirty_per_ms`
-/// pages per millisecond; `tamper` may damage the stream in between.
-fn migrate(
+/// How a test migration goes, besides its parameters.
+#[derive(Default)]
+struct Setup {
+    /// Pages the source's writer dirties per millisecond.
     dirty_per_ms: u64,
-    params: SendMigrationParams,
-    fail_capture: bool,
+    /// The destination cannot load the VM.
     refuse_load: bool,
+    /// Damage done to the stream on its way.
     tamper: Option<Tamper>,
+    /// A manual switch-over's go-ahead, given once the source waits.
     go_ahead: Option<Vec<DriveOverride>>,
-) -> Run {
-    migrate_tweaked(
+    /// Applied to the source before it starts.
+    source: Option<fn(&mut PlainSource)>,
+}
+
+fn dirtying(dirty_per_ms: u64) -> Setup {
+    Setup {
         dirty_per_ms,
-        params,
-        fail_capture,
+        ..Setup::default()
+    }
+}
+
+/// Migrates a 32 MiB fake guest whose writer keeps dirtying pages as
+/// `setup` says.
+fn migrate(params: SendMigrationParams, setup: Setup) -> Run {
+    let Setup {
+        dirty_per_ms,
         refuse_load,
         tamper,
         go_ahead,
-        |_| {},
-    )
-}
-
-/// [`migrate`], with `tweak` applied to the source first.
-fn migrate_tweaked(
-    dirty_per_ms: u64,
-    params: SendMigrationParams,
-    fail_capture: bool,
-    refuse_load: bool,
-    tamper: Option<Tamper>,
-    go_ahead: Option<Vec<DriveOverride>>,
-    tweak: fn(&mut PlainSource),
-) -> Run {
+        source: tweak,
+    } = setup;
     let src_mem = guest(32);
     let guest_checks = (params.mode == MigrationMode::PostCopy).then(|| src_mem.clone());
     let guest_thread: GuestThread = Arc::default();
@@ -270,11 +271,12 @@ fn migrate_tweaked(
     }
     let mut sv = PlainSource {
         paused,
-        fail_capture,
         ..PlainSource::new(src_mem.clone())
     };
     let (resumed, handed_over) = (sv.resumed.clone(), sv.handed_over.clone());
-    tweak(&mut sv);
+    if let Some(tweak) = tweak {
+        tweak(&mut sv);
+    }
     let stream = Endpoint::Unix(connect_to)
         .connect(Duration::from_secs(5))
         .unwrap();
@@ -308,7 +310,7 @@ fn params(downtime_ms: u64, max_rounds: u32) -> SendMigrationParams {
 
 #[test]
 fn memory_arrives_identical_while_the_guest_writes() {
-    let r = migrate(20, params(50, 10), false, false, None, None);
+    let r = migrate(params(50, 10), dirtying(20));
     let s = r.source_in(Phase::Completed);
     assert!(s.rounds >= 1 && s.rounds <= 10, "{s:?}");
     assert!(s.downtime_ms.is_some());
@@ -323,7 +325,7 @@ fn memory_arrives_identical_while_the_guest_writes() {
 
 #[test]
 fn an_idle_guest_goes_in_one_round_without_its_zero_pages() {
-    let r = migrate(0, params(50, 10), false, false, None, None);
+    let r = migrate(params(50, 10), dirtying(0));
     let s = r.source_in(Phase::Completed);
     assert_eq!((s.rounds, s.final_pages), (1, 0), "{s:?}");
     // Half of the 32 MiB is zero and stays home.
@@ -336,7 +338,7 @@ fn an_idle_guest_goes_in_one_round_without_its_zero_pages() {
 
 #[test]
 fn a_dirty_rate_that_never_converges_stops_at_the_round_limit() {
-    let r = migrate(400, params(1, 3), false, false, None, None);
+    let r = migrate(params(1, 3), dirtying(400));
     let s = r.source_in(Phase::Completed);
     assert_eq!(s.rounds, 3, "{s:?}");
     assert!(s.final_pages > 0, "{s:?}");
@@ -345,7 +347,13 @@ fn a_dirty_rate_that_never_converges_stops_at_the_round_limit() {
 
 #[test]
 fn a_refused_load_resumes_the_source() {
-    let r = migrate(5, params(50, 5), false, true, None, None);
+    let r = migrate(
+        params(50, 5),
+        Setup {
+            refuse_load: true,
+            ..dirtying(5)
+        },
+    );
     r.source_kept_the_vm("no tap here", 1);
     r.target_in(Phase::Failed);
     assert!(r.log.lock().unwrap().discarded);
@@ -353,7 +361,13 @@ fn a_refused_load_resumes_the_source() {
 
 #[test]
 fn a_failed_capture_leaves_the_source_running() {
-    let r = migrate(5, params(50, 5), true, false, None, None);
+    let r = migrate(
+        params(50, 5),
+        Setup {
+            source: Some(|s| s.fail_capture = true),
+            ..dirtying(5)
+        },
+    );
     // The capture failed before any pause: nothing to resume.
     r.source_kept_the_vm("capture failed on purpose", 0);
     assert!(r.log.lock().unwrap().discarded);
@@ -363,12 +377,11 @@ fn a_failed_capture_leaves_the_source_running() {
 fn a_corrupt_stream_is_refused_and_the_source_resumes() {
     // A byte deep inside the first round's page data.
     let r = migrate(
-        5,
         params(50, 5),
-        false,
-        false,
-        Some(Tamper::Flip(3 * MIB)),
-        None,
+        Setup {
+            tamper: Some(Tamper::Flip(3 * MIB)),
+            ..dirtying(5)
+        },
     );
     let t = r.target_in(Phase::Failed);
     assert!(t.error.as_deref().unwrap().contains("checksum"), "{t:?}");
@@ -443,7 +456,13 @@ fn a_manual_switch_over_waits_for_its_go_ahead_and_passes_overrides_on() {
         drive_id: "data".into(),
         path_on_host: "nbd://h:10809/vol@2".into(),
     }];
-    let r = migrate(5, p, false, false, None, Some(o.clone()));
+    let r = migrate(
+        p,
+        Setup {
+            go_ahead: Some(o.clone()),
+            ..dirtying(5)
+        },
+    );
     r.source_in(Phase::Completed);
     let log = r.log.lock().unwrap();
     assert_eq!(log.overrides, o);
@@ -457,7 +476,7 @@ fn a_manual_switch_over_that_never_comes_resumes_the_source() {
     let mut p = params(50, 5);
     p.switch_over = SwitchOver::Manual;
     p.switch_over_timeout_ms = 300;
-    let r = migrate(5, p, false, false, None, None);
+    let r = migrate(p, dirtying(5));
     r.source_kept_the_vm("switch-over", 1);
     let log = r.log.lock().unwrap();
     assert!(log.loaded.is_none() && log.discarded);
@@ -507,7 +526,7 @@ fn check_postcopy_memory(r: &Run) {
 
 #[test]
 fn postcopy_resumes_at_once_and_pages_come_on_fault_and_by_push() {
-    let r = migrate(20, postcopy(None), false, false, None, None);
+    let r = migrate(postcopy(None), dirtying(20));
     let s = r.source_in(Phase::Completed);
     assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 0), "{s:?}");
     assert!(r.handed_over.load(Ordering::SeqCst));
@@ -537,7 +556,7 @@ fn postcopy_resumes_at_once_and_pages_come_on_fault_and_by_push() {
 #[test]
 fn postcopy_after_rounds_sends_only_what_the_rounds_left_dirty() {
     // Slow enough that the two rounds leave part of memory dirty.
-    let r = migrate(5, postcopy(Some(2)), false, false, None, None);
+    let r = migrate(postcopy(Some(2)), dirtying(5));
     let s = r.source_in(Phase::Completed);
     assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 2), "{s:?}");
     let after = s.postcopy_pages_on_demand + s.postcopy_pages_pushed;
@@ -550,7 +569,7 @@ fn postcopy_after_rounds_sends_only_what_the_rounds_left_dirty() {
 fn a_postcopy_request_that_converges_in_its_rounds_ends_as_precopy() {
     let mut p = postcopy(Some(3));
     p.downtime_ms = 50;
-    let r = migrate(0, p, false, false, None, None);
+    let r = migrate(p, dirtying(0));
     let s = r.source_in(Phase::Completed);
     assert_eq!((s.mode, s.rounds), (MigrationMode::PreCopy, 1), "{s:?}");
     let t = r.target.status();
@@ -566,12 +585,11 @@ fn a_postcopy_request_that_converges_in_its_rounds_ends_as_precopy() {
 fn a_source_lost_in_postcopy_stops_the_destination_and_never_resumes() {
     // 4 MiB into the stream: well after the state, mid-push.
     let r = migrate(
-        5,
         postcopy(None),
-        false,
-        false,
-        Some(Tamper::Cut(4 * MIB)),
-        None,
+        Setup {
+            tamper: Some(Tamper::Cut(4 * MIB)),
+            ..dirtying(5)
+        },
     );
     let t = r.target_in(Phase::Failed);
     let e = t.error.as_deref().unwrap();
@@ -619,9 +637,13 @@ fn postcopy_parameters_are_checked() {
 
 #[test]
 fn a_device_write_after_the_postcopy_pause_keeps_the_vm_on_the_source() {
-    let r = migrate_tweaked(0, postcopy(None), false, false, None, None, |s| {
-        s.device_writes_after_pause = true
-    });
+    let r = migrate(
+        postcopy(None),
+        Setup {
+            source: Some(|s| s.device_writes_after_pause = true),
+            ..dirtying(0)
+        },
+    );
     // Before the switch-over: the source runs the VM on.
     r.source_kept_the_vm("devices wrote 1 pages", 1);
     r.target_in(Phase::Failed);
