@@ -112,18 +112,64 @@ pub async fn raw_request(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Result<RawResponse, ApiError> {
-    request_within(REQUEST_TIMEOUT, sock, method, uri, headers, body).await
+    request_within(sock, method, uri, headers, body, REQUEST_TIMEOUT).await
 }
 
 async fn request_within(
-    timeout: Duration,
     sock: &Path,
     method: &str,
     uri: &str,
     headers: &[(&str, &str)],
     body: Vec<u8>,
+    timeout: Duration,
 ) -> Result<RawResponse, ApiError> {
-    tokio::time::timeout(timeout, request_unbounded(sock, method, uri, headers, body))
+    let http_err = |err: String| ApiError::Http {
+        method: method.to_string(),
+        uri: uri.to_string(),
+        err,
+    };
+    let exchange = async {
+        let stream = UnixStream::connect(sock)
+            .await
+            .map_err(|err| ApiError::Connect {
+                path: sock.display().to_string(),
+                err,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("Host", "localhost")
+            .header("Content-Type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| http_err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| http_err(format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| {
             Err(ApiError::Timeout {
@@ -132,59 +178,6 @@ async fn request_within(
                 timeout,
             })
         })
-}
-
-async fn request_unbounded(
-    sock: &Path,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Result<RawResponse, ApiError> {
-    let http_err = |err: String| ApiError::Http {
-        method: method.to_string(),
-        uri: uri.to_string(),
-        err,
-    };
-    let stream = UnixStream::connect(sock)
-        .await
-        .map_err(|err| ApiError::Connect {
-            path: sock.display().to_string(),
-            err,
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| http_err(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("Host", "localhost")
-        .header("Content-Type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| http_err(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| http_err(e.to_string()))?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-        .collect()
-        .await
-        .map_err(|e| http_err(format!("reading the answer: {e}")))?
-        .to_bytes();
-    Ok(RawResponse {
-        status,
-        headers,
-        body,
-    })
 }
 
 /// The client of one VMM's API socket.
@@ -230,7 +223,7 @@ impl VmmClient {
             })?,
             None => Vec::new(),
         };
-        let resp = request_within(self.timeout, &self.socket, method, uri, &[], payload).await?;
+        let resp = request_within(&self.socket, method, uri, &[], payload, self.timeout).await?;
         if (200..300).contains(&resp.status) {
             Ok(resp.body)
         } else {
@@ -279,36 +272,6 @@ impl VmmClient {
         }
     }
 
-    /// `GET /`.
-    pub async fn instance_info(&self) -> Result<InstanceInfo, ApiError> {
-        self.get("/").await
-    }
-
-    /// `GET /machine-config`.
-    pub async fn machine_config(&self) -> Result<MachineConfig, ApiError> {
-        self.get("/machine-config").await
-    }
-
-    /// `GET /vm/config`.
-    pub async fn vm_config(&self) -> Result<VmResources, ApiError> {
-        self.get("/vm/config").await
-    }
-
-    /// `PUT /boot-source`.
-    pub async fn put_boot_source(&self, boot: &BootSourceConfig) -> Result<(), ApiError> {
-        self.put("/boot-source", boot).await
-    }
-
-    /// `PUT /machine-config`.
-    pub async fn put_machine_config(&self, config: &MachineConfig) -> Result<(), ApiError> {
-        self.put("/machine-config", config).await
-    }
-
-    /// `PATCH /machine-config`.
-    pub async fn patch_machine_config(&self, update: &MachineConfigUpdate) -> Result<(), ApiError> {
-        self.patch("/machine-config", update).await
-    }
-
     /// `PUT /drives/{drive_id}`.
     pub async fn put_drive(&self, drive: &BlockDeviceConfig) -> Result<(), ApiError> {
         self.put(&format!("/drives/{}", drive.drive_id), drive)
@@ -344,16 +307,6 @@ impl VmmClient {
             .await
     }
 
-    /// `PUT /vsock`.
-    pub async fn put_vsock(&self, vsock: &VsockConfig) -> Result<(), ApiError> {
-        self.put("/vsock", vsock).await
-    }
-
-    /// `PUT /metrics`.
-    pub async fn put_metrics(&self, metrics: &MetricsConfig) -> Result<(), ApiError> {
-        self.put("/metrics", metrics).await
-    }
-
     /// `PUT /actions`.
     pub async fn action(&self, action: ActionType) -> Result<(), ApiError> {
         self.put("/actions", &InstanceActionInfo::new(action)).await
@@ -379,43 +332,67 @@ impl VmmClient {
         self.set_vm_state(VmState::Resumed).await
     }
 
-    /// `PUT /snapshot/create` (the VM must be paused).
-    pub async fn create_snapshot(&self, params: &CreateSnapshotParams) -> Result<(), ApiError> {
-        self.put("/snapshot/create", params).await
-    }
-
-    /// `PUT /snapshot/load` (a VMM not configured yet).
-    pub async fn load_snapshot(&self, params: &LoadSnapshotParams) -> Result<(), ApiError> {
-        self.put("/snapshot/load", params).await
-    }
-
-    /// `PUT /migrate/send`: starts a live migration of this VM; follow it
-    /// with [`VmmClient::migration_status`].
-    pub async fn migrate(&self, params: &SendMigrationParams) -> Result<(), ApiError> {
-        self.put("/migrate/send", params).await
-    }
-
-    /// `PUT /migrate/receive` (a VMM not configured yet).
-    pub async fn receive_migration(&self, params: &ReceiveMigrationParams) -> Result<(), ApiError> {
-        self.put("/migrate/receive", params).await
-    }
-
-    /// `PUT /migrate/switch-over`: a manual switch-over may go on.
-    pub async fn switch_over(&self, params: &SwitchOverParams) -> Result<(), ApiError> {
-        self.put("/migrate/switch-over", params).await
-    }
-
     /// `PUT /migrate/cancel` (refused once the switch-over has begun).
     pub async fn cancel_migration(&self) -> Result<(), ApiError> {
         self.request::<()>("PUT", "/migrate/cancel", None)
             .await
             .map(drop)
     }
+}
 
-    /// `GET /migrate`.
-    pub async fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
-        self.get("/migrate").await
-    }
+/// A method per route at a fixed path that answers a shape.
+macro_rules! get_routes {
+    ($($path:literal => $name:ident() -> $out:ty;)*) => {
+        impl VmmClient {
+            $(
+                #[doc = concat!("`GET ", $path, "`.")]
+                pub async fn $name(&self) -> Result<$out, ApiError> {
+                    self.get($path).await
+                }
+            )*
+        }
+    };
+}
+
+get_routes! {
+    "/" => instance_info() -> InstanceInfo;
+    "/machine-config" => machine_config() -> MachineConfig;
+    "/vm/config" => vm_config() -> VmResources;
+    "/migrate" => migration_status() -> MigrationStatus;
+}
+
+/// A method per route at a fixed path that takes a shape.
+macro_rules! send_routes {
+    ($($(#[doc = $note:literal])* $verb:ident $path:literal => $name:ident($arg:ident: &$body:ty);)*) => {
+        impl VmmClient {
+            $(
+                #[doc = concat!("`", stringify!($verb), " ", $path, "`.")]
+                $(#[doc = $note])*
+                pub async fn $name(&self, $arg: &$body) -> Result<(), ApiError> {
+                    self.request(stringify!($verb), $path, Some($arg)).await.map(drop)
+                }
+            )*
+        }
+    };
+}
+
+send_routes! {
+    PUT "/boot-source" => put_boot_source(boot: &BootSourceConfig);
+    PUT "/machine-config" => put_machine_config(config: &MachineConfig);
+    PATCH "/machine-config" => patch_machine_config(update: &MachineConfigUpdate);
+    PUT "/vsock" => put_vsock(vsock: &VsockConfig);
+    PUT "/metrics" => put_metrics(metrics: &MetricsConfig);
+    /// The VM must be paused.
+    PUT "/snapshot/create" => create_snapshot(params: &CreateSnapshotParams);
+    /// Only in a VMM not configured yet.
+    PUT "/snapshot/load" => load_snapshot(params: &LoadSnapshotParams);
+    /// Starts a live migration of this VM; follow it with
+    /// [`VmmClient::migration_status`].
+    PUT "/migrate/send" => migrate(params: &SendMigrationParams);
+    /// Only in a VMM not configured yet.
+    PUT "/migrate/receive" => receive_migration(params: &ReceiveMigrationParams);
+    /// A manual switch-over may go on.
+    PUT "/migrate/switch-over" => switch_over(params: &SwitchOverParams);
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use crate::devices::virtio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 use crate::snapshot::{self, MicrovmState};
 use crate::vmm::{VmState, Vmm};
 use crate::vmm_config::snapshot::MemBackendType;
-use crate::vmm_config::{LoadSnapshotParams, VmResources};
+use crate::vmm_config::{BlockDeviceConfig, LoadSnapshotParams, VmResources};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{Vcpu, VmExitNotifier};
 use crate::vstate::{memory, vm::Vm};
@@ -469,6 +469,16 @@ fn check_vcpu_states(state: &MicrovmState) -> Result<(), RestoreError> {
     Ok(())
 }
 
+/// An override (in `list`) must name a `what` the snapshot has.
+fn snapshot_has(found: bool, list: &str, what: &str, id: &str) -> Result<(), RestoreError> {
+    if found {
+        return Ok(());
+    }
+    Err(RestoreError::Invalid(format!(
+        "{list}: the snapshot has no {what} {id:?}"
+    )))
+}
+
 /// Builds a microVM from saved `state` and guest memory `mem` already
 /// holding the guest's pages (mapped from a snapshot's memory file, served
 /// by userfaultfd, or received in a migration), with the overrides of
@@ -532,40 +542,38 @@ pub fn restore_from_state(
         if let Err(e) = crate::vmm_config::drive::validate_fill_from(&o.fill_from, &o.drive_id) {
             return Err(RestoreError::Invalid(format!("fill_overrides: {e}")));
         }
-        if !resources
-            .drives
-            .iter()
-            .any(|d| d.drive_id == o.drive_id && d.socket.is_none() && d.nbd_uri.is_none())
-        {
-            return Err(RestoreError::Invalid(format!(
-                "fill_overrides: the snapshot has no file drive {:?}",
-                o.drive_id
-            )));
-        }
+        let file = |d: &BlockDeviceConfig| d.socket.is_none() && d.nbd_uri.is_none();
+        snapshot_has(
+            resources
+                .drives
+                .iter()
+                .any(|d| d.drive_id == o.drive_id && file(d)),
+            "fill_overrides",
+            "file drive",
+            &o.drive_id,
+        )?;
     }
     for o in &params.vhost_user_overrides {
-        if !resources
-            .drives
-            .iter()
-            .any(|d| d.drive_id == o.drive_id && d.socket.is_some())
-        {
-            return Err(RestoreError::Invalid(format!(
-                "vhost_user_overrides: the snapshot has no vhost-user drive {:?}",
-                o.drive_id
-            )));
-        }
+        snapshot_has(
+            resources
+                .drives
+                .iter()
+                .any(|d| d.drive_id == o.drive_id && d.socket.is_some()),
+            "vhost_user_overrides",
+            "vhost-user drive",
+            &o.drive_id,
+        )?;
     }
     for o in &params.network_overrides {
-        if !resources
-            .network_interfaces
-            .iter()
-            .any(|n| n.iface_id == o.iface_id)
-        {
-            return Err(RestoreError::Invalid(format!(
-                "network_overrides: the snapshot has no network interface {:?}",
-                o.iface_id
-            )));
-        }
+        snapshot_has(
+            resources
+                .network_interfaces
+                .iter()
+                .any(|n| n.iface_id == o.iface_id),
+            "network_overrides",
+            "network interface",
+            &o.iface_id,
+        )?;
     }
     for (index, slot) in state.devices.virtio.iter().enumerate() {
         let (handle, transport) = restore_virtio(&mem, index, slot, &overrides)

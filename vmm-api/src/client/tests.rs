@@ -396,7 +396,7 @@ async fn an_endless_answer_is_cut_off() {
         })
     })
     .await;
-    let e = request_within(Duration::from_secs(60), &sock, "GET", "/", &[], vec![])
+    let e = request_within(&sock, "GET", "/", &[], vec![], Duration::from_secs(60))
         .await
         .unwrap_err();
     assert!(e.to_string().contains("reading the answer"), "{e}");

@@ -38,18 +38,59 @@ use crate::vstate::memory::GuestMemoryMmap;
 /// What a VM's side of a migration failed at, and why (Cloud
 /// Hypervisor's `MigratableError` is the model): the migration loops tell
 /// a failed step from a lost stream, and say which step.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum MigratableError {
     #[error("dirty-page tracking: {0}")]
-    DirtyLog(String),
+    DirtyLog(#[source] VmStepError),
     #[error("pausing and saving the VM: {0}")]
-    Capture(String),
+    Capture(#[source] VmStepError),
     #[error("resuming the VM: {0}")]
-    Resume(String),
+    Resume(#[source] VmStepError),
     #[error("guest memory: {0}")]
-    Memory(String),
+    Memory(#[source] VmStepError),
     #[error("loading the VM: {0}")]
-    Load(String),
+    Load(#[source] VmStepError),
+}
+
+/// Why one step of [`SourceVm`] or [`TargetVm`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmStepError {
+    #[error("the microVM is gone")]
+    NoVm,
+    /// The step never ran: the VMM thread is gone (the event loop's own
+    /// error is text).
+    #[error("{0}")]
+    VmmThread(String),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::vmm::SnapshotError),
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    #[error(transparent)]
+    Format(#[from] crate::snapshot::format::FormatError),
+    #[error("reading guest memory at {gpa:#x}: {source}")]
+    ReadMemory {
+        gpa: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("writing guest memory at {gpa:#x}: {source}")]
+    WriteMemory {
+        gpa: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("the state's memory layout {state:?} differs from the stream's {stream:?}")]
+    LayoutMismatch {
+        state: GuestMemoryState,
+        stream: Option<GuestMemoryState>,
+    },
+    /// A step of the VMM that reports its failure as text: turning the
+    /// dirty log on, encoding the state, building the VM.
+    #[error("{0}")]
+    Vmm(String),
+    /// A failure a test asked for ([`plain`]).
+    #[error("{0}")]
+    Injected(&'static str),
 }
 
 /// The source's side, as the migration thread sees it.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{FinalCopy, MigratableError, PostCopyPause, SourceVm, TargetVm};
+use super::{FinalCopy, MigratableError, PostCopyPause, SourceVm, TargetVm, VmStepError};
 use crate::snapshot::memory::{describe, take_dirty_pages, GuestMemoryState};
 use crate::vmm_config::snapshot::DriveOverride;
 use crate::vstate::memory::{create_anonymous_regions, GuestMemoryMmap};
@@ -45,6 +45,12 @@ impl PlainSource {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    /// The "state" is the memory layout: the target checks it.
+    fn state(&self) -> Result<Vec<u8>, MigratableError> {
+        crate::snapshot::format::encode(&describe(&self.mem))
+            .map_err(|e| MigratableError::Capture(VmStepError::Vmm(e)))
+    }
+
     /// The dirty bitmap since the last look, with `pending` added.
     fn dirty_with(&self, pending: &[Vec<u64>]) -> Vec<Vec<u64>> {
         let mut dirty = take_dirty_pages(&self.mem, &[]);
@@ -66,22 +72,26 @@ impl SourceVm for PlainSource {
     }
     fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, MigratableError> {
         if self.fail_capture {
-            return Err(MigratableError::Capture("capture failed on purpose".into()));
+            return Err(MigratableError::Capture(VmStepError::Injected(
+                "capture failed on purpose",
+            )));
         }
         self.pause();
         let pages = super::vmm_side::copy_pages(&self.mem, &self.dirty_with(&pending))
             .map_err(MigratableError::Capture)?;
-        // The "state" is the memory layout: the target checks it.
-        let state = crate::snapshot::format::encode(&describe(&self.mem))
-            .map_err(|e| MigratableError::Capture(e.to_string()))?;
-        Ok(FinalCopy { pages, state })
+        Ok(FinalCopy {
+            pages,
+            state: self.state()?,
+        })
     }
     fn pause_for_postcopy(
         &mut self,
         pending: Option<Vec<Vec<u64>>>,
     ) -> Result<PostCopyPause, MigratableError> {
         if self.fail_capture {
-            return Err(MigratableError::Capture("capture failed on purpose".into()));
+            return Err(MigratableError::Capture(VmStepError::Injected(
+                "capture failed on purpose",
+            )));
         }
         self.pause();
         let needed = match pending {
@@ -92,11 +102,17 @@ impl SourceVm for PlainSource {
         if self.device_writes_after_pause {
             self.mem
                 .write_obj(0xdead_u64, GuestAddress(0x5000))
-                .map_err(|e| MigratableError::Capture(e.to_string()))?;
+                .map_err(|source| {
+                    MigratableError::Capture(VmStepError::WriteMemory {
+                        gpa: 0x5000,
+                        source,
+                    })
+                })?;
         }
-        let state = crate::snapshot::format::encode(&describe(&self.mem))
-            .map_err(|e| MigratableError::Capture(e.to_string()))?;
-        Ok(PostCopyPause { needed, state })
+        Ok(PostCopyPause {
+            needed,
+            state: self.state()?,
+        })
     }
     fn written_since_pause(&mut self) -> u64 {
         crate::snapshot::memory::count_written(&self.mem)
@@ -157,18 +173,20 @@ impl TargetVm for PlainTarget {
             .iter()
             .map(|r| (GuestAddress(r.base_address), r.size as usize))
             .collect();
-        create_anonymous_regions(&r).map_err(|e| MigratableError::Memory(e.to_string()))
+        create_anonymous_regions(&r).map_err(|e| MigratableError::Memory(e.into()))
     }
     fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), MigratableError> {
         let layout: GuestMemoryState = crate::snapshot::format::decode(state, "stream")
-            .map_err(|e| MigratableError::Load(e.to_string()))?;
-        if layout != describe(&memory) {
-            return Err(MigratableError::Load(format!(
-                "layout {layout:?} differs from the memory's"
-            )));
+            .map_err(|e| MigratableError::Load(e.into()))?;
+        let memory_layout = describe(&memory);
+        if layout != memory_layout {
+            return Err(MigratableError::Load(VmStepError::LayoutMismatch {
+                state: layout,
+                stream: Some(memory_layout),
+            }));
         }
         if self.refuse_load {
-            return Err(MigratableError::Load("no tap here".into()));
+            return Err(MigratableError::Load(VmStepError::Injected("no tap here")));
         }
         self.log.lock().unwrap_or_else(|e| e.into_inner()).loaded = Some(memory);
         Ok(())
@@ -198,11 +216,12 @@ impl TargetVm for PlainTarget {
 
 /// `mib` MiB of guest memory with a word in every other page (the rest
 /// stays zero, as much of an idle guest's memory is).
-pub fn patterned_memory(mib: usize) -> Result<GuestMemoryMmap, String> {
-    let mem = crate::vstate::memory::create_anonymous(mib).map_err(|e| e.to_string())?;
+pub fn patterned_memory(mib: usize) -> Result<GuestMemoryMmap, VmStepError> {
+    let mem = crate::vstate::memory::create_anonymous(mib)?;
     for i in 0..(mib << 20) as u64 / 4096 / 2 {
-        mem.write_obj(i * 7 + 1, GuestAddress(i * 4096 * 2))
-            .map_err(|e| e.to_string())?;
+        let gpa = i * 4096 * 2;
+        mem.write_obj(i * 7 + 1, GuestAddress(gpa))
+            .map_err(|source| VmStepError::WriteMemory { gpa, source })?;
     }
     Ok(mem)
 }

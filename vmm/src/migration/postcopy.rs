@@ -80,30 +80,64 @@ fn set(bits: &mut [u64], p: usize) -> bool {
     !was
 }
 
+/// Why the destination's post-copy could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PostCopyError {
+    #[error("the post-copy bitmap has {got} regions, guest memory {regions}")]
+    BitmapRegions { got: usize, regions: usize },
+    #[error("the post-copy bitmap of region {region} has {words} words for {pages} pages")]
+    BitmapWords {
+        region: usize,
+        words: usize,
+        pages: usize,
+    },
+    #[error("the post-copy bitmap of region {0} marks pages past its end")]
+    BitmapPastEnd(usize),
+    #[error("cannot drop stale guest pages at {addr:#x}: {source}")]
+    DropStale { addr: u64, source: io::Error },
+    #[error(transparent)]
+    Register(#[from] uffd::UffdError),
+    #[error("post-copy fault thread: {0}")]
+    Thread(#[source] io::Error),
+    #[error("pages at {gpa:#x} (+{npages}) are outside guest memory")]
+    OutsideMemory { gpa: u64, npages: usize },
+    #[error("guest memory is no longer mapped")]
+    Unmapped,
+    #[error("cannot install guest page {dst:#x}: {source}")]
+    Install { dst: u64, source: io::Error },
+    #[error("cannot zero guest page {dst:#x}: {source}")]
+    Zero { dst: u64, source: io::Error },
+    #[error("{0}")]
+    Userfaultfd(#[source] io::Error),
+    #[error("poll: {0}")]
+    Poll(#[source] io::Error),
+    #[error("cannot read the userfaultfd: {0}")]
+    ReadEvents(#[source] io::Error),
+    #[error("cannot ask the source for pages: {0}")]
+    AskSource(#[source] io::Error),
+}
+
 /// Checks that `needed` has one bitmap per region of the right length and
 /// no bit past a region's end; returns how many pages it marks.
-pub fn check_needed(mem: &GuestMemoryMmap, needed: &[Vec<u64>]) -> Result<u64, String> {
+pub fn check_needed(mem: &GuestMemoryMmap, needed: &[Vec<u64>]) -> Result<u64, PostCopyError> {
     let rs = regions(mem);
     if needed.len() != rs.len() {
-        return Err(format!(
-            "the post-copy bitmap has {} regions, guest memory {}",
-            needed.len(),
-            rs.len()
-        ));
+        return Err(PostCopyError::BitmapRegions {
+            got: needed.len(),
+            regions: rs.len(),
+        });
     }
     let mut n = 0;
     for (i, (r, bits)) in rs.iter().zip(needed).enumerate() {
         if bits.len() != r.pages.div_ceil(64) {
-            return Err(format!(
-                "the post-copy bitmap of region {i} has {} words for {} pages",
-                bits.len(),
-                r.pages
-            ));
+            return Err(PostCopyError::BitmapWords {
+                region: i,
+                words: bits.len(),
+                pages: r.pages,
+            });
         }
         if !r.pages.is_multiple_of(64) && bits[bits.len() - 1] >> (r.pages % 64) != 0 {
-            return Err(format!(
-                "the post-copy bitmap of region {i} marks pages past its end"
-            ));
+            return Err(PostCopyError::BitmapPastEnd(i));
         }
         n += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
     }
@@ -126,7 +160,7 @@ struct Shared {
     pages: Mutex<Pages>,
     stop: AtomicBool,
     /// Why the fault thread gave up, if it did.
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<PostCopyError>>,
 }
 
 impl Shared {
@@ -167,7 +201,7 @@ impl Dest {
         mem: &GuestMemoryMmap,
         needed: Vec<Vec<u64>>,
         writer: SharedWriter,
-    ) -> Result<Dest, String> {
+    ) -> Result<Dest, PostCopyError> {
         let total = check_needed(mem, &needed)?;
         let rs = regions(mem);
         for (r, bits) in rs.iter().zip(&needed) {
@@ -180,14 +214,14 @@ impl Dest {
                     libc::madvise(addr as *mut libc::c_void, count * PAGE, libc::MADV_DONTNEED)
                 };
                 if rc != 0 {
-                    return Err(format!(
-                        "cannot drop stale guest pages at {addr:#x}: {}",
-                        io::Error::last_os_error()
-                    ));
+                    return Err(PostCopyError::DropStale {
+                        addr,
+                        source: io::Error::last_os_error(),
+                    });
                 }
             }
         }
-        let uffd = Arc::new(uffd::register_memory(mem).map_err(|e| e.to_string())?);
+        let uffd = Arc::new(uffd::register_memory(mem)?);
         let shared = Arc::new(Shared {
             pages: Mutex::new(Pages {
                 have: needed.iter().map(|b| vec![0; b.len()]).collect(),
@@ -210,7 +244,7 @@ impl Dest {
                     *s.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                 }
             })
-            .map_err(|e| format!("post-copy fault thread: {e}"))?;
+            .map_err(PostCopyError::Thread)?;
         Ok(Dest {
             uffd,
             shared,
@@ -265,22 +299,27 @@ impl Dest {
         (p.on_demand, p.installed.saturating_sub(p.on_demand))
     }
 
-    pub fn fault_error(&self) -> Option<String> {
+    /// Why the fault thread gave up, once.
+    pub fn take_fault_error(&self) -> Option<PostCopyError> {
         self.shared
             .error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .take()
     }
 
     /// Installs the pages of a `Pages` message; a page already present
     /// (asked for and pushed both, or written by the guest since) is kept.
-    pub fn install(&self, runs: &[PageRun<'_>]) -> Result<(), String> {
+    pub fn install(&self, runs: &[PageRun<'_>]) -> Result<(), PostCopyError> {
         for run in runs {
             let n = run.npages as usize;
-            let (ri, first) = self.shared.by_gpa(run.gpa, n).ok_or_else(|| {
-                format!("pages at {:#x} (+{n}) are outside guest memory", run.gpa)
-            })?;
+            let (ri, first) =
+                self.shared
+                    .by_gpa(run.gpa, n)
+                    .ok_or(PostCopyError::OutsideMemory {
+                        gpa: run.gpa,
+                        npages: n,
+                    })?;
             let host = self.shared.regions[ri].host + (first * PAGE) as u64;
             // Zero runs map the shared zero page (UFFDIO_ZEROPAGE).
             self.fill(host, run.data, n)?;
@@ -295,20 +334,20 @@ impl Dest {
         Ok(())
     }
 
-    fn fill(&self, host: u64, data: Option<&[u8]>, n: usize) -> Result<(), String> {
+    fn fill(&self, host: u64, data: Option<&[u8]>, n: usize) -> Result<(), PostCopyError> {
         let (mut dst, mut len) = (host, (n * PAGE) as u64);
         let base = data.map(|d| d.as_ptr() as u64);
         loop {
             let src = base.map(|b| b + (dst - host));
             match uffd::fill(self.uffd.as_fd(), dst, src, len, PAGE_SIZE) {
                 Ok(Filled::Done) => return Ok(()),
-                Ok(Filled::Gone) => return Err("guest memory is no longer mapped".into()),
+                Ok(Filled::Gone) => return Err(PostCopyError::Unmapped),
                 // The fault thread reads the pending events meanwhile.
                 Ok(Filled::Retry { dst: d, len: l }) => {
                     (dst, len) = (d, l);
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(e) => return Err(format!("cannot install guest page {dst:#x}: {e}")),
+                Err(source) => return Err(PostCopyError::Install { dst, source }),
             }
         }
     }
@@ -321,10 +360,10 @@ impl Drop for Dest {
 }
 
 /// The fault thread: reads userfaultfd events until told to stop.
-fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), String> {
+fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), PostCopyError> {
     let mut zero_pending: Vec<(u64, u64)> = Vec::new();
     let mut buf = [0u8; sys::UFFD_MSG_SIZE * 64];
-    let file = std::fs::File::from(uffd.try_clone().map_err(|e| e.to_string())?);
+    let file = std::fs::File::from(uffd.try_clone().map_err(PostCopyError::Userfaultfd)?);
     while !s.stop.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: uffd.as_raw_fd(),
@@ -339,7 +378,7 @@ fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), S
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(format!("poll: {e}"));
+            return Err(PostCopyError::Poll(e));
         }
         let mut ask = Vec::new();
         if pfd.revents & libc::POLLIN != 0 {
@@ -348,7 +387,7 @@ fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), S
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(format!("cannot read the userfaultfd: {e}")),
+                    Err(e) => return Err(PostCopyError::ReadEvents(e)),
                 };
                 for msg in buf[..got].chunks_exact(sys::UFFD_MSG_SIZE) {
                     event(s, uffd, msg, &mut ask, &mut zero_pending);
@@ -361,7 +400,7 @@ fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), S
         if !ask.is_empty() {
             writer
                 .send(Kind::PageRequest, &protocol::encode_page_request(&ask))
-                .map_err(|e| format!("cannot ask the source for pages: {e}"))?;
+                .map_err(PostCopyError::AskSource)?;
         }
         // Zero pages wait here when the kernel says to retry.
         let mut again = Vec::new();
@@ -369,7 +408,7 @@ fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), S
             match uffd::fill(uffd.as_fd(), dst, None, len, PAGE_SIZE) {
                 Ok(Filled::Retry { dst, len }) => again.push((dst, len)),
                 Ok(_) => {}
-                Err(e) => return Err(format!("cannot zero guest page {dst:#x}: {e}")),
+                Err(source) => return Err(PostCopyError::Zero { dst, source }),
             }
         }
         zero_pending = again;
@@ -444,8 +483,17 @@ pub enum SourceError {
     Stream(#[from] StreamError),
     #[error("no answer from the destination within {0:?}")]
     Timeout(Duration),
-    #[error("{0}")]
-    Bad(String),
+    #[error("request for {0:#x}, outside guest memory")]
+    OutsideMemory(u64),
+    #[error("reading guest memory at {gpa:#x}: {source}")]
+    ReadMemory {
+        gpa: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("unexpected {kind:?} during post-copy: {text}")]
+    Unexpected { kind: Kind, text: String },
+    #[error("expected PostCopyDone, got {kind:?} {text}")]
+    NotDone { kind: Kind, text: String },
 }
 
 impl From<io::Error> for SourceError {
@@ -509,12 +557,10 @@ impl Source {
         let mut b = PagesBuilder::default();
         let mut page = vec![0u8; PAGE];
         for gpa in gpas {
-            let (ri, p) = self.locate(gpa).ok_or_else(|| {
-                SourceError::Bad(format!("request for {gpa:#x}, outside guest memory"))
-            })?;
+            let (ri, p) = self.locate(gpa).ok_or(SourceError::OutsideMemory(gpa))?;
             self.mem
                 .read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|e| SourceError::Bad(format!("reading guest memory at {gpa:#x}: {e}")))?;
+                .map_err(|source| SourceError::ReadMemory { gpa, source })?;
             if b.would_overflow(PAGE) {
                 protocol::write_message(out, Kind::Pages, &b.take())?;
             }
@@ -550,10 +596,10 @@ impl Source {
                         Kind::PageRequest => self.answer(out, &m)?,
                         Kind::PostCopyDone => self.done = true,
                         other => {
-                            return Err(SourceError::Bad(format!(
-                                "unexpected {other:?} during post-copy: {}",
-                                m.text()
-                            )))
+                            return Err(SourceError::Unexpected {
+                                kind: other,
+                                text: m.text(),
+                            })
                         }
                     }
                 }
@@ -599,9 +645,9 @@ impl Source {
                         }
                         let gpa = r.gpa + ((p + i) * PAGE) as u64;
                         let chunk = &mut buf[..(j - i) * PAGE];
-                        self.mem.read_slice(chunk, GuestAddress(gpa)).map_err(|e| {
-                            SourceError::Bad(format!("reading guest memory at {gpa:#x}: {e}"))
-                        })?;
+                        self.mem
+                            .read_slice(chunk, GuestAddress(gpa))
+                            .map_err(|source| SourceError::ReadMemory { gpa, source })?;
                         push_pages(&mut b, gpa, chunk);
                         self.pushed += (j - i) as u64;
                         i = j;
@@ -625,10 +671,10 @@ impl Source {
         let m = self.wait(out, done_timeout)?;
         match m.kind {
             Kind::PostCopyDone => Ok(()),
-            other => Err(SourceError::Bad(format!(
-                "expected PostCopyDone, got {other:?} {}",
-                m.text()
-            ))),
+            other => Err(SourceError::NotDone {
+                kind: other,
+                text: m.text(),
+            }),
         }
     }
 }

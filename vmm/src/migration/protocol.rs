@@ -87,9 +87,32 @@ pub enum StreamError {
     #[error("message {0:?} is corrupt: checksum mismatch")]
     Checksum(Kind),
     #[error("malformed {kind:?} message: {why}")]
-    Malformed { kind: Kind, why: String },
+    Malformed { kind: Kind, why: Malformation },
     #[error("expected {expected}, got {got:?}")]
     Unexpected { expected: &'static str, got: Kind },
+}
+
+/// What is wrong inside a message.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformation {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("version {0}; this VMM speaks {POSTCOPY_VERSION}")]
+    Version(u8),
+    #[error("empty")]
+    Empty,
+    #[error("{0} address bytes")]
+    AddressBytes(usize),
+    #[error("address {0:#x} is not page-aligned")]
+    Unaligned(u64),
+    #[error("run header cut short at byte {0}")]
+    RunHeaderCut(usize),
+    #[error("run at {gpa:#x} of {npages} pages")]
+    BadRun { gpa: u64, npages: u32 },
+    #[error("run at {0:#x} cut short")]
+    RunCut(u64),
+    #[error("unknown run tag {0}")]
+    RunTag(u8),
 }
 
 /// The first message: what the destination must prepare.
@@ -123,22 +146,18 @@ pub fn encode_page_request(gpas: &[u64]) -> Vec<u8> {
 }
 
 pub fn parse_page_request(payload: &[u8], page_size: usize) -> Result<Vec<u64>, StreamError> {
-    let bad = |why: String| StreamError::Malformed {
+    let bad = |why| StreamError::Malformed {
         kind: Kind::PageRequest,
         why,
     };
     match payload.first() {
         Some(&POSTCOPY_VERSION) => {}
-        Some(v) => {
-            return Err(bad(format!(
-                "version {v}; this VMM speaks {POSTCOPY_VERSION}"
-            )))
-        }
-        None => return Err(bad("empty".into())),
+        Some(&v) => return Err(bad(Malformation::Version(v))),
+        None => return Err(bad(Malformation::Empty)),
     }
     let body = &payload[1..];
     if body.is_empty() || !body.len().is_multiple_of(8) {
-        return Err(bad(format!("{} address bytes", body.len())));
+        return Err(bad(Malformation::AddressBytes(body.len())));
     }
     body.chunks_exact(8)
         .map(|c| {
@@ -146,7 +165,7 @@ pub fn parse_page_request(payload: &[u8], page_size: usize) -> Result<Vec<u64>, 
             if g.is_multiple_of(page_size as u64) {
                 Ok(g)
             } else {
-                Err(bad(format!("address {g:#x} is not page-aligned")))
+                Err(bad(Malformation::Unaligned(g)))
             }
         })
         .collect()
@@ -229,7 +248,7 @@ impl Message {
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, StreamError> {
         serde_json::from_slice(&self.payload).map_err(|e| StreamError::Malformed {
             kind: self.kind,
-            why: e.to_string(),
+            why: e.into(),
         })
     }
 
@@ -303,7 +322,7 @@ impl PagesBuilder {
 
 /// Splits a `Pages` payload into runs, checking that each is complete.
 pub fn parse_pages(payload: &[u8], page_size: usize) -> Result<Vec<PageRun<'_>>, StreamError> {
-    let bad = |why: String| StreamError::Malformed {
+    let bad = |why| StreamError::Malformed {
         kind: Kind::Pages,
         why,
     };
@@ -311,27 +330,27 @@ pub fn parse_pages(payload: &[u8], page_size: usize) -> Result<Vec<PageRun<'_>>,
     let mut at = 0;
     while at < payload.len() {
         if payload.len() - at < RUN_HEADER {
-            return Err(bad(format!("run header cut short at byte {at}")));
+            return Err(bad(Malformation::RunHeaderCut(at)));
         }
         let gpa = u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
         let npages = u32::from_le_bytes(payload[at + 8..at + 12].try_into().expect("4 bytes"));
         let tag = payload[at + 12];
         at += RUN_HEADER;
         if gpa % page_size as u64 != 0 || npages == 0 {
-            return Err(bad(format!("run at {gpa:#x} of {npages} pages")));
+            return Err(bad(Malformation::BadRun { gpa, npages }));
         }
         let data = match tag {
             RUN_ZERO => None,
             RUN_DATA => {
                 let len = npages as usize * page_size;
                 if payload.len() - at < len {
-                    return Err(bad(format!("run at {gpa:#x} cut short")));
+                    return Err(bad(Malformation::RunCut(gpa)));
                 }
                 let d = &payload[at..at + len];
                 at += len;
                 Some(d)
             }
-            t => return Err(bad(format!("unknown run tag {t}"))),
+            t => return Err(bad(Malformation::RunTag(t))),
         };
         runs.push(PageRun { gpa, npages, data });
     }

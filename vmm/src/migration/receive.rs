@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::postcopy::{self, SharedWriter};
+use super::postcopy::{self, PostCopyError, SharedWriter};
 use super::protocol::{self, Hello, Kind, Message, PostCopyStart, StreamError};
 use super::transport::{Listener, Stream};
-use super::{MigrationMode, Phase, Progress, TargetVm};
-use crate::snapshot::memory::{check_layout, PAGE_SIZE};
+use super::{MigratableError, MigrationMode, Phase, Progress, TargetVm};
+use crate::snapshot::memory::{check_layout, MemoryFileError, PAGE_SIZE};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// A source silent this long mid-stream is gone.
@@ -23,8 +23,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum ReceiveError {
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("the source aborted the migration: {0}")]
     Aborted(String),
     #[error("cancelled")]
@@ -33,7 +33,56 @@ pub enum ReceiveError {
         "lost the source during post-copy ({why}); {missing} pages of the VM's memory never \
          arrived, so it cannot continue and was stopped"
     )]
-    SourceLost { why: String, missing: u64 },
+    SourceLost { why: PostCopyLost, missing: u64 },
+}
+
+/// Why the destination refused the VM; its text goes to the source.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Layout(#[from] MemoryFileError),
+    #[error(transparent)]
+    Vm(#[from] MigratableError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    PostCopy(#[from] PostCopyError),
+    #[error(
+        "post-copy version {got}; this VMM speaks {}",
+        protocol::POSTCOPY_VERSION
+    )]
+    PostCopyVersion { got: u8 },
+    #[error("pages at {gpa:#x}+{len:#x} are outside guest memory")]
+    OutsideMemory { gpa: u64, len: usize },
+    #[error("writing guest memory: {0}")]
+    WriteMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("unexpected {0:?} message during the memory copy")]
+    Unexpected(Kind),
+}
+
+/// Why post-copy lost the source after the resume.
+#[derive(Debug, thiserror::Error)]
+pub enum PostCopyLost {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    PostCopy(#[from] PostCopyError),
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    #[error("unexpected {0:?} message during post-copy")]
+    Unexpected(Kind),
+    #[error("no pages from the source for {READ_TIMEOUT:?}")]
+    Silent,
+    #[error("post-copy without its reader")]
+    NoReader,
+}
+
+/// Tells the source why the VM is refused before giving up (it resumes
+/// the VM then).
+fn refuse(reply: &SharedWriter, why: impl Into<Refusal>) -> ReceiveError {
+    let why = why.into();
+    let _ = reply.send(Kind::Refused, why.to_string().as_bytes());
+    ReceiveError::Refused(why)
 }
 
 impl From<std::io::Error> for ReceiveError {
@@ -101,17 +150,10 @@ fn receive(
     };
     protocol::read_preamble(direct)?;
     let hello: Hello = input.next()?.expect(Kind::Hello, "Hello")?.json()?;
-    let refuse = |reply: &SharedWriter, why: String| {
-        let _ = reply.send(Kind::Refused, why.as_bytes());
-        ReceiveError::Refused(why)
-    };
-    if let Err(e) = check_layout(&hello.memory) {
-        return Err(refuse(&reply, e.to_string()));
-    }
-    let mem = match target.create_memory(&hello.memory) {
-        Ok(m) => m,
-        Err(e) => return Err(refuse(&reply, e.to_string())),
-    };
+    check_layout(&hello.memory).map_err(|e| refuse(&reply, e))?;
+    let mem = target
+        .create_memory(&hello.memory)
+        .map_err(|e| refuse(&reply, e))?;
     progress.update(|s| {
         s.state = Phase::PreCopy;
         s.memory_bytes = hello.memory.total_size();
@@ -123,7 +165,7 @@ fn receive(
             Ok(m) => m,
             // Tell the source why before giving up (it resumes the VM).
             Err(e @ (StreamError::Checksum(_) | StreamError::UnknownKind(_))) => {
-                return Err(refuse(&reply, e.to_string()))
+                return Err(refuse(&reply, e))
             }
             Err(e) => return Err(e.into()),
         };
@@ -132,15 +174,11 @@ fn receive(
         }
         match msg.kind {
             Kind::PostCopy if pc.is_none() => {
-                let start: PostCopyStart = msg.json().map_err(|e| refuse(&reply, e.to_string()))?;
+                let start: PostCopyStart = msg.json().map_err(|e| refuse(&reply, e))?;
                 if start.version != protocol::POSTCOPY_VERSION {
                     return Err(refuse(
                         &reply,
-                        format!(
-                            "post-copy version {}; this VMM speaks {}",
-                            start.version,
-                            protocol::POSTCOPY_VERSION
-                        ),
+                        Refusal::PostCopyVersion { got: start.version },
                     ));
                 }
                 // Registered, with its fault thread running, before the VM
@@ -155,17 +193,14 @@ fn receive(
                 progress.update(|s| s.mode = MigrationMode::PostCopy);
             }
             Kind::Pages => {
-                let runs = protocol::parse_pages(&msg.payload, PAGE)
-                    .map_err(|e| refuse(&reply, e.to_string()))?;
+                let runs =
+                    protocol::parse_pages(&msg.payload, PAGE).map_err(|e| refuse(&reply, e))?;
                 let mut pages = 0u64;
                 for run in runs {
                     let len = run.npages as usize * PAGE;
                     let at = GuestAddress(run.gpa);
                     if !mem.check_range(at, len, vm_memory::Permissions::Write) {
-                        return Err(refuse(
-                            &reply,
-                            format!("pages at {:#x}+{len:#x} are outside guest memory", run.gpa),
-                        ));
+                        return Err(refuse(&reply, Refusal::OutsideMemory { gpa: run.gpa, len }));
                     }
                     let r = match run.data {
                         Some(d) => mem.write_slice(d, at),
@@ -174,7 +209,7 @@ fn receive(
                             mem.write_slice(&zeros[..n], GuestAddress(run.gpa + o as u64))
                         }),
                     };
-                    r.map_err(|e| refuse(&reply, format!("writing guest memory: {e}")))?;
+                    r.map_err(|e| refuse(&reply, Refusal::WriteMemory(e)))?;
                     pages += u64::from(run.npages);
                 }
                 let bytes = input.bytes();
@@ -186,22 +221,17 @@ fn receive(
             Kind::State => {
                 progress.update(|s| s.state = Phase::StopAndCopy);
                 if let Err(e) = target.load(&msg.payload, mem.clone()) {
-                    return Err(refuse(&reply, e.to_string()));
+                    return Err(refuse(&reply, e));
                 }
                 reply.send(Kind::Loaded, b"")?;
                 break;
             }
             Kind::Overrides => {
-                let o = msg.json().map_err(|e| refuse(&reply, e.to_string()))?;
+                let o = msg.json().map_err(|e| refuse(&reply, e))?;
                 target.add_overrides(o);
             }
             Kind::Abort => return Err(ReceiveError::Aborted(msg.text())),
-            other => {
-                return Err(refuse(
-                    &reply,
-                    format!("unexpected {other:?} message during the memory copy"),
-                ))
-            }
+            other => return Err(refuse(&reply, Refusal::Unexpected(other))),
         }
     }
     // Loaded and paused: run it once the source has let go.
@@ -211,7 +241,7 @@ fn receive(
             progress.update(|s| s.state = Phase::SwitchOver);
             target
                 .resume()
-                .map_err(|e| ReceiveError::Refused(e.to_string()))?;
+                .map_err(|e| ReceiveError::Refused(e.into()))?;
             // The VM runs here now, whether or not the source hears it.
             if let Err(e) = reply.send(Kind::Resumed, b"") {
                 log::warn!("migration: the source did not get \"resumed\": {e}");
@@ -232,7 +262,7 @@ fn receive(
                     let missing = d.remaining();
                     // Stopped while the memory is still registered, so no
                     // vCPU ever runs on a page that did not come.
-                    target.fail(&why);
+                    target.fail(&why.to_string());
                     d.finish();
                     return Err(ReceiveError::SourceLost { why, missing });
                 }
@@ -265,7 +295,7 @@ enum Incoming {
     Message(Message),
     /// Every page the destination lacked is here.
     Complete,
-    Failed(String),
+    Failed(PostCopyLost),
 }
 
 /// The stream's read side: read here, or (post-copy) on a thread that
@@ -302,14 +332,14 @@ impl Input {
     }
 
     /// Post-copy, after the resume: until every page is here.
-    fn wait_complete(&mut self, d: &postcopy::Dest) -> Result<(), String> {
+    fn wait_complete(&mut self, d: &postcopy::Dest) -> Result<(), PostCopyLost> {
         let Input::Thread {
             rx,
             complete,
             bytes,
         } = self
         else {
-            return Err("post-copy without its reader".into());
+            return Err(PostCopyLost::NoReader);
         };
         // A source silent for READ_TIMEOUT is gone; a slow one is not.
         let mut deadline = Instant::now() + READ_TIMEOUT;
@@ -320,20 +350,18 @@ impl Input {
                 seen = now;
                 deadline = Instant::now() + READ_TIMEOUT;
             }
-            if let Some(e) = d.fault_error() {
-                return Err(e);
+            if let Some(e) = d.take_fault_error() {
+                return Err(e.into());
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Incoming::Complete) => *complete = true,
                 Ok(Incoming::Failed(e)) => return Err(e),
                 Ok(Incoming::Message(m)) if m.kind == Kind::Abort => {
-                    return Err(format!("the source aborted: {}", m.text()))
+                    return Err(PostCopyLost::Aborted(m.text()))
                 }
-                Ok(Incoming::Message(m)) => {
-                    return Err(format!("unexpected {:?} message during post-copy", m.kind))
-                }
+                Ok(Incoming::Message(m)) => return Err(PostCopyLost::Unexpected(m.kind)),
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(_) => return Err(format!("no pages from the source for {READ_TIMEOUT:?}")),
+                Err(_) => return Err(PostCopyLost::Silent),
             }
         }
         Ok(())
@@ -354,7 +382,7 @@ impl Input {
                 let out = loop {
                     let msg = match protocol::read_message(&mut c) {
                         Ok(m) => m,
-                        Err(e) => break Incoming::Failed(e.to_string()),
+                        Err(e) => break Incoming::Failed(e.into()),
                     };
                     if msg.kind != Kind::Pages {
                         if tx.send(Incoming::Message(msg)).is_err() {
@@ -363,8 +391,8 @@ impl Input {
                         continue;
                     }
                     let r = protocol::parse_pages(&msg.payload, PAGE)
-                        .map_err(|e| e.to_string())
-                        .and_then(|runs| d.install(&runs));
+                        .map_err(PostCopyLost::from)
+                        .and_then(|runs| Ok(d.install(&runs)?));
                     if let Err(e) = r {
                         break Incoming::Failed(e);
                     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::postcopy::{self, SourceError};
-use super::protocol::{self, Hello, Kind, PagesBuilder, PostCopyStart, StreamError};
+use super::protocol::{self, Hello, Kind, Message, PagesBuilder, PostCopyStart, StreamError};
 use super::transport::Stream;
 use super::MigratableError;
 use super::{FinalCopy, MigrationMode, Phase, PostCopyPause, Progress, SourceVm};
@@ -32,30 +32,55 @@ pub enum SendError {
     Stream(#[from] StreamError),
     #[error("the destination refused the VM: {0}")]
     Refused(String),
-    #[error("{0}")]
-    Vm(String),
     #[error(transparent)]
     Step(#[from] MigratableError),
+    #[error("reading guest memory at {gpa:#x}: {source}")]
+    ReadMemory {
+        gpa: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("no PUT /migrate/switch-over within {0:?}")]
+    SwitchOverTimeout(Duration),
+    #[error(
+        "devices wrote {0} pages of guest memory after the pause (network or vsock traffic for \
+         the guest); post-copy cannot carry them consistently"
+    )]
+    WrittenAfterPause(u64),
+    #[error(transparent)]
+    PostCopy(SourceError),
     #[error("cancelled")]
     Cancelled,
     /// The switch-over began and its outcome is unknown: the destination
     /// may run the VM, so the source must not.
     #[error("lost the destination during the switch-over ({0}); the VM stays paused here")]
-    InDoubt(String),
+    InDoubt(#[source] SwitchOverLost),
     /// Post-copy after the resume: the VM's memory is split between the
     /// hosts, so neither can run it alone.
     #[error(
         "lost the destination during post-copy ({0}); the VM ran there on memory partly \
          still here, so it cannot run on either host; it stays paused here"
     )]
-    Split(String),
+    Split(#[source] SourceError),
+}
+
+/// What cut the switch-over short once the destination may run the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchOverLost {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    PostCopy(#[from] SourceError),
+    #[error("expected Resumed, got {kind:?} {text}")]
+    NotResumed { kind: Kind, text: String },
 }
 
 impl From<SourceError> for SendError {
     fn from(e: SourceError) -> Self {
         match e {
             SourceError::Stream(e) => SendError::Stream(e),
-            e => SendError::Vm(e.to_string()),
+            e => SendError::PostCopy(e),
         }
     }
 }
@@ -241,39 +266,15 @@ fn migrate(
     out.flush()?;
 
     reader.set_read_timeout(Some(LOAD_TIMEOUT))?;
-    let reply = protocol::read_message(&mut reader)?;
-    match reply.kind {
-        Kind::Loaded => {}
-        Kind::Refused => return Err(SendError::Refused(reply.text())),
-        other => {
-            return Err(StreamError::Unexpected {
-                expected: "Loaded or Refused",
-                got: other,
-            }
-            .into())
-        }
-    }
-    if !progress.begin_switch_over() {
-        let _ = protocol::write_message(&mut out, Kind::Abort, b"cancelled");
-        let _ = out.flush();
-        return Err(SendError::Cancelled);
-    }
+    loaded(protocol::read_message(&mut reader)?)?;
+    begin_switch_over(&mut out, progress)?;
     // From here on the destination may run the VM.
-    let in_doubt = |e: &dyn std::fmt::Display| SendError::InDoubt(e.to_string());
-    protocol::write_message(&mut out, Kind::Resume, b"")
-        .and_then(|()| out.flush())
-        .map_err(|e| in_doubt(&e))?;
-    reader
-        .set_read_timeout(Some(RESUME_TIMEOUT))
-        .map_err(|e| in_doubt(&e))?;
-    let reply = protocol::read_message(&mut reader).map_err(|e| in_doubt(&e))?;
-    if reply.kind != Kind::Resumed {
-        return Err(in_doubt(&format!(
-            "expected Resumed, got {:?} {}",
-            reply.kind,
-            reply.text()
-        )));
-    }
+    (|| -> Result<(), SwitchOverLost> {
+        send_resume(&mut out)?;
+        reader.set_read_timeout(Some(RESUME_TIMEOUT))?;
+        resumed(protocol::read_message(&mut reader)?)
+    })()
+    .map_err(SendError::InDoubt)?;
     let downtime = paused_at.elapsed().as_millis() as u64;
     progress.update(|s| s.downtime_ms = Some(downtime));
     log::info!("migration: destination resumed; downtime {downtime} ms");
@@ -299,10 +300,52 @@ fn manual_switch_over(
             Ok(())
         }
         None if progress.cancelled() => Err(SendError::Cancelled),
-        None => Err(SendError::Vm(format!(
-            "no PUT /migrate/switch-over within {timeout:?}"
-        ))),
+        None => Err(SendError::SwitchOverTimeout(timeout)),
     }
+}
+
+/// The destination's answer to the state: loaded, or why not.
+fn loaded(reply: Message) -> Result<(), SendError> {
+    match reply.kind {
+        Kind::Loaded => Ok(()),
+        Kind::Refused => Err(SendError::Refused(reply.text())),
+        other => Err(StreamError::Unexpected {
+            expected: "Loaded or Refused",
+            got: other,
+        }
+        .into()),
+    }
+}
+
+/// Tells the destination to stop, as far as it still hears.
+fn abort(out: &mut impl Write, why: &[u8]) {
+    let _ = protocol::write_message(out, Kind::Abort, why);
+    let _ = out.flush();
+}
+
+/// Enters the switch-over unless a cancel came first.
+fn begin_switch_over(out: &mut impl Write, progress: &Progress) -> Result<(), SendError> {
+    if progress.begin_switch_over() {
+        return Ok(());
+    }
+    abort(out, b"cancelled");
+    Err(SendError::Cancelled)
+}
+
+fn send_resume(out: &mut impl Write) -> Result<(), SwitchOverLost> {
+    protocol::write_message(out, Kind::Resume, b"")?;
+    Ok(out.flush()?)
+}
+
+/// The destination's answer to `Resume`.
+fn resumed(reply: Message) -> Result<(), SwitchOverLost> {
+    if reply.kind != Kind::Resumed {
+        return Err(SwitchOverLost::NotResumed {
+            kind: reply.kind,
+            text: reply.text(),
+        });
+    }
+    Ok(())
 }
 
 /// Post-copy from the pause on: the state and which pages the destination
@@ -339,51 +382,23 @@ fn post_copy<W: Write>(
     }
     protocol::write_message(&mut out, Kind::State, &state)?;
     out.flush()?;
-    let reply = pc.wait(&mut out, LOAD_TIMEOUT)?;
-    match reply.kind {
-        Kind::Loaded => {}
-        Kind::Refused => return Err(SendError::Refused(reply.text())),
-        other => {
-            return Err(StreamError::Unexpected {
-                expected: "Loaded or Refused",
-                got: other,
-            }
-            .into())
-        }
-    }
+    loaded(pc.wait(&mut out, LOAD_TIMEOUT)?)?;
     // The pause does not hold back devices that deliver into guest memory
     // (net, vsock receive); what they wrote since the state was saved would
     // reach the destination out of step with it. Before the switch-over
     // that is still a failure the source survives.
     let written = vm.written_since_pause();
     if written > 0 {
-        let why = format!(
-            "devices wrote {written} pages of guest memory after the pause (network or vsock \
-             traffic for the guest); post-copy cannot carry them consistently"
-        );
-        let _ = protocol::write_message(&mut out, Kind::Abort, why.as_bytes());
-        let _ = out.flush();
-        return Err(SendError::Vm(why));
+        let e = SendError::WrittenAfterPause(written);
+        abort(&mut out, e.to_string().as_bytes());
+        return Err(e);
     }
-    if !progress.begin_switch_over() {
-        let _ = protocol::write_message(&mut out, Kind::Abort, b"cancelled");
-        let _ = out.flush();
-        return Err(SendError::Cancelled);
-    }
-    let in_doubt = |e: &dyn std::fmt::Display| SendError::InDoubt(e.to_string());
-    protocol::write_message(&mut out, Kind::Resume, b"")
-        .and_then(|()| out.flush())
-        .map_err(|e| in_doubt(&e))?;
-    let reply = pc
-        .wait(&mut out, RESUME_TIMEOUT)
-        .map_err(|e| in_doubt(&e))?;
-    if reply.kind != Kind::Resumed {
-        return Err(in_doubt(&format!(
-            "expected Resumed, got {:?} {}",
-            reply.kind,
-            reply.text()
-        )));
-    }
+    begin_switch_over(&mut out, progress)?;
+    (|| -> Result<(), SwitchOverLost> {
+        send_resume(&mut out)?;
+        resumed(pc.wait(&mut out, RESUME_TIMEOUT)?)
+    })()
+    .map_err(SendError::InDoubt)?;
     let downtime = paused_at.elapsed().as_millis() as u64;
     progress.update(|s| {
         s.downtime_ms = Some(downtime);
@@ -399,7 +414,7 @@ fn post_copy<W: Write>(
         s.pages += d + p;
         s.postcopy_ms = Some(ms);
     });
-    r.map_err(|e| SendError::Split(e.to_string()))?;
+    r.map_err(SendError::Split)?;
     let late = vm.written_since_pause();
     if late > 0 {
         // Past the switch-over nothing can be done but say so.
@@ -441,7 +456,7 @@ fn send_pages(
                 let gpa = region.start_addr().raw_value() + (p * PAGE) as u64;
                 let chunk = &mut buf[..n * PAGE];
                 mem.read_slice(chunk, GuestAddress(gpa))
-                    .map_err(|e| SendError::Vm(format!("reading guest memory at {gpa:#x}: {e}")))?;
+                    .map_err(|source| SendError::ReadMemory { gpa, source })?;
                 sent += push_chunk(out, &mut b, gpa, chunk, skip_zero)?;
                 p += n;
             }

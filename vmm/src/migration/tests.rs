@@ -80,6 +80,63 @@ struct Run {
     guest: GuestThread,
 }
 
+impl Run {
+    /// The source's status, which must be in `state`.
+    fn source_in(&self, state: Phase) -> MigrationStatus {
+        let s = self.source.status();
+        assert_eq!(s.state, state, "{s:?}");
+        s
+    }
+
+    fn target_in(&self, state: Phase) -> MigrationStatus {
+        let t = self.target.status();
+        assert_eq!(t.state, state, "{t:?}");
+        t
+    }
+
+    /// The source failed for a reason that says `why`, kept the VM (and
+    /// resumed it `resumes` times).
+    fn source_kept_the_vm(&self, why: &str, resumes: u64) {
+        let s = self.source_in(Phase::Failed);
+        assert!(s.error.as_deref().unwrap().contains(why), "{s:?}");
+        assert_eq!(self.resumed.load(Ordering::SeqCst), resumes);
+        assert!(!self.handed_over.load(Ordering::SeqCst));
+    }
+
+    /// The destination holds the source's memory at the pause.
+    fn arrived_identical(&self) {
+        assert!(
+            same(
+                &self.src_mem,
+                self.log.lock().unwrap().loaded.as_ref().unwrap()
+            ),
+            "destination memory differs from the source's at the pause"
+        );
+    }
+}
+
+/// A source's progress, active before anyone looks, as the controller
+/// makes it.
+fn source_progress() -> Progress {
+    let source = Progress::new(Role::Source, "test".into());
+    source.update(|s| s.state = Phase::PreCopy);
+    source
+}
+
+/// Runs the destination on `target` behind `listener` on a thread of its
+/// own.
+fn spawn_target(
+    listener: transport::Listener,
+    mut target: PlainTarget,
+) -> (Progress, Arc<Mutex<TargetLog>>, std::thread::JoinHandle<()>) {
+    let progress = Progress::new(Role::Destination, "test".into());
+    progress.update(|s| s.state = Phase::Listening);
+    let log = target.log.clone();
+    let p = progress.clone();
+    let rx = std::thread::spawn(move || receive::run(&mut target, listener, &p));
+    (progress, log, rx)
+}
+
 type GuestThread = Arc<Mutex<Option<std::thread::JoinHandle<Result<u64, String>>>>>;
 
 /// Damage done to the source's stream on its way.
@@ -91,60 +148,56 @@ enum Tamper {
     Cut(usize),
 }
 
-/// Migrates a 32 MiB fake guest whose writer keeps dirtying `dirty_per_ms`
-/// pages per millisecond; `tamper` may damage the stream in between.
-fn migrate(
+/// How a test migration goes, besides its parameters.
+#[derive(Default)]
+struct Setup {
+    /// Pages the source's writer dirties per millisecond.
     dirty_per_ms: u64,
-    params: SendMigrationParams,
-    fail_capture: bool,
+    /// The destination cannot load the VM.
     refuse_load: bool,
+    /// Damage done to the stream on its way.
     tamper: Option<Tamper>,
+    /// A manual switch-over's go-ahead, given once the source waits.
     go_ahead: Option<Vec<DriveOverride>>,
-) -> Run {
-    migrate_tweaked(
+    /// Applied to the source before it starts.
+    source: Option<fn(&mut PlainSource)>,
+}
+
+fn dirtying(dirty_per_ms: u64) -> Setup {
+    Setup {
         dirty_per_ms,
-        params,
-        fail_capture,
+        ..Setup::default()
+    }
+}
+
+/// Migrates a 32 MiB fake guest whose writer keeps dirtying pages as
+/// `setup` says.
+fn migrate(params: SendMigrationParams, setup: Setup) -> Run {
+    let Setup {
+        dirty_per_ms,
         refuse_load,
         tamper,
         go_ahead,
-        |_| {},
-    )
-}
-
-/// [`migrate`], with `tweak` applied to the source first.
-fn migrate_tweaked(
-    dirty_per_ms: u64,
-    params: SendMigrationParams,
-    fail_capture: bool,
-    refuse_load: bool,
-    tamper: Option<Tamper>,
-    go_ahead: Option<Vec<DriveOverride>>,
-    tweak: fn(&mut PlainSource),
-) -> Run {
+        source: tweak,
+    } = setup;
     let src_mem = guest(32);
     let guest_checks = (params.mode == MigrationMode::PostCopy).then(|| src_mem.clone());
     let guest_thread: GuestThread = Arc::default();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("m.sock");
     let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
-    let target = Progress::new(Role::Destination, "test".into());
-    target.update(|s| s.state = Phase::Listening);
-    let log = Arc::new(Mutex::new(TargetLog::default()));
-    let (t, l, g) = (target.clone(), log.clone(), guest_thread.clone());
-    let rx = std::thread::spawn(move || {
-        let mut tv = PlainTarget {
-            log: l,
-            refuse_load,
-            on_resume: guest_checks.map(|src| {
-                Box::new(move |dst: &GuestMemoryMmap| {
-                    let (src, dst) = (src.clone(), dst.clone());
-                    *g.lock().unwrap() = Some(std::thread::spawn(move || run_guest(dst, src)));
-                }) as super::plain::OnResume
-            }),
-        };
-        receive::run(&mut tv, listener, &t);
-    });
+    let g = guest_thread.clone();
+    let tv = PlainTarget {
+        refuse_load,
+        on_resume: guest_checks.map(|src| {
+            Box::new(move |dst: &GuestMemoryMmap| {
+                let (src, dst) = (src.clone(), dst.clone());
+                *g.lock().unwrap() = Some(std::thread::spawn(move || run_guest(dst, src)));
+            }) as super::plain::OnResume
+        }),
+        ..PlainTarget::new()
+    };
+    let (target, log, rx) = spawn_target(listener, tv);
     // A proxy that flips one byte at offset `at` of the source's stream.
     let connect_to = match tamper {
         None => sock.clone(),
@@ -201,9 +254,8 @@ fn migrate_tweaked(
         Some(dirty_per_ms),
         32 * MIB as u64 / 4096,
     );
-    let source = Progress::new(Role::Source, "test".into());
-    // Active before the caller below looks, as the controller makes it.
-    source.update(|s| s.state = Phase::PreCopy);
+    // Active before the caller below looks.
+    let source = source_progress();
     if let Some(o) = go_ahead {
         // The caller of a manual switch-over: waits for the pause, then lets go.
         let p = source.clone();
@@ -217,17 +269,14 @@ fn migrate_tweaked(
             assert!(p.switch_over(o));
         });
     }
-    let resumed = Arc::new(AtomicU64::new(0));
-    let handed_over = Arc::new(AtomicBool::new(false));
     let mut sv = PlainSource {
-        mem: src_mem.clone(),
         paused,
-        resumed: resumed.clone(),
-        handed_over: handed_over.clone(),
-        fail_capture,
-        device_writes_after_pause: false,
+        ..PlainSource::new(src_mem.clone())
     };
-    tweak(&mut sv);
+    let (resumed, handed_over) = (sv.resumed.clone(), sv.handed_over.clone());
+    if let Some(tweak) = tweak {
+        tweak(&mut sv);
+    }
     let stream = Endpoint::Unix(connect_to)
         .connect(Duration::from_secs(5))
         .unwrap();
@@ -261,74 +310,66 @@ fn params(downtime_ms: u64, max_rounds: u32) -> SendMigrationParams {
 
 #[test]
 fn memory_arrives_identical_while_the_guest_writes() {
-    let r = migrate(20, params(50, 10), false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(params(50, 10), dirtying(20));
+    let s = r.source_in(Phase::Completed);
     assert!(s.rounds >= 1 && s.rounds <= 10, "{s:?}");
     assert!(s.downtime_ms.is_some());
     assert!(r.handed_over.load(Ordering::SeqCst));
     assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    r.target_in(Phase::Completed);
     let log = r.log.lock().unwrap();
     assert!(log.resumed && !log.discarded);
-    assert!(
-        same(&r.src_mem, log.loaded.as_ref().unwrap()),
-        "destination memory differs from the source's at the pause"
-    );
+    drop(log);
+    r.arrived_identical();
 }
 
 #[test]
 fn an_idle_guest_goes_in_one_round_without_its_zero_pages() {
-    let r = migrate(0, params(50, 10), false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(params(50, 10), dirtying(0));
+    let s = r.source_in(Phase::Completed);
     assert_eq!((s.rounds, s.final_pages), (1, 0), "{s:?}");
     // Half of the 32 MiB is zero and stays home.
     assert!(
         s.bytes < 17 * MIB as u64 && s.bytes > 16 * MIB as u64,
         "{s:?}"
     );
-    assert!(same(
-        &r.src_mem,
-        r.log.lock().unwrap().loaded.as_ref().unwrap()
-    ));
+    r.arrived_identical();
 }
 
 #[test]
 fn a_dirty_rate_that_never_converges_stops_at_the_round_limit() {
-    let r = migrate(400, params(1, 3), false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(params(1, 3), dirtying(400));
+    let s = r.source_in(Phase::Completed);
     assert_eq!(s.rounds, 3, "{s:?}");
     assert!(s.final_pages > 0, "{s:?}");
-    assert!(same(
-        &r.src_mem,
-        r.log.lock().unwrap().loaded.as_ref().unwrap()
-    ));
+    r.arrived_identical();
 }
 
 #[test]
 fn a_refused_load_resumes_the_source() {
-    let r = migrate(5, params(50, 5), false, true, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Failed, "{s:?}");
-    assert!(s.error.as_deref().unwrap().contains("no tap here"), "{s:?}");
-    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
-    assert!(!r.handed_over.load(Ordering::SeqCst));
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let r = migrate(
+        params(50, 5),
+        Setup {
+            refuse_load: true,
+            ..dirtying(5)
+        },
+    );
+    r.source_kept_the_vm("no tap here", 1);
+    r.target_in(Phase::Failed);
     assert!(r.log.lock().unwrap().discarded);
 }
 
 #[test]
 fn a_failed_capture_leaves_the_source_running() {
-    let r = migrate(5, params(50, 5), true, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Failed, "{s:?}");
-    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let r = migrate(
+        params(50, 5),
+        Setup {
+            source: Some(|s| s.fail_capture = true),
+            ..dirtying(5)
+        },
+    );
     // The capture failed before any pause: nothing to resume.
-    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
+    r.source_kept_the_vm("capture failed on purpose", 0);
     assert!(r.log.lock().unwrap().discarded);
 }
 
@@ -336,18 +377,15 @@ fn a_failed_capture_leaves_the_source_running() {
 fn a_corrupt_stream_is_refused_and_the_source_resumes() {
     // A byte deep inside the first round's page data.
     let r = migrate(
-        5,
         params(50, 5),
-        false,
-        false,
-        Some(Tamper::Flip(3 * MIB)),
-        None,
+        Setup {
+            tamper: Some(Tamper::Flip(3 * MIB)),
+            ..dirtying(5)
+        },
     );
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let t = r.target_in(Phase::Failed);
     assert!(t.error.as_deref().unwrap().contains("checksum"), "{t:?}");
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Failed, "{s:?}");
+    let s = r.source_in(Phase::Failed);
     assert!(s.error.as_deref().unwrap().contains("refused"), "{s:?}");
     assert!(!r.handed_over.load(Ordering::SeqCst));
     let log = r.log.lock().unwrap();
@@ -375,22 +413,13 @@ fn cancel_before_the_switch_over_keeps_the_source() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let source = Progress::new(Role::Source, "test".into());
-    source.update(|s| s.state = Phase::PreCopy);
+    let source = source_progress();
     let stream = Endpoint::Unix(sock)
         .connect(Duration::from_secs(5))
         .unwrap();
     source.set_stream(&stream);
-    let resumed = Arc::new(AtomicU64::new(0));
-    let handed_over = Arc::new(AtomicBool::new(false));
-    let mut sv = PlainSource {
-        mem: guest(32),
-        paused: Arc::new(AtomicBool::new(false)),
-        resumed: resumed.clone(),
-        handed_over: handed_over.clone(),
-        fail_capture: false,
-        device_writes_after_pause: false,
-    };
+    let mut sv = PlainSource::new(guest(32));
+    let handed_over = sv.handed_over.clone();
     let p = source.clone();
     let sender = std::thread::spawn(move || send::run(&mut sv, stream, &params(50, 5), &p));
     std::thread::sleep(Duration::from_millis(300));
@@ -409,18 +438,7 @@ fn a_destination_that_is_not_ember_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("m.sock");
     let listener = Endpoint::Unix(sock.clone()).listen().unwrap();
-    let target = Progress::new(Role::Destination, "test".into());
-    target.update(|s| s.state = Phase::Listening);
-    let log = Arc::new(Mutex::new(TargetLog::default()));
-    let (t, l) = (target.clone(), log.clone());
-    let rx = std::thread::spawn(move || {
-        let mut tv = PlainTarget {
-            log: l,
-            refuse_load: false,
-            on_resume: None,
-        };
-        receive::run(&mut tv, listener, &t);
-    });
+    let (target, log, rx) = spawn_target(listener, PlainTarget::new());
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n").unwrap();
     rx.join().unwrap();
@@ -438,13 +456,19 @@ fn a_manual_switch_over_waits_for_its_go_ahead_and_passes_overrides_on() {
         drive_id: "data".into(),
         path_on_host: "nbd://h:10809/vol@2".into(),
     }];
-    let r = migrate(5, p, false, false, None, Some(o.clone()));
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(
+        p,
+        Setup {
+            go_ahead: Some(o.clone()),
+            ..dirtying(5)
+        },
+    );
+    r.source_in(Phase::Completed);
     let log = r.log.lock().unwrap();
     assert_eq!(log.overrides, o);
     assert!(log.resumed);
-    assert!(same(&r.src_mem, log.loaded.as_ref().unwrap()));
+    drop(log);
+    r.arrived_identical();
 }
 
 #[test]
@@ -452,12 +476,8 @@ fn a_manual_switch_over_that_never_comes_resumes_the_source() {
     let mut p = params(50, 5);
     p.switch_over = SwitchOver::Manual;
     p.switch_over_timeout_ms = 300;
-    let r = migrate(5, p, false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Failed, "{s:?}");
-    assert!(s.error.as_deref().unwrap().contains("switch-over"), "{s:?}");
-    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
-    assert!(!r.handed_over.load(Ordering::SeqCst));
+    let r = migrate(p, dirtying(5));
+    r.source_kept_the_vm("switch-over", 1);
     let log = r.log.lock().unwrap();
     assert!(log.loaded.is_none() && log.discarded);
 }
@@ -506,14 +526,12 @@ fn check_postcopy_memory(r: &Run) {
 
 #[test]
 fn postcopy_resumes_at_once_and_pages_come_on_fault_and_by_push() {
-    let r = migrate(20, postcopy(None), false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(postcopy(None), dirtying(20));
+    let s = r.source_in(Phase::Completed);
     assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 0), "{s:?}");
     assert!(r.handed_over.load(Ordering::SeqCst));
     assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    let t = r.target_in(Phase::Completed);
     assert_eq!(t.mode, MigrationMode::PostCopy);
     // Every page went, once, or twice when asked for while on its way
     // (the push skips those already asked for).
@@ -538,14 +556,12 @@ fn postcopy_resumes_at_once_and_pages_come_on_fault_and_by_push() {
 #[test]
 fn postcopy_after_rounds_sends_only_what_the_rounds_left_dirty() {
     // Slow enough that the two rounds leave part of memory dirty.
-    let r = migrate(5, postcopy(Some(2)), false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(postcopy(Some(2)), dirtying(5));
+    let s = r.source_in(Phase::Completed);
     assert_eq!((s.mode, s.rounds), (MigrationMode::PostCopy, 2), "{s:?}");
     let after = s.postcopy_pages_on_demand + s.postcopy_pages_pushed;
     assert!(after > 0 && after < 8192, "{s:?}");
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Completed, "{t:?}");
+    r.target_in(Phase::Completed);
     check_postcopy_memory(&r);
 }
 
@@ -553,9 +569,8 @@ fn postcopy_after_rounds_sends_only_what_the_rounds_left_dirty() {
 fn a_postcopy_request_that_converges_in_its_rounds_ends_as_precopy() {
     let mut p = postcopy(Some(3));
     p.downtime_ms = 50;
-    let r = migrate(0, p, false, false, None, None);
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Completed, "{s:?}");
+    let r = migrate(p, dirtying(0));
+    let s = r.source_in(Phase::Completed);
     assert_eq!((s.mode, s.rounds), (MigrationMode::PreCopy, 1), "{s:?}");
     let t = r.target.status();
     assert_eq!(
@@ -570,15 +585,13 @@ fn a_postcopy_request_that_converges_in_its_rounds_ends_as_precopy() {
 fn a_source_lost_in_postcopy_stops_the_destination_and_never_resumes() {
     // 4 MiB into the stream: well after the state, mid-push.
     let r = migrate(
-        5,
         postcopy(None),
-        false,
-        false,
-        Some(Tamper::Cut(4 * MIB)),
-        None,
+        Setup {
+            tamper: Some(Tamper::Cut(4 * MIB)),
+            ..dirtying(5)
+        },
     );
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    let t = r.target_in(Phase::Failed);
     let e = t.error.as_deref().unwrap();
     assert!(e.contains("lost the source during post-copy"), "{t:?}");
     assert!(e.contains("cannot continue"), "{t:?}");
@@ -590,12 +603,8 @@ fn a_source_lost_in_postcopy_stops_the_destination_and_never_resumes() {
     // Its guest was woken when the memory was unregistered (it finds zero
     // pages then, which is why the VM had to stop first).
     let _ = r.guest.lock().unwrap().take().unwrap().join().unwrap();
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Failed, "{s:?}");
-    assert!(s.error.as_deref().unwrap().contains("post-copy"), "{s:?}");
     // Neither side may run the VM on half its memory.
-    assert_eq!(r.resumed.load(Ordering::SeqCst), 0);
-    assert!(!r.handed_over.load(Ordering::SeqCst));
+    r.source_kept_the_vm("post-copy", 0);
 }
 
 #[test]
@@ -628,23 +637,16 @@ fn postcopy_parameters_are_checked() {
 
 #[test]
 fn a_device_write_after_the_postcopy_pause_keeps_the_vm_on_the_source() {
-    let r = migrate_tweaked(0, postcopy(None), false, false, None, None, |s| {
-        s.device_writes_after_pause = true
-    });
-    let s = r.source.status();
-    assert_eq!(s.state, Phase::Failed, "{s:?}");
-    assert!(
-        s.error
-            .as_deref()
-            .unwrap()
-            .contains("devices wrote 1 pages"),
-        "{s:?}"
+    let r = migrate(
+        postcopy(None),
+        Setup {
+            source: Some(|s| s.device_writes_after_pause = true),
+            ..dirtying(0)
+        },
     );
     // Before the switch-over: the source runs the VM on.
-    assert_eq!(r.resumed.load(Ordering::SeqCst), 1);
-    assert!(!r.handed_over.load(Ordering::SeqCst));
-    let t = r.target.status();
-    assert_eq!(t.state, Phase::Failed, "{t:?}");
+    r.source_kept_the_vm("devices wrote 1 pages", 1);
+    r.target_in(Phase::Failed);
     let log = r.log.lock().unwrap();
     assert!(!log.resumed && log.discarded);
 }

@@ -13,25 +13,36 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// A migration URI that names no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{0:?}: expected tcp://HOST:PORT")]
+    Tcp(String),
+    #[error("{0:?}: expected unix:///ABSOLUTE/PATH")]
+    UnixRelative(String),
+    #[error("{0:?}: expected tcp://HOST:PORT or unix:///PATH")]
+    Scheme(String),
+}
+
 impl Endpoint {
-    pub fn parse(uri: &str) -> Result<Endpoint, String> {
+    pub fn parse(uri: &str) -> Result<Endpoint, EndpointError> {
         if let Some(addr) = uri.strip_prefix("tcp://") {
             let addr = addr.trim_end_matches('/');
             let ok = addr
                 .rsplit_once(':')
                 .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
-                return Err(format!("{uri:?}: expected tcp://HOST:PORT"));
+                return Err(EndpointError::Tcp(uri.to_string()));
             }
             return Ok(Endpoint::Tcp(addr.to_string()));
         }
         if let Some(path) = uri.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(format!("{uri:?}: expected unix:///ABSOLUTE/PATH"));
+                return Err(EndpointError::UnixRelative(uri.to_string()));
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
-        Err(format!("{uri:?}: expected tcp://HOST:PORT or unix:///PATH"))
+        Err(EndpointError::Scheme(uri.to_string()))
     }
 
     pub fn connect(&self, timeout: Duration) -> io::Result<Stream> {

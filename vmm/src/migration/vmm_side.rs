@@ -3,20 +3,59 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::VmStepError;
 use super::{FinalCopy, MigratableError, PostCopyPause, SourceVm, TargetVm};
+use crate::builder::EventMgr;
+use crate::controller::Controller;
 use crate::event_loop::TaskSender;
 use crate::snapshot::memory::{describe, dirty_runs, GuestMemoryState, PAGE_SIZE};
 use crate::snapshot::MicrovmState;
+use crate::vmm::Vmm;
 use crate::vmm_config::LoadSnapshotParams;
 use crate::vstate::memory::GuestMemoryMmap;
-
-fn no_vm() -> String {
-    "the microVM is gone".to_string()
-}
 
 pub(crate) struct VmmSource {
     pub tasks: TaskSender,
     pub mem: GuestMemoryMmap,
+}
+
+/// Runs `step` on the VMM thread; its failure, or the thread's, is a
+/// failure of `phase`.
+fn on_vmm_thread<R: Send + 'static>(
+    tasks: &TaskSender,
+    phase: fn(VmStepError) -> MigratableError,
+    step: impl FnOnce(&mut Controller, &mut EventMgr) -> Result<R, VmStepError> + Send + 'static,
+) -> Result<R, MigratableError> {
+    tasks
+        .run(step)
+        .map_err(|e| phase(VmStepError::VmmThread(e)))?
+        .map_err(phase)
+}
+
+fn vmm_of(c: &mut Controller) -> Result<&mut Vmm, VmStepError> {
+    c.vmm_mut().ok_or(VmStepError::NoVm)
+}
+
+/// Pauses the VM and runs `capture`; resumes it if that fails (nothing is
+/// left here then: the VM runs on).
+fn pause_and<R>(
+    vmm: &mut Vmm,
+    capture: impl FnOnce(&mut Vmm) -> Result<R, VmStepError>,
+) -> Result<R, VmStepError> {
+    vmm.pause()?;
+    let r = capture(vmm);
+    if r.is_err() {
+        if let Err(e) = vmm.resume() {
+            log::error!("migration: cannot resume after a failed capture: {e}");
+        }
+    }
+    r
+}
+
+/// The components' state, as a snapshot saves it, in the snapshot format.
+fn encoded_state(vmm: &Vmm) -> Result<Vec<u8>, VmStepError> {
+    let state = vmm.capture_state(describe(vmm.guest_memory()))?;
+    crate::snapshot::format::encode(&state).map_err(VmStepError::Vmm)
 }
 
 impl SourceVm for VmmSource {
@@ -25,95 +64,56 @@ impl SourceVm for VmmSource {
     }
 
     fn start_dirty_tracking(&mut self) -> Result<(), MigratableError> {
-        self.tasks
-            .run(|c, _| {
-                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-                vmm.enable_dirty_log()?;
-                // Forget what was dirty before: round 1 sends everything.
-                vmm.take_dirty_pages()
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(MigratableError::DirtyLog)?
-            .map_err(MigratableError::DirtyLog)
+        on_vmm_thread(&self.tasks, MigratableError::DirtyLog, |c, _| {
+            let vmm = vmm_of(c)?;
+            vmm.enable_dirty_log().map_err(VmStepError::Vmm)?;
+            // Forget what was dirty before: round 1 sends everything.
+            vmm.take_dirty_pages()?;
+            Ok(())
+        })
     }
 
     fn take_dirty(&mut self) -> Result<Vec<Vec<u64>>, MigratableError> {
-        self.tasks
-            .run(|c, _| {
-                c.vmm_mut()
-                    .ok_or_else(no_vm)?
-                    .take_dirty_pages()
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(MigratableError::DirtyLog)?
-            .map_err(MigratableError::DirtyLog)
+        on_vmm_thread(&self.tasks, MigratableError::DirtyLog, |c, _| {
+            Ok(vmm_of(c)?.take_dirty_pages()?)
+        })
     }
 
     fn pause_and_capture(&mut self, pending: Vec<Vec<u64>>) -> Result<FinalCopy, MigratableError> {
-        self.tasks
-            .run(move |c, _| {
-                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-                vmm.pause().map_err(|e| e.to_string())?;
-                let r = (|| {
-                    // The components' state, then memory, as a snapshot does.
-                    let state = vmm
-                        .capture_state(describe(vmm.guest_memory()))
-                        .map_err(|e| e.to_string())?;
-                    let mut dirty = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
-                    add_pages(&mut dirty, &pending);
-                    let pages = copy_pages(vmm.guest_memory(), &dirty)?;
-                    let state = crate::snapshot::format::encode(&state)?;
-                    Ok(FinalCopy { pages, state })
-                })();
-                if r.is_err() {
-                    // Nothing left here: the VM runs on.
-                    if let Err(e) = vmm.resume() {
-                        log::error!("migration: cannot resume after a failed capture: {e}");
-                    }
-                }
-                r
+        on_vmm_thread(&self.tasks, MigratableError::Capture, move |c, _| {
+            pause_and(vmm_of(c)?, |vmm| {
+                // The components' state, then memory, as a snapshot does.
+                let state = encoded_state(vmm)?;
+                let mut dirty = vmm.take_dirty_pages()?;
+                add_pages(&mut dirty, &pending);
+                let pages = copy_pages(vmm.guest_memory(), &dirty)?;
+                Ok(FinalCopy { pages, state })
             })
-            .map_err(MigratableError::Capture)?
-            .map_err(MigratableError::Capture)
+        })
     }
 
     fn pause_for_postcopy(
         &mut self,
         pending: Option<Vec<Vec<u64>>>,
     ) -> Result<PostCopyPause, MigratableError> {
-        self.tasks
-            .run(move |c, _| {
-                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-                vmm.pause().map_err(|e| e.to_string())?;
-                let r = (|| {
-                    let state = vmm
-                        .capture_state(describe(vmm.guest_memory()))
-                        .map_err(|e| e.to_string())?;
-                    let needed = match pending {
-                        // Nothing was sent: every page.
-                        None => all_pages(vmm.guest_memory()),
-                        Some(p) => {
-                            let mut d = vmm.take_dirty_pages().map_err(|e| e.to_string())?;
-                            add_pages(&mut d, &p);
-                            d
-                        }
-                    };
-                    let state = crate::snapshot::format::encode(&state)?;
-                    // From here on the VMM's own writes show in the vm-memory
-                    // bitmap (`written_since_pause`).
-                    crate::snapshot::memory::take_dirty_pages(vmm.guest_memory(), &[]);
-                    Ok(PostCopyPause { needed, state })
-                })();
-                if r.is_err() {
-                    if let Err(e) = vmm.resume() {
-                        log::error!("migration: cannot resume after a failed capture: {e}");
+        on_vmm_thread(&self.tasks, MigratableError::Capture, move |c, _| {
+            pause_and(vmm_of(c)?, |vmm| {
+                let state = encoded_state(vmm)?;
+                let needed = match pending {
+                    // Nothing was sent: every page.
+                    None => all_pages(vmm.guest_memory()),
+                    Some(p) => {
+                        let mut d = vmm.take_dirty_pages()?;
+                        add_pages(&mut d, &p);
+                        d
                     }
-                }
-                r
+                };
+                // From here on the VMM's own writes show in the vm-memory
+                // bitmap (`written_since_pause`).
+                crate::snapshot::memory::take_dirty_pages(vmm.guest_memory(), &[]);
+                Ok(PostCopyPause { needed, state })
             })
-            .map_err(MigratableError::Capture)?
-            .map_err(MigratableError::Capture)
+        })
     }
 
     fn written_since_pause(&mut self) -> u64 {
@@ -121,19 +121,16 @@ impl SourceVm for VmmSource {
     }
 
     fn resume(&mut self) -> Result<(), MigratableError> {
-        self.tasks
-            .run(|c, _| {
-                let vmm = c.vmm_mut().ok_or_else(no_vm)?;
-                if let Err(e) = vmm.restore_dirty_log_setting() {
-                    log::warn!("migration: cannot restore the dirty log setting: {e}");
-                }
-                if vmm.state() == crate::vmm::VmState::Paused {
-                    vmm.resume().map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })
-            .map_err(MigratableError::Resume)?
-            .map_err(MigratableError::Resume)
+        on_vmm_thread(&self.tasks, MigratableError::Resume, |c, _| {
+            let vmm = vmm_of(c)?;
+            if let Err(e) = vmm.restore_dirty_log_setting() {
+                log::warn!("migration: cannot restore the dirty log setting: {e}");
+            }
+            if vmm.state() == crate::vmm::VmState::Paused {
+                vmm.resume()?;
+            }
+            Ok(())
+        })
     }
 
     fn handed_over(&mut self) {
@@ -170,7 +167,7 @@ pub(crate) fn all_pages(mem: &GuestMemoryMmap) -> Vec<Vec<u64>> {
 pub(crate) fn copy_pages(
     mem: &GuestMemoryMmap,
     dirty: &[Vec<u64>],
-) -> Result<Vec<(u64, Vec<u8>)>, String> {
+) -> Result<Vec<(u64, Vec<u8>)>, VmStepError> {
     let mut out = Vec::new();
     for (region, bits) in mem.iter().zip(dirty) {
         let npages = (region.len() / PAGE_SIZE) as usize;
@@ -178,7 +175,7 @@ pub(crate) fn copy_pages(
             let gpa = region.start_addr().raw_value() + first as u64 * PAGE_SIZE;
             let mut data = vec![0u8; count * PAGE_SIZE as usize];
             mem.read_slice(&mut data, GuestAddress(gpa))
-                .map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
+                .map_err(|source| VmStepError::ReadMemory { gpa, source })?;
             out.push((gpa, data));
         }
     }
@@ -212,37 +209,31 @@ impl TargetVm for VmmTarget {
             .map(|r| (GuestAddress(r.base_address), r.size as usize))
             .collect();
         let mem = crate::vstate::memory::create_anonymous_regions(&regions)
-            .map_err(|e| MigratableError::Memory(e.to_string()))?;
+            .map_err(|e| MigratableError::Memory(e.into()))?;
         self.layout = Some(layout.clone());
         Ok(mem)
     }
 
     fn load(&mut self, state: &[u8], memory: GuestMemoryMmap) -> Result<(), MigratableError> {
         let state: MicrovmState = crate::snapshot::format::decode(state, "the migration stream")
-            .map_err(|e| MigratableError::Load(e.to_string()))?;
+            .map_err(|e| MigratableError::Load(e.into()))?;
         if self.layout.as_ref() != Some(&state.memory) {
-            return Err(MigratableError::Load(format!(
-                "the state's memory layout {:?} differs from the stream's {:?}",
-                state.memory, self.layout
-            )));
+            return Err(MigratableError::Load(VmStepError::LayoutMismatch {
+                state: state.memory,
+                stream: self.layout.clone(),
+            }));
         }
         let params = self.params.clone();
-        self.tasks
-            .run(move |c, em| c.load_migrated(state, memory, &params, em))
-            .map_err(MigratableError::Load)?
-            .map_err(MigratableError::Load)
+        on_vmm_thread(&self.tasks, MigratableError::Load, move |c, em| {
+            c.load_migrated(state, memory, &params, em)
+                .map_err(VmStepError::Vmm)
+        })
     }
 
     fn resume(&mut self) -> Result<(), MigratableError> {
-        self.tasks
-            .run(|c, _| {
-                c.vmm_mut()
-                    .ok_or_else(no_vm)?
-                    .resume()
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(MigratableError::Resume)?
-            .map_err(MigratableError::Resume)
+        on_vmm_thread(&self.tasks, MigratableError::Resume, |c, _| {
+            Ok(vmm_of(c)?.resume()?)
+        })
     }
 
     fn add_overrides(&mut self, overrides: Vec<crate::vmm_config::snapshot::DriveOverride>) {

@@ -46,14 +46,8 @@ mod tests {
         assert_eq!(
             put("/drives/rootfs", ROOTFS),
             Ok(VmmAction::PutDrive(BlockDeviceConfig {
-                drive_id: "rootfs".into(),
-                path_on_host: "/r.ext4".into(),
                 is_root_device: true,
-                is_read_only: false,
-                partuuid: None,
-                cache_type: None,
-                serial: None,
-                ..Default::default()
+                ..BlockDeviceConfig::file("rootfs", "/r.ext4")
             }))
         );
     }

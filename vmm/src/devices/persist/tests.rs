@@ -2,7 +2,6 @@
 //! the guest driving them through MMIO registers and rings in memory.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
@@ -64,25 +63,15 @@ fn json<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
     back
 }
 
-/// A disk of `sectors` sectors whose every byte is its sector number.
 fn disk(sectors: u64) -> TempFile {
-    let f = TempFile::new().unwrap();
-    for s in 0..sectors {
-        f.as_file().write_all_at(&[s as u8; 512], s * 512).unwrap();
-    }
-    f
+    sector_disk(sectors)
 }
 
 fn block_config(path: &str) -> BlockDeviceConfig {
     BlockDeviceConfig {
-        drive_id: "rootfs".into(),
-        path_on_host: path.into(),
-        is_root_device: true,
-        is_read_only: false,
-        partuuid: None,
         cache_type: Some("Writeback".into()),
         serial: Some("SN1".into()),
-        ..Default::default()
+        ..root_drive(path)
     }
 }
 

@@ -10,9 +10,28 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Mem;
+use crate::vmm_config::drive::BlockDeviceConfig;
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
+
+/// The read-write root drive `rootfs` on the file `path`.
+pub(crate) fn root_drive(path: &str) -> BlockDeviceConfig {
+    BlockDeviceConfig {
+        is_root_device: true,
+        ..BlockDeviceConfig::file("rootfs", path)
+    }
+}
+
+/// A disk of `sectors` sectors whose every byte is its sector number.
+pub(crate) fn sector_disk(sectors: u64) -> vmm_sys_util::tempfile::TempFile {
+    use std::os::unix::fs::FileExt;
+    let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    for s in 0..sectors {
+        f.as_file().write_all_at(&[s as u8; 512], s * 512).unwrap();
+    }
+    f
+}
 
 pub(crate) fn test_mem() -> Mem {
     Mem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()

@@ -16,25 +16,12 @@ const STATUS: u64 = 0x30_0000;
 const DISK_SECTORS: u64 = 16;
 
 fn config(path: &str) -> BlockDeviceConfig {
-    BlockDeviceConfig {
-        drive_id: "rootfs".into(),
-        path_on_host: path.into(),
-        is_root_device: true,
-        is_read_only: false,
-        partuuid: None,
-        cache_type: None,
-        serial: None,
-        ..Default::default()
-    }
+    root_drive(path)
 }
 
 /// A disk whose byte at offset `i` is `i / 512` (the sector number).
 fn disk_file() -> TempFile {
-    let f = TempFile::new().unwrap();
-    for s in 0..DISK_SECTORS {
-        f.as_file().write_all_at(&[s as u8; 512], s * 512).unwrap();
-    }
-    f
+    sector_disk(DISK_SECTORS)
 }
 
 struct Harness<'a> {

@@ -47,9 +47,23 @@ struct Server {
     sock: PathBuf,
     filters: Vec<String>,
     child: Option<Child>,
+    /// The temp dir of [`Server::started`], removed after the server.
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Server {
+    /// A `kind` server in a temp dir of its own; None (the test skips)
+    /// when it is not installed.
+    fn started(kind: Kind, filters: &[&str]) -> Option<Server> {
+        if !installed(kind) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = Server::start(kind, tmp.path(), filters);
+        s._tmp = Some(tmp);
+        Some(s)
+    }
+
     fn start(kind: Kind, dir: &Path, filters: &[&str]) -> Server {
         let image = dir.join("disk.img");
         if !image.exists() {
@@ -63,6 +77,7 @@ impl Server {
             sock: dir.join("nbd.sock"),
             filters: filters.iter().map(|f| f.to_string()).collect(),
             child: None,
+            _tmp: None,
         };
         s.spawn();
         s
@@ -171,11 +186,9 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 #[test]
 fn read_write_flush_against_each_server() {
     for kind in ALL {
-        if !installed(kind) {
+        let Some(server) = Server::started(kind, &[]) else {
             continue;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(kind, dir.path(), &[]);
+        };
         let mut c = client(&server, Duration::from_secs(10));
         assert_eq!(c.size(), SIZE, "{kind:?}");
         assert!(!c.read_only());
@@ -200,11 +213,9 @@ fn read_write_flush_against_each_server() {
 #[test]
 fn server_restart_is_survived() {
     for kind in ALL {
-        if !installed(kind) {
+        let Some(mut server) = Server::started(kind, &[]) else {
             continue;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = Server::start(kind, dir.path(), &[]);
+        };
         let mut c = client(&server, Duration::from_secs(10));
         let flushed = pattern(2, 64 * 1024);
         c.write_at(&flushed, 0).unwrap();
@@ -274,15 +285,12 @@ fn unflushed_writes_are_replayed_after_reconnect() {
 
 #[test]
 fn server_errors_fail_the_request_without_retry() {
-    if !installed(Kind::Nbdkit) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
+    let Some(server) = Server::started(
         Kind::Nbdkit,
-        dir.path(),
         &["error", "error-pread-rate=100%", "error=EIO"],
-    );
+    ) else {
+        return;
+    };
     let mut c = client(&server, Duration::from_secs(10));
     let mut buf = [0u8; 4096];
     let t = Instant::now();
@@ -299,11 +307,9 @@ fn server_errors_fail_the_request_without_retry() {
 
 #[test]
 fn request_timeout_fails_the_request() {
-    if !installed(Kind::Nbdkit) {
+    let Some(server) = Server::started(Kind::Nbdkit, &["delay", "rdelay=5"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(Kind::Nbdkit, dir.path(), &["delay", "rdelay=5"]);
+    };
     let mut c = client(&server, Duration::from_millis(300));
     let mut buf = [0u8; 512];
     let t = Instant::now();
@@ -344,11 +350,9 @@ fn unreachable_and_garbage_servers_are_clear_errors() {
 
 #[test]
 fn unknown_export_is_refused() {
-    if !installed(Kind::QemuNbd) {
+    let Some(server) = Server::started(Kind::QemuNbd, &[]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(Kind::QemuNbd, dir.path(), &[]);
+    };
     let mut uri = server.uri();
     uri.export = "nope".into();
     let err = NbdClient::connect(uri, Duration::from_secs(2), Durability::None)
@@ -360,11 +364,9 @@ fn unknown_export_is_refused() {
 #[test]
 fn trim_and_write_zeroes() {
     for kind in ALL {
-        if !installed(kind) {
+        let Some(server) = Server::started(kind, &[]) else {
             continue;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(kind, dir.path(), &[]);
+        };
         let mut c = client(&server, Duration::from_secs(10));
         c.write_at(&pattern(5, 64 * 1024), 0).unwrap();
         if c.can_write_zeroes() {
@@ -408,11 +410,9 @@ fn engine(server: &Server, timeout: Duration) -> NbdEngine {
 #[test]
 fn many_in_flight_against_each_server() {
     for kind in ALL {
-        if !installed(kind) {
+        let Some(server) = Server::started(kind, &[]) else {
             continue;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(kind, dir.path(), &[]);
+        };
         let e = engine(&server, Duration::from_secs(10));
         let len = 8192;
         for i in 0..48u64 {
@@ -499,11 +499,9 @@ fn requests_are_on_the_wire_together() {
 #[test]
 fn server_restart_with_requests_in_flight() {
     for kind in ALL {
-        if !installed(kind) {
+        let Some(mut server) = Server::started(kind, &[]) else {
             continue;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = Server::start(kind, dir.path(), &[]);
+        };
         let e = engine(&server, Duration::from_secs(20));
         let len = 64 * 1024;
         for i in 0..32u64 {
@@ -538,15 +536,12 @@ fn server_restart_with_requests_in_flight() {
 /// flight fails on its own, none is retried, reads keep working.
 #[test]
 fn server_errors_fail_each_request_in_flight() {
-    if !installed(Kind::Nbdkit) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
+    let Some(server) = Server::started(
         Kind::Nbdkit,
-        dir.path(),
         &["error", "error-pwrite-rate=100%", "error=ENOSPC"],
-    );
+    ) else {
+        return;
+    };
     let e = engine(&server, Duration::from_secs(10));
     for i in 0..8u64 {
         e.submit(i, Op::Write(vec![1; 4096]), i * 4096);
