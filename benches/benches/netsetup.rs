@@ -34,7 +34,8 @@ fn run() -> Result<(), String> {
         terminate_connections: true,
         host_services: vec![],
         denied: vec![],
-    })?;
+    })
+    .map_err(|e| e.to_string())?;
     let policy: EgressPolicy = serde_json::from_str(
         r#"{"DefaultAction":"Allow","Rules":[
             {"Action":"Deny","Cidr":"169.254.0.0/16"},
@@ -75,7 +76,9 @@ fn run() -> Result<(), String> {
     }
     let egress_t = {
         let t = Instant::now();
-        let n = m.apply_egress("bench", &EgressPolicy::default())?;
+        let n = m
+            .apply_egress("bench", &EgressPolicy::default())
+            .map_err(|e| e.to_string())?;
         (t.elapsed(), n)
     };
     for n in &standing {

@@ -15,6 +15,7 @@ use crate::pool::Pools;
 use crate::queue::AsyncQueue;
 use crate::store::Store;
 use crate::vm::{Instance, LaunchConfig, VmFiles};
+use crate::volumes::Volumes;
 use ember_lambda::error::ApiError;
 
 /// The function user in Lambda's sandboxes (`sbx_user1051`).
@@ -47,7 +48,7 @@ pub struct Config {
     /// Instance networking (None: instances have no network device).
     pub network: Option<Arc<crate::net::NetManager>>,
     /// The volume service attachments are asked of.
-    pub volumes: Option<crate::api::volumes::VolumeService>,
+    pub volume_service: Option<crate::volumes::VolumeService>,
     /// How this host reaches its peers and they reach it, for migrations
     /// (None: no TCP API, so no migrations).
     pub peers: Option<crate::migrate::PeerConfig>,
@@ -69,6 +70,8 @@ pub struct Daemon {
     building: Mutex<HashSet<(String, String)>>,
     build_slots: Semaphore,
     pub pools: Arc<Pools>,
+    /// Functions' volumes (None: no volume service).
+    pub volumes: Option<Arc<Volumes>>,
     pub queue: AsyncQueue,
     /// Logical addresses reserved per account.
     pub(crate) reservations: Mutex<BTreeMap<String, crate::net::LogicalNet>>,
@@ -130,11 +133,19 @@ impl Daemon {
             .map(|f| (f.name.clone(), f))
             .collect();
         let queue = AsyncQueue::open(store.async_dir())?;
-        let reservations = crate::network::load_reservations(&store)?;
+        let reservations = crate::net::load_reservations(&store)?;
+        let volumes = cfg
+            .volume_service
+            .clone()
+            .map(|s| Arc::new(Volumes::new(s)));
         Ok(Arc::new(Daemon {
             reservations: Mutex::new(reservations),
             build_slots: Semaphore::new(cfg.parallel_builds.max(1)),
-            pools: Arc::new(Pools::new(crate::pool::VmRestorer::new(&cfg))),
+            pools: Arc::new(Pools::new(crate::pool::VmRestorer::new(
+                &cfg,
+                volumes.clone(),
+            ))),
+            volumes,
             cfg,
             store,
             functions: Mutex::new(functions),
@@ -298,8 +309,8 @@ impl Daemon {
         }
         validate_spec(&spec)?;
         if let Some(fs) = &spec.file_system {
-            crate::volume::validate(fs)?;
-            if self.cfg.volumes.is_none() {
+            crate::volumes::validate(fs)?;
+            if self.volumes.is_none() {
                 return Err(ApiError::invalid(
                     "FileSystemConfigs need a volume service (emberd --volume-service)",
                 ));
@@ -803,11 +814,11 @@ impl Daemon {
         // the build (Instance::boot); never open to everyone.
         set_mode(dir, 0o700).map_err(|e| fail("InternalError", e.to_string()))?;
         let (vcpus, mem) = machine_for(v.spec.memory_mib);
-        let volume_bytes = match (&v.spec.file_system, &self.cfg.volumes) {
+        let volume_bytes = match (&v.spec.file_system, &self.volumes) {
             (Some(fs), Some(vs)) => Some(vs.size(&fs.volume).await.map_err(|e| {
                 fail(
                     "InvalidConfiguration",
-                    format!("the function's volume {}: {}", fs.volume, e.message),
+                    format!("the function's volume {}: {e}", fs.volume),
                 )
             })?),
             (Some(_), None) => {
@@ -986,7 +997,7 @@ mod tests {
             async_workers: 1,
             async_retry_delay: Duration::from_secs(1),
             network: None,
-            volumes: None,
+            volume_service: None,
             peers: None,
             export_bin: "/nonexistent/ember-export".into(),
         })

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::daemon::{machine_for, Daemon};
 use crate::model::{FunctionRecord, SnapshotRef, State, VersionRecord};
 use crate::vm::{Instance, InstanceError, LaunchConfig, VmFiles};
+use crate::volumes::Volumes;
 use ember_lambda::error::ApiError;
 
 type Key = (String, String);
@@ -153,14 +154,14 @@ impl Source {
 /// Restores real microVMs from snapshots.
 pub struct VmRestorer {
     launch: LaunchConfig,
-    volumes: Option<crate::api::volumes::VolumeService>,
+    volumes: Option<Arc<Volumes>>,
 }
 
 impl VmRestorer {
-    pub fn new(cfg: &crate::daemon::Config) -> VmRestorer {
+    pub fn new(cfg: &crate::daemon::Config, volumes: Option<Arc<Volumes>>) -> VmRestorer {
         VmRestorer {
             launch: cfg.launch.clone(),
-            volumes: cfg.volumes.clone(),
+            volumes,
         }
     }
 }
@@ -171,16 +172,18 @@ impl Restorer for VmRestorer {
     /// A clone with a volume attaches it to this host first (refused
     /// while another host holds it) and mounts it before it serves.
     async fn restore(&self, source: &Source) -> Result<Instance, InstanceError> {
-        let grant = match (&source.file_system, &self.volumes) {
+        let volume = match (&source.file_system, &self.volumes) {
             (None, _) => None,
             (Some(_), None) => {
                 return Err(InstanceError::Spawn(
                     "the function has a volume but this host no volume service".into(),
                 ))
             }
-            (Some(fs), Some(vs)) => Some(vs.attach(&fs.volume).await.map_err(|e| {
-                InstanceError::Spawn(format!("volume {}: {}", fs.volume, e.message))
-            })?),
+            (Some(fs), Some(vs)) => Some(
+                vs.attach_clone(fs, source.tmp_disk)
+                    .await
+                    .map_err(|e| InstanceError::Spawn(format!("volume {}: {e}", fs.volume)))?,
+            ),
         };
         let inst = Instance::restore(
             &self.launch,
@@ -189,18 +192,12 @@ impl Restorer for VmRestorer {
             source.mem_mib,
             source.vcpus,
             source.network.as_ref(),
-            grant.as_ref(),
+            volume.as_ref().map(|v| &v.grant),
             source.tmp_disk.then_some(source.snapshot.dir.as_path()),
         )
         .await?;
-        if let Some(fs) = &source.file_system {
-            let script = crate::volume::mount_script(
-                crate::volume::guest_device(source.tmp_disk),
-                &fs.mount_path,
-                crate::daemon::FUNCTION_UID,
-                crate::daemon::FUNCTION_GID,
-            );
-            if let Err(e) = inst.run_in_guest(script).await {
+        if let Some(v) = volume {
+            if let Err(e) = inst.run_in_guest(v.mount_script).await {
                 inst.destroy().await;
                 return Err(e);
             }

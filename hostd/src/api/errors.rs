@@ -7,6 +7,7 @@ use crate::invoke::InvokeError;
 use crate::migrate::MigrateError;
 use crate::pool::PoolError;
 use crate::queue::QueueError;
+use crate::volumes::VolumeError;
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> ApiError {
@@ -39,6 +40,32 @@ impl From<QueueError> for ApiError {
     }
 }
 
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> ApiError {
+        use VolumeError::*;
+        match e {
+            // The volume service's own refusal keeps its meaning.
+            Refused { status: 403, .. } | OtherAccount { .. } => {
+                ApiError::access_denied(e.to_string())
+            }
+            Refused { status: 404, .. } => ApiError::not_found(e.to_string()),
+            Refused { status: 409, .. } => ApiError::conflict(e.to_string()),
+            Refused { status: 400, .. }
+            | NotConfigured
+            | InvalidName(_)
+            | BadMountPath(_)
+            | BadVolumeName(_) => ApiError::invalid(e.to_string()),
+            Refused { .. }
+            | Unreachable(_)
+            | BadAnswer(_)
+            | BadGrant(_)
+            | NoSize(_)
+            | NoEndpoint(_)
+            | NoTlsIdentity { .. } => ApiError::service(e.to_string()),
+        }
+    }
+}
+
 impl From<MigrateError> for ApiError {
     fn from(e: MigrateError) -> ApiError {
         use MigrateError::*;
@@ -67,6 +94,7 @@ impl From<MigrateError> for ApiError {
                 "ServiceException",
                 e.to_string(),
             ),
+            Volume(e) => e.into(),
             Api(e) => e,
         }
     }
@@ -132,6 +160,31 @@ mod tests {
                 MigrateError::StillBusy("i".into()).into(),
                 StatusCode::CONFLICT,
                 "ResourceConflictException",
+            ),
+            (
+                VolumeError::Refused {
+                    status: 409,
+                    method: "POST",
+                    uri: "/v1/volumes/v/attach".into(),
+                    body: "held by h2".into(),
+                }
+                .into(),
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+            ),
+            (
+                VolumeError::OtherAccount {
+                    volume: "v".into(),
+                    account: "1".into(),
+                }
+                .into(),
+                StatusCode::FORBIDDEN,
+                "AccessDeniedException",
+            ),
+            (
+                MigrateError::Volume(VolumeError::NotConfigured).into(),
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
             ),
             (
                 MigrateError::NotTls("http://x".into()).into(),

@@ -44,8 +44,8 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
         description: req.description,
     };
     // The volume must be this account's (the volume service says whose).
-    if let (Some(fs), Some(vs)) = (&input.file_system, &d.cfg.volumes) {
-        crate::volume::validate(fs)?;
+    if let (Some(fs), Some(vs)) = (&input.file_system, &d.volumes) {
+        crate::volumes::validate(fs)?;
         vs.size(&fs.volume).await?;
     }
     let d2 = d.clone();

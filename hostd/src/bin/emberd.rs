@@ -414,10 +414,10 @@ async fn run(mut args: Args) {
         tls.map(|files| ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))));
     // (Its TLS identity is also what opens NBD to a volume service's
     // nbds:// port on another host.)
-    let volumes =
+    let volume_service =
         args.volume_service
             .clone()
-            .map(|socket| ember_hostd::api::volumes::VolumeService {
+            .map(|socket| ember_hostd::volumes::VolumeService {
                 socket,
                 host_id: host_id.clone(),
                 account: args.account.clone(),
@@ -469,7 +469,7 @@ async fn run(mut args: Args) {
         async_workers: args.async_workers,
         async_retry_delay: Duration::from_millis(args.async_retry_delay_ms),
         network,
-        volumes,
+        volume_service,
         peers,
         export_bin: absolute(
             args.export_bin

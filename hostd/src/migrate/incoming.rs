@@ -174,9 +174,9 @@ pub async fn prepare(
     }
     let generation = v.snapshot.as_ref().map(|s| s.generation).unwrap_or(0);
     let volume = v.spec.file_system.as_ref().map(|fs| fs.volume.clone());
-    let volume_host = match (&volume, &d.cfg.volumes) {
+    let volume_host = match (&volume, &d.volumes) {
         (None, _) => None,
-        (Some(_), Some(vs)) => Some(vs.host_id.clone()),
+        (Some(_), Some(vs)) => Some(vs.host_id().to_string()),
         (Some(name), None) => {
             return Err(MigrateError::NoVolumeService(
                 req.function_name.clone(),
@@ -299,7 +299,6 @@ pub async fn switch_over(d: &Arc<Daemon>, id: &str) -> Result<SwitchOverAnswer, 
         }
     };
     let vs = d
-        .cfg
         .volumes
         .as_ref()
         .ok_or(MigrateError::NoVolumeServiceHere)?;
@@ -367,7 +366,7 @@ enum ReceiveError {
     TimedOut,
     /// The stream between the hosts failed (the carrier's account).
     #[error("{0}")]
-    Stream(String),
+    Stream(#[source] super::stream::StreamError),
     #[error("stream task: {0}")]
     StreamTask(#[source] tokio::task::JoinError),
     #[error("the source gave the migration up")]

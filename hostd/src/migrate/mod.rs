@@ -87,7 +87,9 @@ pub enum MigrateError {
     /// message says which).
     #[error("{0}")]
     Failed(String),
-    /// Already in Lambda's terms (the function records, the volume service).
+    #[error(transparent)]
+    Volume(#[from] crate::volumes::VolumeError),
+    /// Already in Lambda's terms (the function records).
     #[error("{}", .0.message)]
     Api(#[from] ApiError),
 }

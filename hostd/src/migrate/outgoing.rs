@@ -425,11 +425,12 @@ enum SendFailure {
     NoVolume,
     #[error("the volume service or the destination's volume host is missing")]
     NoVolumeHost,
-    #[error("moving volume {volume} to {host}: {message}")]
+    #[error("moving volume {volume} to {host}: {error}")]
     MoveVolume {
         volume: String,
         host: String,
-        message: String,
+        #[source]
+        error: crate::volumes::VolumeError,
     },
     #[error("destination {dest}: {error}")]
     Unreachable {
@@ -478,7 +479,7 @@ async fn switch_volume(
             result: Err(SendFailure::NoVolume),
         };
     };
-    let (Some(vs), Some(host)) = (&d.cfg.volumes, &answer.volume_host) else {
+    let (Some(vs), Some(host)) = (&d.volumes, &answer.volume_host) else {
         return Switched {
             moved: false,
             result: Err(SendFailure::NoVolumeHost),
@@ -490,7 +491,7 @@ async fn switch_volume(
             result: Err(SendFailure::MoveVolume {
                 volume: volume.to_string(),
                 host: host.clone(),
-                message: e.message,
+                error: e,
             }),
         };
     }
@@ -515,7 +516,7 @@ async fn switch_volume(
                 dest: dest.to_string(),
                 error,
             })?;
-        inst.switch_over(crate::volume::DRIVE_ID, &a.volume_uri)
+        inst.switch_over(crate::volumes::DRIVE_ID, &a.volume_uri)
             .await
             .map_err(SendFailure::SwitchOver)
     }
@@ -533,15 +534,15 @@ async fn volume_back(
     inst: &Instance,
     volume: Option<&str>,
 ) -> Result<(), MigrateError> {
-    let (Some(volume), Some(vs)) = (volume, &d.cfg.volumes) else {
+    let (Some(volume), Some(vs)) = (volume, &d.volumes) else {
         return Ok(());
     };
-    let g = vs.move_to(volume, &vs.host_id).await?;
+    let g = vs.bring_back(volume).await?;
     // The jail's NBD path opens the new grant from now on.
     let sock = inst
         .start_nbd_path(&g)
         .map_err(|e| MigrateError::Host(e.to_string()))?;
-    inst.reopen_nbd(crate::volume::DRIVE_ID, &g.uri_via(&sock))
+    inst.reopen_nbd(crate::volumes::DRIVE_ID, &g.uri_via(&sock))
         .await
         .map_err(|e| MigrateError::Host(e.to_string()))
 }

@@ -18,6 +18,48 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use ember_tls::tokio_rustls::{self, server::TlsStream};
 
+/// Why a stream or a peer's connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The TCP connection or TLS handshake (the TLS layer's account).
+    #[error("{0}")]
+    Tls(String),
+    #[error("sending the ticket to {addr}: {error}")]
+    SendTicket {
+        addr: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("sent no ticket")]
+    NoTicket,
+    #[error("reading the ticket: {0}")]
+    ReadTicket(#[source] std::io::Error),
+    #[error("sent a wrong ticket")]
+    WrongTicket,
+    #[error("no peer with the ticket connected within {0:?}")]
+    NoPeer(Duration),
+    #[error("the receiving VMM at {}: {error}", socket.display())]
+    ReceivingVmm {
+        socket: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("the VMM did not open its migration stream")]
+    VmmSilent,
+    #[error("accepting the VMM's stream: {0}")]
+    AcceptVmm(#[source] std::io::Error),
+    /// The stream broke while it was carried (on the destination).
+    #[error("migration stream: {0}")]
+    Carry(#[source] std::io::Error),
+    /// The stream to `addr` broke while it was carried (on the source).
+    #[error("migration stream to {addr}: {error}")]
+    CarryTo {
+        addr: String,
+        #[source]
+        error: std::io::Error,
+    },
+}
+
 /// A ticket's length in bytes (hex of 16 random bytes).
 pub const TICKET_LEN: usize = 32;
 
@@ -45,32 +87,39 @@ pub struct PeerTarget {
 
 impl PeerTarget {
     /// Connects, checks the host's certificate, sends the ticket.
-    pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, StreamError> {
         let mut s = self
             .tls
             .connect(&self.addr, Duration::from_secs(10))
-            .await?;
-        s.write_all(self.ticket.as_bytes())
             .await
-            .map_err(|e| format!("sending the ticket to {}: {e}", self.addr))?;
-        s.flush()
-            .await
-            .map_err(|e| format!("sending the ticket to {}: {e}", self.addr))?;
+            .map_err(StreamError::Tls)?;
+        let sent = match s.write_all(self.ticket.as_bytes()).await {
+            Ok(()) => s.flush().await,
+            Err(e) => Err(e),
+        };
+        sent.map_err(|error| StreamError::SendTicket {
+            addr: self.addr.clone(),
+            error,
+        })?;
         Ok(s)
     }
 }
 
 /// One connection's checks: the TLS handshake (a certificate of the CA),
 /// then the ticket.
-async fn check(tls: Tls, ticket: String, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
-    let mut s = tls.accept(tcp).await?;
+async fn check(
+    tls: Tls,
+    ticket: String,
+    tcp: TcpStream,
+) -> Result<TlsStream<TcpStream>, StreamError> {
+    let mut s = tls.accept(tcp).await.map_err(StreamError::Tls)?;
     let mut got = [0u8; TICKET_LEN];
     tokio::time::timeout(TICKET_WAIT, s.read_exact(&mut got))
         .await
-        .map_err(|_| "sent no ticket".to_string())?
-        .map_err(|e| format!("reading the ticket: {e}"))?;
+        .map_err(|_| StreamError::NoTicket)?
+        .map_err(StreamError::ReadTicket)?;
     if !same(&got, ticket.as_bytes()) {
-        return Err("sent a wrong ticket".into());
+        return Err(StreamError::WrongTicket);
     }
     Ok(s)
 }
@@ -83,7 +132,7 @@ pub async fn accept_peer(
     tls: &Tls,
     ticket: &str,
     wait: Duration,
-) -> Result<TlsStream<TcpStream>, String> {
+) -> Result<TlsStream<TcpStream>, StreamError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pending = tokio::task::JoinSet::new();
     loop {
@@ -92,7 +141,7 @@ pub async fn accept_peer(
                 Ok((tcp, peer)) if pending.len() < MAX_HANDSHAKES => {
                     let (tls, ticket) = (tls.clone(), ticket.to_string());
                     pending.spawn(async move {
-                        check(tls, ticket, tcp).await.map_err(|e| format!("{peer} {e}"))
+                        check(tls, ticket, tcp).await.map_err(|e| (peer, e))
                     });
                 }
                 Ok((_, peer)) => log::warn!("too many connections being checked; {peer} closed"),
@@ -103,11 +152,11 @@ pub async fn accept_peer(
             },
             Some(r) = pending.join_next(), if !pending.is_empty() => match r {
                 Ok(Ok(s)) => return Ok(s),
-                Ok(Err(e)) => log::warn!("refused a connection: {e}"),
+                Ok(Err((peer, e))) => log::warn!("refused a connection: {peer} {e}"),
                 Err(e) => log::warn!("checking a connection: {e}"),
             },
             _ = tokio::time::sleep_until(deadline) => {
-                return Err(format!("no peer with the ticket connected within {wait:?}"));
+                return Err(StreamError::NoPeer(wait));
             }
         }
     }
@@ -122,16 +171,22 @@ pub async fn serve_incoming(
     vmm_socket: PathBuf,
     wait: Duration,
     tls: Tls,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let mut tcp = accept_peer(&listener, &tls, &ticket, wait).await?;
     drop(listener);
-    let mut vmm = UnixStream::connect(&vmm_socket)
-        .await
-        .map_err(|e| format!("the receiving VMM at {}: {e}", vmm_socket.display()))?;
+    let mut vmm = match UnixStream::connect(&vmm_socket).await {
+        Ok(s) => s,
+        Err(error) => {
+            return Err(StreamError::ReceivingVmm {
+                socket: vmm_socket,
+                error,
+            })
+        }
+    };
     tokio::io::copy_bidirectional(&mut tcp, &mut vmm)
         .await
         .map(|_| ())
-        .map_err(|e| format!("migration stream: {e}"))
+        .map_err(StreamError::Carry)
 }
 
 /// Source: accepts the VMM's connection on `listener` and joins it to the
@@ -142,16 +197,19 @@ pub async fn serve_outgoing(
     listener: UnixListener,
     dest: PeerTarget,
     wait: Duration,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let (mut vmm, _) = tokio::time::timeout(wait, listener.accept())
         .await
-        .map_err(|_| "the VMM did not open its migration stream".to_string())?
-        .map_err(|e| format!("accepting the VMM's stream: {e}"))?;
+        .map_err(|_| StreamError::VmmSilent)?
+        .map_err(StreamError::AcceptVmm)?;
     let mut tcp = dest.connect().await?;
     tokio::io::copy_bidirectional(&mut vmm, &mut tcp)
         .await
         .map(|_| ())
-        .map_err(|e| format!("migration stream to {}: {e}", dest.addr))
+        .map_err(|error| StreamError::CarryTo {
+            addr: dest.addr.clone(),
+            error,
+        })
 }
 
 /// Source of a disk: serves every connection on `listener` that passes
@@ -254,7 +312,7 @@ mod tests {
                     ticket: new_ticket(),
                     tls: tls.clone(),
                 };
-                let mut s = target.connect().await?;
+                let mut s = target.connect().await.map_err(|e| e.to_string())?;
                 tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await
             }
             _ => unreachable!(),
@@ -330,7 +388,7 @@ mod tests {
             serve_incoming(tcp, new_ticket(), vmm_in, Duration::from_secs(3), b).await
         });
         assert!(stranger(&addr, "wrong ticket", &other, &a).await.is_err());
-        let err = dest.await.unwrap().unwrap_err();
+        let err = dest.await.unwrap().unwrap_err().to_string();
         assert!(err.contains("no peer with the ticket"), "{err}");
     }
 

@@ -32,10 +32,15 @@ pub struct PortRange {
     pub last: u16,
 }
 
+/// A port or port range that is neither.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid port or port range {0:?} (want 443 or 8000-8100)")]
+pub struct PortRangeError(String);
+
 impl FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid port or port range {s:?} (want 443 or 8000-8100)");
+    type Err = PortRangeError;
+    fn from_str(s: &str) -> Result<Self, PortRangeError> {
+        let bad = || PortRangeError(s.to_string());
         let (a, b) = s.split_once('-').unwrap_or((s, s));
         let first: u16 = a.trim().parse().map_err(|_| bad())?;
         let last: u16 = b.trim().parse().map_err(|_| bad())?;
@@ -98,17 +103,23 @@ pub struct EgressPolicy {
     pub rules: Vec<EgressRule>,
 }
 
+/// Why an egress policy cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("an egress policy holds at most {MAX_RULES} rules, got {0}")]
+    TooManyRules(usize),
+    #[error("rule {0}: Ports need Protocol Tcp or Udp")]
+    PortsWithoutProtocol(usize),
+}
+
 impl EgressPolicy {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         if self.rules.len() > MAX_RULES {
-            return Err(format!(
-                "an egress policy holds at most {MAX_RULES} rules, got {}",
-                self.rules.len()
-            ));
+            return Err(PolicyError::TooManyRules(self.rules.len()));
         }
         for (i, r) in self.rules.iter().enumerate() {
             if !r.ports.is_empty() && r.protocol == Protocol::All {
-                return Err(format!("rule {i}: Ports need Protocol Tcp or Udp"));
+                return Err(PolicyError::PortsWithoutProtocol(i));
             }
         }
         Ok(())
@@ -198,6 +209,10 @@ mod tests {
             r#"{"Rules":[{"Action":"Allow","Cidr":"10.0.0.0/8","Ports":["80"]}]}"#,
         )
         .unwrap();
-        assert!(p.validate().unwrap_err().contains("Ports need Protocol"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("Ports need Protocol"));
     }
 }

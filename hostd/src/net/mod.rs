@@ -9,6 +9,7 @@
 //! physical address (other instances, the host side of their links) and
 //! from the namespace itself.
 
+mod daemon;
 mod egress;
 mod netns;
 mod rules;
@@ -23,8 +24,12 @@ use ember_agent::GuestNetwork;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-pub use egress::{Action, EgressPolicy, EgressRule, PortRange, Protocol};
-pub use rules::HostService;
+pub use daemon::load_reservations;
+pub use egress::{
+    Action, EgressPolicy, EgressRule, PolicyError, PortRange, PortRangeError, Protocol,
+};
+pub use netns::CommandError;
+pub use rules::{HostService, HostServiceError};
 
 /// The tap in every instance namespace, as the VMM (and the snapshot) names it.
 pub const TAP_NAME: &str = "tap0";
@@ -65,25 +70,26 @@ impl LogicalNet {
         format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
     }
 
-    pub fn validate(&self, physical_net: Ipv4Net) -> Result<(), String> {
-        let (ip, gw, net) = (self.ip(), self.gateway, self.address);
-        if ip == gw {
-            return Err("the address and the gateway must differ".into());
+    pub fn validate(&self, physical_net: Ipv4Net) -> Result<(), AddressError> {
+        let (ip, gateway, net) = (self.ip(), self.gateway, self.address);
+        let subnet = net.trunc();
+        if ip == gateway {
+            return Err(AddressError::GatewayIsAddress);
         }
-        if !net.contains(&gw) {
-            return Err(format!("gateway {gw} is outside {}", net.trunc()));
+        if !net.contains(&gateway) {
+            return Err(AddressError::GatewayOutside { gateway, subnet });
         }
         if net.prefix_len() < 31 && (ip == net.network() || ip == net.broadcast()) {
-            return Err(format!("{ip} is not a host address of {}", net.trunc()));
+            return Err(AddressError::NotAHost { ip, subnet });
         }
         if ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() || ip.is_broadcast() {
-            return Err(format!("{ip} cannot be an instance's address"));
+            return Err(AddressError::Reserved(ip));
         }
-        if net.trunc().contains(&physical_net.network()) || physical_net.contains(&ip) {
-            return Err(format!(
-                "{} overlaps this host's physical network {physical_net}",
-                net.trunc()
-            ));
+        if subnet.contains(&physical_net.network()) || physical_net.contains(&ip) {
+            return Err(AddressError::Overlaps {
+                subnet,
+                physical_net,
+            });
         }
         Ok(())
     }
@@ -124,12 +130,61 @@ impl NetConfig {
     }
 }
 
+/// Why a logical address cannot be an instance's.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("the address and the gateway must differ")]
+    GatewayIsAddress,
+    #[error("gateway {gateway} is outside {subnet}")]
+    GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{ip} is not a host address of {subnet}")]
+    NotAHost { ip: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{0} cannot be an instance's address")]
+    Reserved(Ipv4Addr),
+    #[error("{subnet} overlaps this host's physical network {physical_net}")]
+    Overlaps {
+        subnet: Ipv4Net,
+        physical_net: Ipv4Net,
+    },
+}
+
+/// Why instance networking cannot start on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("physical network {0} is too small: want /29 or larger")]
+    TooSmall(Ipv4Net),
+    #[error("instance networking needs `{tool}`: {error}")]
+    NoTool {
+        tool: &'static str,
+        #[source]
+        error: CommandError,
+    },
+    #[error("{}: {error}", dir.display())]
+    StateDir {
+        dir: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("closing this host to instances: {0}")]
+    CloseHost(#[source] CommandError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("no free physical address left in {0}")]
     Exhausted(Ipv4Net),
     #[error("setting up the instance network: {0}")]
-    Setup(String),
+    Setup(#[source] CommandError),
+    /// The record that lets a restarted hostd remove the namespace.
+    #[error("setting up the instance network: {0}")]
+    Record(#[source] std::io::Error),
+    /// An instance's namespace refused a new egress policy.
+    #[error("{netns}: {error}")]
+    Egress {
+        netns: String,
+        #[source]
+        error: CommandError,
+    },
 }
 
 /// One row of the address table.
@@ -229,19 +284,17 @@ impl std::fmt::Debug for NetManager {
 
 impl NetManager {
     /// Checks the tools are there and removes what a previous hostd left.
-    pub fn new(cfg: NetConfig) -> Result<NetManager, String> {
+    pub fn new(cfg: NetConfig) -> Result<NetManager, StartError> {
         if cfg.physical_net.prefix_len() > 29 {
-            return Err(format!(
-                "physical network {} is too small: want /29 or larger",
-                cfg.physical_net
-            ));
+            return Err(StartError::TooSmall(cfg.physical_net));
         }
         for tool in ["ip", "nft"] {
-            netns::run(tool, &["-V"], None)
-                .map_err(|e| format!("instance networking needs `{tool}`: {e}"))?;
+            netns::run(tool, &["-V"], None).map_err(|error| StartError::NoTool { tool, error })?;
         }
-        std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|error| StartError::StateDir {
+            dir: cfg.state_dir.clone(),
+            error,
+        })?;
         // Closed before any instance has a link: this namespace (emberd's)
         // takes nothing new from instances but the services opened to them.
         netns::run(
@@ -249,7 +302,7 @@ impl NetManager {
             &["-f", "-"],
             Some(&rules::host_ruleset(cfg.physical_net, &cfg.host_services)),
         )
-        .map_err(|e| format!("closing this host to instances: {e}"))?;
+        .map_err(StartError::CloseHost)?;
         let m = NetManager {
             cfg,
             inner: Mutex::new(Inner::default()),
@@ -340,15 +393,17 @@ impl NetManager {
             netns: net.netns.clone(),
             host_veth: net.host_veth.clone(),
         };
-        let saved = serde_json::to_vec(&record)
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                std::fs::write(self.record_path(instance_id), b).map_err(|e| e.to_string())
+        let made = serde_json::to_vec(&record)
+            .map_err(std::io::Error::from)
+            .and_then(|b| std::fs::write(self.record_path(instance_id), b))
+            .map_err(NetError::Record)
+            .and_then(|_| {
+                self.build(&net, host_side, egress, tap_owner)
+                    .map_err(NetError::Setup)
             });
-        let made = saved.and_then(|_| self.build(&net, host_side, egress, tap_owner));
         if let Err(e) = made {
             self.teardown(&net);
-            return Err(NetError::Setup(e));
+            return Err(e);
         }
         self.lock().entries.insert(
             instance_id.to_string(),
@@ -378,7 +433,7 @@ impl NetManager {
         host_side: Ipv4Addr,
         egress: &EgressPolicy,
         tap_owner: Option<u32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommandError> {
         netns::create(&net.netns)?;
         let hv = &net.host_veth;
         let root = format!(
@@ -436,7 +491,7 @@ impl NetManager {
 
     /// Applies `policy` to the running instances of `function`; returns
     /// how many were updated. Blocking.
-    pub fn apply_egress(&self, function: &str, policy: &EgressPolicy) -> Result<usize, String> {
+    pub fn apply_egress(&self, function: &str, policy: &EgressPolicy) -> Result<usize, NetError> {
         let targets: Vec<String> = self
             .lock()
             .entries
@@ -452,7 +507,7 @@ impl NetManager {
                 Ok(()) => done += 1,
                 // Gone meanwhile: the instance was destroyed.
                 Err(_) if !p.exists() => {}
-                Err(e) => return Err(format!("{ns}: {e}")),
+                Err(error) => return Err(NetError::Egress { netns: ns, error }),
             }
         }
         Ok(done)
@@ -500,7 +555,7 @@ mod tests {
             ("10.0.0.2/8", "10.0.0.1", "overlaps"),
             ("127.0.0.2/8", "127.0.0.1", "cannot be"),
         ] {
-            let e = logical(a, g).validate(physical()).unwrap_err();
+            let e = logical(a, g).validate(physical()).unwrap_err().to_string();
             assert!(e.contains(why), "{a} via {g}: {e}");
         }
     }

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use ipnet::Ipv4Net;
 
-use super::egress::{EgressPolicy, PortRange};
+use super::egress::{EgressPolicy, PortRange, PortRangeError};
 use super::{NS_VETH, TAP_NAME};
 
 /// The prefix of every host-side veth (`emb{slot}`): the host's rules match
@@ -44,11 +44,35 @@ pub struct HostService {
     pub ports: Vec<PortRange>,
 }
 
+/// A `--allow-guest-to-host` that names no host service.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid host service {spec:?}: {reason} (want ADDRESS[/PREFIX]:PORTS[/udp], e.g. \
+     10.0.0.5:8080 or 10.0.0.53:53/udp)"
+)]
+pub struct HostServiceError {
+    spec: String,
+    reason: HostServiceReason,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HostServiceReason {
+    #[error("no ports")]
+    NoPorts,
+    #[error("{0}")]
+    Network(#[from] ipnet::AddrParseError),
+    #[error("{0}")]
+    Address(#[from] std::net::AddrParseError),
+    #[error("{0}")]
+    Ports(#[from] PortRangeError),
+}
+
 impl FromStr for HostService {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: String| {
-            format!("invalid host service {s:?}: {why} (want ADDRESS[/PREFIX]:PORTS[/udp], e.g. 10.0.0.5:8080 or 10.0.0.53:53/udp)")
+    type Err = HostServiceError;
+    fn from_str(s: &str) -> Result<Self, HostServiceError> {
+        let bad = |reason: HostServiceReason| HostServiceError {
+            spec: s.to_string(),
+            reason,
         };
         let (rest, udp) = match s.strip_suffix("/udp") {
             Some(r) => (r, true),
@@ -56,18 +80,18 @@ impl FromStr for HostService {
         };
         let (addr, ports) = rest
             .rsplit_once(':')
-            .ok_or_else(|| bad("no ports".into()))?;
+            .ok_or_else(|| bad(HostServiceReason::NoPorts))?;
         let cidr = if addr.contains('/') {
-            addr.parse::<Ipv4Net>().map_err(|e| bad(e.to_string()))?
+            addr.parse::<Ipv4Net>().map_err(|e| bad(e.into()))?
         } else {
-            let ip: Ipv4Addr = addr.parse().map_err(|e| bad(format!("{e}")))?;
+            let ip: Ipv4Addr = addr.parse().map_err(|e| bad(HostServiceReason::from(e)))?;
             Ipv4Net::from(ip)
         };
         let ports = ports
             .split(',')
             .map(|p| p.parse::<PortRange>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(bad)?;
+            .map_err(|e| bad(e.into()))?;
         Ok(HostService {
             cidr: cidr.trunc(),
             udp,
@@ -276,7 +300,7 @@ mod tests {
             "10.0.0.0/33:80",
             ":80",
         ] {
-            let e = bad.parse::<HostService>().unwrap_err();
+            let e = bad.parse::<HostService>().unwrap_err().to_string();
             assert!(e.contains("invalid host service"), "{bad}: {e}");
         }
     }
@@ -330,7 +354,10 @@ mod tests {
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error().to_string());
             }
-            let run = |input: &str| super::super::netns::run("nft", &["-f", "-"], Some(input));
+            let run = |input: &str| {
+                super::super::netns::run("nft", &["-f", "-"], Some(input))
+                    .map_err(|e| e.to_string())
+            };
             run(&ruleset(&addressing(), &policy))?;
             run(&ruleset(&addressing(), &policy))?; // replacing works too
             run(&egress_update(

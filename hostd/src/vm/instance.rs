@@ -130,7 +130,7 @@ pub struct Instance {
     /// Tasks serving it (the NBD path to its volume), ended with it.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The one volume export its NBD path opens (once that path exists).
-    nbd_pin: crate::volume::SharedPin,
+    nbd_pin: crate::volumes::SharedPin,
     nbd_listening: std::sync::atomic::AtomicBool,
     /// Its own disks (`/tmp`), removed with it unless taken.
     disk_dir: Mutex<Option<PathBuf>>,
@@ -623,7 +623,7 @@ impl Instance {
             api.put_drive(&drive).await?;
         }
         if let Some(p) = volume_placeholder {
-            let drive = BlockDeviceConfig::file(crate::volume::DRIVE_ID, wire_path(&p)?);
+            let drive = BlockDeviceConfig::file(crate::volumes::DRIVE_ID, wire_path(&p)?);
             api.put_drive(&drive).await?;
         }
         let iface = self
@@ -677,7 +677,7 @@ impl Instance {
         mem_mib: u32,
         vcpus: u32,
         net: Option<&NetRequest>,
-        volume: Option<&crate::volume::Grant>,
+        volume: Option<&crate::volumes::Grant>,
         tmp_golden: Option<&Path>,
     ) -> Result<Instance, InstanceError> {
         let snap = snapshot_dir.join("vm.snap");
@@ -760,7 +760,7 @@ impl Instance {
         mem_mib: u32,
         vcpus: u32,
         net: Option<&NetRequest>,
-        volume: Option<&crate::volume::Grant>,
+        volume: Option<&crate::volumes::Grant>,
         fill_tmp_from: Option<crate::migrate::stream::PeerTarget>,
     ) -> Result<Instance, InstanceError> {
         let inputs = [
@@ -847,7 +847,7 @@ impl Instance {
         snap: &Path,
         mem: &Path,
         disk_dir: Option<&Path>,
-        volume: Option<&crate::volume::Grant>,
+        volume: Option<&crate::volumes::Grant>,
     ) -> Result<LoadSnapshotParams, InstanceError> {
         let backend = MemBackend {
             backend_type: MemBackendType::File,
@@ -872,7 +872,7 @@ impl Instance {
         if let Some(g) = volume {
             let sock = self.start_nbd_path(g)?;
             load.drive_overrides.push(DriveOverride {
-                drive_id: crate::volume::DRIVE_ID.into(),
+                drive_id: crate::volumes::DRIVE_ID.into(),
                 path_on_host: g.uri_via(&sock),
             });
         }
@@ -881,12 +881,12 @@ impl Instance {
 
     /// Listens in the jail for the VMM's NBD connections to a volume and
     /// joins each to the export `grant` names, whatever export the VMM
-    /// asks for ([`crate::volume::forward_pinned`]); answers the socket's
+    /// asks for ([`crate::volumes::forward_pinned`]); answers the socket's
     /// path as the VMM sees it. Called again with a new grant (the same
     /// volume granted again), later connections open the new one.
-    pub fn start_nbd_path(&self, grant: &crate::volume::Grant) -> Result<PathBuf, InstanceError> {
+    pub fn start_nbd_path(&self, grant: &crate::volumes::Grant) -> Result<PathBuf, InstanceError> {
         use std::sync::atomic::Ordering;
-        let pin = grant.pin().map_err(|e| InstanceError::Spawn(e.message))?;
+        let pin = grant.pin()?;
         *self.nbd_pin.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin);
         if !self.nbd_listening.swap(true, Ordering::SeqCst) {
             let l = match self.listen_for_vmm(vm_paths::NBD) {
@@ -896,7 +896,7 @@ impl Instance {
                     return Err(e.into());
                 }
             };
-            let task = tokio::spawn(crate::volume::forward_pinned(l, self.nbd_pin.clone()));
+            let task = tokio::spawn(crate::volumes::forward_pinned(l, self.nbd_pin.clone()));
             self.tasks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::{EgressPolicy, LogicalNet, NetRequest};
 use crate::daemon::Daemon;
 use crate::model::{FunctionRecord, VersionRecord};
-use crate::net::{EgressPolicy, LogicalNet, NetRequest};
 use crate::store::{write_json_atomic, Store};
 use ember_lambda::error::ApiError;
 
@@ -148,7 +148,9 @@ impl Daemon {
         name: &str,
         policy: EgressPolicy,
     ) -> Result<usize, ApiError> {
-        policy.validate().map_err(ApiError::invalid)?;
+        policy
+            .validate()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         let p = policy.clone();
         self.modify(name, move |f| {
             f.egress = p;
