@@ -21,8 +21,8 @@ use crate::{
     ActionType, BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
     FaultBody, FillStatus, InstanceActionInfo, InstanceInfo, LoadSnapshotParams, MachineConfig,
     MachineConfigUpdate, MetricsConfig, MigrationStatus, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, ReceiveMigrationParams, SendMigrationParams, SwitchOverParams,
-    VmResources, VmState, VmStateUpdate, VsockConfig,
+    NetworkInterfaceUpdate, ReceiveMigrationParams, SaveWorkingSetParams, SendMigrationParams,
+    SwitchOverParams, VmResources, VmState, VmStateUpdate, VsockConfig, WorkingSetStatus,
 };
 
 /// Why a request to the API failed.
@@ -387,6 +387,16 @@ impl VmmClient {
     /// `PUT /snapshot/load` (a VMM not configured yet).
     pub async fn load_snapshot(&self, params: &LoadSnapshotParams) -> Result<(), ApiError> {
         self.put("/snapshot/load", params).await
+    }
+
+    /// `PUT /snapshot/working-set`: saves a recording clone's working set.
+    pub async fn save_working_set(&self, params: &SaveWorkingSetParams) -> Result<(), ApiError> {
+        self.put("/snapshot/working-set", params).await
+    }
+
+    /// `GET /snapshot/working-set`.
+    pub async fn working_set_status(&self) -> Result<WorkingSetStatus, ApiError> {
+        self.get("/snapshot/working-set").await
     }
 
     /// `PUT /migrate/send`: starts a live migration of this VM; follow it
