@@ -4,7 +4,10 @@
 //! - *with a host connection open*: the restore must reset the guest's
 //!   vsock transport, and connections wait until the guest has handled it;
 //! - *quiet* (taken 2 s after the last connection closed, as emberd's
-//!   pools do): there is nothing to reset.
+//!   pools do): there is nothing to reset;
+//! - *quiet, working set prefetched*: one recording clone of the quiet
+//!   snapshot saved the pages it touched up to its first answer, and each
+//!   restore reads those in before the guest runs.
 //!
 //! Each case restores `RESTORES` times (File backend, resumed by the load)
 //! with a plain client: it connects to the vsock socket once (`CONNECT 52`)
@@ -20,7 +23,10 @@ use std::time::Duration;
 use ember_agent::client::AgentClient;
 use ember_agent::AGENT_PORT;
 use ember_benches::{own_anonymous, percentile, rss_split};
-use ember_tests::snapshots::{boot_and_snapshot, load_resumed, pause, snapshot_paused};
+use ember_tests::snapshots::{
+    boot_and_snapshot, load_resumed, load_resumed_with, pause, snapshot_paused,
+};
+use ember_vmm_api::WorkingSetLoad;
 
 const RESTORES: usize = 20;
 const MEM_MIB: u32 = 128;
@@ -34,10 +40,17 @@ struct Sample {
     vmm_kib: u64,
     /// Anonymous beyond guest memory: the VMM's own per-process cost.
     anon_kib: u64,
+    /// Host page faults of the VMM from the load to the answer (`None`
+    /// from a VMM without `GET /snapshot/working-set`).
+    faults: Option<u64>,
 }
 
-fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
-    let (vmm, timing) = load_resumed(snapshot, mem);
+fn restore_once(
+    snapshot: &std::path::Path,
+    mem: &std::path::Path,
+    working_set: Option<WorkingSetLoad>,
+) -> Sample {
+    let (vmm, timing) = load_resumed_with(snapshot, mem, working_set);
     let uds = vmm.path("vsock.sock");
     let mut retries = 0;
     loop {
@@ -61,7 +74,12 @@ fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path) -> Sample {
     let guest_bytes = u64::from(MEM_MIB) << 20;
     let vmm_kib = rss_split(vmm.pid(), guest_bytes).map_or(0, |(all, guest)| all - guest);
     let anon_kib = own_anonymous(vmm.pid(), guest_bytes).unwrap_or(0);
+    let status = vmm.request("GET", "/snapshot/working-set", None);
+    let faults = (status.status == 200)
+        .then(|| status.json()["host_faults_since_load"].as_u64())
+        .flatten();
     Sample {
+        faults,
         load,
         answer,
         retries,
@@ -87,8 +105,13 @@ fn row(case: &str, samples: &[Sample], ours: Option<&[Sample]>) -> String {
         let base = percentile(&theirs, 50.0).as_secs_f64().max(1e-9);
         format!("{:.2}", answer_p50.as_secs_f64() / base)
     });
+    let faults = {
+        let mut v: Vec<u64> = samples.iter().filter_map(|s| s.faults).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).map_or("-".to_string(), u64::to_string)
+    };
     format!(
-        "| {case} | {} | {} | {} | {} | {} | {retries} | {:.1} | {:.2} | {ratio} |",
+        "| {case} | {} | {} | {} | {} | {} | {retries} | {faults} | {:.1} | {:.2} | {ratio} |",
         ms(percentile(&load, 50.0)),
         ms(answer_p50),
         ms(percentile(&answer, 99.0)),
@@ -117,21 +140,54 @@ fn main() {
     let (_d2, quiet_snap, quiet_mem, _) = snapshot_paused(&vmm, "ember-restore-quiet-");
     drop(vmm);
 
+    // One recording clone of the quiet snapshot, up to its first answer.
+    let ws_path = _d2.path().join("working-set");
+    let record = WorkingSetLoad {
+        record: true,
+        prefetch_path: None,
+    };
+    let (vmm, _) = load_resumed_with(&quiet_snap, &quiet_mem, Some(record));
+    ember_tests::snapshots::connect_restored(&vmm);
+    let r = vmm.put(
+        "/snapshot/working-set",
+        &serde_json::json!({ "working_set_path": ws_path }),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let recorded =
+        vmm.request("GET", "/snapshot/working-set", None).json()["pages_recorded"].clone();
+    drop(vmm);
+    let prefetch = WorkingSetLoad {
+        record: false,
+        prefetch_path: Some(ws_path.display().to_string()),
+    };
+
     let ours = ember_tests::artifacts::workspace_bin("ember-vmm");
     let baseline = std::env::var_os("EMBER_BENCH_BASELINE_VMM").map(std::path::PathBuf::from);
     let mut rows = Vec::new();
-    for (case, snap, mem) in [
-        ("host connection open at snapshot", &open_snap, &open_mem),
-        ("no connection at snapshot", &quiet_snap, &quiet_mem),
+    for (case, snap, mem, ws) in [
+        (
+            "host connection open at snapshot",
+            &open_snap,
+            &open_mem,
+            None,
+        ),
+        ("no connection at snapshot", &quiet_snap, &quiet_mem, None),
+        (
+            "no connection, working set prefetched",
+            &quiet_snap,
+            &quiet_mem,
+            Some(&prefetch),
+        ),
     ] {
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
         for _ in 0..RESTORES {
             std::env::set_var("EMBER_EMBER_VMM_BIN", &ours);
-            mine.push(restore_once(snap, mem));
-            if let Some(b) = &baseline {
+            mine.push(restore_once(snap, mem, ws.cloned()));
+            // A baseline VMM may not know working sets: those rows are ours.
+            if let (Some(b), None) = (&baseline, ws) {
                 std::env::set_var("EMBER_EMBER_VMM_BIN", b);
-                theirs.push(restore_once(snap, mem));
+                theirs.push(restore_once(snap, mem, None));
             }
         }
         rows.push(row(&format!("{case}: this ember-vmm"), &mine, None));
@@ -141,12 +197,13 @@ fn main() {
     }
     println!(
         "\nrestore to first answer: {RESTORES} restores per case, 1 vCPU, {MEM_MIB} MiB, File \
-         backend, connect once (retry after {ATTEMPT:?} without an answer)\n"
+         backend, connect once (retry after {ATTEMPT:?} without an answer); working set: \
+         {recorded} pages recorded\n"
     );
     println!(
-        "| case | load p50 ms | load->answer p50 ms | p99 | min | max | retries | VMM RSS beyond guest MiB | of it anonymous MiB | answer p50 / ours |"
+        "| case | load p50 ms | load->answer p50 ms | p99 | min | max | retries | host faults load->answer p50 | VMM RSS beyond guest MiB | of it anonymous MiB | answer p50 / ours |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }

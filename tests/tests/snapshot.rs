@@ -447,3 +447,85 @@ fn a_clone_answers_its_first_connection_without_a_retry() {
             .unwrap_or_else(|e| panic!("first request: {e}; {}", vmm.logs()));
     }
 }
+
+/// The working set: one clone records the pages it touches up to its first
+/// answer; later clones read those in before they run, and answer the same.
+#[test]
+fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
+    use ember_vmm_api::WorkingSetLoad;
+    let g = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let ws_path = dir.path().join("working-set");
+
+    let record = WorkingSetLoad {
+        record: true,
+        prefetch_path: None,
+    };
+    let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, Some(record));
+    let mut agent =
+        AgentClient::connect(&vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("recording clone: {e}; {}", vmm.logs()));
+    agent.health().expect("recording clone's first answer");
+    let status = vmm.request("GET", "/snapshot/working-set", None).json();
+    assert_eq!(status["recording"], json!(true), "{status}");
+    let recorded = status["pages_recorded"].as_u64().unwrap();
+    // Far fewer than the guest's 32768 pages, and more than nothing.
+    assert!(recorded > 100 && recorded < 32768, "{status}");
+    let r = vmm.put(
+        "/snapshot/working-set",
+        &json!({ "working_set_path": ws_path.to_str().unwrap() }),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    // The recording clone goes on serving its memory: it still runs code.
+    assert_eq!(sh(&mut agent, "echo still-here").trim(), "still-here");
+    drop(agent);
+    drop(vmm);
+
+    for _ in 0..2 {
+        let prefetch = WorkingSetLoad {
+            record: false,
+            prefetch_path: Some(ws_path.to_str().unwrap().into()),
+        };
+        let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, Some(prefetch));
+        let mut agent =
+            AgentClient::connect(&vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("prefetching clone: {e}; {}", vmm.logs()));
+        agent.health().expect("prefetching clone's first answer");
+        assert_eq!(sh(&mut agent, "cat /tmp/marker").trim(), "golden");
+        let status = vmm.request("GET", "/snapshot/working-set", None).json();
+        assert_eq!(status["recording"], json!(false), "{status}");
+        assert!(
+            status["pages_prefetched"].as_u64().unwrap() >= recorded,
+            "{status}"
+        );
+        // Only a recording clone can save one.
+        let r = vmm.put(
+            "/snapshot/working-set",
+            &json!({ "working_set_path": "/tmp/x" }),
+        );
+        assert_eq!(r.status, 400, "{r:?}");
+    }
+
+    // A working set and a snapshot that do not belong together: refused,
+    // the VMM left as it was.
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, b"EMBERSNP not really").unwrap();
+    let vmm = VmmProcess::spawn(&[]);
+    let mut load = ember_vmm_api::LoadSnapshotParams::new(
+        g.snapshot.to_str().unwrap(),
+        ember_vmm_api::MemBackend {
+            backend_type: ember_vmm_api::MemBackendType::File,
+            backend_path: g.mem.to_str().unwrap().into(),
+        },
+    );
+    load.working_set = Some(WorkingSetLoad {
+        record: false,
+        prefetch_path: Some(bad.to_str().unwrap().into()),
+    });
+    let r = vmm.put("/snapshot/load", &load);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.body.contains("truncated") || r.body.contains("corrupt"),
+        "{r:?}"
+    );
+}

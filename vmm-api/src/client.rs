@@ -21,8 +21,8 @@ use crate::{
     ActionType, BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
     FaultBody, FillStatus, InstanceActionInfo, InstanceInfo, LoadSnapshotParams, MachineConfig,
     MachineConfigUpdate, MetricsConfig, MigrationStatus, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, ReceiveMigrationParams, SendMigrationParams, SwitchOverParams,
-    VmResources, VmState, VmStateUpdate, VsockConfig,
+    NetworkInterfaceUpdate, ReceiveMigrationParams, SaveWorkingSetParams, SendMigrationParams,
+    SwitchOverParams, VmResources, VmState, VmStateUpdate, VsockConfig, WorkingSetStatus,
 };
 
 /// Why a request to the API failed.
@@ -359,6 +359,7 @@ get_routes! {
     "/machine-config" => machine_config() -> MachineConfig;
     "/vm/config" => vm_config() -> VmResources;
     "/migrate" => migration_status() -> MigrationStatus;
+    "/snapshot/working-set" => working_set_status() -> WorkingSetStatus;
 }
 
 /// A method per route at a fixed path that takes a shape.
@@ -386,6 +387,8 @@ send_routes! {
     PUT "/snapshot/create" => create_snapshot(params: &CreateSnapshotParams);
     /// Only in a VMM not configured yet.
     PUT "/snapshot/load" => load_snapshot(params: &LoadSnapshotParams);
+    /// Saves a recording clone's working set.
+    PUT "/snapshot/working-set" => save_working_set(params: &SaveWorkingSetParams);
     /// Starts a live migration of this VM; follow it with
     /// [`VmmClient::migration_status`].
     PUT "/migrate/send" => migrate(params: &SendMigrationParams);

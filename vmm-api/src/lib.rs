@@ -58,7 +58,8 @@ pub use net::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 pub use snapshot::{
     CreateSnapshotParams, DriveOverride, FillOverride, LoadSnapshotParams, MemBackend,
-    MemBackendType, NetworkOverride, SnapshotType, VhostUserOverride, VsockOverride,
+    MemBackendType, NetworkOverride, SaveWorkingSetParams, SnapshotType, VhostUserOverride,
+    VsockOverride, WorkingSetLoad, WorkingSetStatus,
 };
 pub use vm_config::VmResources;
 pub use vsock::VsockConfig;

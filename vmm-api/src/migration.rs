@@ -196,6 +196,7 @@ impl ReceiveMigrationParams {
             vhost_user_overrides: self.vhost_user_overrides.clone(),
             fill_overrides: self.fill_overrides.clone(),
             serial_out_path: self.serial_out_path.clone(),
+            working_set: None,
         }
     }
 }

@@ -113,6 +113,10 @@ pub struct LoadSnapshotParams {
     /// Where the restored guest's serial console goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,
+    /// Record this clone's working set, or prefetch one recorded earlier
+    /// (File backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_set: Option<WorkingSetLoad>,
 }
 
 impl LoadSnapshotParams {
@@ -131,6 +135,7 @@ impl LoadSnapshotParams {
             vhost_user_overrides: Vec::new(),
             fill_overrides: Vec::new(),
             serial_out_path: None,
+            working_set: None,
         }
     }
 
@@ -146,4 +151,44 @@ impl LoadSnapshotParams {
             (None, None) => Err("mem_backend is required".into()),
         }
     }
+}
+
+/// What a load does about the snapshot's working set: the guest pages a
+/// clone touches up to its first answer. Both need the File backend (a Uffd
+/// backend's handler is the one to prefetch there).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetLoad {
+    /// Serve each page's first touch from the memory file through a
+    /// userfaultfd and note it, for `PUT /snapshot/working-set`.
+    #[serde(default)]
+    pub record: bool,
+    /// A working set saved from an earlier clone of the same snapshot: its
+    /// pages are read in before the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_path: Option<String>,
+}
+
+/// `PUT /snapshot/working-set`: saves the pages a recording clone has
+/// touched so far (a versioned, checksummed file, like a snapshot's).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SaveWorkingSetParams {
+    pub working_set_path: String,
+}
+
+/// `GET /snapshot/working-set`: what the load did and what it cost since.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkingSetStatus {
+    /// Whether this clone records its working set.
+    pub recording: bool,
+    /// Pages recorded so far (first touches served from the memory file).
+    pub pages_recorded: u64,
+    /// Pages read in before the guest ran.
+    pub pages_prefetched: u64,
+    /// How long the prefetch took, in milliseconds.
+    pub prefetch_ms: f64,
+    /// Host page faults this VMM process took since the load (getrusage:
+    /// the guest's first touches of pages not prefetched, and the VMM's).
+    pub host_faults_since_load: u64,
 }

@@ -118,6 +118,10 @@ fn full_load() -> LoadSnapshotParams {
             fill_from: FillFrom::nbd("nbd://src:1/disk"),
         }],
         serial_out_path: Some("/serial".into()),
+        working_set: Some(WorkingSetLoad {
+            record: true,
+            prefetch_path: Some("/ws".into()),
+        }),
     }
 }
 

@@ -415,6 +415,8 @@ pub enum RestoreError {
     Invalid(String),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    WorkingSet(#[from] snapshot::working_set::WorkingSetError),
 }
 
 /// Builds a microVM from a snapshot: guest memory from the memory file,
@@ -432,6 +434,25 @@ pub fn restore_from_snapshot(
     check_vcpu_states(&state)?;
     let backend_path = std::path::Path::new(&backend.backend_path);
     let vhost_user = state.resources.drives.iter().any(|d| d.socket.is_some());
+    let ws_load = params.working_set.clone().unwrap_or_default();
+    let mut ws = snapshot::working_set::Loaded {
+        faults_at_load: snapshot::working_set::process_faults(),
+        ..Default::default()
+    };
+    if ws_load.record || ws_load.prefetch_path.is_some() {
+        if backend.backend_type != MemBackendType::File || vhost_user {
+            return Err(RestoreError::Invalid(
+                "working_set needs the File memory backend and no vhost-user drive (with Uffd, \
+                 the page-fault handler prefetches: ember-uffd-handler --working-set)"
+                    .into(),
+            ));
+        }
+        if ws_load.record && ws_load.prefetch_path.is_some() {
+            return Err(RestoreError::Invalid(
+                "working_set: record or prefetch_path, not both".into(),
+            ));
+        }
+    }
     let (mem, uffd) = match backend.backend_type {
         // A vhost-user backend maps guest memory: a shared copy of the file.
         MemBackendType::File if vhost_user => (
@@ -445,17 +466,36 @@ pub fn restore_from_snapshot(
                     .into(),
             ))
         }
-        MemBackendType::File => (
-            snapshot::memory::map_file(backend_path, &state.memory)?,
-            None,
-        ),
+        MemBackendType::File if ws_load.record => {
+            let (mem, rec) = snapshot::working_set::Recorder::start(backend_path, &state.memory)?;
+            ws.recorder = Some(rec);
+            (mem, None)
+        }
+        MemBackendType::File => {
+            let mem = snapshot::memory::map_file(backend_path, &state.memory)?;
+            if let Some(p) = &ws_load.prefetch_path {
+                let set = snapshot::working_set::WorkingSet::read(
+                    std::path::Path::new(p),
+                    state.memory.total_size(),
+                )?;
+                ws.prefetched = snapshot::working_set::prefetch(&mem, &state.memory, &set);
+                log::info!(
+                    "prefetched {} pages of the working set in {:.1} ms",
+                    ws.prefetched.pages,
+                    ws.prefetched.ms
+                );
+            }
+            (mem, None)
+        }
         MemBackendType::Uffd => {
             let (mem, uffd) = snapshot::uffd::create_uffd_memory(backend_path, &state.memory)
                 .map_err(|e| RestoreError::Invalid(e.to_string()))?;
             (mem, Some(uffd))
         }
     };
-    restore_from_state(params, state, mem, uffd, em, exit, serial_out)
+    let mut vmm = restore_from_state(params, state, mem, uffd, em, exit, serial_out)?;
+    vmm.set_working_set(ws);
+    Ok(vmm)
 }
 
 fn check_vcpu_states(state: &MicrovmState) -> Result<(), RestoreError> {

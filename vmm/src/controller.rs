@@ -152,6 +152,24 @@ impl Controller {
                     .map(VmmData::Json)
                     .map_err(|e| VmmActionError::Internal(e.to_string()))
             }
+            GetWorkingSet => {
+                let vmm = self.vmm.as_ref().ok_or_else(|| {
+                    VmmActionError::NotAllowed("the microVM is not started".into())
+                })?;
+                serde_json::to_value(vmm.working_set_status())
+                    .map(VmmData::Json)
+                    .map_err(|e| VmmActionError::Internal(e.to_string()))
+            }
+            SaveWorkingSet(p) => {
+                let vmm = self.vmm.as_ref().ok_or_else(|| {
+                    VmmActionError::NotAllowed("the microVM is not started".into())
+                })?;
+                let pages = vmm
+                    .save_working_set(std::path::Path::new(&p.working_set_path))
+                    .map_err(VmmActionError::InvalidInput)?;
+                log::info!("saved a working set of {pages} pages to {}", p.working_set_path);
+                Ok(VmmData::Empty)
+            }
             SwitchOverMigration(p) => match &self.migration {
                 Some(m) if m.switch_over(p.drive_overrides) => Ok(VmmData::Empty),
                 _ => Err(VmmActionError::NotAllowed(

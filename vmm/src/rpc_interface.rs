@@ -5,8 +5,8 @@
 use crate::vmm_config::{
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
     LoadSnapshotParams, MachineConfig, MetricsConfig, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, ReceiveMigrationParams, SendMigrationParams, SwitchOverParams,
-    VsockConfig,
+    NetworkInterfaceUpdate, ReceiveMigrationParams, SaveWorkingSetParams, SendMigrationParams,
+    SwitchOverParams, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +52,10 @@ pub enum VmmAction {
     CancelMigration,
     /// `PUT /migrate/switch-over`: a manual switch-over may go on.
     SwitchOverMigration(SwitchOverParams),
+    /// `GET /snapshot/working-set`.
+    GetWorkingSet,
+    /// `PUT /snapshot/working-set`: save a recording clone's working set.
+    SaveWorkingSet(SaveWorkingSetParams),
 }
 
 /// `GET /`, as the API answers it.

@@ -412,6 +412,8 @@ const VMM: &[(libc::c_long, Rule)] = &[
     (libc::SYS_readlink, Rule::Any),
     (libc::SYS_uname, Rule::Any),
     (libc::SYS_sysinfo, Rule::Any),
+    // The working set's fault count (GET /snapshot/working-set).
+    (libc::SYS_getrusage, Rule::Any),
     (libc::SYS_poll, Rule::Any),
     (libc::SYS_ppoll, Rule::Any),
 ];

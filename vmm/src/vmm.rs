@@ -39,6 +39,9 @@ pub struct Vmm {
     /// The userfaultfd and handler connection of a Uffd-backed restore:
     /// must outlive guest memory, or untouched pages would read as zeroes.
     uffd: Option<UffdBackend>,
+    /// A recording load's page server (it too must outlive guest memory)
+    /// and what a prefetching load did.
+    working_set: snapshot::working_set::Loaded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +86,26 @@ impl Vmm {
             state,
             resources,
             uffd: None,
+            working_set: Default::default(),
         }
     }
 
     pub(crate) fn set_uffd_backend(&mut self, uffd: Option<UffdBackend>) {
         self.uffd = uffd;
+    }
+
+    pub(crate) fn set_working_set(&mut self, ws: snapshot::working_set::Loaded) {
+        self.working_set = ws;
+    }
+
+    /// `GET /snapshot/working-set`.
+    pub fn working_set_status(&self) -> ember_vmm_api::WorkingSetStatus {
+        self.working_set.status()
+    }
+
+    /// `PUT /snapshot/working-set`: how many pages were saved.
+    pub fn save_working_set(&self, path: &Path) -> Result<u64, String> {
+        self.working_set.save(path)
     }
 
     /// Writes a snapshot of the paused VM: guest memory first, then the

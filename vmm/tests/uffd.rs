@@ -322,6 +322,99 @@ fn prefault_populates_everything_before_the_first_touch() {
     assert!(log.contains("served 0 page faults"), "{log}");
 }
 
+/// Which pages of the mapping at `addr` (`len` bytes) are resident.
+fn resident(addr: u64, len: u64) -> Vec<bool> {
+    let mut vec = vec![0u8; (len / 4096) as usize];
+    // SAFETY: the range is our own guest memory mapping and `vec` has one
+    // byte per page of it.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().map(|b| b & 1 == 1).collect()
+}
+
+#[test]
+fn a_working_set_is_installed_before_the_first_touch_and_the_rest_on_demand() {
+    use ember_vmm::snapshot::working_set::WorkingSet;
+    let state = layout();
+    let (dir, sock, mem_file, data) = setup(state.total_size() as usize);
+    // Pages 1-2 and the last of region 0, 0 of region 1 (file page 256,
+    // right after region 0: one run across the boundary), 3 of region 2.
+    let mut bits: Vec<Vec<u64>> = state
+        .regions
+        .iter()
+        .map(|r| vec![0; (r.size / 4096).div_ceil(64) as usize])
+        .collect();
+    bits[0][0] |= 0b110;
+    bits[0][3] |= 1 << 63;
+    bits[1][0] |= 1;
+    bits[2][0] |= 1 << 3;
+    let ws = WorkingSet::from_bitmaps(&state, &bits);
+    assert_eq!(ws.runs, vec![(1, 2), (255, 2), (771, 1)]);
+    let ws_path = dir.path().join("ws");
+    ws.write(&ws_path).unwrap();
+
+    let ws_arg = ws_path.to_str().unwrap();
+    let mut handler = HandlerProc::start_with(&sock, &mem_file, &["--working-set", ws_arg]);
+    let (mem, backend) = uffd_memory(&sock, &state);
+    handler.wait_line("prefaulted");
+
+    let maps = backend.mappings();
+    let want: [&[usize]; 3] = [&[1, 2, 255], &[0], &[3]];
+    for (m, want) in maps.iter().zip(want) {
+        let present: Vec<usize> = resident(m.base_host_virt_addr, m.size)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &p)| p.then_some(i))
+            .collect();
+        assert_eq!(present, want, "region at {:#x}", m.base_host_virt_addr);
+    }
+
+    let mem = Arc::new(mem);
+    let (m2, s2) = (mem.clone(), state.clone());
+    with_timeout("reading memory after the working set", move || {
+        assert_all_memory_matches(&m2, &s2, &data)
+    });
+    drop(mem);
+    drop(backend);
+    let (status, log) = handler.wait_exit();
+    assert!(status.success(), "{log}");
+    let pages = state.total_size() / 4096;
+    assert!(
+        log.contains(&format!("served {} page faults", pages - 5)),
+        "every page but the 5 of the set faulted once: {log}"
+    );
+}
+
+#[test]
+fn a_working_set_of_another_snapshot_is_refused() {
+    use ember_vmm::snapshot::working_set::WorkingSet;
+    let state = layout();
+    let (dir, sock, mem_file, _) = setup(state.total_size() as usize);
+    let small = GuestMemoryState {
+        regions: vec![MemoryRegionState {
+            base_address: 0,
+            size: 1 << 20,
+            file_offset: 0,
+        }],
+    };
+    let ws = WorkingSet::from_bitmaps(&small, &[vec![1; 4]]);
+    let ws_path = dir.path().join("ws");
+    ws.write(&ws_path).unwrap();
+    let mut handler = HandlerProc::start_with(
+        &sock,
+        &mem_file,
+        &["--working-set", ws_path.to_str().unwrap()],
+    );
+    let (_mem, backend) = uffd_memory(&sock, &state);
+    let (status, log) = handler.wait_exit();
+    drop(backend);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("is not a working set of this snapshot"),
+        "{log}"
+    );
+}
+
 #[test]
 fn vmm_side_errors_are_clear() {
     let state = layout();

@@ -40,6 +40,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("GET", ["machine-config"], None) => Ok(VmmAction::GetMachineConfig),
         ("GET", ["vm", "config"], None) => Ok(VmmAction::GetVmConfig),
         ("GET", ["migrate"], None) => Ok(VmmAction::GetMigration),
+        ("GET", ["snapshot", "working-set"], None) => Ok(VmmAction::GetWorkingSet),
         ("GET", ["drives", id, "fill"], None) => {
             Ok(VmmAction::GetDriveFill(checked_id(id)?.to_string()))
         }
@@ -58,6 +59,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("PUT", ["network-interfaces", id], Some(b)) => net::parse_put(b, id),
         ("PUT", ["snapshot", "create"], Some(b)) => snapshot::parse_put_create(b),
         ("PUT", ["snapshot", "load"], Some(b)) => snapshot::parse_put_load(b),
+        ("PUT", ["snapshot", "working-set"], Some(b)) => snapshot::parse_put_working_set(b),
         ("PUT", ["migrate", "send"], Some(b)) => migration::parse_put_send(b),
         ("PUT", ["migrate", "receive"], Some(b)) => migration::parse_put_receive(b),
         ("PUT", _, None) if is_known_put(&tokens) => {
@@ -89,6 +91,7 @@ fn is_known_put(tokens: &[&str]) -> bool {
             | ["drives", _]
             | ["machine-config"]
             | ["vsock"]
+            | ["snapshot", "working-set"]
             | ["metrics"]
             | ["network-interfaces", _]
             | ["snapshot", "create" | "load"]

@@ -2,7 +2,9 @@
 //! snapshot with the `Uffd` memory backend (Firecracker's protocol). It
 //! listens on `--socket`, accepts one VMM, receives the guest memory
 //! mappings (JSON) with the userfaultfd attached, and copies each faulting
-//! page from `--mem-file`. `--prefault` copies all of guest memory first.
+//! page from `--mem-file`. `--prefault` copies all of guest memory first;
+//! `--working-set` copies the pages of a saved working set first, in bulk
+//! (REAP's prefetch), then serves the rest on demand.
 //! It exits 0 when the VMM closes the connection, non-zero on any error.
 //!
 //! Once it has the VMM's connection, the userfaultfd and its mapping of the
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use ember_vmm::seccomp;
 use ember_vmm::snapshot::uffd::{self, sys, GuestRegionUffdMapping};
+use ember_vmm::snapshot::working_set::WorkingSet;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -44,6 +47,10 @@ struct Args {
     /// Copy all guest memory before serving faults.
     #[arg(long)]
     prefault: bool,
+    /// Copy these pages first: a working set saved by a recording load
+    /// (`PUT /snapshot/working-set`) of the same snapshot.
+    #[arg(long, conflicts_with = "prefault")]
+    working_set: Option<PathBuf>,
     /// Run without the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -90,6 +97,10 @@ fn run(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("cannot stat {mem}: {e}"))?
         .len();
     check_mappings(&mappings, file_len).map_err(|e| format!("{e} (memory file {mem})"))?;
+    let working_set = match &args.working_set {
+        Some(p) => Some(WorkingSet::read(p, file_len).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let src = MmapRegion::<()>::build(
         Some(FileOffset::new(file, 0)),
         file_len as usize,
@@ -121,16 +132,22 @@ fn run(args: &Args) -> Result<(), String> {
         pending: VecDeque::new(),
         faults: 0,
     };
-    if args.prefault {
-        let start = Instant::now();
-        for m in &h.mappings {
-            h.pending.push_back(Work {
-                dst: m.base_host_virt_addr,
-                len: m.size,
-                zero: false,
-            });
+    let mut first = Vec::new();
+    for m in &h.mappings {
+        match &working_set {
+            Some(ws) => first.extend(ws.pieces_in(m.offset, m.size, m.base_host_virt_addr)),
+            None if args.prefault => first.push((m.base_host_virt_addr, m.size)),
+            None => {}
         }
-        let total: u64 = h.mappings.iter().map(|m| m.size).sum();
+    }
+    if !first.is_empty() {
+        let start = Instant::now();
+        let total: u64 = first.iter().map(|w| w.1).sum();
+        h.pending.extend(first.into_iter().map(|(dst, len)| Work {
+            dst,
+            len,
+            zero: false,
+        }));
         loop {
             h.serve_pending()?;
             if h.pending.is_empty() {

@@ -4,6 +4,7 @@
 pub mod format;
 pub mod memory;
 pub mod uffd;
+pub mod working_set;
 
 use serde::{Deserialize, Serialize};
 

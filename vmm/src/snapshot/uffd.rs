@@ -193,24 +193,7 @@ pub fn create_uffd_memory(
     backend_path: &Path,
     state: &GuestMemoryState,
 ) -> Result<(GuestMemoryMmap, UffdBackend), UffdError> {
-    check_layout(state)?;
-    let mut regions = Vec::new();
-    for r in &state.regions {
-        // A full-length bitmap, so VMM writes are tracked for Diff snapshots.
-        let bitmap = AtomicBitmap::with_len(r.size as usize);
-        let mmap = MmapRegionBuilder::new_with_bitmap(r.size as usize, bitmap)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| UffdError::Memory(e.to_string()))?;
-        regions.push(
-            GuestRegionMmap::new(mmap, GuestAddress(r.base_address))
-                .ok_or_else(|| UffdError::Memory("region wraps the address space".into()))?,
-        );
-    }
-    let mem =
-        GuestMemoryMmap::from_regions(regions).map_err(|e| UffdError::Memory(e.to_string()))?;
-
+    let mem = anonymous_memory(state)?;
     let uffd = register_memory(&mem)?;
     let page_size = page_size();
     let mut mappings = Vec::new();
@@ -243,6 +226,27 @@ pub fn create_uffd_memory(
             mappings,
         },
     ))
+}
+
+/// Anonymous guest memory laid out as `state` says, every page missing:
+/// what a userfaultfd then fills.
+pub fn anonymous_memory(state: &GuestMemoryState) -> Result<GuestMemoryMmap, UffdError> {
+    check_layout(state)?;
+    let mut regions = Vec::new();
+    for r in &state.regions {
+        // A full-length bitmap, so VMM writes are tracked for Diff snapshots.
+        let bitmap = AtomicBitmap::with_len(r.size as usize);
+        let mmap = MmapRegionBuilder::new_with_bitmap(r.size as usize, bitmap)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| UffdError::Memory(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(mmap, GuestAddress(r.base_address))
+                .ok_or_else(|| UffdError::Memory("region wraps the address space".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| UffdError::Memory(e.to_string()))
 }
 
 /// A new userfaultfd with every region of `mem` registered for missing

@@ -15,7 +15,7 @@ pub use machine_config::MachineConfig;
 pub use metrics::MetricsConfig;
 pub use migration::{ReceiveMigrationParams, SendMigrationParams, SwitchOverParams};
 pub use net::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
-pub use snapshot::{CreateSnapshotParams, LoadSnapshotParams};
+pub use snapshot::{CreateSnapshotParams, LoadSnapshotParams, SaveWorkingSetParams};
 pub use vsock::VsockConfig;
 
 /// Everything needed to build a VM, as given by `--config-file` or

@@ -1,4 +1,5 @@
-//! `PUT /snapshot/create` and `PUT /snapshot/load`.
+//! `PUT /snapshot/create`, `PUT /snapshot/load` and
+//! `PUT /snapshot/working-set`.
 
 use crate::api::parsed_request::{parse_json, ParseError};
 use crate::rpc_interface::VmmAction;
@@ -12,6 +13,14 @@ pub fn parse_put_load(body: &[u8]) -> Result<VmmAction, ParseError> {
     let p: LoadSnapshotParams = parse_json(body)?;
     p.backend().map_err(ParseError::bad_request)?;
     Ok(VmmAction::LoadSnapshot(p))
+}
+
+pub fn parse_put_working_set(body: &[u8]) -> Result<VmmAction, ParseError> {
+    let p: crate::vmm_config::SaveWorkingSetParams = parse_json(body)?;
+    if p.working_set_path.is_empty() {
+        return Err(ParseError::bad_request("working_set_path is empty"));
+    }
+    Ok(VmmAction::SaveWorkingSet(p))
 }
 
 #[cfg(test)]
