@@ -463,7 +463,7 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
     };
     let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, Some(record));
     let mut agent =
-        AgentClient::connect(&vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
+        AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("recording clone: {e}; {}", vmm.logs()));
     agent.health().expect("recording clone's first answer");
     let status = vmm.request("GET", "/snapshot/working-set", None).json();
@@ -488,7 +488,7 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
         };
         let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, Some(prefetch));
         let mut agent =
-            AgentClient::connect(&vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
+            AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("prefetching clone: {e}; {}", vmm.logs()));
         agent.health().expect("prefetching clone's first answer");
         assert_eq!(sh(&mut agent, "cat /tmp/marker").trim(), "golden");
