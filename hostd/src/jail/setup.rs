@@ -12,19 +12,19 @@
 
 use std::convert::Infallible;
 use std::ffi::{CString, OsStr, OsString};
-use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use nix::errno::Errno;
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
 use nix::unistd::{getpid, setgroups, setresgid, setresuid, Gid, Uid};
 
-use super::cgroup::{self, Limits};
+use super::cgroup::{self, CgroupError, Limits};
 use super::mounts;
-use super::spec::{Bind, Device, JailSpec, CPU_PERIOD_US, DEFAULT_CHROOT_BASE};
+use super::spec::{Bind, Device, JailSpec, SpecError, CPU_PERIOD_US, DEFAULT_CHROOT_BASE};
 
 /// The steps of the jailer, each with its exit code (200 and up, apart
 /// from the VMM's own codes: 0, 1, 2 for usage, 148 for seccomp).
@@ -103,19 +103,12 @@ impl Step {
 }
 
 /// A failed jailer step.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {error}", step.name())]
 pub struct JailError {
     pub step: Step,
-    pub msg: String,
+    pub error: JailSetupError,
 }
-
-impl fmt::Display for JailError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.step.name(), self.msg)
-    }
-}
-
-impl std::error::Error for JailError {}
 
 impl JailError {
     pub fn exit_code(&self) -> i32 {
@@ -123,12 +116,66 @@ impl JailError {
     }
 }
 
-fn fail(step: Step) -> impl Fn(String) -> JailError {
-    move |msg| JailError { step, msg }
+/// Why a jailer step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailSetupError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("ember-jailer must run as root")]
+    NotRoot,
+    /// A system call failed; `call` names it and what it acted on.
+    #[error("{call}: {errno}")]
+    Sys { call: String, errno: Errno },
+    /// A file operation failed; `what` names it and its path.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{} already exists and is not empty (a jail with this id is running or was not cleaned up)", .0.display())]
+    RootInUse(PathBuf),
+    #[error("limits given, but no cgroup filesystem is mounted")]
+    NoCgroupFs,
+    #[error("{} is on a filesystem mounted nodev, where device nodes cannot be opened: choose another --chroot-base", .0.display())]
+    Nodev(PathBuf),
+    #[error("the jailer exited during set-up")]
+    JailerGone,
+    #[error("the parent exited during set-up")]
+    ParentGone,
+    #[error("capabilities remain after setuid({uid}): effective {effective:#x}, permitted {permitted:#x}")]
+    CapabilitiesRemain {
+        uid: u32,
+        effective: u64,
+        permitted: u64,
+    },
+    #[error("argument {0:?} holds a NUL byte")]
+    NulByte(OsString),
 }
 
-fn parse_bind(s: &str) -> Result<Bind, String> {
-    Bind::parse(OsStr::new(s)).map_err(|e| e.to_string())
+/// [`JailSetupError::Sys`].
+fn sys(call: impl Into<String>, errno: Errno) -> JailSetupError {
+    JailSetupError::Sys {
+        call: call.into(),
+        errno,
+    }
+}
+
+/// [`JailSetupError::Io`].
+fn io(what: impl Into<String>, source: std::io::Error) -> JailSetupError {
+    JailSetupError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+fn fail(step: Step) -> impl Fn(JailSetupError) -> JailError {
+    move |error| JailError { step, error }
+}
+
+fn parse_bind(s: &str) -> Result<Bind, SpecError> {
+    Bind::parse(OsStr::new(s))
 }
 
 /// `ember-jailer`'s command line (what [`JailSpec::command`] produces).
@@ -232,9 +279,9 @@ fn inside(root: &Path, jail_path: &Path) -> PathBuf {
 /// only on failure. Must run as root, single-threaded.
 pub fn setup(spec: &JailSpec) -> Result<Infallible, JailError> {
     spec.validate()
-        .map_err(|e| fail(Step::Validate)(e.to_string()))?;
+        .map_err(|e| fail(Step::Validate)(e.into()))?;
     if !nix::unistd::geteuid().is_root() {
-        return Err(fail(Step::Validate)("ember-jailer must run as root".into()));
+        return Err(fail(Step::Validate)(JailSetupError::NotRoot));
     }
     umask(Mode::from_bits_truncate(0o022));
     let root = spec.root();
@@ -247,7 +294,7 @@ pub fn setup(spec: &JailSpec) -> Result<Infallible, JailError> {
     new_mount_namespace(&root).map_err(fail(Step::MountNamespace))?;
     let exec_name = spec
         .exec_name()
-        .map_err(|e| fail(Step::CopyExec)(e.to_string()))?;
+        .map_err(|e| fail(Step::CopyExec)(e.into()))?;
     copy_exec(&spec.exec_file, &root.join(exec_name)).map_err(fail(Step::CopyExec))?;
     make_devices(spec, &root).map_err(fail(Step::Devices))?;
     make_dirs(spec, &root).map_err(fail(Step::Dirs))?;
@@ -263,11 +310,11 @@ pub fn setup(spec: &JailSpec) -> Result<Infallible, JailError> {
     }
     // The child learns that the jailer has gone by this pipe's hang-up.
     let (alive_r, alive_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| fail(Step::Fork)(format!("pipe: {e}")))?;
+        .map_err(|e| fail(Step::Fork)(sys("pipe", e)))?;
     // SAFETY: the jailer is single-threaded (it runs before any thread is
     // started), so the child may run ordinary Rust code after fork.
     match unsafe { nix::unistd::fork() } {
-        Err(e) => Err(fail(Step::Fork)(format!("fork: {e}"))),
+        Err(e) => Err(fail(Step::Fork)(sys("fork", e))),
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(alive_r);
             supervise(child, alive_w)
@@ -306,14 +353,14 @@ fn enter_jail(
 
 /// New PID (for the children), IPC and UTS namespaces; the host name is
 /// the jail id.
-fn new_namespaces(id: &str) -> Result<(), String> {
+fn new_namespaces(id: &str) -> Result<(), JailSetupError> {
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-        .map_err(|e| format!("unshare(CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS): {e}"))?;
-    nix::unistd::sethostname(id).map_err(|e| format!("sethostname: {e}"))
+        .map_err(|e| sys("unshare(CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS)", e))?;
+    nix::unistd::sethostname(id).map_err(|e| sys("sethostname", e))
 }
 
 /// Sets the soft and hard limits given (inherited by the child).
-fn set_limits(l: &super::spec::ResourceLimits) -> Result<(), String> {
+fn set_limits(l: &super::spec::ResourceLimits) -> Result<(), JailSetupError> {
     use nix::sys::resource::{setrlimit, Resource};
     for (name, res, v) in [
         ("RLIMIT_FSIZE", Resource::RLIMIT_FSIZE, l.fsize),
@@ -321,7 +368,7 @@ fn set_limits(l: &super::spec::ResourceLimits) -> Result<(), String> {
         ("RLIMIT_NPROC", Resource::RLIMIT_NPROC, l.nproc),
     ] {
         if let Some(v) = v {
-            setrlimit(res, v, v).map_err(|e| format!("{name} {v}: {e}"))?;
+            setrlimit(res, v, v).map_err(|e| sys(format!("{name} {v}"), e))?;
         }
     }
     Ok(())
@@ -351,7 +398,7 @@ fn supervise(
     for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: the handler only calls kill(2).
         unsafe { signal(sig, SigHandler::Handler(kill_child)) }
-            .map_err(|e| fail(Step::Fork)(format!("signal({sig}): {e}")))?;
+            .map_err(|e| fail(Step::Fork)(sys(format!("signal({sig})"), e)))?;
     }
     loop {
         match waitpid(child, None) {
@@ -366,7 +413,7 @@ fn supervise(
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                return Err(fail(Step::Fork)(format!("waitpid({child}): {e}")));
+                return Err(fail(Step::Fork)(sys(format!("waitpid({child})"), e)));
             }
         }
     }
@@ -375,47 +422,42 @@ fn supervise(
 /// PR_SET_PDEATHSIG for the program: SIGKILL when the jailer exits. The
 /// jailer is outside the program's PID namespace (getppid() says 0), so
 /// that it is still there is read from the pipe it holds open.
-fn die_with_jailer(alive: std::os::fd::OwnedFd) -> Result<(), String> {
+fn die_with_jailer(alive: std::os::fd::OwnedFd) -> Result<(), JailSetupError> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        .map_err(|e| sys("PR_SET_PDEATHSIG", e))?;
     let mut fds = [nix::poll::PollFd::new(
         std::os::fd::AsFd::as_fd(&alive),
         nix::poll::PollFlags::POLLIN,
     )];
     match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
         Ok(0) => Ok(()),
-        Ok(_) => Err("the jailer exited during set-up".into()),
-        Err(e) => Err(format!("poll: {e}")),
+        Ok(_) => Err(JailSetupError::JailerGone),
+        Err(e) => Err(sys("poll", e)),
     }
 }
 
-fn create_root(root: &Path) -> Result<(), String> {
+fn create_root(root: &Path) -> Result<(), JailSetupError> {
     match std::fs::read_dir(root) {
         Ok(mut entries) => {
             if entries.next().is_some() {
-                return Err(format!(
-                    "{} already exists and is not empty (a jail with this id is running or was not cleaned up)",
-                    root.display()
-                ));
+                return Err(JailSetupError::RootInUse(root.to_path_buf()));
             }
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(root)
-            .map_err(|e| format!("cannot create {}: {e}", root.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", root.display())),
+            .map_err(|e| io(format!("cannot create {}", root.display()), e)),
+        Err(e) => Err(io(format!("cannot read {}", root.display()), e)),
     }
 }
 
-fn join_cgroup(spec: &JailSpec) -> Result<(), String> {
+fn join_cgroup(spec: &JailSpec) -> Result<(), JailSetupError> {
     let limits = Limits {
         memory_bytes: spec.memory_limit,
         cpu: spec.cpu_quota_us().map(|q| (q, CPU_PERIOD_US)),
     };
-    match cgroup::detect().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))? {
+    match cgroup::detect().map_err(|e| io("cannot read /proc/self/mountinfo", e))? {
         Some(layout) => {
-            let dirs = layout
-                .join(&spec.id, &limits, getpid().as_raw() as u32)
-                .map_err(|e| e.0)?;
+            let dirs = layout.join(&spec.id, &limits, getpid().as_raw() as u32)?;
             log::debug!("joined cgroups {dirs:?}");
             Ok(())
         }
@@ -423,27 +465,31 @@ fn join_cgroup(spec: &JailSpec) -> Result<(), String> {
             log::warn!("no cgroup filesystem is mounted: running without a cgroup");
             Ok(())
         }
-        None => Err("limits given, but no cgroup filesystem is mounted".into()),
+        None => Err(JailSetupError::NoCgroupFs),
     }
 }
 
-fn join_netns(path: &Path) -> Result<(), String> {
+fn join_netns(path: &Path) -> Result<(), JailSetupError> {
     let f =
-        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns({}): {e}", path.display()))
+        std::fs::File::open(path).map_err(|e| io(format!("cannot open {}", path.display()), e))?;
+    setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| sys(format!("setns({})", path.display()), e))
 }
 
-fn new_mount_namespace(root: &Path) -> Result<(), String> {
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
-    mounts::make_root_private().map_err(|e| format!("making / private: {e}"))?;
-    mounts::bind_self(root).map_err(|e| format!("binding {} onto itself: {e}", root.display()))
+fn new_mount_namespace(root: &Path) -> Result<(), JailSetupError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| sys("unshare(CLONE_NEWNS)", e))?;
+    mounts::make_root_private().map_err(|e| sys("making / private", e))?;
+    mounts::bind_self(root).map_err(|e| sys(format!("binding {} onto itself", root.display()), e))
 }
 
-fn copy_exec(src: &Path, dst: &Path) -> Result<(), String> {
-    std::fs::copy(src, dst)
-        .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), dst.display()))?;
+fn copy_exec(src: &Path, dst: &Path) -> Result<(), JailSetupError> {
+    std::fs::copy(src, dst).map_err(|e| {
+        io(
+            format!("cannot copy {} to {}", src.display(), dst.display()),
+            e,
+        )
+    })?;
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o555))
-        .map_err(|e| format!("chmod {}: {e}", dst.display()))
+        .map_err(|e| io(format!("chmod {}", dst.display()), e))
 }
 
 /// One device node: the host node's numbers if it has one, else `default`.
@@ -453,7 +499,7 @@ fn make_device(
     default: (u64, u64),
     mode: u32,
     owner: Option<(u32, u32)>,
-) -> Result<(), String> {
+) -> Result<(), JailSetupError> {
     let rdev = std::fs::metadata(path)
         .ok()
         .filter(|m| m.file_type().is_char_device())
@@ -462,24 +508,21 @@ fn make_device(
     let node = inside(root, Path::new(path));
     if let Some(parent) = node.parent() {
         std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            .map_err(|e| io(format!("cannot create {}", parent.display()), e))?;
     }
     mknod(&node, SFlag::S_IFCHR, Mode::from_bits_truncate(mode), rdev)
-        .map_err(|e| format!("mknod {}: {e}", node.display()))?;
+        .map_err(|e| sys(format!("mknod {}", node.display()), e))?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&node, Some(uid), Some(gid))
-            .map_err(|e| format!("chown {}: {e}", node.display()))?;
+            .map_err(|e| io(format!("chown {}", node.display()), e))?;
     }
     std::fs::set_permissions(&node, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("chmod {}: {e}", node.display()))
+        .map_err(|e| io(format!("chmod {}", node.display()), e))
 }
 
-fn make_devices(spec: &JailSpec, root: &Path) -> Result<(), String> {
-    if mounts::is_nodev(root).map_err(|e| format!("statvfs {}: {e}", root.display()))? {
-        return Err(format!(
-            "{} is on a filesystem mounted nodev, where device nodes cannot be opened: choose another --chroot-base",
-            root.display()
-        ));
+fn make_devices(spec: &JailSpec, root: &Path) -> Result<(), JailSetupError> {
+    if mounts::is_nodev(root).map_err(|e| sys(format!("statvfs {}", root.display()), e))? {
+        return Err(JailSetupError::Nodev(root.to_path_buf()));
     }
     let jail = Some((spec.uid, spec.gid));
     make_device(root, "/dev/kvm", (10, 232), 0o660, jail)?;
@@ -493,22 +536,22 @@ fn make_devices(spec: &JailSpec, root: &Path) -> Result<(), String> {
     make_device(root, "/dev/urandom", (1, 9), 0o666, None)
 }
 
-fn make_dirs(spec: &JailSpec, root: &Path) -> Result<(), String> {
+fn make_dirs(spec: &JailSpec, root: &Path) -> Result<(), JailSetupError> {
     for d in &spec.dirs {
         let dir = inside(root, d);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|e| io(format!("cannot create {}", dir.display()), e))?;
         std::os::unix::fs::chown(&dir, Some(spec.uid), Some(spec.gid))
-            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+            .map_err(|e| io(format!("chown {}", dir.display()), e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+            .map_err(|e| io(format!("chmod {}", dir.display()), e))?;
     }
     Ok(())
 }
 
-fn bind(root: &Path, b: &Bind) -> Result<(), String> {
-    let meta =
-        std::fs::metadata(&b.host).map_err(|e| format!("bind source {}: {e}", b.host.display()))?;
+fn bind(root: &Path, b: &Bind) -> Result<(), JailSetupError> {
+    let meta = std::fs::metadata(&b.host)
+        .map_err(|e| io(format!("bind source {}", b.host.display()), e))?;
     let target = inside(root, &b.jail);
     let created = if meta.is_dir() {
         std::fs::create_dir_all(&target)
@@ -525,19 +568,23 @@ fn bind(root: &Path, b: &Bind) -> Result<(), String> {
                     .map(drop)
             })
     };
-    created.map_err(|e| format!("cannot create mount point {}: {e}", target.display()))?;
-    mounts::bind(&b.host, &target, b.writable)
-        .map_err(|e| format!("bind {} onto {}: {e}", b.host.display(), target.display()))
+    created.map_err(|e| io(format!("cannot create mount point {}", target.display()), e))?;
+    mounts::bind(&b.host, &target, b.writable).map_err(|e| {
+        sys(
+            format!("bind {} onto {}", b.host.display(), target.display()),
+            e,
+        )
+    })
 }
 
-fn mount_proc(root: &Path) -> Result<(), String> {
+fn mount_proc(root: &Path) -> Result<(), JailSetupError> {
     let target = root.join("proc");
     std::fs::create_dir_all(&target)
-        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-    mounts::mount_proc(&target).map_err(|e| format!("mount proc on {}: {e}", target.display()))
+        .map_err(|e| io(format!("cannot create {}", target.display()), e))?;
+    mounts::mount_proc(&target).map_err(|e| sys(format!("mount proc on {}", target.display()), e))
 }
 
-fn enter_root(root: &Path) -> Result<(), String> {
+fn enter_root(root: &Path) -> Result<(), JailSetupError> {
     match mounts::pivot_into(root) {
         Ok(()) => Ok(()),
         // pivot_root cannot leave an initramfs root: fall back to chroot.
@@ -548,14 +595,14 @@ fn enter_root(root: &Path) -> Result<(), String> {
             );
             nix::unistd::chroot(root)
                 .and_then(|()| nix::unistd::chdir("/"))
-                .map_err(|e| format!("chroot {}: {e}", root.display()))
+                .map_err(|e| sys(format!("chroot {}", root.display()), e))
         }
-        Err(e) => Err(format!("pivot_root into {}: {e}", root.display())),
+        Err(e) => Err(sys(format!("pivot_root into {}", root.display()), e)),
     }
 }
 
 /// The capability sets of this process: (effective, permitted, inheritable).
-fn capabilities() -> Result<(u64, u64, u64), String> {
+fn capabilities() -> Result<(u64, u64, u64), JailSetupError> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -583,7 +630,7 @@ fn capabilities() -> Result<(u64, u64, u64), String> {
         )
     };
     if rc != 0 {
-        return Err(format!("capget: {}", std::io::Error::last_os_error()));
+        return Err(io("capget", std::io::Error::last_os_error()));
     }
     let join = |f: fn(&Data) -> u32| u64::from(f(&data[0])) | (u64::from(f(&data[1])) << 32);
     Ok((
@@ -593,37 +640,39 @@ fn capabilities() -> Result<(u64, u64, u64), String> {
     ))
 }
 
-fn die_with_parent(parent: nix::unistd::Pid) -> Result<(), String> {
+fn die_with_parent(parent: nix::unistd::Pid) -> Result<(), JailSetupError> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        .map_err(|e| sys("PR_SET_PDEATHSIG", e))?;
     // The parent may have gone before the signal was armed.
     if nix::unistd::getppid() != parent {
-        return Err("the parent exited during set-up".into());
+        return Err(JailSetupError::ParentGone);
     }
     Ok(())
 }
 
-fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
-    setgroups(&[]).map_err(|e| format!("setgroups([]): {e}"))?;
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailSetupError> {
+    setgroups(&[]).map_err(|e| sys("setgroups([])", e))?;
     let g = Gid::from_raw(gid);
-    setresgid(g, g, g).map_err(|e| format!("setresgid({gid}): {e}"))?;
+    setresgid(g, g, g).map_err(|e| sys(format!("setresgid({gid})"), e))?;
     let u = Uid::from_raw(uid);
-    setresuid(u, u, u).map_err(|e| format!("setresuid({uid}): {e}"))?;
+    setresuid(u, u, u).map_err(|e| sys(format!("setresuid({uid})"), e))?;
     // No setuid binary or file capability can give privileges back.
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| sys("PR_SET_NO_NEW_PRIVS", e))?;
     if uid != 0 {
         let (eff, perm, _) = capabilities()?;
         if eff != 0 || perm != 0 {
-            return Err(format!(
-                "capabilities remain after setuid({uid}): effective {eff:#x}, permitted {perm:#x}"
-            ));
+            return Err(JailSetupError::CapabilitiesRemain {
+                uid,
+                effective: eff,
+                permitted: perm,
+            });
         }
     }
     Ok(())
 }
 
 /// Marks every descriptor above 2 close-on-exec.
-fn cloexec_fds() -> Result<(), String> {
+fn cloexec_fds() -> Result<(), JailSetupError> {
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on this
     // process's descriptors; it takes no pointers.
     let rc = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
@@ -646,14 +695,14 @@ fn cloexec_fds() -> Result<(), String> {
     Ok(())
 }
 
-fn cstring(s: &OsStr) -> Result<CString, String> {
-    CString::new(s.as_bytes()).map_err(|_| format!("argument {s:?} holds a NUL byte"))
+fn cstring(s: &OsStr) -> Result<CString, JailSetupError> {
+    CString::new(s.as_bytes()).map_err(|_| JailSetupError::NulByte(s.to_os_string()))
 }
 
 /// Environment passed to the jailed program: only these, when set.
 const KEPT_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
 
-fn exec(name: &OsStr, args: &[OsString]) -> Result<Infallible, String> {
+fn exec(name: &OsStr, args: &[OsString]) -> Result<Infallible, JailSetupError> {
     let mut path = OsString::from("/");
     path.push(name);
     let path = cstring(&path)?;
@@ -671,7 +720,7 @@ fn exec(name: &OsStr, args: &[OsString]) -> Result<Infallible, String> {
             cstring(&kv)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    nix::unistd::execve(&path, &argv, &env).map_err(|e| format!("execve {path:?}: {e}"))
+    nix::unistd::execve(&path, &argv, &env).map_err(|e| sys(format!("execve {path:?}"), e))
 }
 
 #[cfg(test)]
