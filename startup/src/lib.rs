@@ -7,8 +7,9 @@
 //!   exits with 1; [`exit_with`] prints and exits with another code.
 //! - [`exit_code!`]: the same report for a `main` that returns
 //!   [`ExitCode`], without `exit` (destructors run, stdout is flushed).
-//! - `shutdown_signal` (feature `signal`): SIGTERM or SIGINT, for the
-//!   daemons on tokio.
+//! - With the feature `tokio`, for the daemons on tokio: `runtime!` (the
+//!   runtime, or the same report and exit) and `shutdown_signal` (SIGTERM
+//!   or SIGINT).
 //!
 //! Nothing here starts a thread or makes a system call beyond writing to
 //! stderr and exiting (`shutdown_signal` adds tokio's signal handlers), so
@@ -69,10 +70,31 @@ macro_rules! exit_code {
     };
 }
 
+/// tokio's multi-threaded runtime, or the end of the program (`program:
+/// cannot start the async runtime: ...`, logged under `log_target`). Use
+/// [`runtime!`].
+#[cfg(feature = "tokio")]
+pub fn runtime(program: &str, log_target: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap_or_else(|e| {
+        let msg = format!("cannot start the async runtime: {e}");
+        log::error!(target: log_target, "{msg}");
+        exit_with(program, 1, msg)
+    })
+}
+
+/// [`runtime`] for the binary that expands it.
+#[cfg(feature = "tokio")]
+#[macro_export]
+macro_rules! runtime {
+    () => {
+        $crate::runtime(env!("CARGO_BIN_NAME"), module_path!())
+    };
+}
+
 /// Watches SIGTERM and SIGINT from now on; the future ends at the first of
 /// them. Registered at once (not at the first poll), so a signal that
 /// comes before the future is awaited is not lost.
-#[cfg(feature = "signal")]
+#[cfg(feature = "tokio")]
 pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -99,7 +121,7 @@ mod tests {
     }
 
     /// SIGTERM ends the future (and, watched, does not end the process).
-    #[cfg(feature = "signal")]
+    #[cfg(feature = "tokio")]
     #[tokio::test]
     async fn shutdown_signal_ends_at_sigterm() {
         let signal = shutdown_signal().unwrap();

@@ -100,11 +100,7 @@ enum AccountCommand {
 fn main() {
     let args = Args::parse();
     ember_startup::init_logging(&args.log_level);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => fail!("cannot start the async runtime: {e}"),
-    };
-    runtime.block_on(run(args));
+    ember_startup::runtime!().block_on(run(args));
 }
 
 async fn run(args: Args) {

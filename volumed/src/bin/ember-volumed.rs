@@ -225,9 +225,7 @@ fn main() {
         nbd_tls: tls,
         nbd_unix: args.nbd_socket.as_ref().map(|p| p.display().to_string()),
     });
-    let rt = tokio::runtime::Runtime::new()
-        .unwrap_or_else(|e| fail!("cannot start the async runtime: {e}"));
-    rt.block_on(async move {
+    ember_startup::runtime!().block_on(async move {
         if let Some(dir) = args.api_socket.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
