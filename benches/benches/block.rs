@@ -15,36 +15,15 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_benches::percentile;
-use ember_tests::artifacts::workspace_bin;
+use ember_benches::{percentile, volumed_with_volume, wait_for, Proc};
 use ember_vmm::devices::virtio::block::nbd::{Durability, NbdEngine, NbdUri, Op};
 use ember_vmm::devices::virtio::block::{IoSchedulerConfig, WriteScheduler};
 
 const DISK: u64 = 256 << 20;
 const RUN: Duration = Duration::from_secs(2);
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(p: &Path) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.exists() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
 
 /// xorshift64: reproducible offsets without a dependency.
 fn next(state: &mut u64) -> u64 {
@@ -216,50 +195,12 @@ fn qemu_nbd(image: &Path, sock: &Path) -> Option<Proc> {
         .spawn()
         .ok()?;
     let p = Proc(child);
-    wait_for(sock).then_some(p)
+    wait_for(sock).ok().map(|()| p)
 }
 
 /// ember-volumed with one attached volume; returns it and the export's URI.
 fn volumed(dir: &Path) -> Result<(Proc, String), String> {
-    let api = dir.join("volumed-api.sock");
-    let sock = dir.join("volumed-nbd.sock");
-    let child = Command::new(workspace_bin("ember-volumed"))
-        .arg("--data-dir")
-        .arg(dir.join("volumes"))
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--nbd-socket")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("ember-volumed: {e}"))?;
-    let p = Proc(child);
-    if !wait_for(&api) || !wait_for(&sock) {
-        return Err("ember-volumed did not listen".into());
-    }
-    let call = |method: &str, path: &str, body: &str| -> Result<String, String> {
-        let o = Command::new("curl")
-            .args(["-sS", "-f", "-X", method, "--unix-socket"])
-            .arg(&api)
-            .args(["-d", body])
-            .arg(format!("http://v{path}"))
-            .output()
-            .map_err(|e| e.to_string())?;
-        if o.status.success() {
-            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&o.stderr).into_owned())
-        }
-    };
-    call(
-        "POST",
-        "/v1/volumes",
-        &format!(r#"{{"Name":"bench","SizeBytes":{DISK}}}"#),
-    )?;
-    let g = call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
-    let g: serde_json::Value = serde_json::from_str(&g).map_err(|e| e.to_string())?;
-    let export = g["ExportName"].as_str().unwrap_or_default();
+    let (p, sock, export) = volumed_with_volume(dir, DISK)?;
     Ok((p, format!("nbd+unix:///{export}?socket={}", sock.display())))
 }
 

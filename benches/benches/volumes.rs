@@ -7,37 +7,16 @@
 //! page cache. Prints numbers and volumed/qemu-nbd ratios; asserts nothing.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_benches::percentile;
+use ember_benches::{percentile, volumed_with_volume, wait_for, Proc};
 use ember_nbd::{CMD_READ, CMD_WRITE};
-use ember_tests::artifacts::workspace_bin;
 use ember_volumed::nbd::client::Client;
 
 const SIZE: u64 = 256 << 20;
 const OPS: usize = 4000;
 const DEPTH: usize = 16;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(p: &Path) -> Result<(), String> {
-    let start = Instant::now();
-    while !p.exists() {
-        if start.elapsed() > Duration::from_secs(10) {
-            return Err(format!("{} never appeared", p.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
 
 /// Deterministic 4k-aligned offsets.
 fn offsets(n: usize, seed: u64) -> Vec<u64> {
@@ -130,46 +109,8 @@ fn run(c: &mut Client) -> Result<Numbers, String> {
 }
 
 fn volumed(dir: &Path) -> Result<(Proc, Client), String> {
-    let api = dir.join("api.sock");
-    let sock = dir.join("nbd.sock");
-    let child = Command::new(workspace_bin("ember-volumed"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--nbd-socket")
-        .arg(&sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("ember-volumed: {e}"))?;
-    let p = Proc(child);
-    wait_for(&api)?;
-    wait_for(&sock)?;
-    let call = |method: &str, path: &str, body: &str| {
-        Command::new("curl")
-            .args(["-sS", "-f", "-X", method, "--unix-socket"])
-            .arg(&api)
-            .args(["-d", body])
-            .arg(format!("http://v{path}"))
-            .output()
-            .map_err(|e| e.to_string())
-            .and_then(|o| {
-                if o.status.success() {
-                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-                } else {
-                    Err(String::from_utf8_lossy(&o.stderr).into_owned())
-                }
-            })
-    };
-    call(
-        "POST",
-        "/v1/volumes",
-        &format!(r#"{{"Name":"bench","SizeBytes":{SIZE}}}"#),
-    )?;
-    let g = call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
-    let g: serde_json::Value = serde_json::from_str(&g).map_err(|e| e.to_string())?;
-    let export = g["ExportName"].as_str().unwrap_or_default();
-    let c = Client::connect_unix(&sock, export).map_err(|e| e.to_string())?;
+    let (p, sock, export) = volumed_with_volume(dir, SIZE)?;
+    let c = Client::connect_unix(&sock, &export).map_err(|e| e.to_string())?;
     Ok((p, c))
 }
 

@@ -2,7 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_tests::artifacts::workspace_bin;
 
 use serde_json::Value;
 
@@ -89,6 +93,73 @@ pub fn smaps_rollup(pid: u32) -> Option<(u64, u64)> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     Some((field("Rss:")?, field("Pss:")?))
+}
+
+/// A child process, killed and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (10 s at most) for `p` to exist.
+pub fn wait_for(p: &Path) -> Result<(), String> {
+    let start = Instant::now();
+    while !p.exists() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{} never appeared", p.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// An `ember-volumed` with its API and NBD on unix sockets in `dir` and
+/// one volume, `bench`, of `size` bytes, attached: the process, the NBD
+/// socket and the volume's export name.
+pub fn volumed_with_volume(dir: &Path, size: u64) -> Result<(Proc, PathBuf, String), String> {
+    let api = dir.join("volumed-api.sock");
+    let sock = dir.join("volumed-nbd.sock");
+    let child = Command::new(workspace_bin("ember-volumed"))
+        .arg("--data-dir")
+        .arg(dir.join("volumes"))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--nbd-socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("ember-volumed: {e}"))?;
+    let p = Proc(child);
+    wait_for(&api)?;
+    wait_for(&sock)?;
+    let call = |method: &str, path: &str, body: &str| -> Result<String, String> {
+        let o = Command::new("curl")
+            .args(["-sS", "-f", "-X", method, "--unix-socket"])
+            .arg(&api)
+            .args(["-d", body])
+            .arg(format!("http://v{path}"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    };
+    call(
+        "POST",
+        "/v1/volumes",
+        &format!(r#"{{"Name":"bench","SizeBytes":{size}}}"#),
+    )?;
+    let g = call("POST", "/v1/volumes/bench/attach", r#"{"Host":"bench"}"#)?;
+    let g: Value = serde_json::from_str(&g).map_err(|e| e.to_string())?;
+    let export = g["ExportName"].as_str().unwrap_or_default().to_string();
+    Ok((p, sock, export))
 }
 
 /// An HTTP answer: status, headers (lower-case names), body.

@@ -405,6 +405,21 @@ mod tests {
             .collect()
     }
 
+    /// `req`'s headers and the ones that sign it (as AKIDX with SECRET, at
+    /// `now`).
+    fn signed_headers(req: &Request<'_>, now: jiff::Timestamp) -> Vec<(String, String)> {
+        let mut headers = req.headers.to_vec();
+        headers.extend(sign_request(
+            req,
+            "AKIDX",
+            SECRET,
+            "us-east-1",
+            "lambda",
+            now,
+        ));
+        headers
+    }
+
     /// AWS's published example: IAM ListUsers, signed on 2015-08-30.
     #[test]
     fn aws_documentation_example() {
@@ -520,15 +535,7 @@ mod tests {
                 headers: &base,
                 body: b"{}",
             };
-            let mut headers = base.clone();
-            headers.extend(sign_request(
-                &req,
-                "AKIDX",
-                SECRET,
-                "us-east-1",
-                "lambda",
-                now,
-            ));
+            let headers = signed_headers(&req, now);
             let signed = Request {
                 headers: &headers,
                 ..req
@@ -560,15 +567,7 @@ mod tests {
             headers: &base,
             body,
         };
-        let mut headers = base.clone();
-        headers.extend(sign_request(
-            &req,
-            "AKIDX",
-            SECRET,
-            "us-east-1",
-            "lambda",
-            now,
-        ));
+        let headers = signed_headers(&req, now);
         let pre = check_headers(&headers, now).unwrap();
         assert_eq!(pre.claimed_hash(), Some(claim.as_str()));
         assert_eq!(pre.access_key(), "AKIDX");
@@ -587,18 +586,13 @@ mod tests {
         assert!(!body_matches(&claim, &Sha256::digest(b"{}")));
         // Without a claim, the headers alone do not decide.
         let plain = h(&[("Host", "h")]);
-        let mut headers = plain.clone();
-        headers.extend(sign_request(
+        let headers = signed_headers(
             &Request {
                 headers: &plain,
                 ..req
             },
-            "AKIDX",
-            SECRET,
-            "us-east-1",
-            "lambda",
             now,
-        ));
+        );
         assert_eq!(check_headers(&headers, now).unwrap().claimed_hash(), None);
     }
 
@@ -616,15 +610,7 @@ mod tests {
             body: b"{}",
         };
         let now = jiff::Timestamp::now();
-        let mut headers = base.clone();
-        headers.extend(sign_request(
-            &req,
-            "AKIDX",
-            SECRET,
-            "us-east-1",
-            "lambda",
-            now,
-        ));
+        let headers = signed_headers(&req, now);
         let signed = Request {
             headers: &headers,
             ..req

@@ -103,15 +103,9 @@ async fn on_the_embedded_store() {
 
 #[tokio::test]
 async fn on_etcd() {
-    let Some(etcd) = ember_store::testing::EtcdProcess::start() else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = ember_store::testing::EtcdProcess::start_or_skip() else {
         return;
     };
-    let store = Store::open(
-        std::slice::from_ref(&etcd.url),
-        std::path::Path::new("/nonexistent"),
-    )
-    .await
-    .unwrap();
+    let store = etcd.store().await.unwrap();
     membership_and_leadership(&store).await;
 }

@@ -210,6 +210,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut body = rest.to_vec();
+    // The request line, for both requests below (before and after signing).
+    let request_line = sigv4::Request {
+        method: &method,
+        path: &path,
+        query: &query,
+        headers: &[],
+        body: &[],
+    };
 
     if sign {
         if declare {
@@ -219,11 +227,9 @@ fuzz_target!(|data: &[u8]| {
             ));
         }
         let req = sigv4::Request {
-            method: &method,
-            path: &path,
-            query: &query,
             headers: &headers,
             body: &body,
+            ..request_line
         };
         let key = if real_key { KEY_ID } else { own_key };
         let secret = if real_secret {
@@ -241,11 +247,9 @@ fuzz_target!(|data: &[u8]| {
     let legit = sign && real_secret && real_key && !tamper;
 
     let req = sigv4::Request {
-        method: &method,
-        path: &path,
-        query: &query,
         headers: &headers,
         body: &body,
+        ..request_line
     };
     let verified = sigv4::verify(&req, now, |k| (k == KEY_ID).then(|| SECRET.to_string()));
     if verified.is_ok() {

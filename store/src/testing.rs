@@ -31,6 +31,31 @@ impl EtcdProcess {
         EtcdProcess::start_on("127.0.0.1")
     }
 
+    /// [`EtcdProcess::start`], saying on stderr that the test is skipped
+    /// when there is no etcd.
+    pub fn start_or_skip() -> Option<EtcdProcess> {
+        EtcdProcess::start_on_or_skip("127.0.0.1")
+    }
+
+    /// [`EtcdProcess::start_on`], saying on stderr that the test is
+    /// skipped when there is no etcd.
+    pub fn start_on_or_skip(ip: &str) -> Option<EtcdProcess> {
+        let etcd = EtcdProcess::start_on(ip);
+        if etcd.is_none() {
+            eprintln!("skipped: etcd (etcd-server) is not installed");
+        }
+        etcd
+    }
+
+    /// A store on this etcd alone.
+    pub async fn store(&self) -> Result<crate::Store, crate::StoreError> {
+        crate::Store::open(
+            std::slice::from_ref(&self.url),
+            std::path::Path::new("/nonexistent"),
+        )
+        .await
+    }
+
     /// The same, listening for clients on `ip` (e.g. `0.0.0.0`, for hosts
     /// in other network namespaces); `url` stays on 127.0.0.1.
     pub fn start_on(ip: &str) -> Option<EtcdProcess> {

@@ -97,16 +97,12 @@ async fn embedded_store_keeps_the_contract_and_survives_a_reopen() {
 
 #[tokio::test]
 async fn etcd_keeps_the_contract() {
-    let Some(etcd) = ember_store::testing::EtcdProcess::start() else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = ember_store::testing::EtcdProcess::start_or_skip() else {
         return;
     };
-    let url = etcd.url.clone();
-    let s = Store::open(
-        std::slice::from_ref(&url),
-        std::path::Path::new("/nonexistent"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("etcd at {url}: {e}"));
+    let s = etcd
+        .store()
+        .await
+        .unwrap_or_else(|e| panic!("etcd at {}: {e}", etcd.url));
     contract(&s, "/t").await;
 }

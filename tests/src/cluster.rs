@@ -165,6 +165,45 @@ pub fn have_boto3() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// [`have_boto3`], saying on stderr that the test is skipped without it.
+pub fn boto3_or_skip() -> bool {
+    let have = have_boto3();
+    if !have {
+        eprintln!("skipped: no boto3 (run with EMBER_TEST_PYTHON=$(bash tests/python-env.sh))");
+    }
+    have
+}
+
+/// What a [`boto3`] call that must succeed answered.
+pub fn ok(v: Value) -> Value {
+    assert!(v.get("ok").is_some(), "expected success: {v}");
+    v["ok"].clone()
+}
+
+/// A function's code, base64: a `provided` bootstrap that answers with `tag`.
+pub fn bootstrap_zip_b64(tag: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    crate::emberd::write_file(
+        &dir.path().join("bootstrap"),
+        &crate::emberd::provided_bootstrap_bash(tag),
+        0o755,
+    );
+    crate::emberd::zip_dir(dir.path())
+}
+
+/// The record of async invocation `id` (its GET must answer 200).
+pub fn async_record(url: &str, key: &Key, id: &str) -> Value {
+    let r = signed_request(
+        url,
+        Some(key),
+        "GET",
+        &format!("/ember/v1/async-invocations/{id}"),
+        "",
+    );
+    assert_eq!(r["Status"], 200, "{r}");
+    serde_json::from_str(r["Body"].as_str().unwrap()).unwrap()
+}
+
 /// The AWS CLI beside the Python (the virtualenv's), if there is one.
 pub fn aws_cli() -> Option<PathBuf> {
     let py = PathBuf::from(python());

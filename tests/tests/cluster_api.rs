@@ -4,23 +4,10 @@
 //! errors for malformed requests. Invocations on real hosts are in
 //! `cluster_hosts_e2e.rs`. Skipped without boto3 (tests/python-env.sh).
 
-use ember_tests::cluster::{boto3, create_account, have_boto3, signed_request, ClusterApi, Key};
+use ember_tests::cluster::{
+    bootstrap_zip_b64, boto3, boto3_or_skip, create_account, ok, signed_request, ClusterApi, Key,
+};
 use serde_json::{json, Value};
-
-fn zip_b64() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    ember_tests::emberd::write_file(
-        &dir.path().join("bootstrap"),
-        &ember_tests::emberd::provided_bootstrap_bash("v1"),
-        0o755,
-    );
-    ember_tests::emberd::zip_dir(dir.path())
-}
-
-fn ok(v: Value) -> Value {
-    assert!(v.get("ok").is_some(), "expected success: {v}");
-    v["ok"].clone()
-}
 
 fn err(v: &Value) -> (String, u64) {
     let e = v
@@ -34,8 +21,7 @@ fn err(v: &Value) -> (String, u64) {
 
 #[test]
 fn lambda_control_plane_with_boto3() {
-    if !have_boto3() {
-        eprintln!("skipped: no boto3 (run with EMBER_TEST_PYTHON=$(bash tests/python-env.sh))");
+    if !boto3_or_skip() {
         return;
     }
     let state = tempfile::tempdir().unwrap();
@@ -52,7 +38,7 @@ fn lambda_control_plane_with_boto3() {
     let url = api.url.as_str();
     let call = |k: &Key, op: &str, args: Value| boto3(url, k, op, args);
 
-    let zip = zip_b64();
+    let zip = bootstrap_zip_b64("v1");
     let created = ok(call(
         &alpha,
         "create_function",
@@ -108,7 +94,7 @@ fn lambda_control_plane_with_boto3() {
     ok(call(
         &alpha,
         "update_function_code",
-        json!({"FunctionName": "greet", "ZipFileB64": zip_b64(), "Publish": true}),
+        json!({"FunctionName": "greet", "ZipFileB64": bootstrap_zip_b64("v1"), "Publish": true}),
     ));
     let versions = ok(call(
         &alpha,

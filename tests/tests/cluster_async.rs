@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use ember_lambda::hosts::{HostReport, Membership};
 use ember_store::testing::EtcdProcess;
-use ember_store::Store;
-use ember_tests::cluster::{boto3, create_account, have_boto3, signed_request, ClusterApi, Key};
+use ember_tests::cluster::{async_record, boto3, boto3_or_skip, create_account, ClusterApi, Key};
 use ember_tls::tokio_rustls::rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::{json, Value};
 
@@ -112,18 +111,6 @@ fn stand_in_host(counts: Counts, tls_dir: &std::path::Path) -> String {
     endpoint
 }
 
-fn record(url: &str, key: &Key, id: &str) -> Value {
-    let r = signed_request(
-        url,
-        Some(key),
-        "GET",
-        &format!("/ember/v1/async-invocations/{id}"),
-        "",
-    );
-    assert_eq!(r["Status"], 200, "{r}");
-    serde_json::from_str(r["Body"].as_str().unwrap()).unwrap()
-}
-
 fn event(url: &str, key: &Key, payload: Value) -> String {
     let r = boto3(
         url,
@@ -137,12 +124,10 @@ fn event(url: &str, key: &Key, payload: Value) -> String {
 
 #[test]
 fn async_answers_too_large_for_etcd_run_within_their_retries() {
-    if !have_boto3() {
-        eprintln!("skipped: no boto3 (run with EMBER_TEST_PYTHON=$(bash tests/python-env.sh))");
+    if !boto3_or_skip() {
         return;
     }
-    let Some(etcd) = EtcdProcess::start() else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = EtcdProcess::start_or_skip() else {
         return;
     };
     let store_args = ["--etcd", etcd.url.as_str()];
@@ -172,14 +157,7 @@ fn async_answers_too_large_for_etcd_run_within_their_retries() {
         .enable_all()
         .build()
         .unwrap();
-    let store = rt.block_on(async {
-        Store::open(
-            std::slice::from_ref(&etcd.url),
-            std::path::Path::new("/nonexistent"),
-        )
-        .await
-        .unwrap()
-    });
+    let store = rt.block_on(async { etcd.store().await.unwrap() });
     let report = HostReport {
         id: "stand-in".into(),
         endpoint,
@@ -237,7 +215,7 @@ fn async_answers_too_large_for_etcd_run_within_their_retries() {
     loop {
         let pending: Vec<&String> = all
             .iter()
-            .filter(|(k, id)| record(&url, k, id)["Status"] == "Queued")
+            .filter(|(k, id)| async_record(&url, k, id)["Status"] == "Queued")
             .map(|(_, id)| id)
             .collect();
         if pending.is_empty() {
@@ -256,7 +234,7 @@ fn async_answers_too_large_for_etcd_run_within_their_retries() {
     let runs = counts.lock().unwrap().clone();
     eprintln!("runs per event: {runs:?}");
 
-    let r = record(&url, &alpha, &ok_id);
+    let r = async_record(&url, &alpha, &ok_id);
     assert_eq!(r["Status"], "Succeeded", "{r}");
     assert_eq!(runs.get("a-ok"), Some(&1), "a success runs once: {runs:?}");
     assert_eq!(r["ResponseTruncated"], true, "{r}");
@@ -268,7 +246,7 @@ fn async_answers_too_large_for_etcd_run_within_their_retries() {
         kept.len()
     );
     for (tag, id) in &fail_ids {
-        let r = record(&url, &alpha, id);
+        let r = async_record(&url, &alpha, id);
         assert_eq!(r["Status"], "Failed", "{tag}: {r}");
         assert_eq!(r["Attempts"], 3, "{tag}: {r}");
         assert_eq!(r["FunctionError"], "Unhandled", "{tag}: {r}");
@@ -280,7 +258,7 @@ fn async_answers_too_large_for_etcd_run_within_their_retries() {
         );
         assert_eq!(n, 3, "{tag}: a failing event is retried twice");
     }
-    let r = record(&url, &beta, &beta_id);
+    let r = async_record(&url, &beta, &beta_id);
     assert_eq!(r["Status"], "Succeeded", "{r}");
     assert_eq!(r["ResponseTruncated"], false, "{r}");
     assert_eq!(runs.get("b-ok"), Some(&1));

@@ -14,9 +14,10 @@ use ember_lambda::hosts::{live_hosts, HostReport};
 use ember_store::testing::EtcdProcess;
 use ember_store::Store;
 use ember_tests::cluster::{
-    aws_cli, aws_lambda, boto3, create_account, have_boto3, signed_request, ClusterApi, Key,
+    async_record, aws_cli, aws_lambda, bootstrap_zip_b64, boto3, boto3_or_skip, create_account, ok,
+    signed_request, ClusterApi, Key,
 };
-use ember_tests::emberd::{provided_bootstrap_bash, write_file, zip_dir, Emberd};
+use ember_tests::emberd::Emberd;
 use ember_tests::{ip, is_root, kvm_available};
 use serde_json::{json, Value};
 
@@ -47,33 +48,10 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
-fn ok(v: Value) -> Value {
-    assert!(v.get("ok").is_some(), "expected success: {v}");
-    v["ok"].clone()
-}
-
-fn zip_of(tag: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    write_file(
-        &dir.path().join("bootstrap"),
-        &provided_bootstrap_bash(tag),
-        0o755,
-    );
-    zip_dir(dir.path())
-}
-
 /// The async invocation's record once it is no longer queued.
 fn async_outcome(url: &str, key: &Key, id: &str) -> Value {
     wait_until("async invocation delivered", BUILD, || {
-        let r = signed_request(
-            url,
-            Some(key),
-            "GET",
-            &format!("/ember/v1/async-invocations/{id}"),
-            "",
-        );
-        assert_eq!(r["Status"], 200, "{r}");
-        let v: Value = serde_json::from_str(r["Body"].as_str().unwrap()).unwrap();
+        let v = async_record(url, key, id);
         (v["Status"] != "Queued").then_some(v)
     })
 }
@@ -84,12 +62,10 @@ fn three_hosts_two_replicas_boto3_and_aws_cli() {
         eprintln!("skipped: needs root (network namespaces) and /dev/kvm");
         return;
     }
-    if !have_boto3() {
-        eprintln!("skipped: no boto3 (run with EMBER_TEST_PYTHON=$(bash tests/python-env.sh))");
+    if !boto3_or_skip() {
         return;
     }
-    let Some(etcd) = EtcdProcess::start_on("0.0.0.0") else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = EtcdProcess::start_on_or_skip("0.0.0.0") else {
         return;
     };
     let token = tempfile::NamedTempFile::new().unwrap();
@@ -181,7 +157,7 @@ fn three_hosts_two_replicas_boto3_and_aws_cli() {
         &alpha,
         "create_function",
         json!({"FunctionName": "greet", "Runtime": "provided.al2023", "Handler": "bootstrap",
-               "Role": "arn:aws:iam::000000000000:role/r", "Code": {"ZipFileB64": zip_of("v1")},
+               "Role": "arn:aws:iam::000000000000:role/r", "Code": {"ZipFileB64": bootstrap_zip_b64("v1")},
                "Timeout": 300, "Publish": true}),
     ));
     assert_eq!(created["State"], "Pending", "{created}");

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use ember_store::testing::EtcdProcess;
 use ember_tests::cluster::{
-    boto3, botocore_sign, create_account, have_boto3, python, ClusterApi, Key,
+    bootstrap_zip_b64, boto3, boto3_or_skip, botocore_sign, create_account, ok, python, ClusterApi,
+    Key,
 };
 use serde_json::{json, Value};
 
@@ -185,21 +186,6 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn zip_b64() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    ember_tests::emberd::write_file(
-        &dir.path().join("bootstrap"),
-        &ember_tests::emberd::provided_bootstrap_bash("v1"),
-        0o755,
-    );
-    ember_tests::emberd::zip_dir(dir.path())
-}
-
-fn ok(v: Value) -> Value {
-    assert!(v.get("ok").is_some(), "expected success: {v}");
-    v["ok"].clone()
-}
-
 fn sha256_hex(b: &[u8]) -> String {
     // The workspace's own SHA-256 (via the signer's dependency) is not
     // exposed; sha256sum is on every test host.
@@ -219,12 +205,10 @@ fn sha256_hex(b: &[u8]) -> String {
 
 #[test]
 fn the_front_door_holds() {
-    if !have_boto3() {
-        eprintln!("skipped: no boto3 (run with EMBER_TEST_PYTHON=$(bash tests/python-env.sh))");
+    if !boto3_or_skip() {
         return;
     }
-    let Some(etcd) = EtcdProcess::start() else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = EtcdProcess::start_or_skip() else {
         return;
     };
     let store = ["--etcd", etcd.url.as_str()];
@@ -242,7 +226,7 @@ fn the_front_door_holds() {
         &alpha,
         "create_function",
         json!({"FunctionName": "f", "Runtime": "provided.al2023", "Handler": "x",
-               "Role": "arn:aws:iam::000000000000:role/r", "Code": {"ZipFileB64": zip_b64()}}),
+               "Role": "arn:aws:iam::000000000000:role/r", "Code": {"ZipFileB64": bootstrap_zip_b64("v1")}}),
     ));
     assert_eq!(created["FunctionName"], "f");
     let listed = ok(boto3(&url, &alpha, "list_functions", json!({})));

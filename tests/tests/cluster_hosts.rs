@@ -68,16 +68,10 @@ fn curl_status(url: &str, token: Option<&str>, ca: &Path, cert: Option<&TlsFiles
 
 #[tokio::test(flavor = "multi_thread")]
 async fn emberd_joins_heartbeats_and_leaves_the_cluster() {
-    let Some(etcd) = EtcdProcess::start() else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = EtcdProcess::start_or_skip() else {
         return;
     };
-    let store = Store::open(
-        std::slice::from_ref(&etcd.url),
-        std::path::Path::new("/nonexistent"),
-    )
-    .await
-    .unwrap();
+    let store = etcd.store().await.unwrap();
     let port = free_port().unwrap();
     let token_file = tempfile::NamedTempFile::new().unwrap();
     let token = "a-test-token-of-some-length";

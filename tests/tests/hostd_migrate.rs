@@ -88,6 +88,20 @@ fn migrate_ok(from: &Emberd, to: &Emberd, id: &str, to_url: &str) -> serde_json:
     r.json()
 }
 
+/// Waits until `to` has the whole of a migration's disk (`rep`, the
+/// migration's answer).
+fn wait_disk_filled(to: &Emberd, rep: &serde_json::Value) {
+    let mid = rep["MigrationId"].as_str().unwrap();
+    wait_until(
+        "B's copy of the /tmp disk",
+        Duration::from_secs(120),
+        || {
+            let m = to.get(&format!("/ember/v1/migrations/{mid}")).json();
+            (m["DiskFilled"] == true).then_some(())
+        },
+    );
+}
+
 fn migrate(d: &Emberd, id: &str, dest: &str) -> Reply {
     d.post_json(
         &format!("/ember/v1/instances/{id}/migrate"),
@@ -334,15 +348,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
         let on_a = s.spawn(move || a.in_netns(|| strangers.watch(a_ip, "disk export (A)", stop)));
         let rep = migrate_ok(a, b, &id, &b_url);
         // The disk is served until B's copy is whole.
-        let mid = rep["MigrationId"].as_str().unwrap().to_string();
-        wait_until(
-            "B's copy of the /tmp disk",
-            Duration::from_secs(120),
-            || {
-                let m = b.get(&format!("/ember/v1/migrations/{mid}")).json();
-                (m["DiskFilled"] == true).then_some(())
-            },
-        );
+        wait_disk_filled(b, &rep);
         stop.store(true, Ordering::SeqCst);
         on_a.join().expect("stranger A");
         on_b.join().expect("stranger B");
@@ -383,15 +389,7 @@ fn instances_migrate_between_hosts_and_a_host_drains() {
     let r = b.invoke("counter", &json!({}));
     assert_eq!(count(&r), 4);
     assert_eq!(r.json()["lines"], 4, "{}", r.text());
-    let mid = rep["MigrationId"].as_str().unwrap().to_string();
-    wait_until(
-        "B's copy of the /tmp disk",
-        Duration::from_secs(120),
-        || {
-            let m = b.get(&format!("/ember/v1/migrations/{mid}")).json();
-            (m["DiskFilled"] == true).then_some(())
-        },
-    );
+    wait_disk_filled(&b, &rep);
     // The source lets its copy go once the destination has it all.
     wait_until(
         "A to drop its copy of the disk",

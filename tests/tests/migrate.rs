@@ -89,6 +89,27 @@ fn counts_past(agent: &mut AgentClient, vmm: &VmmProcess, above: u64) -> u64 {
 }
 
 /// Migrates `from` to `to` (listening on `uri`) and checks both ends.
+/// A booted guest (the VMM started with `vmm_args`) whose shell counts
+/// seconds into /tmp/count, its agent, and a count it has passed.
+fn counting_guest(vmm_args: &[&str]) -> (VmmProcess, AgentClient, u64) {
+    assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
+    let mut vmm = VmmProcess::spawn(vmm_args);
+    let ready = bind_ready_listener(vmm.path("vsock.sock")).unwrap();
+    vmm.boot(&kernel_path(), &rootfs_path(), 1, 128);
+    vmm.wait_agent_ready(&ready, Duration::from_secs(600));
+    let mut agent =
+        AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("agent: {e}; {}", vmm.logs()));
+    sh(
+        &mut agent,
+        &vmm,
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 1; done \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    let c0 = counts_past(&mut agent, &vmm, 0);
+    (vmm, agent, c0)
+}
+
 fn migrate(from: &VmmProcess, to: &VmmProcess, uri: &str) -> Value {
     let s = migration::migrate(from, to, uri, 500, 20);
     assert_eq!(state(from), "Paused");
@@ -122,20 +143,7 @@ fn a_counting_guest_migrates_and_keeps_counting() {
 }
 
 fn a_counting_guest_migrates() {
-    assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
-    let mut a = VmmProcess::spawn(&["--allow-inet"]);
-    let ready = bind_ready_listener(a.path("vsock.sock")).unwrap();
-    a.boot(&kernel_path(), &rootfs_path(), 1, 128);
-    a.wait_agent_ready(&ready, Duration::from_secs(600));
-    let mut agent = AgentClient::connect(a.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("agent: {e}; {}", a.logs()));
-    sh(
-        &mut agent,
-        &a,
-        "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 1; done \
-         </dev/null >/dev/null 2>&1 &",
-    );
-    let c0 = counts_past(&mut agent, &a, 0);
+    let (a, mut agent, c0) = counting_guest(&["--allow-inet"]);
     assert_eq!(status(&a)["state"], "None");
 
     // Bad requests: 400, the VM runs on.
@@ -309,20 +317,7 @@ fn a_counting_guest_migrates_post_copy_and_keeps_counting() {
         );
         return;
     }
-    assert!(kvm_available(), "these tests need /dev/kvm (read-write)");
-    let mut a = VmmProcess::spawn(&[]);
-    let ready = bind_ready_listener(a.path("vsock.sock")).unwrap();
-    a.boot(&kernel_path(), &rootfs_path(), 1, 128);
-    a.wait_agent_ready(&ready, Duration::from_secs(600));
-    let mut agent = AgentClient::connect(a.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("agent: {e}; {}", a.logs()));
-    sh(
-        &mut agent,
-        &a,
-        "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 1; done \
-         </dev/null >/dev/null 2>&1 &",
-    );
-    let c0 = counts_past(&mut agent, &a, 0);
+    let (a, agent, c0) = counting_guest(&[]);
     drop(agent);
 
     let dir = tempfile::tempdir().unwrap();

@@ -254,8 +254,7 @@ fn a_moved_attachment_fences_the_old_writer() {
 /// changes fail instead of overwriting them.
 #[test]
 fn fencing_state_lives_in_etcd() {
-    let Some(etcd) = ember_store::testing::EtcdProcess::start() else {
-        eprintln!("skipped: etcd (etcd-server) is not installed");
+    let Some(etcd) = ember_store::testing::EtcdProcess::start_or_skip() else {
         return;
     };
     if Command::new("qemu-io").arg("--version").output().is_err() {

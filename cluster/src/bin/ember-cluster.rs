@@ -7,15 +7,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ember_cluster::service::{Cluster, Config};
 use ember_lambda::host_client::HostClient;
+use ember_startup::fail;
 use ember_store::Store;
 use ember_tls::{Tls, TlsFiles};
 
+/// Ember's cluster API: Lambda's REST API over many emberd hosts.
 #[derive(Debug, Parser)]
-#[command(
-    name = "ember-cluster",
-    version,
-    about = "Ember's cluster API: Lambda's REST API over many emberd hosts"
-)]
+#[command(name = "ember-cluster", version)]
 struct Args {
     /// The cluster store: etcd at these endpoints (comma-separated); the
     /// embedded store in --state-dir without.
@@ -99,29 +97,16 @@ enum AccountCommand {
     Create { name: String },
 }
 
-fn fail(msg: String) -> ! {
-    log::error!("{msg}");
-    eprintln!("ember-cluster: {msg}");
-    std::process::exit(1);
-}
-
 fn main() {
     let args = Args::parse();
-    env_logger::Builder::new()
-        .parse_filters(&args.log_level)
-        .format_timestamp_millis()
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => fail(format!("cannot start the async runtime: {e}")),
-    };
-    runtime.block_on(run(args));
+    ember_startup::init_logging(&args.log_level);
+    ember_startup::runtime!().block_on(run(args));
 }
 
 async fn run(args: Args) {
     let store = match Store::open(&args.etcd, &args.state_dir).await {
         Ok(s) => s,
-        Err(e) => fail(format!("cluster store: {e}")),
+        Err(e) => fail!("cluster store: {e}"),
     };
     match args.command {
         Command::Account {
@@ -142,7 +127,7 @@ async fn run(args: Args) {
                         "SecretAccessKey": k.secret_access_key,
                     })
                 ),
-                Err(e) => fail(e.to_string()),
+                Err(e) => fail!("{e}"),
             }
         }
         Command::Serve {
@@ -160,7 +145,7 @@ async fn run(args: Args) {
             replay_cache_entries,
         } => {
             let token = std::fs::read_to_string(&host_token_file)
-                .unwrap_or_else(|e| fail(format!("{}: {e}", host_token_file.display())));
+                .unwrap_or_else(|e| fail!("{}: {e}", host_token_file.display()));
             let replica_id = replica_id.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_string())
@@ -180,15 +165,14 @@ async fn run(args: Args) {
                 (None, None, None, Some(dir)) => {
                     let name = format!("ember-cluster-{}", cfg.replica_id);
                     ember_tls::dev_certs(&dir, &name, &["localhost".into()])
-                        .unwrap_or_else(|e| fail(format!("development certificates: {e}")))
+                        .unwrap_or_else(|e| fail!("development certificates: {e}"))
                 }
-                _ => fail(
+                _ => fail!(
                     "hosts are reached over mutual TLS: give --host-tls-cert, --host-tls-key \
                      and --host-tls-ca (or --host-tls-dev-dir for development)"
-                        .into(),
                 ),
             };
-            let tls = Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}")));
+            let tls = Tls::load(&files).unwrap_or_else(|e| fail!("TLS: {e}"));
             serve(store, HostClient::new(&token, &tls), cfg, listen).await
         }
     }
@@ -197,7 +181,7 @@ async fn run(args: Args) {
 async fn serve(store: Store, hosts: HostClient, cfg: Config, listen: std::net::SocketAddr) {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .unwrap_or_else(|e| fail(format!("cannot listen on {listen}: {e}")));
+        .unwrap_or_else(|e| fail!("cannot listen on {listen}: {e}"));
     log::info!(
         "ember-cluster {} (replica {}) serving on {listen}",
         env!("CARGO_PKG_VERSION"),
@@ -207,16 +191,10 @@ async fn serve(store: Store, hosts: HostClient, cfg: Config, listen: std::net::S
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(c.clone().run_background(stop_rx));
     let app = ember_cluster::api::router(c);
+    let signal =
+        ember_startup::shutdown_signal().unwrap_or_else(|e| fail!("cannot watch SIGTERM: {e}"));
     let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => fail(format!("cannot watch SIGTERM: {e}")),
-            };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
+        signal.await;
         log::info!("shutting down");
     };
     if let Err(e) = axum::serve(listener, app)

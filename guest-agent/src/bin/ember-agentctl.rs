@@ -11,12 +11,9 @@ use ember_agent::client::{bind_ready_listener, wait_ready, AgentClient};
 use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 
+/// Talk to the Ember guest agent over vsock.
 #[derive(Parser)]
-#[command(
-    name = "ember-agentctl",
-    version,
-    about = "Talk to the Ember guest agent over vsock"
-)]
+#[command(name = "ember-agentctl", version)]
 struct Args {
     /// The VMM's vsock unix socket (`uds_path` of PUT /vsock).
     #[arg(long)]
@@ -46,14 +43,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ember-agentctl: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ember_startup::exit_code!(run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<ExitCode, String> {

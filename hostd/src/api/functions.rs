@@ -10,7 +10,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::shapes::*;
-use super::{function_ref, parse};
+use super::{function_ref, parse, version_of};
 use crate::daemon::{Daemon, SpecInput};
 use ember_lambda::error::ApiError;
 
@@ -75,12 +75,7 @@ pub async fn get(
 ) -> Result<Json<GetFunction>, ApiError> {
     let (name, q) = qualified(&d, &name, q.qualifier)?;
     let rec = d.get(&name)?;
-    let v = rec.resolve(q.as_deref()).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "Function not found: {}",
-            d.function_arn(&name, q.as_deref())
-        ))
-    })?;
+    let v = version_of(&d, &rec, q.as_deref())?;
     Ok(Json(GetFunction {
         configuration: configuration(&d, &name, v),
         code: FunctionCodeLocation::ember(
@@ -99,12 +94,7 @@ pub async fn get_configuration(
 ) -> Result<Json<FunctionConfiguration>, ApiError> {
     let (name, q) = qualified(&d, &name, q.qualifier)?;
     let rec = d.get(&name)?;
-    let v = rec.resolve(q.as_deref()).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "Function not found: {}",
-            d.function_arn(&name, q.as_deref())
-        ))
-    })?;
+    let v = version_of(&d, &rec, q.as_deref())?;
     Ok(Json(configuration(&d, &name, v)))
 }
 

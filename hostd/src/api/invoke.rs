@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
-use super::function_ref;
+use super::{function_ref, version_of};
 use crate::daemon::Daemon;
 use crate::invoke::new_request_id;
 use ember_lambda::error::ApiError;
@@ -59,13 +59,7 @@ pub async fn invoke(
         }
         InvocationType::Event => {
             // The function must exist now; its outcome comes later.
-            let rec = d.get(&name)?;
-            if rec.resolve(qualifier.as_deref()).is_none() {
-                return Err(ApiError::not_found(format!(
-                    "Function not found: {}",
-                    d.function_arn(&name, qualifier.as_deref())
-                )));
-            }
+            version_of(&d, &d.get(&name)?, qualifier.as_deref())?;
             d.queue
                 .enqueue(&name, qualifier.as_deref(), &payload, request_id)?;
             let mut resp = StatusCode::ACCEPTED.into_response();
@@ -73,13 +67,7 @@ pub async fn invoke(
             Ok(resp)
         }
         InvocationType::DryRun => {
-            let rec = d.get(&name)?;
-            if rec.resolve(qualifier.as_deref()).is_none() {
-                return Err(ApiError::not_found(format!(
-                    "Function not found: {}",
-                    d.function_arn(&name, qualifier.as_deref())
-                )));
-            }
+            version_of(&d, &d.get(&name)?, qualifier.as_deref())?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }

@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::daemon::Daemon;
+use crate::model::{FunctionRecord, VersionRecord};
 use ember_lambda::error::ApiError;
 use ember_lambda::shapes::parse;
 
@@ -100,6 +101,21 @@ pub fn router(d: Arc<Daemon>) -> Router {
     })
     .layer(DefaultBodyLimit::max(MAX_BODY))
     .with_state(d)
+}
+
+/// The version of `rec` that `qualifier` names (`$LATEST` without), or
+/// Lambda's 404 for it.
+fn version_of<'r>(
+    d: &Daemon,
+    rec: &'r FunctionRecord,
+    qualifier: Option<&str>,
+) -> Result<&'r VersionRecord, ApiError> {
+    rec.resolve(qualifier).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}",
+            d.function_arn(&rec.name, qualifier)
+        ))
+    })
 }
 
 /// A function named in a path (see [`ember_lambda::rules::FunctionRef`]);

@@ -9,12 +9,9 @@ use clap::{Parser, Subcommand};
 use ember_hostd::vm::api_client::{raw_request, RawResponse};
 use serde_json::{json, Value};
 
+/// Manage and invoke functions on an Ember host.
 #[derive(Debug, Parser)]
-#[command(
-    name = "ember",
-    version,
-    about = "Manage and invoke functions on an Ember host"
-)]
+#[command(name = "ember", version)]
 struct Cli {
     /// emberd's API socket.
     #[arg(long, env = "EMBER_SOCKET", default_value = "/run/ember/emberd.sock")]
@@ -248,9 +245,10 @@ struct Client {
     rt: tokio::runtime::Runtime,
 }
 
+/// Exit code 2: the request failed (1 is the function's failure: a Failed
+/// state, a FunctionError).
 fn die(msg: impl std::fmt::Display) -> ! {
-    eprintln!("ember: {msg}");
-    std::process::exit(2);
+    ember_startup::exit_with("ember", 2, msg)
 }
 
 impl Client {

@@ -10,13 +10,11 @@ use clap::Parser;
 use ember_hostd::daemon::{Config, Daemon};
 use ember_hostd::model::RuntimeKind;
 use ember_hostd::vm::{JailConfig, LaunchConfig};
+use ember_startup::fail;
 
+/// Ember host daemon: functions on warm microVMs.
 #[derive(Debug, Parser)]
-#[command(
-    name = "emberd",
-    version,
-    about = "Ember host daemon: functions on warm microVMs"
-)]
+#[command(name = "emberd", version)]
 struct Args {
     /// The API socket.
     #[arg(long, env = "EMBER_SOCKET", default_value = "/run/ember/emberd.sock")]
@@ -194,7 +192,7 @@ fn watch_signals(limit: Duration) -> tokio::sync::watch::Receiver<bool> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .unwrap_or_else(|e| fail(format!("cannot watch SIGTERM: {e}")));
+        .unwrap_or_else(|e| fail!("cannot watch SIGTERM: {e}"));
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -222,7 +220,7 @@ fn watch_signals(limit: Duration) -> tokio::sync::watch::Receiver<bool> {
             }
         });
     if let Err(e) = spawned {
-        fail(format!("cannot watch SIGTERM: {e}"));
+        fail!("cannot watch SIGTERM: {e}");
     }
     rx
 }
@@ -247,32 +245,19 @@ fn url_host(url: &str) -> Option<String> {
         .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
 }
 
-fn fail(msg: String) -> ! {
-    log::error!("{msg}");
-    eprintln!("emberd: {msg}");
-    std::process::exit(1);
-}
-
 fn main() {
     let args = Args::parse();
-    env_logger::Builder::new()
-        .parse_filters(&args.log_level)
-        .format_timestamp_millis()
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => fail(format!("cannot start the async runtime: {e}")),
-    };
-    runtime.block_on(run(args));
+    ember_startup::init_logging(&args.log_level);
+    ember_startup::runtime!().block_on(run(args));
 }
 
 async fn run(mut args: Args) {
     // The TCP API (and so migrations) is mutual TLS or nothing.
     if let (Some(addr), None, None) = (args.listen_tcp, &args.tls_cert, &args.tls_dev_dir) {
-        fail(format!(
+        fail!(
             "--listen-tcp {addr} needs TLS: --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir \
              for development); the TCP API is never served in the clear"
-        ));
+        );
     }
     if let Err(e) = ember_hostd::oom::set_own(args.oom_score_adj) {
         log::warn!(
@@ -296,7 +281,7 @@ async fn run(mut args: Args) {
         rootfs.insert(RuntimeKind::Nodejs, p);
     }
     if rootfs.is_empty() {
-        fail("no runtime root filesystem given (--rootfs-provided, --rootfs-python3, --rootfs-nodejs)".into());
+        fail!("no runtime root filesystem given (--rootfs-provided, --rootfs-python3, --rootfs-nodejs)");
     }
     for (what, p) in rootfs
         .values()
@@ -304,15 +289,12 @@ async fn run(mut args: Args) {
         .chain([("kernel", &args.kernel)])
     {
         if !p.is_file() {
-            fail(format!("{what} {} is not a file", p.display()));
+            fail!("{what} {} is not a file", p.display());
         }
     }
     let vmm_bin = args.vmm_bin.unwrap_or_else(|| beside_me("ember-vmm"));
     if !vmm_bin.is_file() {
-        fail(format!(
-            "VMM binary {} not found (--vmm-bin)",
-            vmm_bin.display()
-        ));
+        fail!("VMM binary {} not found (--vmm-bin)", vmm_bin.display());
     }
     let vmm_bin = absolute(vmm_bin);
     let jail = if args.no_jail {
@@ -321,14 +303,14 @@ async fn run(mut args: Args) {
     } else {
         let jailer_bin = args.jailer_bin.unwrap_or_else(|| beside_me("ember-jailer"));
         if !jailer_bin.is_file() {
-            fail(format!(
+            fail!(
                 "jailer binary {} not found (--jailer-bin, or --no-jail for development)",
                 jailer_bin.display()
-            ));
+            );
         }
         let jailer_bin = absolute(jailer_bin);
         if !nix::unistd::geteuid().is_root() {
-            fail("jailing VMMs needs root (or run with --no-jail for development)".into());
+            fail!("jailing VMMs needs root (or run with --no-jail for development)");
         }
         Some(JailConfig {
             jailer_bin,
@@ -353,7 +335,7 @@ async fn run(mut args: Args) {
         });
         match net {
             Ok(m) => Some(std::sync::Arc::new(m)),
-            Err(e) => fail(format!("instance networking: {e} (or --no-network)")),
+            Err(e) => fail!("instance networking: {e} (or --no-network)"),
         }
     };
     let host_id = args.host_id.clone().unwrap_or_else(|| {
@@ -364,20 +346,16 @@ async fn run(mut args: Args) {
     // The TCP API's token, shared by the hosts of a cluster: peers check
     // it, and this host sends it to them (migrations).
     let token = args.api_token_file.as_ref().map(|f| {
-        let token =
-            std::fs::read_to_string(f).unwrap_or_else(|e| fail(format!("{}: {e}", f.display())));
+        let token = std::fs::read_to_string(f).unwrap_or_else(|e| fail!("{}: {e}", f.display()));
         if token.trim().len() < 16 {
-            fail(format!(
-                "{}: the token must be at least 16 characters",
-                f.display()
-            ));
+            fail!("{}: the token must be at least 16 characters", f.display());
         }
         token.trim().to_string()
     });
     // TLS for everything on TCP: there is no plaintext TCP.
     let tls = match (args.listen_tcp, &args.tls_cert, &args.tls_dev_dir) {
         (None, None, None) => None,
-        (None, _, _) => fail("--tls-cert/--tls-dev-dir are for --listen-tcp".into()),
+        (None, _, _) => fail!("--tls-cert/--tls-dev-dir are for --listen-tcp"),
         (Some(_), Some(cert), None) => Some(ember_tls::TlsFiles {
             cert: cert.clone(),
             key: args.tls_key.clone().unwrap_or_default(),
@@ -395,7 +373,7 @@ async fn run(mut args: Args) {
             names.sort();
             names.dedup();
             let files = ember_tls::dev_certs(dir, &host_id, &names)
-                .unwrap_or_else(|e| fail(format!("development certificates: {e}")));
+                .unwrap_or_else(|e| fail!("development certificates: {e}"));
             log::warn!(
                 "--tls-dev-dir: using the development CA in {} (not for production)",
                 dir.display()
@@ -403,15 +381,14 @@ async fn run(mut args: Args) {
             Some(files)
         }
         (Some(_), Some(_), Some(_)) => {
-            fail("--tls-cert and --tls-dev-dir exclude each other".into())
+            fail!("--tls-cert and --tls-dev-dir exclude each other")
         }
-        (Some(addr), None, None) => fail(format!(
+        (Some(addr), None, None) => fail!(
             "--listen-tcp {addr} needs TLS: --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir \
              for development); the TCP API is never served in the clear"
-        )),
+        ),
     };
-    let tls =
-        tls.map(|files| ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))));
+    let tls = tls.map(|files| ember_tls::Tls::load(&files).unwrap_or_else(|e| fail!("TLS: {e}")));
     // (Its TLS identity is also what opens NBD to a volume service's
     // nbds:// port on another host.)
     let volume_service =
@@ -436,7 +413,7 @@ async fn run(mut args: Args) {
         .clone()
         .unwrap_or_else(|| args.state_dir.join("disks"));
     if let Err(e) = std::fs::create_dir_all(&disk_dir) {
-        fail(format!("cannot create {}: {e}", disk_dir.display()));
+        fail!("cannot create {}: {e}", disk_dir.display());
     }
     let disk_dir = absolute(disk_dir);
     match ember_hostd::ephemeral::in_memory_fs(&disk_dir) {
@@ -480,22 +457,22 @@ async fn run(mut args: Args) {
     // From here on a SIGTERM is an orderly shutdown, bounded in time.
     let signalled = watch_signals(Duration::from_secs(args.shutdown_timeout_secs));
     if let Err(e) = ember_hostd::vm::clean_run_dir(&cfg.launch) {
-        fail(format!("cannot prepare {}: {e}", args.run_dir.display()));
+        fail!("cannot prepare {}: {e}", args.run_dir.display());
     }
     let d = match Daemon::open(cfg) {
         Ok(d) => d,
-        Err(e) => fail(format!("cannot open the state directory: {e}")),
+        Err(e) => fail!("cannot open the state directory: {e}"),
     };
     d.start();
     if let Some(dir) = args.socket.parent() {
         if let Err(e) = std::fs::create_dir_all(dir) {
-            fail(format!("cannot create {}: {e}", dir.display()));
+            fail!("cannot create {}: {e}", dir.display());
         }
     }
     let _ = std::fs::remove_file(&args.socket);
     let listener = match tokio::net::UnixListener::bind(&args.socket) {
         Ok(l) => l,
-        Err(e) => fail(format!("cannot listen on {}: {e}", args.socket.display())),
+        Err(e) => fail!("cannot listen on {}: {e}", args.socket.display()),
     };
     {
         use std::os::unix::fs::PermissionsExt;
@@ -510,14 +487,14 @@ async fn run(mut args: Args) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tcp = match (args.listen_tcp, &token, &tls) {
         (None, _, _) => None,
-        (Some(_), None, _) => fail("--listen-tcp needs --api-token-file".into()),
-        (Some(_), Some(_), None) => fail("--listen-tcp needs TLS".into()),
+        (Some(_), None, _) => fail!("--listen-tcp needs --api-token-file"),
+        (Some(_), Some(_), None) => fail!("--listen-tcp needs TLS"),
         (Some(addr), Some(token), Some(tls)) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
+                .unwrap_or_else(|e| fail!("cannot listen on {addr}: {e}"));
             let l = ember_tls::TlsListener::new(l, tls)
-                .unwrap_or_else(|e| fail(format!("cannot listen on {addr}: {e}")));
+                .unwrap_or_else(|e| fail!("cannot listen on {addr}: {e}"));
             let hash = std::sync::Arc::new(ember_hostd::cluster::token_hash(token));
             let app = app.clone().layer(axum::middleware::from_fn_with_state(
                 hash,
@@ -544,7 +521,7 @@ async fn run(mut args: Args) {
             .advertise
             .clone()
             .or_else(|| args.listen_tcp.map(|a| format!("https://{a}")))
-            .unwrap_or_else(|| fail("--cluster-etcd needs --advertise or --listen-tcp".into()));
+            .unwrap_or_else(|| fail!("--cluster-etcd needs --advertise or --listen-tcp"));
         let cfg = ember_hostd::cluster::ClusterConfig {
             etcd: args.cluster_etcd.clone(),
             host_id: host_id.clone(),

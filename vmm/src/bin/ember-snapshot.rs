@@ -32,15 +32,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Args::parse().command {
+    ember_startup::exit_code!(match Args::parse().command {
         Command::Merge { base, diff } => {
-            match ember_vmm::snapshot::memory::merge_diff(&base, &diff) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ember-snapshot: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            ember_vmm::snapshot::memory::merge_diff(&base, &diff).map(|()| ExitCode::SUCCESS)
         }
-    }
+    })
 }

@@ -31,12 +31,9 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+/// Serves guest page faults from a snapshot memory file.
 #[derive(Parser, Debug)]
-#[command(
-    name = "ember-uffd-handler",
-    version,
-    about = "Serves guest page faults from a snapshot memory file"
-)]
+#[command(name = "ember-uffd-handler", version)]
 struct Args {
     /// Unix socket to listen on (the VMM's `mem_backend.backend_path`).
     #[arg(long)]

@@ -13,12 +13,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// Serve one file read-only over NBD (a local disk for a migration's fill).
 #[derive(Debug, Parser)]
-#[command(
-    name = "ember-export",
-    version,
-    about = "Serve one file read-only over NBD (a local disk for a migration's fill)"
-)]
+#[command(name = "ember-export", version)]
 struct Args {
     /// The file (or block device) to serve.
     #[arg(long, required_unless_present = "stdin", conflicts_with = "stdin")]
@@ -38,10 +35,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    env_logger::Builder::new()
-        .parse_filters(&args.log_level)
-        .format_timestamp_millis()
-        .init();
+    ember_startup::init_logging(&args.log_level);
     let (what, served) = match &args.file {
         Some(f) => (
             f.display().to_string(),
@@ -59,9 +53,7 @@ fn main() {
         }
     };
     if let Err(e) = served {
-        log::error!("{what}: {e}");
-        eprintln!("ember-export: {what}: {e}");
-        std::process::exit(1);
+        ember_startup::fail!("{what}: {e}");
     }
     log::info!(
         "serving {what} read-only as {:?} on {}",

@@ -8,18 +8,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use ember_startup::fail;
 use ember_volumed::api::{router, Service};
 use ember_volumed::nbd::{Exports, Limits, Timeouts};
 use ember_volumed::registry::Registry;
 use ember_volumed::store::KvStore;
 use ember_volumed::vhost_user::VhostUserServer;
 
+/// Ember volume service: volumes over NBD and vhost-user-blk with fenced attachments.
 #[derive(Debug, Parser)]
-#[command(
-    name = "ember-volumed",
-    version,
-    about = "Ember volume service: volumes over NBD and vhost-user-blk with fenced attachments"
-)]
+#[command(name = "ember-volumed", version)]
 struct Args {
     /// Volume images and the state file.
     #[arg(long, default_value = "/var/lib/ember-volumes")]
@@ -92,12 +90,6 @@ struct Args {
     log_level: String,
 }
 
-fn fail(msg: String) -> ! {
-    log::error!("{msg}");
-    eprintln!("ember-volumed: {msg}");
-    std::process::exit(1);
-}
-
 /// Whether every address `addr` (`HOST:PORT`) names is a loopback one.
 fn loopback_only(addr: &str) -> bool {
     use std::net::ToSocketAddrs;
@@ -136,39 +128,32 @@ fn tls_settings(args: &Args) -> Option<ember_tls::Tls> {
             names.sort();
             names.dedup();
             let files = ember_tls::dev_certs(dir, &args.tls_name, &names)
-                .unwrap_or_else(|e| fail(format!("development certificates: {e}")));
+                .unwrap_or_else(|e| fail!("development certificates: {e}"));
             log::warn!(
                 "--tls-dev-dir: using the development CA in {} (not for production)",
                 dir.display()
             );
             files
         }
-        (Some(_), Some(_)) => fail("--tls-cert and --tls-dev-dir exclude each other".into()),
+        (Some(_), Some(_)) => fail!("--tls-cert and --tls-dev-dir exclude each other"),
     };
-    Some(ember_tls::Tls::load(&files).unwrap_or_else(|e| fail(format!("TLS: {e}"))))
+    Some(ember_tls::Tls::load(&files).unwrap_or_else(|e| fail!("TLS: {e}")))
 }
 
 fn main() {
     let args = Args::parse();
-    env_logger::Builder::new()
-        .parse_filters(&args.log_level)
-        .format_timestamp_millis()
-        .init();
+    ember_startup::init_logging(&args.log_level);
     if args.nbd_listen.is_none() && args.nbd_socket.is_none() && args.vhost_user_dir.is_none() {
-        fail(
-            "give --nbd-listen ADDR, --nbd-socket PATH or --vhost-user-dir DIR (or several)".into(),
-        );
+        fail!("give --nbd-listen ADDR, --nbd-socket PATH or --vhost-user-dir DIR (or several)");
     }
     let ms = |name: &str, v: u64| {
         if v == 0 {
-            fail(format!("--{name} must be more than 0"));
+            fail!("--{name} must be more than 0");
         }
         std::time::Duration::from_millis(v)
     };
     if args.nbd_max_connections == 0 || args.nbd_max_connections_per_client == 0 {
-        fail(
-            "--nbd-max-connections and --nbd-max-connections-per-client must be more than 0".into(),
-        );
+        fail!("--nbd-max-connections and --nbd-max-connections-per-client must be more than 0");
     }
     let limits = Limits {
         total: args.nbd_max_connections,
@@ -183,27 +168,27 @@ fn main() {
     let tls = tls_settings(&args);
     if let (Some(addr), None, false) = (&args.nbd_listen, &tls, args.nbd_insecure_plaintext) {
         if !loopback_only(addr) {
-            fail(format!(
+            fail!(
                 "--nbd-listen {addr} is not a loopback address and would serve NBD in the \
                  clear: give --tls-cert, --tls-key and --tls-ca (or --tls-dev-dir for \
                  development), or --nbd-insecure-plaintext"
-            ));
+            );
         }
     }
     // Private before the store writes its first file there.
     ember_volumed::registry::private_dir(&args.data_dir)
-        .unwrap_or_else(|e| fail(format!("{}: {e}", args.data_dir.display())));
+        .unwrap_or_else(|e| fail!("{}: {e}", args.data_dir.display()));
     let store = KvStore::open(
         &args.etcd_endpoints,
         &args.data_dir.join("store"),
         "/ember/volumes/state",
     )
-    .unwrap_or_else(|e| fail(format!("the state store: {e}")));
+    .unwrap_or_else(|e| fail!("the state store: {e}"));
     let registry = Registry::open(&args.data_dir, Box::new(store))
-        .unwrap_or_else(|e| fail(format!("{}: {e}", args.data_dir.display())));
+        .unwrap_or_else(|e| fail!("{}: {e}", args.data_dir.display()));
     if let Some(addr) = &args.nbd_listen {
-        let l = std::net::TcpListener::bind(addr)
-            .unwrap_or_else(|e| fail(format!("NBD listen {addr}: {e}")));
+        let l =
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| fail!("NBD listen {addr}: {e}"));
         let reg = registry.clone();
         match tls.clone() {
             Some(tls) => {
@@ -223,7 +208,7 @@ fn main() {
     if let Some(p) = &args.nbd_socket {
         let _ = std::fs::remove_file(p);
         let l = std::os::unix::net::UnixListener::bind(p)
-            .unwrap_or_else(|e| fail(format!("NBD socket {}: {e}", p.display())));
+            .unwrap_or_else(|e| fail!("NBD socket {}: {e}", p.display()));
         let reg = registry.clone();
         std::thread::spawn(move || {
             ember_volumed::nbd::serve_unix(l, Exports::Volumes(reg), limits)
@@ -231,7 +216,7 @@ fn main() {
     }
     let vhost_user = args.vhost_user_dir.as_ref().map(|d| {
         VhostUserServer::start(d, registry.clone())
-            .unwrap_or_else(|e| fail(format!("vhost-user dir {}: {e}", d.display())))
+            .unwrap_or_else(|e| fail!("vhost-user dir {}: {e}", d.display()))
     });
     let svc = Arc::new(Service {
         vhost_user,
@@ -240,29 +225,22 @@ fn main() {
         nbd_tls: tls,
         nbd_unix: args.nbd_socket.as_ref().map(|p| p.display().to_string()),
     });
-    let rt = tokio::runtime::Runtime::new()
-        .unwrap_or_else(|e| fail(format!("cannot start the async runtime: {e}")));
-    rt.block_on(async move {
+    ember_startup::runtime!().block_on(async move {
         if let Some(dir) = args.api_socket.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         let _ = std::fs::remove_file(&args.api_socket);
         let l = tokio::net::UnixListener::bind(&args.api_socket)
-            .unwrap_or_else(|e| fail(format!("API socket {}: {e}", args.api_socket.display())));
+            .unwrap_or_else(|e| fail!("API socket {}: {e}", args.api_socket.display()));
         log::info!(
             "ember-volumed serving its API on {}",
             args.api_socket.display()
         );
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .unwrap_or_else(|e| fail(format!("signals: {e}")));
+        let signal = ember_startup::shutdown_signal().unwrap_or_else(|e| fail!("signals: {e}"));
         let app = router(svc);
         tokio::select! {
             r = axum::serve(l, app) => if let Err(e) = r { log::error!("API: {e}") },
-            _ = shutdown => {},
-            _ = term.recv() => {},
+            _ = signal => {},
         }
         let _ = std::fs::remove_file(&args.api_socket);
     });
