@@ -213,7 +213,7 @@ fn name_regions(mem: &GuestMemoryMmap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     const LAYOUT: [(GuestAddress, usize); 2] =
         [(GuestAddress(0), 4 << 20), (GuestAddress(1 << 32), 2 << 20)];
