@@ -18,6 +18,15 @@ bash tests/ensure-packages.sh curl:curl strace:strace mkfs.ext4:e2fsprogs debugf
 EMBER_TEST_PYTHON="$(bash tests/python-env.sh)"
 export EMBER_TEST_PYTHON
 
+# 2 MiB huge pages for the tests that restore guests into them: raised to
+# EMBER_TEST_HUGEPAGES (never lowered). Where the host does not allow it,
+# those tests check the VMM's refusal instead.
+want="${EMBER_TEST_HUGEPAGES:-160}"
+have="$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)"
+if [ "$have" -lt "$want" ] && ! echo "$want" 2>/dev/null >/proc/sys/vm/nr_hugepages; then
+    echo "cannot raise vm.nr_hugepages to $want: the huge page tests check the refusal" >&2
+fi
+
 EMBER_KERNEL="$(bash kernels/build.sh)"
 EMBER_ROOTFS="$(bash rootfs/build.sh)"
 EMBER_ROOTFS_PROVIDED="$(bash rootfs/build.sh provided)"

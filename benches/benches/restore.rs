@@ -7,7 +7,9 @@
 //!   pools do): there is nothing to reset;
 //! - *quiet, working set prefetched*: one recording clone of the quiet
 //!   snapshot saved the pages it touched up to its first answer, and each
-//!   restore reads those in before the guest runs.
+//!   restore reads those in before the guest runs;
+//! - *quiet, copied into a memfd*: guest memory is a memfd filled with a
+//!   copy of the memory file, against the private mapping of the rest.
 //!
 //! Each case restores `RESTORES` times (File backend, resumed by the load)
 //! with a plain client: it connects to the vsock socket once (`CONNECT 52`)
@@ -26,7 +28,7 @@ use ember_benches::{own_anonymous, percentile, rss_split};
 use ember_tests::snapshots::{
     boot_and_snapshot, load_resumed, load_resumed_with, pause, snapshot_paused,
 };
-use ember_vmm_api::WorkingSetLoad;
+use ember_vmm_api::{LoadSnapshotParams, MemoryBacking, WorkingSetLoad};
 
 const RESTORES: usize = 20;
 const MEM_MIB: u32 = 128;
@@ -45,12 +47,11 @@ struct Sample {
     faults: Option<u64>,
 }
 
-fn restore_once(
-    snapshot: &std::path::Path,
-    mem: &std::path::Path,
-    working_set: Option<WorkingSetLoad>,
-) -> Sample {
-    let (vmm, timing) = load_resumed_with(snapshot, mem, working_set);
+/// A change to the load's parameters.
+type Tweak<'a> = dyn Fn(&mut LoadSnapshotParams) + 'a;
+
+fn restore_once(snapshot: &std::path::Path, mem: &std::path::Path, tweak: &Tweak) -> Sample {
+    let (vmm, timing) = load_resumed_with(snapshot, mem, |l| tweak(l));
     let uds = vmm.path("vsock.sock");
     let mut retries = 0;
     loop {
@@ -146,7 +147,7 @@ fn main() {
         record: true,
         prefetch_path: None,
     };
-    let (vmm, _) = load_resumed_with(&quiet_snap, &quiet_mem, Some(record));
+    let (vmm, _) = load_resumed_with(&quiet_snap, &quiet_mem, |l| l.working_set = Some(record));
     ember_tests::snapshots::connect_restored(&vmm);
     let r = vmm.put(
         "/snapshot/working-set",
@@ -156,38 +157,59 @@ fn main() {
     let recorded =
         vmm.request("GET", "/snapshot/working-set", None).json()["pages_recorded"].clone();
     drop(vmm);
-    let prefetch = WorkingSetLoad {
-        record: false,
-        prefetch_path: Some(ws_path.display().to_string()),
+    let prefetch = |l: &mut LoadSnapshotParams| {
+        l.working_set = Some(WorkingSetLoad {
+            record: false,
+            prefetch_path: Some(ws_path.display().to_string()),
+        })
     };
+    let memfd = |l: &mut LoadSnapshotParams| l.memory_backing = Some(MemoryBacking::Memfd);
+    let plain = |_: &mut LoadSnapshotParams| {};
 
     let ours = ember_tests::artifacts::workspace_bin("ember-vmm");
     let baseline = std::env::var_os("EMBER_BENCH_BASELINE_VMM").map(std::path::PathBuf::from);
     let mut rows = Vec::new();
-    for (case, snap, mem, ws) in [
+    // (case, snapshot, memory file, load tweak, Ember-only: no baseline row)
+    let cases: [(&str, _, _, &Tweak<'_>, bool); 4] = [
         (
             "host connection open at snapshot",
             &open_snap,
             &open_mem,
-            None,
+            &plain,
+            false,
         ),
-        ("no connection at snapshot", &quiet_snap, &quiet_mem, None),
+        (
+            "no connection at snapshot",
+            &quiet_snap,
+            &quiet_mem,
+            &plain,
+            false,
+        ),
         (
             "no connection, working set prefetched",
             &quiet_snap,
             &quiet_mem,
-            Some(&prefetch),
+            &prefetch,
+            true,
         ),
-    ] {
+        (
+            "no connection, copied into a memfd",
+            &quiet_snap,
+            &quiet_mem,
+            &memfd,
+            true,
+        ),
+    ];
+    for (case, snap, mem, tweak, ours_only) in cases {
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
         for _ in 0..RESTORES {
             std::env::set_var("EMBER_EMBER_VMM_BIN", &ours);
-            mine.push(restore_once(snap, mem, ws.cloned()));
-            // A baseline VMM may not know working sets: those rows are ours.
-            if let (Some(b), None) = (&baseline, ws) {
+            mine.push(restore_once(snap, mem, tweak));
+            // A baseline VMM may not know these load fields.
+            if let (Some(b), false) = (&baseline, ours_only) {
                 std::env::set_var("EMBER_EMBER_VMM_BIN", b);
-                theirs.push(restore_once(snap, mem, None));
+                theirs.push(restore_once(snap, mem, tweak));
             }
         }
         rows.push(row(&format!("{case}: this ember-vmm"), &mine, None));

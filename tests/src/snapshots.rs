@@ -9,7 +9,7 @@ use ember_agent::protocol::ExecRequest;
 use ember_agent::AGENT_PORT;
 use ember_vmm_api::{
     CreateSnapshotParams, LoadSnapshotParams, MemBackend, MemBackendType, SnapshotType,
-    VsockOverride, WorkingSetLoad,
+    VsockOverride,
 };
 
 use crate::vmm_process::path_str;
@@ -115,14 +115,15 @@ pub fn restore_clone(g: &Golden) -> (VmmProcess, AgentClient, Duration) {
 /// directory). Also returns when the load request went out (after the
 /// VMM's start-up) and how long it took.
 pub fn load_resumed(snapshot: &Path, mem: &Path) -> (VmmProcess, LoadTiming) {
-    load_resumed_with(snapshot, mem, None)
+    load_resumed_with(snapshot, mem, |_| {})
 }
 
-/// [`load_resumed`], recording or prefetching the working set.
+/// [`load_resumed`], with the load's parameters changed by `tweak` (e.g.
+/// its working set or memory backing).
 pub fn load_resumed_with(
     snapshot: &Path,
     mem: &Path,
-    working_set: Option<WorkingSetLoad>,
+    tweak: impl FnOnce(&mut LoadSnapshotParams),
 ) -> (VmmProcess, LoadTiming) {
     let vmm = VmmProcess::spawn(&[]);
     let mut load = LoadSnapshotParams::new(
@@ -136,7 +137,7 @@ pub fn load_resumed_with(
         uds_path: path_str(&vmm.path("vsock.sock")),
     });
     load.resume_vm = true;
-    load.working_set = working_set;
+    tweak(&mut load);
     let sent = Instant::now();
     let r = vmm.put("/snapshot/load", &load);
     let took = sent.elapsed();

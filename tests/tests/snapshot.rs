@@ -461,7 +461,8 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
         record: true,
         prefetch_path: None,
     };
-    let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, Some(record));
+    let (vmm, _) =
+        snapshots::load_resumed_with(&g.snapshot, &g.mem, |l| l.working_set = Some(record));
     let mut agent =
         AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("recording clone: {e}; {}", vmm.logs()));
@@ -486,7 +487,8 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
             record: false,
             prefetch_path: Some(ws_path.to_str().unwrap().into()),
         };
-        let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, Some(prefetch));
+        let (vmm, _) =
+            snapshots::load_resumed_with(&g.snapshot, &g.mem, |l| l.working_set = Some(prefetch));
         let mut agent =
             AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("prefetching clone: {e}; {}", vmm.logs()));
@@ -528,4 +530,62 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
         r.body.contains("truncated") || r.body.contains("corrupt"),
         "{r:?}"
     );
+}
+
+/// The same snapshot restored into a memfd (a copy of the memory file) and
+/// into 2 MiB huge pages: each clone runs and says what its memory is. On
+/// a host with too few free huge pages, the load is refused at once with
+/// what to set, and the VMM stays usable.
+#[test]
+fn clones_restore_into_a_memfd_and_into_huge_pages() {
+    use ember_vmm_api::{LoadHugePages, MemoryBacking};
+    let g = golden();
+    let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, |l| {
+        l.memory_backing = Some(MemoryBacking::Memfd)
+    });
+    let mut agent = connect_restored(&vmm);
+    assert_eq!(sh(&mut agent, "cat /tmp/marker").trim(), "golden");
+    let mc = vmm.request("GET", "/machine-config", None).json();
+    assert_eq!(mc["memory_backing"], json!("Memfd"), "{mc}");
+    drop(agent);
+    drop(vmm);
+
+    let free: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
+        .unwrap_or(0);
+    let huge =
+        |l: &mut ember_vmm_api::LoadSnapshotParams| l.huge_pages = Some(LoadHugePages::Hugetlbfs2M);
+    // The golden has 128 MiB: 64 pages of 2 MiB.
+    if free >= 64 {
+        let (vmm, _) = snapshots::load_resumed_with(&g.snapshot, &g.mem, huge);
+        let mut agent = connect_restored(&vmm);
+        assert_eq!(sh(&mut agent, "cat /tmp/marker").trim(), "golden");
+        let mc = vmm.request("GET", "/machine-config", None).json();
+        assert_eq!(mc["huge_pages"], json!("2M"), "{mc}");
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", vmm.pid())).unwrap();
+        assert!(
+            smaps.contains("KernelPageSize:     2048 kB"),
+            "no 2 MiB mapping"
+        );
+    } else {
+        eprintln!("{free} free 2 MiB pages: checking the refusal");
+        let vmm = VmmProcess::spawn(&[]);
+        let mut load = ember_vmm_api::LoadSnapshotParams::new(
+            g.snapshot.to_str().unwrap(),
+            ember_vmm_api::MemBackend {
+                backend_type: ember_vmm_api::MemBackendType::File,
+                backend_path: g.mem.to_str().unwrap().into(),
+            },
+        );
+        huge(&mut load);
+        let r = vmm.put("/snapshot/load", &load);
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(r.body.contains("vm.nr_hugepages"), "{r:?}");
+        assert_eq!(
+            vmm.request("GET", "/", None).json()["state"],
+            json!("Not started")
+        );
+    }
 }

@@ -48,7 +48,7 @@ pub use drive::{
 pub use instance::{
     ActionType, FaultBody, InstanceActionInfo, InstanceInfo, VmState, VmStateUpdate,
 };
-pub use machine_config::{MachineConfig, MachineConfigUpdate};
+pub use machine_config::{HugePages, MachineConfig, MachineConfigUpdate, MemoryBacking};
 pub use metrics::MetricsConfig;
 pub use migration::{
     MigrationMode, MigrationStatus, ReceiveMigrationParams, SendMigrationParams, SwitchOver,
@@ -57,9 +57,9 @@ pub use migration::{
 pub use net::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 pub use snapshot::{
-    CreateSnapshotParams, DriveOverride, FillOverride, LoadSnapshotParams, MemBackend,
-    MemBackendType, NetworkOverride, SaveWorkingSetParams, SnapshotType, VhostUserOverride,
-    VsockOverride, WorkingSetLoad, WorkingSetStatus,
+    CreateSnapshotParams, DriveOverride, FillOverride, LoadHugePages, LoadSnapshotParams,
+    MemBackend, MemBackendType, NetworkOverride, SaveWorkingSetParams, SnapshotType,
+    VhostUserOverride, VsockOverride, WorkingSetLoad, WorkingSetStatus,
 };
 pub use vm_config::VmResources;
 pub use vsock::VsockConfig;

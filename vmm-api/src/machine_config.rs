@@ -21,6 +21,45 @@ pub struct MachineConfig {
     pub smt: bool,
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Firecracker's `huge_pages`: 4 KiB pages, transparent huge pages
+    /// (`madvise`), or hugetlbfs 2 MiB pages (reserved when the VM is
+    /// built: an error then, never a fault later, when the host has too few).
+    #[serde(default, skip_serializing_if = "HugePages::is_none")]
+    pub huge_pages: HugePages,
+    /// Ember's: private anonymous memory, or a memfd (shared, so one file
+    /// descriptor reaches all of it). Hugetlbfs pages are always a memfd.
+    #[serde(default, skip_serializing_if = "MemoryBacking::is_anonymous")]
+    pub memory_backing: MemoryBacking,
+}
+
+/// Firecracker's `huge_pages` values.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum HugePages {
+    #[default]
+    None,
+    Transparent,
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+/// What guest memory is made of, besides its page size.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MemoryBacking {
+    #[default]
+    Anonymous,
+    Memfd,
+}
+
+impl HugePages {
+    pub fn is_none(&self) -> bool {
+        *self == HugePages::None
+    }
+}
+
+impl MemoryBacking {
+    pub fn is_anonymous(&self) -> bool {
+        *self == MemoryBacking::Anonymous
+    }
 }
 
 impl Default for MachineConfig {
@@ -30,6 +69,8 @@ impl Default for MachineConfig {
             mem_size_mib: 128,
             smt: false,
             track_dirty_pages: false,
+            huge_pages: HugePages::None,
+            memory_backing: MemoryBacking::Anonymous,
         }
     }
 }
@@ -61,6 +102,12 @@ impl MachineConfig {
                 self.mem_size_mib
             ));
         }
+        if self.huge_pages == HugePages::Hugetlbfs2M && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(format!(
+                "mem_size_mib must be a multiple of 2 with 2M huge pages, got {}",
+                self.mem_size_mib
+            ));
+        }
         Ok(())
     }
 }
@@ -81,6 +128,10 @@ pub struct MachineConfigUpdate {
     pub smt: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<HugePages>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_backing: Option<MemoryBacking>,
 }
 
 impl MachineConfigUpdate {
@@ -96,6 +147,8 @@ impl MachineConfigUpdate {
             mem_size_mib: self.mem_size_mib.unwrap_or(current.mem_size_mib),
             smt: self.smt.unwrap_or(current.smt),
             track_dirty_pages: self.track_dirty_pages.unwrap_or(current.track_dirty_pages),
+            huge_pages: self.huge_pages.unwrap_or(current.huge_pages),
+            memory_backing: self.memory_backing.unwrap_or(current.memory_backing),
         }
     }
 }

@@ -197,6 +197,8 @@ impl ReceiveMigrationParams {
             fill_overrides: self.fill_overrides.clone(),
             serial_out_path: self.serial_out_path.clone(),
             working_set: None,
+            huge_pages: None,
+            memory_backing: None,
         }
     }
 }

@@ -117,6 +117,36 @@ pub struct LoadSnapshotParams {
     /// (File backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_set: Option<WorkingSetLoad>,
+    /// Firecracker's: the restored VM's page size; the snapshot's unless
+    /// given. 2 MiB pages (and a memfd) get a copy of the memory file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<LoadHugePages>,
+    /// Ember's: restore into a memfd (a copy of the memory file) or a
+    /// private mapping of the file; the snapshot's unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_backing: Option<crate::MemoryBacking>,
+}
+
+/// Firecracker's `huge_pages` at load: `Snapshot` keeps the snapshot's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum LoadHugePages {
+    Snapshot,
+    None,
+    Transparent,
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+impl LoadHugePages {
+    /// The page size a VM saved with `saved` is restored with.
+    pub fn resolve(this: Option<Self>, saved: crate::HugePages) -> crate::HugePages {
+        match this {
+            None | Some(LoadHugePages::Snapshot) => saved,
+            Some(LoadHugePages::None) => crate::HugePages::None,
+            Some(LoadHugePages::Transparent) => crate::HugePages::Transparent,
+            Some(LoadHugePages::Hugetlbfs2M) => crate::HugePages::Hugetlbfs2M,
+        }
+    }
 }
 
 impl LoadSnapshotParams {
@@ -136,6 +166,8 @@ impl LoadSnapshotParams {
             fill_overrides: Vec::new(),
             serial_out_path: None,
             working_set: None,
+            huge_pages: None,
+            memory_backing: None,
         }
     }
 

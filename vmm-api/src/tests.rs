@@ -122,6 +122,8 @@ fn full_load() -> LoadSnapshotParams {
             record: true,
             prefetch_path: Some("/ws".into()),
         }),
+        huge_pages: Some(LoadHugePages::Snapshot),
+        memory_backing: Some(MemoryBacking::Memfd),
     }
 }
 
@@ -139,6 +141,8 @@ fn every_shape_round_trips() {
         mem_size_mib: 4096,
         smt: true,
         track_dirty_pages: true,
+        huge_pages: HugePages::Hugetlbfs2M,
+        memory_backing: MemoryBacking::Memfd,
     });
     round_trip(&MachineConfigUpdate::default());
     round_trip(&MachineConfigUpdate {
@@ -146,6 +150,8 @@ fn every_shape_round_trips() {
         mem_size_mib: Some(512),
         smt: Some(false),
         track_dirty_pages: Some(true),
+        huge_pages: Some(HugePages::Transparent),
+        memory_backing: Some(MemoryBacking::Anonymous),
     });
     round_trip(&BlockDeviceConfig {
         is_root_device: true,
@@ -601,6 +607,10 @@ fn shape_checks() {
         MachineConfig {
             smt: true,
             ..MachineConfig::default()
+        },
+        MachineConfig {
+            huge_pages: HugePages::Hugetlbfs2M,
+            ..MachineConfig::new(1, 129)
         },
     ] {
         assert!(bad.validate().is_err(), "{bad:?}");

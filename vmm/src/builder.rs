@@ -25,7 +25,8 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 use crate::snapshot::{self, MicrovmState};
 use crate::vmm::{VmState, Vmm};
-use crate::vmm_config::snapshot::MemBackendType;
+use crate::vmm_config::machine_config::{HugePages, MemoryBacking};
+use crate::vmm_config::snapshot::{LoadHugePages, MemBackendType};
 use crate::vmm_config::{BlockDeviceConfig, LoadSnapshotParams, VmResources};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{Vcpu, VmExitNotifier};
@@ -88,11 +89,13 @@ pub fn build_and_boot(
     mc.validate().map_err(StartError::MachineConfig)?;
 
     // A vhost-user backend maps guest memory itself: it must be shareable.
-    let mem = if res.drives.iter().any(|d| d.socket.is_some()) {
-        memory::create_shared(mc.mem_size_mib)?
+    let backing = if res.drives.iter().any(|d| d.socket.is_some()) {
+        MemoryBacking::Memfd
     } else {
-        memory::create_anonymous(mc.mem_size_mib)?
+        mc.memory_backing
     };
+    let layout = crate::arch::x86_64::layout::arch_memory_regions((mc.mem_size_mib as u64) << 20);
+    let mem = memory::create_regions(&layout, mc.huge_pages, backing)?;
     let vm = Vm::new()?;
     vm.register_memory(&mem, mc.track_dirty_pages)?;
     vm.setup_irqchip()?;
@@ -429,20 +432,31 @@ pub fn restore_from_snapshot(
     serial_out: SerialOut,
 ) -> Result<Vmm, RestoreError> {
     let backend = params.backend().map_err(RestoreError::Invalid)?;
-    let state: MicrovmState = snapshot::format::read(std::path::Path::new(&params.snapshot_path))?;
+    let mut state: MicrovmState =
+        snapshot::format::read(std::path::Path::new(&params.snapshot_path))?;
     // Before any memory is mapped for it.
     check_vcpu_states(&state)?;
     let backend_path = std::path::Path::new(&backend.backend_path);
     let vhost_user = state.resources.drives.iter().any(|d| d.socket.is_some());
+    // What the restored VM's memory is made of: the snapshot's, unless the
+    // load says otherwise. A memfd, of either page size, gets a copy of the
+    // memory file; so does a VM whose vhost-user backends map its memory.
+    let mc = &mut state.resources.machine_config;
+    mc.huge_pages = LoadHugePages::resolve(params.huge_pages, mc.huge_pages);
+    mc.memory_backing = params.memory_backing.unwrap_or(mc.memory_backing);
+    mc.validate().map_err(RestoreError::Invalid)?;
+    let hugetlb = mc.huge_pages == HugePages::Hugetlbfs2M;
+    let copy_in = vhost_user || hugetlb || mc.memory_backing == MemoryBacking::Memfd;
     let ws_load = params.working_set.clone().unwrap_or_default();
     let mut ws = snapshot::working_set::Loaded {
         faults_at_load: snapshot::working_set::process_faults(),
         ..Default::default()
     };
     if ws_load.record || ws_load.prefetch_path.is_some() {
-        if backend.backend_type != MemBackendType::File || vhost_user {
+        if backend.backend_type != MemBackendType::File || copy_in {
             return Err(RestoreError::Invalid(
-                "working_set needs the File memory backend and no vhost-user drive (with Uffd, \
+                "working_set needs the File memory backend mapping the file privately: \
+                 anonymous 4 KiB or transparent pages and no vhost-user drive (with Uffd, \
                  the page-fault handler prefetches: ember-uffd-handler --working-set)"
                     .into(),
             ));
@@ -454,15 +468,15 @@ pub fn restore_from_snapshot(
         }
     }
     let (mem, uffd) = match backend.backend_type {
-        // A vhost-user backend maps guest memory: a shared copy of the file.
-        MemBackendType::File if vhost_user => (
-            snapshot::memory::load_shared(backend_path, &state.memory)?,
+        MemBackendType::File if copy_in => (
+            snapshot::memory::load_copy(backend_path, &state.memory, hugetlb)?,
             None,
         ),
-        MemBackendType::Uffd if vhost_user => {
+        MemBackendType::Uffd if copy_in => {
             return Err(RestoreError::Invalid(
-                "the Uffd memory backend cannot serve vhost-user drives (their memory \
-                 must be shared); use the File backend"
+                "the Uffd memory backend serves anonymous 4 KiB memory only: not vhost-user \
+                 drives (their memory must be shared), a memfd or 2M huge pages; use the \
+                 File backend"
                     .into(),
             ))
         }
@@ -473,6 +487,9 @@ pub fn restore_from_snapshot(
         }
         MemBackendType::File => {
             let mem = snapshot::memory::map_file(backend_path, &state.memory)?;
+            if state.resources.machine_config.huge_pages == HugePages::Transparent {
+                crate::vstate::memory::advise_huge_pages(&mem);
+            }
             if let Some(p) = &ws_load.prefetch_path {
                 let set = snapshot::working_set::WorkingSet::read(
                     std::path::Path::new(p),

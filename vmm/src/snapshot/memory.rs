@@ -106,12 +106,15 @@ pub fn dump(mem: &GuestMemoryMmap, path: &Path) -> Result<GuestMemoryState, Memo
     Ok(describe(mem))
 }
 
-/// Guest memory laid out as `state` says, shared (a memfd, for vhost-user
-/// backends), filled with a copy of `path`.
-pub fn load_shared(
+/// Guest memory laid out as `state` says in a memfd (shared: vhost-user
+/// backends map it; of 2 MiB hugetlbfs pages with `hugetlb`), filled with
+/// a copy of `path`.
+pub fn load_copy(
     path: &Path,
     state: &GuestMemoryState,
+    hugetlb: bool,
 ) -> Result<GuestMemoryMmap, MemoryFileError> {
+    use crate::vmm_config::machine_config::{HugePages, MemoryBacking};
     use std::os::unix::fs::FileExt;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let p = path.display().to_string();
@@ -137,7 +140,12 @@ pub fn load_shared(
         .iter()
         .map(|r| (GuestAddress(r.base_address), r.size as usize))
         .collect();
-    let mem = crate::vstate::memory::create_shared_regions(&layout)
+    let pages = if hugetlb {
+        HugePages::Hugetlbfs2M
+    } else {
+        HugePages::None
+    };
+    let mem = crate::vstate::memory::create_regions(&layout, pages, MemoryBacking::Memfd)
         .map_err(|e| map_err(e.to_string()))?;
     for (region, r) in mem.iter().zip(&state.regions) {
         // SAFETY: the region is a live mapping of exactly `r.size` bytes

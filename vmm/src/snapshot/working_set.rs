@@ -364,18 +364,20 @@ fn serve(uffd: &OwnedFd, s: &Shared) -> Result<(), String> {
                 log::warn!("working-set recorder: fault at {addr:#x}, outside guest memory");
                 continue;
             };
+            // Noted before the copy wakes the toucher, so whoever it tells
+            // next already sees the page in the set.
+            {
+                let mut t = s.touched.lock().unwrap_or_else(|e| e.into_inner());
+                if t[ri][p / 64] & (1 << (p % 64)) == 0 {
+                    t[ri][p / 64] |= 1 << (p % 64);
+                    s.pages.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             let offset = s.state.regions[ri].file_offset + p as u64 * PAGE_SIZE;
             let src = (!zero).then(|| s.src.as_ptr() as u64 + offset);
             match uffd::fill(uffd.as_fd(), addr, src, PAGE_SIZE, PAGE_SIZE) {
                 Ok(Filled::Retry { .. }) => retry.push((addr, zero)),
-                Ok(Filled::Done) => {
-                    let mut t = s.touched.lock().unwrap_or_else(|e| e.into_inner());
-                    if t[ri][p / 64] & (1 << (p % 64)) == 0 {
-                        t[ri][p / 64] |= 1 << (p % 64);
-                        s.pages.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(Filled::Gone) => {}
+                Ok(Filled::Done | Filled::Gone) => {}
                 Err(e) => return Err(format!("cannot fill guest page {addr:#x}: {e}")),
             }
         }

@@ -21,6 +21,7 @@ pub fn parse_patch(body: &[u8]) -> Result<VmmAction, ParseError> {
 mod tests {
     use super::*;
     use crate::api::parse_request;
+    use crate::vmm_config::machine_config::HugePages;
     use crate::vmm_config::MachineConfig;
 
     #[test]
@@ -43,8 +44,7 @@ mod tests {
             Ok(VmmAction::PutMachineConfig(MachineConfig {
                 vcpu_count: 2,
                 mem_size_mib: 256,
-                smt: false,
-                track_dirty_pages: false,
+                ..Default::default()
             }))
         );
     }
@@ -93,8 +93,8 @@ mod tests {
             MachineConfig {
                 vcpu_count: 4,
                 mem_size_mib: 512,
-                smt: false,
                 track_dirty_pages: true,
+                ..Default::default()
             }
         );
     }
@@ -105,12 +105,26 @@ mod tests {
         assert_eq!(patch("{}").message, "Empty PATCH request.");
         let e = patch(r#"{"vcpu_count": "two"}"#);
         assert!(e.message.contains("invalid type"), "{}", e.message);
-        let e = patch(r#"{"huge_pages": "2M"}"#);
+        let e = patch(r#"{"huge_pages": "4M"}"#);
+        assert!(e.message.contains("unknown variant `4M`"), "{}", e.message);
+        let e = patch(r#"{"hugepages": "2M"}"#);
         assert!(
-            e.message.contains("unknown field `huge_pages`"),
+            e.message.contains("unknown field `hugepages`"),
             "{}",
             e.message
         );
+        // Firecracker's names for the page sizes.
+        for (v, want) in [
+            ("None", HugePages::None),
+            ("Transparent", HugePages::Transparent),
+            ("2M", HugePages::Hugetlbfs2M),
+        ] {
+            let body = format!(r#"{{"huge_pages": "{v}"}}"#);
+            match parse_request("PATCH", "/machine-config", body.as_bytes()) {
+                Ok(VmmAction::PatchMachineConfig(u)) => assert_eq!(u.huge_pages, Some(want)),
+                other => panic!("{v}: {other:?}"),
+            }
+        }
         let e = patch("null");
         assert_eq!(e.status, 400);
     }
