@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::daemon::{machine_for, Daemon};
 use crate::model::{FunctionRecord, SnapshotRef, State, VersionRecord};
 use crate::vm::{Instance, InstanceError, LaunchConfig, VmFiles};
+use crate::{daemon::Daemon, functions::machine_for};
 use ember_lambda::error::ApiError;
 
 type Key = (String, String);
@@ -139,7 +139,7 @@ impl Source {
             .ok_or_else(|| ApiError::service("version has no snapshot"))?;
         let (vcpus, mem_mib) = machine_for(v.spec.memory_mib);
         Ok(Source {
-            files: d.vm_files(&v.spec)?,
+            files: d.functions.vm_files(&v.spec)?,
             snapshot,
             mem_mib,
             vcpus,
@@ -197,8 +197,8 @@ impl Restorer for VmRestorer {
             let script = crate::volume::mount_script(
                 crate::volume::guest_device(source.tmp_disk),
                 &fs.mount_path,
-                crate::daemon::FUNCTION_UID,
-                crate::daemon::FUNCTION_GID,
+                crate::functions::FUNCTION_UID,
+                crate::functions::FUNCTION_GID,
             );
             if let Err(e) = inst.run_in_guest(script).await {
                 inst.destroy().await;
@@ -701,7 +701,7 @@ fn maintain_all(d: &Arc<Daemon>) {
         return;
     }
     let now = Instant::now();
-    for f in d.list() {
+    for f in d.functions.list() {
         for v in f.versions.values() {
             let Some((generation, warm)) = warm_target(&f, v, d.cfg.default_warm) else {
                 continue;

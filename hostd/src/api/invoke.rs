@@ -59,11 +59,11 @@ pub async fn invoke(
         }
         InvocationType::Event => {
             // The function must exist now; its outcome comes later.
-            let rec = d.get(&name)?;
+            let rec = d.functions.get(&name)?;
             if rec.resolve(qualifier.as_deref()).is_none() {
                 return Err(ApiError::not_found(format!(
                     "Function not found: {}",
-                    d.function_arn(&name, qualifier.as_deref())
+                    d.functions.function_arn(&name, qualifier.as_deref())
                 )));
             }
             d.queue
@@ -73,11 +73,11 @@ pub async fn invoke(
             Ok(resp)
         }
         InvocationType::DryRun => {
-            let rec = d.get(&name)?;
+            let rec = d.functions.get(&name)?;
             if rec.resolve(qualifier.as_deref()).is_none() {
                 return Err(ApiError::not_found(format!(
                     "Function not found: {}",
-                    d.function_arn(&name, qualifier.as_deref())
+                    d.functions.function_arn(&name, qualifier.as_deref())
                 )));
             }
             Ok(StatusCode::NO_CONTENT.into_response())
