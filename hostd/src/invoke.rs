@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use ember_agent::protocol::MAX_LOG_LEN;
 use ember_agent::{InvokeRequest, InvokeResult, InvokeStatus};
 
-use crate::daemon::{now_rfc3339, Daemon};
 use crate::model::{State, VersionRecord};
 use crate::pool::{PoolError, Source};
 use crate::vm::InstanceError;
+use crate::{daemon::Daemon, functions::now_rfc3339};
 use ember_lambda::error::ApiError;
 
 pub use ember_lambda::limits::MAX_SYNC_PAYLOAD;
@@ -41,7 +41,10 @@ pub enum InvokeError {
     NoConcurrency,
     #[error(transparent)]
     Pool(#[from] PoolError),
-    /// From the function records (not found, no files for its runtime).
+    /// From the function records (not found).
+    #[error(transparent)]
+    Records(#[from] crate::functions::FunctionError),
+    /// Already in Lambda's terms (no files for the version's runtime).
     #[error(transparent)]
     Function(#[from] ApiError),
 }
@@ -209,12 +212,12 @@ pub async fn invoke(
     if payload.len() > MAX_SYNC_PAYLOAD {
         return Err(InvokeError::TooLarge);
     }
-    let rec = d.get(function)?;
+    let rec = d.functions.get(function)?;
     let v = rec
         .resolve(qualifier)
         .cloned()
         .ok_or_else(|| InvokeError::NoSuchQualifier {
-            arn: d.function_arn(function, qualifier),
+            arn: d.functions.function_arn(function, qualifier),
         })?;
     check_ready(&v)?;
     let source = Source::of(d, &rec, &v)?;
@@ -234,7 +237,7 @@ pub async fn invoke(
         request_id: request_id.clone(),
         payload,
         deadline_ms: now_ms + timeout.as_millis() as u64,
-        invoked_function_arn: d.function_arn(function, qualifier),
+        invoked_function_arn: d.functions.function_arn(function, qualifier),
         trace_id: Some(trace_id()),
         client_context: None,
         cognito_identity: None,

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod code;
 pub mod daemon;
 pub mod ephemeral;
+pub mod functions;
 pub mod invoke;
 pub mod jail;
 pub mod migrate;

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::daemon::{machine_for, Daemon};
 use crate::model::{FunctionRecord, SnapshotRef, State, VersionRecord};
 use crate::vm::{Instance, InstanceError, LaunchConfig, VmFiles};
 use crate::volumes::Volumes;
+use crate::{daemon::Daemon, functions::machine_for};
 use ember_lambda::error::ApiError;
 
 type Key = (String, String);
@@ -140,7 +140,7 @@ impl Source {
             .ok_or_else(|| ApiError::service("version has no snapshot"))?;
         let (vcpus, mem_mib) = machine_for(v.spec.memory_mib);
         Ok(Source {
-            files: d.vm_files(&v.spec)?,
+            files: d.functions.vm_files(&v.spec)?,
             snapshot,
             mem_mib,
             vcpus,
@@ -698,7 +698,7 @@ fn maintain_all(d: &Arc<Daemon>) {
         return;
     }
     let now = Instant::now();
-    for f in d.list() {
+    for f in d.functions.list() {
         for v in f.versions.values() {
             let Some((generation, warm)) = warm_target(&f, v, d.cfg.default_warm) else {
                 continue;

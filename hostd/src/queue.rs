@@ -17,9 +17,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::daemon::{now_rfc3339, Daemon};
 use crate::invoke::Outcome;
 use crate::store::{load_dir, write_json_atomic};
+use crate::{daemon::Daemon, functions::now_rfc3339};
 use ember_lambda::error::ApiError;
 
 pub use ember_lambda::limits::MAX_ASYNC_PAYLOAD;

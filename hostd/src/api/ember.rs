@@ -19,7 +19,7 @@ pub async fn health(State(d): D) -> Json<serde_json::Value> {
     Json(json!({
         "Status": "ok",
         "Version": env!("CARGO_PKG_VERSION"),
-        "Functions": d.list().len(),
+        "Functions": d.functions.list().len(),
         "Jailed": d.cfg.launch.jail.is_some(),
         "Draining": d.is_draining(),
     }))
@@ -62,7 +62,7 @@ pub async fn logs(
     Query(q): Query<LogQuery>,
 ) -> Result<String, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    d.get(&name)?;
+    d.functions.get(&name)?;
     let want = q.tail.unwrap_or(64 * 1024).min(16 << 20);
     let path = d.store.log_path(&name);
     let Ok(mut f) = std::fs::File::open(&path) else {

@@ -3,11 +3,39 @@
 
 use ember_lambda::error::ApiError;
 
+use crate::code::CodeError;
+use crate::functions::FunctionError;
 use crate::invoke::InvokeError;
 use crate::migrate::MigrateError;
 use crate::pool::PoolError;
 use crate::queue::QueueError;
 use crate::volumes::VolumeError;
+
+impl From<FunctionError> for ApiError {
+    fn from(e: FunctionError) -> ApiError {
+        use FunctionError::*;
+        match e {
+            NotFound { .. }
+            | NoSuchVersion(_)
+            | NoSuchAlias(_)
+            | NoAliasTarget(_)
+            | NoSuchQualifier(_) => ApiError::not_found(e.to_string()),
+            AlreadyExists(_)
+            | UpdateInProgress { .. }
+            | LatestUpdating
+            | VersionHasAlias(_)
+            | AliasExists(_) => ApiError::conflict(e.to_string()),
+            Invalid(_) | RuntimeUnavailable(_) | DeleteLatest | NoAliasVersion => {
+                ApiError::invalid(e.to_string())
+            }
+            Code(CodeError::BadZip(_)) => ApiError::invalid(e.to_string()),
+            Code(CodeError::TooLarge(_)) => ApiError::too_large(e.to_string()),
+            Code(_) | Save { .. } | Delete { .. } | NoLatest | NoRootfs(_) => {
+                ApiError::service(e.to_string())
+            }
+        }
+    }
+}
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> ApiError {
@@ -26,6 +54,7 @@ impl From<InvokeError> for ApiError {
             InvokeError::NotReady { .. } => ApiError::conflict(e.to_string()),
             InvokeError::NoConcurrency => ApiError::throttled(e.to_string()),
             InvokeError::Pool(e) => e.into(),
+            InvokeError::Records(e) => e.into(),
             InvokeError::Function(e) => e,
         }
     }
@@ -96,6 +125,7 @@ impl From<MigrateError> for ApiError {
             ),
             Volume(e) => e.into(),
             Api(e) => e,
+            Function(e) => e.into(),
         }
     }
 }
@@ -195,6 +225,92 @@ mod tests {
         for (e, status, kind) in cases {
             assert_eq!((e.status, e.kind), (status, kind), "{}", e.message);
         }
+    }
+
+    /// The records' errors answer as Lambda's API did when the records
+    /// spoke HTTP: same status, exception and message.
+    #[test]
+    fn each_record_error_answers_as_lambda_does() {
+        let cases: Vec<(FunctionError, StatusCode, &str, &str)> = vec![
+            (
+                FunctionError::NotFound {
+                    arn: "arn:aws:lambda:r:1:function:f".into(),
+                },
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                "Function not found: arn:aws:lambda:r:1:function:f",
+            ),
+            (
+                FunctionError::AlreadyExists("f".into()),
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+                "Function already exist: f",
+            ),
+            (
+                FunctionError::LatestUpdating,
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+                "The operation cannot be performed at this time. $LATEST is being updated.",
+            ),
+            (
+                FunctionError::VersionHasAlias("1".into()),
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+                "Unable to delete version 1: an alias points at it",
+            ),
+            (
+                FunctionError::DeleteLatest,
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                "$LATEST cannot be deleted on its own; delete the function",
+            ),
+            (
+                FunctionError::NoAliasTarget("7".into()),
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                "Function version 7 not found",
+            ),
+            (
+                crate::model::Invalid("Runtime is required".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                "Runtime is required",
+            ),
+            (
+                CodeError::TooLarge("70 MB".into()).into(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                "the code is too large: 70 MB",
+            ),
+            (
+                CodeError::BadZip("no end header".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                "the code is not a valid zip file: no end header",
+            ),
+            (
+                FunctionError::NoRootfs("python3.12".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                "no root filesystem for python3.12",
+            ),
+        ];
+        for (e, status, kind, message) in cases {
+            let api = ApiError::from(e);
+            assert_eq!(
+                (api.status, api.kind, api.message.as_str()),
+                (status, kind, message)
+            );
+        }
+        let missing = || FunctionError::NotFound { arn: "arn".into() };
+        assert_eq!(
+            ApiError::from(InvokeError::Records(missing())),
+            ApiError::from(missing())
+        );
+        assert_eq!(
+            ApiError::from(MigrateError::Function(missing())),
+            ApiError::from(missing())
+        );
     }
 
     #[test]

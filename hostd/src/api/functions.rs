@@ -11,7 +11,8 @@ use serde_json::json;
 
 use super::shapes::*;
 use super::{function_ref, parse, version_of};
-use crate::daemon::{Daemon, SpecInput};
+use crate::daemon::Daemon;
+use crate::functions::SpecInput;
 use ember_lambda::error::ApiError;
 
 type D = State<Arc<Daemon>>;
@@ -50,9 +51,10 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
     }
     let d2 = d.clone();
     // Unzipping and mkfs take a moment: off the async threads.
-    let rec = tokio::task::spawn_blocking(move || d2.create(&name, input, &zip, req.publish))
-        .await
-        .map_err(|e| ApiError::service(e.to_string()))??;
+    let rec =
+        tokio::task::spawn_blocking(move || d2.functions.create(&name, input, &zip, req.publish))
+            .await
+            .map_err(|e| ApiError::service(e.to_string()))??;
     let v = rec.latest();
     Ok((StatusCode::CREATED, Json(configuration(&d, &rec.name, v))).into_response())
 }
@@ -60,6 +62,7 @@ pub async fn create(State(d): D, body: Bytes) -> Result<Response, ApiError> {
 pub async fn list(State(d): D) -> Json<ListFunctions> {
     Json(ListFunctions {
         functions: d
+            .functions
             .list()
             .iter()
             .map(|f| configuration(&d, &f.name, f.latest()))
@@ -74,7 +77,7 @@ pub async fn get(
     Query(q): Query<QualifierQuery>,
 ) -> Result<Json<GetFunction>, ApiError> {
     let (name, q) = qualified(&d, &name, q.qualifier)?;
-    let rec = d.get(&name)?;
+    let rec = d.functions.get(&name)?;
     let v = version_of(&d, &rec, q.as_deref())?;
     Ok(Json(GetFunction {
         configuration: configuration(&d, &name, v),
@@ -93,7 +96,7 @@ pub async fn get_configuration(
     Query(q): Query<QualifierQuery>,
 ) -> Result<Json<FunctionConfiguration>, ApiError> {
     let (name, q) = qualified(&d, &name, q.qualifier)?;
-    let rec = d.get(&name)?;
+    let rec = d.functions.get(&name)?;
     let v = version_of(&d, &rec, q.as_deref())?;
     Ok(Json(configuration(&d, &name, v)))
 }
@@ -115,7 +118,7 @@ pub async fn update_configuration(
         environment: req.environment.map(|e| e.variables.unwrap_or_default()),
         description: req.description,
     };
-    let rec = d.update(&name, input, None, false)?;
+    let rec = d.functions.update(&name, input, None, false)?;
     Ok(Json(configuration(&d, &name, rec.latest())))
 }
 
@@ -130,7 +133,8 @@ pub async fn update_code(
     let d2 = d.clone();
     let n2 = name.clone();
     let rec = tokio::task::spawn_blocking(move || {
-        d2.update(&n2, SpecInput::default(), Some(&zip), req.publish)
+        d2.functions
+            .update(&n2, SpecInput::default(), Some(&zip), req.publish)
     })
     .await
     .map_err(|e| ApiError::service(e.to_string()))??;
@@ -143,13 +147,13 @@ pub async fn delete(
     Query(q): Query<QualifierQuery>,
 ) -> Result<StatusCode, ApiError> {
     let (name, q) = qualified(&d, &name, q.qualifier)?;
-    d.delete(&name, q.as_deref())?;
+    d.delete_function(&name, q.as_deref())?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn publish(State(d): D, Path(name): Path<String>) -> Result<Response, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    let v = d.publish(&name)?;
+    let v = d.functions.publish(&name)?;
     Ok((StatusCode::CREATED, Json(configuration(&d, &name, &v))).into_response())
 }
 
@@ -158,7 +162,7 @@ pub async fn list_versions(
     Path(name): Path<String>,
 ) -> Result<Json<ListVersions>, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    let rec = d.get(&name)?;
+    let rec = d.functions.get(&name)?;
     let mut versions = vec![configuration(&d, &name, rec.latest())];
     for n in rec.published() {
         versions.push(configuration(&d, &name, &rec.versions[&n.to_string()]));
@@ -179,7 +183,7 @@ pub async fn create_alias(
     let alias_name = req
         .name
         .ok_or_else(|| ApiError::invalid("Name is required"))?;
-    let a = d.put_alias(
+    let a = d.functions.put_alias(
         &name,
         &alias_name,
         req.function_version,
@@ -194,7 +198,7 @@ pub async fn list_aliases(
     Path(name): Path<String>,
 ) -> Result<Json<ListAliases>, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    let rec = d.get(&name)?;
+    let rec = d.functions.get(&name)?;
     Ok(Json(ListAliases {
         aliases: rec.aliases.values().map(|a| alias(&d, &name, a)).collect(),
         next_marker: None,
@@ -206,7 +210,7 @@ pub async fn get_alias(
     Path((name, a)): Path<(String, String)>,
 ) -> Result<Json<AliasConfiguration>, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    let rec = d.get(&name)?;
+    let rec = d.functions.get(&name)?;
     let rec_alias = rec
         .aliases
         .get(&a)
@@ -221,7 +225,9 @@ pub async fn update_alias(
 ) -> Result<Json<AliasConfiguration>, ApiError> {
     let req: AliasRequest = parse(&body)?;
     let (name, _) = function_ref(&d, &name)?;
-    let rec = d.put_alias(&name, &a, req.function_version, req.description, false)?;
+    let rec = d
+        .functions
+        .put_alias(&name, &a, req.function_version, req.description, false)?;
     Ok(Json(alias(&d, &name, &rec)))
 }
 
@@ -230,7 +236,7 @@ pub async fn delete_alias(
     Path((name, a)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    d.delete_alias(&name, &a)?;
+    d.functions.delete_alias(&name, &a)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -241,7 +247,7 @@ pub async fn put_concurrency(
 ) -> Result<Json<Concurrency>, ApiError> {
     let n = parse::<Concurrency>(&body)?.checked()?;
     let (name, _) = function_ref(&d, &name)?;
-    d.set_reserved_concurrency(&name, Some(n))?;
+    d.functions.set_reserved_concurrency(&name, Some(n))?;
     Ok(Json(Concurrency::reserved(Some(n))))
 }
 
@@ -250,7 +256,7 @@ pub async fn delete_concurrency(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    d.set_reserved_concurrency(&name, None)?;
+    d.functions.set_reserved_concurrency(&name, None)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -259,7 +265,7 @@ pub async fn get_concurrency(
     Path(name): Path<String>,
 ) -> Result<Json<Concurrency>, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    let rec = d.get(&name)?;
+    let rec = d.functions.get(&name)?;
     Ok(Json(Concurrency::reserved(rec.reserved_concurrency)))
 }
 
@@ -272,7 +278,7 @@ pub async fn put_provisioned(
     let n = parse::<ProvisionedRequest>(&body)?.checked()?;
     let (name, q) = qualified(&d, &name, q.qualifier)?;
     let q = q.ok_or_else(|| ApiError::invalid("Qualifier is required"))?;
-    d.set_provisioned(&name, &q, n)?;
+    d.functions.set_provisioned(&name, &q, n)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"RequestedProvisionedConcurrentExecutions": n, "Status": "IN_PROGRESS"})),

@@ -59,7 +59,7 @@ pub async fn invoke(
         }
         InvocationType::Event => {
             // The function must exist now; its outcome comes later.
-            version_of(&d, &d.get(&name)?, qualifier.as_deref())?;
+            version_of(&d, &d.functions.get(&name)?, qualifier.as_deref())?;
             d.queue
                 .enqueue(&name, qualifier.as_deref(), &payload, request_id)?;
             let mut resp = StatusCode::ACCEPTED.into_response();
@@ -67,7 +67,7 @@ pub async fn invoke(
             Ok(resp)
         }
         InvocationType::DryRun => {
-            version_of(&d, &d.get(&name)?, qualifier.as_deref())?;
+            version_of(&d, &d.functions.get(&name)?, qualifier.as_deref())?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }

@@ -113,7 +113,7 @@ fn version_of<'r>(
     rec.resolve(qualifier).ok_or_else(|| {
         ApiError::not_found(format!(
             "Function not found: {}",
-            d.function_arn(&rec.name, qualifier)
+            d.functions.function_arn(&rec.name, qualifier)
         ))
     })
 }

@@ -73,7 +73,7 @@ pub async fn get_egress(
     Path(name): Path<String>,
 ) -> Result<Json<EgressPolicy>, ApiError> {
     let (name, _) = function_ref(&d, &name)?;
-    Ok(Json(d.get(&name)?.egress))
+    Ok(Json(d.functions.get(&name)?.egress))
 }
 
 /// `PUT /ember/v1/functions/{name}/egress`: applies to running instances

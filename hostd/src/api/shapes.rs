@@ -74,7 +74,7 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
     let qualifier = (v.version != crate::model::LATEST).then_some(v.version.as_str());
     FunctionConfiguration {
         function_name: name.to_string(),
-        function_arn: d.function_arn(name, qualifier),
+        function_arn: d.functions.function_arn(name, qualifier),
         runtime: v.spec.runtime.clone(),
         role: None,
         handler: v.spec.handler.clone(),
@@ -110,7 +110,7 @@ pub fn configuration(d: &Daemon, name: &str, v: &VersionRecord) -> FunctionConfi
 
 pub fn alias(d: &Daemon, function: &str, a: &AliasRecord) -> AliasConfiguration {
     AliasConfiguration {
-        alias_arn: d.function_arn(function, Some(&a.name)),
+        alias_arn: d.functions.function_arn(function, Some(&a.name)),
         name: a.name.clone(),
         function_version: a.function_version.clone(),
         description: a.description.clone(),

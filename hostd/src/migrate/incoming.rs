@@ -149,7 +149,7 @@ pub async fn prepare(
     let peers = d.cfg.peers.clone().ok_or(MigrateError::NotConfigured(
         "this host takes no migrations (no --listen-tcp)",
     ))?;
-    let f = d.get(&req.function_name)?;
+    let f = d.functions.get(&req.function_name)?;
     let v = f.versions.get(&req.version).ok_or_else(|| {
         MigrateError::NoSuchVersion(req.function_name.clone(), req.version.clone())
     })?;

@@ -92,6 +92,9 @@ pub enum MigrateError {
     /// Already in Lambda's terms (the function records).
     #[error("{}", .0.message)]
     Api(#[from] ApiError),
+    /// From the function records (the function is gone).
+    #[error(transparent)]
+    Function(#[from] crate::functions::FunctionError),
 }
 
 /// What migrations between hosts need of this host.

@@ -143,7 +143,7 @@ async fn send(
     inst: &Instance,
     input: &MigrateInput,
 ) -> Result<MigrationReport, MigrateError> {
-    let f = d.get(&key.0)?;
+    let f = d.functions.get(&key.0)?;
     let v = f
         .versions
         .get(&key.1)

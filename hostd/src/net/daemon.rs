@@ -40,7 +40,11 @@ impl Daemon {
     /// The network a new snapshot of `name`'s version `v` is built with.
     pub fn build_network(&self, name: &str, v: &VersionRecord) -> Option<NetRequest> {
         let manager = self.cfg.network.clone()?;
-        let egress = self.get(name).map(|f| f.egress).unwrap_or_default();
+        let egress = self
+            .functions
+            .get(name)
+            .map(|f| f.egress)
+            .unwrap_or_default();
         Some(NetRequest {
             manager,
             logical: self.logical_net(&self.cfg.account),
@@ -122,7 +126,7 @@ impl Daemon {
         &self,
         f: impl FnOnce(&mut BTreeMap<String, LogicalNet>) -> Result<(), ApiError>,
     ) -> Result<(), ApiError> {
-        self.write(|| {
+        self.functions.write(|| {
             let mut copy = self.lock_reservations().clone();
             f(&mut copy)?;
             self.save_reservations(&copy)?;
@@ -152,7 +156,7 @@ impl Daemon {
             .validate()
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         let p = policy.clone();
-        self.modify(name, move |f| {
+        self.functions.modify(name, move |f| {
             f.egress = p;
             Ok(())
         })?;

@@ -126,8 +126,8 @@ impl Volumes {
             mount_script: mount_script(
                 guest_device(with_tmp_disk),
                 &fs.mount_path,
-                crate::daemon::FUNCTION_UID,
-                crate::daemon::FUNCTION_GID,
+                crate::functions::FUNCTION_UID,
+                crate::functions::FUNCTION_GID,
             ),
         })
     }
