@@ -439,13 +439,20 @@ fn a_clone_answers_its_first_connection_without_a_retry() {
     // restore must neither hold it back nor let the guest refuse it.
     for _ in 0..3 {
         let (vmm, _) = snapshots::load_resumed(&g.snapshot, &g.mem);
-        let uds = vmm.path("vsock.sock");
-        let mut agent = AgentClient::connect(&uds, AGENT_PORT, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("first connection: {e}; {}", vmm.logs()));
-        agent
-            .health()
-            .unwrap_or_else(|e| panic!("first request: {e}; {}", vmm.logs()));
+        first_answer(&vmm, "a clone");
     }
+}
+
+/// One connection to a just-loaded clone and its first answer, with no
+/// retry: a failure says which clone (`what`) and shows the VMM's log.
+fn first_answer(vmm: &VmmProcess, what: &str) -> AgentClient {
+    let mut agent =
+        AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{what}: first connection: {e}; {}", vmm.logs()));
+    agent
+        .health()
+        .unwrap_or_else(|e| panic!("{what}: first request: {e}; {}", vmm.logs()));
+    agent
 }
 
 /// The working set: one clone records the pages it touches up to its first
@@ -463,10 +470,7 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
     };
     let (vmm, _) =
         snapshots::load_resumed_with(&g.snapshot, &g.mem, |l| l.working_set = Some(record));
-    let mut agent =
-        AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("recording clone: {e}; {}", vmm.logs()));
-    agent.health().expect("recording clone's first answer");
+    let mut agent = first_answer(&vmm, "the recording clone");
     let status = vmm.request("GET", "/snapshot/working-set", None).json();
     assert_eq!(status["recording"], json!(true), "{status}");
     let recorded = status["pages_recorded"].as_u64().unwrap();
@@ -489,10 +493,7 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
         };
         let (vmm, _) =
             snapshots::load_resumed_with(&g.snapshot, &g.mem, |l| l.working_set = Some(prefetch));
-        let mut agent =
-            AgentClient::connect(vmm.path("vsock.sock"), AGENT_PORT, Duration::from_secs(60))
-                .unwrap_or_else(|e| panic!("prefetching clone: {e}; {}", vmm.logs()));
-        agent.health().expect("prefetching clone's first answer");
+        let mut agent = first_answer(&vmm, "a prefetching clone");
         assert_eq!(sh(&mut agent, "cat /tmp/marker").trim(), "golden");
         let status = vmm.request("GET", "/snapshot/working-set", None).json();
         assert_eq!(status["recording"], json!(false), "{status}");
