@@ -156,8 +156,18 @@ fn send(addr: &str, method: &str, path: &str, headers: &[(String, String)], body
         body.len()
     );
     s.write_all(h.as_bytes()).expect("write");
-    s.write_all(body).expect("write body");
-    let (status, error_type, body) = read_response(&mut s).expect("answer");
+    // The body goes out while the answer is read: a body over its limit is
+    // refused from its Content-Length, and the server may close before it
+    // has all arrived (then the rest cannot be written: that is fine).
+    let mut w = s.try_clone().expect("clone");
+    let rest = body.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&rest);
+    });
+    let answer = read_response(&mut s);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    let (status, error_type, body) = answer.expect("answer");
     Answer {
         status,
         error_type,

@@ -12,8 +12,8 @@
 //! Source ([`Source`]): paused, so its memory no longer changes; it
 //! answers requests first and pushes the remaining pages in between.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ use super::protocol::{self, Kind, Message, PageRun, PagesBuilder, StreamError};
 use super::transport::Stream;
 use super::Progress;
 use crate::snapshot::memory::{dirty_runs, PAGE_SIZE};
-use crate::snapshot::uffd::{self, sys, Filled};
+use crate::snapshot::uffd::{self, sys, Event, Filled};
 use crate::vstate::memory::GuestMemoryMmap;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -109,10 +109,8 @@ pub enum PostCopyError {
     Zero { dst: u64, source: io::Error },
     #[error("{0}")]
     Userfaultfd(#[source] io::Error),
-    #[error("poll: {0}")]
-    Poll(#[source] io::Error),
-    #[error("cannot read the userfaultfd: {0}")]
-    ReadEvents(#[source] io::Error),
+    #[error(transparent)]
+    Events(#[from] uffd::EventError),
     #[error("cannot ask the source for pages: {0}")]
     AskSource(#[source] io::Error),
 }
@@ -362,41 +360,13 @@ impl Drop for Dest {
 /// The fault thread: reads userfaultfd events until told to stop.
 fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), PostCopyError> {
     let mut zero_pending: Vec<(u64, u64)> = Vec::new();
-    let mut buf = [0u8; sys::UFFD_MSG_SIZE * 64];
-    let file = std::fs::File::from(uffd.try_clone().map_err(PostCopyError::Userfaultfd)?);
     while !s.stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd {
-            fd: uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         let timeout = if zero_pending.is_empty() { 50 } else { 1 };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(PostCopyError::Poll(e));
-        }
         let mut ask = Vec::new();
-        if pfd.revents & libc::POLLIN != 0 {
-            loop {
-                let got = match (&file).read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(PostCopyError::ReadEvents(e)),
-                };
-                for msg in buf[..got].chunks_exact(sys::UFFD_MSG_SIZE) {
-                    event(s, uffd, msg, &mut ask, &mut zero_pending);
-                }
-                if got < buf.len() {
-                    break;
-                }
-            }
-        }
+        uffd::wait_events(uffd, timeout, |e| {
+            event(s, uffd, e, &mut ask, &mut zero_pending)
+        })
+        .map_err(PostCopyError::Events)?;
         if !ask.is_empty() {
             writer
                 .send(Kind::PageRequest, &protocol::encode_page_request(&ask))
@@ -416,10 +386,10 @@ fn fault_loop(uffd: &OwnedFd, s: &Shared, writer: &SharedWriter) -> Result<(), P
     Ok(())
 }
 
-/// One `struct uffd_msg`: the event at byte 0, its arguments from byte 8.
-fn event(s: &Shared, uffd: &OwnedFd, msg: &[u8], ask: &mut Vec<u64>, zero: &mut Vec<(u64, u64)>) {
-    let arg = |i: usize| u64::from_ne_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().expect("8"));
-    match msg[0] {
+/// One userfaultfd event.
+fn event(s: &Shared, uffd: &OwnedFd, e: Event, ask: &mut Vec<u64>, zero: &mut Vec<(u64, u64)>) {
+    let arg = |i: usize| e.args[i];
+    match e.kind {
         sys::UFFD_EVENT_PAGEFAULT => {
             let addr = arg(1) & !(PAGE_SIZE - 1);
             let Some((ri, p)) = s.by_host(addr) else {

@@ -349,6 +349,73 @@ pub fn fill(
     Ok(Filled::Done)
 }
 
+/// One `struct uffd_msg`: its event and its first three arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct Event {
+    pub kind: u8,
+    pub args: [u64; 3],
+}
+
+/// Why [`wait_events`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("poll on the userfaultfd: {0}")]
+    Poll(#[source] io::Error),
+    #[error("cannot read the userfaultfd: {0}")]
+    Read(#[source] io::Error),
+}
+
+/// Waits up to `timeout_ms` for events on a non-blocking userfaultfd and
+/// hands each one pending to `each` (none when the wait ran out or a signal
+/// interrupted it).
+pub fn wait_events(
+    uffd: &OwnedFd,
+    timeout_ms: i32,
+    mut each: impl FnMut(Event),
+) -> Result<(), EventError> {
+    use std::io::Read;
+    let mut pfd = libc::pollfd {
+        fd: uffd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(()),
+            _ => Err(EventError::Poll(e)),
+        };
+    }
+    if pfd.revents & libc::POLLIN == 0 {
+        return Ok(());
+    }
+    let mut file = std::fs::File::from(uffd.try_clone().map_err(EventError::Read)?);
+    let mut buf = [0u8; sys::UFFD_MSG_SIZE * 64];
+    loop {
+        let got = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(EventError::Read(e)),
+        };
+        for msg in buf[..got].chunks_exact(sys::UFFD_MSG_SIZE) {
+            let arg = |i: usize| {
+                let b: [u8; 8] = msg[8 + 8 * i..16 + 8 * i].try_into().unwrap_or_default();
+                u64::from_ne_bytes(b)
+            };
+            each(Event {
+                kind: msg[0],
+                args: [arg(0), arg(1), arg(2)],
+            });
+        }
+        if got < buf.len() {
+            return Ok(());
+        }
+    }
+}
+
 /// Wakes the threads waiting on faults in `start..start+len`.
 pub fn wake(uffd: BorrowedFd<'_>, start: u64, len: u64) {
     let mut range = sys::UffdioRange { start, len };

@@ -10,7 +10,7 @@
 //! depend on where a VMM maps guest memory.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -308,57 +308,23 @@ impl Drop for Recorder {
 /// The recorder's thread: copies each faulting page from the memory file
 /// (zeroes where the guest discarded pages) and notes it, until stopped.
 fn serve(uffd: &OwnedFd, s: &Shared) -> Result<(), String> {
-    use std::io::Read;
-    let file = std::fs::File::from(uffd.try_clone().map_err(|e| e.to_string())?);
-    let mut buf = [0u8; sys::UFFD_MSG_SIZE * 64];
     // Faults the kernel asked to retry (EAGAIN while the mappings change),
     // and ranges the guest discarded (balloon): those read as zeroes.
     let mut retry: Vec<(u64, bool)> = Vec::new();
     let mut removed: Vec<(u64, u64)> = Vec::new();
     while !s.stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd {
-            fd: uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         let timeout = if retry.is_empty() { 50 } else { 1 };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {e}"));
-        }
         let mut faults = std::mem::take(&mut retry);
-        if pfd.revents & libc::POLLIN != 0 {
-            loop {
-                let got = match (&file).read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(format!("cannot read the userfaultfd: {e}")),
-                };
-                for msg in buf[..got].chunks_exact(sys::UFFD_MSG_SIZE) {
-                    let arg = |i: usize| {
-                        u64::from_ne_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().expect("8"))
-                    };
-                    match msg[0] {
-                        sys::UFFD_EVENT_PAGEFAULT => {
-                            let page = arg(1) & !(PAGE_SIZE - 1);
-                            let zero = removed.iter().any(|&(a, b)| a <= page && page < b);
-                            faults.push((page, zero));
-                        }
-                        sys::UFFD_EVENT_REMOVE => removed.push((arg(0), arg(1))),
-                        _ => {}
-                    }
-                }
-                if got < buf.len() {
-                    break;
-                }
+        uffd::wait_events(uffd, timeout, |e| match e.kind {
+            sys::UFFD_EVENT_PAGEFAULT => {
+                let page = e.args[1] & !(PAGE_SIZE - 1);
+                let zero = removed.iter().any(|&(a, b)| a <= page && page < b);
+                faults.push((page, zero));
             }
-        }
+            sys::UFFD_EVENT_REMOVE => removed.push((e.args[0], e.args[1])),
+            _ => {}
+        })
+        .map_err(|e| e.to_string())?;
         for (addr, zero) in faults {
             let Some((ri, p)) = s.by_host(addr) else {
                 log::warn!("working-set recorder: fault at {addr:#x}, outside guest memory");
