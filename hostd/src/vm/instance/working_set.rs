@@ -101,6 +101,31 @@ fn resident_pages(pid: u32, maps: &[GuestMemoryMapping]) -> std::io::Result<Vec<
     Ok(runs)
 }
 
+/// Copies the working set a VMM wrote at `out` (in its jail, where it may
+/// write anything) to `snapshot_dir`: opened without following a link it
+/// could have planted (nor a hard link), read bounded, written under a
+/// temporary name (`tag`) and renamed into place.
+fn copy_out(out: &Path, snapshot_dir: &Path, tag: &str) -> std::io::Result<()> {
+    let dir = out.parent().unwrap_or(Path::new("/"));
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let mut bytes = Vec::new();
+    crate::beneath::Dir::open(dir)?
+        .open_file(&name, false)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {MAX_FILE} bytes"),
+        ));
+    }
+    let tmp = snapshot_dir.join(format!("{FILE}.{tag}"));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, snapshot_dir.join(FILE)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 impl Instance {
     /// The snapshot directory this clone was restored from.
     pub fn restored_from(&self) -> Option<&Path> {
@@ -135,25 +160,9 @@ impl Instance {
                 pages: Some(runs),
             })
             .await?;
-        // The VMM wrote it where it may write: read it from there without
-        // following anything it could have planted, and bounded.
-        let dir = out.parent().unwrap_or(Path::new("/"));
-        let name = out.file_name().unwrap_or_default().to_string_lossy();
-        let mut bytes = Vec::new();
-        crate::beneath::Dir::open(dir)?
-            .open_file(&name, false)?
-            .take(MAX_FILE + 1)
-            .read_to_end(&mut bytes)?;
-        if bytes.len() as u64 > MAX_FILE {
-            return Err(fail(format!("{} is over {MAX_FILE} bytes", out.display())));
-        }
+        let copied = copy_out(&out, snapshot_dir, &self.id);
         let _ = std::fs::remove_file(&out);
-        let tmp = snapshot_dir.join(format!("{FILE}.{}", self.id));
-        std::fs::write(&tmp, &bytes)?;
-        if let Err(e) = std::fs::rename(&tmp, snapshot_dir.join(FILE)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
+        copied.map_err(|e| fail(format!("{}: {e}", out.display())))?;
         Ok(pages)
     }
 }
@@ -194,6 +203,49 @@ mod tests {
         std::fs::write(dir.path().join(FILE), b"saved").unwrap();
         assert!(claim(dir.path()).is_none(), "it has one already");
         assert_eq!(saved(dir.path()), Some(dir.path().join(FILE)));
+    }
+
+    /// What a VMM could leave at its working set's path instead of one:
+    /// nothing of the host is copied, and no oversized file is read whole.
+    #[test]
+    fn a_vmm_cannot_get_a_host_file_or_a_huge_one_copied_out() {
+        let jail = tempfile::tempdir().unwrap();
+        let snap = tempfile::tempdir().unwrap();
+        let host_secret = snap.path().join("secret");
+        std::fs::write(&host_secret, b"host only").unwrap();
+        let out = jail.path().join("working-set");
+        let mut tries = 0;
+        let mut copied = 0;
+        let mut attempt = |plant: &dyn Fn()| {
+            let _ = std::fs::remove_file(&out);
+            plant();
+            tries += 1;
+            if copy_out(&out, snap.path(), "t").is_ok() {
+                copied += 1;
+            }
+            let _ = std::fs::remove_file(snap.path().join(FILE));
+        };
+        attempt(&|| std::os::unix::fs::symlink(&host_secret, &out).unwrap());
+        attempt(&|| std::fs::hard_link(&host_secret, &out).unwrap());
+        attempt(&|| std::os::unix::fs::symlink("/etc/hostname", &out).unwrap());
+        attempt(&|| {
+            std::fs::File::create(&out)
+                .unwrap()
+                .set_len(MAX_FILE + 1)
+                .unwrap()
+        });
+        attempt(&|| std::fs::create_dir(&out).unwrap());
+        let _ = std::fs::remove_dir(&out);
+        assert_eq!((tries, copied), (5, 0), "planted files copied out");
+        assert!(!snap.path().join(format!("{FILE}.t")).exists());
+
+        // A plain file the VMM wrote is copied.
+        std::fs::write(&out, b"EMBERSNP...").unwrap();
+        copy_out(&out, snap.path(), "t").unwrap();
+        assert_eq!(
+            std::fs::read(snap.path().join(FILE)).unwrap(),
+            b"EMBERSNP..."
+        );
     }
 
     #[test]
