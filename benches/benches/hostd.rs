@@ -3,8 +3,9 @@
 //! returning its event:
 //!
 //! 1. invoke latency, client-side over emberd's unix socket: a warm
-//!    (reused idle) instance, a clone restored on demand, and a fresh boot
-//!    (CreateFunction to the first answer);
+//!    (reused idle) instance, a clone restored on demand (alternately with
+//!    the snapshot's working set prefetched and with none recorded yet),
+//!    and a fresh boot (CreateFunction to the first answer);
 //! 2. throughput at concurrency 1, 4 and 16 (instances restored on demand
 //!    during a warm-up, then kept busy);
 //! 3. memory (RSS, PSS) per warm instance;
@@ -194,7 +195,10 @@ fn stats(lat: &[Duration]) -> String {
 #[derive(Default)]
 struct Results {
     fresh: Option<(Duration, Duration, Duration)>,
+    /// Restored on demand, the snapshot's working set prefetched.
     restore: Vec<Duration>,
+    /// Restored on demand with no working set beside the snapshot.
+    restore_cold: Vec<Duration>,
     warm: Vec<Duration>,
     native: Vec<Duration>,
     lines: Vec<String>,
@@ -259,11 +263,23 @@ fn fresh_boot(d: &Emberd, code: &Path, r: &mut Results) -> Result<(), String> {
     Ok(())
 }
 
+/// Removes the working sets emberd saved beside the function's snapshots
+/// (it records one again after the next clone's first answer).
+fn drop_working_sets(d: &Emberd) {
+    let snaps = d.dir.join("state/snapshots").join(FUNCTION);
+    for v in std::fs::read_dir(snaps).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(v.path().join("working-set"));
+    }
+}
+
 fn cold_restores(d: &Emberd, r: &mut Results) -> Result<(), String> {
     // Warm count 0 (the daemon default here) and idle TTL 0: each idle
-    // instance is reclaimed within about a second.
+    // instance is reclaimed within about a second. Every other restore
+    // finds no working set beside the snapshot (removed just before); the
+    // one in between prefetches the set its predecessor's answer recorded.
     let mut not_restored = 0;
-    for i in 0..RESTORE_N {
+    for i in 0..2 * RESTORE_N {
+        let prefetch = i % 2 == 1;
         let t0 = Instant::now();
         loop {
             let (idle, busy, pending) = pool(&d.socket)?;
@@ -282,16 +298,22 @@ fn cold_restores(d: &Emberd, r: &mut Results) -> Result<(), String> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        if !prefetch {
+            drop_working_sets(d);
+        }
         let (lat, restored) = invoke(&d.socket, &json!({"restore": i}), true)?;
         if restored != Some(true) {
             not_restored += 1;
-        } else {
+        } else if prefetch {
             r.restore.push(lat);
+        } else {
+            r.restore_cold.push(lat);
         }
     }
     if not_restored > 0 {
         r.lines.push(format!(
-            "restore: {not_restored} of {RESTORE_N} invocations were not restores (left out)"
+            "restore: {not_restored} of {} invocations were not restores (left out)",
+            2 * RESTORE_N
         ));
     }
     Ok(())
@@ -721,7 +743,18 @@ fn main() {
         println!("{:<34} {}", "warm (reused idle instance)", stats(&r.warm));
     }
     if !r.restore.is_empty() {
-        println!("{:<34} {}", "restored on demand (clone)", stats(&r.restore));
+        println!(
+            "{:<34} {}",
+            "restored on demand, prefetched",
+            stats(&r.restore)
+        );
+    }
+    if !r.restore_cold.is_empty() {
+        println!(
+            "{:<34} {}",
+            "restored on demand, no prefetch",
+            stats(&r.restore_cold)
+        );
     }
     if let Some((first, active, after)) = r.fresh {
         println!(
@@ -740,6 +773,12 @@ fn main() {
         println!(
             "ratio p50 restored/warm: {:.1}x",
             p(&r.restore) / p(&r.warm)
+        );
+    }
+    if !r.restore.is_empty() && !r.restore_cold.is_empty() {
+        println!(
+            "ratio p50 prefetched/no prefetch: {:.2}x",
+            p(&r.restore) / p(&r.restore_cold)
         );
     }
     if let Some((first, _, _)) = r.fresh {

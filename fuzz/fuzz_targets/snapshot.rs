@@ -14,7 +14,7 @@ use ember_fuzz::Cursor;
 use ember_vmm::fuzzing::check_layout;
 use ember_vmm::snapshot::format::{decode, FORMAT_VERSION, MAGIC};
 use ember_vmm::snapshot::memory::{
-    describe, load_shared, map_file, GuestMemoryState, MemoryRegionState,
+    describe, load_copy, map_file, GuestMemoryState, MemoryRegionState,
 };
 use ember_vmm::snapshot::MicrovmState;
 use libfuzzer_sys::fuzz_target;
@@ -54,7 +54,7 @@ fn layout(state: &GuestMemoryState) {
     let f = memory_file(total);
     let mem = map_file(f.as_path(), state).expect("a checked layout maps from a file of its size");
     assert_eq!(&describe(&mem), state, "mapped otherwise than described");
-    let shared = load_shared(f.as_path(), state).expect("a checked layout loads");
+    let shared = load_copy(f.as_path(), state, false).expect("a checked layout loads");
     assert_eq!(&describe(&shared), state);
     // A file of the wrong size is refused, not mapped.
     let short = memory_file(total - 1);

@@ -12,7 +12,7 @@ use ember_agent::{InvokeRequest, InvokeResult, InvokeStatus};
 
 use crate::model::{State, VersionRecord};
 use crate::pool::{PoolError, Source};
-use crate::vm::InstanceError;
+use crate::vm::{Instance, InstanceError};
 use crate::{daemon::Daemon, functions::now_rfc3339};
 use ember_lambda::error::ApiError;
 
@@ -270,12 +270,37 @@ pub async fn invoke(
         duration_ms: elapsed.as_millis() as u64,
         cold: lease.restored,
     };
+    if matches!(answer, Answer::Replied(_)) {
+        record_working_set(d, &lease.inst);
+    }
     let label = format!("{function}:{version}");
     let (reusable, output) = shape(&mut out, answer, &label, v.spec.timeout_secs);
     d.pools.release(function, &version, lease, reusable);
     out.log = format_log(&out, &output, v.spec.memory_mib, &version);
     append_log(&d.store.log_path(function), &out.log, MAX_LOG_FILE);
     Ok(out)
+}
+
+/// After an answer from a clone: the working set of the snapshot it was
+/// restored from, if that has none yet and no other clone is recording it
+/// (in the background: the caller has its answer first).
+fn record_working_set(d: &Daemon, inst: &Arc<Instance>) {
+    let Some(dir) = inst.restored_from().filter(|_| d.cfg.launch.working_sets) else {
+        return;
+    };
+    let Some(claim) = crate::vm::working_set::claim(dir) else {
+        return;
+    };
+    let (inst, dir) = (inst.clone(), dir.to_path_buf());
+    tokio::spawn(async move {
+        match inst.record_working_set(&dir).await {
+            Ok(pages) => log::info!("{}: working set of {pages} pages saved", dir.display()),
+            Err(e) => {
+                log::warn!("{}: no working set recorded: {e}", dir.display());
+                claim.keep();
+            }
+        }
+    });
 }
 
 fn set_error(out: &mut Outcome, kind: &str, message: &str) {

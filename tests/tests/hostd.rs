@@ -560,6 +560,45 @@ fn restart_keeps_state(c: &mut Ctx) {
     assert_eq!(async_before, async_after);
 }
 
+/// Working sets: a clone's first answer saved its snapshot's working set
+/// beside the snapshot, and the clones restored since the restart read it
+/// in before their guest ran (their VMM logs say so).
+fn working_sets(c: &mut Ctx) {
+    let snaps = c.d.dir.join("state/snapshots");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let saved = loop {
+        let found = std::fs::read_dir(&snaps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|f| std::fs::read_dir(f.path()).into_iter().flatten().flatten())
+            .map(|v| v.path().join("working-set"))
+            .find(|p| p.is_file());
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no working set under {}",
+            snaps.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let bytes = std::fs::read(&saved).unwrap();
+    assert!(bytes.starts_with(b"EMBERSNP"), "{}", saved.display());
+    let logs = c.d.dir.join("run/logs");
+    let prefetched = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .find(|t| t.contains("prefetched"));
+    assert!(
+        prefetched.is_some(),
+        "no VMM log under {} says it prefetched a working set",
+        logs.display()
+    );
+}
+
 fn delete_function(c: &Ctx) {
     let r = c.d.request("DELETE", "/2015-03-31/functions/py", &[], None);
     assert_eq!(r.status, 204, "{}", r.text());
@@ -652,6 +691,7 @@ fn functions_on_warm_microvms() {
         versions_aliases_and_updates(c)
     });
     run("restart_keeps_state", &mut c, &|c| restart_keeps_state(c));
+    run("working_sets", &mut c, &|c| working_sets(c));
     run("delete_function", &mut c, &|c| delete_function(c));
     assert!(
         failures.is_empty(),

@@ -57,9 +57,9 @@ pub use migration::{
 pub use net::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 pub use snapshot::{
-    CreateSnapshotParams, DriveOverride, FillOverride, LoadHugePages, LoadSnapshotParams,
-    MemBackend, MemBackendType, NetworkOverride, SaveWorkingSetParams, SnapshotType,
-    VhostUserOverride, VsockOverride, WorkingSetLoad, WorkingSetStatus,
+    CreateSnapshotParams, DriveOverride, FillOverride, GuestMemoryMapping, LoadHugePages,
+    LoadSnapshotParams, MemBackend, MemBackendType, NetworkOverride, SaveWorkingSetParams,
+    SnapshotType, VhostUserOverride, VsockOverride, WorkingSetLoad, WorkingSetStatus,
 };
 pub use vm_config::VmResources;
 pub use vsock::VsockConfig;

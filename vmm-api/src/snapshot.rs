@@ -201,12 +201,27 @@ pub struct WorkingSetLoad {
     pub prefetch_path: Option<String>,
 }
 
-/// `PUT /snapshot/working-set`: saves the pages a recording clone has
-/// touched so far (a versioned, checksummed file, like a snapshot's).
+/// `PUT /snapshot/working-set`: saves a working set (a versioned,
+/// checksummed file, like a snapshot's): the pages a recording clone has
+/// touched so far, or the `pages` given (runs of pages of the memory file,
+/// `[first, count]`), e.g. found resident by a privileged reader of this
+/// process's pagemap.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SaveWorkingSetParams {
     pub working_set_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Vec<(u64, u64)>>,
+}
+
+/// Where one guest memory region lies in the VMM process, for a privileged
+/// reader of its `/proc/<pid>/pagemap` (the host daemon).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestMemoryMapping {
+    pub host_address: u64,
+    pub size: u64,
+    /// Where the region's pages are in the snapshot's memory file.
+    pub file_offset: u64,
 }
 
 /// `GET /snapshot/working-set`: what the load did and what it cost since.
@@ -223,4 +238,8 @@ pub struct WorkingSetStatus {
     /// Host page faults this VMM process took since the load (getrusage:
     /// the guest's first touches of pages not prefetched, and the VMM's).
     pub host_faults_since_load: u64,
+    /// Where guest memory lies in this process, when it is a private
+    /// mapping of the memory file (a File backend load).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_memory: Vec<GuestMemoryMapping>,
 }

@@ -487,6 +487,7 @@ pub fn restore_from_snapshot(
         }
         MemBackendType::File => {
             let mem = snapshot::memory::map_file(backend_path, &state.memory)?;
+            ws.file_mapped = Some(state.memory.clone());
             if state.resources.machine_config.huge_pages == HugePages::Transparent {
                 crate::vstate::memory::advise_huge_pages(&mem);
             }

@@ -165,7 +165,7 @@ impl Controller {
                     VmmActionError::NotAllowed("the microVM is not started".into())
                 })?;
                 let pages = vmm
-                    .save_working_set(std::path::Path::new(&p.working_set_path))
+                    .save_working_set(std::path::Path::new(&p.working_set_path), p.pages)
                     .map_err(VmmActionError::InvalidInput)?;
                 log::info!("saved a working set of {pages} pages to {}", p.working_set_path);
                 Ok(VmmData::Empty)

@@ -100,12 +100,16 @@ impl Vmm {
 
     /// `GET /snapshot/working-set`.
     pub fn working_set_status(&self) -> ember_vmm_api::WorkingSetStatus {
-        self.working_set.status()
+        self.working_set.status(&self.guest_memory)
     }
 
     /// `PUT /snapshot/working-set`: how many pages were saved.
-    pub fn save_working_set(&self, path: &Path) -> Result<u64, String> {
-        self.working_set.save(path)
+    pub fn save_working_set(
+        &self,
+        path: &Path,
+        pages: Option<Vec<(u64, u64)>>,
+    ) -> Result<u64, String> {
+        self.working_set.save(path, pages)
     }
 
     /// Writes a snapshot of the paused VM: guest memory first, then the

@@ -98,6 +98,10 @@ struct Args {
     /// Give instances no network device (no namespaces, taps or NAT).
     #[arg(long)]
     no_network: bool,
+    /// Neither record snapshots' working sets (the pages a first clone
+    /// touches up to its first answer) nor prefetch them in later clones.
+    #[arg(long)]
+    no_working_sets: bool,
     /// Physical addresses of instances on this host, a /30 per instance
     /// (must not overlap the host's other networks).
     #[arg(long, default_value = "10.200.0.0/16")]
@@ -433,6 +437,7 @@ async fn run(mut args: Args) {
             disk_dir,
             boot_args,
             boot_timeout: Duration::from_secs(args.boot_timeout_secs),
+            working_sets: !args.no_working_sets,
         },
         kernel: args.kernel,
         rootfs,

@@ -6,7 +6,7 @@ pub mod spawner;
 /// The VMM's API client (also hostd's HTTP over other local sockets).
 pub use ember_vmm_api::client as api_client;
 
-pub use instance::{Instance, InstanceError, JailConfig, LaunchConfig, VmFiles};
+pub use instance::{working_set, Instance, InstanceError, JailConfig, LaunchConfig, VmFiles};
 
 /// The VMM's default guest kernel arguments (hostd appends its own).
 pub const DEFAULT_BOOT_ARGS: &str =

@@ -79,6 +79,42 @@ impl WorkingSet {
         self.runs.iter().map(|r| r.1).sum()
     }
 
+    /// A set of the given runs of a memory file of `memory_bytes`, checked
+    /// as a saved one is when read.
+    pub fn from_runs(memory_bytes: u64, runs: Vec<(u64, u64)>) -> Result<WorkingSet, String> {
+        let ws = WorkingSet {
+            kind: KIND.into(),
+            memory_bytes,
+            runs,
+        };
+        ws.check(memory_bytes)?;
+        Ok(ws)
+    }
+
+    /// Runs ascending, disjoint, not empty, inside the memory file.
+    fn check(&self, memory_bytes: u64) -> Result<(), String> {
+        if self.kind != KIND {
+            return Err(format!("kind {:?}", self.kind));
+        }
+        if self.memory_bytes != memory_bytes {
+            return Err(format!(
+                "recorded for {} bytes of memory, the snapshot has {memory_bytes}",
+                self.memory_bytes
+            ));
+        }
+        let pages = memory_bytes / PAGE_SIZE;
+        let mut next = 0u64;
+        for &(first, count) in &self.runs {
+            if count == 0 || first < next || first.checked_add(count).is_none_or(|e| e > pages) {
+                return Err(format!(
+                    "run ({first}, {count}) is empty, out of order or past page {pages}"
+                ));
+            }
+            next = first + count;
+        }
+        Ok(())
+    }
+
     pub fn write(&self, path: &Path) -> Result<(), WorkingSetError> {
         Ok(super::format::write(path, self)?)
     }
@@ -87,29 +123,11 @@ impl WorkingSet {
     /// the size of the memory file being loaded.
     pub fn read(path: &Path, memory_bytes: u64) -> Result<WorkingSet, WorkingSetError> {
         let ws: WorkingSet = super::format::read(path)?;
-        let bad = |why: String| WorkingSetError::Mismatch {
-            path: path.display().to_string(),
-            why,
-        };
-        if ws.kind != KIND {
-            return Err(bad(format!("kind {:?}", ws.kind)));
-        }
-        if ws.memory_bytes != memory_bytes {
-            return Err(bad(format!(
-                "recorded for {} bytes of memory, the snapshot has {memory_bytes}",
-                ws.memory_bytes
-            )));
-        }
-        let pages = memory_bytes / PAGE_SIZE;
-        let mut next = 0u64;
-        for &(first, count) in &ws.runs {
-            if count == 0 || first < next || first.checked_add(count).is_none_or(|e| e > pages) {
-                return Err(bad(format!(
-                    "run ({first}, {count}) is empty, out of order or past page {pages}"
-                )));
-            }
-            next = first + count;
-        }
+        ws.check(memory_bytes)
+            .map_err(|why| WorkingSetError::Mismatch {
+                path: path.display().to_string(),
+                why,
+            })?;
         Ok(ws)
     }
 
@@ -374,25 +392,51 @@ pub struct Loaded {
     pub recorder: Option<Recorder>,
     pub prefetched: Prefetched,
     pub faults_at_load: u64,
+    /// The memory file's layout, when guest memory is a private mapping
+    /// of it (whose resident pages a pagemap reader can name).
+    pub file_mapped: Option<GuestMemoryState>,
 }
 
 impl Loaded {
-    pub fn status(&self) -> ember_vmm_api::WorkingSetStatus {
+    /// `GET /snapshot/working-set` for guest memory `mem`.
+    pub fn status(&self, mem: &GuestMemoryMmap) -> ember_vmm_api::WorkingSetStatus {
+        let guest_memory = match &self.file_mapped {
+            Some(state) => mem
+                .iter()
+                .zip(&state.regions)
+                .map(|(region, r)| ember_vmm_api::GuestMemoryMapping {
+                    host_address: region.as_ptr() as u64,
+                    size: r.size,
+                    file_offset: r.file_offset,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         ember_vmm_api::WorkingSetStatus {
             recording: self.recorder.is_some(),
             pages_recorded: self.recorder.as_ref().map_or(0, Recorder::pages),
             pages_prefetched: self.prefetched.pages,
             prefetch_ms: self.prefetched.ms,
             host_faults_since_load: process_faults().saturating_sub(self.faults_at_load),
+            guest_memory,
         }
     }
 
-    /// Saves what the recorder has noted so far at `path`.
-    pub fn save(&self, path: &Path) -> Result<u64, String> {
-        let rec = self.recorder.as_ref().ok_or(
-            "this microVM does not record its working set (load it with \"working_set\": {\"record\": true})",
-        )?;
-        let ws = rec.working_set()?;
+    /// Saves at `path` the `pages` given (runs of memory file pages), or
+    /// else what the recorder has noted so far; returns how many pages.
+    pub fn save(&self, path: &Path, pages: Option<Vec<(u64, u64)>>) -> Result<u64, String> {
+        let ws = match (pages, &self.recorder, &self.file_mapped) {
+            (Some(runs), _, Some(state)) => WorkingSet::from_runs(state.total_size(), runs)?,
+            (Some(_), _, None) => {
+                return Err(
+                    "pages can be given only for a File backend load mapping the memory file".into(),
+                )
+            }
+            (None, Some(rec), _) => rec.working_set()?,
+            (None, None, _) => {
+                return Err("this microVM does not record its working set (load it with \"working_set\": {\"record\": true}, or give its pages)".into())
+            }
+        };
         ws.write(path).map_err(|e| e.to_string())?;
         Ok(ws.pages())
     }
@@ -472,6 +516,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn pages_given_for_a_mapped_file_are_saved_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(&[(0, 64)]);
+        let mem = crate::snapshot::memory::map_file(&memory_file(dir.path(), 64), &st).unwrap();
+        let loaded = Loaded {
+            file_mapped: Some(st.clone()),
+            ..Default::default()
+        };
+        let status = loaded.status(&mem);
+        assert_eq!(status.guest_memory.len(), 1);
+        assert_eq!(status.guest_memory[0].size, 64 * PAGE_SIZE);
+        let path = dir.path().join("ws");
+        assert_eq!(loaded.save(&path, Some(vec![(1, 2), (10, 1)])).unwrap(), 3);
+        assert_eq!(
+            WorkingSet::read(&path, st.total_size()).unwrap().runs,
+            vec![(1, 2), (10, 1)]
+        );
+        let e = loaded.save(&path, Some(vec![(60, 8)])).unwrap_err();
+        assert!(e.contains("past page 64"), "{e}");
+        // Neither pages nor a recorder: nothing to save.
+        let e = loaded.save(&path, None).unwrap_err();
+        assert!(e.contains("does not record"), "{e}");
+        // A VM whose memory is not a mapping of the file cannot take pages.
+        let e = Loaded::default()
+            .save(&path, Some(vec![(1, 1)]))
+            .unwrap_err();
+        assert!(e.contains("File backend"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use ember_vmm_api::{
     BlockDeviceConfig, BootSourceConfig, CreateSnapshotParams, DriveOverride, FillFrom,
     FillOverride, LoadSnapshotParams, MachineConfig, MemBackend, MemBackendType,
     NetworkInterfaceConfig, ReceiveMigrationParams, SnapshotType, VsockConfig, VsockOverride,
+    WorkingSetLoad,
 };
 
 use super::half_built::HalfBuilt;
@@ -171,18 +172,41 @@ impl Instance {
                 }
             };
             let mem = snapshot_dir.join("mem");
-            let inputs = [
+            let ws = match cfg.working_sets {
+                true => super::working_set::saved(snapshot_dir),
+                false => None,
+            };
+            let mut inputs = vec![
                 (vm_paths::SNAPSHOT, snap.as_path()),
                 (vm_paths::MEM, mem.as_path()),
                 (vm_paths::ROOTFS, files.rootfs.as_path()),
                 (vm_paths::CODE, files.code.as_path()),
             ];
+            if let Some(ws) = &ws {
+                inputs.push((vm_paths::WORKING_SET, ws.as_path()));
+            }
             let inst = half
                 .spawn(cfg, &inputs, disk_dir.as_deref(), mem_mib, vcpus, net)
                 .await?;
-            let load = inst.load_params(&snap, &mem, disk_dir.as_deref(), volume)?;
+            let mut load = inst.load_params(&snap, &mem, disk_dir.as_deref(), volume)?;
             let t = Instant::now();
-            inst.client().load_snapshot(&load).await?;
+            if let Some(ws) = &ws {
+                load.working_set = Some(WorkingSetLoad {
+                    record: false,
+                    prefetch_path: Some(inst.input_str(vm_paths::WORKING_SET, ws)?),
+                });
+                // A set the VMM refuses (corrupt, of another snapshot) is
+                // dropped, to be recorded again; the load goes on without.
+                if let Err(e) = inst.client().load_snapshot(&load).await {
+                    log::warn!("{}: dropping working set {}: {e}", inst.id, ws.display());
+                    let _ = std::fs::remove_file(ws);
+                    load.working_set = None;
+                }
+            }
+            if load.working_set.is_none() {
+                inst.client().load_snapshot(&load).await?;
+            }
+            let _ = inst.restored_from.set(snapshot_dir.to_path_buf());
             let loaded = t.elapsed();
             inst.connect_agent(Duration::from_secs(30)).await?;
             let connected = t.elapsed();

@@ -134,6 +134,7 @@ mod tests {
             disk_dir: base.path().join("disks"),
             boot_args: None,
             boot_timeout: Duration::from_secs(1),
+            working_sets: false,
         };
         (base, cfg)
     }

@@ -18,6 +18,7 @@ mod forwarders;
 mod half_built;
 mod migration;
 mod process;
+pub mod working_set;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub struct LaunchConfig {
     pub boot_args: Option<String>,
     /// Longest wait for a booting guest's agent.
     pub boot_timeout: Duration,
+    /// Record each snapshot's working set from its first clone and prefetch
+    /// it in later ones.
+    pub working_sets: bool,
 }
 
 /// Jailing with `ember-jailer`: a chroot per VMM under `chroot_base`, its
@@ -96,6 +100,10 @@ mod vm_paths {
     pub const CODE: &str = "/code.ext4";
     pub const SNAPSHOT: &str = "/snap/vm.snap";
     pub const MEM: &str = "/snap/mem";
+    /// The snapshot's working set, when it has one.
+    pub const WORKING_SET: &str = "/snap/working-set";
+    /// Where the VMM writes a working set hostd asks it to save.
+    pub const WORKING_SET_OUT: &str = "/run/working-set";
     pub const RUN: &str = "/run";
     pub const API: &str = "/run/api.sock";
     pub const VSOCK: &str = "/run/v.sock";
@@ -146,6 +154,8 @@ pub struct Instance {
     nbd_listening: std::sync::atomic::AtomicBool,
     /// Its own disks (`/tmp`), removed with it unless taken.
     disk_dir: Mutex<Option<PathBuf>>,
+    /// The snapshot directory it was restored from (with the File backend).
+    restored_from: std::sync::OnceLock<PathBuf>,
 }
 
 /// A path as the VMM's API carries it: a JSON string, so UTF-8.

@@ -304,6 +304,7 @@ impl Instance {
             nbd_pin: Default::default(),
             nbd_listening: Default::default(),
             disk_dir: Mutex::new(None),
+            restored_from: Default::default(),
         }
     }
 
