@@ -281,11 +281,14 @@ pub async fn invoke(
     Ok(out)
 }
 
-/// After an answer from a clone: the working set of the snapshot it was
+/// At a clone's first answer: the working set of the snapshot it was
 /// restored from, if that has none yet and no other clone is recording it
 /// (in the background: the caller has its answer first).
 fn record_working_set(d: &Daemon, inst: &Arc<Instance>) {
-    let Some(dir) = inst.restored_from().filter(|_| d.cfg.launch.working_sets) else {
+    if !d.cfg.launch.working_sets {
+        return;
+    }
+    let Some(dir) = inst.first_answer_of_restore() else {
         return;
     };
     let Some(claim) = crate::vm::working_set::claim(dir) else {

@@ -91,6 +91,8 @@ pub enum InstanceError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    #[error("working set: {0}")]
+    WorkingSet(String),
 }
 
 /// Paths as the VMM sees them (inside its jail) for each part of a VM.
@@ -156,6 +158,8 @@ pub struct Instance {
     disk_dir: Mutex<Option<PathBuf>>,
     /// The snapshot directory it was restored from (with the File backend).
     restored_from: std::sync::OnceLock<PathBuf>,
+    /// Whether it has answered an invocation yet.
+    answered: std::sync::atomic::AtomicBool,
 }
 
 /// A path as the VMM's API carries it: a JSON string, so UTF-8.

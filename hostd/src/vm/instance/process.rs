@@ -305,6 +305,7 @@ impl Instance {
             nbd_listening: Default::default(),
             disk_dir: Mutex::new(None),
             restored_from: Default::default(),
+            answered: Default::default(),
         }
     }
 

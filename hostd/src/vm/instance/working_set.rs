@@ -6,7 +6,7 @@
 //! format is the VMM's). Later clones of the snapshot read those pages in
 //! before their guest runs (`PUT /snapshot/load`'s `working_set`).
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ const MAX_FILE: u64 = 64 << 20;
 const CHUNK_PAGES: u64 = 32 * 1024;
 
 /// Snapshot directories whose working set a clone is recording now.
-static RECORDING: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+static RECORDING: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
 /// The right to record one snapshot's working set; given up when dropped
 /// (after a failed try, kept with [`Claim::keep`]: one try per daemon run).
@@ -39,9 +39,10 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some(set) = RECORDING.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            set.remove(&self.0);
-        }
+        RECORDING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.0);
     }
 }
 
@@ -57,9 +58,10 @@ pub fn claim(snapshot_dir: &Path) -> Option<Claim> {
     if saved(snapshot_dir).is_some() {
         return None;
     }
-    let mut guard = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
-    let set = guard.get_or_insert_with(HashSet::new);
-    set.insert(snapshot_dir.to_path_buf())
+    RECORDING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(snapshot_dir.to_path_buf())
         .then(|| Claim(snapshot_dir.to_path_buf()))
 }
 
@@ -127,16 +129,21 @@ fn copy_out(out: &Path, snapshot_dir: &Path, tag: &str) -> std::io::Result<()> {
 }
 
 impl Instance {
-    /// The snapshot directory this clone was restored from.
-    pub fn restored_from(&self) -> Option<&Path> {
-        self.restored_from.get().map(PathBuf::as_path)
+    /// The snapshot directory this clone was restored from, the first time
+    /// it is asked (at the clone's first answer); None ever after, so later
+    /// answers cost nothing.
+    pub fn first_answer_of_restore(&self) -> Option<&Path> {
+        let first = !self
+            .answered
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        first.then(|| self.restored_from.get().map(PathBuf::as_path))?
     }
 
     /// Records the working set of the snapshot in `snapshot_dir` from this
     /// clone (restored from it, with the File backend, and past its first
     /// answer) and saves it there; returns how many pages it holds.
     pub async fn record_working_set(&self, snapshot_dir: &Path) -> Result<u64, InstanceError> {
-        let fail = |what: String| InstanceError::Spawn(format!("working set: {what}"));
+        let fail = InstanceError::WorkingSet;
         let status = self.client().working_set_status().await?;
         if status.guest_memory.is_empty() {
             return Err(fail(
