@@ -126,13 +126,7 @@ pub fn load_resumed_with(
     tweak: impl FnOnce(&mut LoadSnapshotParams),
 ) -> (VmmProcess, LoadTiming) {
     let vmm = VmmProcess::spawn(&[]);
-    let mut load = LoadSnapshotParams::new(
-        path_str(snapshot),
-        MemBackend {
-            backend_type: MemBackendType::File,
-            backend_path: path_str(mem),
-        },
-    );
+    let mut load = file_load(snapshot, mem);
     load.vsock_override = Some(VsockOverride {
         uds_path: path_str(&vmm.path("vsock.sock")),
     });
@@ -143,6 +137,18 @@ pub fn load_resumed_with(
     let took = sent.elapsed();
     assert_eq!(r.status, 204, "{r:?}; {}", vmm.logs());
     (vmm, LoadTiming { sent, took })
+}
+
+/// `PUT /snapshot/load` of `snapshot` with `mem` (File backend), paused,
+/// nothing overridden.
+pub fn file_load(snapshot: &Path, mem: &Path) -> LoadSnapshotParams {
+    LoadSnapshotParams::new(
+        path_str(snapshot),
+        MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: path_str(mem),
+        },
+    )
 }
 
 /// When a `PUT /snapshot/load` went out, and how long it took.

@@ -11,7 +11,7 @@ use ember_tests::artifacts::workspace_bin;
 use ember_tests::guest_sh as sh;
 use ember_tests::snapshots::{self, boot_and_snapshot, connect_restored, Golden};
 use ember_tests::volumed::Export;
-use ember_tests::VmmProcess;
+use ember_tests::{ApiReply, VmmProcess};
 use serde_json::json;
 
 /// The one booted guest of this test binary; every test restores from it.
@@ -437,6 +437,23 @@ fn a_clone_answers_its_first_connection_without_a_retry() {
     }
 }
 
+/// A load of the golden (File backend) changed by `tweak`, in a fresh VMM,
+/// which must refuse it with a 400 and stay unconfigured; its answer.
+fn refused_load(tweak: impl FnOnce(&mut ember_vmm_api::LoadSnapshotParams)) -> ApiReply {
+    let g = golden();
+    let vmm = VmmProcess::spawn(&[]);
+    let mut load = snapshots::file_load(&g.snapshot, &g.mem);
+    tweak(&mut load);
+    let r = vmm.put("/snapshot/load", &load);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(
+        vmm.request("GET", "/", None).json()["state"],
+        json!("Not started"),
+        "a refused load left the VMM configured"
+    );
+    r
+}
+
 /// One connection to a just-loaded clone and its first answer, with no
 /// retry: a failure says which clone (`what`) and shows the VMM's log.
 fn first_answer(vmm: &VmmProcess, what: &str) -> AgentClient {
@@ -507,20 +524,12 @@ fn a_working_set_recorded_by_one_clone_is_prefetched_by_the_next() {
     // the VMM left as it was.
     let bad = dir.path().join("bad");
     std::fs::write(&bad, b"EMBERSNP not really").unwrap();
-    let vmm = VmmProcess::spawn(&[]);
-    let mut load = ember_vmm_api::LoadSnapshotParams::new(
-        g.snapshot.to_str().unwrap(),
-        ember_vmm_api::MemBackend {
-            backend_type: ember_vmm_api::MemBackendType::File,
-            backend_path: g.mem.to_str().unwrap().into(),
-        },
-    );
-    load.working_set = Some(WorkingSetLoad {
-        record: false,
-        prefetch_path: Some(bad.to_str().unwrap().into()),
+    let r = refused_load(|l| {
+        l.working_set = Some(WorkingSetLoad {
+            record: false,
+            prefetch_path: Some(bad.to_str().unwrap().into()),
+        })
     });
-    let r = vmm.put("/snapshot/load", &load);
-    assert_eq!(r.status, 400, "{r:?}");
     assert!(
         r.body.contains("truncated") || r.body.contains("corrupt"),
         "{r:?}"
@@ -566,21 +575,7 @@ fn clones_restore_into_a_memfd_and_into_huge_pages() {
         );
     } else {
         eprintln!("{free} free 2 MiB pages: checking the refusal");
-        let vmm = VmmProcess::spawn(&[]);
-        let mut load = ember_vmm_api::LoadSnapshotParams::new(
-            g.snapshot.to_str().unwrap(),
-            ember_vmm_api::MemBackend {
-                backend_type: ember_vmm_api::MemBackendType::File,
-                backend_path: g.mem.to_str().unwrap().into(),
-            },
-        );
-        huge(&mut load);
-        let r = vmm.put("/snapshot/load", &load);
-        assert_eq!(r.status, 400, "{r:?}");
+        let r = refused_load(huge);
         assert!(r.body.contains("vm.nr_hugepages"), "{r:?}");
-        assert_eq!(
-            vmm.request("GET", "/", None).json()["state"],
-            json!("Not started")
-        );
     }
 }
