@@ -84,6 +84,7 @@ pub fn present_runs(entries: &[u8], first_page: u64, runs: &mut Vec<(u64, u64)>)
 
 /// The memory file pages resident in process `pid`'s mappings `maps`.
 fn resident_pages(pid: u32, maps: &[GuestMemoryMapping]) -> std::io::Result<Vec<(u64, u64)>> {
+    check_mappings(maps).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     let mut sorted = maps.to_vec();
     sorted.sort_by_key(|m| m.file_offset);
@@ -101,6 +102,28 @@ fn resident_pages(pid: u32, maps: &[GuestMemoryMapping]) -> std::io::Result<Vec<
         }
     }
     Ok(runs)
+}
+
+/// The mappings a VMM reported, before hostd reads the pagemap over them:
+/// page-aligned, not wrapping, and no more memory than a VM may have (so
+/// a hostile VMM cannot make hostd read without end).
+fn check_mappings(maps: &[GuestMemoryMapping]) -> Result<(), String> {
+    let max = (ember_vmm_api::machine_config::MAX_MEM_SIZE_MIB as u64) << 20;
+    let mut total = 0u64;
+    for m in maps {
+        let aligned = [m.host_address, m.size, m.file_offset]
+            .iter()
+            .all(|v| v % PAGE == 0);
+        let wraps = m.host_address.checked_add(m.size).is_none()
+            || m.file_offset.checked_add(m.size).is_none();
+        total = total.saturating_add(m.size);
+        if !aligned || wraps || total > max {
+            return Err(format!(
+                "the VMM reported guest memory it cannot have: {m:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Copies the working set a VMM wrote at `out` (in its jail, where it may
@@ -253,6 +276,34 @@ mod tests {
             std::fs::read(snap.path().join(FILE)).unwrap(),
             b"EMBERSNP..."
         );
+    }
+
+    /// Mappings a hostile VMM could report: each refused before a byte of
+    /// the pagemap is read (pid 0 has none: reaching it would be an I/O
+    /// error, not this one).
+    #[test]
+    fn mappings_a_vmm_cannot_have_are_refused_before_any_read() {
+        let m = |host_address, size, file_offset| GuestMemoryMapping {
+            host_address,
+            size,
+            file_offset,
+        };
+        let hostile = [
+            vec![m(0x1000, 1 << 62, 0)],
+            vec![m(u64::MAX - PAGE + 1, 2 * PAGE, 0)],
+            vec![m(0x1000, PAGE, u64::MAX - PAGE + 1)],
+            vec![m(0x1001, PAGE, 0)],
+            vec![m(0x1000, 100, 0)],
+            vec![m(0x1000, 48 << 30, 0), m(1 << 40, 48 << 30, 48 << 30)],
+        ];
+        let mut refused = 0;
+        for maps in &hostile {
+            let e = resident_pages(0, maps).unwrap_err();
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, hostile.len());
     }
 
     #[test]
